@@ -1,0 +1,1 @@
+"""The board-side agent: a standalone package that never imports the server."""
