@@ -38,6 +38,7 @@ __all__ = [
     "evaluate_numpy",
     "personalise_head",
     "rebase_head",
+    "torch_threads",
     "train_local",
 ]
 
@@ -62,7 +63,11 @@ class LocalResult:
 
 
 @contextmanager
-def _threads(num_threads: int | None) -> Iterator[None]:
+def torch_threads(num_threads: int | None) -> Iterator[None]:
+    """Run the body with torch's intra-op thread count set to ``num_threads``, then restore it.
+
+    ``None`` leaves the count alone.
+    """
     import torch
 
     if num_threads is None:
@@ -155,7 +160,7 @@ def train_local(
     xs, ys = _check_data(arch, x, y)
     if epochs < 0 or batch_size < 1 or not lr > 0 or prox_mu < 0 or momentum < 0:
         raise ValueError("epochs >= 0, batch_size >= 1, lr > 0, prox_mu >= 0, momentum >= 0")
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         torch.manual_seed(seed)
         model = build_model_for_state(arch, global_weights)
         anchors = [p.detach().clone() for p in model.parameters()]
@@ -233,7 +238,7 @@ def evaluate_numpy(
     import torch
 
     xs, ys = _check_data(arch, x, y)
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         model = build_model_for_state(arch, weights)
         return _loss_and_accuracy(model, torch.from_numpy(xs), torch.from_numpy(ys))
 
@@ -282,7 +287,7 @@ def personalise_head(
     n_hold = min(len(ys) - 1, max(1, round(len(ys) * holdout_fraction)))
     hold, fit = order[:n_hold], order[n_hold:]
     head_names = head_parameter_names(arch)
-    with _threads(num_threads):
+    with torch_threads(num_threads):
         torch.manual_seed(seed)
         model = build_model_for_state(arch, global_weights)
         x_hold = torch.from_numpy(xs[hold])
