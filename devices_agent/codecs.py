@@ -169,9 +169,10 @@ def _parse_header(data: bytes) -> tuple[dict[str, _Entry], dict[str, str], int]:
 
 def _load(data: bytes) -> dict[str, np.ndarray[Any, Any]]:
     try:
-        return st_load(data)
+        loaded: dict[str, np.ndarray[Any, Any]] = st_load(data)
     except SafetensorError as exc:
         raise WireError("malformed", f"safetensors rejected the payload: {exc}") from None
+    return loaded
 
 
 def _as_f32(array: npt.ArrayLike, *, name: str) -> npt.NDArray[np.float32]:
@@ -196,7 +197,8 @@ def encode_tensors(
     Arrays are written as given (made C-contiguous); float weights should be float32.
     """
     arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
-    return st_save(arrays, metadata=dict(metadata) if metadata else None)
+    data: bytes = st_save(arrays, metadata=dict(metadata) if metadata else None)
+    return data
 
 
 def decode_tensors(data: bytes) -> tuple[dict[str, np.ndarray[Any, Any]], dict[str, str]]:
@@ -342,16 +344,12 @@ def decode_delta(
     if codec not in CODECS:
         raise WireError("bad_codec", f"unknown codec {codec!r}; expected one of {CODECS}")
     if version != str(CODEC_VERSION):
-        raise WireError(
-            "bad_codec", f"codec version {version!r} is not supported (want {CODEC_VERSION})"
-        )
+        raise WireError("bad_codec", f"codec version {version!r} is not supported (want {CODEC_VERSION})")
 
     wire = _wire_names(codec, list(expected))
     for wire_name in entries:
         if wire_name not in wire:
-            raise WireError(
-                "unknown_tensor", f"tensor {wire_name!r} is not in the model", tensor=wire_name
-            )
+            raise WireError("unknown_tensor", f"tensor {wire_name!r} is not in the model", tensor=wire_name)
     for wire_name, (name, _) in wire.items():
         if wire_name not in entries:
             raise WireError("missing_tensor", f"tensor {wire_name!r} is missing", tensor=name)
@@ -379,9 +377,7 @@ def decode_delta(
                     tensor=name,
                 )
             if len(entry.shape) != 1:
-                raise WireError(
-                    "shape_mismatch", f"top-k part {wire_name!r} must be 1-D", tensor=name
-                )
+                raise WireError("shape_mismatch", f"top-k part {wire_name!r} must be 1-D", tensor=name)
         if entry.dtype != want:
             raise WireError(
                 "dtype_mismatch",
@@ -463,7 +459,6 @@ def clip_by_norm(tensors: Mapping[str, npt.ArrayLike], *, max_norm: float) -> tu
         raise ValueError("cannot clip tensors holding NaN or Inf")
     scale = 1.0 if norm <= max_norm else max_norm / norm
     clipped = {
-        name: (np.asarray(t, dtype=np.float64) * scale).astype(np.float32)
-        for name, t in tensors.items()
+        name: (np.asarray(t, dtype=np.float64) * scale).astype(np.float32) for name, t in tensors.items()
     }
     return clipped, scale

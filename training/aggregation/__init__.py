@@ -1,0 +1,50 @@
+"""Pure aggregation strategies for federated rounds (numpy only; no Django, no ORM).
+
+An aggregator is created with the global weights, ``accept``s one decoded delta at a
+time, may ``merge`` with another partial aggregate of the same kind when ``mergeable``,
+and ``finalize``s into the new global weights. Order-statistics rules are not mergeable
+and can read updates chunk by chunk from an :class:`UpdateSource`.
+"""
+
+from .base import (
+    DEFAULT_CHUNK,
+    Aggregator,
+    InMemoryUpdateSource,
+    SafetensorsFileSource,
+    UpdateSource,
+    Weights,
+)
+from .mean import WeightedMeanAggregator, partial_from_bytes, partial_to_bytes
+from .registry import AGGREGATORS, make_aggregator
+from .robust import CoordinateMedianAggregator, KrumAggregator, TrimmedMeanAggregator
+from .server_opt import (
+    FedAdam,
+    FedYogi,
+    ServerOptAggregator,
+    ServerOptState,
+    state_from_bytes,
+    state_to_bytes,
+)
+
+__all__ = [
+    "AGGREGATORS",
+    "DEFAULT_CHUNK",
+    "Aggregator",
+    "CoordinateMedianAggregator",
+    "FedAdam",
+    "FedYogi",
+    "InMemoryUpdateSource",
+    "KrumAggregator",
+    "SafetensorsFileSource",
+    "ServerOptAggregator",
+    "ServerOptState",
+    "TrimmedMeanAggregator",
+    "UpdateSource",
+    "WeightedMeanAggregator",
+    "Weights",
+    "make_aggregator",
+    "partial_from_bytes",
+    "partial_to_bytes",
+    "state_from_bytes",
+    "state_to_bytes",
+]

@@ -1,0 +1,191 @@
+"""Shared types for aggregation: the aggregator protocol and update sources.
+
+Everything here is pure numpy (plus safetensors for reading update files): no Django,
+no ORM. A model state is ``dict[str, np.ndarray]`` of float32 arrays; an *update* is a
+decoded delta (new local weights minus the global weights) with the same names and
+shapes as the global model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float32]
+Weights = dict[str, Array]
+
+# Elements per chunk for the order-statistics rules: with n updates the working set is
+# about n * chunk * 12 bytes (float32 block + float64 work), e.g. 1000 devices -> ~780 MB
+# at 65536, so callers with many devices should pass a smaller chunk.
+DEFAULT_CHUNK = 65_536
+
+
+class Aggregator(Protocol):
+    """What every aggregation rule offers.
+
+    ``accept`` takes one decoded update at a time; ``merge`` folds in another partial
+    aggregate of the same kind (only when ``mergeable``); ``finalize`` returns the new
+    global weights.
+    """
+
+    name: str
+    mergeable: bool
+
+    @property
+    def num_accepted(self) -> int:
+        """How many distinct updates were accepted."""
+        ...
+
+    def accept(
+        self, update: Mapping[str, npt.ArrayLike], *, weight: float, update_id: str | None = None
+    ) -> bool:
+        """Add one update; returns False when ``update_id`` was already accepted."""
+        ...
+
+    def finalize(self) -> Weights:
+        """Return the new global weights."""
+        ...
+
+
+@runtime_checkable
+class UpdateSource(Protocol):
+    """Reads the same flat slice of one tensor from every update.
+
+    ``read(name, start, stop)`` returns a float32 array of shape
+    ``(num_updates, stop - start)``: row ``i`` is ``update_i[name].ravel()[start:stop]``.
+    Order-statistics rules only ever hold one such block, so their peak memory is
+    ``num_updates x chunk`` rather than ``num_updates x model``.
+    """
+
+    @property
+    def num_updates(self) -> int:
+        """Number of updates the source serves."""
+        ...
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Stacked flat slice ``[start, stop)`` of tensor ``name`` from every update."""
+        ...
+
+
+def shapes_of(weights: Mapping[str, npt.ArrayLike]) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape."""
+    return {name: tuple(np.shape(t)) for name, t in weights.items()}
+
+
+def as_float32(weights: Mapping[str, npt.ArrayLike]) -> Weights:
+    """Contiguous float32 view (or copy, when needed) of every tensor."""
+    return {name: np.ascontiguousarray(t, dtype=np.float32) for name, t in weights.items()}
+
+
+def check_update(update: Mapping[str, npt.ArrayLike], shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """Raise ``ValueError`` unless ``update`` has exactly the model's names and shapes."""
+    missing = set(shapes) - set(update)
+    extra = set(update) - set(shapes)
+    if missing or extra:
+        raise ValueError(
+            f"update tensors do not match the model: missing {sorted(missing)}, extra {sorted(extra)}"
+        )
+    for name, shape in shapes.items():
+        got = tuple(np.shape(update[name]))
+        if got != shape:
+            raise ValueError(f"update tensor {name!r} has shape {got}, expected {shape}")
+
+
+def check_weight(weight: float) -> float:
+    """Aggregation weights must be finite and positive."""
+    value = float(weight)
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"weight must be finite and positive, got {weight!r}")
+    return value
+
+
+def iter_chunks(shapes: Mapping[str, tuple[int, ...]], chunk: int) -> Iterator[tuple[str, int, int]]:
+    """Yield ``(name, start, stop)`` flat slices covering every tensor."""
+    if chunk < 1:
+        raise ValueError("chunk must be >= 1")
+    for name, shape in shapes.items():
+        size = math.prod(shape)
+        for start in range(0, size, chunk):
+            yield name, start, min(size, start + chunk)
+
+
+class InMemoryUpdateSource:
+    """An :class:`UpdateSource` over updates already in memory."""
+
+    def __init__(self, updates: Sequence[Mapping[str, npt.ArrayLike]]) -> None:
+        self._flat = [
+            {name: np.ascontiguousarray(t, dtype=np.float32).ravel() for name, t in u.items()}
+            for u in updates
+        ]
+
+    @property
+    def num_updates(self) -> int:
+        """Number of updates the source serves."""
+        return len(self._flat)
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Stacked flat slice ``[start, stop)`` of tensor ``name`` from every update."""
+        out = np.empty((len(self._flat), stop - start), dtype=np.float32)
+        for row, update in enumerate(self._flat):
+            out[row] = update[name][start:stop]
+        return out
+
+
+class SafetensorsFileSource:
+    """An :class:`UpdateSource` over safetensors files of dense float32 updates.
+
+    Only the headers are parsed up front; each :meth:`read` seeks into every file and
+    reads just the requested slice straight into the output block, so memory stays at
+    one block however large the files are. Files are opened per read, which keeps the
+    number of open descriptors at one even with thousands of devices.
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike[str]]) -> None:
+        self._paths = [os.fspath(p) for p in paths]
+        self._offsets: list[dict[str, tuple[int, int]]] = [_float32_offsets(p) for p in self._paths]
+
+    @property
+    def num_updates(self) -> int:
+        """Number of updates the source serves."""
+        return len(self._paths)
+
+    def read(self, name: str, start: int, stop: int) -> Array:
+        """Stacked flat slice ``[start, stop)`` of tensor ``name`` from every update."""
+        out = np.empty((len(self._paths), stop - start), dtype=np.float32)
+        for row, (path, offsets) in enumerate(zip(self._paths, self._offsets, strict=True)):
+            if name not in offsets:
+                raise ValueError(f"{path}: no tensor {name!r}")
+            begin, size = offsets[name]
+            if stop > size:
+                raise ValueError(f"{path}: slice {start}:{stop} exceeds {name!r} ({size})")
+            with open(path, "rb") as handle:
+                handle.seek(begin + start * 4)
+                view = memoryview(out[row]).cast("B")
+                if handle.readinto(view) != view.nbytes:
+                    raise ValueError(f"{path}: file is truncated")
+        return out
+
+
+def _float32_offsets(path: str) -> dict[str, tuple[int, int]]:
+    """Absolute byte offset and element count of every float32 tensor in a file."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) != 8:
+            raise ValueError(f"{path}: not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        header: dict[str, Any] = json.loads(handle.read(header_len))
+    header.pop("__metadata__", None)
+    offsets: dict[str, tuple[int, int]] = {}
+    for name, info in header.items():
+        if info["dtype"] != "F32":
+            raise ValueError(f"{path}: tensor {name!r} is {info['dtype']}, expected F32")
+        begin, _ = info["data_offsets"]
+        offsets[name] = (8 + header_len + int(begin), math.prod(info["shape"]))
+    return offsets

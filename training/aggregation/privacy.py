@@ -1,0 +1,90 @@
+"""Differential privacy on the server: Gaussian noise on the aggregate and an RDP
+accountant.
+
+The guarantee assumes the DP-FedAvg setting: every participant's delta is clipped to
+L2 norm ``clip_norm`` (on the device with ``devices_agent.codecs.clip_by_norm``, and
+again on the server with :func:`clip_update`, because a device may not clip honestly)
+and the deltas are averaged with equal weights. One participant then moves the mean by
+at most ``clip_norm / n``, so noise with ``sigma = noise_multiplier * clip_norm / n``
+on the mean gives the Gaussian mechanism with that noise multiplier.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+import numpy.typing as npt
+
+from .base import Weights
+
+
+def clip_update(update: Mapping[str, npt.ArrayLike], *, max_norm: float) -> tuple[Weights, float]:
+    """Scale all tensors together to global L2 norm <= ``max_norm``; returns
+    ``(clipped, scale)``."""
+    if not max_norm > 0:
+        raise ValueError("max_norm must be positive")
+    total = 0.0
+    for t in update.values():
+        flat = np.asarray(t, dtype=np.float64).ravel()
+        total += float(np.dot(flat, flat))
+    norm = math.sqrt(total)
+    if not math.isfinite(norm):
+        raise ValueError("cannot clip an update holding NaN or Inf")
+    scale = 1.0 if norm <= max_norm else max_norm / norm
+    clipped = {
+        name: (np.asarray(t, dtype=np.float64) * scale).astype(np.float32) for name, t in update.items()
+    }
+    return clipped, scale
+
+
+def noise_stddev(*, clip_norm: float, noise_multiplier: float, num_participants: int) -> float:
+    """Standard deviation of the noise added to the mean: z * C / n."""
+    if clip_norm <= 0 or noise_multiplier < 0 or num_participants < 1:
+        raise ValueError("need clip_norm > 0, noise_multiplier >= 0, num_participants >= 1")
+    return noise_multiplier * clip_norm / num_participants
+
+
+def add_gaussian_noise(
+    mean_update: Mapping[str, npt.ArrayLike],
+    *,
+    clip_norm: float,
+    noise_multiplier: float,
+    num_participants: int,
+    rng: np.random.Generator,
+) -> Weights:
+    """Return ``mean_update`` plus i.i.d. N(0, sigma^2) noise, sigma = z * C / n.
+
+    Noise added to the new global weights is the same thing (they differ from the mean
+    delta by a constant), so this may be applied to either. Pass a seeded
+    ``np.random.default_rng(seed)`` for reproducible rounds; in production the seed
+    must be secret.
+    """
+    sigma = noise_stddev(
+        clip_norm=clip_norm, noise_multiplier=noise_multiplier, num_participants=num_participants
+    )
+    out: Weights = {}
+    for name, t in mean_update.items():
+        base = np.asarray(t, dtype=np.float64)
+        out[name] = (base + rng.normal(0.0, sigma, size=base.shape)).astype(np.float32)
+    return out
+
+
+def epsilon_for(*, noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
+    """Epsilon spent after ``steps`` rounds of the Poisson-subsampled Gaussian mechanism
+    (RDP accountant from ``dp_accounting``), for the given ``delta``.
+
+    ``sample_rate`` is the probability that a device takes part in a round.
+    """
+    import dp_accounting
+    from dp_accounting import rdp
+
+    if noise_multiplier <= 0:
+        return math.inf
+    if not 0 < sample_rate <= 1 or steps < 0 or not 0 < delta < 1:
+        raise ValueError("need 0 < sample_rate <= 1, steps >= 0, 0 < delta < 1")
+    accountant = rdp.RdpAccountant()
+    event = dp_accounting.PoissonSampledDpEvent(sample_rate, dp_accounting.GaussianDpEvent(noise_multiplier))
+    accountant.compose(event, steps)
+    return float(accountant.get_epsilon(delta))

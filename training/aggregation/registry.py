@@ -1,0 +1,57 @@
+"""Aggregation strategies by name, as stored on a federated job."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy.typing as npt
+
+from .mean import WeightedMeanAggregator
+from .robust import CoordinateMedianAggregator, KrumAggregator, TrimmedMeanAggregator
+from .server_opt import FedAdam, FedYogi, ServerOptAggregator
+
+AGGREGATORS = ("fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum")
+
+AnyAggregator = (
+    WeightedMeanAggregator
+    | ServerOptAggregator
+    | CoordinateMedianAggregator
+    | TrimmedMeanAggregator
+    | KrumAggregator
+)
+
+
+def make_aggregator(
+    name: str, *, global_weights: Mapping[str, npt.ArrayLike], **params: Any
+) -> AnyAggregator:
+    """Create the aggregator called ``name`` for a round starting from ``global_weights``.
+
+    Parameters by name: ``fedadam``/``fedyogi``: ``eta``, ``beta1``, ``beta2``, ``tau``,
+    ``state`` (a ``ServerOptState`` from the previous round, or None);
+    ``trimmed_mean``: ``beta``, ``chunk``; ``krum``: ``f``, ``m``, ``chunk``;
+    ``median``: ``chunk``. ``fedprox`` is ``fedavg`` on the server (its proximal term is
+    part of the clients' local loss). Unknown names or parameters raise ``ValueError``.
+    """
+    try:
+        if name in ("fedavg", "fedprox"):
+            if params:
+                raise TypeError(f"unexpected parameters {sorted(params)}")
+            agg = WeightedMeanAggregator(global_weights=global_weights)
+            agg.name = name
+            return agg
+        if name in ("fedadam", "fedyogi"):
+            state = params.pop("state", None)
+            opt_cls = FedAdam if name == "fedadam" else FedYogi
+            return ServerOptAggregator(
+                global_weights=global_weights, optimizer=opt_cls(**params), state=state
+            )
+        if name == "median":
+            return CoordinateMedianAggregator(global_weights=global_weights, **params)
+        if name == "trimmed_mean":
+            return TrimmedMeanAggregator(global_weights=global_weights, **params)
+        if name == "krum":
+            return KrumAggregator(global_weights=global_weights, **params)
+    except TypeError as exc:
+        raise ValueError(f"bad parameters for aggregator {name!r}: {exc}") from None
+    raise ValueError(f"unknown aggregator {name!r}; expected one of {AGGREGATORS}")
