@@ -47,7 +47,11 @@ def _train(arch: str, x: np.ndarray, y: np.ndarray, *, epochs: int) -> dict[str,
 
 
 def _build_variants(
-    arch: str, weights: dict[str, np.ndarray], data: tuple, *, quick: bool
+    arch: str,
+    weights: dict[str, np.ndarray],
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    *,
+    quick: bool,
 ) -> tuple[list[Any], dict[str, Any]]:
     from models_registry.ml.export import export_onnx
     from models_registry.ml.optimise import (

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -14,6 +16,8 @@ from devices_agent.local_train import (
 )
 from devices_agent.nets import build_model, initial_weights, state_to_numpy
 
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -21,7 +25,7 @@ def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return x_train[:400], y_train[:400], x_test, y_test
 
 
-def test_local_training_reduces_loss_and_improves_test_accuracy(digits: tuple) -> None:
+def test_local_training_reduces_loss_and_improves_test_accuracy(digits: Digits) -> None:
     x, y, x_test, y_test = digits
     start = initial_weights("mlp", seed=0)
     result = train_local(
@@ -45,29 +49,31 @@ def test_local_training_reduces_loss_and_improves_test_accuracy(digits: tuple) -
     assert after > before + 0.5
 
 
-def test_training_is_deterministic_for_a_seed(digits: tuple) -> None:
+def test_training_is_deterministic_for_a_seed(digits: Digits) -> None:
     x, y, _, _ = digits
     start = initial_weights("cnn", seed=1)
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         arch="cnn", global_weights=start, x=x[:100], y=y[:100], epochs=1, batch_size=16, lr=0.05, momentum=0.9
     )
-    a = train_local(seed=7, **kwargs)  # type: ignore[arg-type]
-    b = train_local(seed=7, **kwargs)  # type: ignore[arg-type]
-    c = train_local(seed=8, **kwargs)  # type: ignore[arg-type]
+    a = train_local(seed=7, **kwargs)
+    b = train_local(seed=7, **kwargs)
+    c = train_local(seed=8, **kwargs)
     assert all(np.array_equal(a.delta[k], b.delta[k]) for k in a.delta)
     assert not np.array_equal(a.delta["fc.weight"], c.delta["fc.weight"])
 
 
-def test_fedprox_pulls_the_update_toward_the_global_model(digits: tuple) -> None:
+def test_fedprox_pulls_the_update_toward_the_global_model(digits: Digits) -> None:
     x, y, _, _ = digits
     start = initial_weights("mlp", seed=0)
-    common = dict(arch="mlp", global_weights=start, x=x, y=y, epochs=3, batch_size=32, lr=0.1, seed=0)
-    plain = train_local(prox_mu=0.0, **common)  # type: ignore[arg-type]
-    prox = train_local(prox_mu=1.0, **common)  # type: ignore[arg-type]
+    common: dict[str, Any] = dict(
+        arch="mlp", global_weights=start, x=x, y=y, epochs=3, batch_size=32, lr=0.1, seed=0
+    )
+    plain = train_local(prox_mu=0.0, **common)
+    prox = train_local(prox_mu=1.0, **common)
     assert l2_norm(prox.delta) < 0.8 * l2_norm(plain.delta)
 
 
-def test_clip_norm_bounds_the_delta(digits: tuple) -> None:
+def test_clip_norm_bounds_the_delta(digits: Digits) -> None:
     x, y, _, _ = digits
     result = train_local(
         arch="mlp",
@@ -85,7 +91,7 @@ def test_clip_norm_bounds_the_delta(digits: tuple) -> None:
     assert result.metrics["clip_scale"] < 1.0
 
 
-def test_should_stop_interrupts_training(digits: tuple) -> None:
+def test_should_stop_interrupts_training(digits: Digits) -> None:
     x, y, _, _ = digits
     calls = {"n": 0}
 
@@ -108,7 +114,7 @@ def test_should_stop_interrupts_training(digits: tuple) -> None:
     assert result.metrics["steps"] == 3.0
 
 
-def test_bad_inputs_are_rejected(digits: tuple) -> None:
+def test_bad_inputs_are_rejected(digits: Digits) -> None:
     x, y, _, _ = digits
     start = initial_weights("mlp", seed=0)
     with pytest.raises(ValueError, match="shape"):
@@ -135,7 +141,7 @@ def test_bad_inputs_are_rejected(digits: tuple) -> None:
         )
 
 
-def test_training_restores_the_thread_count(digits: tuple) -> None:
+def test_training_restores_the_thread_count(digits: Digits) -> None:
     import torch
 
     x, y, _, _ = digits

@@ -7,13 +7,15 @@ from devices_agent.data import load_digits_split
 from devices_agent.local_train import apply_delta, train_local
 from devices_agent.nets import initial_weights
 
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
 
 @pytest.fixture(scope="session")
 def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return load_digits_split(seed=0)
 
 
-def _train(arch: str, digits: tuple, epochs: int) -> dict[str, np.ndarray]:
+def _train(arch: str, digits: Digits, epochs: int) -> dict[str, np.ndarray]:
     x, y, _, _ = digits
     start = initial_weights(arch, seed=0)
     result = train_local(
@@ -31,10 +33,10 @@ def _train(arch: str, digits: tuple, epochs: int) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="session")
-def trained_mlp(digits: tuple) -> dict[str, np.ndarray]:
+def trained_mlp(digits: Digits) -> dict[str, np.ndarray]:
     return _train("mlp", digits, epochs=8)
 
 
 @pytest.fixture(scope="session")
-def trained_cnn(digits: tuple) -> dict[str, np.ndarray]:
+def trained_cnn(digits: Digits) -> dict[str, np.ndarray]:
     return _train("cnn", digits, epochs=4)

@@ -7,6 +7,9 @@ import pytest
 
 from models_registry.ml.evaluate import EvaluationInputError, evaluate_onnx, measure_latency
 
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Weights = dict[str, np.ndarray]
+
 
 def _linear_model(weight: np.ndarray) -> bytes:
     """An ONNX graph logits = input @ weight, built by hand."""
@@ -63,7 +66,7 @@ def test_mistakes_show_in_the_confusion_matrix_and_undefined_auc_is_none() -> No
     assert report["macro_auc"] == pytest.approx(np.mean([a for a in report["auc"] if a is not None]))
 
 
-def test_roc_curves_are_downsampled(trained_mlp: dict, digits: tuple) -> None:
+def test_roc_curves_are_downsampled(trained_mlp: Weights, digits: Digits) -> None:
     from models_registry.ml.export import export_onnx
 
     _, _, x_test, y_test = digits

@@ -11,9 +11,12 @@ from models_registry.ml.export import (
     run_onnx,
 )
 
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Weights = dict[str, np.ndarray]
+
 
 @pytest.mark.parametrize("fixture", ["trained_mlp", "trained_cnn"])
-def test_export_matches_torch(fixture: str, digits: tuple, request: pytest.FixtureRequest) -> None:
+def test_export_matches_torch(fixture: str, digits: Digits, request: pytest.FixtureRequest) -> None:
     import onnx
 
     arch = fixture.removeprefix("trained_")
@@ -36,7 +39,7 @@ def test_export_matches_torch(fixture: str, digits: tuple, request: pytest.Fixtu
 def _divergent_module() -> object:
     import torch
 
-    class ExportsDifferently(torch.nn.Module):
+    class ExportsDifferently(torch.nn.Module):  # type: ignore[misc, unused-ignore]
         """Eager forward doubles the logits; the traced graph does not."""
 
         def __init__(self) -> None:
@@ -53,20 +56,20 @@ def _divergent_module() -> object:
     return ExportsDifferently()
 
 
-def test_parity_failure_raises_with_the_numbers(digits: tuple) -> None:
+def test_parity_failure_raises_with_the_numbers(digits: Digits) -> None:
     _, _, x_test, _ = digits
     with pytest.raises(ExportParityError) as info:
-        export_module(module=_divergent_module(), sample_inputs=x_test[:8])  # type: ignore[arg-type]
+        export_module(module=_divergent_module(), sample_inputs=x_test[:8])
     assert info.value.max_abs_diff > 1e-2
     assert info.value.atol == 1e-4
     assert "max |diff|" in str(info.value)
 
 
-def test_export_rejects_weights_of_another_arch(trained_mlp: dict, digits: tuple) -> None:
+def test_export_rejects_weights_of_another_arch(trained_mlp: Weights, digits: Digits) -> None:
     with pytest.raises(ValueError, match="weights"):
         export_onnx(arch="cnn", weights=trained_mlp, sample_inputs=digits[2][:4])
 
 
-def test_export_rejects_an_empty_sample(trained_mlp: dict) -> None:
+def test_export_rejects_an_empty_sample(trained_mlp: Weights) -> None:
     with pytest.raises(ValueError, match="sample_inputs"):
         export_onnx(arch="mlp", weights=trained_mlp, sample_inputs=np.zeros((0, 64)))

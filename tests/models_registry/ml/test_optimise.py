@@ -15,29 +15,32 @@ from models_registry.ml.optimise import (
     quantize_static_int8,
 )
 
+Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+Weights = dict[str, np.ndarray]
+
 
 def _accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean(run_onnx(onnx_bytes, x).argmax(axis=1) == y))
 
 
 @pytest.fixture(scope="module")
-def mlp_onnx(trained_mlp: dict, digits: tuple) -> bytes:
+def mlp_onnx(trained_mlp: Weights, digits: Digits) -> bytes:
     return export_onnx(arch="mlp", weights=trained_mlp, sample_inputs=digits[2][:16]).onnx_bytes
 
 
 @pytest.fixture(scope="module")
-def cnn_onnx(trained_cnn: dict, digits: tuple) -> bytes:
+def cnn_onnx(trained_cnn: Weights, digits: Digits) -> bytes:
     return export_onnx(arch="cnn", weights=trained_cnn, sample_inputs=digits[2][:16]).onnx_bytes
 
 
-def test_compaction_keeps_the_computation(mlp_onnx: bytes, digits: tuple) -> None:
+def test_compaction_keeps_the_computation(mlp_onnx: bytes, digits: Digits) -> None:
     x = digits[2]
     compact = compact_onnx(mlp_onnx)
     assert len(compact) < len(mlp_onnx)
     assert np.array_equal(run_onnx(compact, x), run_onnx(mlp_onnx, x))
 
 
-def test_int8_dynamic_mlp_is_under_035x_and_keeps_accuracy(mlp_onnx: bytes, digits: tuple) -> None:
+def test_int8_dynamic_mlp_is_under_035x_and_keeps_accuracy(mlp_onnx: bytes, digits: Digits) -> None:
     _, _, x_test, y_test = digits
     variant = quantize_dynamic_int8(mlp_onnx)
     assert variant.details["integer_ops"] == ["MatMulInteger"]
@@ -46,7 +49,7 @@ def test_int8_dynamic_mlp_is_under_035x_and_keeps_accuracy(mlp_onnx: bytes, digi
 
 
 def test_int8_dynamic_cnn_quantises_the_head_and_records_the_skipped_conv(
-    cnn_onnx: bytes, digits: tuple
+    cnn_onnx: bytes, digits: Digits
 ) -> None:
     _, _, x_test, y_test = digits
     variant = quantize_dynamic_int8(cnn_onnx)
@@ -55,7 +58,7 @@ def test_int8_dynamic_cnn_quantises_the_head_and_records_the_skipped_conv(
     assert _accuracy(variant.onnx_bytes, x_test, y_test) >= _accuracy(cnn_onnx, x_test, y_test) - 0.01
 
 
-def test_fp16_halves_the_weights_and_keeps_fp32_io(mlp_onnx: bytes, digits: tuple) -> None:
+def test_fp16_halves_the_weights_and_keeps_fp32_io(mlp_onnx: bytes, digits: Digits) -> None:
     import onnx
     from onnx import TensorProto
 
@@ -68,7 +71,7 @@ def test_fp16_halves_the_weights_and_keeps_fp32_io(mlp_onnx: bytes, digits: tupl
     assert np.max(np.abs(run_onnx(variant.onnx_bytes, x) - run_onnx(mlp_onnx, x))) < 0.05
 
 
-def test_int8_static_measures_each_operator_choice(cnn_onnx: bytes, digits: tuple) -> None:
+def test_int8_static_measures_each_operator_choice(cnn_onnx: bytes, digits: Digits) -> None:
     x_train, y_train, x_test, y_test = digits
     variant = quantize_static_int8(cnn_onnx, x_train[:128], calibration_y=y_train[:128], latency_repeats=5)
     candidates = variant.details["candidates"]
@@ -81,7 +84,7 @@ def test_int8_static_measures_each_operator_choice(cnn_onnx: bytes, digits: tupl
     assert _accuracy(variant.onnx_bytes, x_test, y_test) >= _accuracy(cnn_onnx, x_test, y_test) - 0.02
 
 
-def test_int8_static_with_fixed_operators(mlp_onnx: bytes, digits: tuple) -> None:
+def test_int8_static_with_fixed_operators(mlp_onnx: bytes, digits: Digits) -> None:
     import onnx
 
     variant = quantize_static_int8(mlp_onnx, digits[0][:64], op_types=["Gemm"], latency_repeats=3)
@@ -90,7 +93,7 @@ def test_int8_static_with_fixed_operators(mlp_onnx: bytes, digits: tuple) -> Non
     assert variant.size_bytes < 0.5 * len(mlp_onnx)
 
 
-def test_unstructured_pruning_sparsifies_and_compresses(trained_mlp: dict, digits: tuple) -> None:
+def test_unstructured_pruning_sparsifies_and_compresses(trained_mlp: Weights, digits: Digits) -> None:
     x_train, y_train, x_test, y_test = digits
     result = prune_magnitude(
         arch="mlp",
@@ -116,7 +119,7 @@ def test_unstructured_pruning_sparsifies_and_compresses(trained_mlp: dict, digit
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
-def test_structured_pruning_removes_units(arch: str, digits: tuple, request: pytest.FixtureRequest) -> None:
+def test_structured_pruning_removes_units(arch: str, digits: Digits, request: pytest.FixtureRequest) -> None:
     weights = request.getfixturevalue(f"trained_{arch}")
     x_train, y_train, x_test, y_test = digits
     result = prune_magnitude(
@@ -140,7 +143,7 @@ def test_structured_pruning_removes_units(arch: str, digits: tuple, request: pyt
     assert torch_acc > 0.85
 
 
-def test_distillation_trains_a_smaller_student(trained_mlp: dict, digits: tuple) -> None:
+def test_distillation_trains_a_smaller_student(trained_mlp: Weights, digits: Digits) -> None:
     x_train, y_train, x_test, y_test = digits
     variant = distil(
         teacher_arch="mlp",

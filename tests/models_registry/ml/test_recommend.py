@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from models_registry.ml.recommend import recommend_variant
 
 
-def _variants() -> list[dict]:
+def _variants() -> list[dict[str, Any]]:
     return [
         {"variant": "fp32", "accuracy": 0.975, "size_bytes": 36000, "p50_batch1_us": 8.0},
         {"variant": "int8", "accuracy": 0.972, "size_bytes": 11000, "p50_batch1_us": 12.0},
