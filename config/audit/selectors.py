@@ -1,0 +1,7 @@
+from django.db.models import QuerySet
+
+from config.audit.models import AuditEvent
+
+
+def audit_event_list() -> QuerySet[AuditEvent]:
+    return AuditEvent.objects.all()

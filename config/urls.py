@@ -1,0 +1,24 @@
+from django.contrib import admin
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+
+from config import health
+from config.audit.api import AuditEventViewSet
+from config.routers import api_router
+
+api_router.register("audit-events", AuditEventViewSet, basename="audit-event")
+
+urlpatterns = [
+    path("healthz", health.healthz, name="healthz"),
+    path("readyz", health.readyz, name="readyz"),
+    path("api/schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("api/agent/v1/", include("fleet.api.agent_urls")),
+    path("api/agent/v1/", include("training.api.agent_urls")),
+    path("api/v1/", include("fleet.api.urls")),
+    path("api/v1/", include("models_registry.api.urls")),
+    path("api/v1/", include("training.api.urls")),
+    path("api/v1/", include(api_router.urls)),
+    path("admin/", admin.site.urls),
+    path("", include("frontend.urls")),
+]

@@ -1,0 +1,192 @@
+"""What the agent and the server agree on byte for byte: message shapes, limits, versions.
+
+The server imports this module; it imports nothing from the server. Message bodies are
+JSON objects described by the TypedDicts below; tensors travel as safetensors (see the
+codecs, re-exported at the bottom). Times are ISO 8601 with a zone; ids of model versions,
+deployments, commands and rounds are integers; device ids are UUID strings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, NotRequired, TypedDict
+
+PROTOCOL_VERSION = 1
+API_PREFIX = "/api/agent/v1/"
+AUTH_SCHEME = "Device"  # Authorization: Device <secret>
+SIGNATURE_ALGORITHM = "ed25519"  # over the 32 raw bytes of the artifact's SHA-256 digest
+DIGEST_ALGORITHM = "sha256"
+
+MAX_METRIC_SAMPLES_PER_BATCH = 1000
+MAX_BATCH_ID_LENGTH = 64
+MAX_METRIC_NAME_LENGTH = 40
+DEFAULT_HEARTBEAT_INTERVAL_S = 60
+
+DeploymentState = Literal[
+    "pending", "downloading", "verifying", "installing", "health_check", "active", "failed", "rolled_back"
+]
+DEPLOYMENT_STATES: tuple[str, ...] = (
+    "pending",
+    "downloading",
+    "verifying",
+    "installing",
+    "health_check",
+    "active",
+    "failed",
+    "rolled_back",
+)
+# Terminal states end a deployment; a device reports no state after them.
+TERMINAL_DEPLOYMENT_STATES = frozenset({"active", "failed", "rolled_back"})
+
+# Metric names the server understands (rollout gates and dashboards use these).
+METRIC_NAMES: tuple[str, ...] = (
+    "latency_ms",  # one inference, wall time in the agent
+    "confidence",  # top-1 probability of a prediction
+    "correct",  # 1.0 or 0.0 for a prediction that received a labelled feedback
+    "error",  # 1.0 for a failed inference
+    "cpu_percent",
+    "ram_mb",
+    "personal_accuracy",
+    "global_accuracy",
+    "drift_score",
+)
+
+
+class Hardware(TypedDict, total=False):
+    arch: str
+    cores: int
+    ram_mb: int
+    accelerator: str
+    os: str
+    agent_version: str
+    extra: dict[str, Any]
+
+
+class EnrollRequest(TypedDict):
+    token: str
+    name: str
+    hardware: Hardware
+    tags: NotRequired[list[str]]
+
+
+class EnrollResponse(TypedDict):
+    device_id: str
+    secret: str  # shown once; the server keeps only a keyed hash
+    signing_public_key: str  # base64 of the raw 32-byte Ed25519 public key; the agent pins it
+    heartbeat_interval_s: int
+    server_time: str
+
+
+class DeploymentReport(TypedDict):
+    id: int
+    state: DeploymentState
+
+
+class DeviceState(TypedDict, total=False):
+    charging: bool
+    idle: bool
+    battery_percent: float
+    local_examples: int
+    cpu_percent: float
+    ram_mb: float
+    disk_free_mb: float
+
+
+class HeartbeatRequest(TypedDict, total=False):
+    seq: int  # increases by one per heartbeat; lets the server ignore reordered requests
+    sent_at: str
+    agent_version: str
+    running_version_id: int | None
+    deployment: DeploymentReport | None
+    state: DeviceState
+
+
+class ArtifactRef(TypedDict):
+    kind: str  # "onnx" or "weights"
+    url: str  # absolute path under the server, e.g. /api/agent/v1/artifacts/<sha256>
+    sha256: str
+    size: int
+    signature: str  # base64 Ed25519 signature
+
+
+class DesiredModel(TypedDict):
+    version_id: int
+    label: str
+    family: str
+    arch: str
+    deployment_id: int | None
+    artifact: ArtifactRef
+    weights: ArtifactRef | None
+
+
+class Policy(TypedDict, total=False):
+    name: str
+    timezone: str
+    maintenance_windows: list[dict[str, Any]]
+    in_maintenance_window: bool
+    training: dict[str, Any]
+    max_download_bytes: int | None
+    download_concurrency: int | None
+    health_latency_budget_ms: float
+    download_allowed: bool
+
+
+class TrainingTask(TypedDict):
+    kind: Literal["train"]
+    round_id: int
+    task_url: str
+    deadline: str
+
+
+class Command(TypedDict):
+    id: int
+    kind: str  # restart | collect_logs | diagnostics
+    args: dict[str, Any]
+
+
+class HeartbeatResponse(TypedDict):
+    device_id: str
+    server_time: str
+    heartbeat_interval_s: int
+    desired: DesiredModel | None
+    policy: Policy
+    tasks: list[TrainingTask]
+    commands: list[Command]
+
+
+class MetricSample(TypedDict):
+    name: str
+    value: float
+    ts: str
+    version_id: NotRequired[int | None]
+
+
+class MetricsRequest(TypedDict):
+    batch_id: str  # idempotency key: the same batch sent twice is stored once
+    samples: list[MetricSample]
+
+
+class MetricsResponse(TypedDict):
+    accepted: int
+    duplicate: bool
+
+
+class DeploymentStatusRequest(TypedDict):
+    state: DeploymentState
+    message: NotRequired[str]
+    detail: NotRequired[dict[str, Any]]
+    reported_at: NotRequired[str]
+
+
+class CommandResultRequest(TypedDict):
+    ok: bool
+    result: dict[str, Any]
+
+
+class ErrorBody(TypedDict):
+    code: str
+    message: str
+    details: Any
+
+
+class ErrorResponse(TypedDict):
+    error: ErrorBody

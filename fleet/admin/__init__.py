@@ -1,0 +1,3 @@
+"""Admin registrations, one module per area."""
+
+from fleet.admin import devices, provisioning, rollouts  # noqa: F401

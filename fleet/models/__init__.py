@@ -1,0 +1,25 @@
+"""Fleet models, one module per area; each is imported here so Django finds it."""
+
+from fleet.models.devices import (
+    Deployment,
+    DeploymentEvent,
+    Device,
+    DeviceCommand,
+    DeviceGroup,
+    EnrollmentToken,
+    MetricBatch,
+    MetricSample,
+)
+from fleet.models.policies import UpdatePolicy
+
+__all__ = [
+    "Deployment",
+    "DeploymentEvent",
+    "Device",
+    "DeviceCommand",
+    "DeviceGroup",
+    "EnrollmentToken",
+    "MetricBatch",
+    "MetricSample",
+    "UpdatePolicy",
+]

@@ -1,0 +1,3 @@
+"""Celery tasks: devices."""
+
+__all__: list[str] = []

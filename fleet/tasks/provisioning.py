@@ -1,0 +1,3 @@
+"""Celery tasks: provisioning."""
+
+__all__: list[str] = []

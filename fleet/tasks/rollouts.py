@@ -1,0 +1,3 @@
+"""Celery tasks: rollouts."""
+
+__all__: list[str] = []

@@ -1,0 +1,115 @@
+"""What exists: model families, their versions with lineage, artifacts and evaluations."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class ModelFamily(models.Model):
+    """A line of models solving one task with one input/output contract."""
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    arch = models.CharField(max_length=50, help_text="Architecture name known to the agent (e.g. mlp, cnn).")
+    task = models.CharField(max_length=50, default="classification")
+    input_shape = models.JSONField(default=list, help_text="Shape of one input example, e.g. [64].")
+    num_classes = models.PositiveIntegerField(default=10)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "model families"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelVersion(models.Model):
+    """One trained model. Versions are numbered per family and never change once created."""
+
+    class Stage(models.TextChoices):
+        DRAFT = "draft"
+        STAGING = "staging"
+        PRODUCTION = "production"
+        ARCHIVED = "archived"
+
+    class Source(models.TextChoices):
+        UPLOADED = "uploaded"
+        FEDERATED = "federated"
+        OPTIMISED = "optimised"
+
+    family = models.ForeignKey(ModelFamily, on_delete=models.PROTECT, related_name="versions")
+    number = models.PositiveIntegerField()
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    source = models.CharField(max_length=20, choices=Source.choices, default=Source.UPLOADED)
+    # Where it came from, e.g. {"job": 3, "round": 7} or {"optimisation": "int8_dynamic"}.
+    source_detail = models.JSONField(default=dict, blank=True)
+    variant = models.CharField(max_length=50, default="fp32", help_text="fp32, fp16, int8_dynamic, ...")
+    arch = models.CharField(
+        max_length=50, blank=True, help_text="Overrides the family's arch (e.g. a distilled student)."
+    )
+    stage = models.CharField(max_length=20, choices=Stage.choices, default=Stage.DRAFT, db_index=True)
+    # Headline numbers copied from the latest evaluation, for lists and gates.
+    metrics = models.JSONField(default=dict, blank=True)
+    notes = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["family_id", "-number"]
+        constraints = [models.UniqueConstraint(fields=["family", "number"], name="unique_version_number")]
+
+    def __str__(self) -> str:
+        return f"{self.family.name}:v{self.number}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.family.name}:v{self.number}"
+
+    @property
+    def effective_arch(self) -> str:
+        return self.arch or self.family.arch
+
+
+class Artifact(models.Model):
+    """A file belonging to a version: weights (safetensors) or an inference model (ONNX)."""
+
+    class Kind(models.TextChoices):
+        WEIGHTS = "weights", "PyTorch state dict (safetensors)"
+        ONNX = "onnx", "ONNX model"
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="artifacts")
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    file = models.FileField(upload_to="artifacts/%Y/%m/", max_length=300)
+    sha256 = models.CharField(max_length=64, db_index=True)
+    size = models.BigIntegerField()
+    # Ed25519 over the 32 raw bytes of the SHA-256 digest, base64.
+    signature = models.CharField(max_length=100)
+    opset = models.PositiveIntegerField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["version", "kind"], name="one_artifact_per_kind")]
+
+    def __str__(self) -> str:
+        return f"{self.version}:{self.kind}:{self.sha256[:12]}"
+
+
+class EvaluationReport(models.Model):
+    """How a version did on a held-out data set, with latency and size on the server's CPU."""
+
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="evaluations")
+    dataset = models.CharField(max_length=100)
+    report = models.JSONField(default=dict)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]

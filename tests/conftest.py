@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+
+@pytest.fixture
+def make_user(db: Any) -> Any:
+    """Create a user holding one role (viewer, operator or admin)."""
+    from django.contrib.auth.models import Group, User
+
+    counter = {"n": 0}
+
+    def make(role: str | None = "operator", **extra: Any) -> User:
+        counter["n"] += 1
+        user = User.objects.create_user(
+            username=f"{role or 'nobody'}{counter['n']}", password="pw-Flotilla-1", **extra
+        )
+        if role:
+            user.groups.add(Group.objects.get(name=role))
+        return user
+
+    return make
+
+
+def _client_for(user: Any) -> Any:
+    from rest_framework.authtoken.models import Token
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    token, _ = Token.objects.get_or_create(user=user)
+    client.credentials(HTTP_AUTHORIZATION=f"Token {token.key}")
+    setattr(client, "user", user)  # noqa: B010  (tests read the acting user back)
+    return client
+
+
+@pytest.fixture
+def viewer_client(make_user: Any) -> Any:
+    return _client_for(make_user("viewer"))
+
+
+@pytest.fixture
+def operator_client(make_user: Any) -> Any:
+    return _client_for(make_user("operator"))
+
+
+@pytest.fixture
+def admin_client_api(make_user: Any) -> Any:
+    return _client_for(make_user("admin"))
+
+
+@pytest.fixture
+def anon_client() -> Any:
+    from rest_framework.test import APIClient
+
+    return APIClient()
+
+
+@pytest.fixture(scope="session")
+def live_stack(
+    django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Any]:
+    """uvicorn + Celery worker + beat on the test database, for the whole session.
+
+    Tests that use it need `transactional_db` so their rows are committed and visible
+    to the server processes.
+    """
+    from tests.stack import Stack
+
+    log_dir: Path = tmp_path_factory.mktemp("stack-logs")
+    stack = Stack(log_dir=log_dir)
+    with django_db_blocker.unblock():
+        stack.start_web()
+        stack.start_worker()
+    try:
+        yield stack
+    finally:
+        stack.stop()
