@@ -136,9 +136,9 @@ def _build_variants(
 def _round_robin_latency(
     models: list[bytes], x: np.ndarray, *, rounds: int, repeats: int
 ) -> list[dict[str, float]]:
-    from models_registry.ml.evaluate import _session, measure_latency
+    from models_registry.ml.evaluate import measure_latency, ort_session
 
-    sessions = [_session(m, threads=1) for m in models]
+    sessions = [ort_session(m, threads=1) for m in models]
     samples: list[dict[str, list[float]]] = [{"b1": [], "b1_p95": [], "b64": []} for _ in models]
     for _ in range(rounds):
         for session, acc in zip(sessions, samples, strict=True):
@@ -289,7 +289,10 @@ def _print_table(result: dict[str, Any]) -> None:
             print(f"rejected {row['model']}/{row['variant']}: {row['reason']}")
     for check in result["checks"]:
         if check["variant"] is None:
-            print(f"{check['model']}: no variant meets {check['budget_us']:.1f} us  FAIL")
+            print(
+                f"{check['model']}: no variant meets {check['budget_us']:.1f} us within the "
+                "accuracy limit; nothing recommended"
+            )
             continue
         verdict = "OK" if check["ok"] else "FAIL"
         print(

@@ -20,6 +20,7 @@ __all__ = [
     "EvaluationInputError",
     "evaluate_onnx",
     "measure_latency",
+    "ort_session",
 ]
 
 # ROC curves are stored for charts; 50 points per class draw a smooth curve.
@@ -30,7 +31,11 @@ class EvaluationInputError(ValueError):
     """The evaluation data does not fit the model (shape, labels, classes)."""
 
 
-def _session(onnx_bytes: bytes, *, threads: int) -> Any:
+def ort_session(onnx_bytes: bytes, *, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads and sequential execution.
+
+    Raises :class:`EvaluationInputError` when the bytes are not a model ORT can load.
+    """
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -69,7 +74,7 @@ def measure_latency(
     if repeats < 1 or batch < 1:
         raise ValueError("repeats and batch must be positive")
     xs = np.ascontiguousarray(x, dtype=np.float32)
-    sess = session if session is not None else _session(onnx_bytes, threads=threads)
+    sess = session if session is not None else ort_session(onnx_bytes, threads=threads)
     name = sess.get_inputs()[0].name
     feed = {name: _batch_of(xs, batch)}
     for _ in range(warmup):
@@ -145,7 +150,7 @@ def evaluate_onnx(
         raise EvaluationInputError("num_classes must be at least 2")
     xs = np.asarray(x)
     ys = np.asarray(y)
-    sess = _session(onnx_bytes, threads=threads)
+    sess = ort_session(onnx_bytes, threads=threads)
     features = _input_features(sess)
     if xs.ndim != 1 + len(features) or any(
         want is not None and got != want for got, want in zip(xs.shape[1:], features, strict=True)

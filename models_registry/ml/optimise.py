@@ -238,9 +238,9 @@ def _interleaved_timing(
     Shared machines drift in speed; timing every model once per round and taking the
     median over rounds keeps a slow moment from deciding the comparison.
     """
-    from models_registry.ml.evaluate import _session, measure_latency
+    from models_registry.ml.evaluate import measure_latency, ort_session
 
-    sessions = [_session(model, threads=1) for model in models]
+    sessions = [ort_session(model, threads=1) for model in models]
     per_round: list[list[tuple[float, float]]] = [[] for _ in models]
     for _ in range(rounds):
         for index, session in enumerate(sessions):
