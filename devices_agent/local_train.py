@@ -161,7 +161,6 @@ def train_local(
     if epochs < 0 or batch_size < 1 or not lr > 0 or prox_mu < 0 or momentum < 0:
         raise ValueError("epochs >= 0, batch_size >= 1, lr > 0, prox_mu >= 0, momentum >= 0")
     with torch_threads(num_threads):
-        torch.manual_seed(seed)
         model = build_model_for_state(arch, global_weights)
         anchors = [p.detach().clone() for p in model.parameters()]
         params = list(model.parameters())
@@ -288,7 +287,6 @@ def personalise_head(
     hold, fit = order[:n_hold], order[n_hold:]
     head_names = head_parameter_names(arch)
     with torch_threads(num_threads):
-        torch.manual_seed(seed)
         model = build_model_for_state(arch, global_weights)
         x_hold = torch.from_numpy(xs[hold])
         y_hold = torch.from_numpy(ys[hold])

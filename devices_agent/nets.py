@@ -154,8 +154,14 @@ def widths_of_state(arch: str, state: Mapping[str, npt.ArrayLike]) -> tuple[int,
 
 
 def build_model_for_state(arch: str, state: Mapping[str, npt.ArrayLike]) -> torch.nn.Module:
-    """Build an ``arch`` module shaped like ``state`` and load ``state`` into it."""
-    model = build_model(arch, widths=widths_of_state(arch, state))
+    """Build an ``arch`` module shaped like ``state`` and load ``state`` into it.
+
+    The caller's torch RNG is left untouched (the random initialisation is overwritten).
+    """
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch, widths=widths_of_state(arch, state))
     load_numpy_state(model, state)
     return model
 

@@ -161,12 +161,9 @@ def export_onnx(
     differ from torch's beyond ``atol``/``rtol``, and ``ValueError`` when the weights do
     not fit the architecture.
     """
-    import torch
-
     from devices_agent.nets import build_model_for_state
 
-    with torch.random.fork_rng(devices=[]):
-        module = build_model_for_state(arch, weights)
+    module = build_model_for_state(arch, weights)
     return export_module(module=module, sample_inputs=sample_inputs, opset=opset, atol=atol, rtol=rtol)
 
 

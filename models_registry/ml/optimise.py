@@ -580,7 +580,6 @@ def prune_magnitude(
     if not 0.0 <= amount < 1.0:
         raise ValueError("amount must be in [0, 1)")
     xs, ys = _check_xy(x, y)
-    torch.manual_seed(seed)
     model = build_model_for_state(arch, weights)
     modules = dict(model.named_modules())
     pruned: list[tuple[torch.nn.Module, str]] = []
@@ -675,8 +674,8 @@ def distil(
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
     from devices_agent.nets import (
-        build_model,
         build_model_for_state,
+        initial_weights,
         parameter_count,
         state_to_numpy,
     )
@@ -687,8 +686,7 @@ def distil(
     teacher = build_model_for_state(teacher_arch, teacher_weights).eval()
     with torch.no_grad():
         soft = F.log_softmax(teacher(torch.from_numpy(xs)) / temperature, dim=1)
-    torch.manual_seed(seed)
-    student = build_model(student_arch)
+    student = build_model_for_state(student_arch, initial_weights(student_arch, seed=seed))
 
     def loss_fn(logits: torch.Tensor, target: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
         log_student = F.log_softmax(logits / temperature, dim=1)

@@ -217,3 +217,23 @@ def test_rebase_keeps_a_fitting_head_and_resets_an_incompatible_one() -> None:
     assert rebase_head(arch="mlp", new_global=glob, head_weights=None) == (None, "reset")
     broken = {"fc3.weight": np.full((10, 64), np.nan, np.float32), "fc3.bias": head["fc3.bias"]}
     assert rebase_head(arch="mlp", new_global=glob, head_weights=broken)[1] == "reset"
+
+
+def test_training_leaves_the_callers_torch_rng_alone(digits: Digits) -> None:
+    import torch
+
+    x, y, _, _ = digits
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_local(
+        arch="cnn",
+        global_weights=initial_weights("cnn", seed=0),
+        x=x[:32],
+        y=y[:32],
+        epochs=1,
+        batch_size=16,
+        lr=0.1,
+        seed=0,
+    )
+    assert torch.equal(torch.rand(3), expected)
