@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import tempfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -87,9 +88,28 @@ class PruneResult:
 def _quiet_ort() -> None:
     import onnxruntime as ort
 
-    # ORT logs a warning for every unused initializer it drops; keep logs readable.
+    # ORT's native logger warns about every unused initializer the quantiser leaves
+    # behind; only errors are worth a line in a worker's log.
     ort.set_default_logger_severity(3)
-    logging.getLogger("root").setLevel(logging.ERROR)
+
+
+class _DropPreprocessAdvice(logging.Filter):
+    """Drops the quantiser's "consider pre-processing" advice: shape inference gains
+    nothing on these small static graphs, and the advice repeats on every call."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "pre-processing" not in record.getMessage()
+
+
+@contextmanager
+def _quiet_quantiser() -> Iterator[None]:
+    root = logging.getLogger()
+    advice = _DropPreprocessAdvice()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def compact_onnx(onnx_bytes: bytes) -> bytes:
@@ -198,13 +218,14 @@ def quantize_dynamic_int8(onnx_bytes: bytes, *, per_channel: bool = True) -> Var
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(_with_node_names(onnx_bytes))
         for ops in attempts:
-            quantize_dynamic(
-                src,
-                dst,
-                weight_type=QuantType.QInt8,
-                per_channel=per_channel,
-                op_types_to_quantize=ops,
-            )
+            with _quiet_quantiser():
+                quantize_dynamic(
+                    src,
+                    dst,
+                    weight_type=QuantType.QInt8,
+                    per_channel=per_channel,
+                    op_types_to_quantize=ops,
+                )
             out = compact_onnx(dst.read_bytes())
             error = _session_ok(out, probe)
             integer_nodes = sorted(_op_types(out) & {"MatMulInteger", "ConvInteger"})
@@ -289,17 +310,18 @@ def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[np.float32], ops: Sequenc
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(_with_node_names(onnx_bytes))
-        quantize_static(
-            src,
-            dst,
-            Reader(INPUT_NAME, x),
-            quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=list(ops),
-            per_channel=True,
-            # u8 activations with s8 weights is what ORT's x86 kernels are built for.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-        )
+        with _quiet_quantiser():
+            quantize_static(
+                src,
+                dst,
+                Reader(INPUT_NAME, x),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=list(ops),
+                per_channel=True,
+                # u8 activations with s8 weights is what ORT's x86 kernels are built for.
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+            )
         return compact_onnx(dst.read_bytes())
 
 
