@@ -19,7 +19,7 @@ import io
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import numpy.typing as npt
@@ -35,6 +35,7 @@ __all__ = [
     "ExportResult",
     "export_module",
     "export_onnx",
+    "make_trace_divergent_module",
     "run_onnx",
 ]
 
@@ -167,16 +168,29 @@ def export_onnx(
     return export_module(module=module, sample_inputs=sample_inputs, opset=opset, atol=atol, rtol=rtol)
 
 
-def onnx_initializer_bytes(onnx_bytes: bytes) -> dict[str, Any]:
-    """Summarise an ONNX model's stored tensors: count, scalars and raw bytes by dtype."""
-    import onnx
-    from onnx import numpy_helper
+def make_trace_divergent_module(
+    *, in_features: int = 64, num_classes: int = 10, seed: int = 0
+) -> torch.nn.Module:
+    """A module whose exported graph disagrees with its eager forward, for failure-path tests.
 
-    model = onnx.load_from_string(onnx_bytes)
-    by_dtype: dict[str, int] = {}
-    scalars = 0
-    for init in model.graph.initializer:
-        array = numpy_helper.to_array(init)
-        scalars += int(array.size)
-        by_dtype[str(array.dtype)] = by_dtype.get(str(array.dtype), 0) + int(array.nbytes)
-    return {"tensors": len(model.graph.initializer), "scalars": scalars, "bytes_by_dtype": by_dtype}
+    Eager forward returns twice the logits of a linear layer; while ``torch.onnx.export``
+    runs, it returns them unscaled, so :func:`export_module` must raise
+    :class:`ExportParityError` for it.
+    """
+    import torch
+
+    class TraceDivergent(torch.nn.Module):  # type: ignore[misc, unused-ignore]
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = torch.nn.Linear(in_features, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            out = self.fc(x)
+            if torch.onnx.is_in_onnx_export():
+                return out  # type: ignore[no-any-return, unused-ignore]
+            return out * 2.0  # type: ignore[no-any-return, unused-ignore]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module: torch.nn.Module = TraceDivergent()
+    return module

@@ -8,6 +8,7 @@ from models_registry.ml.export import (
     ExportParityError,
     export_module,
     export_onnx,
+    make_trace_divergent_module,
     run_onnx,
 )
 
@@ -36,30 +37,10 @@ def test_export_matches_torch(fixture: str, digits: Digits, request: pytest.Fixt
     assert np.mean(logits.argmax(axis=1) == y_test) == pytest.approx(torch_accuracy)
 
 
-def _divergent_module() -> object:
-    import torch
-
-    class ExportsDifferently(torch.nn.Module):  # type: ignore[misc, unused-ignore]
-        """Eager forward doubles the logits; the traced graph does not."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.fc = torch.nn.Linear(64, 10)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            out = self.fc(x)
-            if torch.onnx.is_in_onnx_export():
-                return out
-            return out * 2.0
-
-    torch.manual_seed(0)
-    return ExportsDifferently()
-
-
 def test_parity_failure_raises_with_the_numbers(digits: Digits) -> None:
     _, _, x_test, _ = digits
     with pytest.raises(ExportParityError) as info:
-        export_module(module=_divergent_module(), sample_inputs=x_test[:8])
+        export_module(module=make_trace_divergent_module(), sample_inputs=x_test[:8])
     assert info.value.max_abs_diff > 1e-2
     assert info.value.atol == 1e-4
     assert "max |diff|" in str(info.value)
