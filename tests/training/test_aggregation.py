@@ -23,6 +23,7 @@ from training.aggregation import (
     SafetensorsFileSource,
     ServerOptAggregator,
     TrimmedMeanAggregator,
+    UpdateFileReader,
     WeightedMeanAggregator,
     make_aggregator,
     partial_from_bytes,
@@ -418,6 +419,41 @@ def test_file_source_reads_slices_from_safetensors(tmp_path: Path) -> None:
     out = agg.finalize_source(source)
     for name in g:
         np.testing.assert_allclose(out[name], g[name] + np.median(stacked(ups, name), 0), 1e-6)
+
+
+def test_update_file_reader_streams_files_into_fedavg(tmp_path: Path) -> None:
+    g, ups = model(), updates(4)
+    reader = UpdateFileReader()
+    streamed = WeightedMeanAggregator(global_weights=g)
+    direct = WeightedMeanAggregator(global_weights=g)
+    for i, u in enumerate(ups):
+        path = tmp_path / f"u{i}.safetensors"
+        save_file(u, str(path))
+        read = reader.read(path)
+        for name in g:
+            np.testing.assert_array_equal(read[name], u[name])
+            assert not read[name].flags.writeable
+        streamed.accept(read, weight=i + 1, update_id=str(i))
+        direct.accept(u, weight=i + 1, update_id=str(i))
+        del read
+    assert_weights_close(streamed.finalize(), direct.finalize(), rtol=0, atol=0)
+
+
+def test_update_file_reader_rejects_bad_files(tmp_path: Path) -> None:
+    reader = UpdateFileReader()
+    empty = tmp_path / "empty.safetensors"
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a safetensors"):
+        reader.read(empty)
+    f64 = tmp_path / "f64.safetensors"
+    save_file({"w": np.zeros(3)}, str(f64))
+    with pytest.raises(ValueError, match="not F32"):
+        reader.read(f64)
+    cut = tmp_path / "cut.safetensors"
+    save_file({"w": np.zeros(30, np.float32)}, str(cut))
+    cut.write_bytes(cut.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="bad offsets"):
+        reader.read(cut)
 
 
 # --------------------------------------------------------------------------- registry

@@ -11,6 +11,7 @@ from .base import (
     Aggregator,
     InMemoryUpdateSource,
     SafetensorsFileSource,
+    UpdateFileReader,
     UpdateSource,
     Weights,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "ServerOptAggregator",
     "ServerOptState",
     "TrimmedMeanAggregator",
+    "UpdateFileReader",
     "UpdateSource",
     "WeightedMeanAggregator",
     "Weights",

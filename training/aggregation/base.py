@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import mmap
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -189,3 +190,47 @@ def _float32_offsets(path: str) -> dict[str, tuple[int, int]]:
         begin, _ = info["data_offsets"]
         offsets[name] = (8 + header_len + int(begin), math.prod(info["shape"]))
     return offsets
+
+
+class UpdateFileReader:
+    """Reads dense float32 safetensors update files one at a time, without copying.
+
+    Each file is memory-mapped read-only and :meth:`read` returns read-only float32
+    views of the mapping, so a streaming aggregator goes through thousands of update
+    files with no per-update allocation and no copy out of the page cache. The mapping
+    is released as soon as the returned arrays are dropped: accept each update, then
+    read the next, and at most one file is mapped at a time.
+    """
+
+    def read(self, path: str | os.PathLike[str]) -> Weights:
+        """Tensors of the file at ``path`` as read-only views of a memory map."""
+        name_of = os.fspath(path)
+        fd = os.open(name_of, os.O_RDONLY)
+        try:
+            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        except ValueError:  # an empty file cannot be mapped
+            raise ValueError(f"{name_of}: not a safetensors file") from None
+        finally:
+            os.close(fd)  # the mapping keeps its own reference to the file
+        size = len(mapped)
+        if size < 8:
+            raise ValueError(f"{name_of}: not a safetensors file")
+        (header_len,) = struct.unpack("<Q", mapped[:8])
+        if 8 + header_len > size:
+            raise ValueError(f"{name_of}: truncated header")
+        header: dict[str, Any] = json.loads(mapped[8 : 8 + header_len])
+        header.pop("__metadata__", None)
+        base = 8 + header_len
+        out: Weights = {}
+        for name, info in header.items():
+            if info["dtype"] != "F32":
+                raise ValueError(f"{name_of}: tensor {name!r} is not F32")
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            count = math.prod(shape)
+            if base + end > size or end - begin != 4 * count:
+                raise ValueError(f"{name_of}: bad offsets for {name!r}")
+            out[name] = np.frombuffer(mapped, dtype=np.float32, count=count, offset=base + begin).reshape(
+                shape
+            )
+        return out

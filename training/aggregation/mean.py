@@ -22,6 +22,9 @@ from .base import Weights, as_float32, check_update, check_weight, shapes_of
 PARTIAL_KIND = "weighted_mean"
 PARTIAL_VERSION = "1"
 _SUM_PREFIX = "sum::"
+# Elements per block of the weighted accumulate and the final division (1 MiB of
+# float32 scratch): large enough that the per-block Python overhead is negligible.
+_BLOCK = 262_144
 
 
 class WeightedMeanAggregator:
@@ -45,18 +48,14 @@ class WeightedMeanAggregator:
         self.total_weight = 0.0
         self.count = 0
         self.accepted_ids: set[str] = set()
-        self._scratch: npt.NDArray[np.float64] | None = None
+        # Small fixed scratch for weight * delta: it stays in the CPU cache and keeps
+        # the extra memory constant instead of one model-sized temporary per update.
+        self._scratch = np.empty(_BLOCK, dtype=np.float32)
 
     @property
     def num_accepted(self) -> int:
         """How many updates were added (directly or through merges)."""
         return self.count
-
-    def _scratch_for(self, size: int) -> npt.NDArray[np.float64]:
-        largest = max((s.size for s in self.sums.values()), default=0)
-        if self._scratch is None or self._scratch.size < largest:
-            self._scratch = np.empty(largest, dtype=np.float64)
-        return self._scratch[:size]
 
     def accept(
         self,
@@ -76,17 +75,22 @@ class WeightedMeanAggregator:
         w = check_weight(weight)
         check_update(update, self.shapes)
         for name, total in self.sums.items():
-            delta = np.asarray(update[name])
+            flat_total = total.reshape(-1)
+            flat = np.asarray(update[name]).reshape(-1)
             if w == 1.0:
-                # Mixed-dtype add casts float32 -> float64 in small buffered blocks, so no
-                # model-sized temporary is created.
-                np.add(total, delta, out=total)
-            else:
-                # Multiply in float64 into a reused scratch buffer, then add in place:
-                # two passes, no allocation per update.
-                scratch = self._scratch_for(total.size).reshape(total.shape)
-                np.multiply(delta, w, out=scratch, dtype=np.float64)
-                np.add(total, scratch, out=total)
+                # Mixed-dtype add casts float32 -> float64 in numpy's small internal
+                # buffers, so no model-sized temporary is created.
+                np.add(flat_total, flat, out=flat_total)
+                continue
+            # weight * delta is formed in float32 (numpy's fast SIMD loop; the rounding,
+            # 2^-24 relative, is below the precision the device sent) and added into the
+            # float64 sum, which is where precision matters over thousands of updates.
+            # Block by block through a small cached scratch: no allocation per update.
+            for start in range(0, flat.size, _BLOCK):
+                stop = min(start + _BLOCK, flat.size)
+                scratch = self._scratch[: stop - start]
+                np.multiply(flat[start:stop], np.float32(w), out=scratch)
+                np.add(flat_total[start:stop], scratch, out=flat_total[start:stop])
         self.total_weight += w
         self.count += 1
         if update_id is not None:
@@ -114,27 +118,32 @@ class WeightedMeanAggregator:
 
     def mean_delta(self) -> Weights:
         """The weighted mean of the accepted deltas (the pseudo-gradient), float32."""
-        if self.count == 0 or self.total_weight <= 0:
-            raise ValueError("no updates were accepted")
-        out: Weights = {}
-        for name, total in self.sums.items():
-            mean = total / self.total_weight
-            if not bool(np.all(np.isfinite(mean))):
-                raise ValueError(f"aggregated tensor {name!r} is not finite")
-            out[name] = mean.astype(np.float32)
-        return out
+        return self._divide(add_global=False)
 
     def finalize(self) -> Weights:
         """New global weights: global + weighted mean delta, rounded once to float32."""
+        return self._divide(add_global=True)
+
+    def _divide(self, *, add_global: bool) -> Weights:
         if self.count == 0 or self.total_weight <= 0:
             raise ValueError("no updates were accepted")
         out: Weights = {}
         for name, total in self.sums.items():
-            new = total / self.total_weight
-            np.add(new, self.global_weights[name], out=new)
-            if not bool(np.all(np.isfinite(new))):
-                raise ValueError(f"aggregated tensor {name!r} is not finite")
-            out[name] = new.astype(np.float32)
+            # Block by block: the only model-sized allocation is the float32 result.
+            result = np.empty(total.shape, dtype=np.float32)
+            flat_total = total.reshape(-1)
+            flat_result = result.reshape(-1)
+            flat_global = self.global_weights[name].reshape(-1)
+            for start in range(0, flat_total.size, _BLOCK):
+                stop = min(start + _BLOCK, flat_total.size)
+                # float64 division and addition, one rounding to float32 at the end.
+                block = flat_total[start:stop] / self.total_weight
+                if add_global:
+                    np.add(block, flat_global[start:stop], out=block)
+                if not bool(np.isfinite(block).all()):
+                    raise ValueError(f"aggregated tensor {name!r} is not finite")
+                flat_result[start:stop] = block
+            out[name] = result
         return out
 
     # ---------------------------------------------------------------- persistence
