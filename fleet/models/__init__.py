@@ -11,6 +11,7 @@ from fleet.models.devices import (
     MetricSample,
 )
 from fleet.models.policies import UpdatePolicy
+from fleet.models.provisioning import KnownHost, ProvisioningJob  # noqa: F401
 
 __all__ = [
     "Deployment",
