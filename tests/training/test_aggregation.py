@@ -437,6 +437,12 @@ def test_update_file_reader_streams_files_into_fedavg(tmp_path: Path) -> None:
         direct.accept(u, weight=i + 1, update_id=str(i))
         del read
     assert_weights_close(streamed.finalize(), direct.finalize(), rtol=0, atol=0)
+    # A file with another layout after the cached one is parsed afresh.
+    other = tmp_path / "other.safetensors"
+    save_file({"x": np.arange(6, dtype=np.float32).reshape(2, 3)}, str(other))
+    read = reader.read(other)
+    assert list(read) == ["x"]
+    np.testing.assert_array_equal(read["x"], np.arange(6).reshape(2, 3))
 
 
 def test_update_file_reader_rejects_bad_files(tmp_path: Path) -> None:
@@ -449,10 +455,13 @@ def test_update_file_reader_rejects_bad_files(tmp_path: Path) -> None:
     save_file({"w": np.zeros(3)}, str(f64))
     with pytest.raises(ValueError, match="not F32"):
         reader.read(f64)
+    whole = tmp_path / "whole.safetensors"
+    save_file({"w": np.zeros(30, np.float32)}, str(whole))
+    reader.read(whole)
+    # Same header as the cached one, but the data is cut short.
     cut = tmp_path / "cut.safetensors"
-    save_file({"w": np.zeros(30, np.float32)}, str(cut))
-    cut.write_bytes(cut.read_bytes()[:-8])
-    with pytest.raises(ValueError, match="bad offsets"):
+    cut.write_bytes(whole.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated"):
         reader.read(cut)
 
 

@@ -200,7 +200,33 @@ class UpdateFileReader:
     files with no per-update allocation and no copy out of the page cache. The mapping
     is released as soon as the returned arrays are dropped: accept each update, then
     read the next, and at most one file is mapped at a time.
+
+    Every update of a round has the same header (same names, shapes and offsets), so
+    the parsed layout is cached and reused whenever the header bytes are identical;
+    for small models parsing JSON would otherwise cost as much as the arithmetic.
     """
+
+    def __init__(self) -> None:
+        self._header = b""
+        self._layout: list[tuple[str, tuple[int, ...], int, int]] = []
+        self._data_end = 0
+
+    def _parse(self, header_bytes: bytes, base: int, name_of: str) -> None:
+        header: dict[str, Any] = json.loads(header_bytes)
+        header.pop("__metadata__", None)
+        layout = []
+        data_end = base
+        for name, info in header.items():
+            if info["dtype"] != "F32":
+                raise ValueError(f"{name_of}: tensor {name!r} is not F32")
+            begin, end = (int(x) for x in info["data_offsets"])
+            shape = tuple(int(d) for d in info["shape"])
+            count = math.prod(shape)
+            if end - begin != 4 * count:
+                raise ValueError(f"{name_of}: bad offsets for {name!r}")
+            layout.append((name, shape, count, base + begin))
+            data_end = max(data_end, base + end)
+        self._header, self._layout, self._data_end = header_bytes, layout, data_end
 
     def read(self, path: str | os.PathLike[str]) -> Weights:
         """Tensors of the file at ``path`` as read-only views of a memory map."""
@@ -218,19 +244,12 @@ class UpdateFileReader:
         (header_len,) = struct.unpack("<Q", mapped[:8])
         if 8 + header_len > size:
             raise ValueError(f"{name_of}: truncated header")
-        header: dict[str, Any] = json.loads(mapped[8 : 8 + header_len])
-        header.pop("__metadata__", None)
-        base = 8 + header_len
-        out: Weights = {}
-        for name, info in header.items():
-            if info["dtype"] != "F32":
-                raise ValueError(f"{name_of}: tensor {name!r} is not F32")
-            begin, end = (int(x) for x in info["data_offsets"])
-            shape = tuple(int(d) for d in info["shape"])
-            count = math.prod(shape)
-            if base + end > size or end - begin != 4 * count:
-                raise ValueError(f"{name_of}: bad offsets for {name!r}")
-            out[name] = np.frombuffer(mapped, dtype=np.float32, count=count, offset=base + begin).reshape(
-                shape
-            )
-        return out
+        header_bytes = mapped[8 : 8 + header_len]
+        if header_bytes != self._header:
+            self._parse(header_bytes, 8 + header_len, name_of)
+        if self._data_end > size:
+            raise ValueError(f"{name_of}: bad offsets, the file is truncated")
+        return {
+            name: np.ndarray(shape, dtype=np.float32, buffer=mapped, offset=offset)
+            for name, shape, _, offset in self._layout
+        }

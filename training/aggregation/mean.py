@@ -73,6 +73,7 @@ class WeightedMeanAggregator:
         if update_id is not None and update_id in self.accepted_ids:
             return False
         w = check_weight(weight)
+        w32 = np.float32(w)
         check_update(update, self.shapes)
         for name, total in self.sums.items():
             flat_total = total.reshape(-1)
@@ -89,7 +90,7 @@ class WeightedMeanAggregator:
             for start in range(0, flat.size, _BLOCK):
                 stop = min(start + _BLOCK, flat.size)
                 scratch = self._scratch[: stop - start]
-                np.multiply(flat[start:stop], np.float32(w), out=scratch)
+                np.multiply(flat[start:stop], w32, out=scratch)
                 np.add(flat_total[start:stop], scratch, out=flat_total[start:stop])
         self.total_weight += w
         self.count += 1
