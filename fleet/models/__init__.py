@@ -10,8 +10,11 @@ from fleet.models.devices import (
     MetricBatch,
     MetricSample,
 )
+from fleet.models.experiments import Experiment, ExperimentAssignment, ExperimentDecision  # noqa: F401
 from fleet.models.policies import UpdatePolicy
 from fleet.models.provisioning import KnownHost, ProvisioningJob  # noqa: F401
+from fleet.models.rollouts import Rollout, RolloutDecision, RolloutDevice  # noqa: F401
+from fleet.models.webhooks import WebhookDelivery, WebhookEndpoint  # noqa: F401
 
 __all__ = [
     "Deployment",
