@@ -23,9 +23,10 @@ Array = npt.NDArray[np.float32]
 Weights = dict[str, Array]
 
 # Elements per chunk for the order-statistics rules: with n updates the working set is
-# about n * chunk * 12 bytes (float32 block + float64 work), e.g. 1000 devices -> ~780 MB
-# at 65536, so callers with many devices should pass a smaller chunk.
-DEFAULT_CHUNK = 65_536
+# about n * chunk * 4 bytes (one float32 block, sorted or partitioned in place; Krum
+# adds an n x n float64 matrix and one float64 copy of the block for its distances),
+# e.g. 1000 devices -> ~130 MB at 32768. Pass a smaller chunk for larger fleets.
+DEFAULT_CHUNK = 32_768
 
 
 class Aggregator(Protocol):
@@ -61,6 +62,7 @@ class UpdateSource(Protocol):
 
     ``read(name, start, stop)`` returns a float32 array of shape
     ``(num_updates, stop - start)``: row ``i`` is ``update_i[name].ravel()[start:stop]``.
+    The array must be new (not a view of the source's own data): rules sort it in place.
     Order-statistics rules only ever hold one such block, so their peak memory is
     ``num_updates x chunk`` rather than ``num_updates x model``.
     """

@@ -108,7 +108,9 @@ class CoordinateMedianAggregator(_OrderStatistic):
     name = "median"
 
     def _combine(self, block: Array) -> npt.NDArray[np.float64]:
-        return np.asarray(np.median(block.astype(np.float64), axis=0), dtype=np.float64)
+        # The block is ours (sources return fresh arrays): partition it in place rather
+        # than copying n x chunk values again.
+        return np.asarray(np.median(block, axis=0, overwrite_input=True), dtype=np.float64)
 
 
 class TrimmedMeanAggregator(_OrderStatistic):
@@ -134,8 +136,8 @@ class TrimmedMeanAggregator(_OrderStatistic):
         cut = int(self.beta * n)
         if 2 * cut >= n:
             raise ValueError(f"beta={self.beta} trims every one of {n} updates")
-        ordered = np.sort(block, axis=0)
-        return np.asarray(ordered[cut : n - cut].mean(axis=0, dtype=np.float64))
+        block.sort(axis=0)  # in place: the block is ours
+        return np.asarray(block[cut : n - cut].mean(axis=0, dtype=np.float64))
 
 
 class KrumAggregator(_OrderStatistic):
