@@ -44,6 +44,7 @@ __all__ = [
     "decode_tensors",
     "encode_delta",
     "encode_tensors",
+    "expected_layout",
     "l2_norm",
 ]
 
@@ -56,6 +57,7 @@ _SEP = "::"
 # The safetensors format itself caps the JSON header at 100 MB; a header that large is
 # never legitimate for a delta, and parsing it would be an easy way to burn memory.
 _MAX_HEADER_BYTES = 100_000_000
+_FP16_MAX = float(np.finfo(np.float16).max)
 
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype(np.float64),
@@ -234,6 +236,12 @@ def encode_delta(
         if _SEP in name:
             raise ValueError(f"tensor name {name!r} must not contain {_SEP!r}")
     dense = {name: _as_f32(t, name=name) for name, t in delta.items()}
+    for name, t in dense.items():
+        # Fail on the device with a clear message rather than have the server reject it.
+        if not bool(np.isfinite(t).all()):
+            raise ValueError(f"tensor {name!r} holds NaN or Inf")
+        if codec == "fp16" and t.size and float(np.abs(t).max()) > _FP16_MAX:
+            raise ValueError(f"tensor {name!r} exceeds the float16 range; use int8 or none")
     metadata = {"codec": codec, "codec_version": str(CODEC_VERSION)}
     raw = _raw_bytes(dense)
 
@@ -249,8 +257,6 @@ def encode_delta(
         scales: dict[str, float] = {}
         for name, t in dense.items():
             peak = float(np.max(np.abs(t))) if t.size else 0.0
-            if not math.isfinite(peak):
-                raise ValueError(f"tensor {name!r} holds non-finite values")
             # Symmetric per-tensor scale: +-peak maps to +-127 so the rounding error is
             # at most scale/2. An all-zero tensor still gets a positive scale so the
             # decoder can insist on scale > 0.
@@ -315,6 +321,13 @@ def _json_meta(metadata: Mapping[str, str], key: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise WireError("malformed", f"metadata key {key!r} must be a JSON object")
     return value
+
+
+def expected_layout(
+    weights: Mapping[str, npt.ArrayLike],
+) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The ``expected`` argument of :func:`decode_delta` for a model's weights."""
+    return {name: (tuple(np.shape(t)), "float32") for name, t in weights.items()}
 
 
 def decode_delta(
@@ -403,7 +416,10 @@ def decode_delta(
                 or scale <= 0
             ):
                 raise WireError("bad_scale", f"int8 scale for {name!r} is {scale!r}", tensor=name)
-            dense = raw[name].astype(np.float32) * np.float32(scale)
+            # A finite but huge scale overflows to Inf here; the finiteness check below
+            # turns that into a rejection, so the warning itself is noise.
+            with np.errstate(over="ignore"):
+                dense = raw[name].astype(np.float32) * np.float32(scale)
         else:
             idx = raw[f"{name}{_SEP}indices"]
             values = raw[f"{name}{_SEP}values"]

@@ -21,6 +21,7 @@ from devices_agent.codecs import (
     decode_tensors,
     encode_delta,
     encode_tensors,
+    expected_layout,
     l2_norm,
 )
 
@@ -35,7 +36,7 @@ def make_delta(seed: int = 0) -> dict[str, np.ndarray]:
 
 
 def expected_of(delta: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...], str]]:
-    return {name: (t.shape, "float32") for name, t in delta.items()}
+    return expected_layout(delta)
 
 
 META = {"codec": "none", "codec_version": str(CODEC_VERSION)}
@@ -205,12 +206,34 @@ def test_non_finite_nan() -> None:
 @pytest.mark.parametrize("codec", ["none", "fp16", "topk"])
 def test_non_finite_inf(codec: str) -> None:
     delta = make_delta()
-    bad = {name: t.copy() for name, t in delta.items()}
-    bad["fc2.weight"][0, 0] = np.inf
-    # The encoder does not police its input; the decoder must.
-    encoded = encode_delta(bad, codec=codec, topk_fraction=0.5)
-    err = rejection(encoded.data, delta)
+    tensors, meta = decode_tensors(encode_delta(delta, codec=codec, topk_fraction=0.5).data)
+    key = "fc2.weight::values" if codec == "topk" else "fc2.weight"
+    tensors[key] = tensors[key].copy()
+    tensors[key].flat[0] = np.inf
+    err = rejection(st_save(tensors, metadata=meta), delta)
     assert err.code == "non_finite" and err.tensor == "fc2.weight"
+
+
+def test_int8_overflowing_scale_is_non_finite() -> None:
+    delta = make_delta()
+    tensors, meta = decode_tensors(encode_delta(delta, codec="int8").data)
+    scales = json.loads(meta["scales"])
+    scales["fc1.weight"] = 1e38  # finite, but q * scale overflows float32
+    err = rejection(st_save(tensors, metadata=dict(meta, scales=json.dumps(scales))), delta)
+    assert err.code == "non_finite" and err.tensor == "fc1.weight"
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_encoder_refuses_non_finite_input(codec: str) -> None:
+    delta = make_delta()
+    delta["fc1.bias"][0] = np.nan
+    with pytest.raises(ValueError, match="fc1.bias"):
+        encode_delta(delta, codec=codec)
+
+
+def test_fp16_encoder_refuses_values_out_of_range() -> None:
+    with pytest.raises(ValueError, match="float16 range"):
+        encode_delta({"w": np.array([1e5], np.float32)}, codec="fp16")
 
 
 def test_int8_bad_scale() -> None:
