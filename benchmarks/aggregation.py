@@ -6,9 +6,10 @@ For each (devices, parameters) case every device's delta is written as a safeten
 file in a temporary directory (plain files standing in for artifact storage). The
 streaming ``WeightedMeanAggregator`` then reads them back one at a time
 (``UpdateFileReader``: each file memory-mapped, its tensors used in place without a
-copy) and accepts each with its example-count weight. The baseline, measured in the same run, is the
-straightforward numpy loop ``acc[k] += w * u[k]`` in float64 over the same arrays
-already in memory, so it pays for no I/O at all.
+copy) and accepts each with its example-count weight. The baseline, measured in the
+same run, is the straightforward numpy loop ``acc[k] += w * u[k]`` (float64 sums)
+over the same arrays already in memory, so it pays for no I/O at all; it does allocate
+a temporary for ``w * u[k]`` per tensor, which costs it page faults on large tensors.
 
 * ``gbps`` / ``baseline_gbps``: float32 bytes of all updates / wall time (median of
   ``--repeats`` runs each, alternated in one process), including the final division.
@@ -16,11 +17,11 @@ already in memory, so it pays for no I/O at all.
   I/O path (mapping, page faults, header parsing), not the physical disk.
 * ``extra_peak_mb``: RSS high-water mark minus RSS before aggregating, measured in a
   fresh subprocess during its first streaming run, before the baseline's arrays are
-  loaded (``VmHWM`` after a reset);
-  it includes the mapped file pages, the float64 sums and the float32 result.
+  loaded (``VmHWM`` after a reset); it includes the mapped file pages, the float64
+  sums and the float32 result.
 * ``limit_mb`` = 3 x model + 50 MB, the budget whatever the number of devices.
-* ``max_abs_diff``: largest difference between the two results (the baseline
-  multiplies in float32, the aggregator in float64).
+* ``max_abs_diff``: largest difference between the two results (a correctness check;
+  both form ``w * u`` in float32 and sum in float64, so it is normally 0).
 
 With ``--json`` the last line is one JSON object ``{"cases": [...]}``.
 """
