@@ -12,7 +12,8 @@ over the same arrays already in memory, so it pays for no I/O at all; it does al
 a temporary for ``w * u[k]`` per tensor, which costs it page faults on large tensors.
 
 * ``gbps`` / ``baseline_gbps``: float32 bytes of all updates / wall time (median of
-  ``--repeats`` runs each, alternated in one process), including the final division.
+  ``runs`` runs each, alternated in one process; ``runs`` is ``--repeats``, tripled for
+  cases under 200 MB of input, which last milliseconds), including the final division.
   The files were just written, so reads come from the page cache: this measures the
   I/O path (mapping, page faults, header parsing), not the physical disk.
 * ``extra_peak_mb``: RSS high-water mark minus RSS before aggregating, measured in a
@@ -46,6 +47,7 @@ from training.aggregation import UpdateFileReader, WeightedMeanAggregator
 FULL_CASES = [(100, 100_000), (1000, 100_000), (100, 1_000_000), (10, 10_000_000)]
 QUICK_CASES = [(50, 100_000), (200, 100_000), (20, 1_000_000), (4, 4_000_000)]
 MB = 1024 * 1024
+_STEADY_BYTES = 200_000_000
 
 
 def layout(params: int) -> dict[str, tuple[int, ...]]:
@@ -168,6 +170,9 @@ def worker(directory: Path, repeats: int) -> None:
 
 def run_case(devices: int, params: int, repeats: int, seed: int) -> dict[str, float]:
     """Measure one (devices, params) case in a subprocess; files are deleted afterwards."""
+    input_bytes = devices * params * 4
+    # Small cases take milliseconds per run: more runs keep their median steady.
+    runs = repeats if input_bytes >= _STEADY_BYTES else 3 * repeats
     directory = Path(tempfile.mkdtemp(prefix="flotilla-agg-bench-"))
     try:
         make_case(directory, devices, params, seed)
@@ -179,7 +184,7 @@ def run_case(devices: int, params: int, repeats: int, seed: int) -> dict[str, fl
                 "--worker",
                 str(directory),
                 "--repeats",
-                str(repeats),
+                str(runs),
             ],
             check=True,
             capture_output=True,
@@ -189,13 +194,13 @@ def run_case(devices: int, params: int, repeats: int, seed: int) -> dict[str, fl
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
-    input_bytes = devices * params * 4
     gbps = input_bytes / statistics.median(measured["stream_times"]) / 1e9
     baseline_gbps = input_bytes / statistics.median(measured["base_times"]) / 1e9
     model_mb = params * 4 / MB
     return {
         "devices": devices,
         "params": params,
+        "runs": runs,
         "gbps": round(gbps, 3),
         "baseline_gbps": round(baseline_gbps, 3),
         "ratio": round(gbps / baseline_gbps, 3),
@@ -211,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller cases")
     parser.add_argument("--json", action="store_true", help="print a JSON object last")
-    parser.add_argument("--repeats", type=int, default=3, help="runs per case (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs per case (median); x3 for small cases")
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker is not None:
@@ -222,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     columns = [
         "devices",
         "params",
+        "runs",
         "gbps",
         "baseline_gbps",
         "ratio",
@@ -232,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     ]
     print("Streaming FedAvg from safetensors files vs in-memory numpy baseline")
     print(
-        f"median of {args.repeats}; extra_peak_mb = RSS high-water mark minus RSS before "
+        "median of `runs` runs per side; extra_peak_mb = RSS high-water mark minus RSS before "
         "aggregating, in a fresh subprocess"
     )
     print(" ".join(f"{c:>13}" for c in columns))
