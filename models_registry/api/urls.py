@@ -1,3 +1,18 @@
+"""Operator API routes of the model registry, under /api/v1/."""
+
 from typing import Any
 
-urlpatterns: list[Any] = []
+from django.urls import include, path
+from rest_framework.routers import DefaultRouter
+
+from models_registry.api import views
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("models", views.ModelFamilyViewSet, basename="model-family")
+router.register("model-versions", views.ModelVersionViewSet, basename="model-version")
+
+urlpatterns: list[Any] = [
+    path("signing-key/", views.SigningKeyApi.as_view(), name="signing-key"),
+    path("", include(router.urls)),
+]

@@ -1,0 +1,225 @@
+"""Operator API of the model registry: families, versions, uploads, promotion, downloads.
+
+Roles: viewers read everything and download artifacts; operators create families, upload
+versions and move versions between draft, staging and archived; promoting a version to
+production needs an admin.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django.db import transaction
+from django.db.models import Count
+from django.http import StreamingHttpResponse
+from django_filters import rest_framework as filters
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
+from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from config.api import ConflictError, NotFoundError, client_ip
+from config.audit.services import audit_record
+from config.roles import ADMIN, has_role
+from models_registry import selectors, services
+from models_registry.api import serializers as s
+from models_registry.api.uploads import artifact_upload_handlers
+from models_registry.models import Artifact, ModelFamily, ModelVersion
+
+
+@extend_schema_view(
+    create=extend_schema(request=s.FamilyCreateSerializer, responses={201: s.FamilySerializer}),
+    update=extend_schema(request=s.FamilyUpdateSerializer, responses=s.FamilySerializer),
+    partial_update=extend_schema(request=s.FamilyUpdateSerializer, responses=s.FamilySerializer),
+)
+class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
+    """Model families: a name, an architecture and the input/output contract of its versions."""
+
+    serializer_class = s.FamilySerializer
+    search_fields = ["name", "description"]
+    ordering_fields = ["name", "created_at"]
+    filterset_fields = ["arch", "task"]
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return selectors.family_list().annotate(version_count=Count("versions"))
+
+    def get_serializer_class(self):  # type: ignore[no-untyped-def]
+        if self.action in ("update", "partial_update"):
+            return s.FamilyUpdateSerializer
+        return s.FamilySerializer
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = s.FamilyCreateSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        family = services.family_create(actor=request.user, **data.validated_data)
+        return Response(s.FamilySerializer(family).data, status=status.HTTP_201_CREATED)
+
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        family = self.get_object()
+        data = s.FamilyUpdateSerializer(family, data=request.data, partial=kwargs.get("partial", False))
+        data.is_valid(raise_exception=True)
+        with transaction.atomic():
+            data.save()
+            audit_record(
+                actor=request.user,
+                action="model_family.update",
+                target=family,
+                data=dict(data.validated_data),
+                remote_addr=client_ip(request),
+            )
+        return Response(s.FamilySerializer(family).data)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        family = self.get_object()
+        with transaction.atomic():
+            if family.versions.exists():
+                raise ConflictError(
+                    "A family with versions cannot be deleted; archive its versions instead.",
+                    code="family_has_versions",
+                )
+            audit_record(
+                actor=request.user,
+                action="model_family.delete",
+                target=family,
+                data={"name": family.name},
+                remote_addr=client_ip(request),
+            )
+            family.delete()
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class VersionFilter(filters.FilterSet):
+    family_name = filters.CharFilter(field_name="family__name")
+
+    class Meta:
+        model = ModelVersion
+        fields = ["family", "stage", "source", "variant", "parent"]
+
+
+class ModelVersionViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    viewsets.GenericViewSet[ModelVersion],
+):
+    """Model versions: immutable trained models with their artifacts and lineage."""
+
+    serializer_class = s.VersionSerializer
+    filterset_class = VersionFilter
+    ordering_fields = ["created_at", "number"]
+    parser_classes = [JSONParser, MultiPartParser, FormParser]
+
+    def initialize_request(self, request: Any, *args: Any, **kwargs: Any) -> Request:
+        # Upload handlers must be in place before anything reads the body.
+        if request.method == "POST":
+            request.upload_handlers = artifact_upload_handlers(request)
+        return super().initialize_request(request, *args, **kwargs)
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return selectors.version_list()
+
+    def get_serializer_class(self):  # type: ignore[no-untyped-def]
+        if self.action == "retrieve":
+            return s.VersionDetailSerializer
+        return s.VersionSerializer
+
+    @extend_schema(
+        request={"multipart/form-data": s.VersionUploadSerializer},
+        responses={
+            201: s.VersionSerializer,
+            400: OpenApiResponse(
+                description="invalid file, pickle_rejected, digest_mismatch, shape_mismatch"
+            ),
+            413: OpenApiResponse(description="too_large"),
+        },
+        description=(
+            "Upload a new version: `weights` (safetensors) and/or `onnx` files, optional "
+            "`weights_sha256`/`onnx_sha256` the server checks. Pickle (torch.save) is refused."
+        ),
+    )
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = s.VersionUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        version = services.version_create(
+            family=v["family"],
+            weights=v.get("weights"),
+            onnx=v.get("onnx"),
+            parent=v.get("parent"),
+            notes=v.get("notes", ""),
+            variant=v.get("variant") or "fp32",
+            arch=v.get("arch", ""),
+            source=ModelVersion.Source.UPLOADED,
+            source_detail={"uploaded_by": getattr(request.user, "username", "")},
+            declared_sha256={"weights": v.get("weights_sha256", ""), "onnx": v.get("onnx_sha256", "")},
+            actor=request.user,
+        )
+        fresh = selectors.version_get(version.pk)
+        return Response(s.VersionSerializer(fresh).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=s.PromoteSerializer, responses=s.VersionSerializer)
+    @action(detail=True, methods=["post"])
+    def promote(self, request: Request, pk: str | None = None) -> Response:
+        """Move the version to another stage (production needs the admin role)."""
+        version = self.get_object()
+        data = s.PromoteSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        stage = data.validated_data["stage"]
+        if stage == ModelVersion.Stage.PRODUCTION and not has_role(request.user, ADMIN):
+            raise PermissionDenied("Promoting a version to production needs the admin role.")
+        services.version_promote(
+            version=version, stage=stage, exclusive=data.validated_data["exclusive"], actor=request.user
+        )
+        return Response(s.VersionSerializer(selectors.version_get(version.pk)).data)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=list(Artifact.Kind.values))],
+        responses={(200, "application/octet-stream"): OpenApiTypes.BINARY},
+    )
+    @action(detail=True, methods=["get"], url_path=r"artifacts/(?P<kind>[a-z0-9_]+)")
+    def artifact(self, request: Request, pk: str | None = None, kind: str = "") -> StreamingHttpResponse:
+        """Download one of the version's artifacts."""
+        version = self.get_object()
+        artifact = selectors.artifact_for_version(version.pk, kind)
+        if artifact is None:
+            raise NotFoundError(f"{version.label} has no {kind} artifact.", code="not_found")
+        extension = "safetensors" if kind == Artifact.Kind.WEIGHTS else "onnx"
+        response = StreamingHttpResponse(
+            selectors.artifact_chunks(artifact), content_type="application/octet-stream"
+        )
+        response["Content-Length"] = str(artifact.size)
+        response["ETag"] = f'"{artifact.sha256}"'
+        response["X-Artifact-Signature"] = artifact.signature
+        filename = f"{version.family.name}-v{version.number}.{extension}"
+        response["Content-Disposition"] = f'attachment; filename="{filename}"'
+        return response
+
+    @extend_schema(responses=s.LineageSerializer)
+    @action(detail=True, methods=["get"])
+    def lineage(self, request: Request, pk: str | None = None) -> Response:
+        """The version's ancestors (parent first) and direct children."""
+        version = self.get_object()
+        body = {
+            "version": version,
+            "ancestors": selectors.version_lineage(version),
+            "children": list(selectors.version_children(version)),
+        }
+        return Response(s.LineageSerializer(body).data)
+
+
+class SigningKeyOutput(s.serializers.Serializer[Any]):
+    algorithm = s.serializers.CharField()
+    public_key = s.serializers.CharField()
+
+
+class SigningKeyApi(APIView):
+    """The artifact-signing public key (Ed25519, raw 32 bytes, base64) that agents pin."""
+
+    @extend_schema(responses=SigningKeyOutput)
+    def get(self, request: Request) -> Response:
+        return Response({"algorithm": "ed25519", "public_key": selectors.signing_public_key_b64()})

@@ -1,0 +1,81 @@
+"""The demo model: a digits MLP trained in a second or two, registered as production v1."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from django.db import transaction
+
+from devices_agent.codecs import encode_tensors
+from models_registry import services
+from models_registry.models import ModelFamily, ModelVersion
+
+DEMO_FAMILY = "digits-mlp"
+DEMO_ARCH = "mlp"
+
+
+def demo_train_weights(*, examples: int = 300, epochs: int = 40, seed: int = 0) -> dict[str, np.ndarray]:
+    """Train the digits MLP on the first ``examples`` of the training split (fixed seed).
+
+    A deliberately small, public slice: the demo's federated rounds then have room to
+    improve on it with the devices' own partitions.
+    """
+    from devices_agent.data import load_digits_split
+    from devices_agent.local_train import apply_delta, train_local
+    from devices_agent.nets import initial_weights
+
+    x_train, y_train, _, _ = load_digits_split(seed=seed)
+    start = initial_weights(DEMO_ARCH, seed=seed)
+    result = train_local(
+        arch=DEMO_ARCH,
+        global_weights=start,
+        x=x_train[:examples],
+        y=y_train[:examples],
+        epochs=epochs,
+        batch_size=32,
+        lr=0.01,
+        optimizer="adam",
+        seed=seed,
+    )
+    return apply_delta(start, result.delta)
+
+
+def registry_seed_demo(*, examples: int = 300, seed: int = 0, actor: Any = None) -> ModelVersion:
+    """Make sure family ``digits-mlp`` exists with a production version; return that version.
+
+    Idempotent: when the family already has a production version nothing is trained or
+    written. Otherwise the MLP is trained (:func:`demo_train_weights`), exported to ONNX
+    with a parity check, registered with both artifacts and promoted to production.
+    """
+    from devices_agent.data import load_digits_split
+    from models_registry.ml.export import export_onnx
+
+    family = ModelFamily.objects.filter(name=DEMO_FAMILY).first()
+    if family is not None:
+        existing = family.versions.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("number").first()
+        if existing is not None:
+            return existing
+    weights = demo_train_weights(examples=examples, seed=seed)
+    _, _, x_test, _ = load_digits_split(seed=seed)
+    exported = export_onnx(arch=DEMO_ARCH, weights=weights, sample_inputs=x_test[:64])
+    with transaction.atomic():
+        family = ModelFamily.objects.filter(name=DEMO_FAMILY).first() or services.family_create(
+            name=DEMO_FAMILY,
+            arch=DEMO_ARCH,
+            input_shape=[64],
+            num_classes=10,
+            description="scikit-learn digits (8x8 pixels scaled to [0, 1]), 64 -> 64 -> 64 -> 10 MLP.",
+            actor=actor,
+        )
+        version = services.version_create(
+            family=family,
+            weights=encode_tensors(weights, metadata={"arch": DEMO_ARCH}),
+            onnx=exported.onnx_bytes,
+            source=ModelVersion.Source.UPLOADED,
+            source_detail={"demo": True, "examples": examples, "seed": seed},
+            notes=f"Demo baseline: trained on {examples} examples of the digits training split.",
+            actor=actor,
+        )
+        services.version_promote(version=version, stage=ModelVersion.Stage.STAGING, actor=actor)
+        return services.version_promote(version=version, stage=ModelVersion.Stage.PRODUCTION, actor=actor)

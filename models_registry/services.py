@@ -1,0 +1,277 @@
+"""Writes of the model registry: families, versions with their artifacts, stage changes.
+
+Artifacts are stored through Django's storage API under content-addressed names
+(``artifacts/<aa>/<sha256>.<ext>``), so the same bytes are stored once and a name never
+changes meaning. A version and its artifacts appear together or not at all: files written
+for a version whose transaction fails are deleted again.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from typing import Any
+
+from django.conf import settings
+from django.core.files import File
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.db.models import Max
+
+from config.api import ConflictError, ServiceError
+from config.audit.services import audit_record
+from models_registry.models import Artifact, ModelFamily, ModelVersion
+from models_registry.signing import sign_digest
+from models_registry.validation import Spooled, spool, validate_onnx, validate_safetensors
+
+__all__ = [
+    "STAGE_TRANSITIONS",
+    "artifact_storage_name",
+    "family_create",
+    "version_archive",
+    "version_create",
+    "version_promote",
+]
+
+Stage = ModelVersion.Stage
+
+# Allowed stage changes. A version normally moves draft -> staging -> production ->
+# archived; staging can go back to draft, and an archived version can be brought back to
+# staging (to be promoted again through the usual gate), never straight to production.
+STAGE_TRANSITIONS: dict[str, frozenset[str]] = {
+    Stage.DRAFT: frozenset({Stage.STAGING, Stage.ARCHIVED}),
+    Stage.STAGING: frozenset({Stage.PRODUCTION, Stage.DRAFT, Stage.ARCHIVED}),
+    Stage.PRODUCTION: frozenset({Stage.ARCHIVED}),
+    Stage.ARCHIVED: frozenset({Stage.STAGING}),
+}
+
+_EXTENSIONS: dict[str, str] = {"weights": "safetensors", "onnx": "onnx"}
+
+
+def artifact_storage_name(*, sha256: str, kind: str) -> str:
+    """The content-addressed storage name of an artifact's bytes."""
+    return f"artifacts/{sha256[:2]}/{sha256}.{_EXTENSIONS[kind]}"
+
+
+def family_create(
+    *,
+    name: str,
+    arch: str,
+    input_shape: list[int],
+    num_classes: int,
+    description: str = "",
+    task: str = "classification",
+    actor: Any = None,
+) -> ModelFamily:
+    """Create a model family; the name is unique (409 ``family_exists`` otherwise)."""
+    if not isinstance(input_shape, list) or not all(isinstance(d, int) and d > 0 for d in input_shape):
+        raise ServiceError("input_shape must be a list of positive integers.", code="invalid_input_shape")
+    if num_classes < 2:
+        raise ServiceError("num_classes must be at least 2.", code="invalid_num_classes")
+    with transaction.atomic():
+        if ModelFamily.objects.filter(name=name).exists():
+            raise ConflictError(f"A model family named {name!r} already exists.", code="family_exists")
+        family = ModelFamily.objects.create(
+            name=name,
+            arch=arch,
+            task=task,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            description=description,
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        )
+        audit_record(
+            actor=actor,
+            action="model_family.create",
+            target=family,
+            data={"name": name, "arch": arch, "input_shape": input_shape, "num_classes": num_classes},
+        )
+    return family
+
+
+def _check_declared(spooled: Spooled, declared: str | None, field: str) -> None:
+    if declared and declared.strip().lower() != spooled.sha256:
+        raise ServiceError(
+            f"{field}: the uploaded bytes have SHA-256 {spooled.sha256}, not the declared {declared}.",
+            code="digest_mismatch",
+            details={"field": field, "declared": declared, "actual": spooled.sha256},
+        )
+
+
+def _store(spooled: Spooled, *, kind: str, created: list[str]) -> str:
+    """Save the bytes under their content address; remember names this call created."""
+    name = artifact_storage_name(sha256=spooled.sha256, kind=kind)
+    if default_storage.exists(name):
+        return name
+    with spooled.path.open("rb") as handle:
+        saved = default_storage.save(name, File(handle, name=name))
+    if saved != name:
+        # Another upload of the same bytes won a race between exists() and save(), so the
+        # storage picked a fresh name for ours: the canonical file already holds them.
+        default_storage.delete(saved)
+        return name
+    created.append(saved)
+    return name
+
+
+def _discard(names: list[str]) -> None:
+    for name in names:
+        # A concurrent upload of the same bytes may have committed a row pointing here.
+        if Artifact.objects.filter(file=name).exists():
+            continue
+        try:
+            default_storage.delete(name)
+        except OSError:  # pragma: no cover - best effort; the row never existed
+            pass
+
+
+def _next_number(family: ModelFamily) -> int:
+    latest = ModelVersion.objects.filter(family=family).aggregate(n=Max("number"))["n"]
+    return int(latest or 0) + 1
+
+
+def version_create(
+    *,
+    family: ModelFamily,
+    weights: Any = None,
+    onnx: Any = None,
+    parent: ModelVersion | None = None,
+    source: str = ModelVersion.Source.UPLOADED,
+    source_detail: dict[str, Any] | None = None,
+    variant: str = "fp32",
+    arch: str = "",
+    notes: str = "",
+    actor: Any = None,
+    declared_sha256: dict[str, str] | None = None,
+    metrics: dict[str, Any] | None = None,
+) -> ModelVersion:
+    """Register a new version of ``family`` with its artifacts, numbered max+1 in the family.
+
+    ``weights`` (safetensors) and ``onnx`` are bytes or binary files (e.g. uploaded
+    files); at least one is required. Each is streamed to a temporary file while its
+    SHA-256 and size are computed, validated, stored under its content address, and
+    signed. ``declared_sha256`` maps ``"weights"``/``"onnx"`` to digests the client
+    computed; a difference is a 400 ``digest_mismatch``. Pickle is refused (400
+    ``pickle_rejected``), as are files over ``MODEL_UPLOAD_MAX_BYTES`` (413
+    ``too_large``), invalid files (``invalid_safetensors``, ``invalid_onnx``) and weights
+    that do not fit the architecture (``shape_mismatch``). The version starts in
+    ``draft``. Rows and files appear together or not at all.
+    """
+    if weights is None and onnx is None:
+        raise ServiceError("A version needs weights, an ONNX model, or both.", code="no_artifacts")
+    if source not in ModelVersion.Source.values:
+        raise ServiceError(f"Unknown source {source!r}.", code="invalid_source")
+    if parent is not None and parent.family_id != family.pk:
+        raise ServiceError("The parent version belongs to another family.", code="invalid_parent")
+    declared = {k: v for k, v in (declared_sha256 or {}).items() if v}
+    limit = int(settings.MODEL_UPLOAD_MAX_BYTES)
+    effective_arch = arch or family.arch
+    created: list[str] = []
+    with ExitStack() as stack:
+        checked: list[tuple[str, Spooled, dict[str, Any]]] = []
+        # Validation (ONNX Runtime loading the model) happens before the transaction, so
+        # no lock is held while it runs.
+        if weights is not None:
+            spooled = stack.enter_context(spool(weights, field="weights", max_bytes=limit))
+            _check_declared(spooled, declared.get("weights"), "weights")
+            info = validate_safetensors(spooled.path, size=spooled.size, arch=effective_arch)
+            checked.append((Artifact.Kind.WEIGHTS, spooled, info))
+        if onnx is not None:
+            spooled = stack.enter_context(spool(onnx, field="onnx", max_bytes=limit))
+            _check_declared(spooled, declared.get("onnx"), "onnx")
+            info = validate_onnx(spooled.path, input_shape=list(family.input_shape or []))
+            checked.append((Artifact.Kind.ONNX, spooled, info))
+        try:
+            with transaction.atomic():
+                # Lock the family row so concurrent creations number versions one after
+                # the other (PostgreSQL); SQLite's IMMEDIATE transactions serialise anyway.
+                ModelFamily.objects.select_for_update().filter(pk=family.pk).get()
+                version = ModelVersion.objects.create(
+                    family=family,
+                    number=_next_number(family),
+                    parent=parent,
+                    source=source,
+                    source_detail=source_detail or {},
+                    variant=variant,
+                    arch=arch,
+                    notes=notes,
+                    metrics=metrics or {},
+                    created_by=actor if getattr(actor, "is_authenticated", False) else None,
+                )
+                for kind, spooled, info in checked:
+                    name = _store(spooled, kind=kind, created=created)
+                    artifact = Artifact(
+                        version=version,
+                        kind=kind,
+                        sha256=spooled.sha256,
+                        size=spooled.size,
+                        signature=sign_digest(spooled.sha256),
+                        opset=info.get("opset") if kind == Artifact.Kind.ONNX else None,
+                    )
+                    artifact.file.name = name
+                    artifact.save()
+                audit_record(
+                    actor=actor,
+                    action="model_version.create",
+                    target=version,
+                    data={
+                        "family": family.name,
+                        "number": version.number,
+                        "source": source,
+                        "variant": variant,
+                        "parent": parent.pk if parent else None,
+                        "artifacts": {kind: spooled.sha256 for kind, spooled, _ in checked},
+                    },
+                )
+        except BaseException:
+            _discard(created)
+            raise
+    return version
+
+
+def version_promote(
+    *, version: ModelVersion, stage: str, actor: Any = None, exclusive: bool = False
+) -> ModelVersion:
+    """Move a version to ``stage`` along :data:`STAGE_TRANSITIONS`.
+
+    An unknown stage is a 400 ``invalid_stage``; a transition not allowed from the current
+    stage (including to the stage it is already in) is a 409 ``invalid_transition``.
+    Several versions of a family may be in production at once (a rollout moves devices
+    from one to the other); with ``exclusive=True`` promoting to production archives the
+    family's other production versions in the same transaction.
+    """
+    if stage not in Stage.values:
+        raise ServiceError(
+            f"Unknown stage {stage!r}; stages are {', '.join(Stage.values)}.", code="invalid_stage"
+        )
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().select_related("family").get(pk=version.pk)
+        current = locked.stage
+        if stage not in STAGE_TRANSITIONS[current]:
+            allowed = sorted(STAGE_TRANSITIONS[current])
+            raise ConflictError(
+                f"{locked.label} is {current}; it can move to {', '.join(allowed)}, not {stage}.",
+                code="invalid_transition",
+                details={"from": current, "to": stage, "allowed": allowed},
+            )
+        archived: list[int] = []
+        if stage == Stage.PRODUCTION and exclusive:
+            others = ModelVersion.objects.filter(family_id=locked.family_id, stage=Stage.PRODUCTION).exclude(
+                pk=locked.pk
+            )
+            archived = list(others.values_list("pk", flat=True))
+            others.update(stage=Stage.ARCHIVED)
+        locked.stage = stage
+        locked.save(update_fields=["stage"])
+        audit_record(
+            actor=actor,
+            action="model_version.promote",
+            target=locked,
+            data={"from": current, "to": stage, "exclusive": exclusive, "archived": archived},
+        )
+    version.stage = locked.stage
+    return locked
+
+
+def version_archive(*, version: ModelVersion, actor: Any = None) -> ModelVersion:
+    """Archive a version (from any stage but archived)."""
+    return version_promote(version=version, stage=Stage.ARCHIVED, actor=actor)

@@ -1,0 +1,303 @@
+"""Checking uploaded model files before they are stored: safetensors weights and ONNX models.
+
+Everything here reads files from disk (uploads are spooled to a temporary file first), so
+a large upload is never held in memory as a whole for validation. Pickle in any form is
+refused outright: loading it runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+from rest_framework import status
+
+from config.api import ServiceError
+
+__all__ = [
+    "Spooled",
+    "check_not_pickle",
+    "spool",
+    "validate_onnx",
+    "validate_safetensors",
+]
+
+_CHUNK = 1024 * 1024
+# Float dtypes a weights file may hold; integer tensors are not trainable parameters.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
+_ALL_DTYPES = {**_FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# The format caps its JSON header at 100 MB; a real model's header is a few KB.
+_MAX_HEADER = 100_000_000
+
+Source = bytes | IO[bytes] | Any
+
+
+@dataclass(frozen=True)
+class Spooled:
+    """An upload copied to a private temporary file, with its digest and size."""
+
+    path: Path
+    sha256: str
+    size: int
+
+
+def _chunks(source: Source) -> Iterator[bytes]:
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        for start in range(0, len(data), _CHUNK):
+            yield data[start : start + _CHUNK]
+        return
+    if hasattr(source, "seek"):
+        with suppress(OSError, ValueError):
+            source.seek(0)
+    chunks = getattr(source, "chunks", None)
+    if callable(chunks):  # Django File / UploadedFile
+        yield from chunks(_CHUNK)
+        return
+    while True:
+        block = source.read(_CHUNK)
+        if not block:
+            return
+        yield block
+
+
+@contextmanager
+def spool(source: Source, *, field: str, max_bytes: int) -> Iterator[Spooled]:
+    """Copy ``source`` (bytes or a binary file) to a temporary file, hashing as it streams.
+
+    Raises a 413 ``too_large`` ServiceError as soon as more than ``max_bytes`` arrived,
+    and 400 ``empty_file`` for an empty upload. The file is removed on exit.
+    """
+    fd, name = tempfile.mkstemp(prefix="flotilla-upload-")
+    path = Path(name)
+    try:
+        digest = hashlib.sha256()
+        size = 0
+        with os.fdopen(fd, "wb") as out:
+            for block in _chunks(source):
+                size += len(block)
+                if size > max_bytes:
+                    raise ServiceError(
+                        f"{field} is larger than the {max_bytes}-byte upload limit.",
+                        code="too_large",
+                        status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+                        details={"field": field, "limit": max_bytes},
+                    )
+                digest.update(block)
+                out.write(block)
+        if size == 0:
+            raise ServiceError(f"{field} is empty.", code="empty_file", details={"field": field})
+        yield Spooled(path=path, sha256=digest.hexdigest(), size=size)
+    finally:
+        path.unlink(missing_ok=True)
+
+
+def copy_to(spooled: Spooled, target: IO[bytes]) -> None:
+    """Write a spooled file's bytes into an open binary file."""
+    with spooled.path.open("rb") as handle:
+        shutil.copyfileobj(handle, target, _CHUNK)
+
+
+def _invalid(code: str, message: str, field: str, **details: Any) -> ServiceError:
+    return ServiceError(message, code=code, details={"field": field, **details})
+
+
+def check_not_pickle(path: Path, *, field: str) -> None:
+    """Refuse pickle and ``torch.save`` archives (a zip holding ``data.pkl``) by their bytes.
+
+    Protocol 2+ pickles start with the PROTO opcode 0x80; ``torch.save`` writes a zip
+    whose members include ``<name>/data.pkl``. Both run code when loaded.
+    """
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    message = (
+        f"{field} is a Python pickle (torch.save output), which the registry never loads. "
+        "Upload weights as safetensors (safetensors.torch.save_file(model.state_dict(), path)) "
+        "and inference models as ONNX."
+    )
+    if head[:1] == b"\x80":
+        raise _invalid("pickle_rejected", message, field)
+    if head == b"PK\x03\x04":
+        try:
+            with zipfile.ZipFile(path) as archive:
+                names = archive.namelist()
+        except zipfile.BadZipFile:
+            names = []
+        if any(n == "data.pkl" or n.endswith("/data.pkl") or n.endswith(".pkl") for n in names):
+            raise _invalid("pickle_rejected", message, field)
+
+
+def _read_header(path: Path, size: int, field: str) -> dict[str, Any]:
+    bad = f"{field} is not a valid safetensors file"
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        if len(prefix) < 8:
+            raise _invalid("invalid_safetensors", f"{bad}: too short.", field)
+        (length,) = struct.unpack("<Q", prefix)
+        if length == 0 or length > _MAX_HEADER or length > size - 8:
+            raise _invalid("invalid_safetensors", f"{bad}: header length {length} is impossible.", field)
+        raw = handle.read(length)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _invalid("invalid_safetensors", f"{bad}: the header is not JSON.", field) from None
+    if not isinstance(header, dict):
+        raise _invalid("invalid_safetensors", f"{bad}: the header is not a JSON object.", field)
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    spans = []
+    for name, entry in header.items():
+        if not isinstance(entry, dict) or set(entry) < {"dtype", "shape", "data_offsets"}:
+            raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} is malformed.", field)
+        dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+        if dtype not in _ALL_DTYPES:
+            raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has dtype {dtype!r}.", field)
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has shape {shape!r}.", field)
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has bad offsets.", field)
+        start, end = offsets
+        expected = int(np.prod(shape, dtype=np.int64)) * _ALL_DTYPES[dtype]
+        if not 0 <= start <= end <= data_size or end - start != expected:
+            raise _invalid(
+                "invalid_safetensors", f"{bad}: tensor {name!r} does not fit the file (truncated?).", field
+            )
+        spans.append((start, end))
+    # The data region must be covered exactly, with no gaps or overlaps (what the
+    # safetensors library itself insists on when loading).
+    position = 0
+    for start, end in sorted(spans):
+        if start != position:
+            raise _invalid("invalid_safetensors", f"{bad}: tensor data overlaps or leaves gaps.", field)
+        position = end
+    if position != data_size:
+        raise _invalid("invalid_safetensors", f"{bad}: trailing bytes after the tensor data.", field)
+    return header
+
+
+@lru_cache(maxsize=32)
+def _expected_shapes(arch: str, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
+    import torch
+
+    from devices_agent.nets import build_model
+
+    with torch.random.fork_rng(devices=[]):
+        model = build_model(arch, widths=widths)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def validate_safetensors(path: Path, *, size: int, arch: str, field: str = "weights") -> dict[str, Any]:
+    """Check a weights file: a complete safetensors file of float tensors fitting ``arch``.
+
+    Only the header is parsed (offsets are checked against the file size), so the check
+    costs the same for any file size. When ``arch`` is one the agent knows
+    (``devices_agent.nets.ARCHS``) the names and shapes must match it, hidden widths
+    read off the file (structurally pruned models are narrower). Returns a summary
+    (tensor count, parameter count, widths).
+    """
+    from devices_agent.nets import ARCHS, widths_of_state
+
+    check_not_pickle(path, field=field)
+    header = _read_header(path, size, field)
+    if not header:
+        raise _invalid("invalid_safetensors", f"{field} holds no tensors.", field)
+    not_float = sorted(n for n, e in header.items() if e["dtype"] not in _FLOAT_DTYPES)
+    if not_float:
+        raise _invalid(
+            "invalid_weights", f"{field}: weights must be float tensors; not float: {not_float}.", field
+        )
+    shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
+    summary: dict[str, Any] = {
+        "tensors": len(shapes),
+        "parameters": int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())),
+    }
+    if arch not in ARCHS:
+        return summary
+    # Zero-stride views carry a shape without allocating anything.
+    fake = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+    try:
+        widths = widths_of_state(arch, fake)
+        expected = _expected_shapes(arch, widths)
+    except ValueError as exc:
+        raise _invalid("shape_mismatch", f"{field} does not fit architecture {arch}: {exc}", field) from None
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = {n: {"expected": list(expected[n]), "got": list(shapes[n])} for n in expected if n in shapes}
+    wrong = {n: v for n, v in wrong.items() if v["expected"] != v["got"]}
+    if missing or unexpected or wrong:
+        raise ServiceError(
+            f"{field} does not fit architecture {arch}: missing {missing}, unexpected {unexpected}, "
+            f"wrong shapes {sorted(wrong)}.",
+            code="shape_mismatch",
+            details={"field": field, "missing": missing, "unexpected": unexpected, "shapes": wrong},
+        )
+    summary["widths"] = list(widths)
+    return summary
+
+
+def validate_onnx(path: Path, *, input_shape: list[int] | None, field: str = "onnx") -> dict[str, Any]:
+    """Check an ONNX model: parses, passes ``onnx.checker``, loads in ONNX Runtime.
+
+    When ``input_shape`` (one example, no batch axis) is given, the model's first input
+    must have it wherever its dimensions are fixed. Returns ``{"opset", "inputs",
+    "outputs"}``.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    check_not_pickle(path, field=field)
+    try:
+        model = onnx.load_model(str(path))
+        onnx.checker.check_model(model)
+    except Exception as exc:  # noqa: BLE001 - protobuf and checker raise many types
+        raise _invalid(
+            "invalid_onnx", f"{field} is not a valid ONNX model: {str(exc).splitlines()[0][:300]}", field
+        ) from None
+    try:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = 1
+        options.log_severity_level = 3
+        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
+        raise _invalid(
+            "invalid_onnx",
+            f"{field} does not load in ONNX Runtime: {str(exc).splitlines()[0][:300]}",
+            field,
+        ) from None
+    opset = max(
+        (int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")),
+        default=None,
+    )
+    inputs = [
+        {"name": i.name, "shape": [d if isinstance(d, int) else None for d in i.shape]}
+        for i in session.get_inputs()
+    ]
+    outputs = [
+        {"name": o.name, "shape": [d if isinstance(d, int) else None for d in o.shape]}
+        for o in session.get_outputs()
+    ]
+    if input_shape and inputs:
+        got = inputs[0]["shape"][1:]
+        fits = len(got) == len(input_shape) and all(
+            g is None or g == w for g, w in zip(got, input_shape, strict=True)
+        )
+        if not fits:
+            raise ServiceError(
+                f"{field}: the model's input has shape {inputs[0]['shape']}, the family expects "
+                f"[batch, {', '.join(str(d) for d in input_shape)}].",
+                code="shape_mismatch",
+                details={"field": field, "input": inputs[0]["shape"], "expected": input_shape},
+            )
+    return {"opset": opset, "inputs": inputs, "outputs": outputs}

@@ -1,0 +1,32 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from django.core.management import call_command
+
+from models_registry.models import ModelVersion
+
+pytestmark = pytest.mark.django_db
+
+
+def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
+    from devices_agent.data import load_digits_split
+    from models_registry.ml.export import run_onnx
+    from models_registry.selectors import artifact_for_version
+
+    call_command("registry_seed_demo")
+    call_command("registry_seed_demo")
+    versions = list(ModelVersion.objects.filter(family__name="digits-mlp"))
+    assert len(versions) == 1
+    version = versions[0]
+    assert version.stage == "production" and version.number == 1
+    onnx = artifact_for_version(version.pk, "onnx")
+    assert onnx is not None and artifact_for_version(version.pk, "weights") is not None
+    _, _, x_test, y_test = load_digits_split(seed=0)
+    with onnx.file.open("rb") as handle:
+        logits = run_onnx(handle.read(), x_test)
+    accuracy = float((logits.argmax(axis=1) == y_test).mean())
+    # 300 examples are enough for a clearly working model, with room left for federated rounds.
+    assert 0.8 < accuracy < 0.99
+    assert "digits-mlp:v1 is in production" in capsys.readouterr().out

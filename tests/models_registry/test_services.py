@@ -1,0 +1,222 @@
+from __future__ import annotations
+
+import io
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+import pytest
+
+from config.api import ConflictError, ServiceError
+from devices_agent.codecs import encode_tensors
+from models_registry import selectors, services
+from models_registry.models import Artifact, ModelVersion
+from models_registry.signing import signing_public_key_b64, verify_digest
+
+pytestmark = pytest.mark.django_db
+
+
+def test_upload_weights_and_onnx_stores_signed_content_addressed_artifacts(
+    family: Any, mlp_safetensors: bytes, mlp_onnx: bytes
+) -> None:
+    import hashlib
+
+    from django.core.files.storage import default_storage
+
+    version = services.version_create(family=family, weights=mlp_safetensors, onnx=mlp_onnx, notes="first")
+    assert version.number == 1
+    assert version.stage == ModelVersion.Stage.DRAFT
+    artifacts = {a.kind: a for a in version.artifacts.all()}
+    assert set(artifacts) == {"weights", "onnx"}
+    for artifact, data in ((artifacts["weights"], mlp_safetensors), (artifacts["onnx"], mlp_onnx)):
+        assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+        assert artifact.size == len(data)
+        extension = ".onnx" if artifact.kind == "onnx" else ".safetensors"
+        assert artifact.file.name.endswith(artifact.sha256 + extension)
+        with default_storage.open(artifact.file.name, "rb") as handle:
+            assert handle.read() == data
+        assert verify_digest(artifact.sha256, artifact.signature, signing_public_key_b64())
+    assert artifacts["onnx"].opset == 17
+    ref = selectors.artifact_ref(selectors.version_get(version.pk))
+    assert ref == {
+        "kind": "onnx",
+        "url": f"/api/agent/v1/artifacts/{artifacts['onnx'].sha256}",
+        "sha256": artifacts["onnx"].sha256,
+        "size": len(mlp_onnx),
+        "signature": artifacts["onnx"].signature,
+    }
+    assert selectors.artifact_by_sha256(artifacts["weights"].sha256.upper()) == artifacts["weights"]
+    assert b"".join(selectors.artifact_chunks(artifacts["onnx"])) == mlp_onnx
+    assert b"".join(selectors.artifact_chunks(artifacts["onnx"], start=10, end=20)) == mlp_onnx[10:20]
+
+
+def test_versions_number_up_and_same_bytes_are_stored_once(
+    family: Any, mlp_safetensors: bytes, stored_files: Any
+) -> None:
+    first = services.version_create(family=family, weights=mlp_safetensors)
+    second = services.version_create(family=family, weights=mlp_safetensors, parent=first)
+    assert (first.number, second.number) == (1, 2)
+    assert len(stored_files()) == 1
+    assert [v.pk for v in selectors.version_lineage(second)] == [first.pk]
+    assert [v.pk for v in selectors.version_children(first)] == [second.pk]
+
+
+def _torch_save_bytes(weights: dict[str, np.ndarray]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save({k: torch.from_numpy(v) for k, v in weights.items()}, buffer)
+    return buffer.getvalue()
+
+
+def test_pickle_is_rejected_raw_and_as_torch_save_zip(
+    family: Any, mlp_weights: dict[str, np.ndarray], stored_files: Any
+) -> None:
+    raw = pickle.dumps(mlp_weights, protocol=4)
+    archive = _torch_save_bytes(mlp_weights)
+    assert zipfile.is_zipfile(io.BytesIO(archive))
+    for payload in (raw, archive):
+        for field in ("weights", "onnx"):
+            with pytest.raises(ServiceError) as caught:
+                services.version_create(family=family, **{field: payload})  # type: ignore[arg-type]
+            assert caught.value.code == "pickle_rejected"
+            assert "safetensors" in caught.value.message
+    assert not ModelVersion.objects.exists()
+    assert stored_files() == set()
+
+
+def test_declared_digest_must_match(family: Any, mlp_safetensors: bytes) -> None:
+    with pytest.raises(ServiceError) as caught:
+        services.version_create(family=family, weights=mlp_safetensors, declared_sha256={"weights": "0" * 64})
+    assert caught.value.code == "digest_mismatch"
+    assert not ModelVersion.objects.exists()
+
+
+def test_size_limit_is_413(family: Any, mlp_safetensors: bytes, settings: Any) -> None:
+    settings.MODEL_UPLOAD_MAX_BYTES = len(mlp_safetensors) - 1
+    with pytest.raises(ServiceError) as caught:
+        services.version_create(family=family, weights=mlp_safetensors)
+    assert (caught.value.code, caught.value.status_code) == ("too_large", 413)
+
+
+def test_invalid_files_are_refused(family: Any, mlp_safetensors: bytes, mlp_onnx: bytes) -> None:
+    cases = [
+        ({"onnx": b"not an onnx model at all"}, "invalid_onnx"),
+        ({"onnx": mlp_onnx[: len(mlp_onnx) // 2]}, "invalid_onnx"),
+        ({"weights": b"\x00" * 4}, "invalid_safetensors"),
+        ({"weights": mlp_safetensors[:-10]}, "invalid_safetensors"),
+        ({"weights": mlp_safetensors + b"junk"}, "invalid_safetensors"),
+        ({"weights": encode_tensors({"fc1.weight": np.zeros((64, 64), dtype=np.int32)})}, "invalid_weights"),
+    ]
+    for kwargs, code in cases:
+        with pytest.raises(ServiceError) as caught:
+            services.version_create(family=family, **kwargs)  # type: ignore[arg-type]
+        assert caught.value.code == code, kwargs.keys()
+
+
+def test_weights_must_fit_the_architecture(family: Any, mlp_weights: dict[str, np.ndarray]) -> None:
+    wrong_shape = dict(mlp_weights)
+    wrong_shape["fc3.weight"] = np.zeros((5, 64), dtype=np.float32)
+    missing = {k: v for k, v in mlp_weights.items() if k != "fc3.bias"}
+    extra = {**mlp_weights, "fc4.weight": np.zeros((2, 2), dtype=np.float32)}
+    for bad in (wrong_shape, missing, extra):
+        with pytest.raises(ServiceError) as caught:
+            services.version_create(family=family, weights=encode_tensors(bad))
+        assert caught.value.code == "shape_mismatch"
+    # A structurally pruned (narrower) model of the same architecture is fine.
+    narrow = dict(mlp_weights)
+    narrow["fc1.weight"] = mlp_weights["fc1.weight"][:40]
+    narrow["fc1.bias"] = mlp_weights["fc1.bias"][:40]
+    narrow["fc2.weight"] = mlp_weights["fc2.weight"][:, :40]
+    version = services.version_create(family=family, weights=encode_tensors(narrow), variant="pruned")
+    assert version.number == 1
+
+
+def test_onnx_input_shape_must_match_the_family(db: Any, mlp_onnx: bytes) -> None:
+    other = services.family_create(name="wide", arch="custom", input_shape=[32], num_classes=10)
+    with pytest.raises(ServiceError) as caught:
+        services.version_create(family=other, onnx=mlp_onnx)
+    assert caught.value.code == "shape_mismatch"
+
+
+def test_failure_after_storing_leaves_no_rows_and_no_files(
+    family: Any, mlp_safetensors: bytes, mlp_onnx: bytes, stored_files: Any, monkeypatch: Any
+) -> None:
+    # The failure is injected at the audit write, the last step inside the transaction,
+    # after both files were stored and the artifact rows created.
+    def broken_audit(**_: Any) -> None:
+        raise RuntimeError("audit log unavailable")
+
+    monkeypatch.setattr(services, "audit_record", broken_audit)
+    with pytest.raises(RuntimeError):
+        services.version_create(family=family, weights=mlp_safetensors, onnx=mlp_onnx)
+    assert not ModelVersion.objects.exists()
+    assert not Artifact.objects.exists()
+    assert stored_files() == set()
+
+
+def test_failure_keeps_files_other_versions_use(
+    family: Any, mlp_safetensors: bytes, mlp_onnx: bytes, stored_files: Any, monkeypatch: Any
+) -> None:
+    services.version_create(family=family, weights=mlp_safetensors)
+    before = stored_files()
+    monkeypatch.setattr(services, "audit_record", lambda **_: (_ for _ in ()).throw(RuntimeError("x")))
+    with pytest.raises(RuntimeError):
+        services.version_create(family=family, weights=mlp_safetensors, onnx=mlp_onnx)
+    assert stored_files() == before
+    assert ModelVersion.objects.count() == 1
+
+
+def test_promote_transitions(family: Any, mlp_safetensors: bytes) -> None:
+    version = services.version_create(family=family, weights=mlp_safetensors)
+    with pytest.raises(ConflictError) as caught:
+        services.version_promote(version=version, stage="production")
+    assert caught.value.code == "invalid_transition"
+    with pytest.raises(ServiceError) as bad:
+        services.version_promote(version=version, stage="gold")
+    assert bad.value.code == "invalid_stage"
+    services.version_promote(version=version, stage="staging")
+    with pytest.raises(ConflictError):
+        services.version_promote(version=version, stage="staging")
+    services.version_promote(version=version, stage="production")
+    version.refresh_from_db()
+    assert version.stage == "production"
+
+    second = services.version_create(family=family, weights=mlp_safetensors)
+    services.version_promote(version=second, stage="staging")
+    services.version_promote(version=second, stage="production")
+    version.refresh_from_db()
+    assert version.stage == "production"  # not exclusive: both stay in production
+    third = services.version_create(family=family, weights=mlp_safetensors)
+    services.version_promote(version=third, stage="staging")
+    services.version_promote(version=third, stage="production", exclusive=True)
+    stages = dict(ModelVersion.objects.values_list("number", "stage"))
+    assert stages == {1: "archived", 2: "archived", 3: "production"}
+    services.version_archive(version=third)
+    with pytest.raises(ConflictError):
+        services.version_promote(version=third, stage="production")
+
+
+def test_every_write_is_audited(family: Any, mlp_safetensors: bytes) -> None:
+    from config.audit.models import AuditEvent
+
+    version = services.version_create(family=family, weights=mlp_safetensors)
+    services.version_promote(version=version, stage="staging")
+    actions = list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
+    assert actions == ["model_family.create", "model_version.create", "model_version.promote"]
+
+
+def test_family_names_are_unique(family: Any) -> None:
+    with pytest.raises(ConflictError):
+        services.family_create(name="digits-mlp", arch="mlp", input_shape=[64], num_classes=10)
+
+
+def test_version_list_is_two_queries(
+    family: Any, mlp_safetensors: bytes, django_assert_num_queries: Any
+) -> None:
+    for _ in range(3):
+        services.version_create(family=family, weights=mlp_safetensors)
+    with django_assert_num_queries(2):
+        refs = [selectors.artifact_ref(v, "weights") for v in selectors.version_list({"stage": "draft"})]
+    assert len(refs) == 3 and all(refs)
