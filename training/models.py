@@ -1,1 +1,181 @@
-from django.db import models  # noqa: F401
+"""How versions are learned: federated jobs, their rounds and the devices' updates.
+
+Every step of a round is a row (the round's status, each client update, the partial
+aggregate checkpoint), so a round resumes after any restart of the web server or a
+worker.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.db import models
+
+
+class FederatedJob(models.Model):
+    """A federated training run: ``rounds`` rounds over the devices of ``target_group``."""
+
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        RUNNING = "running"
+        PAUSED = "paused"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+        CANCELLED = "cancelled"
+
+    class Codec(models.TextChoices):
+        NONE = "none"
+        FP16 = "fp16"
+        INT8 = "int8"
+        TOPK = "topk"
+
+    name = models.CharField(max_length=150)
+    family = models.ForeignKey("models_registry.ModelFamily", on_delete=models.PROTECT, related_name="+")
+    base_version = models.ForeignKey(
+        "models_registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    target_group = models.ForeignKey("fleet.DeviceGroup", on_delete=models.PROTECT, related_name="+")
+    rounds = models.PositiveIntegerField(default=10)
+    # Selection: max(min_clients, ceil(clients_fraction * eligible)) devices per round.
+    clients_fraction = models.FloatField(default=1.0)
+    min_clients = models.PositiveIntegerField(default=2)
+    require_online = models.BooleanField(default=True)
+    min_local_examples = models.PositiveIntegerField(default=0)
+    # Local training on the device.
+    local_epochs = models.PositiveIntegerField(default=1)
+    batch_size = models.PositiveIntegerField(default=32)
+    optimizer = models.CharField(max_length=20, default="sgd")
+    lr = models.FloatField(default=0.05)
+    prox_mu = models.FloatField(default=0.0)
+    # Aggregation.
+    strategy = models.CharField(max_length=30, default="fedavg")
+    strategy_params = models.JSONField(default=dict, blank=True)
+    # Privacy: devices clip to clip_norm, the server clips again and adds noise.
+    clip_norm = models.FloatField(null=True, blank=True)
+    noise_multiplier = models.FloatField(default=0.0)
+    dp_delta = models.FloatField(default=1e-5)
+    # An update whose L2 norm exceeds clip_norm * norm_slack (or max_update_norm when
+    # set) is rejected: slack because fp16/int8 rounding grows the norm a little.
+    norm_slack = models.FloatField(default=1.05)
+    max_update_norm = models.FloatField(null=True, blank=True)
+    codec = models.CharField(max_length=10, choices=Codec.choices, default=Codec.NONE)
+    topk_fraction = models.FloatField(default=0.1)
+    round_deadline_s = models.PositiveIntegerField(default=300)
+    # Minimum accepted updates for a round to aggregate at its deadline.
+    quorum = models.PositiveIntegerField(default=2)
+    max_consecutive_failures = models.PositiveIntegerField(default=3)
+    export_onnx = models.BooleanField(default=True, help_text="Export every round's version to ONNX.")
+    seed = models.IntegerField(default=0)
+
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True)
+    current_round = models.PositiveIntegerField(default=0)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    best_version = models.ForeignKey(
+        "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    best_accuracy = models.FloatField(null=True, blank=True)
+    # Storage name of the server optimiser state (FedAdam/FedYogi) carried between rounds.
+    server_state_path = models.CharField(max_length=300, blank=True)
+    error = models.TextField(blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"job {self.pk} {self.name}"
+
+
+class FederatedRound(models.Model):
+    """One round: selection, collection, aggregation, evaluation; a new version when done."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        COLLECTING = "collecting"
+        AGGREGATING = "aggregating"
+        EVALUATING = "evaluating"
+        DONE = "done"
+        FAILED = "failed"
+
+    job = models.ForeignKey(FederatedJob, on_delete=models.CASCADE, related_name="round_set")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING, db_index=True)
+    base_version = models.ForeignKey(
+        "models_registry.ModelVersion", on_delete=models.PROTECT, related_name="+"
+    )
+    weights_path = models.CharField(max_length=300, blank=True)
+    weights_sha256 = models.CharField(max_length=64, blank=True)
+    weights_size = models.BigIntegerField(default=0)
+    selected = models.JSONField(default=list, blank=True, help_text="Device ids chosen for this round.")
+    deadline = models.DateTimeField(null=True, blank=True)
+    opened_at = models.DateTimeField(null=True, blank=True)
+    closed_at = models.DateTimeField(null=True, blank=True)
+    # Lease of the worker aggregating the round: renewed at every checkpoint, so a
+    # round whose worker died is claimed again once the lease is older than
+    # settings.ROUND_AGGREGATION_LEASE_S.
+    aggregating_since = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    participants = models.PositiveIntegerField(default=0)
+    dropped = models.PositiveIntegerField(default=0)
+    rejected = models.PositiveIntegerField(default=0)
+    bytes_in = models.BigIntegerField(default=0)
+    bytes_out = models.BigIntegerField(default=0)
+    durations = models.JSONField(default=dict, blank=True)
+    accuracy = models.FloatField(null=True, blank=True)
+    loss = models.FloatField(null=True, blank=True)
+    confusion = models.JSONField(default=list, blank=True)
+    epsilon = models.FloatField(null=True, blank=True)
+    version = models.ForeignKey(
+        "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["job_id", "number"]
+        constraints = [models.UniqueConstraint(fields=["job", "number"], name="unique_round_number")]
+
+    def __str__(self) -> str:
+        return f"job {self.job_id} round {self.number}"
+
+
+class ClientUpdate(models.Model):
+    """One device's upload for a round, accepted or rejected with its reason."""
+
+    class Status(models.TextChoices):
+        ACCEPTED = "accepted"
+        REJECTED = "rejected"
+
+    round = models.ForeignKey(FederatedRound, on_delete=models.CASCADE, related_name="updates")
+    device = models.ForeignKey("fleet.Device", on_delete=models.CASCADE, related_name="+")
+    status = models.CharField(max_length=20, choices=Status.choices)
+    reason_code = models.CharField(max_length=40, blank=True)
+    reason_message = models.TextField(blank=True)
+    num_examples = models.PositiveIntegerField(default=0)
+    bytes = models.BigIntegerField(default=0)
+    sha256 = models.CharField(max_length=64, blank=True)
+    norm = models.FloatField(null=True, blank=True)
+    # Storage name of the decoded dense float32 delta (safetensors).
+    path = models.CharField(max_length=300, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    received_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["round_id", "id"]
+        constraints = [models.UniqueConstraint(fields=["round", "device"], name="one_update_per_device")]
+
+
+class PartialAggregate(models.Model):
+    """Checkpoint of a round's running weighted sum and the update ids inside it.
+
+    Written in one row update together with the ids, so a worker killed mid-aggregation
+    is resumed from the last checkpoint without counting any update twice.
+    """
+
+    round = models.OneToOneField(FederatedRound, on_delete=models.CASCADE, related_name="partial")
+    path = models.CharField(max_length=300)
+    accepted_ids = models.JSONField(default=list)
+    updated_at = models.DateTimeField(auto_now=True)

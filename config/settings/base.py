@@ -117,6 +117,12 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 MODEL_UPLOAD_MAX_BYTES = env.int("MODEL_UPLOAD_MAX_BYTES", default=512 * 1024 * 1024)
 AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=1024 * 1024)
 ROUND_UPDATE_MAX_BYTES = env.int("ROUND_UPDATE_MAX_BYTES", default=64 * 1024 * 1024)
+# A round's aggregation lease: renewed at every checkpoint; a round whose worker stopped
+# renewing it for this long is claimed again by the next tick.
+ROUND_AGGREGATION_LEASE_S = env.float("ROUND_AGGREGATION_LEASE_S", default=60.0)
+ROUND_CHECKPOINT_EVERY = env.int("ROUND_CHECKPOINT_EVERY", default=8)
+# Test hook: a pause after each aggregated update, to kill a worker mid-aggregation.
+ROUND_AGGREGATE_DELAY_S = env.float("ROUND_AGGREGATE_DELAY_S", default=0.0)
 
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
@@ -193,6 +199,22 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.devices_mark_offline",
         "schedule": timedelta(seconds=30),
     },
+    "training-rounds-tick": {
+        "task": "training.rounds_tick",
+        "schedule": timedelta(seconds=env.float("ROUNDS_TICK_S", default=5.0)),
+    },
+    "fleet-rollouts-advance": {
+        "task": "fleet.rollouts_advance",
+        "schedule": timedelta(seconds=env.float("ROLLOUT_TICK_S", default=5.0)),
+    },
+    "fleet-experiments-evaluate": {
+        "task": "fleet.experiments_evaluate",
+        "schedule": timedelta(seconds=env.float("EXPERIMENT_TICK_S", default=10.0)),
+    },
+    "fleet-webhooks-retry": {
+        "task": "fleet.webhooks_retry_due",
+        "schedule": timedelta(seconds=10),
+    },
 }
 
 # --- Flotilla ---------------------------------------------------------------------------
@@ -202,6 +224,12 @@ DEVICE_SECRET_KEY = env.str("DEVICE_SECRET_KEY", default="")
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
 # A device is offline once it missed this many heartbeats.
 OFFLINE_AFTER_MISSED = env.int("OFFLINE_AFTER_MISSED", default=3)
+# The heartbeat writes last_seen at most this often per device (it must stay well below
+# the offline threshold), and caches policies and artifact references this long.
+HEARTBEAT_LAST_SEEN_WRITE_S = env.float("HEARTBEAT_LAST_SEEN_WRITE_S", default=10.0)
+HEARTBEAT_CACHE_TTL_S = env.float("HEARTBEAT_CACHE_TTL_S", default=10.0)
+# Adds /api/agent/v1/bench/bare, the baseline of benchmarks/heartbeat.py. Never in production.
+FLOTILLA_BENCH_VIEWS = env.bool("FLOTILLA_BENCH_VIEWS", default=False)
 # Ed25519 key for artifact signatures: raw 32-byte seed, base64; or a file path.
 ARTIFACT_SIGNING_KEY = env.str("ARTIFACT_SIGNING_KEY", default="")
 ARTIFACT_SIGNING_KEY_FILE = Path(

@@ -1,3 +1,10 @@
-from typing import Any
+from django.urls import path
 
-urlpatterns: list[Any] = []
+from training.api.agent_views import RoundsOpenApi, RoundTaskApi, RoundUpdateApi, RoundWeightsApi
+
+urlpatterns = [
+    path("rounds/", RoundsOpenApi.as_view(), name="agent-rounds-open"),
+    path("rounds/<int:round_id>/task", RoundTaskApi.as_view(), name="agent-round-task"),
+    path("rounds/<int:round_id>/weights", RoundWeightsApi.as_view(), name="agent-round-weights"),
+    path("rounds/<int:round_id>/update", RoundUpdateApi.as_view(), name="agent-round-update"),
+]

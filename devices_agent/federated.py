@@ -1,0 +1,285 @@
+"""The device side of a federated round: fetch the task, train locally, upload the delta.
+
+A ``train`` task (from the heartbeat's ``tasks`` or ``GET rounds/``) names a round. The
+trainer fetches ``rounds/<id>/task``, downloads the round's global weights (checked
+against their SHA-256), trains on the device's own data with
+:func:`devices_agent.local_train.train_local`, clips when the job asks, encodes the delta
+with the job's codec and uploads it with retries.
+
+Everything in between lives in ``<state_dir>/federated/round_<id>/``, so an agent that is
+killed resumes where it stopped: downloaded weights are reused, and a delta that was
+encoded but not acknowledged is uploaded again byte for byte (the server answers 200 for
+identical bytes, so a retried upload is idempotent per (round, device)). For the top-k
+codec the error-feedback residual (what was not sent) is kept in
+``<state_dir>/federated/topk_residual.safetensors`` and only replaced once the server
+acknowledged the upload that produced it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import time
+from collections.abc import Callable, Mapping, MutableMapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from devices_agent.client import AgentClient, Backoff, ServerError, raise_for_response, retry_call
+from devices_agent.codecs import decode_tensors, encode_delta, encode_tensors
+from devices_agent.wire import AUTH_SCHEME
+
+__all__ = [
+    "FederatedTrainer",
+    "RoundOutcome",
+    "local_seed",
+    "register",
+    "run_rounds",
+]
+
+Weights = dict[str, npt.NDArray[np.float32]]
+
+
+def local_seed(*, task_seed: int, device_seed: int) -> int:
+    """The local training seed: differs per device and per round, fixed for a retry."""
+    return (int(task_seed) * 7919 + int(device_seed)) % (2**31 - 1)
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to one task: ``status`` is uploaded, duplicate, rejected or skipped."""
+
+    round_id: int
+    status: str
+    code: str = ""
+    message: str = ""
+    bytes_up: int = 0
+    bytes_down: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+class FederatedTrainer:
+    """Runs ``train`` tasks for one device.
+
+    ``x`` and ``y`` are the device's local examples; ``device_seed`` makes its shuffling
+    differ from other devices'. ``should_stop`` is polled between batches (an agent
+    shutting down stops training; the task is retried from the start next time).
+    """
+
+    def __init__(
+        self,
+        *,
+        client: AgentClient,
+        state_dir: str | os.PathLike[str],
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        device_seed: int = 0,
+        num_threads: int | None = 1,
+        max_attempts: int = 6,
+        backoff: Backoff | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        self.client = client
+        self.root = Path(state_dir) / "federated"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.x = np.asarray(x, dtype=np.float32)
+        self.y = np.asarray(y, dtype=np.int64)
+        self.device_seed = device_seed
+        self.num_threads = num_threads
+        self.max_attempts = max_attempts
+        self.backoff = backoff or Backoff(base_s=0.2, cap_s=10.0)
+        self.should_stop = should_stop
+
+    # ------------------------------------------------------------------ helpers
+    def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
+        headers = {"Authorization": f"{AUTH_SCHEME} {self.client.secret}"} if self.client.secret else {}
+        headers.update(extra or {})
+        return headers
+
+    def _retry(self, fn: Callable[[], Any]) -> Any:
+        return retry_call(
+            fn, backoff=self.backoff, max_attempts=self.max_attempts, should_stop=self.should_stop
+        )
+
+    def _task(self, round_id: int) -> dict[str, Any]:
+        response = self._retry(lambda: self.client.request("GET", f"rounds/{int(round_id)}/task"))
+        data: dict[str, Any] = response.json()
+        return data
+
+    def _weights(self, task: Mapping[str, Any], folder: Path) -> tuple[Weights, int]:
+        """The round's global weights, from the local copy when an earlier try fetched them."""
+        path = folder / "global.safetensors"
+        want = str(task["weights_sha256"])
+        downloaded = 0
+        data = path.read_bytes() if path.exists() else b""
+        if hashlib.sha256(data).hexdigest() != want:
+            response = self._retry(lambda: self.client.request("GET", str(task["weights_url"])))
+            data = response.content
+            downloaded = len(data)
+            if hashlib.sha256(data).hexdigest() != want:
+                raise ServerError("global weights do not match their digest", retryable=True)
+            _atomic_write(path, data)
+        tensors, _ = decode_tensors(data)
+        return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, downloaded
+
+    def _residual(self, names: list[str]) -> Weights | None:
+        path = self.root / "topk_residual.safetensors"
+        if not path.exists():
+            return None
+        tensors, _ = decode_tensors(path.read_bytes())
+        if set(tensors) != set(names):
+            return None  # the model changed shape: start error feedback afresh
+        return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
+
+    def _prepare_upload(self, task: Mapping[str, Any], folder: Path) -> tuple[bytes, dict[str, Any], int]:
+        """The encoded delta and its headers, trained now or recovered from an earlier try."""
+        from devices_agent.local_train import train_local
+
+        payload_path = folder / "upload.safetensors"
+        meta_path = folder / "upload.json"
+        if payload_path.exists() and meta_path.exists():
+            return payload_path.read_bytes(), json.loads(meta_path.read_text()), 0
+        weights, downloaded = self._weights(task, folder)
+        train = task["train"]
+        result = train_local(
+            arch=str(task["arch"]),
+            global_weights=weights,
+            x=self.x,
+            y=self.y,
+            epochs=int(train["epochs"]),
+            batch_size=int(train["batch_size"]),
+            lr=float(train["lr"]),
+            optimizer=str(train.get("optimizer", "sgd")),
+            prox_mu=float(train.get("prox_mu", 0.0)),
+            seed=local_seed(task_seed=int(task["seed"]), device_seed=self.device_seed),
+            clip_norm=float(task["clip_norm"]) if task.get("clip_norm") else None,
+            should_stop=self.should_stop,
+            num_threads=self.num_threads,
+        )
+        if result.metrics.get("stopped"):
+            raise InterruptedError("local training was stopped")
+        codec = str(task.get("codec", "none"))
+        residual = self._residual(list(result.delta)) if codec == "topk" else None
+        encoded = encode_delta(
+            result.delta, codec=codec, topk_fraction=float(task.get("topk_fraction", 0.1)), residual=residual
+        )
+        if encoded.residual is not None:
+            _atomic_write(folder / "residual.safetensors", encode_tensors(encoded.residual))
+        meta = {"num_examples": result.num_examples, "metrics": result.metrics}
+        _atomic_write(payload_path, encoded.data)
+        _atomic_write(meta_path, json.dumps(meta).encode())
+        return encoded.data, meta, downloaded
+
+    def _commit(self, folder: Path) -> None:
+        """The server has the update: keep its residual and forget the round's files."""
+        residual = folder / "residual.safetensors"
+        if residual.exists():
+            os.replace(residual, self.root / "topk_residual.safetensors")
+        shutil.rmtree(folder, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the task
+    def run_task(self, task: Mapping[str, Any]) -> RoundOutcome:
+        """Run one ``train`` task (``{"round_id": ...}``) to the end; never raises for a
+        refusal by the server, which is reported in the outcome instead."""
+        round_id = int(task["round_id"])
+        folder = self.root / f"round_{round_id}"
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            config = self._task(round_id)
+        except ServerError as exc:
+            if exc.retryable:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            return RoundOutcome(round_id, "skipped", code=exc.code, message=str(exc))
+        data, meta, downloaded = self._prepare_upload(config, folder)
+        headers = self._headers(
+            {
+                "Content-Type": "application/octet-stream",
+                "X-Num-Examples": str(int(meta["num_examples"])),
+                "X-Metrics": json.dumps(meta["metrics"]),
+            }
+        )
+        url = self.client.url(str(config["update_url"]))
+
+        def post() -> Any:
+            import httpx
+
+            try:
+                response = self.client.http.post(url, content=data, headers=headers)
+            except httpx.TransportError as exc:
+                raise ServerError(f"POST {url}: {exc}", retryable=True) from exc
+            if self.client.counter is not None:
+                self.client.counter.add(response)
+            raise_for_response(response)
+            return response
+
+        metrics = {k: float(v) for k, v in meta["metrics"].items()}
+        try:
+            self._retry(post)
+        except ServerError as exc:
+            if exc.retryable:
+                raise
+            if exc.code == "duplicate_update":
+                self._commit(folder)
+                return RoundOutcome(round_id, "duplicate", code=exc.code, message=str(exc), metrics=metrics)
+            shutil.rmtree(folder, ignore_errors=True)
+            return RoundOutcome(
+                round_id, "rejected", code=exc.code, message=str(exc), bytes_up=len(data), metrics=metrics
+            )
+        self._commit(folder)
+        return RoundOutcome(round_id, "uploaded", bytes_up=len(data), bytes_down=downloaded, metrics=metrics)
+
+    def open_tasks(self) -> list[dict[str, Any]]:
+        """``GET rounds/``: the device's open training tasks."""
+        response = self.client.request("GET", "rounds/")
+        tasks: list[dict[str, Any]] = response.json().get("tasks", [])
+        return tasks
+
+
+def register(handlers: MutableMapping[str, Callable[..., Any]], trainer: FederatedTrainer) -> None:
+    """Install ``trainer`` as the agent's handler for ``train`` tasks."""
+    handlers["train"] = trainer.run_task
+
+
+def run_rounds(
+    trainer: FederatedTrainer,
+    *,
+    stop: threading.Event,
+    poll_s: float = 0.2,
+    on_outcome: Callable[[RoundOutcome], None] | None = None,
+) -> None:
+    """Poll ``GET rounds/`` and run every task until ``stop`` is set (a simulated device).
+
+    Errors are retried at the next poll: a server restart or a 5xx never ends the loop.
+    """
+    done: set[int] = set()
+    while not stop.is_set():
+        try:
+            tasks = trainer.open_tasks()
+            for task in tasks:
+                rid = int(task["round_id"])
+                if rid in done:
+                    continue
+                outcome = trainer.run_task(task)
+                done.add(rid)
+                if on_outcome is not None:
+                    on_outcome(outcome)
+        except (ServerError, InterruptedError, OSError):
+            time.sleep(poll_s)
+            continue
+        stop.wait(poll_s)

@@ -1,0 +1,186 @@
+"""Device API of a round: task, weights, and every way an update can be refused."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import numpy as np
+import pytest
+from django.test import Client, override_settings
+from safetensors.numpy import save as st_save
+
+from devices_agent.codecs import encode_delta
+from tests.training.federated.conftest import Fleet, make_fleet, make_job
+
+
+def _open_round(fleet: Fleet, **fields: Any) -> Any:
+    from training import services
+
+    job = make_job(fleet, **fields)
+    services.job_start(job_id=job.pk, actor=None)
+    rnd = services.round_open(job_id=job.pk)
+    assert rnd is not None and rnd.status == "collecting"
+    return rnd
+
+
+def _client(secret: str) -> Client:
+    return Client(HTTP_AUTHORIZATION=f"Device {secret}")
+
+
+def _shapes() -> dict[str, tuple[int, ...]]:
+    from devices_agent.nets import initial_weights
+
+    return {k: v.shape for k, v in initial_weights("mlp", seed=0).items()}
+
+
+def _delta(scale: float = 0.01, seed: int = 1) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: (rng.standard_normal(s) * scale).astype(np.float32) for k, s in _shapes().items()}
+
+
+def _post(client: Client, round_id: int, body: bytes, *, examples: str = "40", metrics: str = "") -> Any:
+    headers = {"HTTP_X_NUM_EXAMPLES": examples}
+    if metrics:
+        headers["HTTP_X_METRICS"] = metrics
+    return client.post(
+        f"/api/agent/v1/rounds/{round_id}/update",
+        data=body,
+        content_type="application/octet-stream",
+        **headers,
+    )
+
+
+def test_selected_device_gets_task_and_weights_with_etag(fleet: Fleet) -> None:
+    rnd = _open_round(fleet)
+    client = _client(fleet.secrets[0])
+    task = client.get(f"/api/agent/v1/rounds/{rnd.pk}/task").json()
+    assert task["round_id"] == rnd.pk and task["arch"] == "mlp" and task["codec"] == "none"
+    weights = client.get(task["weights_url"])
+    assert weights.status_code == 200
+    etag = weights["ETag"]
+    assert etag == f'"{task["weights_sha256"]}"'
+    again = client.get(task["weights_url"], HTTP_IF_NONE_MATCH=etag)
+    assert again.status_code == 304
+    listed = client.get("/api/agent/v1/rounds/").json()["tasks"]
+    assert [t["round_id"] for t in listed] == [rnd.pk]
+
+
+def test_accepted_then_identical_retry_is_idempotent_and_different_bytes_conflict(fleet: Fleet) -> None:
+    from training.models import ClientUpdate, FederatedRound
+
+    rnd = _open_round(fleet)
+    client = _client(fleet.secrets[0])
+    body = encode_delta(_delta(), codec="int8").data
+    first = _post(client, rnd.pk, body, metrics=json.dumps({"train_loss": 0.5}))
+    assert first.status_code == 201, first.content
+    retry = _post(client, rnd.pk, body)
+    assert retry.status_code == 200 and retry.json()["duplicate"] is True
+    other = _post(client, rnd.pk, encode_delta(_delta(seed=2), codec="int8").data)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "duplicate_update"
+    update = ClientUpdate.objects.get(round=rnd)
+    assert update.status == "accepted" and update.num_examples == 40
+    assert update.metrics == {"train_loss": 0.5}
+    rnd = FederatedRound.objects.get(pk=rnd.pk)
+    assert rnd.participants == 1 and rnd.bytes_in == len(body)
+    # The device has answered: its task is no longer listed.
+    assert client.get("/api/agent/v1/rounds/").json()["tasks"] == []
+
+
+def _bad_bodies() -> dict[str, tuple[bytes, int, str]]:
+    good = _delta()
+    nan = dict(good)
+    nan["fc1.weight"] = nan["fc1.weight"].copy()
+    nan["fc1.weight"][0, 0] = np.nan
+    inf = dict(good)
+    inf["fc2.bias"] = inf["fc2.bias"].copy()
+    inf["fc2.bias"][3] = np.inf
+    wrong_shape = dict(good)
+    wrong_shape["fc3.weight"] = np.zeros((10, 63), np.float32)
+    meta = {"codec": "none", "codec_version": "1"}
+    wrong_dtype = st_save(
+        {k: v.astype(np.float16) if k == "fc1.bias" else v for k, v in good.items()}, metadata=meta
+    )
+    full = encode_delta(good, codec="none").data
+    return {
+        "nan": (st_save(nan, metadata=meta), 400, "non_finite"),
+        "inf": (st_save(inf, metadata=meta), 400, "non_finite"),
+        "wrong_shape": (st_save(wrong_shape, metadata=meta), 400, "shape_mismatch"),
+        "wrong_dtype": (wrong_dtype, 400, "dtype_mismatch"),
+        "huge_norm": (encode_delta(_delta(scale=10.0), codec="none").data, 422, "norm_too_large"),
+        "truncated": (full[: len(full) - 100], 400, "truncated"),
+        "garbage": (b"\x00" * 3, 400, "truncated"),
+        "not_json_header": (
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}" + b"\x00" * 8,
+            400,
+            "malformed",
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", sorted(_bad_bodies()))
+def test_bad_delta_is_refused_recorded_and_round_goes_on(fleet: Fleet, case: str) -> None:
+    from training.models import ClientUpdate, FederatedRound
+
+    body, status_code, code = _bad_bodies()[case]
+    rnd = _open_round(fleet, clip_norm=5.0)
+    response = _post(_client(fleet.secrets[0]), rnd.pk, body)
+    assert response.status_code == status_code, response.content
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"]
+    rejected = ClientUpdate.objects.get(round=rnd, device=fleet.devices[0])
+    assert rejected.status == "rejected" and rejected.reason_code == code and rejected.reason_message
+    assert rejected.path == ""
+    # The round goes on: still collecting, and another device's good delta is accepted.
+    ok = _post(_client(fleet.secrets[1]), rnd.pk, encode_delta(_delta(), codec="fp16").data)
+    assert ok.status_code == 201, ok.content
+    rnd = FederatedRound.objects.get(pk=rnd.pk)
+    assert rnd.status == "collecting" and rnd.rejected == 1 and rnd.participants == 1
+
+
+@override_settings(ROUND_UPDATE_MAX_BYTES=1000)
+def test_oversize_body_is_413_and_recorded(fleet: Fleet) -> None:
+    from training.models import ClientUpdate
+
+    rnd = _open_round(fleet)
+    response = _post(_client(fleet.secrets[0]), rnd.pk, encode_delta(_delta(), codec="none").data)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "too_large"
+    assert ClientUpdate.objects.get(round=rnd).reason_code == "too_large"
+
+
+def test_bad_num_examples_and_metrics_are_refused(fleet: Fleet) -> None:
+    rnd = _open_round(fleet)
+    body = encode_delta(_delta(), codec="none").data
+    response = _post(_client(fleet.secrets[0]), rnd.pk, body, examples="-3")
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_num_examples"
+    response = _post(_client(fleet.secrets[1]), rnd.pk, body, metrics='{"loss": "NaN"}')
+    assert response.status_code == 400 and response.json()["error"]["code"] == "bad_metrics"
+
+
+def test_wrong_round_unselected_device_and_closed_round(db: Any) -> None:
+    from training import services
+    from training.models import FederatedRound
+
+    fleet = make_fleet(n_devices=4)
+    rnd = _open_round(fleet, clients_fraction=0.5, min_clients=2)
+    selected = set(rnd.selected)
+    outsider = next(i for i, d in enumerate(fleet.devices) if str(d.pk) not in selected)
+    insider = next(i for i, d in enumerate(fleet.devices) if str(d.pk) in selected)
+    body = encode_delta(_delta(), codec="none").data
+    missing = _post(_client(fleet.secrets[insider]), rnd.pk + 1000, body)
+    assert missing.status_code == 404
+    response = _post(_client(fleet.secrets[outsider]), rnd.pk, body)
+    assert response.status_code == 403 and response.json()["error"]["code"] == "not_selected"
+    task = _client(fleet.secrets[outsider]).get(f"/api/agent/v1/rounds/{rnd.pk}/task")
+    assert task.status_code == 403
+    FederatedRound.objects.filter(pk=rnd.pk).update(status="aggregating")
+    late = _post(_client(fleet.secrets[insider]), rnd.pk, body)
+    assert late.status_code == 409 and late.json()["error"]["code"] == "round_closed"
+    assert services.round_close(round_id=rnd.pk) is not None
+
+
+def test_operator_token_cannot_use_device_api(fleet: Fleet, operator_client: Any) -> None:
+    rnd = _open_round(fleet)
+    response = operator_client.get(f"/api/agent/v1/rounds/{rnd.pk}/task")
+    assert response.status_code in (401, 403)

@@ -1,0 +1,153 @@
+"""Operator API of federated jobs: create, list, detail, start/pause/resume/cancel, rounds."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from drf_spectacular.utils import extend_schema
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from config.api import client_ip
+from fleet.models import DeviceGroup
+from models_registry.models import ModelFamily, ModelVersion
+from training import selectors, services
+from training.models import FederatedJob, FederatedRound
+
+
+class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
+    selected_count = serializers.SerializerMethodField()
+    version_label = serializers.SerializerMethodField()
+
+    class Meta:
+        model = FederatedRound
+        fields = [
+            "id",
+            "number",
+            "status",
+            "base_version",
+            "selected_count",
+            "deadline",
+            "opened_at",
+            "closed_at",
+            "finished_at",
+            "participants",
+            "dropped",
+            "rejected",
+            "bytes_in",
+            "bytes_out",
+            "durations",
+            "accuracy",
+            "loss",
+            "confusion",
+            "epsilon",
+            "version",
+            "version_label",
+            "failure_reason",
+        ]
+        read_only_fields = fields
+
+    def get_selected_count(self, obj: FederatedRound) -> int:
+        return len(obj.selected or [])
+
+    def get_version_label(self, obj: FederatedRound) -> str | None:
+        return obj.version.label if obj.version_id and obj.version else None
+
+
+class JobSerializer(serializers.ModelSerializer[FederatedJob]):
+    family = serializers.SlugRelatedField(slug_field="name", queryset=ModelFamily.objects.all())
+    base_version = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
+    target_group = serializers.SlugRelatedField(slug_field="name", queryset=DeviceGroup.objects.all())
+
+    class Meta:
+        model = FederatedJob
+        fields = [
+            "id",
+            "family",
+            "base_version",
+            "target_group",
+            *services.JOB_FIELDS,
+            "status",
+            "current_round",
+            "consecutive_failures",
+            "best_version",
+            "best_accuracy",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        read_only_fields = [
+            "id",
+            "status",
+            "current_round",
+            "consecutive_failures",
+            "best_version",
+            "best_accuracy",
+            "error",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+        extra_kwargs = {"name": {"required": False}}
+
+
+class FederatedJobViewSet(
+    mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Any]
+):
+    """Federated jobs. Writes go through the training services (audited)."""
+
+    serializer_class = JobSerializer
+    filterset_fields = ["status", "family"]
+    ordering_fields = ["id", "created_at"]
+
+    def get_queryset(self) -> Any:
+        return selectors.job_list()
+
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        serializer = self.get_serializer(data=request.data)
+        serializer.is_valid(raise_exception=True)
+        data = dict(serializer.validated_data)
+        job = services.job_create(
+            actor=request.user,
+            family=data.pop("family"),
+            base_version=data.pop("base_version"),
+            target_group=data.pop("target_group"),
+            remote_addr=client_ip(request),
+            **data,
+        )
+        return Response(self.get_serializer(job).data, status=status.HTTP_201_CREATED)
+
+    def _act(self, request: Request, pk: str, fn: Any) -> Response:
+        job = fn(job_id=int(pk), actor=request.user, remote_addr=client_ip(request))
+        return Response(self.get_serializer(job).data)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, pk: str) -> Response:
+        return self._act(request, pk, services.job_start)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def pause(self, request: Request, pk: str) -> Response:
+        return self._act(request, pk, services.job_pause)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def resume(self, request: Request, pk: str) -> Response:
+        return self._act(request, pk, services.job_resume)
+
+    @extend_schema(request=None, responses=JobSerializer)
+    @action(detail=True, methods=["post"])
+    def cancel(self, request: Request, pk: str) -> Response:
+        return self._act(request, pk, services.job_cancel)
+
+    @extend_schema(responses=RoundSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def rounds(self, request: Request, pk: str) -> Response:
+        self.get_object()
+        page = self.paginate_queryset(selectors.job_rounds(job_id=int(pk)))
+        data = RoundSerializer(page, many=True).data
+        return self.get_paginated_response(data)

@@ -1,0 +1,112 @@
+"""Reads of the training app: jobs, rounds, devices' open training tasks, eligibility."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from devices_agent.wire import API_PREFIX, TrainingTask
+from fleet.models import Device, DeviceGroup
+from training.models import ClientUpdate, FederatedJob, FederatedRound
+
+
+def job_list() -> QuerySet[FederatedJob]:
+    """All jobs, newest first, with what the list shows."""
+    return FederatedJob.objects.select_related("family", "base_version", "target_group", "best_version")
+
+
+def job_rounds(*, job_id: int) -> QuerySet[FederatedRound]:
+    """The rounds of one job in order."""
+    return FederatedRound.objects.filter(job_id=job_id).select_related("version").order_by("number")
+
+
+def group_devices(*, group: DeviceGroup) -> list[Device]:
+    """Static members of ``group`` plus every device carrying all its ``tag_selector`` tags."""
+    members = {d.pk: d for d in group.static_devices.select_related("policy").all()}
+    selector = [str(t) for t in (group.tag_selector or [])]
+    if selector:
+        # Tags are a JSON list; filtering in Python keeps this portable to SQLite.
+        for device in Device.objects.select_related("policy").exclude(status=Device.Status.DECOMMISSIONED):
+            tags = set(device.tags or [])
+            if all(t in tags for t in selector):
+                members.setdefault(device.pk, device)
+    return sorted(members.values(), key=lambda d: str(d.pk))
+
+
+def _training_allowed(device: Device, group: DeviceGroup) -> bool:
+    policy = device.policy or group.policy
+    if policy is None:
+        return True
+    rules: dict[str, Any] = policy.training or {}
+    if not rules.get("allowed", True):
+        return False
+    state: dict[str, Any] = device.state or {}
+    if rules.get("require_charging") and not state.get("charging", False):
+        return False
+    return not (rules.get("require_idle") and not state.get("idle", False))
+
+
+def eligible_devices(*, job: FederatedJob) -> list[Device]:
+    """Devices of the job's group that may train now, sorted by id (selection is seeded)."""
+    out: list[Device] = []
+    for device in group_devices(group=job.target_group):
+        if device.status == Device.Status.DECOMMISSIONED:
+            continue
+        if job.require_online and device.status != Device.Status.ONLINE:
+            continue
+        if not _training_allowed(device, job.target_group):
+            continue
+        examples = int((device.state or {}).get("local_examples", 0) or 0)
+        if examples < job.min_local_examples:
+            continue
+        out.append(device)
+    return out
+
+
+def selection_size(*, job: FederatedJob, eligible: int) -> int:
+    """How many of ``eligible`` devices a round selects (0 when too few are eligible)."""
+    wanted = max(job.min_clients, math.ceil(job.clients_fraction * eligible))
+    if eligible < max(1, job.min_clients):
+        return 0
+    return min(eligible, wanted)
+
+
+def round_task_path(*, round_id: int) -> str:
+    """Path of a round's task on the device API."""
+    return f"{API_PREFIX}rounds/{round_id}/task"
+
+
+def training_tasks_for_device(device: Device) -> list[TrainingTask]:
+    """Open rounds that selected ``device`` and have no update from it yet.
+
+    Registered as the heartbeat's task provider, and served at ``GET rounds/``.
+    """
+    device_id = str(device.pk)
+    # Few rounds collect at once, so the JSON membership test runs in Python (portable
+    # to SQLite, which cannot index into JSON lists).
+    rounds = [
+        r
+        for r in FederatedRound.objects.filter(status=FederatedRound.Status.COLLECTING).only(
+            "id", "selected", "deadline"
+        )
+        if device_id in (r.selected or [])
+    ]
+    if not rounds:
+        return []
+    done = set(
+        ClientUpdate.objects.filter(round__in=rounds, device=device).values_list("round_id", flat=True)
+    )
+    now = timezone.now()
+    return [
+        TrainingTask(
+            kind="train",
+            round_id=r.pk,
+            task_url=round_task_path(round_id=r.pk),
+            deadline=(r.deadline or now).isoformat(),
+        )
+        for r in rounds
+        if r.pk not in done
+    ]
