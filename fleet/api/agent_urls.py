@@ -1,3 +1,23 @@
-from typing import Any
+"""Device API routes of the fleet app (under `/api/agent/v1/`)."""
 
-urlpatterns: list[Any] = []
+from django.conf import settings
+from django.urls import path
+
+from fleet.api import agent_views
+
+urlpatterns = [
+    path("enroll", agent_views.enroll, name="agent-enroll"),
+    path("heartbeat", agent_views.heartbeat, name="agent-heartbeat"),
+    path("metrics", agent_views.metrics, name="agent-metrics"),
+    path("artifacts/<str:sha256>", agent_views.artifact, name="agent-artifact"),
+    path(
+        "deployments/<int:deployment_id>/status",
+        agent_views.deployment_status,
+        name="agent-deployment-status",
+    ),
+    path("commands/<int:command_id>/result", agent_views.command_result, name="agent-command-result"),
+]
+
+if getattr(settings, "FLOTILLA_BENCH_VIEWS", False):
+    # Only for benchmarks/heartbeat.py: the same stack with no work behind it.
+    urlpatterns.append(path("bench/bare", agent_views.bench_bare, name="agent-bench-bare"))

@@ -1,3 +1,14 @@
-from typing import Any
+"""Operator routes: devices, device groups, enrollment tokens, update policies."""
 
-urlpatterns: list[Any] = []
+from rest_framework.routers import DefaultRouter
+
+from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("devices", DeviceViewSet, basename="device")
+router.register("device-groups", DeviceGroupViewSet, basename="device-group")
+router.register("enrollment-tokens", EnrollmentTokenViewSet, basename="enrollment-token")
+router.register("update-policies", UpdatePolicyViewSet, basename="update-policy")
+
+urlpatterns = router.urls

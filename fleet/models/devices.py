@@ -84,6 +84,12 @@ class Device(models.Model):
         "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     deployment_state = models.CharField(max_length=20, blank=True, db_index=True)
+    # The highest heartbeat `seq` persisted, so a reordered older heartbeat cannot
+    # overwrite newer state.
+    last_seq = models.BigIntegerField(null=True, blank=True)
+    # Set when a command is queued, cleared when a heartbeat delivers commands: the
+    # heartbeat reads the device row anyway, so most heartbeats skip the commands query.
+    has_pending_commands = models.BooleanField(default=False)
 
     class Meta:
         ordering = ["name", "id"]

@@ -1,0 +1,1 @@
+"""Reads of the fleet app, one module per area."""

@@ -1,0 +1,157 @@
+"""Reads about devices, groups and policies."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from datetime import datetime, time
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from django.db.models import Q, QuerySet
+
+from devices_agent.wire import Policy
+from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
+
+
+def tag_q(tag: str) -> Q:
+    """Devices carrying `tag`.
+
+    JSON containment (`tags__contains`) does not exist on SQLite, so this matches the
+    quoted tag inside the JSON text; tags are restricted to `[A-Za-z0-9_.:=/-]` when
+    written, so a quoted tag can only match a whole element (case-insensitively).
+    """
+    return Q(tags__icontains=json.dumps(tag))
+
+
+def device_list(*, filters: Mapping[str, Any] | None = None) -> QuerySet[Device]:
+    """Devices with what the list shows joined in one query (groups prefetched in a second).
+
+    Filters: `status`, `group` (id or name; static members and tag-selected ones), `tag`,
+    `version` (running version id), `desired_version`, `search` (name contains).
+    """
+    filters = filters or {}
+    qs = Device.objects.select_related(
+        "running_version__family", "desired_version__family", "policy"
+    ).prefetch_related("groups")
+    if status := filters.get("status"):
+        qs = qs.filter(status=status)
+    if tag := filters.get("tag"):
+        qs = qs.filter(tag_q(str(tag)))
+    if version := filters.get("version"):
+        qs = qs.filter(running_version_id=version)
+    if desired := filters.get("desired_version"):
+        qs = qs.filter(desired_version_id=desired)
+    if search := filters.get("search"):
+        qs = qs.filter(name__icontains=search)
+    if group_key := filters.get("group"):
+        key = str(group_key)
+        group = DeviceGroup.objects.filter(pk=int(key)).first() if key.isdigit() else None
+        group = group or DeviceGroup.objects.filter(name=key).first()
+        if group is None:
+            return qs.none()
+        qs = qs.filter(pk__in=group_members(group=group).values("pk"))
+    return qs
+
+
+def group_members(*, group: DeviceGroup) -> QuerySet[Device]:
+    """Static members plus every device carrying all of the group's selector tags."""
+    condition = Q(groups=group)
+    selector = [str(t) for t in (group.tag_selector or []) if t]
+    if selector:
+        tagged = Q()
+        for tag in selector:
+            tagged &= tag_q(tag)
+        condition |= tagged
+    return Device.objects.filter(pk__in=Device.objects.filter(condition).values("pk"))
+
+
+def device_effective_policy_id(*, device: Device) -> int | None:
+    """The id of the policy that applies: the device's own, else its first group's (by name)."""
+    if device.policy_id is not None:
+        return device.policy_id
+    static = set(device.groups.values_list("pk", flat=True))
+    tags = set(device.tags or [])
+    candidates = DeviceGroup.objects.filter(policy__isnull=False).order_by("name")
+    for pk, selector, policy_id in candidates.values_list("pk", "tag_selector", "policy_id"):
+        if pk in static or (selector and {t.lower() for t in selector} <= {t.lower() for t in tags}):
+            return int(policy_id)
+    return None
+
+
+def device_effective_policy(*, device: Device) -> UpdatePolicy | None:
+    """The policy that applies to the device (its own, else its first group's), or None."""
+    policy_id = device_effective_policy_id(device=device)
+    return UpdatePolicy.objects.filter(pk=policy_id).first() if policy_id is not None else None
+
+
+def _parse_hhmm(value: str) -> time:
+    hours, minutes = value.split(":")
+    return time(int(hours), int(minutes))
+
+
+def in_maintenance_window(*, windows: list[dict[str, Any]], tz_name: str, now: datetime) -> bool:
+    """Whether `now` falls in one of the windows, read in the policy's time zone.
+
+    No windows means any time. A window whose end is not after its start crosses
+    midnight: it runs from `start` on one of its days to `end` on the next day.
+    """
+    if not windows:
+        return True
+    try:
+        local = now.astimezone(ZoneInfo(tz_name))
+    except (ZoneInfoNotFoundError, ValueError):
+        local = now
+    today, clock = local.weekday(), local.time().replace(tzinfo=None)
+    for window in windows:
+        days = set(window.get("days") or range(7))
+        start, end = _parse_hhmm(window["start"]), _parse_hhmm(window["end"])
+        if start < end:
+            if today in days and start <= clock < end:
+                return True
+        else:
+            if today in days and clock >= start:
+                return True
+            if (today - 1) % 7 in days and clock < end:
+                return True
+    return False
+
+
+def policy_document(
+    *, policy: UpdatePolicy | None, now: datetime, download_size: int | None = None
+) -> Policy:
+    """The policy as the heartbeat sends it, evaluated at `now`."""
+    if policy is None:
+        return {
+            "name": "default",
+            "timezone": "UTC",
+            "maintenance_windows": [],
+            "in_maintenance_window": True,
+            "training": {"allowed": True, "require_charging": False, "require_idle": False},
+            "max_download_bytes": None,
+            "download_concurrency": None,
+            "health_latency_budget_ms": 50.0,
+            "download_allowed": True,
+        }
+    inside = in_maintenance_window(windows=policy.maintenance_windows, tz_name=policy.timezone, now=now)
+    fits = (
+        policy.max_download_bytes is None
+        or download_size is None
+        or download_size <= policy.max_download_bytes
+    )
+    return {
+        "name": policy.name,
+        "timezone": policy.timezone,
+        "maintenance_windows": policy.maintenance_windows,
+        "in_maintenance_window": inside,
+        "training": policy.training,
+        "max_download_bytes": policy.max_download_bytes,
+        "download_concurrency": policy.download_concurrency,
+        "health_latency_budget_ms": policy.health_latency_budget_ms,
+        "download_allowed": inside and fits,
+    }
+
+
+def device_recent_deployments(*, device: Device, limit: int = 10) -> QuerySet[Deployment]:
+    """The device's latest deployments, newest first."""
+    return Deployment.objects.filter(device=device).select_related("version__family").order_by("-id")[:limit]

@@ -1,0 +1,1 @@
+"""Writes of the fleet app, one module per area. Services are keyword-only and transactional."""

@@ -1,0 +1,146 @@
+"""Deployments: one attempt to bring a device to a model version, and the states it reports.
+
+Rollouts and experiments follow deployments through `register_deployment_listener`:
+each listener is called after the transaction that changed a deployment's state commits,
+with the deployment id, the old state and the new state.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+from django.db import transaction
+from django.utils import timezone
+
+from config.api import ConflictError, NotFoundError, ServiceError
+from fleet.models import Deployment, DeploymentEvent, Device
+
+logger = logging.getLogger(__name__)
+
+DeploymentListener = Callable[[int, str, str], None]
+_listeners: list[DeploymentListener] = []
+
+OPEN_STATES = [s.value for s in Deployment.State if s not in Deployment.TERMINAL]
+REPORTABLE_STATES = frozenset(s.value for s in Deployment.State if s != Deployment.State.SUPERSEDED)
+
+
+def register_deployment_listener(listener: DeploymentListener) -> DeploymentListener:
+    """Call `listener(deployment_id, old_state, new_state)` after every committed change."""
+    if listener not in _listeners:
+        _listeners.append(listener)
+    return listener
+
+
+def deployment_state_changed(*, deployment_id: int, old_state: str, new_state: str) -> None:
+    """Notify the listeners once the current transaction commits (or now, outside one)."""
+
+    def notify() -> None:
+        for listener in list(_listeners):
+            try:
+                listener(deployment_id, old_state, new_state)
+            except Exception:  # one listener's bug must not hide the change from the others
+                logger.exception("deployment listener %r failed", listener)
+
+    transaction.on_commit(notify)
+
+
+def deployment_open(
+    *, device: Device, version_id: int, origin_type: str = "", origin_id: int | None = None
+) -> Deployment:
+    """The open deployment of `device` to `version_id`, created if missing.
+
+    Open deployments to other versions are superseded: a device works on one at a time.
+    """
+    with transaction.atomic():
+        existing = (
+            Deployment.objects.filter(device=device, version_id=version_id, state__in=OPEN_STATES)
+            .order_by("-id")
+            .first()
+        )
+        if existing is not None:
+            return existing
+        superseded = list(
+            Deployment.objects.filter(device=device, state__in=OPEN_STATES).values_list("id", "state")
+        )
+        if superseded:
+            Deployment.objects.filter(id__in=[pk for pk, _ in superseded]).update(
+                state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
+            )
+            for pk, old in superseded:
+                deployment_state_changed(
+                    deployment_id=pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+                )
+        deployment = Deployment.objects.create(
+            device=device, version_id=version_id, origin_type=origin_type, origin_id=origin_id
+        )
+        DeploymentEvent.objects.create(deployment=deployment, state=Deployment.State.PENDING)
+        Device.objects.filter(pk=device.pk).update(deployment_state=Deployment.State.PENDING)
+        device.deployment_state = Deployment.State.PENDING
+        deployment_state_changed(
+            deployment_id=deployment.pk, old_state="", new_state=Deployment.State.PENDING
+        )
+    return deployment
+
+
+def deployment_record_status(
+    *,
+    device: Device,
+    deployment_id: int,
+    state: str,
+    message: str = "",
+    detail: dict[str, Any] | None = None,
+    reported_at: datetime | None = None,
+) -> Deployment:
+    """Record a state the device reported for its own deployment.
+
+    Repeating the current state is a no-op (agents retry); leaving a terminal state is a
+    conflict. `active` makes the version the running one and keeps the old one as the
+    rollback target; `failed` and `rolled_back` point the desired version back at the
+    running one, so the device is not asked to retry the same failing update forever
+    (a rollout or an operator assigns again when they mean it).
+    """
+    if state not in REPORTABLE_STATES:
+        raise ServiceError(f"Unknown deployment state {state!r}.", code="validation_error")
+    with transaction.atomic():
+        deployment = Deployment.objects.select_for_update().filter(pk=deployment_id, device=device).first()
+        if deployment is None:
+            raise NotFoundError("No such deployment for this device.", code="not_found")
+        old = deployment.state
+        if old == state:
+            return deployment
+        if old in Deployment.TERMINAL:
+            raise ConflictError(
+                f"Deployment {deployment_id} is already {old}.",
+                code="deployment_closed",
+                details={"state": old},
+            )
+        DeploymentEvent.objects.create(
+            deployment=deployment, state=state, message=message, detail=detail or {}, reported_at=reported_at
+        )
+        deployment.state = state
+        fields = ["state", "updated_at"]
+        if state == Deployment.State.FAILED or state == Deployment.State.ROLLED_BACK:
+            deployment.error = message
+            fields.append("error")
+        if detail:
+            deployment.detail = {**deployment.detail, **detail}
+            fields.append("detail")
+        deployment.save(update_fields=fields)
+
+        fresh = Device.objects.select_for_update().get(pk=device.pk)
+        changes: dict[str, Any] = {"deployment_state": state}
+        if state == Deployment.State.ACTIVE:
+            if fresh.running_version_id != deployment.version_id:
+                changes["previous_version_id"] = fresh.running_version_id
+            changes["running_version_id"] = deployment.version_id
+        elif state in (Deployment.State.FAILED, Deployment.State.ROLLED_BACK):
+            if fresh.desired_version_id == deployment.version_id:
+                changes["desired_version_id"] = fresh.running_version_id
+        Device.objects.filter(pk=device.pk).update(**changes)
+        for key, value in changes.items():
+            setattr(device, key, value)
+        deployment_state_changed(deployment_id=deployment.pk, old_state=old, new_state=state)
+    return deployment

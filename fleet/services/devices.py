@@ -1,0 +1,173 @@
+"""Operator writes on devices: edit, assign a version, decommission; and offline detection."""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from config.api import NotFoundError, ServiceError
+from config.audit.services import audit_record
+from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
+from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+
+TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
+
+
+def tags_validate(*, tags: Any) -> list[str]:
+    """A clean tag list, or a ServiceError naming the first bad tag."""
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise ServiceError("tags must be a list of strings.", code="validation_error")
+    if len(tags) > 50:
+        raise ServiceError("At most 50 tags.", code="validation_error")
+    for tag in tags:
+        if not TAG_PATTERN.match(tag):
+            raise ServiceError(
+                f"Invalid tag {tag!r}: letters, digits and _.:=/- only, at most 64 characters.",
+                code="validation_error",
+            )
+    return list(dict.fromkeys(tags))
+
+
+def _get(device_id: Any) -> Device:
+    device = Device.objects.select_for_update().filter(pk=device_id).first()
+    if device is None:
+        raise NotFoundError("No such device.", code="not_found")
+    return device
+
+
+def device_update(
+    *,
+    actor: Any,
+    device_id: Any,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    group_ids: list[int] | None = None,
+    set_policy: bool = False,
+    policy_id: int | None = None,
+    remote_addr: str | None = None,
+) -> Device:
+    """Change a device's name, tags, static groups or (with `set_policy`) its policy; None clears it."""
+    with transaction.atomic():
+        device = _get(device_id)
+        fields: list[str] = []
+        audit: dict[str, Any] = {}
+        if name is not None:
+            if not name.strip() or len(name) > 150:
+                raise ServiceError("name must be 1..150 characters.", code="validation_error")
+            device.name = name.strip()
+            fields.append("name")
+            audit["name"] = device.name
+        if tags is not None:
+            device.tags = tags_validate(tags=tags)
+            fields.append("tags")
+            audit["tags"] = device.tags
+        if set_policy:
+            if policy_id is not None and not UpdatePolicy.objects.filter(pk=policy_id).exists():
+                raise ServiceError(f"No update policy {policy_id}.", code="validation_error")
+            device.policy_id = policy_id
+            fields.append("policy")
+            audit["policy"] = policy_id
+        if fields:
+            device.save(update_fields=fields)
+        if group_ids is not None:
+            groups = list(DeviceGroup.objects.filter(pk__in=group_ids))
+            missing = set(group_ids) - {g.pk for g in groups}
+            if missing:
+                raise ServiceError(f"No device group {sorted(missing)[0]}.", code="validation_error")
+            device.groups.set(groups)
+            audit["groups"] = sorted(group_ids)
+        audit_record(actor=actor, action="device.update", target=device, data=audit, remote_addr=remote_addr)
+    return device
+
+
+def device_assign_version(
+    *, actor: Any, device_id: Any, version_id: int, remote_addr: str | None = None
+) -> Deployment | None:
+    """Make `version_id` the device's desired version (a manual update).
+
+    Opens a pending deployment unless the device already runs that version.
+    """
+    from models_registry.models import ModelVersion
+
+    with transaction.atomic():
+        device = _get(device_id)
+        if device.status == Device.Status.DECOMMISSIONED:
+            raise ServiceError("The device is decommissioned.", code="device_decommissioned", status_code=409)
+        if not ModelVersion.objects.filter(pk=version_id).exists():
+            raise ServiceError(f"No model version {version_id}.", code="validation_error")
+        Device.objects.filter(pk=device.pk).update(desired_version_id=version_id)
+        device.desired_version_id = version_id
+        deployment = None
+        if device.running_version_id != version_id:
+            deployment = deployment_open(device=device, version_id=version_id, origin_type="manual")
+        audit_record(
+            actor=actor,
+            action="device.assign_version",
+            target=device,
+            data={"version": version_id, "deployment": deployment.pk if deployment else None},
+            remote_addr=remote_addr,
+        )
+    return deployment
+
+
+def device_decommission(*, actor: Any, device_id: Any, remote_addr: str | None = None) -> Device:
+    """Retire a device: its secret stops working at once and its open deployments close."""
+    with transaction.atomic():
+        device = _get(device_id)
+        if device.status != Device.Status.DECOMMISSIONED:
+            device.secret_hash = None
+            device.status = Device.Status.DECOMMISSIONED
+            device.decommissioned_at = timezone.now()
+            device.save(update_fields=["secret_hash", "status", "decommissioned_at"])
+            open_ids = list(
+                Deployment.objects.filter(device=device, state__in=OPEN_STATES).values_list("id", "state")
+            )
+            Deployment.objects.filter(id__in=[pk for pk, _ in open_ids]).update(
+                state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
+            )
+            for pk, old in open_ids:
+                deployment_state_changed(
+                    deployment_id=pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+                )
+        audit_record(actor=actor, action="device.decommission", target=device, remote_addr=remote_addr)
+    return device
+
+
+def devices_mark_offline(*, now: Any = None) -> int:
+    """Mark offline every online device that missed `OFFLINE_AFTER_MISSED` heartbeats.
+
+    One UPDATE; the interval is the device's own policy's, else the default. Running it
+    twice is harmless: the second run finds no online device past its deadline.
+    """
+    now = now or timezone.now()
+    missed = settings.OFFLINE_AFTER_MISSED
+    default_cutoff = now - timedelta(seconds=settings.HEARTBEAT_INTERVAL_S * missed)
+    custom = list(
+        UpdatePolicy.objects.filter(heartbeat_interval_s__isnull=False)
+        .values_list("heartbeat_interval_s", flat=True)
+        .distinct()
+    )
+    late = Q(policy__heartbeat_interval_s__isnull=True, last_seen__lt=default_cutoff) | Q(
+        policy__isnull=True, last_seen__lt=default_cutoff
+    )
+    for interval in custom:
+        late |= Q(
+            policy__heartbeat_interval_s=interval,
+            last_seen__lt=now - timedelta(seconds=interval * missed),
+        )
+    return Device.objects.filter(late, status=Device.Status.ONLINE).update(status=Device.Status.OFFLINE)
+
+
+__all__ = [
+    "device_assign_version",
+    "device_decommission",
+    "device_update",
+    "devices_mark_offline",
+    "tags_validate",
+]

@@ -1,0 +1,228 @@
+"""The heartbeat: the device says how it is, the server answers with its desired state.
+
+This is the hot path (every device, every interval), so it is built to cost one indexed
+SELECT (authentication) in the common case:
+
+- `last_seen` is written at most every `HEARTBEAT_LAST_SEEN_WRITE_S` seconds per device
+  (default 10 s, far below the offline threshold of interval x missed heartbeats), and
+  at once whenever anything else changed (status, agent version, reported state);
+- the policy, the artifact references of a version and a device's group policy are read
+  through small per-process caches with a short time-to-live
+  (`HEARTBEAT_CACHE_TTL_S`, default 10 s): an operator's edit reaches devices within
+  that time. Versions and their artifacts never change once created, so the only
+  staleness is an artifact added to an existing version;
+- pending commands are read only when the device row's `has_pending_commands` is set.
+"""
+
+from __future__ import annotations
+
+import time as monotonic_time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from django.conf import settings
+from django.db.models import Q
+from django.utils import timezone
+
+from devices_agent.wire import API_PREFIX, ArtifactRef, DesiredModel, HeartbeatResponse, TrainingTask
+from fleet.models import Deployment, Device, UpdatePolicy
+from fleet.selectors.devices import device_effective_policy_id, policy_document
+from fleet.services.commands import device_commands_take
+from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_record_status
+
+TaskProvider = Callable[[Device], list[TrainingTask]]
+_task_providers: list[TaskProvider] = []
+
+
+def register_task_provider(provider: TaskProvider) -> TaskProvider:
+    """Add `provider(device) -> list[TrainingTask]`, asked on every heartbeat.
+
+    The training app registers its provider in `AppConfig.ready()`. Providers run on the
+    hot path: they should answer from the device row or a cache when they have nothing.
+    """
+    if provider not in _task_providers:
+        _task_providers.append(provider)
+    return provider
+
+
+def _ttl() -> float:
+    return float(getattr(settings, "HEARTBEAT_CACHE_TTL_S", 10.0))
+
+
+def _last_seen_write_interval() -> timedelta:
+    return timedelta(seconds=float(getattr(settings, "HEARTBEAT_LAST_SEEN_WRITE_S", 10.0)))
+
+
+class _TtlCache:
+    """A per-process dict whose entries expire; cleared whole when it grows too large."""
+
+    def __init__(self, max_entries: int = 100_000) -> None:
+        self.entries: dict[Any, tuple[float, Any]] = {}
+        self.max_entries = max_entries
+
+    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+        now = monotonic_time.monotonic()
+        hit = self.entries.get(key)
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        value = load()
+        if len(self.entries) >= self.max_entries:
+            self.entries.clear()
+        self.entries[key] = (now + _ttl(), value)
+        return value
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+@dataclass(frozen=True)
+class _VersionRefs:
+    label: str
+    family: str
+    arch: str
+    onnx: ArtifactRef | None
+    weights: ArtifactRef | None
+
+
+_policies = _TtlCache()
+_device_policy_ids = _TtlCache()
+_version_refs = _TtlCache()
+
+
+def heartbeat_caches_clear() -> None:
+    """Forget every cached policy and artifact reference (tests; after bulk edits)."""
+    _policies.clear()
+    _device_policy_ids.clear()
+    _version_refs.clear()
+
+
+def artifact_url(sha256: str) -> str:
+    """Where a device downloads the artifact with this digest."""
+    return f"{API_PREFIX}artifacts/{sha256}"
+
+
+def _load_version_refs(version_id: int) -> _VersionRefs | None:
+    from models_registry.models import Artifact, ModelVersion
+
+    version = ModelVersion.objects.select_related("family").filter(pk=version_id).first()
+    if version is None:
+        return None
+    refs: dict[str, ArtifactRef] = {}
+    for kind, sha256, size, signature in Artifact.objects.filter(version_id=version_id).values_list(
+        "kind", "sha256", "size", "signature"
+    ):
+        refs[kind] = {
+            "kind": kind,
+            "url": artifact_url(sha256),
+            "sha256": sha256,
+            "size": int(size),
+            "signature": signature,
+        }
+    return _VersionRefs(
+        label=version.label,
+        family=version.family.name,
+        arch=version.effective_arch,
+        onnx=refs.get("onnx"),
+        weights=refs.get("weights"),
+    )
+
+
+def _policy(device: Device) -> UpdatePolicy | None:
+    policy_id = device.policy_id
+    if policy_id is None:
+        policy_id = _device_policy_ids.get(device.pk, lambda: device_effective_policy_id(device=device))
+    if policy_id is None:
+        return None
+    policy: UpdatePolicy | None = _policies.get(
+        policy_id, lambda: UpdatePolicy.objects.filter(pk=policy_id).first()
+    )
+    return policy
+
+
+def _desired(device: Device) -> DesiredModel | None:
+    version_id = device.desired_version_id
+    if version_id is None:
+        return None
+    refs: _VersionRefs | None = _version_refs.get(version_id, lambda: _load_version_refs(version_id))
+    if refs is None or refs.onnx is None:
+        # Nothing a device could install yet (the ONNX export is still running).
+        return None
+    deployment_id: int | None = None
+    if version_id != device.running_version_id:
+        deployment_id = (
+            Deployment.objects.filter(device=device, version_id=version_id, state__in=OPEN_STATES)
+            .order_by("-id")
+            .values_list("id", flat=True)
+            .first()
+        )
+        if deployment_id is None:
+            # Whoever set desired_version without opening a deployment (a bulk update).
+            deployment_id = deployment_open(device=device, version_id=version_id).pk
+    return {
+        "version_id": version_id,
+        "label": refs.label,
+        "family": refs.family,
+        "arch": refs.arch,
+        "deployment_id": deployment_id,
+        "artifact": refs.onnx,
+        "weights": refs.weights,
+    }
+
+
+def _record_liveness(device: Device, report: dict[str, Any]) -> None:
+    now = timezone.now()
+    seq = report.get("seq")
+    reordered = seq is not None and device.last_seq is not None and seq <= device.last_seq
+    changes: dict[str, Any] = {}
+    if device.status != Device.Status.ONLINE:
+        changes["status"] = Device.Status.ONLINE
+    if not reordered:
+        agent_version = report.get("agent_version")
+        if agent_version and agent_version != device.agent_version:
+            changes["agent_version"] = agent_version
+        state = report.get("state")
+        if state is not None and state != device.state:
+            changes["state"] = state
+    if changes or device.last_seen is None or now - device.last_seen >= _last_seen_write_interval():
+        changes["last_seen"] = now
+        rows = Device.objects.filter(pk=device.pk).exclude(status=Device.Status.DECOMMISSIONED)
+        if seq is not None and not reordered:
+            changes["last_seq"] = seq
+            # A newer heartbeat of the same device may have been written meanwhile.
+            rows = rows.filter(Q(last_seq__isnull=True) | Q(last_seq__lt=seq))
+        if rows.update(**changes):
+            for key, value in changes.items():
+                setattr(device, key, value)
+
+
+def device_heartbeat(*, device: Device, report: dict[str, Any]) -> HeartbeatResponse:
+    """Record a validated heartbeat report and answer with the device's desired state."""
+    _record_liveness(device, report)
+    deployment = report.get("deployment")
+    if deployment and deployment["state"] != device.deployment_state:
+        # Heartbeats repeat the current state; the status endpoint is where errors are
+        # reported to the agent, so here an unknown or closed deployment is ignored.
+        from config.api import ServiceError
+
+        try:
+            deployment_record_status(device=device, deployment_id=deployment["id"], state=deployment["state"])
+        except ServiceError:
+            pass
+    desired = _desired(device)
+    policy = _policy(device)
+    download_size = desired["artifact"]["size"] if desired else None
+    tasks: list[TrainingTask] = []
+    for provider in _task_providers:
+        tasks.extend(provider(device))
+    interval = (policy.heartbeat_interval_s if policy else None) or settings.HEARTBEAT_INTERVAL_S
+    return {
+        "device_id": str(device.pk),
+        "server_time": timezone.now().isoformat(),
+        "heartbeat_interval_s": int(interval),
+        "desired": desired,
+        "policy": policy_document(policy=policy, now=timezone.now(), download_size=download_size),
+        "tasks": tasks,
+        "commands": device_commands_take(device=device),
+    }

@@ -1,0 +1,170 @@
+"""The heartbeat: liveness, reordering, desired state, policy, commands, task providers."""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
+from django.utils import timezone
+
+from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, UpdatePolicy
+from fleet.selectors.devices import in_maintenance_window
+from fleet.services import heartbeat as heartbeat_service
+from models_registry.signing import signing_public_key_b64, verify
+
+pytestmark = pytest.mark.django_db
+
+
+def test_heartbeat_marks_online_and_stores_state(enroll: Any) -> None:
+    agent = enroll()
+    response = agent.heartbeat(seq=1, agent_version="1.2.0", state={"charging": True, "local_examples": 40})
+    assert response.status_code == 200
+    body = response.json()
+    assert body["device_id"] == str(agent.device.pk)
+    assert body["desired"] is None and body["tasks"] == [] and body["commands"] == []
+    assert body["policy"]["name"] == "default" and body["policy"]["download_allowed"] is True
+    device = agent.refresh()
+    assert device.status == "online" and device.last_seen is not None
+    assert device.agent_version == "1.2.0"
+    assert device.state == {"charging": True, "local_examples": 40}
+    assert device.last_seq == 1
+
+
+def test_reordered_heartbeat_does_not_overwrite_newer_state(enroll: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=5, state={"idle": True})
+    assert agent.heartbeat(seq=4, state={"idle": False}).status_code == 200
+    device = agent.refresh()
+    assert device.state == {"idle": True} and device.last_seq == 5
+
+
+def test_unchanged_heartbeat_within_write_interval_costs_one_query(enroll: Any, monkeypatch: Any) -> None:
+    # Task providers registered by other apps add their own queries; this measures ours.
+    monkeypatch.setattr(heartbeat_service, "_task_providers", [])
+    agent = enroll()
+    agent.heartbeat(seq=1, state={"idle": True})
+    with CaptureQueriesContext(connection) as queries:
+        assert agent.heartbeat(seq=2, state={"idle": True}).status_code == 200
+    assert len(queries) == 1, [q["sql"] for q in queries.captured_queries]
+
+
+def test_stale_last_seen_is_refreshed_and_offline_device_comes_back(enroll: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=1)
+    old = timezone.now() - timedelta(minutes=5)
+    Device.objects.filter(pk=agent.device.pk).update(last_seen=old, status="offline")
+    agent.heartbeat(seq=2)
+    device = agent.refresh()
+    assert device.status == "online" and device.last_seen > old
+
+
+def test_desired_state_carries_signed_artifact_refs_and_a_deployment(enroll: Any, make_version: Any) -> None:
+    agent = enroll()
+    version = make_version(weights=b"weights" * 10)
+    Device.objects.filter(pk=agent.device.pk).update(desired_version=version)
+    body = agent.heartbeat(seq=1).json()
+    desired = body["desired"]
+    onnx = version.artifacts.get(kind="onnx")
+    assert desired["version_id"] == version.pk and desired["label"] == "digits:v1"
+    assert desired["artifact"] == {
+        "kind": "onnx",
+        "url": f"/api/agent/v1/artifacts/{onnx.sha256}",
+        "sha256": onnx.sha256,
+        "size": onnx.size,
+        "signature": onnx.signature,
+    }
+    assert desired["weights"]["kind"] == "weights"
+    assert verify(
+        public_key_b64=signing_public_key_b64(), hex_sha256=onnx.sha256, signature_b64=onnx.signature
+    )
+    assert len(base64.b64decode(onnx.signature)) == 64
+    deployment = Deployment.objects.get(device=agent.device)
+    assert desired["deployment_id"] == deployment.pk and deployment.state == "pending"
+    # The next heartbeat reuses the open deployment instead of opening another.
+    assert agent.heartbeat(seq=2).json()["desired"]["deployment_id"] == deployment.pk
+    assert Deployment.objects.filter(device=agent.device).count() == 1
+
+
+def test_deployment_reported_in_heartbeat_is_recorded(enroll: Any, make_version: Any) -> None:
+    agent = enroll()
+    version = make_version()
+    Device.objects.filter(pk=agent.device.pk).update(desired_version=version)
+    deployment_id = agent.heartbeat(seq=1).json()["desired"]["deployment_id"]
+    agent.heartbeat(seq=2, deployment={"id": deployment_id, "state": "downloading"})
+    assert Deployment.objects.get(pk=deployment_id).state == "downloading"
+    assert agent.refresh().deployment_state == "downloading"
+
+
+def test_policy_from_first_group_with_window_in_its_time_zone(enroll: Any) -> None:
+    agent = enroll()
+    now_tokyo = timezone.now().astimezone(ZoneInfo("Asia/Tokyo"))
+    start = (now_tokyo - timedelta(minutes=30)).strftime("%H:%M")
+    end = (now_tokyo + timedelta(minutes=30)).strftime("%H:%M")
+    inside = UpdatePolicy.objects.create(
+        name="tokyo-now",
+        timezone="Asia/Tokyo",
+        maintenance_windows=[{"days": list(range(7)), "start": start, "end": end}],
+        heartbeat_interval_s=30,
+    )
+    group = DeviceGroup.objects.create(name="a-group", policy=inside)
+    agent.device.groups.add(group)
+    body = agent.heartbeat(seq=1).json()
+    assert body["policy"]["name"] == "tokyo-now"
+    assert body["policy"]["in_maintenance_window"] is True and body["policy"]["download_allowed"] is True
+    assert body["heartbeat_interval_s"] == 30
+
+
+def test_maintenance_windows_cross_midnight_and_respect_days() -> None:
+    monday_2330 = datetime(2026, 11, 23, 23, 30, tzinfo=ZoneInfo("UTC"))
+    tuesday_0100 = monday_2330 + timedelta(hours=1, minutes=30)
+    tuesday_0300 = monday_2330 + timedelta(hours=3, minutes=30)
+    windows = [{"days": [0], "start": "23:00", "end": "02:00"}]
+    assert in_maintenance_window(windows=windows, tz_name="UTC", now=monday_2330)
+    assert in_maintenance_window(windows=windows, tz_name="UTC", now=tuesday_0100)
+    assert not in_maintenance_window(windows=windows, tz_name="UTC", now=tuesday_0300)
+    # 23:30 UTC Monday is 08:30 Tuesday in Tokyo: outside a Monday-night window there.
+    assert not in_maintenance_window(windows=windows, tz_name="Asia/Tokyo", now=monday_2330)
+    assert in_maintenance_window(windows=[], tz_name="UTC", now=tuesday_0300)
+
+
+def test_download_not_allowed_when_artifact_exceeds_policy_limit(enroll: Any, make_version: Any) -> None:
+    agent = enroll()
+    policy = UpdatePolicy.objects.create(name="small", max_download_bytes=10)
+    version = make_version()
+    Device.objects.filter(pk=agent.device.pk).update(desired_version=version, policy=policy)
+    body = agent.heartbeat(seq=1).json()
+    assert body["policy"]["in_maintenance_window"] is True
+    assert body["policy"]["download_allowed"] is False
+
+
+def test_pending_commands_are_delivered_once(enroll: Any, operator_client: Any) -> None:
+    agent = enroll()
+    response = operator_client.post(
+        f"/api/v1/devices/{agent.device.pk}/commands/", {"kind": "diagnostics", "args": {"verbose": True}}
+    )
+    assert response.status_code == 201
+    commands = agent.heartbeat(seq=1).json()["commands"]
+    assert commands == [{"id": response.json()["id"], "kind": "diagnostics", "args": {"verbose": True}}]
+    assert DeviceCommand.objects.get().status == "sent"
+    assert agent.heartbeat(seq=2).json()["commands"] == []
+
+
+def test_registered_task_provider_feeds_tasks(enroll: Any) -> None:
+    agent = enroll()
+    seen: list[Any] = []
+
+    def provider(device: Device) -> list[Any]:
+        seen.append(device.pk)
+        return [{"kind": "train", "round_id": 7, "task_url": "/api/agent/v1/rounds/7/task", "deadline": "x"}]
+
+    heartbeat_service.register_task_provider(provider)
+    try:
+        tasks = agent.heartbeat(seq=1).json()["tasks"]
+    finally:
+        heartbeat_service._task_providers.remove(provider)
+    assert seen == [agent.device.pk] and tasks[0]["round_id"] == 7
