@@ -1,3 +1,17 @@
-"""Celery tasks: provisioning."""
+"""Celery tasks: provisioning. Thin: the service does the work and says when to come back."""
 
-__all__: list[str] = []
+from __future__ import annotations
+
+from celery import shared_task
+
+from fleet.services.provisioning import provisioning_job_run
+
+__all__ = ["provision_device"]
+
+
+@shared_task(name="fleet.provision_device", ignore_result=True)
+def provision_device(job_id: int) -> None:
+    """Advance provisioning job `job_id`; re-schedules itself instead of sleeping while it waits."""
+    delay = provisioning_job_run(job_id=job_id)
+    if delay is not None:
+        provision_device.apply_async(args=[job_id], countdown=delay)

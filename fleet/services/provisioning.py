@@ -1,0 +1,739 @@
+"""SSH provisioning: install the agent on a board, start it, and wait until it enrolls.
+
+A job is a row with a lifecycle (queued → connecting → uploading → configuring → starting →
+waiting_enrollment → succeeded, or failed / cancelled, or paused in awaiting_host_key until
+an admin accepts the board's host key). The Celery task only calls `provisioning_job_run`,
+which claims the job with a conditional UPDATE, so a duplicate delivery is a no-op, and
+returns when to run again (retry backoff, enrollment polling) instead of sleeping.
+
+The SSH credential is Fernet-encrypted at rest and wiped once the SSH work ends, whether it
+succeeded or failed; a retry needs the credential again.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import logging
+import os
+import shlex
+import tarfile
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography.fernet import Fernet, InvalidToken
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from config.api import ConflictError, NotFoundError, ServiceError
+from config.audit.services import audit_record
+from fleet.auth import hash_secret, new_secret
+from fleet.models import Device, DeviceGroup, EnrollmentToken, KnownHost, ProvisioningJob
+from fleet.ssh import HostKey, SshError, SshTransport, UnknownHostKeyError
+
+logger = logging.getLogger(__name__)
+
+Status = ProvisioningJob.Status
+
+AGENT_PACKAGE_DIR = Path(__file__).resolve().parent.parent.parent / "devices_agent"
+DEPLOY_DIR = AGENT_PACKAGE_DIR / "deploy"
+DEFAULT_INSTALL_DIR = "~/.flotilla"
+BUNDLE_NAME = "flotilla-agent.tar.gz"
+MIN_PYTHON = (3, 11)
+
+
+def _setting(name: str, default: Any) -> Any:
+    return getattr(settings, name, default)
+
+
+def max_attempts() -> int:
+    """Connection attempts before an unreachable board fails the job."""
+    return int(_setting("PROVISIONING_MAX_ATTEMPTS", 3))
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before attempt `attempt + 1`: exponential, capped."""
+    base = float(_setting("PROVISIONING_RETRY_BASE_S", 5.0))
+    return float(min(300.0, base * 2 ** max(0, attempt - 1)))
+
+
+def enrollment_poll_s() -> float:
+    return float(_setting("PROVISIONING_POLL_INTERVAL_S", 3.0))
+
+
+# --- credentials at rest ----------------------------------------------------------------
+
+
+def _fernet_key() -> bytes:
+    configured: str = _setting("PROVISIONING_KEY", "")
+    if configured:
+        return configured.encode()
+    key_file = _setting("PROVISIONING_KEY_FILE", None)
+    if not key_file:
+        raise ServiceError(
+            "PROVISIONING_KEY is not set: provisioning credentials cannot be encrypted.",
+            code="provisioning_key_missing",
+            status_code=503,
+        )
+    path = Path(key_file)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Written to a private temp file, then hard-linked into place: link() fails if the
+        # file exists, so concurrent processes agree on the first key and nobody ever reads
+        # a half-written one.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".provisioning-key-")
+        try:
+            os.write(fd, Fernet.generate_key())
+            os.fsync(fd)
+            os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        finally:
+            os.unlink(tmp)
+    return path.read_bytes().strip()
+
+
+def credential_encrypt(secret: str) -> str:
+    """Encrypt an SSH credential for storage."""
+    return Fernet(_fernet_key()).encrypt(secret.encode()).decode()
+
+
+def credential_decrypt(token: str) -> str:
+    """Decrypt a stored credential; raises ServiceError when the key changed."""
+    try:
+        return Fernet(_fernet_key()).decrypt(token.encode()).decode()
+    except InvalidToken as exc:
+        raise ServiceError(
+            "The stored credential cannot be decrypted (was PROVISIONING_KEY changed?).",
+            code="credential_unreadable",
+        ) from exc
+
+
+# --- the agent bundle -------------------------------------------------------------------
+
+_PYPROJECT = """\
+[build-system]
+requires = []
+build-backend = "build_backend"
+backend-path = ["."]
+
+[project]
+name = "flotilla-agent"
+dynamic = ["version"]
+"""
+
+
+def agent_bundle() -> bytes:
+    """A tar.gz of the `devices_agent` package with a pyproject and a dependency-free backend.
+
+    `pip install --no-index --no-deps <bundle>` builds and installs it offline. Members have
+    fixed times and owners, so the same sources give the same bytes.
+    """
+    buffer = io.BytesIO()
+
+    def add(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+        info = tarfile.TarInfo(f"flotilla-agent/{name}")
+        info.size = len(data)
+        info.mode = mode
+        info.mtime = 0
+        tar.addfile(info, io.BytesIO(data))
+
+    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+        add(tar, "pyproject.toml", _PYPROJECT.encode())
+        add(tar, "build_backend.py", (DEPLOY_DIR / "build_backend.py").read_bytes())
+        for path in sorted(AGENT_PACKAGE_DIR.rglob("*")):
+            if path.is_dir() or "__pycache__" in path.parts or path.suffix in {".pyc", ".pyo"}:
+                continue
+            mode = 0o755 if path.suffix == ".sh" else 0o644
+            add(
+                tar,
+                f"devices_agent/{path.relative_to(AGENT_PACKAGE_DIR).as_posix()}",
+                path.read_bytes(),
+                mode,
+            )
+    return buffer.getvalue()
+
+
+def agent_config_toml(*, server_url: str, token: str, state_dir: str, name: str) -> str:
+    """The agent's config file. JSON string literals are valid TOML basic strings."""
+    lines = [
+        "# Written by Flotilla provisioning. The token is single-use and expires.",
+        f"server_url = {json.dumps(server_url)}",
+        f"enrollment_token = {json.dumps(token)}",
+        f"state_dir = {json.dumps(state_dir)}",
+    ]
+    if name:
+        lines.append(f"name = {json.dumps(name)}")
+    return "\n".join(lines) + "\n"
+
+
+# --- operator actions -------------------------------------------------------------------
+
+
+def _enqueue(job_id: int, *, countdown: float = 0) -> None:
+    from fleet.tasks.provisioning import provision_device
+
+    transaction.on_commit(lambda: provision_device.apply_async(args=[job_id], countdown=countdown))
+
+
+def _credential(private_key: str | None, password: str | None) -> tuple[str, str]:
+    if bool(private_key) == bool(password):
+        raise ServiceError("Give exactly one of private_key or password.", code="validation_error")
+    if private_key:
+        from fleet.ssh import load_private_key
+
+        try:
+            load_private_key(private_key)
+        except SshError as exc:
+            raise ServiceError(exc.message, code="invalid_private_key") from exc
+        return ProvisioningJob.AuthMethod.KEY, private_key
+    assert password is not None
+    return ProvisioningJob.AuthMethod.PASSWORD, password
+
+
+def _step_entry(step: str, status: str, message: str = "") -> dict[str, str]:
+    return {"ts": timezone.now().isoformat(), "step": step, "status": status, "message": message}
+
+
+def provisioning_job_create(
+    *,
+    actor: Any,
+    host: str,
+    username: str,
+    port: int = 22,
+    private_key: str | None = None,
+    password: str | None = None,
+    python: str = "",
+    install_dir: str = "",
+    server_url: str = "",
+    name: str = "",
+    group: DeviceGroup | None = None,
+    tags: list[str] | None = None,
+    enrollment_timeout_s: int | None = None,
+    remote_addr: str | None = None,
+) -> ProvisioningJob:
+    """Queue the installation of the agent on `username@host:port`."""
+    auth_method, secret = _credential(private_key, password)
+    options: dict[str, Any] = {
+        "python": python or "python3",
+        "install_dir": install_dir or DEFAULT_INSTALL_DIR,
+        "server_url": server_url or settings.PUBLIC_BASE_URL,
+        "name": name,
+        "enrollment_timeout_s": enrollment_timeout_s or int(_setting("PROVISIONING_ENROLL_TIMEOUT_S", 300)),
+    }
+    with transaction.atomic():
+        job = ProvisioningJob.objects.create(
+            host=host,
+            port=port,
+            username=username,
+            auth_method=auth_method,
+            credential_encrypted=credential_encrypt(secret),
+            options=options,
+            group=group,
+            tags=list(dict.fromkeys(tags or [])),
+            steps=[_step_entry("queued", "ok", "")],
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        )
+        audit_record(
+            actor=actor,
+            action="provisioning_job.create",
+            target=job,
+            data={
+                "host": host,
+                "port": port,
+                "username": username,
+                "auth_method": auth_method,
+                "options": options,
+                "group": group.pk if group else None,
+                "tags": job.tags,
+            },
+            remote_addr=remote_addr,
+        )
+        _enqueue(job.pk)
+    return job
+
+
+def _locked_job(job_id: int) -> ProvisioningJob:
+    job = ProvisioningJob.objects.select_for_update().filter(pk=job_id).first()
+    if job is None:
+        raise NotFoundError("No such provisioning job.", code="not_found")
+    return job
+
+
+def provisioning_job_accept_host_key(
+    *, actor: Any, job_id: int, fingerprint: str, remote_addr: str | None = None
+) -> ProvisioningJob:
+    """Trust the host key the job saw, after an admin compared `fingerprint` on the board."""
+    with transaction.atomic():
+        job = _locked_job(job_id)
+        if job.status != Status.AWAITING_HOST_KEY:
+            raise ConflictError(
+                f"The job is {job.status}, not awaiting a host key.", code="not_awaiting_host_key"
+            )
+        if fingerprint.strip() != job.host_key_fingerprint:
+            raise ServiceError(
+                "The fingerprint does not match the key the board offered.",
+                code="fingerprint_mismatch",
+                details={"offered": job.host_key_fingerprint},
+            )
+        known, created = KnownHost.objects.get_or_create(
+            host=job.host,
+            port=job.port,
+            key_type=job.host_key_type,
+            defaults={
+                "key_b64": job.host_key_b64,
+                "fingerprint": job.host_key_fingerprint,
+                "accepted_by": actor if getattr(actor, "is_authenticated", False) else None,
+            },
+        )
+        if not created and known.key_b64 != job.host_key_b64:
+            raise ConflictError(
+                "Another key of this type is already accepted for this host; forget it first.",
+                code="known_host_conflict",
+            )
+        job.status = Status.QUEUED
+        job.steps = [*job.steps, _step_entry("host_key", "ok", f"accepted {job.host_key_fingerprint}")]
+        job.save(update_fields=["status", "steps"])
+        audit_record(
+            actor=actor,
+            action="provisioning_job.accept_host_key",
+            target=job,
+            data={"fingerprint": job.host_key_fingerprint, "known_host": known.pk},
+            remote_addr=remote_addr,
+        )
+        _enqueue(job.pk)
+    return job
+
+
+def provisioning_job_retry(
+    *,
+    actor: Any,
+    job_id: int,
+    private_key: str | None = None,
+    password: str | None = None,
+    remote_addr: str | None = None,
+) -> ProvisioningJob:
+    """Run a failed or cancelled job again; the credential was wiped, so it is given again."""
+    auth_method, secret = _credential(private_key, password)
+    with transaction.atomic():
+        job = _locked_job(job_id)
+        if job.status not in (Status.FAILED, Status.CANCELLED):
+            raise ConflictError(f"Only failed or cancelled jobs can be retried (this one is {job.status}).")
+        job.status = Status.QUEUED
+        job.auth_method = auth_method
+        job.credential_encrypted = credential_encrypt(secret)
+        job.error = ""
+        job.error_code = ""
+        job.attempts = 0
+        job.finished_at = None
+        job.locked_until = None
+        job.steps = [*job.steps, _step_entry("retry", "ok", "queued again")]
+        job.save()
+        audit_record(actor=actor, action="provisioning_job.retry", target=job, remote_addr=remote_addr)
+        _enqueue(job.pk)
+    return job
+
+
+def provisioning_job_cancel(*, actor: Any, job_id: int, remote_addr: str | None = None) -> ProvisioningJob:
+    """Stop a job that has not finished; a step already running on the board completes first."""
+    with transaction.atomic():
+        job = _locked_job(job_id)
+        if job.status in ProvisioningJob.TERMINAL:
+            raise ConflictError(f"The job already ended ({job.status}).", code="already_finished")
+        job.status = Status.CANCELLED
+        job.credential_encrypted = ""
+        job.finished_at = timezone.now()
+        job.steps = [*job.steps, _step_entry("cancel", "ok", "cancelled by operator")]
+        job.save(update_fields=["status", "credential_encrypted", "finished_at", "steps"])
+        _revoke_token(job)
+        audit_record(actor=actor, action="provisioning_job.cancel", target=job, remote_addr=remote_addr)
+    return job
+
+
+def known_host_forget(*, actor: Any, known_host_id: int, remote_addr: str | None = None) -> None:
+    """Remove an accepted host key; the next job to that host stops for a new acceptance."""
+    with transaction.atomic():
+        known = KnownHost.objects.select_for_update().filter(pk=known_host_id).first()
+        if known is None:
+            raise NotFoundError("No such known host.", code="not_found")
+        audit_record(
+            actor=actor,
+            action="known_host.forget",
+            target=known,
+            data={"host": known.host, "port": known.port, "fingerprint": known.fingerprint},
+            remote_addr=remote_addr,
+        )
+        known.delete()
+
+
+# --- the run ----------------------------------------------------------------------------
+
+
+class _Stopped(Exception):
+    """The job left the state this run expected (cancelled meanwhile): stop quietly."""
+
+
+def _update(job: ProvisioningJob, *, expect: str, **fields: Any) -> None:
+    """Write fields only while the job is still in `expect`, so a cancel is never overwritten."""
+    updated = ProvisioningJob.objects.filter(pk=job.pk, status=expect).update(**fields)
+    if not updated:
+        raise _Stopped
+    for name, value in fields.items():
+        setattr(job, name, value)
+
+
+def _log(job: ProvisioningJob, step: str, status: str, message: str = "") -> None:
+    _update(job, expect=job.status, steps=[*job.steps, _step_entry(step, status, message)])
+
+
+def _advance(job: ProvisioningJob, new_status: str, message: str = "") -> None:
+    _update(
+        job,
+        expect=job.status,
+        status=new_status,
+        steps=[*job.steps, _step_entry(new_status, "started", message)],
+        locked_until=timezone.now() + _lease(),
+    )
+
+
+def _lease() -> timedelta:
+    # Longer than the task's hard time limit: a job in a running state past its lease
+    # belongs to a worker that died, and a redelivered task may take it over.
+    return timedelta(seconds=int(_setting("CELERY_TASK_TIME_LIMIT", 660)) + 60)
+
+
+def _claim(job_id: int) -> bool:
+    now = timezone.now()
+    claimable = Q(status=Status.QUEUED) | Q(status__in=ProvisioningJob.RUNNING, locked_until__lt=now)
+    with transaction.atomic():
+        job = ProvisioningJob.objects.filter(pk=job_id).filter(claimable).first()
+        if job is None:
+            return False
+        updated = (
+            ProvisioningJob.objects.filter(pk=job_id, status=job.status)
+            .filter(claimable)
+            .update(
+                status=Status.CONNECTING,
+                attempts=F("attempts") + 1,
+                locked_until=now + _lease(),
+                started_at=job.started_at or now,
+            )
+        )
+    return updated == 1
+
+
+def _revoke_token(job: ProvisioningJob) -> None:
+    if job.enrollment_token_id and not Device.objects.filter(enrollment_token_id=job.enrollment_token_id):
+        EnrollmentToken.objects.filter(pk=job.enrollment_token_id, revoked_at=None).update(
+            revoked_at=timezone.now()
+        )
+
+
+def _fail(job: ProvisioningJob, *, code: str, message: str) -> None:
+    with transaction.atomic():
+        updated = (
+            ProvisioningJob.objects.filter(pk=job.pk)
+            .exclude(status__in=ProvisioningJob.TERMINAL)
+            .update(
+                status=Status.FAILED,
+                error=message,
+                error_code=code,
+                credential_encrypted="",
+                finished_at=timezone.now(),
+                locked_until=None,
+                steps=[*job.steps, _step_entry(job.status, "failed", message)],
+            )
+        )
+        if updated:
+            job.refresh_from_db()
+            _revoke_token(job)
+    logger.info("provisioning job %s failed (%s): %s", job.pk, code, message)
+
+
+def _create_token(job: ProvisioningJob, *, timeout_s: int) -> tuple[EnrollmentToken, str]:
+    expires_at = timezone.now() + timedelta(seconds=timeout_s + 300)
+    name = f"provisioning job {job.pk}"
+    try:
+        from fleet.services.enrollment import enrollment_token_create
+    except ImportError:  # pragma: no cover - the enrollment service ships with the fleet app
+        secret = new_secret()
+        token = EnrollmentToken.objects.create(
+            name=name,
+            token_hash=hash_secret(secret),
+            prefix=secret[:8],
+            group=job.group,
+            tags=job.tags,
+            max_uses=1,
+            expires_at=expires_at,
+            created_by=job.created_by,
+        )
+        return token, secret
+    return enrollment_token_create(
+        actor=job.created_by, name=name, group=job.group, tags=job.tags, max_uses=1, expires_at=expires_at
+    )
+
+
+def _remote_dir_expr(install_dir: str) -> str:
+    if install_dir == "~":
+        return '"$HOME"'
+    if install_dir.startswith("~/"):
+        return '"$HOME"/' + shlex.quote(install_dir[2:])
+    return shlex.quote(install_dir)
+
+
+def _checked(ssh: SshTransport, command: str, *, step: str, timeout: float = 60.0) -> str:
+    code, out, err = ssh.run(command, timeout=timeout)
+    if code != 0:
+        detail = (err.strip() or out.strip())[-1500:]
+        raise SshError(f"{step} failed (exit {code}): {detail}", permanent=True, code=f"{step}_failed")
+    return out
+
+
+def _check_host(ssh: SshTransport, *, python: str, remote_dir: str) -> dict[str, Any]:
+    arch = _checked(ssh, "uname -m", step="check_host").strip()
+    code, out, err = ssh.run(
+        f"{shlex.quote(python)} -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])'", timeout=30
+    )
+    if code != 0:
+        raise SshError(
+            f"No usable Python at {python!r} on the board: {(err or out).strip()[-300:]}",
+            permanent=True,
+            code="python_missing",
+        )
+    version = out.strip()
+    if tuple(int(p) for p in version.split(".")[:2]) < MIN_PYTHON:
+        raise SshError(
+            f"The agent needs Python >= {'.'.join(map(str, MIN_PYTHON))}; {python} is {version}.",
+            permanent=True,
+            code="python_too_old",
+        )
+    df = _checked(ssh, f"df -Pk {shlex.quote(remote_dir)} | tail -n 1", step="check_host").split()
+    free_mb = int(df[3]) // 1024 if len(df) > 3 and df[3].isdigit() else None
+    min_free = int(_setting("PROVISIONING_MIN_FREE_MB", 50))
+    if free_mb is not None and free_mb < min_free:
+        raise SshError(
+            f"Only {free_mb} MB free in {remote_dir}; at least {min_free} MB needed.",
+            permanent=True,
+            code="disk_full",
+        )
+    code, out, _ = ssh.run(
+        'if [ "$(id -u)" = 0 ] && command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; '
+        "then echo systemd; else echo nohup; fi",
+        timeout=30,
+    )
+    return {"arch": arch, "python": version, "free_mb": free_mb, "service": out.strip() or "nohup"}
+
+
+def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
+    options = job.options
+    python = str(options.get("python") or "python3")
+    known = [
+        HostKey(key_type=k.key_type, key_b64=k.key_b64)
+        for k in KnownHost.objects.filter(host=job.host, port=job.port)
+    ]
+    _log(job, "connect", "started", f"{job.username}@{job.host}:{job.port}")
+    transport = SshTransport(
+        host=job.host,
+        port=job.port,
+        username=job.username,
+        known_keys=known,
+        private_key=secret if job.auth_method == ProvisioningJob.AuthMethod.KEY else None,
+        password=secret if job.auth_method == ProvisioningJob.AuthMethod.PASSWORD else None,
+        timeout=float(_setting("PROVISIONING_SSH_TIMEOUT_S", 10.0)),
+    )
+    with transport as ssh:
+        key = ssh.server_key
+        _update(
+            job,
+            expect=job.status,
+            host_key_type=key.key_type,
+            host_key_b64=key.key_b64,
+            host_key_fingerprint=key.fingerprint,
+        )
+        _log(job, "connect", "ok", f"host key {key.key_type} {key.fingerprint}")
+
+        expr = _remote_dir_expr(str(options.get("install_dir") or DEFAULT_INSTALL_DIR))
+        remote_dir = _checked(
+            ssh, f"mkdir -p {expr} && chmod 700 {expr} && cd {expr} && pwd", step="check_host"
+        ).strip()
+        facts = _check_host(ssh, python=python, remote_dir=remote_dir)
+        facts["install_dir"] = remote_dir
+        _update(job, expect=job.status, host_facts=facts)
+        _log(
+            job,
+            "check_host",
+            "ok",
+            f"{facts['arch']}, Python {facts['python']}, {facts['free_mb']} MB free, {facts['service']}",
+        )
+
+        _advance(job, Status.UPLOADING)
+        bundle = agent_bundle()
+        q = shlex.quote
+        ssh.upload(data=bundle, remote_path=f"{remote_dir}/{BUNDLE_NAME}")
+        ssh.upload(
+            data=(DEPLOY_DIR / "install.sh").read_bytes(), remote_path=f"{remote_dir}/install.sh", mode=0o700
+        )
+        ssh.upload(
+            data=(DEPLOY_DIR / "flotilla-agent.service.in").read_bytes(),
+            remote_path=f"{remote_dir}/flotilla-agent.service.in",
+        )
+        _log(job, "upload", "ok", f"{BUNDLE_NAME} ({len(bundle)} bytes), install.sh")
+
+        _advance(job, Status.CONFIGURING)
+        out = _checked(
+            ssh,
+            f"sh {q(remote_dir + '/install.sh')} install {q(remote_dir)} "
+            f"{q(remote_dir + '/' + BUNDLE_NAME)} {q(python)}",
+            step="install",
+            timeout=600,
+        )
+        _log(job, "install", "ok", out.strip()[-300:])
+        # A fresh single-use token per run: an earlier run's token may sit in an old config.
+        _revoke_token(job)
+        timeout_s = int(options.get("enrollment_timeout_s") or 300)
+        token, token_secret = _create_token(job, timeout_s=timeout_s)
+        _update(job, expect=job.status, enrollment_token=token)
+        config = agent_config_toml(
+            server_url=str(options.get("server_url") or settings.PUBLIC_BASE_URL),
+            token=token_secret,
+            state_dir=f"{remote_dir}/state",
+            name=str(options.get("name") or ""),
+        )
+        ssh.upload(data=config.encode(), remote_path=f"{remote_dir}/agent.toml", mode=0o600)
+        _log(job, "config", "ok", f"{remote_dir}/agent.toml (token {token.prefix}…)")
+
+        _advance(job, Status.STARTING)
+        out = _checked(
+            ssh, f"sh {q(remote_dir + '/install.sh')} start {q(remote_dir)}", step="start", timeout=120
+        )
+        _log(job, "start", "ok", out.strip()[-300:])
+
+    # The SSH work is over: the credential is wiped now rather than kept while we wait.
+    _update(
+        job,
+        expect=job.status,
+        status=Status.WAITING_ENROLLMENT,
+        credential_encrypted="",
+        locked_until=None,
+        enrollment_deadline=timezone.now() + timedelta(seconds=timeout_s),
+        steps=[*job.steps, _step_entry(Status.WAITING_ENROLLMENT, "started", f"up to {timeout_s} s")],
+    )
+
+
+def _check_enrollment(job: ProvisioningJob) -> float | None:
+    device = (
+        Device.objects.filter(enrollment_token_id=job.enrollment_token_id).order_by("enrolled_at").first()
+        if job.enrollment_token_id
+        else None
+    )
+    try:
+        if device is not None:
+            _update(
+                job,
+                expect=Status.WAITING_ENROLLMENT,
+                status=Status.SUCCEEDED,
+                device=device,
+                finished_at=timezone.now(),
+                steps=[*job.steps, _step_entry("enrolled", "ok", f"device {device.name} ({device.pk})")],
+            )
+            return None
+    except _Stopped:
+        return None
+    if job.enrollment_deadline and timezone.now() > job.enrollment_deadline:
+        install_dir = job.host_facts.get("install_dir", "the install directory")
+        _fail(
+            job,
+            code="enrollment_timeout",
+            message=f"The agent did not enroll in time; see {install_dir}/agent.log and "
+            f"{install_dir}/state/agent.log on the board.",
+        )
+        return None
+    return enrollment_poll_s()
+
+
+def provisioning_job_run(*, job_id: int) -> float | None:
+    """Advance a job as far as it goes now. Returns seconds until it should run again, or None.
+
+    Safe to call twice: only a queued job (or one whose worker died past its lease) is
+    claimed, with a conditional UPDATE; a waiting job is only polled.
+    """
+    job = ProvisioningJob.objects.filter(pk=job_id).first()
+    if job is None:
+        return None
+    if job.status == Status.WAITING_ENROLLMENT:
+        return _check_enrollment(job)
+    if not _claim(job_id):
+        return None
+    job.refresh_from_db()
+    if not job.credential_encrypted:
+        _fail(job, code="no_credential", message="No credential stored; retry the job with one.")
+        return None
+    try:
+        _run_over_ssh(job, credential_decrypt(job.credential_encrypted))
+    except _Stopped:
+        return None
+    except UnknownHostKeyError as exc:
+        key = exc.key
+        try:
+            _update(
+                job,
+                expect=job.status,
+                status=Status.AWAITING_HOST_KEY,
+                host_key_type=key.key_type,
+                host_key_b64=key.key_b64,
+                host_key_fingerprint=key.fingerprint,
+                locked_until=None,
+                steps=[*job.steps, _step_entry("host_key", "waiting", exc.message)],
+            )
+        except _Stopped:
+            pass
+        return None
+    except SshError as exc:
+        if exc.permanent or job.attempts >= max_attempts():
+            suffix = "" if exc.permanent else f" (gave up after {job.attempts} attempts)"
+            _fail(job, code=exc.code, message=exc.message + suffix)
+            return None
+        delay = retry_delay(job.attempts)
+        try:
+            _update(
+                job,
+                expect=job.status,
+                status=Status.QUEUED,
+                locked_until=None,
+                next_attempt_at=timezone.now() + timedelta(seconds=delay),
+                steps=[
+                    *job.steps,
+                    _step_entry(
+                        job.status, "retry", f"{exc.message}; attempt {job.attempts + 1} in {delay:g} s"
+                    ),
+                ],
+            )
+        except _Stopped:
+            return None
+        return delay
+    except ServiceError as exc:
+        _fail(job, code=exc.code, message=exc.message)
+        return None
+    except Exception as exc:
+        logger.exception("provisioning job %s crashed", job_id)
+        _fail(job, code="internal_error", message=f"Internal error: {type(exc).__name__}: {exc}")
+        return None
+    return enrollment_poll_s()
+
+
+def b64_fingerprint_ok(value: str) -> bool:
+    """Whether `value` looks like an OpenSSH SHA256 fingerprint."""
+    if not value.startswith("SHA256:"):
+        return False
+    body = value[len("SHA256:") :]
+    try:
+        return len(base64.b64decode(body + "=" * (-len(body) % 4))) == 32
+    except ValueError:
+        return False

@@ -1,0 +1,160 @@
+"""Provisioning jobs run in-process against the real sshd: host keys, credentials, retries."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import pytest
+
+from tests.fleet.provisioning.conftest import Board
+
+pytestmark = pytest.mark.django_db
+
+
+def _job(board: Board, **overrides: Any) -> Any:
+    from fleet.services.provisioning import provisioning_job_create
+
+    fields: dict[str, Any] = {
+        "actor": None,
+        "host": board.host,
+        "port": board.port,
+        "username": board.username,
+        "private_key": board.private_key,
+        # A Python that does not exist stops the job right after the host checks, so these
+        # tests see connection and authentication without installing anything.
+        "python": "/nonexistent/python3",
+        "install_dir": str(board.root / "installs" / "unused"),
+    }
+    fields.update(overrides)
+    return provisioning_job_create(**fields)
+
+
+def _run_until_settled(job_id: int, *, max_runs: int = 10) -> Any:
+    from fleet.models import ProvisioningJob
+    from fleet.services.provisioning import provisioning_job_run
+
+    for _ in range(max_runs):
+        if provisioning_job_run(job_id=job_id) is None:
+            break
+        if ProvisioningJob.objects.get(pk=job_id).status == ProvisioningJob.Status.WAITING_ENROLLMENT:
+            break
+    return ProvisioningJob.objects.get(pk=job_id)
+
+
+def test_unknown_host_key_pauses_the_job_until_an_admin_accepts_it(
+    board: Board, admin_client_api: Any
+) -> None:
+    from fleet.models import KnownHost
+
+    job = _job(board)
+    job = _run_until_settled(job.pk)
+    assert job.status == "awaiting_host_key"
+    # The fingerprint is the one OpenSSH itself computes for the board's key.
+    assert job.host_key_fingerprint == board.host_key_fingerprint
+    assert job.host_key_b64 == board.host_key_b64
+    assert job.steps[-1]["step"] == "host_key" and job.steps[-1]["status"] == "waiting"
+    assert job.credential_encrypted, "the credential is kept while the job waits"
+    assert not KnownHost.objects.exists()
+
+    response = admin_client_api.post(
+        f"/api/v1/provisioning-jobs/{job.pk}/accept-host-key/", {"fingerprint": board.host_key_fingerprint}
+    )
+    assert response.status_code == 200, response.content
+    assert response.json()["status"] == "queued"
+    known = KnownHost.objects.get()
+    assert (known.host, known.port, known.fingerprint) == (board.host, board.port, board.host_key_fingerprint)
+    assert known.accepted_by == admin_client_api.user
+
+    job = _run_until_settled(job.pk)
+    # It got past the host key and authenticated: it now fails on the missing Python.
+    assert job.status == "failed"
+    assert job.error_code == "python_missing", job.error
+    assert [s["step"] for s in job.steps if s["status"] == "ok"][:4] == [
+        "queued",
+        "host_key",
+        "connect",
+        "connect",
+    ]
+    assert job.credential_encrypted == ""
+
+
+def test_changed_host_key_fails_without_authenticating(board: Board, db: Any) -> None:
+    from fleet.models import KnownHost
+
+    KnownHost.objects.create(
+        host=board.host,
+        port=board.port,
+        key_type=board.host_key_type,
+        key_b64=board.other_host_key_b64,
+        fingerprint="SHA256:previous",
+    )
+    accepted_before = board.log().count("Accepted publickey")
+    job = _run_until_settled(_job(board).pk)
+    assert job.status == "failed"
+    assert job.error_code == "host_key_changed"
+    assert "HOST KEY CHANGED" in job.error and "man-in-the-middle" in job.error
+    assert board.host_key_fingerprint in job.error
+    assert job.attempts == 1, "a changed key is never retried"
+    assert job.credential_encrypted == ""
+    # The key check happens before authentication: the board never saw our credential.
+    assert board.log().count("Accepted publickey") == accepted_before
+
+
+def test_wrong_private_key_fails_permanently_and_wipes_it(accepted_board: Board) -> None:
+    job = _run_until_settled(_job(accepted_board, private_key=accepted_board.other_private_key).pk)
+    assert job.status == "failed"
+    assert job.error_code == "auth_failed"
+    assert "Authentication failed" in job.error and accepted_board.username in job.error
+    assert job.attempts == 1
+    assert job.credential_encrypted == ""
+    assert job.finished_at is not None
+
+
+def test_password_refused_by_a_key_only_board(accepted_board: Board) -> None:
+    job = _run_until_settled(_job(accepted_board, private_key=None, password="not-the-password").pk)
+    assert job.status == "failed"
+    assert job.error_code == "auth_failed"
+    assert job.credential_encrypted == ""
+
+
+def test_unreachable_board_fails_after_bounded_retries(board: Board, settings: Any) -> None:
+    from fleet.services.provisioning import max_attempts
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed_port = sock.getsockname()[1]
+    job = _run_until_settled(_job(board, port=closed_port).pk)
+    assert job.status == "failed"
+    assert job.error_code == "unreachable"
+    assert job.attempts == max_attempts() == 3
+    assert f"127.0.0.1:{closed_port}" in job.error and "gave up after 3 attempts" in job.error
+    retries = [s for s in job.steps if s["status"] == "retry"]
+    assert len(retries) == 2
+    assert job.credential_encrypted == ""
+
+
+def test_a_second_run_of_a_claimed_job_is_a_no_op(accepted_board: Board) -> None:
+    from fleet.models import ProvisioningJob
+    from fleet.services.provisioning import provisioning_job_run
+
+    job = _run_until_settled(_job(accepted_board).pk)
+    assert job.status == "failed"
+    steps = list(job.steps)
+    assert provisioning_job_run(job_id=job.pk) is None
+    job = ProvisioningJob.objects.get(pk=job.pk)
+    assert job.status == "failed" and job.steps == steps and job.attempts == 1
+
+
+def test_credential_is_encrypted_at_rest(board: Board, settings: Any) -> None:
+    import os
+    import stat
+
+    from fleet.services.provisioning import credential_decrypt
+
+    job = _job(board)
+    assert board.private_key not in job.credential_encrypted
+    assert "PRIVATE KEY" not in job.credential_encrypted
+    assert credential_decrypt(job.credential_encrypted) == board.private_key
+    key_file = settings.PROVISIONING_KEY_FILE
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
