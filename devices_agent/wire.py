@@ -48,6 +48,7 @@ METRIC_NAMES: tuple[str, ...] = (
     "personal_accuracy",
     "global_accuracy",
     "drift_score",
+    "dropped",  # samples the agent's full outbox discarded since the last report
 )
 
 
@@ -116,6 +117,10 @@ class DesiredModel(TypedDict):
     deployment_id: int | None
     artifact: ArtifactRef
     weights: ArtifactRef | None
+    # Optional: the family's input contract, for the agent's health check. Without them the
+    # agent reads the input shape off the ONNX model and the classes off the known archs.
+    input_shape: NotRequired[list[int]]
+    num_classes: NotRequired[int]
 
 
 class Policy(TypedDict, total=False):
@@ -190,3 +195,34 @@ class ErrorBody(TypedDict):
 
 class ErrorResponse(TypedDict):
     error: ErrorBody
+
+
+# The tensor codecs are part of the contract too; they live in their own module and are
+# re-exported here so both sides can take everything wire-level from one place.
+from devices_agent.codecs import (  # noqa: E402
+    CODEC_VERSION,
+    CODECS,
+    EncodedDelta,
+    WireError,
+    clip_by_norm,
+    decode_delta,
+    decode_tensors,
+    encode_delta,
+    encode_tensors,
+    expected_layout,
+    l2_norm,
+)
+
+__all__ = [
+    "CODEC_VERSION",
+    "CODECS",
+    "EncodedDelta",
+    "WireError",
+    "clip_by_norm",
+    "decode_delta",
+    "decode_tensors",
+    "encode_delta",
+    "encode_tensors",
+    "expected_layout",
+    "l2_norm",
+]

@@ -1,0 +1,243 @@
+"""``flotilla-agent``: run the agent, simulate a fleet, classify an input, show local state.
+
+flotilla-agent run --config /etc/flotilla-agent.toml
+flotilla-agent run --server URL --token TOKEN --state-dir DIR
+flotilla-agent simulate --devices 50 --server URL --token TOKEN [--state-root DIR]
+flotilla-agent predict --state-dir DIR --input '[0.0, 0.1, ...]'
+flotilla-agent status --state-dir DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from devices_agent.config import AgentConfig, ConfigError, load_config
+
+__all__ = ["main"]
+
+
+def _setup_logging(path: Path | None, *, verbose: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(path))
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def _config_from_args(args: argparse.Namespace) -> AgentConfig:
+    if args.config:
+        config = load_config(args.config)
+        if args.state_dir:
+            config.state_dir = Path(args.state_dir)
+        return config
+    if not args.server or not args.state_dir:
+        raise ConfigError("give --config FILE, or --server URL --state-dir DIR (and --token on first run)")
+    return AgentConfig(
+        server_url=args.server,
+        enrollment_token=args.token or "",
+        state_dir=Path(args.state_dir),
+        name=args.name or "",
+        tags=list(args.tag or []),
+        heartbeat_interval_s=args.interval,
+        websocket=not args.no_websocket,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from devices_agent.agent import Agent, EnrollmentError
+
+    config = _config_from_args(args)
+    _setup_logging(config.log_path, verbose=args.verbose)
+    agent = Agent(config=config)
+
+    def _stop(signum: int, frame: Any) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        agent.run(max_steps=args.max_steps)
+    except EnrollmentError as exc:
+        logging.getLogger("devices_agent").error("%s", exc)
+        return 2
+    finally:
+        agent.close()
+    return 0
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from devices_agent.simulate import Fleet
+
+    _setup_logging(None, verbose=args.verbose)
+    state_root = Path(args.state_root or tempfile.mkdtemp(prefix="flotilla-fleet-"))
+    fleet = Fleet(
+        server_url=args.server,
+        token=args.token,
+        devices=args.devices,
+        state_root=state_root,
+        seed=args.seed,
+        alpha=args.alpha,
+        heartbeat_interval_s=args.interval,
+        slow_fraction=args.slow_fraction,
+        slow_delay_ms=args.slow_delay_ms,
+        threads=args.threads,
+        inferences_per_cycle=args.inferences,
+    )
+    stop = {"now": False}
+
+    def _stop(signum: int, frame: Any) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    print(f"simulating {args.devices} devices under {state_root}", file=sys.stderr)
+    fleet.start()
+    started = time.monotonic()
+    try:
+        while not stop["now"] and (args.duration is None or time.monotonic() - started < args.duration):
+            time.sleep(1.0)
+            if int(time.monotonic() - started) % 10 == 0:
+                print(json.dumps(fleet.stats.as_dict()), file=sys.stderr)
+    finally:
+        fleet.stop()
+    print(json.dumps(fleet.stats.as_dict()))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from devices_agent.inference import Predictor
+    from devices_agent.outbox import Outbox
+    from devices_agent.state import AgentState
+
+    state = AgentState(args.state_dir)
+    current = state.current()
+    if current is None:
+        print(json.dumps({"error": "no model installed"}))
+        return 1
+    raw = args.input
+    if raw.startswith("@"):
+        raw = Path(raw[1:]).read_text()
+    data = np.asarray(json.loads(raw), dtype=np.float32)
+    rows = data.reshape(1, -1) if data.ndim == 1 else data
+    outbox = Outbox(state.outbox_path)
+    predictor = Predictor(
+        model=current.path,
+        version_id=current.version_id,
+        record=lambda name, value, version_id: outbox.add(name, value, version_id=version_id),
+    )
+    results = []
+    for row in rows:
+        p = predictor.predict(row)
+        results.append(
+            {"label": p.label, "confidence": round(p.confidence, 6), "latency_ms": round(p.latency_ms, 4)}
+        )
+    outbox.close()
+    print(json.dumps({"version_id": current.version_id, "label": current.label, "predictions": results}))
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from devices_agent.outbox import Outbox
+    from devices_agent.state import AgentState
+
+    state = AgentState(args.state_dir)
+    creds = state.credentials()
+    current = state.current()
+    data = state.load()
+    outbox = Outbox(state.outbox_path)
+    print(
+        json.dumps(
+            {
+                "enrolled": creds is not None,
+                "device_id": creds.device_id if creds else None,
+                "server_url": creds.server_url if creds else None,
+                "current_version_id": current.version_id if current else None,
+                "current_label": current.label if current else None,
+                "last_good_version_id": state.last_good_version_id(),
+                "installed_versions": state.installed_versions(),
+                "deployment": data.get("deployment"),
+                "last_report": data.get("deployment_report"),
+                "seq": data.get("seq", 0),
+                "outbox_pending": outbox.pending(),
+                "outbox_dropped": outbox.counter("dropped"),
+            },
+            indent=2,
+        )
+    )
+    outbox.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command-line interface."""
+    parser = argparse.ArgumentParser(prog="flotilla-agent", description="Flotilla's device agent")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the agent")
+    run.add_argument("--config", type=Path)
+    run.add_argument("--server")
+    run.add_argument("--token")
+    run.add_argument("--state-dir")
+    run.add_argument("--name")
+    run.add_argument("--tag", action="append")
+    run.add_argument("--interval", type=float, default=None, help="override the server's heartbeat interval")
+    run.add_argument("--no-websocket", action="store_true")
+    run.add_argument("--max-steps", type=int, default=None)
+    run.set_defaults(func=_cmd_run)
+
+    sim = sub.add_parser("simulate", help="simulate a fleet of agents in this process")
+    sim.add_argument("--devices", type=int, required=True)
+    sim.add_argument("--server", required=True)
+    sim.add_argument("--token", required=True, help="an enrollment token with max_uses >= devices")
+    sim.add_argument("--state-root")
+    sim.add_argument("--seed", type=int, default=0)
+    sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the data split")
+    sim.add_argument("--interval", type=float, default=None)
+    sim.add_argument("--slow-fraction", type=float, default=0.2)
+    sim.add_argument("--slow-delay-ms", type=float, default=15.0)
+    sim.add_argument("--threads", type=int, default=8)
+    sim.add_argument("--inferences", type=int, default=8, help="inferences per device per cycle")
+    sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
+    sim.set_defaults(func=_cmd_simulate)
+
+    pred = sub.add_parser("predict", help="classify an input with the active model")
+    pred.add_argument("--state-dir", required=True)
+    pred.add_argument("--input", required=True, help="JSON list (one example) or list of lists; @file")
+    pred.set_defaults(func=_cmd_predict)
+
+    status = sub.add_parser("status", help="show the local state")
+    status.add_argument("--state-dir", required=True)
+    status.set_defaults(func=_cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``flotilla-agent`` and ``python -m devices_agent``."""
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except ConfigError as exc:
+        print(f"flotilla-agent: {exc}", file=sys.stderr)
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

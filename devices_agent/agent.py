@@ -1,0 +1,520 @@
+"""The agent's lifecycle: enroll once, then heartbeat, reconcile, run commands, flush metrics.
+
+One :class:`Agent` is one board. :meth:`Agent.step` is one heartbeat cycle and is what
+both the long-running loop (:meth:`Agent.run`) and the fleet simulator call:
+
+1. re-send deployment reports that could not be delivered earlier;
+2. ``POST heartbeat`` (seq, running version, latest deployment state, device state);
+3. run the commands it returned and report each result;
+4. reconcile the desired model (see :mod:`devices_agent.updater`);
+5. hand training tasks to ``task_handlers["train"]`` (empty by default; the federated
+   client registers itself there);
+6. flush the metrics outbox in batches.
+
+Between cycles the agent waits for the interval the server returned (or the configured
+override), or less when a websocket nudge arrives. After a failed heartbeat it waits a
+full-jitter backoff delay instead, capped at the interval, so a fleet that lost its
+server comes back spread out rather than all at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import random
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from devices_agent import __version__
+from devices_agent.client import AgentClient, AuthError, Backoff, ServerError, retry_call
+from devices_agent.config import AgentConfig
+from devices_agent.inference import Predictor, resource_usage
+from devices_agent.outbox import Outbox, utc_now_iso
+from devices_agent.state import AgentState, Credentials, InstalledModel
+from devices_agent.updater import Outcome, Updater
+from devices_agent.wire import (
+    DEFAULT_HEARTBEAT_INTERVAL_S,
+    Command,
+    DeviceState,
+    EnrollRequest,
+    Hardware,
+    HeartbeatRequest,
+    HeartbeatResponse,
+    TrainingTask,
+)
+
+__all__ = [
+    "Agent",
+    "EnrollmentError",
+    "RestartRequested",
+    "StepResult",
+    "TaskHandler",
+    "detect_hardware",
+    "start_nudge_listener",
+    "task_handlers",
+]
+
+log = logging.getLogger("devices_agent.agent")
+
+TaskHandler = Callable[["Agent", TrainingTask], None]
+
+# Handlers of the tasks a heartbeat assigns, by kind. Empty by default: the federated
+# client registers ``task_handlers["train"]``; every Agent sees this dict unless it is
+# given its own.
+task_handlers: dict[str, TaskHandler] = {}
+
+
+class EnrollmentError(RuntimeError):
+    """Enrollment was refused (bad, used or expired token) or impossible (no token)."""
+
+
+class RestartRequested(Exception):  # noqa: N818  (a control-flow signal, not an error)
+    """A ``restart`` command asked the agent to restart; :meth:`Agent.run` handles it."""
+
+
+def detect_hardware(overrides: dict[str, Any] | None = None) -> Hardware:
+    """What the board is: CPU architecture, cores, RAM, OS, agent version (plus overrides)."""
+    import os
+
+    import psutil
+
+    hardware: Hardware = {
+        "arch": platform.machine() or "unknown",
+        "cores": os.cpu_count() or 1,
+        "ram_mb": int(psutil.virtual_memory().total / 1e6),
+        "accelerator": "none",
+        "os": f"{platform.system()} {platform.release()}".strip(),
+        "agent_version": __version__,
+    }
+    for key, value in (overrides or {}).items():
+        hardware[key] = value  # type: ignore[literal-required]
+    return hardware
+
+
+@dataclass
+class StepResult:
+    """What one heartbeat cycle did."""
+
+    ok: bool
+    interval_s: float
+    outcome: Outcome | None = None
+    commands: int = 0
+    metrics_sent: int = 0
+    error: str = ""
+
+
+@dataclass
+class Agent:
+    """One device's agent. Construct with a config; call :meth:`run` or :meth:`step`."""
+
+    config: AgentConfig
+    http: Any = None  # an httpx.Client to share (the simulator shares one pool)
+    task_handlers: dict[str, TaskHandler] = field(default_factory=lambda: task_handlers)
+    rng: random.Random = field(default_factory=random.Random)
+    sleep: Callable[[float], None] = time.sleep
+    # Extra device state to report (the simulator sets local_examples).
+    device_state: DeviceState = field(default_factory=lambda: DeviceState())
+    # Called with the new model after every activation or rollback (or None).
+    on_model_change: Callable[[InstalledModel | None], None] | None = None
+    counter: Any = None  # a devices_agent.client.WireCounter, for benchmarks
+    # The board's labelled local data (x, y), for training handlers and the simulator.
+    local_data: Any = None
+    # Builds the ONNX Runtime session of a model; the simulator shares sessions between
+    # devices that run the same file. None: one session per agent.
+    session_provider: Callable[[InstalledModel], Any] | None = None
+
+    def __post_init__(self) -> None:
+        self.state = AgentState(self.config.state_dir)
+        self.outbox = Outbox(self.state.outbox_path, max_samples=self.config.outbox_max_samples)
+        self.interval_s = float(self.config.heartbeat_interval_s or DEFAULT_HEARTBEAT_INTERVAL_S)
+        self.backoff = Backoff(
+            base_s=self.config.backoff_base_s, cap_s=self.config.backoff_cap_s, rng=self.rng
+        )
+        self.nudge = threading.Event()
+        self.stopping = threading.Event()
+        self.client: AgentClient | None = None
+        self.updater: Updater | None = None
+        self.predictor: Predictor | None = None
+        self.restart_requested = False
+        creds = self.state.credentials()
+        if creds is not None:
+            self._connect(creds)
+
+    # --- setup -----------------------------------------------------------------------
+    def _connect(self, creds: Credentials) -> None:
+        if self.client is not None:
+            self.client.close()
+        self.client = AgentClient(
+            server_url=self.config.server_url,
+            secret=creds.secret,
+            timeout_s=self.config.request_timeout_s,
+            http=self.http,
+            counter=self.counter,
+        )
+        self.updater = Updater(
+            state=self.state,
+            client=self.client,
+            public_key=creds.public_key_bytes(),
+            on_activate=self._model_changed,
+            sleep=self.sleep,
+            health_runs=self.config.health_check_runs,
+            inference_delay_ms=self.config.inference_delay_ms,
+            keep_versions=self.config.keep_versions,
+            backoff=Backoff(base_s=0.5, cap_s=10.0, rng=self.rng),
+        )
+        self.updater.recover()
+
+    @property
+    def credentials(self) -> Credentials | None:
+        """The stored credentials (None before enrollment)."""
+        return self.state.credentials()
+
+    @property
+    def device_id(self) -> str | None:
+        creds = self.state.credentials()
+        return creds.device_id if creds else None
+
+    def close(self) -> None:
+        """Release the outbox and the HTTP pool."""
+        self.stopping.set()
+        if self.client is not None:
+            self.client.close()
+        self.outbox.close()
+
+    def enroll(self, *, max_attempts: int = 8) -> Credentials:
+        """Enroll with the one-time token unless already enrolled; pins the server's key."""
+        existing = self.state.credentials()
+        if existing is not None:
+            return existing
+        if not self.config.enrollment_token:
+            raise EnrollmentError("not enrolled and no enrollment_token configured")
+        client = AgentClient(
+            server_url=self.config.server_url,
+            timeout_s=self.config.request_timeout_s,
+            http=self.http,
+            counter=self.counter,
+        )
+        body: EnrollRequest = {
+            "token": self.config.enrollment_token,
+            "name": self.config.name or platform.node() or "board",
+            "hardware": detect_hardware(self.config.hardware),
+            "tags": list(self.config.tags),
+        }
+        try:
+            answer = retry_call(
+                lambda: client.enroll(body),
+                backoff=self.backoff,
+                max_attempts=max_attempts,
+                sleep=self.sleep,
+                should_stop=self.stopping.is_set,
+            )
+        except (AuthError, ServerError) as exc:
+            if isinstance(exc, ServerError) and exc.retryable:
+                raise
+            raise EnrollmentError(f"enrollment refused: {exc}") from exc
+        finally:
+            if self.http is None:
+                client.close()
+        creds = Credentials(
+            device_id=answer["device_id"],
+            secret=answer["secret"],
+            signing_public_key=answer["signing_public_key"],
+            server_url=self.config.server_url,
+        )
+        self.state.save_credentials(creds)
+        if answer.get("heartbeat_interval_s") and self.config.heartbeat_interval_s is None:
+            self.interval_s = float(answer["heartbeat_interval_s"])
+        log.info("enrolled as %s", creds.device_id)
+        self._connect(creds)
+        return creds
+
+    # --- the model in use ------------------------------------------------------------
+    def _model_changed(self, model: InstalledModel | None) -> None:
+        self.predictor = None
+        if self.on_model_change is not None:
+            self.on_model_change(model)
+
+    def record(self, name: str, value: float, version_id: int | None) -> None:
+        """Queue one metric sample in the outbox."""
+        self.outbox.add(name, value, version_id=version_id)
+
+    def load_predictor(self) -> Predictor | None:
+        """The predictor over the current model (loaded lazily, reloaded after a swap)."""
+        if self.predictor is None:
+            current = self.state.current()
+            if current is None:
+                return None
+            session = self.session_provider(current) if self.session_provider is not None else None
+            self.predictor = Predictor(
+                model=current.path,
+                session=session,
+                version_id=current.version_id,
+                record=self.record,
+                extra_delay_ms=self.config.inference_delay_ms,
+            )
+        return self.predictor
+
+    # --- one cycle -------------------------------------------------------------------
+    def heartbeat_request(self) -> HeartbeatRequest:
+        """The next heartbeat body; advances and persists ``seq``."""
+        assert self.updater is not None
+        usage = resource_usage()
+        state: DeviceState = {
+            "cpu_percent": usage["cpu_percent"],
+            "ram_mb": round(usage["ram_mb"], 1),
+            "disk_free_mb": round(shutil.disk_usage(self.state.root).free / 1e6, 1),
+            **self.device_state,
+        }
+        report = self.updater.last_report()
+        return {
+            "seq": self.state.next_seq(),
+            "sent_at": utc_now_iso(),
+            "agent_version": __version__,
+            "running_version_id": self.state.current_version_id(),
+            "deployment": {"id": int(report["id"]), "state": report["state"]} if report else None,
+            "state": state,
+        }
+
+    def step(self) -> StepResult:
+        """One heartbeat cycle (see the module docstring). Raises AuthError and RestartRequested."""
+        if self.client is None or self.updater is None:
+            self.enroll()
+        assert self.client is not None and self.updater is not None
+        try:
+            self.updater.flush_reports()
+            answer = self.client.heartbeat(self.heartbeat_request())
+        except ServerError as exc:
+            delay = min(self.backoff.delay(), max(self.interval_s, 1.0))
+            log.warning("heartbeat failed (%s); next try in %.1f s", exc, delay)
+            return StepResult(ok=False, interval_s=delay, error=str(exc))
+        self.backoff.reset()
+        if self.config.heartbeat_interval_s is None and answer.get("heartbeat_interval_s"):
+            self.interval_s = float(answer["heartbeat_interval_s"])
+        result = StepResult(ok=True, interval_s=self.interval_s)
+        for command in answer.get("commands", []):
+            self.run_command(command)
+            result.commands += 1
+        result.outcome = self.updater.reconcile(answer.get("desired"), answer.get("policy", {}))
+        self.run_tasks(answer)
+        resources = resource_usage()
+        version_id = self.state.current_version_id()
+        self.outbox.add_many(
+            [
+                ("cpu_percent", resources["cpu_percent"], utc_now_iso(), version_id),
+                ("ram_mb", resources["ram_mb"], utc_now_iso(), version_id),
+            ]
+        )
+        result.metrics_sent = self.flush_metrics()
+        if self.restart_requested:
+            raise RestartRequested()
+        return result
+
+    def run_tasks(self, answer: HeartbeatResponse) -> None:
+        """Hand each assigned task to its registered handler; a failing handler is logged."""
+        for task in answer.get("tasks", []):
+            handler = self.task_handlers.get(task.get("kind", ""))
+            if handler is None:
+                continue
+            try:
+                handler(self, task)
+            except AuthError:
+                raise
+            except Exception:
+                log.exception("task handler %s failed for %s", task.get("kind"), task)
+
+    def flush_metrics(self) -> int:
+        """Send queued metrics in batches until empty, an error, or the per-flush limit."""
+        assert self.client is not None
+        sent = 0
+        for _ in range(self.config.max_batches_per_flush):
+            batch = self.outbox.next_batch(max_samples=self.config.metrics_batch_size)
+            if batch is None:
+                break
+            try:
+                self.client.send_metrics({"batch_id": batch.batch_id, "samples": batch.samples})
+            except ServerError as exc:
+                if exc.retryable:
+                    # The batch keeps its id; the next flush re-sends it unchanged.
+                    log.info("metrics batch %s not delivered: %s", batch.batch_id, exc)
+                    break
+                # A 4xx will not change on a retry; dropping it keeps the queue moving.
+                log.warning("metrics batch %s refused, dropped: %s", batch.batch_id, exc)
+            self.outbox.ack(batch.batch_id)
+            sent += len(batch.samples)
+        return sent
+
+    # --- commands --------------------------------------------------------------------
+    def run_command(self, command: Command) -> None:
+        """Run one operator command and report its result."""
+        assert self.client is not None
+        kind = command.get("kind", "")
+        args = command.get("args", {}) or {}
+        ok = True
+        try:
+            if kind == "restart":
+                result: dict[str, Any] = {"restarting": True}
+                self.restart_requested = True
+            elif kind == "collect_logs":
+                result = {"log": self.log_tail(int(args.get("lines", 200)))}
+            elif kind == "diagnostics":
+                result = self.diagnostics()
+            else:
+                ok, result = False, {"error": f"unknown command {kind!r}"}
+        except Exception as exc:
+            ok, result = False, {"error": f"{type(exc).__name__}: {exc}"}
+        try:
+            retry_call(
+                lambda: self.client.report_command(command["id"], {"ok": ok, "result": result}),  # type: ignore[union-attr]
+                backoff=Backoff(base_s=0.5, cap_s=5.0, rng=self.rng),
+                max_attempts=3,
+                sleep=self.sleep,
+            )
+        except ServerError as exc:
+            log.warning("command %s result not delivered: %s", command.get("id"), exc)
+
+    def log_tail(self, lines: int = 200) -> str:
+        """The last ``lines`` lines of the agent log (at most 64 KiB)."""
+        path = self.config.log_path
+        if not path.exists():
+            return ""
+        with open(path, "rb") as fh:
+            fh.seek(0, 2)
+            size = fh.tell()
+            fh.seek(max(0, size - 65536))
+            text = fh.read().decode(errors="replace")
+        return "\n".join(text.splitlines()[-max(1, lines) :])
+
+    def diagnostics(self) -> dict[str, Any]:
+        """Versions, disk, memory and ONNX Runtime providers, for the ``diagnostics`` command."""
+        import sys
+
+        import onnxruntime
+        import psutil
+
+        disk = shutil.disk_usage(self.state.root)
+        memory = psutil.virtual_memory()
+        return {
+            "agent_version": __version__,
+            "python": sys.version.split()[0],
+            "onnxruntime": onnxruntime.__version__,
+            "providers": list(onnxruntime.get_available_providers()),
+            "running_version_id": self.state.current_version_id(),
+            "last_good_version_id": self.state.last_good_version_id(),
+            "installed_versions": self.state.installed_versions(),
+            "disk_free_mb": round(disk.free / 1e6, 1),
+            "disk_total_mb": round(disk.total / 1e6, 1),
+            "memory_available_mb": round(memory.available / 1e6, 1),
+            "rss_mb": round(psutil.Process().memory_info().rss / 1e6, 1),
+            "outbox_pending": self.outbox.pending(),
+            "torch_loaded": "torch" in sys.modules,
+        }
+
+    # --- the loop --------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary of the local state (the ``status`` subcommand)."""
+        current = self.state.current()
+        return {
+            "device_id": self.device_id,
+            "server_url": self.config.server_url,
+            "enrolled": self.device_id is not None,
+            "current_version_id": current.version_id if current else None,
+            "current_label": current.label if current else None,
+            "last_good_version_id": self.state.last_good_version_id(),
+            "installed_versions": self.state.installed_versions(),
+            "deployment": self.state.load().get("deployment"),
+            "last_report": self.state.load().get("deployment_report"),
+            "seq": self.state.load().get("seq", 0),
+            "outbox_pending": self.outbox.pending(),
+            "outbox_dropped": self.outbox.counter("dropped"),
+        }
+
+    def wait(self, seconds: float) -> None:
+        """Sleep until the next cycle, a nudge, or stop."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            if self.nudge.wait(timeout=min(remaining, 1.0)):
+                self.nudge.clear()
+                return
+
+    def run(self, *, max_steps: int | None = None) -> None:
+        """Run until :meth:`stop` (or ``max_steps`` cycles). Restart commands re-run the loop."""
+        self.enroll()
+        if self.config.websocket:
+            start_nudge_listener(self)
+        steps = 0
+        while not self.stopping.is_set():
+            try:
+                result = self.step()
+            except RestartRequested:
+                log.info("restart command: restarting the loop")
+                self.restart_requested = False
+                creds = self.state.credentials()
+                assert creds is not None
+                self._connect(creds)
+                self.predictor = None
+                continue
+            steps += 1
+            if max_steps is not None and steps >= max_steps:
+                return
+            self.wait(result.interval_s)
+
+    def stop(self) -> None:
+        """Ask :meth:`run` to return after the current cycle."""
+        self.stopping.set()
+        self.nudge.set()
+
+
+def start_nudge_listener(agent: Agent) -> threading.Thread:
+    """Listen on ``/ws/agent/`` for ``{"type": "nudge"}`` and heartbeat early when one arrives.
+
+    Runs in a daemon thread. When the socket cannot connect (no websocket on the server,
+    a proxy in between) it retries quietly with backoff; the interval keeps working.
+    """
+    thread = threading.Thread(target=_nudge_loop, args=(agent,), name="agent-nudge", daemon=True)
+    thread.start()
+    return thread
+
+
+def _nudge_loop(agent: Agent) -> None:
+    from websockets.exceptions import WebSocketException
+    from websockets.sync.client import connect
+
+    url = (
+        agent.config.server_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/ws/agent/"
+    )
+    backoff = Backoff(base_s=2.0, cap_s=300.0, rng=random.Random())
+    while not agent.stopping.is_set():
+        creds = agent.state.credentials()
+        if creds is None:
+            agent.stopping.wait(5.0)
+            continue
+        try:
+            with connect(
+                url,
+                additional_headers={"Authorization": f"Device {creds.secret}"},
+                open_timeout=10,
+                close_timeout=2,
+            ) as socket:
+                backoff.reset()
+                while not agent.stopping.is_set():
+                    try:
+                        raw = socket.recv(timeout=5.0)
+                    except TimeoutError:
+                        continue
+                    try:
+                        message = json.loads(raw)
+                    except ValueError:
+                        continue
+                    if isinstance(message, dict) and message.get("type") == "nudge":
+                        agent.nudge.set()
+        except (OSError, WebSocketException, TimeoutError) as exc:
+            log.debug("nudge socket unavailable: %s", exc)
+        agent.stopping.wait(backoff.delay())
