@@ -94,6 +94,13 @@ def _kill_agents(root: Path) -> None:
                 pass
 
 
+@pytest.fixture(autouse=True)
+def _project_urls(settings: Any) -> None:
+    # The parent conftest narrows the URLconf for its own tests; provisioning is tested
+    # through the project's real one.
+    settings.ROOT_URLCONF = "config.urls"
+
+
 @pytest.fixture(scope="session")
 def board(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Board]:
     """sshd -D on 127.0.0.1:<free port> with a fresh host key, key authentication only."""
