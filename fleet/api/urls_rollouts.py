@@ -1,3 +1,13 @@
-from typing import Any
+"""Operator routes: rollouts, experiments, webhooks."""
 
-urlpatterns: list[Any] = []
+from rest_framework.routers import DefaultRouter
+
+from fleet.api.rollouts import ExperimentViewSet, RolloutViewSet, WebhookEndpointViewSet
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("rollouts", RolloutViewSet, basename="rollout")
+router.register("experiments", ExperimentViewSet, basename="experiment")
+router.register("webhooks", WebhookEndpointViewSet, basename="webhook")
+
+urlpatterns = router.urls

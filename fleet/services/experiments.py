@@ -1,0 +1,512 @@
+"""A/B experiments: assign a group's devices to arms, watch guardrails, name a winner.
+
+Assignment: `sha256(f"exp{id}:{device_id}")` mapped to [0, 1) and to arms by cumulative
+share, so a device keeps its arm for the life of the experiment, arms get their share of
+the group, and late joiners are assigned the same way on the next evaluation.
+
+Evaluation (`experiment_evaluate`, run by `fleet.experiments_evaluate`):
+
+1. guardrails (absolute gate limits, e.g. `{"metric": "error_rate", "max": 0.05}`) are
+   checked on every arm with enough samples; a breach stops the experiment and sends
+   every device back to the version it ran before;
+2. the primary metric (`accuracy`: mean of `correct`; `latency`: mean of `latency_ms`,
+   lower is better) of each arm is compared with arm 0 (control) by the always-valid
+   mSPRT (`fleet.rollouts.stats.msprt`), whose p-value may be checked on every tick
+   without inflating false positives; with several treatment arms alpha is split
+   between them (Bonferroni). The fixed-horizon test (two-proportion z or Welch's t)
+   is reported next to it for reference;
+3. once every compared arm has `min_samples_per_arm` samples and the always-valid
+   p-value is below alpha, the better arm wins: status `completed`, `result` holds the
+   winner, the effect (difference with control), its always-valid confidence interval,
+   the p-value and e-value.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+from typing import Any
+
+import numpy as np
+from django.db import transaction
+from django.utils import timezone
+
+from config.api import ConflictError, NotFoundError, ServiceError
+from config.audit.services import audit_record
+from fleet.models import Device, DeviceGroup, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
+from fleet.rollouts.gates import evaluate_gate, validate_gates
+from fleet.rollouts.stats import msprt_samples, two_proportion_ztest, welch_ttest
+from fleet.rollouts.waves import assign_arm
+from fleet.selectors.devices import group_members
+from fleet.selectors.experiments import experiment_arm_samples
+from fleet.selectors.rollouts import devices_in_active_rollouts
+from fleet.services.deployments import deployment_open
+from fleet.services.webhooks import webhook_emit
+
+logger = logging.getLogger(__name__)
+
+ORIGIN = "experiment"
+
+
+def _actor_name(actor: Any) -> str:
+    return (
+        str(getattr(actor, "username", "") or "system")
+        if getattr(actor, "is_authenticated", False)
+        else "system"
+    )
+
+
+def _decide(
+    experiment: Experiment,
+    *,
+    action: str,
+    reason: str = "",
+    metrics: dict[str, Any] | None = None,
+    actor: Any = None,
+) -> None:
+    ExperimentDecision.objects.create(
+        experiment=experiment, action=action, reason=reason, metrics=metrics or {}, actor=_actor_name(actor)
+    )
+
+
+def _event(experiment: Experiment, event_type: str, **extra: Any) -> None:
+    webhook_emit(
+        event_type=event_type,
+        payload={
+            "experiment_id": experiment.pk,
+            "name": experiment.name,
+            "status": experiment.status,
+            "winner_arm": experiment.winner_arm,
+            **extra,
+        },
+    )
+
+
+def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None = None) -> Experiment:
+    """Validate and save a draft experiment.
+
+    `data`: `name`, `target_group` (id), `arms` (`[{"name", "version_id", "share"}]`, 2+,
+    shares summing to 1, arm 0 is the control), `primary_metric` (accuracy | latency),
+    `guardrails`, `min_samples_per_arm`, `alpha`, `effect_scale`.
+    """
+    from models_registry.models import Artifact, ModelVersion
+
+    group = DeviceGroup.objects.filter(pk=data.get("target_group") or 0).first()
+    if group is None:
+        raise ServiceError(
+            "Unknown device group.",
+            code="validation_error",
+            details={"target_group": data.get("target_group")},
+        )
+    arms = data.get("arms") or []
+    if not isinstance(arms, list) or len(arms) < 2:
+        raise ServiceError("An experiment needs at least two arms.", code="validation_error")
+    clean_arms: list[dict[str, Any]] = []
+    for i, arm in enumerate(arms):
+        try:
+            version_id, share = int(arm["version_id"]), float(arm["share"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServiceError(f"arm {i} needs version_id and share.", code="validation_error") from exc
+        version = ModelVersion.objects.filter(pk=version_id).first()
+        if version is None:
+            raise ServiceError(f"arm {i}: unknown version {version_id}.", code="validation_error")
+        if not Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).exists():
+            raise ServiceError(
+                f"{version.label} has no ONNX artifact.",
+                code="no_compatible_artifact",
+                details={"version": version_id},
+            )
+        if share <= 0:
+            raise ServiceError(f"arm {i}: share must be > 0.", code="validation_error")
+        clean_arms.append(
+            {"name": str(arm.get("name") or f"arm{i}"), "version_id": version_id, "share": share}
+        )
+    if abs(sum(a["share"] for a in clean_arms) - 1.0) > 1e-6:
+        raise ServiceError("Arm shares must sum to 1.", code="validation_error")
+    try:
+        guardrails = validate_gates(gates=data.get("guardrails") or [])
+    except KeyError as exc:
+        raise ServiceError(
+            f"Unknown guardrail metric {exc.args[0]!r}.",
+            code="unknown_metric",
+            details={"metric": exc.args[0]},
+        ) from exc
+    except ValueError as exc:
+        raise ServiceError(str(exc), code="validation_error") from exc
+    if any(
+        g.get("max_increase_pct") is not None or g.get("max_decrease_pct") is not None for g in guardrails
+    ):
+        raise ServiceError("Guardrails take absolute limits (max, min).", code="validation_error")
+    primary = data.get("primary_metric") or Experiment.PrimaryMetric.ACCURACY
+    if primary not in Experiment.PrimaryMetric.values:
+        raise ServiceError(
+            "primary_metric must be accuracy or latency.", code="unknown_metric", details={"metric": primary}
+        )
+    members = [
+        str(pk)
+        for pk in group_members(group=group)
+        .exclude(status=Device.Status.DECOMMISSIONED)
+        .values_list("pk", flat=True)
+    ]
+    if not members:
+        raise ServiceError("The target group has no devices.", code="empty_target")
+    alpha = float(data.get("alpha", 0.05))
+    if not 0 < alpha < 0.5:
+        raise ServiceError("alpha must be in (0, 0.5).", code="validation_error")
+    with transaction.atomic():
+        experiment = Experiment.objects.create(
+            name=str(data.get("name") or f"experiment on {group.name}"),
+            target_group=group,
+            arms=clean_arms,
+            primary_metric=primary,
+            guardrails=guardrails,
+            min_samples_per_arm=int(data.get("min_samples_per_arm", 200)),
+            alpha=alpha,
+            effect_scale=float(data.get("effect_scale", 0.05)),
+            created_by=actor if getattr(actor, "is_authenticated", False) else None,
+        )
+        _decide(experiment, action="created", metrics={"target_devices": len(members)}, actor=actor)
+        audit_record(
+            actor=actor, action="experiment.create", target=experiment, data={**data}, remote_addr=remote_addr
+        )
+    return experiment
+
+
+def _lock(experiment_id: int) -> Experiment:
+    experiment = Experiment.objects.select_for_update().filter(pk=experiment_id).first()
+    if experiment is None:
+        raise NotFoundError("No such experiment.", code="not_found")
+    return experiment
+
+
+def _assign_new(experiment: Experiment) -> int:
+    """Assign devices of the group that have no arm yet; tell them their arm's version."""
+    assigned = set(
+        str(d)
+        for d in ExperimentAssignment.objects.filter(experiment=experiment).values_list(
+            "device_id", flat=True
+        )
+    )
+    held = devices_in_active_rollouts()
+    shares = [float(a["share"]) for a in experiment.arms]
+    added = 0
+    for device in group_members(group=experiment.target_group).exclude(status=Device.Status.DECOMMISSIONED):
+        key = str(device.pk)
+        if key in assigned or key in held:
+            continue
+        arm = assign_arm(experiment_id=experiment.pk, device_id=key, shares=shares)
+        version_id = int(experiment.arms[arm]["version_id"])
+        ExperimentAssignment.objects.create(
+            experiment=experiment,
+            device=device,
+            arm=arm,
+            version_id=version_id,
+            previous_version_id=device.running_version_id,
+        )
+        if device.desired_version_id != version_id or device.running_version_id != version_id:
+            Device.objects.filter(pk=device.pk).update(desired_version_id=version_id)
+            device.desired_version_id = version_id
+            if device.running_version_id != version_id:
+                deployment_open(
+                    device=device, version_id=version_id, origin_type=ORIGIN, origin_id=experiment.pk
+                )
+        added += 1
+    return added
+
+
+def _restore(experiment: Experiment) -> int:
+    """Send every assigned device back to the version it ran before the experiment."""
+    restored = 0
+    for assignment in ExperimentAssignment.objects.filter(experiment=experiment).select_related("device"):
+        previous = assignment.previous_version_id
+        device = assignment.device
+        if previous is None or previous == assignment.version_id:
+            continue
+        Device.objects.filter(pk=device.pk).update(desired_version_id=previous)
+        device.desired_version_id = previous
+        if device.running_version_id != previous:
+            deployment_open(device=device, version_id=previous, origin_type=ORIGIN, origin_id=experiment.pk)
+        restored += 1
+    return restored
+
+
+def experiment_start(*, experiment_id: int, actor: Any, remote_addr: str | None = None) -> Experiment:
+    """Assign the group's devices to arms and ship each arm's version."""
+    with transaction.atomic():
+        experiment = _lock(experiment_id)
+        if experiment.status != Experiment.Status.DRAFT:
+            raise ConflictError(f"Experiment is {experiment.status}.", code="invalid_state")
+        members = [
+            str(pk) for pk in group_members(group=experiment.target_group).values_list("pk", flat=True)
+        ]
+        held = devices_in_active_rollouts()
+        clash = [d for d in members if d in held]
+        if clash:
+            raise ConflictError(
+                f"Devices of the group are in running or paused rollout {held[clash[0]]}.",
+                code="overlapping_rollout",
+                details={"rollout_id": held[clash[0]], "devices": clash[:20]},
+            )
+        experiment.status = Experiment.Status.RUNNING
+        experiment.started_at = timezone.now()
+        experiment.save(update_fields=["status", "started_at"])
+        added = _assign_new(experiment)
+        _decide(experiment, action="started", metrics={"assigned": added}, actor=actor)
+        audit_record(actor=actor, action="experiment.start", target=experiment, remote_addr=remote_addr)
+        _event(experiment, "experiment.started")
+    return experiment
+
+
+def experiment_stop(
+    *, experiment_id: int, actor: Any, reason: str = "", remote_addr: str | None = None
+) -> Experiment:
+    """Stop a running experiment and send its devices back to their previous versions."""
+    with transaction.atomic():
+        experiment = _lock(experiment_id)
+        if experiment.status != Experiment.Status.RUNNING:
+            raise ConflictError(f"Experiment is {experiment.status}.", code="invalid_state")
+        restored = _restore(experiment)
+        experiment.status = Experiment.Status.STOPPED
+        experiment.finished_at = timezone.now()
+        experiment.result = {**experiment.result, "stopped_reason": reason or "stopped by operator"}
+        experiment.save(update_fields=["status", "finished_at", "result"])
+        _decide(
+            experiment,
+            action="stopped",
+            reason=reason or "stopped by operator",
+            metrics={"restored": restored},
+            actor=actor,
+        )
+        audit_record(
+            actor=actor,
+            action="experiment.stop",
+            target=experiment,
+            data={"reason": reason},
+            remote_addr=remote_addr,
+        )
+        _event(experiment, "experiment.stopped", reason=reason)
+    return experiment
+
+
+def _primary_arrays(experiment: Experiment, samples: dict[str, np.ndarray]) -> np.ndarray:
+    name = "correct" if experiment.primary_metric == Experiment.PrimaryMetric.ACCURACY else "latency_ms"
+    return np.asarray(samples.get(name, np.empty(0)), dtype=np.float64)
+
+
+def experiment_evaluate(*, experiment_id: int, now: datetime | None = None) -> dict[str, Any]:
+    """One evaluation of a running experiment; returns (and stores) its result."""
+    now = now or timezone.now()
+    with transaction.atomic():
+        experiment = Experiment.objects.select_for_update(skip_locked=True).filter(pk=experiment_id).first()
+        if experiment is None or experiment.status != Experiment.Status.RUNNING:
+            return {"status": experiment.status if experiment else "busy"}
+        joined = _assign_new(experiment)
+        arm_samples = experiment_arm_samples(experiment=experiment, until=now)
+
+        # Guardrails first: a harmful arm stops everything, whatever the primary metric says.
+        for index, samples in arm_samples.items():
+            for guard in experiment.guardrails:
+                verdict = evaluate_gate(gate=guard, candidate=samples, baseline=None)
+                if verdict.outcome == "failed":
+                    arm_name = experiment.arms[index]["name"]
+                    why = f"guardrail breached on arm {arm_name}: {verdict.reason}"
+                    restored = _restore(experiment)
+                    experiment.status = Experiment.Status.STOPPED
+                    experiment.finished_at = now
+                    experiment.result = {"stopped_reason": why, "guardrail": verdict.as_dict(), "arm": index}
+                    experiment.save(update_fields=["status", "finished_at", "result"])
+                    _decide(
+                        experiment,
+                        action="guardrail_breach",
+                        reason=why,
+                        metrics={**verdict.as_dict(), "arm": index, "restored": restored},
+                    )
+                    _event(experiment, "experiment.stopped", reason=why)
+                    return experiment.result
+
+        result = _compare(experiment, arm_samples)
+        result["late_joiners"] = joined
+        result["evaluated_at"] = now.isoformat()
+        winner = result.get("winner")
+        experiment.result = result
+        fields = ["result"]
+        if winner is not None:
+            experiment.status = Experiment.Status.COMPLETED
+            experiment.winner_arm = int(winner["arm"])
+            experiment.finished_at = now
+            fields += ["status", "winner_arm", "finished_at"]
+            _decide(experiment, action="winner", reason=winner["summary"], metrics=result)
+            _event(experiment, "experiment.completed", winner=winner)
+        experiment.save(update_fields=fields)
+        return result
+
+
+def _compare(experiment: Experiment, arm_samples: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
+    """Each treatment arm against control with the mSPRT (running-min p) and a fixed test."""
+    previous = {c["arm"]: c for c in (experiment.result or {}).get("comparisons", [])}
+    control = _primary_arrays(experiment, arm_samples.get(0, {}))
+    lower_is_better = experiment.primary_metric == Experiment.PrimaryMetric.LATENCY
+    k = len(experiment.arms) - 1
+    alpha = experiment.alpha / k
+    arms_summary = []
+    for index, arm in enumerate(experiment.arms):
+        values = _primary_arrays(experiment, arm_samples.get(index, {}))
+        arms_summary.append(
+            {
+                "arm": index,
+                "name": arm["name"],
+                "version_id": arm["version_id"],
+                "n": int(values.size),
+                "mean": float(values.mean()) if values.size else None,
+            }
+        )
+    comparisons: list[dict[str, Any]] = []
+    for index in range(1, len(experiment.arms)):
+        treat = _primary_arrays(experiment, arm_samples.get(index, {}))
+        entry: dict[str, Any] = {"arm": index, "n_control": int(control.size), "n_arm": int(treat.size)}
+        if control.size >= 2 and treat.size >= 2:
+            if lower_is_better:
+                tau = experiment.effect_scale * max(float(control.mean()), 1e-9)
+                fixed = welch_ttest(a=control, b=treat, alpha=alpha)
+            else:
+                tau = experiment.effect_scale
+                fixed = two_proportion_ztest(
+                    successes_a=int(control.sum()),
+                    n_a=int(control.size),
+                    successes_b=int(treat.sum()),
+                    n_b=int(treat.size),
+                    alpha=alpha,
+                )
+            seq = msprt_samples(a=control, b=treat, tau=tau, alpha=alpha)
+            # The always-valid p-value is the running minimum over all looks so far.
+            running_p = min(seq.p_value, float(previous.get(index, {}).get("always_valid_p", 1.0)))
+            entry.update(
+                {
+                    "diff": seq.diff,
+                    "ci_low": seq.ci_low,
+                    "ci_high": seq.ci_high,
+                    "e_value": seq.e_value,
+                    "p_value_look": seq.p_value,
+                    "always_valid_p": running_p,
+                    "alpha": alpha,
+                    "fixed_test": fixed.as_dict(),
+                    "enough_samples": bool(min(control.size, treat.size) >= experiment.min_samples_per_arm),
+                }
+            )
+            is_better = seq.diff < 0 if lower_is_better else seq.diff > 0
+            entry["significant"] = bool(running_p < alpha and entry["enough_samples"])
+            entry["direction"] = "better" if is_better else "worse"
+        comparisons.append(entry)
+    result: dict[str, Any] = {
+        "primary_metric": experiment.primary_metric,
+        "arms": arms_summary,
+        "comparisons": comparisons,
+    }
+    significant = [c for c in comparisons if c.get("significant")]
+    winner: dict[str, Any] | None = None
+    better = [c for c in significant if c["direction"] == "better"]
+    if better:
+        best = max(better, key=lambda c: -c["diff"] if lower_is_better else c["diff"])
+        winner = _winner(experiment, best["arm"], best, control_wins=False)
+    elif (
+        comparisons
+        and len(significant) == len(comparisons)
+        and all(c["direction"] == "worse" for c in significant)
+    ):
+        # Every treatment is significantly worse: control is the winner; report the closest.
+        closest = min(significant, key=lambda c: abs(c["diff"]))
+        winner = _winner(experiment, 0, closest, control_wins=True)
+    if winner is not None:
+        result["winner"] = winner
+    return result
+
+
+def _winner(
+    experiment: Experiment, arm: int, comparison: dict[str, Any], *, control_wins: bool
+) -> dict[str, Any]:
+    name = experiment.arms[arm]["name"]
+    metric = (
+        "accuracy" if experiment.primary_metric == Experiment.PrimaryMetric.ACCURACY else "mean latency (ms)"
+    )
+    other = experiment.arms[comparison["arm"]]["name"]
+    confidence = 1.0 - comparison["alpha"]
+    summary = (
+        f"{name} wins on {metric}: difference {other} - control = {comparison['diff']:+.4g}, "
+        f"{confidence:.0%} always-valid CI [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}], "
+        f"p = {comparison['always_valid_p']:.3g} (e-value {comparison['e_value']:.3g}), "
+        f"n = {comparison['n_control']} / {comparison['n_arm']}"
+    )
+    return {
+        "arm": arm,
+        "name": name,
+        "version_id": experiment.arms[arm]["version_id"],
+        "effect": comparison["diff"] if not control_wins else -comparison["diff"],
+        "ci": [comparison["ci_low"], comparison["ci_high"]],
+        "p_value": comparison["always_valid_p"],
+        "e_value": comparison["e_value"],
+        "confidence": confidence,
+        "summary": summary,
+    }
+
+
+def experiment_promote(
+    *,
+    experiment_id: int,
+    actor: Any,
+    rollout: dict[str, Any] | None = None,
+    start: bool = False,
+    remote_addr: str | None = None,
+) -> Rollout:
+    """Create a rollout of the winning arm's version to the experiment's group.
+
+    `rollout` may carry waves, gates and the other rollout fields; by default one wave of
+    10%, 50%, 100% with 60 s soaks. The experiment becomes `promoted`.
+    """
+    from fleet.services.rollouts import rollout_create, rollout_start
+
+    with transaction.atomic():
+        experiment = _lock(experiment_id)
+        if experiment.status != Experiment.Status.COMPLETED or experiment.winner_arm is None:
+            raise ConflictError(
+                "Only a completed experiment with a winner can be promoted.", code="invalid_state"
+            )
+        winner = experiment.arms[experiment.winner_arm]
+        data = {
+            "waves": [
+                {"percent": 10, "soak_s": 60},
+                {"percent": 50, "soak_s": 60},
+                {"percent": 100, "soak_s": 0},
+            ],
+            **(rollout or {}),
+            "version": winner["version_id"],
+            "target_group": experiment.target_group_id,
+            "origin": {"experiment": experiment.pk},
+        }
+        data.setdefault("name", f"{experiment.name}: promote {winner['name']}")
+        # The experiment is finished, so its devices are free for the rollout.
+        experiment.status = Experiment.Status.PROMOTED
+        experiment.save(update_fields=["status"])
+        created = rollout_create(actor=actor, data=data, remote_addr=remote_addr)
+        experiment.promoted_rollout = created
+        experiment.save(update_fields=["promoted_rollout"])
+        _decide(experiment, action="promoted", metrics={"rollout_id": created.pk}, actor=actor)
+        audit_record(
+            actor=actor,
+            action="experiment.promote",
+            target=experiment,
+            data={"rollout": created.pk},
+            remote_addr=remote_addr,
+        )
+        _event(experiment, "experiment.promoted", rollout_id=created.pk)
+    if start:
+        rollout_start(rollout_id=created.pk, actor=actor, remote_addr=remote_addr)
+        created.refresh_from_db()
+    return created
+
+
+def running_experiment_ids() -> list[int]:
+    return list(
+        Experiment.objects.filter(status=Experiment.Status.RUNNING)
+        .order_by("id")
+        .values_list("pk", flat=True)
+    )
