@@ -96,6 +96,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         slow_delay_ms=args.slow_delay_ms,
         threads=args.threads,
         inferences_per_cycle=args.inferences,
+        train=not args.no_train,
     )
     stop = {"now": False}
 
@@ -214,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--slow-delay-ms", type=float, default=15.0)
     sim.add_argument("--threads", type=int, default=8)
     sim.add_argument("--inferences", type=int, default=8, help="inferences per device per cycle")
+    sim.add_argument("--no-train", action="store_true", help="ignore federated training tasks")
     sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     sim.set_defaults(func=_cmd_simulate)
 

@@ -61,11 +61,12 @@ __all__ = [
 
 log = logging.getLogger("devices_agent.agent")
 
-TaskHandler = Callable[["Agent", TrainingTask], None]
+TaskHandler = Callable[[TrainingTask], Any]
 
-# Handlers of the tasks a heartbeat assigns, by kind. Empty by default: the federated
-# client registers ``task_handlers["train"]``; every Agent sees this dict unless it is
-# given its own.
+# Handlers of the tasks a heartbeat assigns, by kind, called as ``handler(task)``. Empty
+# by default: the federated client registers ``task_handlers["train"]``
+# (``devices_agent.federated.register``); every Agent sees this dict unless it is given
+# its own.
 task_handlers: dict[str, TaskHandler] = {}
 
 
@@ -141,6 +142,7 @@ class Agent:
         self.updater: Updater | None = None
         self.predictor: Predictor | None = None
         self.restart_requested = False
+        self._done_tasks: list[tuple[str, int]] = []
         creds = self.state.credentials()
         if creds is not None:
             self._connect(creds)
@@ -315,17 +317,27 @@ class Agent:
         return result
 
     def run_tasks(self, answer: HeartbeatResponse) -> None:
-        """Hand each assigned task to its registered handler; a failing handler is logged."""
+        """Hand each assigned task to its registered handler, once per round.
+
+        A task stays in the heartbeat until its round closes; one that a handler finished
+        here is not handed over again. A failing handler is logged and retried on the
+        next heartbeat.
+        """
         for task in answer.get("tasks", []):
-            handler = self.task_handlers.get(task.get("kind", ""))
-            if handler is None:
+            kind = str(task.get("kind", ""))
+            handler = self.task_handlers.get(kind)
+            key = (kind, int(task.get("round_id", 0)))
+            if handler is None or key in self._done_tasks:
                 continue
             try:
-                handler(self, task)
+                handler(task)
             except AuthError:
                 raise
             except Exception:
-                log.exception("task handler %s failed for %s", task.get("kind"), task)
+                log.exception("task handler %s failed for %s", kind, task)
+                continue
+            self._done_tasks.append(key)
+            del self._done_tasks[:-100]
 
     def flush_metrics(self) -> int:
         """Send queued metrics in batches until empty, an error, or the per-flush limit."""

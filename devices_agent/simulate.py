@@ -14,6 +14,10 @@ session; 1,000 devices fit in one process. Starts are staggered uniformly over t
 interval (``stagger_s``) and every later wait gets +-10 % jitter, so the fleet never
 heartbeats in lockstep.
 
+Training: unless ``train=False``, each device answers ``train`` tasks with
+:class:`devices_agent.federated.FederatedTrainer` over its local data (torch is imported
+on the first task only). ``task_handlers`` replaces or adds handlers.
+
 Hardware profiles: a fraction ``slow_fraction`` of the devices (chosen by ``seed``) are
 "slow boards" that add ``slow_delay_ms`` to every inference and every health-check run;
 their tags say ``profile-slow`` (the others ``profile-fast``). Rollout latency gates and
@@ -120,6 +124,7 @@ class Fleet:
         slow_delay_ms: float = 15.0,
         threads: int = 8,
         task_handlers: dict[str, TaskHandler] | None = None,
+        train: bool = True,
         websocket: bool = False,
         name_prefix: str = "sim",
         count_bytes: bool = False,
@@ -170,11 +175,13 @@ class Fleet:
                 config=config,
                 http=self.http,
                 rng=rng,
-                task_handlers=task_handlers if task_handlers is not None else _default_handlers(),
+                task_handlers=dict(task_handlers) if task_handlers is not None else {},
                 session_provider=self.sessions.get,
                 local_data=(x, y),
                 counter=self.counter,
             )
+            if train and "train" not in agent.task_handlers:
+                agent.task_handlers["train"] = _trainer_handler(agent, device_seed=seed * 1_000_003 + index)
             agent.device_state = {"local_examples": len(y)}
             self.devices.append(SimDevice(index=index, agent=agent, x=x, y=y, profile=profile, rng=rng))
         first = stagger_s if stagger_s is not None else (heartbeat_interval_s or 10.0)
@@ -295,7 +302,29 @@ class Fleet:
                 on_tick(self)
 
 
-def _default_handlers() -> dict[str, TaskHandler]:
-    from devices_agent.agent import task_handlers
+def _trainer_handler(agent: Agent, *, device_seed: int) -> TaskHandler:
+    """A ``train`` handler running :class:`devices_agent.federated.FederatedTrainer` on the device's data.
 
-    return task_handlers
+    The trainer is built on first use, after enrollment gave the agent its client; torch
+    is imported only then.
+    """
+    holder: dict[str, Any] = {}
+
+    def handle(task: Any) -> Any:
+        from devices_agent.federated import FederatedTrainer
+
+        trainer = holder.get("trainer")
+        if trainer is None or trainer.client is not agent.client:
+            x, y = agent.local_data
+            trainer = FederatedTrainer(
+                client=agent.client,  # type: ignore[arg-type]
+                state_dir=agent.state.root,
+                x=x,
+                y=y,
+                device_seed=device_seed,
+                should_stop=agent.stopping.is_set,
+            )
+            holder["trainer"] = trainer
+        return trainer.run_task(task)
+
+    return handle

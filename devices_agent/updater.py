@@ -318,17 +318,19 @@ class Updater:
 
         installed = self.state.installed(version_id)
         if installed is None or installed.sha256 != sha256:
-            if policy.get("download_allowed") is False or policy.get("in_maintenance_window") is False:
-                if dep.get("stage") != "deferred":
-                    self.report(deployment_id, "pending", "waiting for the maintenance window")
-                    self.state.update(deployment={**dep, "stage": "deferred"})
-                return Outcome("deferred", "outside the maintenance window")
+            # The size limit first: the server's download_allowed is also false for a
+            # too-large artifact, and that must fail clearly rather than wait forever.
             max_bytes = policy.get("max_download_bytes")
             if max_bytes is not None and int(artifact["size"]) > int(max_bytes):
                 reason = f"artifact is {artifact['size']} bytes, over the policy limit of {max_bytes} bytes"
                 return self._fail(
                     deployment_id, reason, detail={"size": artifact["size"], "limit": max_bytes}
                 )
+            if policy.get("download_allowed") is False or policy.get("in_maintenance_window") is False:
+                if dep.get("stage") != "deferred":
+                    self.report(deployment_id, "pending", "waiting for the maintenance window")
+                    self.state.update(deployment={**dep, "stage": "deferred"})
+                return Outcome("deferred", "outside the maintenance window")
             installed_or_outcome = self._download_verify_install(desired, dep)
             if isinstance(installed_or_outcome, Outcome):
                 return installed_or_outcome

@@ -98,11 +98,12 @@ def make_agent(fleet: FakeFleet, root: Path, token: str = "good-token", **kw: An
 def test_enroll_once_then_heartbeat_with_increasing_seq(fleet: FakeFleet, tmp_path: Path) -> None:
     agent = make_agent(fleet, tmp_path)
     trained: list[int] = []
-    agent.task_handlers = {"train": lambda a, task: trained.append(task["round_id"])}
+    agent.task_handlers = {"train": lambda task: trained.append(task["round_id"])}
     result = agent.step()
     assert result.ok and result.interval_s == 30.0
     assert trained == [3]
     agent.step()
+    assert trained == [3]  # the same round is handed over once
     assert len(fleet.server.posted("/api/agent/v1/enroll")) == 1
     beats = fleet.server.posted("/api/agent/v1/heartbeat")
     assert [b["seq"] for b in beats] == [1, 2]
