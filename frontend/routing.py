@@ -1,3 +1,7 @@
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from frontend.consumers import LiveConsumer
+
+websocket_urlpatterns: list[Any] = [path("ws/live/", LiveConsumer.as_asgi())]

@@ -1,0 +1,198 @@
+"""Page data for the dashboard: a few queries per page, however large the fleet.
+
+Reads go through the apps' selectors where they exist; what is only a view of the data
+(counts for cards, chart series, the latest alerts) is assembled here.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.apps import apps
+from django.db.models import Count, Model, Q, QuerySet
+
+from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, MetricSample
+from frontend.charts import downsample, line_spec
+from models_registry.models import ModelVersion
+
+UPDATING_STATES = ("pending", "downloading", "verifying", "installing", "health_check")
+FAILED_STATES = ("failed", "rolled_back")
+
+# Metric charts on the device page: (title, series names, y axis label, scale)
+DEVICE_CHARTS: tuple[tuple[str, tuple[str, ...], str, float], ...] = (
+    ("Inference latency", ("latency_ms",), "ms", 1.0),
+    ("Accuracy on labelled feedback", ("correct", "personal_accuracy", "global_accuracy"), "accuracy", 1.0),
+    ("Confidence", ("confidence",), "top-1 probability", 1.0),
+    ("Resource use", ("cpu_percent", "ram_mb"), "cpu % / RAM MB", 1.0),
+)
+CHART_BUCKETS = 120
+CHART_WINDOW = timedelta(hours=24)
+# The newest rows read for one device chart; a chatty device's day is summarised from these.
+CHART_ROW_CAP = 20_000
+
+
+def optional_model(app_label: str, name: str) -> type[Model] | None:
+    """A model of another app, or None while that app does not define it."""
+    try:
+        return apps.get_model(app_label, name)
+    except LookupError:
+        return None
+
+
+def fleet_counts() -> dict[str, int]:
+    """Devices by status and by update state, in one aggregate query."""
+    live = ~Q(status=Device.Status.DECOMMISSIONED)
+    return Device.objects.aggregate(
+        total=Count("pk", filter=live),
+        online=Count("pk", filter=Q(status=Device.Status.ONLINE)),
+        offline=Count("pk", filter=Q(status=Device.Status.OFFLINE)),
+        pending=Count("pk", filter=Q(status=Device.Status.PENDING)),
+        decommissioned=Count("pk", filter=Q(status=Device.Status.DECOMMISSIONED)),
+        updating=Count("pk", filter=live & Q(deployment_state__in=UPDATING_STATES)),
+        failed=Count("pk", filter=live & Q(deployment_state__in=FAILED_STATES)),
+    )
+
+
+def fleet_versions(*, limit: int = 10) -> list[dict[str, Any]]:
+    """The model versions devices run, most common first (two queries)."""
+    rows = list(
+        Device.objects.exclude(status=Device.Status.DECOMMISSIONED)
+        .values("running_version_id")
+        .annotate(devices=Count("pk"))
+        .order_by("-devices")[:limit]
+    )
+    ids = [r["running_version_id"] for r in rows if r["running_version_id"]]
+    versions = ModelVersion.objects.select_related("family").in_bulk(ids)
+    return [{"version": versions.get(r["running_version_id"]), "devices": r["devices"]} for r in rows]
+
+
+def recent_failures(*, limit: int = 8) -> QuerySet[Deployment]:
+    """The latest failed or rolled-back deployments: the fleet's alerts."""
+    return (
+        Deployment.objects.filter(state__in=FAILED_STATES)
+        .select_related("device", "version__family")
+        .order_by("-updated_at", "-id")[:limit]
+    )
+
+
+def device_filter_choices() -> dict[str, Any]:
+    """What the device filters offer: groups and the versions in use (two queries)."""
+    return {
+        "groups": list(DeviceGroup.objects.order_by("name").values("id", "name")),
+        "versions": list(
+            ModelVersion.objects.filter(running_on__isnull=False)
+            .distinct()
+            .select_related("family")
+            .order_by("family__name", "-number")
+        ),
+        "statuses": Device.Status.values,
+    }
+
+
+def device_detail(*, device_id: Any) -> Device | None:
+    """One device with its versions and policy joined."""
+    return (
+        Device.objects.select_related(
+            "running_version__family", "desired_version__family", "previous_version__family", "policy"
+        )
+        .prefetch_related("groups")
+        .filter(pk=device_id)
+        .first()
+    )
+
+
+def device_deployments(*, device: Device, limit: int = 15) -> list[Deployment]:
+    """The device's latest deployments with their reported states (two queries)."""
+    return list(
+        Deployment.objects.filter(device=device)
+        .select_related("version__family")
+        .prefetch_related("events")
+        .order_by("-created_at", "-id")[:limit]
+    )
+
+
+def device_commands(*, device: Device, limit: int = 15) -> QuerySet[DeviceCommand]:
+    return DeviceCommand.objects.filter(device=device).select_related("created_by").order_by("-id")[:limit]
+
+
+def device_metric_charts(*, device: Device) -> list[dict[str, Any]]:
+    """Chart specs for the device page: the last day of its metrics, averaged into slots.
+
+    The window ends at the newest sample rather than now, so a device that went quiet still
+    shows its last day of data.
+    """
+    names = sorted({n for _, series, _, _ in DEVICE_CHARTS for n in series})
+    newest = MetricSample.objects.filter(device=device).order_by("-ts").values_list("ts", flat=True).first()
+    if newest is None:
+        return []
+    rows = list(
+        MetricSample.objects.filter(device=device, name__in=names, ts__gte=newest - CHART_WINDOW)
+        .order_by("-ts")
+        .values_list("name", "ts", "value")[:CHART_ROW_CAP]
+    )
+    by_name: dict[str, list[tuple[Any, float]]] = {}
+    for name, ts, value in rows:
+        by_name.setdefault(name, []).append((ts, value))
+    charts = []
+    for title, series_names, y_label, _ in DEVICE_CHARTS:
+        present = [n for n in series_names if by_name.get(n)]
+        if not present:
+            continue
+        # All series of a chart share the slots, so their points line up on one x axis.
+        start = min(by_name[n][-1][0] for n in present)
+        end = max(by_name[n][0][0] for n in present)
+        width = max((end - start).total_seconds() / CHART_BUCKETS, 1.0)
+        labels: list[str] = []
+        slot_keys: list[int] = []
+        series: list[dict[str, Any]] = []
+        per_series: dict[str, dict[int, float]] = {}
+        for n in present:
+            slots: dict[int, float] = {}
+            for bucket in downsample(by_name[n], buckets=CHART_BUCKETS):
+                slot = min(int((bucket.start - start).total_seconds() / width), CHART_BUCKETS - 1)
+                slots[slot] = bucket.mean
+            per_series[n] = slots
+        slot_keys = sorted({k for slots in per_series.values() for k in slots})
+        labels = [(start + timedelta(seconds=k * width)).strftime("%H:%M") for k in slot_keys]
+        for n in present:
+            slots = per_series[n]
+            series.append(
+                {
+                    "label": n,
+                    "data": [round(slots[k], 4) if k in slots else None for k in slot_keys],
+                    "axis": "y2" if n == "ram_mb" else "y",
+                }
+            )
+        spec = line_spec(labels=labels, series=series, y_label=y_label)
+        if "ram_mb" in present and len(present) > 1:
+            spec["y_label"] = "cpu %"
+            spec["y2_label"] = "RAM MB"
+        charts.append({"title": title, "spec": spec, "samples": sum(len(by_name[n]) for n in present)})
+    return charts
+
+
+def active_jobs(*, limit: int = 8) -> list[Any]:
+    """Federated jobs that are running or paused, newest first."""
+    from training.models import FederatedJob
+
+    return list(
+        FederatedJob.objects.filter(status__in=[FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED])
+        .select_related("family", "target_group")
+        .order_by("-id")[:limit]
+    )
+
+
+def overview_data() -> dict[str, Any]:
+    """Everything the overview shows, in a fixed number of queries."""
+    from frontend import selectors_rollouts
+
+    return {
+        "counts": fleet_counts(),
+        "versions": fleet_versions(),
+        "failures": list(recent_failures()),
+        "jobs": active_jobs(),
+        "rollouts": selectors_rollouts.active_rollouts(),
+        "experiments": selectors_rollouts.active_experiments(),
+        "decisions": selectors_rollouts.recent_decisions(),
+    }

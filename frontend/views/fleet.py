@@ -1,0 +1,192 @@
+"""Overview, devices, a device, enrollment and the audit log."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from django.contrib import messages
+from django.core.paginator import Paginator
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils import timezone
+
+from config.api import ServiceError
+from config.audit.selectors import audit_event_list
+from config.roles import ADMIN, OPERATOR
+from fleet.models import DeviceGroup, EnrollmentToken, UpdatePolicy
+from fleet.selectors.devices import device_list
+from fleet.services.commands import COMMAND_KINDS, device_command_create
+from fleet.services.enrollment import enrollment_token_create, enrollment_token_revoke
+from frontend import selectors
+from frontend.events import topic_for
+from frontend.views.base import action, int_or_none, page, remote_addr, render_page
+
+DEVICES_PER_PAGE = 50
+DEVICE_FILTERS = ("status", "group", "tag", "version", "search")
+
+
+@page()
+def overview(request: HttpRequest) -> HttpResponse:
+    return render_page(
+        request,
+        "frontend/overview.html",
+        section="overview",
+        title="Overview",
+        **selectors.overview_data(),
+    )
+
+
+@page()
+def devices(request: HttpRequest) -> HttpResponse:
+    filters = {key: request.GET.get(key, "").strip() for key in DEVICE_FILTERS}
+    if filters["version"] and int_or_none(filters["version"]) is None:
+        filters["version"] = ""
+    queryset = device_list(filters={k: v for k, v in filters.items() if v})
+    paginator = Paginator(queryset, DEVICES_PER_PAGE)
+    page_obj = paginator.get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render_page(
+        request,
+        "frontend/devices.html",
+        section="devices",
+        title="Devices",
+        page_obj=page_obj,
+        filters=filters,
+        query=query.urlencode(),
+        choices=selectors.device_filter_choices(),
+    )
+
+
+@page()
+def device(request: HttpRequest, device_id: Any) -> HttpResponse:
+    found = selectors.device_detail(device_id=device_id)
+    if found is None:
+        raise Http404("No such device.")
+    return render_page(
+        request,
+        "frontend/device.html",
+        section="devices",
+        title=found.name,
+        device=found,
+        deployments=selectors.device_deployments(device=found),
+        commands=selectors.device_commands(device=found),
+        charts=selectors.device_metric_charts(device=found),
+        command_kinds=COMMAND_KINDS,
+        device_topic=topic_for("device", found.pk.hex),
+    )
+
+
+@action(OPERATOR)
+def device_command(request: HttpRequest, device_id: Any) -> HttpResponse:
+    found = selectors.device_detail(device_id=device_id)
+    if found is None:
+        raise Http404("No such device.")
+    try:
+        command = device_command_create(
+            actor=request.user,
+            device=found,
+            kind=request.POST.get("kind", ""),
+            remote_addr=remote_addr(request),
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(
+            request, f"Command {command.kind} queued; the device picks it up at its next heartbeat."
+        )
+    return redirect("frontend:device", device_id=found.pk)
+
+
+@page()
+def enrollment(request: HttpRequest) -> HttpResponse:
+    # The token itself is shown once, right after it was created, then dropped from the session.
+    created = request.session.pop("flotilla_new_token", None)
+    return render_page(
+        request,
+        "frontend/enrollment.html",
+        section="enrollment",
+        title="Enrollment",
+        tokens=EnrollmentToken.objects.select_related("group", "created_by").order_by("-created_at")[:100],
+        groups=DeviceGroup.objects.select_related("policy").order_by("name"),
+        policies=UpdatePolicy.objects.order_by("name"),
+        created=created,
+        now=timezone.now(),
+    )
+
+
+def agent_command(*, token: str, server_url: str) -> str:
+    """The copy-paste shell lines that configure a board's agent with a fresh token and start it."""
+    return (
+        "sudo mkdir -p /etc/flotilla && sudo tee /etc/flotilla/agent.toml >/dev/null <<'EOF'\n"
+        f'server_url = "{server_url}"\n'
+        f'enrollment_token = "{token}"\n'
+        'state_dir = "/var/lib/flotilla-agent"\n'
+        "EOF\n"
+        "flotilla-agent --config /etc/flotilla/agent.toml"
+    )
+
+
+@action(OPERATOR)
+def enrollment_token_new(request: HttpRequest) -> HttpResponse:
+    group_id = int_or_none(request.POST.get("group"))
+    group = DeviceGroup.objects.filter(pk=group_id).first() if group_id else None
+    tags = [t for t in request.POST.get("tags", "").replace(",", " ").split() if t]
+    hours = int_or_none(request.POST.get("expires_hours")) or 24
+    try:
+        token, secret = enrollment_token_create(
+            actor=request.user,
+            name=request.POST.get("name", "").strip(),
+            group=group,
+            tags=tags,
+            max_uses=int_or_none(request.POST.get("max_uses")) or 1,
+            expires_at=timezone.now() + timedelta(hours=max(1, hours)),
+            remote_addr=remote_addr(request),
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("frontend:enrollment")
+    server_url = request.build_absolute_uri("/").rstrip("/")
+    request.session["flotilla_new_token"] = {
+        "id": token.pk,
+        "name": token.name,
+        "token": secret,
+        "command": agent_command(token=secret, server_url=server_url),
+    }
+    return redirect("frontend:enrollment")
+
+
+@action(OPERATOR)
+def enrollment_token_revoke_view(request: HttpRequest, token_id: int) -> HttpResponse:
+    try:
+        enrollment_token_revoke(actor=request.user, token_id=token_id, remote_addr=remote_addr(request))
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "Token revoked.")
+    return redirect("frontend:enrollment")
+
+
+@page(ADMIN)
+def audit(request: HttpRequest) -> HttpResponse:
+    queryset = audit_event_list().select_related("actor")
+    if action_name := request.GET.get("action", "").strip():
+        queryset = queryset.filter(action__startswith=action_name)
+    if actor := request.GET.get("actor", "").strip():
+        queryset = queryset.filter(actor_name=actor)
+    page_obj = Paginator(queryset, 50).get_page(request.GET.get("page"))
+    query = request.GET.copy()
+    query.pop("page", None)
+    return render_page(
+        request,
+        "frontend/audit.html",
+        section="audit",
+        title="Audit log",
+        page_obj=page_obj,
+        query=query.urlencode(),
+        filter_action=action_name,
+        filter_actor=actor,
+        back=reverse("frontend:audit"),
+    )

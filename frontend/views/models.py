@@ -1,0 +1,84 @@
+"""Model families, versions with lineage, evaluation reports and stage changes."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.http import Http404, HttpRequest, HttpResponse
+from django.shortcuts import redirect
+
+from config.api import ServiceError
+from config.roles import OPERATOR
+from frontend import selectors_models
+from frontend.views.base import action, page, render_page
+from models_registry.models import ModelFamily, ModelVersion
+from models_registry.selectors import (
+    version_children,
+    version_get,
+    version_latest_evaluation,
+    version_lineage,
+)
+from models_registry.services import STAGE_TRANSITIONS, version_promote
+
+
+@page()
+def models(request: HttpRequest) -> HttpResponse:
+    return render_page(
+        request,
+        "frontend/models.html",
+        section="models",
+        title="Models",
+        families=selectors_models.families(),
+    )
+
+
+@page()
+def family(request: HttpRequest, family_id: int) -> HttpResponse:
+    found = ModelFamily.objects.filter(pk=family_id).first()
+    if found is None:
+        raise Http404("No such model family.")
+    versions = selectors_models.family_versions(family=found)
+    reports = selectors_models.latest_reports(versions=versions)
+    return render_page(
+        request,
+        "frontend/family.html",
+        section="models",
+        title=f"Model {found.name}",
+        family=found,
+        rows=selectors_models.variant_rows(versions=versions, reports=reports),
+    )
+
+
+@page()
+def version(request: HttpRequest, version_id: int) -> HttpResponse:
+    try:
+        found = version_get(version_id)
+    except ModelVersion.DoesNotExist:
+        raise Http404("No such model version.") from None
+    report = version_latest_evaluation(found)
+    return render_page(
+        request,
+        "frontend/version.html",
+        section="models",
+        title=found.label,
+        version=found,
+        lineage=version_lineage(found),
+        children=list(version_children(found)),
+        artifacts=list(found.artifacts.all()),
+        evaluation=selectors_models.report_view(report),
+        next_stages=sorted(STAGE_TRANSITIONS.get(found.stage, ())),
+    )
+
+
+@action(OPERATOR)
+def version_stage(request: HttpRequest, version_id: int) -> HttpResponse:
+    found = ModelVersion.objects.filter(pk=version_id).first()
+    if found is None:
+        raise Http404("No such model version.")
+    stage = request.POST.get("stage", "")
+    try:
+        version_promote(version=found, stage=stage, actor=request.user)
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"{found.label} is now {stage}.")
+    return redirect("frontend:version", version_id=found.pk)
