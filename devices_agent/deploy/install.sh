@@ -35,6 +35,24 @@ running_pid() {
     return 1
 }
 
+stop_agent() {
+    if use_systemd && [ -f "/etc/systemd/system/$unit.service" ]; then
+        systemctl stop "$unit" || true
+    fi
+    if pid=$(running_pid); then
+        kill "$pid" 2>/dev/null || true
+        # Give it a moment to flush its outbox and exit before anything replaces it.
+        for _ in 1 2 3 4 5; do
+            kill -0 "$pid" 2>/dev/null || break
+            sleep 1
+        done
+        if kill -0 "$pid" 2>/dev/null; then
+            kill -9 "$pid" 2>/dev/null || true
+        fi
+    fi
+    rm -f "$pidfile"
+}
+
 case "$cmd" in
 install)
     bundle=${3:?bundle path}
@@ -57,6 +75,12 @@ install)
     ;;
 start)
     config="$dir/agent.toml"
+    stop_agent
+    # Provisioning always gives the board a new identity: an earlier enrollment's state
+    # would make the agent ignore the fresh token, so it is kept aside, not reused.
+    if [ -d "$dir/state" ]; then
+        mv "$dir/state" "$dir/state.replaced-$(date +%Y%m%d%H%M%S)"
+    fi
     if use_systemd; then
         sed -e "s|@VENV@|$venv|g" -e "s|@DIR@|$dir|g" -e "s|@CONFIG@|$config|g" \
             "$dir/flotilla-agent.service.in" > "/etc/systemd/system/$unit.service"
@@ -71,10 +95,6 @@ start)
         fi
         echo "started systemd unit $unit"
     else
-        if pid=$(running_pid); then
-            kill "$pid" 2>/dev/null || true
-            sleep 1
-        fi
         cd "$dir"
         # setsid + nohup: the agent outlives this SSH session; no systemd here, so it does
         # not survive a reboot (documented fallback).
@@ -92,13 +112,7 @@ start)
     fi
     ;;
 stop)
-    if use_systemd && [ -f "/etc/systemd/system/$unit.service" ]; then
-        systemctl stop "$unit" || true
-    fi
-    if pid=$(running_pid); then
-        kill "$pid" 2>/dev/null || true
-    fi
-    rm -f "$pidfile"
+    stop_agent
     ;;
 status)
     if pid=$(running_pid); then

@@ -148,3 +148,36 @@ def test_board_is_provisioned_and_its_agent_enrolls(
     detail = operator.get(f"/api/v1/provisioning-jobs/{job_id}/").json()
     assert detail["status"] == "succeeded" and detail["device"] == str(device.pk)
     assert detail["has_credential"] is False
+
+    # Provisioning the same board again (the key is known now) replaces the agent: the old
+    # process stops, its state is kept aside, and the board enrolls as a new device.
+    again = operator.post(
+        "/api/v1/provisioning-jobs/",
+        {
+            "host": board.host,
+            "port": board.port,
+            "username": board.username,
+            "private_key": board.private_key,
+            "python": sys.executable,
+            "install_dir": str(install_dir),
+            "server_url": live_stack.url,
+            "name": "provisioned-board-2",
+            "enrollment_timeout_s": 120,
+        },
+        format="json",
+    )
+    assert again.status_code == 201, again.content
+    second = _wait_for(
+        lambda: ProvisioningJob.objects.filter(
+            pk=again.json()["id"], status__in=["succeeded", "failed"]
+        ).first(),
+        timeout=240,
+        what="the second job to finish",
+        diagnostics=diagnostics,
+    )
+    assert second.status == "succeeded", diagnostics()
+    assert second.device_id != device.pk
+    assert not [s for s in second.steps if s["step"] == "host_key"], "an accepted key needs no new acceptance"
+    assert list(install_dir.glob("state.replaced-*"))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -153,3 +153,100 @@ def test_credential_is_encrypted_at_rest(board: Board, settings: Any) -> None:
     assert credential_decrypt(job.credential_encrypted) == board.private_key
     key_file = settings.PROVISIONING_KEY_FILE
     assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+
+
+def test_a_job_whose_worker_died_is_taken_over_after_its_lease(accepted_board: Board) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.models import ProvisioningJob
+    from fleet.services.provisioning import provisioning_job_run
+
+    job = _job(accepted_board)
+    # As a worker killed mid-upload leaves it: a running state and a lease.
+    ProvisioningJob.objects.filter(pk=job.pk).update(
+        status="uploading", attempts=1, locked_until=timezone.now() + timedelta(minutes=5)
+    )
+    assert provisioning_job_run(job_id=job.pk) is None
+    assert ProvisioningJob.objects.get(pk=job.pk).status == "uploading", "a live lease is respected"
+
+    ProvisioningJob.objects.filter(pk=job.pk).update(locked_until=timezone.now() - timedelta(seconds=1))
+    job = _run_until_settled(job.pk)
+    assert job.attempts == 2
+    assert job.status == "failed" and job.error_code == "python_missing"
+
+
+def test_a_board_that_never_enrolls_fails_at_the_deadline(db: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.models import Device, ProvisioningJob
+    from fleet.services.enrollment import enrollment_token_create
+    from fleet.services.provisioning import enrollment_poll_s, provisioning_job_run
+
+    token, _ = enrollment_token_create(actor=None, name="t", max_uses=1)
+    job = ProvisioningJob.objects.create(
+        host="board.invalid",
+        username="pi",
+        auth_method="key",
+        status="waiting_enrollment",
+        enrollment_token=token,
+        enrollment_deadline=timezone.now() + timedelta(minutes=5),
+        host_facts={"install_dir": "/home/pi/.flotilla"},
+    )
+    assert provisioning_job_run(job_id=job.pk) == enrollment_poll_s()
+    ProvisioningJob.objects.filter(pk=job.pk).update(
+        enrollment_deadline=timezone.now() - timedelta(seconds=1)
+    )
+    assert provisioning_job_run(job_id=job.pk) is None
+    job.refresh_from_db()
+    assert job.status == "failed" and job.error_code == "enrollment_timeout"
+    assert "/home/pi/.flotilla/agent.log" in job.error
+    token.refresh_from_db()
+    assert token.revoked_at is not None, "the unused token must not stay valid"
+    assert not Device.objects.exists()
+
+
+def test_enrollment_links_the_device_and_succeeds(db: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.models import ProvisioningJob
+    from fleet.services.enrollment import device_enroll, enrollment_token_create
+    from fleet.services.provisioning import provisioning_job_run
+
+    token_row, token = enrollment_token_create(actor=None, name="t", max_uses=1)
+    job = ProvisioningJob.objects.create(
+        host="board.invalid",
+        username="pi",
+        auth_method="key",
+        status="waiting_enrollment",
+        enrollment_token=token_row,
+        enrollment_deadline=timezone.now() + timedelta(minutes=5),
+    )
+    device, _ = device_enroll(token=token, name="board", hardware={"arch": "aarch64"})
+    assert provisioning_job_run(job_id=job.pk) is None
+    job.refresh_from_db()
+    assert job.status == "succeeded" and job.device == device and job.finished_at is not None
+    assert provisioning_job_run(job_id=job.pk) is None  # a duplicate delivery changes nothing
+    assert ProvisioningJob.objects.get(pk=job.pk).steps == job.steps
+
+
+def test_agent_bundle_is_reproducible_and_holds_the_package(db: Any) -> None:
+    import io
+    import tarfile
+
+    from fleet.services.provisioning import agent_bundle
+
+    first = agent_bundle()
+    assert agent_bundle() == first
+    with tarfile.open(fileobj=io.BytesIO(first)) as tar:
+        names = tar.getnames()
+    assert "flotilla-agent/pyproject.toml" in names
+    assert "flotilla-agent/build_backend.py" in names
+    assert "flotilla-agent/devices_agent/__init__.py" in names
+    assert "flotilla-agent/devices_agent/wire.py" in names
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
