@@ -57,3 +57,63 @@ def publish(topic: str, payload: dict[str, Any] | None = None) -> None:
         raise ValueError(f"invalid topic name: {topic!r}")
     body = dict(payload or {})
     transaction.on_commit(lambda: _send(topic, body))
+
+
+# Event types the apps emit (webhooks) -> the dashboard topics that show them:
+# (list topic, per-object topic kind, payload key holding the object id)
+_EVENT_TOPICS: dict[str, tuple[str, str, str]] = {
+    "rollout": (ROLLOUTS, "rollout", "rollout_id"),
+    "experiment": (EXPERIMENTS, "experiment", "experiment_id"),
+    "federated_job": (FEDERATED, "job", "job"),
+    "federated_round": (FEDERATED, "job", "job"),
+    "provisioning_job": (PROVISIONING, "provisioning", "job_id"),
+}
+
+
+def topics_for_event(event_type: str, payload: dict[str, Any]) -> list[str]:
+    """The topics an app event concerns: its list page's and its object's."""
+    prefix = event_type.split(".", 1)[0]
+    mapped = _EVENT_TOPICS.get(prefix)
+    if mapped is None:
+        return []
+    list_topic, kind, key = mapped
+    topics = [list_topic]
+    object_id = payload.get(key, payload.get("id"))
+    if isinstance(object_id, int) or (isinstance(object_id, str) and object_id.isdigit()):
+        topics.append(topic_for(kind, object_id))
+    # Rollouts and experiments move devices: the fleet's pages change with them.
+    if prefix in ("rollout", "experiment"):
+        topics.append(FLEET)
+    return topics
+
+
+def publish_event(*, event_type: str, payload: dict[str, Any]) -> None:
+    """Relay an app event (the same one webhooks receive) to the pages that show it."""
+    body = {
+        "event": event_type,
+        **{k: v for k, v in payload.items() if isinstance(v, str | int | float | None)},
+    }
+    for topic in topics_for_event(event_type, payload):
+        publish(topic, body)
+
+
+def publish_device(device_id: Any, *, change: str = "status") -> None:
+    """A device changed in a way lists show (enrolled, online/offline, update state)."""
+    publish(FLEET, {"device": str(device_id), "change": change})
+    hex_id = getattr(device_id, "hex", None) or str(device_id).replace("-", "")
+    publish(topic_for("device", hex_id), {"change": change})
+
+
+def publish_provisioning(job_id: int) -> None:
+    """A provisioning job moved on or logged a step."""
+    publish(PROVISIONING, {"job": job_id})
+    publish(topic_for("provisioning", job_id), {"job": job_id})
+
+
+def deployment_listener(deployment_id: int, old_state: str, new_state: str) -> None:
+    """Registered with fleet's deployment listeners: an update moved on a device."""
+    from fleet.models import Deployment
+
+    device_id = Deployment.objects.filter(pk=deployment_id).values_list("device_id", flat=True).first()
+    if device_id is not None:
+        publish_device(device_id, change="deployment")

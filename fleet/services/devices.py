@@ -15,6 +15,7 @@ from config.api import NotFoundError, ServiceError
 from config.audit.services import audit_record
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from frontend.events import FLEET, publish
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
 
@@ -161,7 +162,10 @@ def devices_mark_offline(*, now: Any = None) -> int:
             policy__heartbeat_interval_s=interval,
             last_seen__lt=now - timedelta(seconds=interval * missed),
         )
-    return Device.objects.filter(late, status=Device.Status.ONLINE).update(status=Device.Status.OFFLINE)
+    marked = Device.objects.filter(late, status=Device.Status.ONLINE).update(status=Device.Status.OFFLINE)
+    if marked:
+        publish(FLEET, {"change": "offline", "devices": marked})
+    return marked
 
 
 __all__ = [

@@ -14,6 +14,7 @@ from config.api import NotFoundError, ServiceError
 from config.audit.services import audit_record
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
+from frontend.events import publish_device
 
 TOKEN_PREFIX_LENGTH = 8
 DEFAULT_TOKEN_TTL = timedelta(days=7)
@@ -141,4 +142,5 @@ def device_enroll(
             target=device,
             data={"token_prefix": row.prefix, "name": name},
         )
+        publish_device(device.pk, change="enrolled")
     return device, secret

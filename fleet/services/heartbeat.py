@@ -31,6 +31,7 @@ from fleet.models import Deployment, Device, UpdatePolicy
 from fleet.selectors.devices import device_effective_policy_id, policy_document
 from fleet.services.commands import device_commands_take
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_record_status
+from frontend.events import publish_device
 
 TaskProvider = Callable[[Device], list[TrainingTask]]
 _task_providers: list[TaskProvider] = []
@@ -195,6 +196,8 @@ def _record_liveness(device: Device, report: dict[str, Any]) -> None:
         if rows.update(**changes):
             for key, value in changes.items():
                 setattr(device, key, value)
+            if "status" in changes:  # only a status change refreshes dashboards, not every heartbeat
+                publish_device(device.pk)
 
 
 def device_heartbeat(*, device: Device, report: dict[str, Any]) -> HeartbeatResponse:

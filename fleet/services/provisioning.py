@@ -35,6 +35,7 @@ from config.audit.services import audit_record
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken, KnownHost, ProvisioningJob
 from fleet.ssh import HostKey, SshError, SshTransport, UnknownHostKeyError
+from frontend.events import publish_provisioning
 
 logger = logging.getLogger(__name__)
 
@@ -387,6 +388,7 @@ def _update(job: ProvisioningJob, *, expect: str, **fields: Any) -> None:
         raise _Stopped
     for name, value in fields.items():
         setattr(job, name, value)
+    publish_provisioning(job.pk)
 
 
 def _log(job: ProvisioningJob, step: str, status: str, message: str = "") -> None:

@@ -30,6 +30,7 @@ from django.utils import timezone
 
 from config.api import ServiceError
 from fleet.models import WebhookDelivery, WebhookEndpoint
+from frontend.events import publish_event
 
 logger = logging.getLogger(__name__)
 
@@ -132,6 +133,7 @@ def webhook_emit(*, event_type: str, payload: dict[str, Any], enqueue: bool = Tr
             _enqueue(ids)
 
     transaction.on_commit(create)
+    publish_event(event_type=event_type, payload=data)
 
 
 def webhook_body(*, delivery: WebhookDelivery) -> bytes:
