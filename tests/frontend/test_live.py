@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -85,7 +86,7 @@ def test_enrolling_a_device_notifies_the_fleet_topic(memory_layer: Any) -> None:
         return name
 
     channel = async_to_sync(subscribe)()
-    _, token = enrollment_token_create(actor=None, expires_at=timezone.now() + timezone.timedelta(hours=1))
+    _, token = enrollment_token_create(actor=None, expires_at=timezone.now() + timedelta(hours=1))
     device, _ = device_enroll(token=token, name="cam-1", hardware={"arch": "aarch64"})
 
     async def receive() -> Any:
