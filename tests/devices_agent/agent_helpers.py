@@ -19,23 +19,44 @@ from typing import Any
 import numpy as np
 
 
-def linear_onnx(*, features: int = 64, classes: int = 10, seed: int = 0) -> bytes:
-    """A one-layer classifier (MatMul + Add) as ONNX bytes; ``classes`` sets the output width."""
+def linear_onnx(*, features: int = 64, classes: int = 10, seed: int = 0, hidden: int = 0) -> bytes:
+    """A small classifier as ONNX bytes: MatMul + Add, with a ReLU hidden layer when ``hidden``.
+
+    ``classes`` sets the output width (a wrong one fails the agent's health check);
+    ``hidden`` makes the file larger (512 gives about 150 KB) for download tests.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(seed)
-    w = rng.normal(size=(features, classes)).astype(np.float32)
+    nodes = []
+    inits = []
+    width, source = features, "input"
+    if hidden:
+        w1 = rng.normal(size=(features, hidden)).astype(np.float32) * 0.1
+        inits += [
+            numpy_helper.from_array(w1, "w1"),
+            numpy_helper.from_array(np.zeros(hidden, np.float32), "b1"),
+        ]
+        nodes += [
+            helper.make_node("MatMul", ["input", "w1"], ["h1"]),
+            helper.make_node("Add", ["h1", "b1"], ["a1"]),
+            helper.make_node("Relu", ["a1"], ["r1"]),
+        ]
+        width, source = hidden, "r1"
+    w = rng.normal(size=(width, classes)).astype(np.float32)
     b = rng.normal(size=(classes,)).astype(np.float32)
+    inits += [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")]
+    nodes += [
+        helper.make_node("MatMul", [source, "w"], ["h"]),
+        helper.make_node("Add", ["h", "b"], ["logits"]),
+    ]
     graph = helper.make_graph(
-        [
-            helper.make_node("MatMul", ["input", "w"], ["h"]),
-            helper.make_node("Add", ["h", "b"], ["logits"]),
-        ],
+        nodes,
         "linear",
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", features])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+        inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
@@ -173,6 +194,7 @@ class CuttingProxy:
     cut_after: int | None = None
     max_cuts: int = 1
     cuts: int = 0
+    upstream_bytes: list[bytes] = field(default_factory=list)  # what clients sent, for assertions
     _sock: socket.socket = field(init=False)
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -209,6 +231,7 @@ class CuttingProxy:
         def pump_up() -> None:
             try:
                 while chunk := client.recv(65536):
+                    self.upstream_bytes.append(chunk)
                     upstream.sendall(chunk)
             except OSError:
                 pass

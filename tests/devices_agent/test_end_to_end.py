@@ -1,0 +1,270 @@
+"""The agent against the real server: uvicorn + Celery on the test database, over real HTTP.
+
+Rows are written with the services (tokens, versions, assignments); the agent runs in this
+process and talks to the live web process, directly or through a loopback proxy that cuts
+connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+
+from devices_agent.agent import Agent
+from devices_agent.config import AgentConfig
+from tests.devices_agent.agent_helpers import CuttingProxy, Signer, linear_onnx
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def _stack(transactional_db: Any, live_stack: Any) -> Iterator[Any]:
+    yield live_stack
+
+
+def _token(max_uses: int = 1) -> str:
+    from fleet.services.enrollment import enrollment_token_create
+
+    _, token = enrollment_token_create(actor=None, name="agent-e2e", max_uses=max_uses)
+    return token
+
+
+def _version(onnx: bytes) -> Any:
+    from models_registry.models import ModelFamily
+    from models_registry.services import version_create
+
+    family = ModelFamily.objects.filter(name="agent-e2e").first()
+    if family is None:
+        family = ModelFamily.objects.create(name="agent-e2e", arch="mlp", input_shape=[64], num_classes=10)
+    return version_create(family=family, onnx=onnx)
+
+
+def _assign(agent: Agent, version: Any) -> int:
+    from fleet.services.devices import device_assign_version
+
+    deployment = device_assign_version(actor=None, device_id=agent.device_id, version_id=version.pk)
+    assert deployment is not None
+    return int(deployment.pk)
+
+
+def _deployment(deployment_id: int) -> Any:
+    from fleet.models import Deployment
+
+    return Deployment.objects.get(pk=deployment_id)
+
+
+def _events(deployment_id: int) -> list[str]:
+    from fleet.models import DeploymentEvent
+
+    return list(DeploymentEvent.objects.filter(deployment_id=deployment_id).values_list("state", flat=True))
+
+
+def _agent(url: str, root: Path, token: str, **overrides: Any) -> Agent:
+    config = AgentConfig(
+        server_url=url,
+        state_dir=root,
+        enrollment_token=token,
+        name=root.name,
+        websocket=False,
+        health_check_runs=5,
+        **overrides,
+    )
+    return Agent(config=config, rng=random.Random(1), sleep=lambda s: None)
+
+
+def _running(agent: Agent, version: Any, deployment_id: int) -> None:
+    """Bring the agent to ``version`` through a successful deployment."""
+    for _ in range(3):
+        outcome = agent.step().outcome
+        if outcome is not None and outcome.action == "active":
+            break
+    assert _deployment(deployment_id).state == "active"
+    assert agent.state.current_version_id() == version.pk
+
+
+def test_enroll_heartbeat_install_and_report_metrics(_stack: Any, tmp_path: Path) -> None:
+    from fleet.models import Device, MetricSample
+    from models_registry.signing import signing_public_key_b64
+
+    agent = _agent(_stack.url, tmp_path / "board", _token())
+    first = agent.step()
+    assert first.ok
+    device = Device.objects.get(pk=agent.device_id)
+    assert device.status == "online" and device.name == "board"
+    creds = agent.state.credentials()
+    assert creds is not None and creds.signing_public_key == signing_public_key_b64()
+
+    version = _version(linear_onnx(seed=11))
+    deployment_id = _assign(agent, version)
+    _running(agent, version, deployment_id)
+    assert _events(deployment_id) == [
+        "pending",
+        "downloading",
+        "verifying",
+        "installing",
+        "health_check",
+        "active",
+    ]
+    device.refresh_from_db()
+    assert device.running_version_id == version.pk
+
+    predictor = agent.load_predictor()
+    assert predictor is not None
+    for i in range(5):
+        predictor.predict([i / 10.0] * 64, label=i)
+    agent.step()
+    names = set(MetricSample.objects.filter(device=device).values_list("name", flat=True))
+    assert {"latency_ms", "confidence", "correct", "cpu_percent", "ram_mb"} <= names
+    assert MetricSample.objects.filter(device=device, name="correct", version_id=version.pk).count() == 5
+    agent.close()
+
+
+def test_download_resumes_after_a_cut_connection_and_after_a_restart(_stack: Any, tmp_path: Path) -> None:
+    model = linear_onnx(seed=12, hidden=512)
+    assert len(model) > 100_000
+    target = urlparse(_stack.url)
+    proxy = CuttingProxy(target.hostname or "127.0.0.1", target.port or 80, cut_after=40_000, max_cuts=1)
+    try:
+        # A connection cut mid-body; the updater's next attempt resumes with Range.
+        agent = _agent(proxy.url, tmp_path / "a", _token())
+        agent.step()
+        version = _version(model)
+        deployment_id = _assign(agent, version)
+        proxy.upstream_bytes.clear()
+        _running(agent, version, deployment_id)
+        assert proxy.cuts == 1
+        sent = b"".join(proxy.upstream_bytes).lower()
+        assert b"range: bytes=" in sent and b"if-range:" in sent
+        agent.close()
+
+        # The agent dies after a cut (one download attempt per heartbeat) and a new
+        # process resumes from the part file.
+        proxy.cuts = 0
+        root = tmp_path / "b"
+        agent = _agent(proxy.url, root, _token())
+        agent.step()
+        assert agent.updater is not None
+        agent.updater.download_attempts = 1
+        deployment_id = _assign(agent, version)
+        outcome = agent.step().outcome
+        assert outcome is not None and outcome.action == "retry"
+        part = agent.state.part_path(version.artifacts.get(kind="onnx").sha256)
+        partial = part.stat().st_size
+        assert 0 < partial < len(model)
+        agent.close()
+
+        restarted = _agent(proxy.url, root, "")
+        proxy.upstream_bytes.clear()
+        _running(restarted, version, deployment_id)
+        assert f"range: bytes={partial}-".encode() in b"".join(proxy.upstream_bytes).lower()
+        restarted.close()
+    finally:
+        proxy.close()
+
+
+def _corrupt_stored_file(version: Any) -> None:
+    from django.core.files.storage import default_storage
+
+    artifact = version.artifacts.get(kind="onnx")
+    path = Path(default_storage.path(artifact.file.name))
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.chmod(0o644)
+    path.write_bytes(bytes(data))
+
+
+def _forge_signature(version: Any) -> None:
+    from models_registry.models import Artifact
+
+    artifact = version.artifacts.get(kind="onnx")
+    _, forged = Signer(seed=b"\x42" * 32).sign(b"whatever")
+    forged = base64.b64encode(base64.b64decode(forged)).decode()
+    Artifact.objects.filter(pk=artifact.pk).update(signature=forged)
+
+
+@pytest.mark.parametrize("damage", ["corrupted", "wrongly_signed"])
+def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path: Path, damage: str) -> None:
+    from fleet.models import Device
+
+    agent = _agent(_stack.url, tmp_path / "board", _token())
+    agent.step()
+    good = _version(linear_onnx(seed=13))
+    _running(agent, good, _assign(agent, good))
+
+    bad = _version(linear_onnx(seed=14 if damage == "corrupted" else 15))
+    if damage == "corrupted":
+        _corrupt_stored_file(bad)
+    else:
+        _forge_signature(bad)  # before any heartbeat could cache the version's refs
+    deployment_id = _assign(agent, bad)
+    outcome = agent.step().outcome
+    assert outcome is not None and outcome.action == "failed"
+    deployment = _deployment(deployment_id)
+    assert deployment.state == "failed"
+    assert ("SHA-256" if damage == "corrupted" else "signature") in deployment.error
+    assert agent.state.current_version_id() == good.pk
+    assert not agent.state.part_path(bad.artifacts.get(kind="onnx").sha256).exists()
+    device = Device.objects.get(pk=agent.device_id)
+    assert device.running_version_id == good.pk
+    # The server points the device back at what it runs; the next heartbeat is calm.
+    assert agent.step().outcome.action == "current"  # type: ignore[union-attr]
+    agent.close()
+
+
+def test_failed_health_check_rolls_back_locally_and_reports_it(_stack: Any, tmp_path: Path) -> None:
+    from fleet.models import Device, UpdatePolicy
+
+    agent = _agent(_stack.url, tmp_path / "board", _token())
+    agent.step()
+    good = _version(linear_onnx(seed=16))
+    _running(agent, good, _assign(agent, good))
+
+    strict = UpdatePolicy.objects.create(name="agent-e2e-strict", health_latency_budget_ms=0.0001)
+    Device.objects.filter(pk=agent.device_id).update(policy=strict)
+    slow = _version(linear_onnx(seed=17))
+    deployment_id = _assign(agent, slow)
+    outcome = agent.step().outcome
+    assert outcome is not None and outcome.action == "rolled_back"
+    deployment = _deployment(deployment_id)
+    assert deployment.state == "rolled_back" and "exceeds the budget" in deployment.error
+    assert _events(deployment_id)[-2:] == ["health_check", "rolled_back"]
+    assert agent.state.current_version_id() == good.pk
+    assert Device.objects.get(pk=agent.device_id).running_version_id == good.pk
+    agent.close()
+
+
+def test_outage_loses_no_metrics_and_heartbeats_back_off(_stack: Any, tmp_path: Path) -> None:
+    from fleet.models import Device, MetricSample
+
+    agent = _agent(_stack.url, tmp_path / "board", _token(), backoff_base_s=1.0, backoff_cap_s=30.0)
+    agent.step()
+    agent.flush_metrics()
+    device = Device.objects.get(pk=agent.device_id)
+    before = MetricSample.objects.filter(device=device).count()
+    _stack.group.stop("web")
+    try:
+        for i in range(50):
+            agent.outbox.add("latency_ms", float(i))
+        delays = []
+        for _ in range(6):
+            result = agent.step()
+            assert not result.ok
+            delays.append(result.interval_s)
+        assert all(0.0 <= d <= 30.0 for d in delays)
+        assert agent.backoff.attempt == 6
+        assert agent.outbox.pending() >= 50
+    finally:
+        _stack.start_web()
+    assert agent.step().ok
+    while agent.outbox.pending():
+        agent.flush_metrics()
+    latencies = MetricSample.objects.filter(device=device, name="latency_ms").values_list("value", flat=True)
+    assert sorted(v for v in latencies if v < 50) == [float(i) for i in range(50)]
+    assert MetricSample.objects.filter(device=device).count() > before + 50
+    agent.close()
