@@ -113,3 +113,76 @@ class EvaluationReport(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
+
+
+class EvaluationDataset(models.Model):
+    """A registered labelled data set stored as safetensors (``x`` float32, ``y`` int64).
+
+    ``split`` says what it may be used for: ``test`` sets measure versions; ``train``
+    sets calibrate quantisation and fine-tune pruned or distilled variants, never measure.
+    """
+
+    class Split(models.TextChoices):
+        TEST = "test"
+        TRAIN = "train"
+
+    name = models.SlugField(max_length=100, unique=True)
+    description = models.TextField(blank=True)
+    split = models.CharField(max_length=10, choices=Split.choices, default=Split.TEST)
+    input_shape = models.JSONField(default=list)
+    num_classes = models.PositiveIntegerField()
+    num_examples = models.PositiveIntegerField()
+    file = models.FileField(upload_to="datasets/", max_length=300)
+    sha256 = models.CharField(max_length=64)
+    size = models.BigIntegerField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class ModelJob(models.Model):
+    """One evaluation, export or optimisation of a version: a row with a lifecycle.
+
+    The Celery task only carries the id; everything the dashboard shows (status,
+    progress, log, error, result) lives here.
+    """
+
+    class Kind(models.TextChoices):
+        EVALUATE = "evaluate"
+        EXPORT = "export"
+        OPTIMISE = "optimise"
+
+    class Status(models.TextChoices):
+        QUEUED = "queued"
+        RUNNING = "running"
+        SUCCEEDED = "succeeded"
+        FAILED = "failed"
+
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="jobs")
+    params = models.JSONField(default=dict, blank=True)
+    progress = models.FloatField(default=0.0)
+    log = models.TextField(blank=True)
+    error = models.TextField(blank=True)
+    result = models.JSONField(default=dict, blank=True)
+    result_version = models.ForeignKey(
+        ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(auto_now_add=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} #{self.pk} ({self.status})"

@@ -22,8 +22,10 @@ __all__ = [
     "artifact_for_version",
     "artifact_ref",
     "artifact_url",
+    "family_comparison",
     "family_get",
     "family_list",
+    "family_recommend",
     "signing_public_key_b64",
     "version_children",
     "version_get",
@@ -152,3 +154,123 @@ def version_children(version: ModelVersion) -> QuerySet[ModelVersion]:
 def version_latest_evaluation(version: ModelVersion) -> EvaluationReport | None:
     """The newest evaluation report of the version, or None."""
     return EvaluationReport.objects.filter(version=version).order_by("-created_at", "-id").first()
+
+
+def _baseline_of(version: ModelVersion, by_id: dict[int, ModelVersion]) -> ModelVersion:
+    # The nearest fp32 ancestor that was not itself produced by an optimisation: the
+    # model a variant is compared with.
+    current: ModelVersion | None = version
+    seen: set[int] = set()
+    while current is not None and current.pk not in seen:
+        if current.variant == "fp32" and current.source != ModelVersion.Source.OPTIMISED:
+            return current
+        seen.add(current.pk)
+        current = by_id.get(current.parent_id) if current.parent_id else None
+    return version
+
+
+def _ratio(value: Any, base: Any) -> float | None:
+    if value is None or base in (None, 0):
+        return None
+    return float(value) / float(base)
+
+
+def family_comparison(family: ModelFamily, *, include_archived: bool = False) -> list[dict[str, Any]]:
+    """One row per evaluated version of the family: accuracy, size, latency and ratios to fp32.
+
+    Numbers come from each version's headline metrics (copied from its latest
+    evaluation), so this is one query. Ratios (``size_ratio``, ``latency_ratio_b1``,
+    ``latency_ratio_b64``, ``accuracy_delta``) compare a variant with its baseline: the
+    nearest fp32 ancestor that is not itself an optimised variant.
+    """
+    versions = list(ModelVersion.objects.filter(family=family).order_by("number"))
+    by_id = {v.pk: v for v in versions}
+    rows = []
+    for version in versions:
+        metrics = version.metrics or {}
+        if "accuracy" not in metrics:
+            continue
+        if version.stage == ModelVersion.Stage.ARCHIVED and not include_archived:
+            continue
+        base = _baseline_of(version, by_id)
+        base_metrics = base.metrics or {}
+        rows.append(
+            {
+                "version_id": version.pk,
+                "label": f"{family.name}:v{version.number}",
+                "number": version.number,
+                "variant": version.variant,
+                "source": version.source,
+                "stage": version.stage,
+                "arch": version.arch or family.arch,
+                "parent_id": version.parent_id,
+                "baseline_id": base.pk,
+                "dataset": metrics.get("dataset"),
+                "accuracy": metrics.get("accuracy"),
+                "size_bytes": metrics.get("size_bytes"),
+                "compressed_size_bytes": metrics.get("compressed_size_bytes"),
+                "p50_batch1_us": metrics.get("p50_batch1_us"),
+                "p95_batch1_us": metrics.get("p95_batch1_us"),
+                "p50_batch64_us": metrics.get("p50_batch64_us"),
+                "size_ratio": _ratio(metrics.get("size_bytes"), base_metrics.get("size_bytes")),
+                "latency_ratio_b1": _ratio(metrics.get("p50_batch1_us"), base_metrics.get("p50_batch1_us")),
+                "latency_ratio_b64": _ratio(
+                    metrics.get("p50_batch64_us"), base_metrics.get("p50_batch64_us")
+                ),
+                "accuracy_delta": (
+                    float(metrics["accuracy"]) - float(base_metrics["accuracy"])
+                    if "accuracy" in base_metrics
+                    else None
+                ),
+                "rejected": bool(metrics.get("rejected", False)),
+                "rejection_reason": metrics.get("rejection_reason", ""),
+            }
+        )
+    return rows
+
+
+def family_recommend(
+    family: ModelFamily,
+    *,
+    latency_budget_us: float,
+    max_accuracy_drop: float = 0.01,
+    min_accuracy: float | None = None,
+    base_version_id: int | None = None,
+) -> dict[str, Any]:
+    """Recommend the variant of a family to ship under a latency budget.
+
+    Candidates are the base version and the evaluated variants derived from it (not
+    archived); the base is ``base_version_id`` or else the newest fp32 production version
+    with an evaluation, or else the newest evaluated fp32 version. Variants rejected at
+    optimisation are never recommended. Uses ``models_registry.ml.recommend``: the
+    smallest variant within budget and within ``max_accuracy_drop`` of the base wins.
+    Returns ``{"base", "recommended", "variants"}`` (every row annotated with its
+    ``decision`` and ``reason``); raises ``ValueError`` for bad arguments or no base.
+    """
+    from models_registry.ml.recommend import recommend_variant
+
+    rows = family_comparison(family)
+    bases = [r for r in rows if r["version_id"] == r["baseline_id"]]
+    if base_version_id is not None:
+        bases = [r for r in bases if r["version_id"] == base_version_id]
+    else:
+        production = [r for r in bases if r["stage"] == ModelVersion.Stage.PRODUCTION]
+        bases = production or bases
+    if not bases:
+        raise ValueError("no evaluated fp32 base version to compare variants with; evaluate one first")
+    base = max(bases, key=lambda r: r["number"])
+    candidates = [r for r in rows if r["baseline_id"] == base["version_id"]]
+    eligible = [r for r in candidates if not r["rejected"]]
+    for row in candidates:
+        if row["rejected"]:
+            row["decision"] = "rejected"
+            row["reason"] = f"rejected at optimisation: {row['rejection_reason']}"
+    measurable = [r for r in eligible if r["p50_batch1_us"] is not None and r["size_bytes"] is not None]
+    best = recommend_variant(
+        variants=measurable,
+        latency_budget_us=latency_budget_us,
+        min_accuracy=min_accuracy,
+        max_accuracy_drop=max_accuracy_drop,
+        reference_accuracy=float(base["accuracy"]),
+    )
+    return {"base": base, "recommended": best, "variants": candidates}

@@ -25,6 +25,7 @@ from models_registry.validation import Spooled, spool, validate_onnx, validate_s
 
 __all__ = [
     "STAGE_TRANSITIONS",
+    "artifact_add",
     "artifact_storage_name",
     "family_create",
     "version_archive",
@@ -275,3 +276,49 @@ def version_promote(
 def version_archive(*, version: ModelVersion, actor: Any = None) -> ModelVersion:
     """Archive a version (from any stage but archived)."""
     return version_promote(version=version, stage=Stage.ARCHIVED, actor=actor)
+
+
+def artifact_add(
+    *, version: ModelVersion, kind: str, data: bytes, opset: int | None = None, actor: Any = None
+) -> Artifact:
+    """Attach an artifact of a kind the version lacks (e.g. the ONNX export of its weights).
+
+    The bytes are validated like an upload; a version that already has an artifact of
+    ``kind`` is a 409 ``artifact_exists`` (artifacts never change once stored).
+    """
+    if kind not in _EXTENSIONS:
+        raise ServiceError(f"Unknown artifact kind {kind!r}.", code="invalid_kind")
+    created: list[str] = []
+    with spool(data, field=kind, max_bytes=int(settings.MODEL_UPLOAD_MAX_BYTES)) as spooled:
+        if kind == Artifact.Kind.ONNX:
+            info = validate_onnx(spooled.path, input_shape=list(version.family.input_shape or []))
+            opset = opset or info.get("opset")
+        else:
+            validate_safetensors(spooled.path, size=spooled.size, arch=version.effective_arch)
+        try:
+            with transaction.atomic():
+                ModelVersion.objects.select_for_update().filter(pk=version.pk).get()
+                if Artifact.objects.filter(version=version, kind=kind).exists():
+                    raise ConflictError(
+                        f"{version.label} already has a {kind} artifact.", code="artifact_exists"
+                    )
+                artifact = Artifact(
+                    version=version,
+                    kind=kind,
+                    sha256=spooled.sha256,
+                    size=spooled.size,
+                    signature=sign_digest(spooled.sha256),
+                    opset=opset if kind == Artifact.Kind.ONNX else None,
+                )
+                artifact.file.name = _store(spooled, kind=kind, created=created)
+                artifact.save()
+                audit_record(
+                    actor=actor,
+                    action="model_version.artifact_add",
+                    target=version,
+                    data={"kind": kind, "sha256": spooled.sha256, "size": spooled.size},
+                )
+        except BaseException:
+            _discard(created)
+            raise
+    return artifact

@@ -6,11 +6,18 @@ from typing import Any
 
 from rest_framework import serializers
 
-from models_registry.models import Artifact, EvaluationReport, ModelFamily, ModelVersion
+from models_registry.models import (
+    Artifact,
+    EvaluationDataset,
+    EvaluationReport,
+    ModelFamily,
+    ModelJob,
+    ModelVersion,
+)
 from models_registry.selectors import artifact_url
 
 
-class FamilySerializer(serializers.ModelSerializer[ModelFamily]):
+class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
     version_count = serializers.SerializerMethodField()
 
     class Meta:
@@ -33,7 +40,7 @@ class FamilySerializer(serializers.ModelSerializer[ModelFamily]):
         return int(annotated) if annotated is not None else obj.versions.count()
 
 
-class FamilyCreateSerializer(serializers.Serializer[Any]):
+class ModelFamilyCreateSerializer(serializers.Serializer[Any]):
     name = serializers.SlugField(max_length=100)
     description = serializers.CharField(required=False, allow_blank=True, default="")
     arch = serializers.CharField(max_length=50)
@@ -42,7 +49,7 @@ class FamilyCreateSerializer(serializers.Serializer[Any]):
     num_classes = serializers.IntegerField(min_value=2)
 
 
-class FamilyUpdateSerializer(serializers.ModelSerializer[ModelFamily]):
+class ModelFamilyUpdateSerializer(serializers.ModelSerializer[ModelFamily]):
     """Only descriptive fields change after creation: the input/output contract is fixed."""
 
     class Meta:
@@ -50,7 +57,7 @@ class FamilyUpdateSerializer(serializers.ModelSerializer[ModelFamily]):
         fields = ["description"]
 
 
-class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
+class ModelArtifactSerializer(serializers.ModelSerializer[Artifact]):
     download_url = serializers.SerializerMethodField()
     device_url = serializers.SerializerMethodField()
 
@@ -65,7 +72,7 @@ class ArtifactSerializer(serializers.ModelSerializer[Artifact]):
         return artifact_url(obj.sha256)
 
 
-class VersionBriefSerializer(serializers.ModelSerializer[ModelVersion]):
+class ModelVersionBriefSerializer(serializers.ModelSerializer[ModelVersion]):
     family = serializers.CharField(source="family.name", read_only=True)
 
     class Meta:
@@ -73,11 +80,11 @@ class VersionBriefSerializer(serializers.ModelSerializer[ModelVersion]):
         fields = ["id", "label", "family", "number", "variant", "source", "stage", "created_at"]
 
 
-class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
+class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
     family_name = serializers.CharField(source="family.name", read_only=True)
     parent_label = serializers.SerializerMethodField()
     effective_arch = serializers.CharField(read_only=True)
-    artifacts = ArtifactSerializer(many=True, read_only=True)
+    artifacts = ModelArtifactSerializer(many=True, read_only=True)
 
     class Meta:
         model = ModelVersion
@@ -105,32 +112,32 @@ class VersionSerializer(serializers.ModelSerializer[ModelVersion]):
         return obj.parent.label if obj.parent_id and obj.parent else None
 
 
-class EvaluationSerializer(serializers.ModelSerializer[EvaluationReport]):
+class EvaluationReportSerializer(serializers.ModelSerializer[EvaluationReport]):
     class Meta:
         model = EvaluationReport
         fields = ["id", "dataset", "report", "created_at"]
 
 
-class VersionDetailSerializer(VersionSerializer):
+class ModelVersionDetailSerializer(ModelVersionSerializer):
     children = serializers.SerializerMethodField()
     latest_evaluation = serializers.SerializerMethodField()
 
-    class Meta(VersionSerializer.Meta):
-        fields = [*VersionSerializer.Meta.fields, "children", "latest_evaluation"]
+    class Meta(ModelVersionSerializer.Meta):
+        fields = [*ModelVersionSerializer.Meta.fields, "children", "latest_evaluation"]
 
     def get_children(self, obj: ModelVersion) -> list[dict[str, Any]]:
         from models_registry.selectors import version_children
 
-        return list(VersionBriefSerializer(version_children(obj), many=True).data)
+        return list(ModelVersionBriefSerializer(version_children(obj), many=True).data)
 
     def get_latest_evaluation(self, obj: ModelVersion) -> dict[str, Any] | None:
         from models_registry.selectors import version_latest_evaluation
 
         report = version_latest_evaluation(obj)
-        return dict(EvaluationSerializer(report).data) if report else None
+        return dict(EvaluationReportSerializer(report).data) if report else None
 
 
-class VersionUploadSerializer(serializers.Serializer[Any]):
+class ModelVersionUploadSerializer(serializers.Serializer[Any]):
     family = serializers.PrimaryKeyRelatedField(queryset=ModelFamily.objects.all())
     weights = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
     onnx = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
@@ -151,12 +158,117 @@ class VersionUploadSerializer(serializers.Serializer[Any]):
         return attrs
 
 
-class PromoteSerializer(serializers.Serializer[Any]):
+class ModelVersionPromoteSerializer(serializers.Serializer[Any]):
     stage = serializers.ChoiceField(choices=ModelVersion.Stage.choices)
     exclusive = serializers.BooleanField(required=False, default=False)
 
 
-class LineageSerializer(serializers.Serializer[Any]):
-    version = VersionBriefSerializer()
-    ancestors = VersionBriefSerializer(many=True)
-    children = VersionBriefSerializer(many=True)
+class ModelVersionLineageSerializer(serializers.Serializer[Any]):
+    version = ModelVersionBriefSerializer()
+    ancestors = ModelVersionBriefSerializer(many=True)
+    children = ModelVersionBriefSerializer(many=True)
+
+
+class ModelJobSerializer(serializers.ModelSerializer[ModelJob]):
+    version_label = serializers.CharField(source="version.label", read_only=True)
+
+    class Meta:
+        model = ModelJob
+        fields = [
+            "id",
+            "kind",
+            "status",
+            "version",
+            "version_label",
+            "params",
+            "progress",
+            "log",
+            "error",
+            "result",
+            "result_version",
+            "attempts",
+            "created_at",
+            "started_at",
+            "finished_at",
+        ]
+
+
+class ModelEvaluateInput(serializers.Serializer[Any]):
+    dataset = serializers.CharField(required=False, help_text="data set name (default digits-test)")
+    latency_repeats = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
+
+
+class ModelExportInput(serializers.Serializer[Any]):
+    dataset = serializers.CharField(required=False, help_text="inputs for the parity check")
+    opset = serializers.IntegerField(required=False, min_value=7, max_value=23)
+    atol = serializers.FloatField(required=False, min_value=0)
+    rtol = serializers.FloatField(required=False, min_value=0)
+
+
+class ModelOptimiseInput(serializers.Serializer[Any]):
+    kind = serializers.ChoiceField(
+        choices=["int8_dynamic", "int8_static", "fp16", "prune_unstructured", "prune_structured", "distil"]
+    )
+    dataset = serializers.CharField(required=False)
+    train_dataset = serializers.CharField(required=False)
+    max_accuracy_drop = serializers.FloatField(required=False, min_value=0, max_value=1)
+    latency_repeats = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
+    per_channel = serializers.BooleanField(required=False)
+    amount = serializers.FloatField(required=False, min_value=0, max_value=0.99)
+    finetune_epochs = serializers.IntegerField(required=False, min_value=0, max_value=200)
+    quantise = serializers.BooleanField(required=False)
+    student_arch = serializers.CharField(required=False)
+    epochs = serializers.IntegerField(required=False, min_value=1, max_value=500)
+    temperature = serializers.FloatField(required=False, min_value=0.01)
+    alpha = serializers.FloatField(required=False, min_value=0, max_value=1)
+    lr = serializers.FloatField(required=False, min_value=0)
+    seed = serializers.IntegerField(required=False)
+
+
+class ModelComparisonRowSerializer(serializers.Serializer[Any]):
+    version_id = serializers.IntegerField()
+    label = serializers.CharField()  # type: ignore[assignment]
+    variant = serializers.CharField()
+    source = serializers.CharField()  # type: ignore[assignment]
+    stage = serializers.CharField()
+    baseline_id = serializers.IntegerField()
+    accuracy = serializers.FloatField(allow_null=True)
+    size_bytes = serializers.IntegerField(allow_null=True)
+    p50_batch1_us = serializers.FloatField(allow_null=True)
+    p50_batch64_us = serializers.FloatField(allow_null=True)
+    size_ratio = serializers.FloatField(allow_null=True)
+    latency_ratio_b1 = serializers.FloatField(allow_null=True)
+    latency_ratio_b64 = serializers.FloatField(allow_null=True)
+    rejected = serializers.BooleanField()
+
+
+class ModelRecommendQuery(serializers.Serializer[Any]):
+    latency_budget_us = serializers.FloatField(min_value=0.001)
+    max_accuracy_drop = serializers.FloatField(required=False, min_value=0, max_value=1, default=0.01)
+    min_accuracy = serializers.FloatField(
+        required=False, min_value=0, max_value=1, allow_null=True, default=None
+    )
+    base = serializers.IntegerField(required=False, allow_null=True, default=None)
+
+
+class ModelRecommendOutput(serializers.Serializer[Any]):
+    base = ModelComparisonRowSerializer()
+    recommended = ModelComparisonRowSerializer(allow_null=True)
+    variants = ModelComparisonRowSerializer(many=True)
+
+
+class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]):
+    class Meta:
+        model = EvaluationDataset
+        fields = [
+            "id",
+            "name",
+            "description",
+            "split",
+            "input_shape",
+            "num_classes",
+            "num_examples",
+            "sha256",
+            "size",
+            "created_at",
+        ]

@@ -11,6 +11,8 @@ router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("models", views.ModelFamilyViewSet, basename="model-family")
 router.register("model-versions", views.ModelVersionViewSet, basename="model-version")
+router.register("model-jobs", views.ModelJobViewSet, basename="model-job")
+router.register("evaluation-datasets", views.EvaluationDatasetViewSet, basename="evaluation-dataset")
 
 urlpatterns: list[Any] = [
     path("signing-key/", views.SigningKeyApi.as_view(), name="signing-key"),

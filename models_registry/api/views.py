@@ -26,21 +26,21 @@ from rest_framework.views import APIView
 from config.api import ConflictError, NotFoundError, client_ip
 from config.audit.services import audit_record
 from config.roles import ADMIN, has_role
-from models_registry import selectors, services
+from models_registry import jobs, selectors, services
 from models_registry.api import serializers as s
 from models_registry.api.uploads import artifact_upload_handlers
-from models_registry.models import Artifact, ModelFamily, ModelVersion
+from models_registry.models import Artifact, EvaluationDataset, ModelFamily, ModelJob, ModelVersion
 
 
 @extend_schema_view(
-    create=extend_schema(request=s.FamilyCreateSerializer, responses={201: s.FamilySerializer}),
-    update=extend_schema(request=s.FamilyUpdateSerializer, responses=s.FamilySerializer),
-    partial_update=extend_schema(request=s.FamilyUpdateSerializer, responses=s.FamilySerializer),
+    create=extend_schema(request=s.ModelFamilyCreateSerializer, responses={201: s.ModelFamilySerializer}),
+    update=extend_schema(request=s.ModelFamilyUpdateSerializer, responses=s.ModelFamilySerializer),
+    partial_update=extend_schema(request=s.ModelFamilyUpdateSerializer, responses=s.ModelFamilySerializer),
 )
 class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
     """Model families: a name, an architecture and the input/output contract of its versions."""
 
-    serializer_class = s.FamilySerializer
+    serializer_class = s.ModelFamilySerializer
     search_fields = ["name", "description"]
     ordering_fields = ["name", "created_at"]
     filterset_fields = ["arch", "task"]
@@ -50,18 +50,18 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
 
     def get_serializer_class(self):  # type: ignore[no-untyped-def]
         if self.action in ("update", "partial_update"):
-            return s.FamilyUpdateSerializer
-        return s.FamilySerializer
+            return s.ModelFamilyUpdateSerializer
+        return s.ModelFamilySerializer
 
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        data = s.FamilyCreateSerializer(data=request.data)
+        data = s.ModelFamilyCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         family = services.family_create(actor=request.user, **data.validated_data)
-        return Response(s.FamilySerializer(family).data, status=status.HTTP_201_CREATED)
+        return Response(s.ModelFamilySerializer(family).data, status=status.HTTP_201_CREATED)
 
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         family = self.get_object()
-        data = s.FamilyUpdateSerializer(family, data=request.data, partial=kwargs.get("partial", False))
+        data = s.ModelFamilyUpdateSerializer(family, data=request.data, partial=kwargs.get("partial", False))
         data.is_valid(raise_exception=True)
         with transaction.atomic():
             data.save()
@@ -72,7 +72,35 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
                 data=dict(data.validated_data),
                 remote_addr=client_ip(request),
             )
-        return Response(s.FamilySerializer(family).data)
+        return Response(s.ModelFamilySerializer(family).data)
+
+    @extend_schema(responses=s.ModelComparisonRowSerializer(many=True))
+    @action(detail=True, methods=["get"])
+    def comparison(self, request: Request, pk: str | None = None) -> Response:
+        """The family's evaluated variants: accuracy, size, latency and ratios to their fp32 base."""
+        family = self.get_object()
+        include_archived = request.query_params.get("include_archived") in ("1", "true", "yes")
+        return Response(selectors.family_comparison(family, include_archived=include_archived))
+
+    @extend_schema(parameters=[s.ModelRecommendQuery], responses=s.ModelRecommendOutput)
+    @action(detail=True, methods=["get"])
+    def recommend(self, request: Request, pk: str | None = None) -> Response:
+        """The smallest variant within a latency budget (p50, batch 1) and an accuracy drop."""
+        family = self.get_object()
+        query = s.ModelRecommendQuery(data=request.query_params)
+        query.is_valid(raise_exception=True)
+        q = query.validated_data
+        try:
+            body = selectors.family_recommend(
+                family,
+                latency_budget_us=q["latency_budget_us"],
+                max_accuracy_drop=q["max_accuracy_drop"],
+                min_accuracy=q["min_accuracy"],
+                base_version_id=q["base"],
+            )
+        except ValueError as exc:
+            raise ConflictError(str(exc), code="no_base_version") from None
+        return Response(body)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         family = self.get_object()
@@ -109,7 +137,7 @@ class ModelVersionViewSet(
 ):
     """Model versions: immutable trained models with their artifacts and lineage."""
 
-    serializer_class = s.VersionSerializer
+    serializer_class = s.ModelVersionSerializer
     filterset_class = VersionFilter
     ordering_fields = ["created_at", "number"]
     parser_classes = [JSONParser, MultiPartParser, FormParser]
@@ -125,13 +153,13 @@ class ModelVersionViewSet(
 
     def get_serializer_class(self):  # type: ignore[no-untyped-def]
         if self.action == "retrieve":
-            return s.VersionDetailSerializer
-        return s.VersionSerializer
+            return s.ModelVersionDetailSerializer
+        return s.ModelVersionSerializer
 
     @extend_schema(
-        request={"multipart/form-data": s.VersionUploadSerializer},
+        request={"multipart/form-data": s.ModelVersionUploadSerializer},
         responses={
-            201: s.VersionSerializer,
+            201: s.ModelVersionSerializer,
             400: OpenApiResponse(
                 description="invalid file, pickle_rejected, digest_mismatch, shape_mismatch"
             ),
@@ -143,7 +171,7 @@ class ModelVersionViewSet(
         ),
     )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        data = s.VersionUploadSerializer(data=request.data)
+        data = s.ModelVersionUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
         version = services.version_create(
@@ -160,14 +188,14 @@ class ModelVersionViewSet(
             actor=request.user,
         )
         fresh = selectors.version_get(version.pk)
-        return Response(s.VersionSerializer(fresh).data, status=status.HTTP_201_CREATED)
+        return Response(s.ModelVersionSerializer(fresh).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=s.PromoteSerializer, responses=s.VersionSerializer)
+    @extend_schema(request=s.ModelVersionPromoteSerializer, responses=s.ModelVersionSerializer)
     @action(detail=True, methods=["post"])
     def promote(self, request: Request, pk: str | None = None) -> Response:
         """Move the version to another stage (production needs the admin role)."""
         version = self.get_object()
-        data = s.PromoteSerializer(data=request.data)
+        data = s.ModelVersionPromoteSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         stage = data.validated_data["stage"]
         if stage == ModelVersion.Stage.PRODUCTION and not has_role(request.user, ADMIN):
@@ -175,7 +203,7 @@ class ModelVersionViewSet(
         services.version_promote(
             version=version, stage=stage, exclusive=data.validated_data["exclusive"], actor=request.user
         )
-        return Response(s.VersionSerializer(selectors.version_get(version.pk)).data)
+        return Response(s.ModelVersionSerializer(selectors.version_get(version.pk)).data)
 
     @extend_schema(
         parameters=[OpenApiParameter("kind", str, OpenApiParameter.PATH, enum=list(Artifact.Kind.values))],
@@ -199,7 +227,34 @@ class ModelVersionViewSet(
         response["Content-Disposition"] = f'attachment; filename="{filename}"'
         return response
 
-    @extend_schema(responses=s.LineageSerializer)
+    def _enqueue(self, request: Request, kind: str, input_class: Any) -> Response:
+        version = self.get_object()
+        data = input_class(data=request.data)
+        data.is_valid(raise_exception=True)
+        job = jobs.job_enqueue(
+            kind=kind, version=version, params=dict(data.validated_data), actor=request.user
+        )
+        return Response(s.ModelJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=s.ModelEvaluateInput, responses={202: s.ModelJobSerializer})
+    @action(detail=True, methods=["post"])
+    def evaluate(self, request: Request, pk: str | None = None) -> Response:
+        """Queue an evaluation on a registered test set (default digits-test)."""
+        return self._enqueue(request, ModelJob.Kind.EVALUATE, s.ModelEvaluateInput)
+
+    @extend_schema(request=s.ModelExportInput, responses={202: s.ModelJobSerializer})
+    @action(detail=True, methods=["post"])
+    def export(self, request: Request, pk: str | None = None) -> Response:
+        """Queue an ONNX export of the version's weights, checked against torch."""
+        return self._enqueue(request, ModelJob.Kind.EXPORT, s.ModelExportInput)
+
+    @extend_schema(request=s.ModelOptimiseInput, responses={202: s.ModelJobSerializer})
+    @action(detail=True, methods=["post"])
+    def optimise(self, request: Request, pk: str | None = None) -> Response:
+        """Queue an optimised variant (int8, fp16, pruned, distilled), registered and evaluated."""
+        return self._enqueue(request, ModelJob.Kind.OPTIMISE, s.ModelOptimiseInput)
+
+    @extend_schema(responses=s.ModelVersionLineageSerializer)
     @action(detail=True, methods=["get"])
     def lineage(self, request: Request, pk: str | None = None) -> Response:
         """The version's ancestors (parent first) and direct children."""
@@ -209,7 +264,28 @@ class ModelVersionViewSet(
             "ancestors": selectors.version_lineage(version),
             "children": list(selectors.version_children(version)),
         }
-        return Response(s.LineageSerializer(body).data)
+        return Response(s.ModelVersionLineageSerializer(body).data)
+
+
+class ModelJobViewSet(viewsets.ReadOnlyModelViewSet[ModelJob]):
+    """Evaluation, export and optimisation jobs with their status, progress, log and result."""
+
+    serializer_class = s.ModelJobSerializer
+    filterset_fields = ["kind", "status", "version"]
+    ordering_fields = ["created_at"]
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return ModelJob.objects.select_related("version", "version__family").order_by("-created_at", "-id")
+
+
+class EvaluationDatasetViewSet(viewsets.ReadOnlyModelViewSet[EvaluationDataset]):
+    """Registered evaluation (test) and calibration (train) data sets."""
+
+    serializer_class = s.EvaluationDatasetSerializer
+    filterset_fields = ["split"]
+
+    def get_queryset(self):  # type: ignore[no-untyped-def]
+        return EvaluationDataset.objects.order_by("name")
 
 
 class SigningKeyOutput(s.serializers.Serializer[Any]):

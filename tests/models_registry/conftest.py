@@ -56,3 +56,24 @@ def stored_files(settings: Any) -> Any:
         return {str(p.relative_to(root)) for p in root.rglob("*") if p.is_file()} if root.exists() else set()
 
     return names
+
+
+@pytest.fixture(scope="session")
+def demo_artifacts() -> tuple[bytes, bytes]:
+    """The demo digits MLP (trained on 300 examples) as safetensors and ONNX bytes."""
+    from devices_agent.data import load_digits_split
+    from models_registry.demo import demo_train_weights
+    from models_registry.ml.export import export_onnx
+
+    weights = demo_train_weights()
+    _, _, x_test, _ = load_digits_split(seed=0)
+    onnx = export_onnx(arch="mlp", weights=weights, sample_inputs=x_test[:64]).onnx_bytes
+    return encode_tensors(weights, metadata={"arch": "mlp"}), onnx
+
+
+@pytest.fixture
+def trained_version(family: Any, demo_artifacts: tuple[bytes, bytes]) -> Any:
+    from models_registry.services import version_create
+
+    weights, onnx = demo_artifacts
+    return version_create(family=family, weights=weights, onnx=onnx)
