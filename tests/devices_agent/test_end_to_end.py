@@ -45,6 +45,12 @@ def _version(onnx: bytes) -> Any:
     return version_create(family=family, onnx=onnx)
 
 
+def _device_id(agent: Agent) -> str:
+    device_id = agent.device_id
+    assert device_id is not None
+    return device_id
+
+
 def _assign(agent: Agent, version: Any) -> int:
     from fleet.services.devices import device_assign_version
 
@@ -95,7 +101,7 @@ def test_enroll_heartbeat_install_and_report_metrics(_stack: Any, tmp_path: Path
     agent = _agent(_stack.url, tmp_path / "board", _token())
     first = agent.step()
     assert first.ok
-    device = Device.objects.get(pk=agent.device_id)
+    device = Device.objects.get(pk=_device_id(agent))
     assert device.status == "online" and device.name == "board"
     creds = agent.state.credentials()
     assert creds is not None and creds.signing_public_key == signing_public_key_b64()
@@ -210,7 +216,7 @@ def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path
     assert ("SHA-256" if damage == "corrupted" else "signature") in deployment.error
     assert agent.state.current_version_id() == good.pk
     assert not agent.state.part_path(bad.artifacts.get(kind="onnx").sha256).exists()
-    device = Device.objects.get(pk=agent.device_id)
+    device = Device.objects.get(pk=_device_id(agent))
     assert device.running_version_id == good.pk
     # The server points the device back at what it runs; the next heartbeat is calm.
     assert agent.step().outcome.action == "current"  # type: ignore[union-attr]
@@ -226,7 +232,7 @@ def test_failed_health_check_rolls_back_locally_and_reports_it(_stack: Any, tmp_
     _running(agent, good, _assign(agent, good))
 
     strict = UpdatePolicy.objects.create(name="agent-e2e-strict", health_latency_budget_ms=0.0001)
-    Device.objects.filter(pk=agent.device_id).update(policy=strict)
+    Device.objects.filter(pk=_device_id(agent)).update(policy=strict)
     slow = _version(linear_onnx(seed=17))
     deployment_id = _assign(agent, slow)
     outcome = agent.step().outcome
@@ -235,7 +241,7 @@ def test_failed_health_check_rolls_back_locally_and_reports_it(_stack: Any, tmp_
     assert deployment.state == "rolled_back" and "exceeds the budget" in deployment.error
     assert _events(deployment_id)[-2:] == ["health_check", "rolled_back"]
     assert agent.state.current_version_id() == good.pk
-    assert Device.objects.get(pk=agent.device_id).running_version_id == good.pk
+    assert Device.objects.get(pk=_device_id(agent)).running_version_id == good.pk
     agent.close()
 
 
@@ -245,7 +251,7 @@ def test_outage_loses_no_metrics_and_heartbeats_back_off(_stack: Any, tmp_path: 
     agent = _agent(_stack.url, tmp_path / "board", _token(), backoff_base_s=1.0, backoff_cap_s=30.0)
     agent.step()
     agent.flush_metrics()
-    device = Device.objects.get(pk=agent.device_id)
+    device = Device.objects.get(pk=_device_id(agent))
     before = MetricSample.objects.filter(device=device).count()
     _stack.group.stop("web")
     try:
