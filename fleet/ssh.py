@@ -91,7 +91,6 @@ class _RecordAndRefuse(paramiko.MissingHostKeyPolicy):
 
 def load_private_key(text: str, *, passphrase: str | None = None) -> paramiko.PKey:
     """Parse an OpenSSH or PEM private key (Ed25519, ECDSA or RSA)."""
-    errors: list[str] = []
     key_classes: list[Any] = [paramiko.Ed25519Key, paramiko.ECDSAKey, paramiko.RSAKey]
     for key_class in key_classes:
         try:
@@ -99,8 +98,8 @@ def load_private_key(text: str, *, passphrase: str | None = None) -> paramiko.PK
             return key
         except paramiko.PasswordRequiredException as exc:
             raise SshError("The private key is encrypted; give its passphrase.", permanent=True) from exc
-        except (paramiko.SSHException, ValueError, IndexError) as exc:
-            errors.append(f"{key_class.__name__}: {exc}")
+        except (paramiko.SSHException, ValueError, IndexError):
+            continue
     raise SshError(
         "The private key could not be read (Ed25519, ECDSA or RSA in OpenSSH or PEM format).",
         permanent=True,

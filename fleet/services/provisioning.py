@@ -258,6 +258,7 @@ def provisioning_job_create(
             remote_addr=remote_addr,
         )
         _enqueue(job.pk)
+        publish_provisioning(job.pk)
     return job
 
 
@@ -310,6 +311,7 @@ def provisioning_job_accept_host_key(
             remote_addr=remote_addr,
         )
         _enqueue(job.pk)
+        publish_provisioning(job.pk)
     return job
 
 
@@ -339,6 +341,7 @@ def provisioning_job_retry(
         job.save()
         audit_record(actor=actor, action="provisioning_job.retry", target=job, remote_addr=remote_addr)
         _enqueue(job.pk)
+        publish_provisioning(job.pk)
     return job
 
 
@@ -355,6 +358,7 @@ def provisioning_job_cancel(*, actor: Any, job_id: int, remote_addr: str | None 
         job.save(update_fields=["status", "credential_encrypted", "finished_at", "steps"])
         _revoke_token(job)
         audit_record(actor=actor, action="provisioning_job.cancel", target=job, remote_addr=remote_addr)
+        publish_provisioning(job.pk)
     return job
 
 
@@ -456,6 +460,7 @@ def _fail(job: ProvisioningJob, *, code: str, message: str) -> None:
         if updated:
             job.refresh_from_db()
             _revoke_token(job)
+            publish_provisioning(job.pk)
     logger.info("provisioning job %s failed (%s): %s", job.pk, code, message)
 
 

@@ -250,3 +250,16 @@ def test_agent_bundle_is_reproducible_and_holds_the_package(db: Any) -> None:
     assert "flotilla-agent/devices_agent/__init__.py" in names
     assert "flotilla-agent/devices_agent/wire.py" in names
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
+
+
+def test_a_board_that_never_answers_times_out_and_is_retried(board: Board, settings: Any) -> None:
+    settings.PROVISIONING_SSH_TIMEOUT_S = 0.5
+    # Accepts TCP connections (the kernel's backlog) but never sends an SSH banner.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        job = _run_until_settled(_job(board, port=silent.getsockname()[1]).pk)
+    assert job.status == "failed"
+    assert job.error_code in {"timeout", "unreachable"}, job.error
+    assert job.attempts == 3
+    assert job.credential_encrypted == ""
