@@ -44,13 +44,19 @@ def demo_train_weights(*, examples: int = 300, epochs: int = 40, seed: int = 0) 
 def registry_seed_demo(*, examples: int = 300, seed: int = 0, actor: Any = None) -> ModelVersion:
     """Make sure family ``digits-mlp`` exists with a production version; return that version.
 
+    The digits test split and calibration slice are registered as data sets too.
     Idempotent: when the family already has a production version nothing is trained or
     written. Otherwise the MLP is trained (:func:`demo_train_weights`), exported to ONNX
     with a parity check, registered with both artifacts and promoted to production.
     """
     from devices_agent.data import load_digits_split
+    from models_registry.datasets import dataset_register_digits_test, dataset_register_digits_train
     from models_registry.ml.export import export_onnx
 
+    # The held-out test split and the public calibration slice: evaluation and
+    # optimisation jobs of the demo model use them.
+    dataset_register_digits_test(seed=seed, actor=actor)
+    dataset_register_digits_train(seed=seed, actor=actor)
     family = ModelFamily.objects.filter(name=DEMO_FAMILY).first()
     if family is not None:
         existing = family.versions.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("number").first()

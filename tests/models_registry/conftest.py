@@ -35,8 +35,10 @@ def family(db: Any) -> Any:
 
 
 @pytest.fixture(autouse=True)
-def isolated_storage(settings: Any, tmp_path: Any) -> Any:
-    """Each test stores artifacts and its signing key in its own directory."""
+def isolated_storage(request: pytest.FixtureRequest, settings: Any, tmp_path: Any) -> Any:
+    """Each test stores artifacts in its own directory (live-stack tests share the servers')."""
+    if "live_stack" in request.fixturenames:
+        return None
     storages = dict(settings.STORAGES)
     storages["default"] = {
         "BACKEND": "django.core.files.storage.FileSystemStorage",

@@ -30,3 +30,7 @@ def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
     # 300 examples are enough for a clearly working model, with room left for federated rounds.
     assert 0.8 < accuracy < 0.99
     assert "digits-mlp:v1 is in production" in capsys.readouterr().out
+    from models_registry.models import EvaluationDataset
+
+    splits = dict(EvaluationDataset.objects.values_list("name", "split"))
+    assert splits == {"digits-test": "test", "digits-train-public": "train"}
