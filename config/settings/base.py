@@ -76,6 +76,9 @@ def _database(url: str) -> dict[str, Any]:
             "transaction_mode": "IMMEDIATE",
             "timeout": 20,
         }
+        # Keep connections across requests: opening one and running the PRAGMAs above
+        # costs more than a whole device heartbeat.
+        config["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
     else:
         config["CONN_MAX_AGE"] = env.int("DB_CONN_MAX_AGE", default=60)
         config["CONN_HEALTH_CHECKS"] = True
@@ -198,6 +201,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "fleet-mark-offline": {
         "task": "fleet.devices_mark_offline",
         "schedule": timedelta(seconds=30),
+    },
+    "fleet-provisioning-resume": {
+        "task": "fleet.provisioning_resume",
+        "schedule": timedelta(seconds=60),
     },
     "training-rounds-tick": {
         "task": "training.rounds_tick",

@@ -12,7 +12,6 @@ succeeded or failed; a retry needs the credential again.
 
 from __future__ import annotations
 
-import base64
 import io
 import json
 import logging
@@ -70,6 +69,17 @@ def enrollment_poll_s() -> float:
 # --- credentials at rest ----------------------------------------------------------------
 
 
+def _fernet(key: bytes) -> Fernet:
+    try:
+        return Fernet(key)
+    except ValueError as exc:
+        raise ServiceError(
+            "PROVISIONING_KEY is not a valid Fernet key (32 url-safe base64-encoded bytes).",
+            code="provisioning_key_invalid",
+            status_code=503,
+        ) from exc
+
+
 def _fernet_key() -> bytes:
     configured: str = _setting("PROVISIONING_KEY", "")
     if configured:
@@ -103,13 +113,13 @@ def _fernet_key() -> bytes:
 
 def credential_encrypt(secret: str) -> str:
     """Encrypt an SSH credential for storage."""
-    return Fernet(_fernet_key()).encrypt(secret.encode()).decode()
+    return _fernet(_fernet_key()).encrypt(secret.encode()).decode()
 
 
 def credential_decrypt(token: str) -> str:
     """Decrypt a stored credential; raises ServiceError when the key changed."""
     try:
-        return Fernet(_fernet_key()).decrypt(token.encode()).decode()
+        return _fernet(_fernet_key()).decrypt(token.encode()).decode()
     except InvalidToken as exc:
         raise ServiceError(
             "The stored credential cannot be decrypted (was PROVISIONING_KEY changed?).",
@@ -735,12 +745,23 @@ def provisioning_job_run(*, job_id: int) -> float | None:
     return enrollment_poll_s()
 
 
-def b64_fingerprint_ok(value: str) -> bool:
-    """Whether `value` looks like an OpenSSH SHA256 fingerprint."""
-    if not value.startswith("SHA256:"):
-        return False
-    body = value[len("SHA256:") :]
-    try:
-        return len(base64.b64decode(body + "=" * (-len(body) % 4))) == 32
-    except ValueError:
-        return False
+def provisioning_jobs_resume() -> list[int]:
+    """Periodic safety net: the ids of jobs whose next run was lost, for the task to enqueue.
+
+    Normally every job schedules its own next run; a broker restart without persistence
+    can drop that message. This finds queued jobs overdue by a minute, running jobs past
+    their lease, and polls waiting jobs directly (a cheap query each). Enqueuing a job
+    that is in fact being run is harmless: the claim lets only one run through.
+    """
+    now = timezone.now()
+    overdue = now - timedelta(seconds=60)
+    ids = list(
+        ProvisioningJob.objects.filter(
+            Q(status=Status.QUEUED)
+            & (Q(next_attempt_at__lt=overdue) | Q(next_attempt_at=None, created_at__lt=overdue))
+            | Q(status__in=ProvisioningJob.RUNNING, locked_until__lt=now)
+        ).values_list("pk", flat=True)
+    )
+    for job in ProvisioningJob.objects.filter(status=Status.WAITING_ENROLLMENT):
+        _check_enrollment(job)
+    return ids

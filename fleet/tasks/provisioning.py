@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from celery import shared_task
 
-from fleet.services.provisioning import provisioning_job_run
+from fleet.services.provisioning import provisioning_job_run, provisioning_jobs_resume
 
-__all__ = ["provision_device"]
+__all__ = ["provision_device", "provisioning_resume"]
 
 
 @shared_task(name="fleet.provision_device", ignore_result=True)
@@ -15,3 +15,12 @@ def provision_device(job_id: int) -> None:
     delay = provisioning_job_run(job_id=job_id)
     if delay is not None:
         provision_device.apply_async(args=[job_id], countdown=delay)
+
+
+@shared_task(name="fleet.provisioning_resume", ignore_result=True)
+def provisioning_resume() -> int:
+    """Periodic (beat): re-enqueue jobs whose next run was lost and poll waiting ones."""
+    ids = provisioning_jobs_resume()
+    for job_id in ids:
+        provision_device.delay(job_id)
+    return len(ids)

@@ -263,3 +263,39 @@ def test_a_board_that_never_answers_times_out_and_is_retried(board: Board, setti
     assert job.error_code in {"timeout", "unreachable"}, job.error
     assert job.attempts == 3
     assert job.credential_encrypted == ""
+
+
+def test_resume_finds_jobs_whose_next_run_was_lost(db: Any) -> None:
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.models import ProvisioningJob
+    from fleet.services.provisioning import provisioning_jobs_resume
+
+    def make(**fields: Any) -> int:
+        job = ProvisioningJob.objects.create(host="b.invalid", username="pi", auth_method="key", **fields)
+        return int(job.pk)
+
+    now = timezone.now()
+    lost_retry = make(status="queued", next_attempt_at=now - timedelta(minutes=5))
+    fresh = make(status="queued")
+    scheduled = make(status="queued", next_attempt_at=now + timedelta(seconds=30))
+    dead_worker = make(status="configuring", locked_until=now - timedelta(seconds=1))
+    live_worker = make(status="configuring", locked_until=now + timedelta(minutes=5))
+    ProvisioningJob.objects.filter(pk=fresh).update(created_at=now)
+    waiting = make(status="waiting_enrollment", enrollment_deadline=now - timedelta(seconds=1))
+
+    assert sorted(provisioning_jobs_resume()) == sorted([lost_retry, dead_worker])
+    assert {fresh, scheduled, live_worker}.isdisjoint(provisioning_jobs_resume())
+    # Waiting jobs are polled in place: this one is past its deadline.
+    assert ProvisioningJob.objects.get(pk=waiting).status == "failed"
+
+
+def test_an_invalid_provisioning_key_is_a_clear_error(settings: Any) -> None:
+    from config.api import ServiceError
+    from fleet.services.provisioning import credential_encrypt
+
+    settings.PROVISIONING_KEY = "not-a-fernet-key"
+    with pytest.raises(ServiceError, match="not a valid Fernet key"):
+        credential_encrypt("secret")
