@@ -9,6 +9,10 @@ A gate is `{"metric": name, ...thresholds, "min_samples": n}` with metric one of
 
 Thresholds, any combination: `max` / `min` (absolute), `max_increase_pct` /
 `max_decrease_pct` (relative to the version being replaced over the same window).
+`abs_tolerance` (in the metric's unit, e.g. 2.0 ms) keeps relative thresholds from
+firing on differences too small to matter: a relative threshold fails only when the
+absolute difference also exceeds it (a p95 of 0.4 ms against 0.1 ms is +300% but
+harmless scheduling noise).
 Relative thresholds need `min_samples` on both sides; with too few samples the gate
 is "waiting", neither passed nor failed.
 """
@@ -30,6 +34,7 @@ RAW_METRICS: dict[str, tuple[str, ...]] = {
     "accuracy": ("correct",),
 }
 THRESHOLD_KEYS = ("max", "min", "max_increase_pct", "max_decrease_pct")
+OPTION_KEYS = ("abs_tolerance",)
 DEFAULT_MIN_SAMPLES = 30
 
 Samples = Mapping[str, npt.NDArray[np.float64]]
@@ -96,7 +101,10 @@ def validate_gates(*, gates: Any) -> list[dict[str, Any]]:
         min_samples = int(gate.get("min_samples", DEFAULT_MIN_SAMPLES))
         if min_samples < 1:
             raise ValueError(f"gate {i}: min_samples must be >= 1")
-        clean.append({"metric": gate["metric"], **thresholds, "min_samples": min_samples})
+        options = {k: float(gate[k]) for k in OPTION_KEYS if gate.get(k) is not None}
+        if options.get("abs_tolerance", 0.0) < 0:
+            raise ValueError(f"gate {i}: abs_tolerance must be >= 0")
+        clean.append({"metric": gate["metric"], **thresholds, **options, "min_samples": min_samples})
     return clean
 
 
@@ -128,6 +136,9 @@ def evaluate_gate(*, gate: Mapping[str, Any], candidate: Samples, baseline: Samp
             if denom > 0
             else (0.0 if value == base_value else np.inf * np.sign(value - base_value))
         )
+        tolerance = float(gate.get("abs_tolerance") or 0.0)
+        if abs(value - base_value) <= tolerance:
+            return result("passed", f"within {tolerance:g} of the baseline")
         if gate.get("max_increase_pct") is not None and change_pct > float(gate["max_increase_pct"]):
             return result(
                 "failed",

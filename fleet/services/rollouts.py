@@ -538,6 +538,8 @@ def _next_wave(
         _decide(rollout, action="succeeded", reason=reason, metrics=numbers, actor=actor)
         _event(rollout, "rollout.succeeded", metrics=numbers)
         return "succeeded"
+    # Recorded against the wave that passed; a lost race below rolls it back with the rest.
+    _decide(rollout, action=action, reason=reason, metrics=numbers, actor=actor)
     # The conditional update is the guard against a duplicated or concurrent advance:
     # only the caller that saw the current revision moves the wave.
     updated = Rollout.objects.filter(pk=rollout.pk, revision=old_revision).update(
@@ -546,7 +548,6 @@ def _next_wave(
     if updated != 1:
         raise _LostRace
     rollout.refresh_from_db()
-    _decide(rollout, action=action, reason=reason, metrics=numbers, actor=actor)
     opened = _open_wave(rollout, now)
     released = _release(rollout, now)
     _decide(rollout, action="wave_started", metrics={**opened, "released": released})

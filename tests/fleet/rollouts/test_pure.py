@@ -195,3 +195,15 @@ def test_absolute_gates_and_combination() -> None:
     assert verdict == "failed"
     assert [r.outcome for r in results] == ["passed", "failed"]
     assert results[1].value == pytest.approx(20 / 120)
+
+
+def test_abs_tolerance_ignores_tiny_relative_changes() -> None:
+    baseline = {"latency_ms": np.full(100, 0.1)}
+    noisy = {"latency_ms": np.full(100, 0.5)}  # +400%, but 0.4 ms
+    slow = {"latency_ms": np.full(100, 12.0)}
+    gate = validate_gates(
+        gates=[{"metric": "latency_p95_ms", "max_increase_pct": 50, "abs_tolerance": 3, "min_samples": 10}]
+    )[0]
+    assert gate["abs_tolerance"] == 3.0
+    assert evaluate_gate(gate=gate, candidate=noisy, baseline=baseline).outcome == "passed"
+    assert evaluate_gate(gate=gate, candidate=slow, baseline=baseline).outcome == "failed"
