@@ -6,6 +6,7 @@ as `docker-compose.yml`, through this module.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -158,9 +159,23 @@ class ProcessGroup:
         if child:
             child.stop()
 
-    def stop_all(self) -> None:
-        for name in reversed(list(self.children)):
-            self.stop(name)
+    def stop_all(self, *, timeout: float = 15.0) -> None:
+        """SIGTERM every child at once, then wait; whoever is still up at the deadline is killed."""
+        children = list(self.children.values())
+        self.children.clear()
+        for child in children:
+            if child.running:
+                assert child.process is not None
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(child.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            if child.process is None:
+                continue
+            try:
+                child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.kill()
 
 
 def wait_http_ok(url: str, *, timeout: float = 60.0, process: Managed | None = None) -> None:
