@@ -45,6 +45,7 @@ from devices_agent.wire import (
     Hardware,
     HeartbeatRequest,
     HeartbeatResponse,
+    Policy,
     TrainingTask,
 )
 
@@ -143,6 +144,12 @@ class Agent:
         self.predictor: Predictor | None = None
         self.restart_requested = False
         self._done_tasks: list[tuple[str, int]] = []
+        # What the server has already heard (see heartbeat_request).
+        self._beats = 0
+        self.policy: Policy = {}
+        self._report_sent: dict[str, Any] | None = None
+        self._state_sent: DeviceState | None = None
+        self._pending: tuple[dict[str, Any] | None, DeviceState | None] = (None, None)
         creds = self.state.credentials()
         if creds is not None:
             self._connect(creds)
@@ -263,24 +270,38 @@ class Agent:
 
     # --- one cycle -------------------------------------------------------------------
     def heartbeat_request(self) -> HeartbeatRequest:
-        """The next heartbeat body; advances and persists ``seq``."""
+        """The next heartbeat body; advances and persists ``seq``.
+
+        Heartbeats are the agent's steady traffic (1,440 a day at the default interval),
+        so the body carries only what the server does not know yet: the agent version and
+        clock on the first heartbeat after a start; the device state when it changed
+        materially, and every ``state_every``-th heartbeat anyway; the latest deployment
+        report until a heartbeat carrying it went through. The server keeps the last
+        values of what is left out.
+        """
         assert self.updater is not None
         usage = resource_usage()
         state: DeviceState = {
-            "cpu_percent": usage["cpu_percent"],
-            "ram_mb": round(usage["ram_mb"], 1),
-            "disk_free_mb": round(shutil.disk_usage(self.state.root).free / 1e6, 1),
+            "cpu_percent": round(usage["cpu_percent"]),
+            "ram_mb": round(usage["ram_mb"]),
+            "disk_free_mb": round(shutil.disk_usage(self.state.root).free / 1e6),
             **self.device_state,
         }
+        body: HeartbeatRequest = {"seq": self.state.next_seq()}
+        if self._beats == 0:
+            body["sent_at"] = utc_now_iso()
+            body["agent_version"] = __version__
+        running = self.state.current_version_id()
+        if running is not None:
+            body["running_version_id"] = running
         report = self.updater.last_report()
-        return {
-            "seq": self.state.next_seq(),
-            "sent_at": utc_now_iso(),
-            "agent_version": __version__,
-            "running_version_id": self.state.current_version_id(),
-            "deployment": {"id": int(report["id"]), "state": report["state"]} if report else None,
-            "state": state,
-        }
+        if report and report != self._report_sent:
+            body["deployment"] = {"id": int(report["id"]), "state": report["state"]}
+        every = max(1, self.config.state_every)
+        if self._beats % every == 0 or _state_changed(self._state_sent, state):
+            body["state"] = state
+        self._pending = (report, state if "state" in body else None)
+        return body
 
     def step(self) -> StepResult:
         """One heartbeat cycle (see the module docstring). Raises AuthError and RestartRequested."""
@@ -295,22 +316,34 @@ class Agent:
             log.warning("heartbeat failed (%s); next try in %.1f s", exc, delay)
             return StepResult(ok=False, interval_s=delay, error=str(exc))
         self.backoff.reset()
+        self._beats += 1
+        report, sent_state = self._pending
+        self._report_sent = report
+        if sent_state is not None:
+            self._state_sent = sent_state
         if self.config.heartbeat_interval_s is None and answer.get("heartbeat_interval_s"):
             self.interval_s = float(answer["heartbeat_interval_s"])
         result = StepResult(ok=True, interval_s=self.interval_s)
         for command in answer.get("commands", []):
             self.run_command(command)
             result.commands += 1
-        result.outcome = self.updater.reconcile(answer.get("desired"), answer.get("policy", {}))
+        # A server may leave out an unchanged policy to save bytes: keep the last one.
+        policy = answer.get("policy")
+        if policy is not None:
+            self.policy = policy
+        result.outcome = self.updater.reconcile(answer.get("desired"), self.policy)
         self.run_tasks(answer)
-        resources = resource_usage()
-        version_id = self.state.current_version_id()
-        self.outbox.add_many(
-            [
-                ("cpu_percent", resources["cpu_percent"], utc_now_iso(), version_id),
-                ("ram_mb", resources["ram_mb"], utc_now_iso(), version_id),
-            ]
-        )
+        if (self._beats - 1) % max(1, self.config.state_every) == 0:
+            # Resource use is sampled at the state cadence, not every heartbeat: on an
+            # idle board a metrics batch every minute would double the daily traffic.
+            resources = resource_usage()
+            version_id = self.state.current_version_id()
+            self.outbox.add_many(
+                [
+                    ("cpu_percent", resources["cpu_percent"], utc_now_iso(), version_id),
+                    ("ram_mb", resources["ram_mb"], utc_now_iso(), version_id),
+                ]
+            )
         result.metrics_sent = self.flush_metrics()
         if self.restart_requested:
             raise RestartRequested()
@@ -482,6 +515,26 @@ class Agent:
         """Ask :meth:`run` to return after the current cycle."""
         self.stopping.set()
         self.nudge.set()
+
+
+def _state_changed(before: DeviceState | None, now: DeviceState) -> bool:
+    """Whether the device state moved enough to be worth a few bytes on the next heartbeat."""
+    if before is None:
+        return True
+    for key, value in now.items():
+        old = before.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not isinstance(old, int | float):
+            if value != old:
+                return True
+            continue
+        # Relative thresholds: CPU load and free memory jitter constantly; a change of a
+        # quarter (or 5 % of free disk) is news, a wobble is not.
+        tolerance = 0.05 if key == "disk_free_mb" else 0.25
+        if abs(float(value) - float(old)) > tolerance * max(abs(float(old)), 1.0) + (
+            10 if key == "cpu_percent" else 0
+        ):
+            return True
+    return False
 
 
 def start_nudge_listener(agent: Agent) -> threading.Thread:

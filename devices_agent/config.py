@@ -57,6 +57,8 @@ class AgentConfig:
     # Simulated slow boards: added to every inference (see devices_agent.simulate).
     inference_delay_ms: float = 0.0
     health_check_runs: int = 20
+    # The full device state rides on every n-th heartbeat (and whenever it changed).
+    state_every: int = 10
     keep_versions: int = 2
     log_file: Path | None = None
 

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import onnxruntime as ort
 
 __all__ = [
     "HealthResult",
@@ -38,8 +37,14 @@ __all__ = [
 Recorder = Callable[[str, float, int | None], None]
 
 
-def load_session(model: Path | bytes, *, threads: int = 1) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads, run sequentially."""
+def load_session(model: Path | bytes, *, threads: int = 1) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads, run sequentially.
+
+    onnxruntime is imported here rather than at module level: an agent with no model
+    yet (or only heartbeating) stays some 20 MB smaller.
+    """
+    import onnxruntime as ort
+
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
@@ -61,7 +66,7 @@ def to_probabilities(outputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32
     return soft
 
 
-def input_shape_of(session: ort.InferenceSession) -> list[int] | None:
+def input_shape_of(session: Any) -> list[int] | None:
     """The per-example input shape the model declares, when every dimension is fixed."""
     dims = session.get_inputs()[0].shape[1:]
     if all(isinstance(d, int) and d > 0 for d in dims):
@@ -95,7 +100,7 @@ class Predictor:
         record: Recorder | None = None,
         extra_delay_ms: float = 0.0,
         threads: int = 1,
-        session: ort.InferenceSession | None = None,
+        session: Any = None,
         max_open_predictions: int = 10_000,
     ) -> None:
         self.version_id = version_id

@@ -40,7 +40,7 @@ import httpx
 import numpy as np
 
 from devices_agent.agent import Agent, EnrollmentError, RestartRequested, TaskHandler
-from devices_agent.client import AuthError, ServerError, WireCounter
+from devices_agent.client import AuthError, ServerError, WireCounter, make_http_client
 from devices_agent.config import AgentConfig
 from devices_agent.inference import load_session
 from devices_agent.state import InstalledModel
@@ -144,8 +144,8 @@ class Fleet:
         self.sessions = SessionCache()
         # One connection pool for the whole fleet: real boards each hold one connection,
         # but a thousand pools in one process would only measure file-descriptor limits.
-        self.http = httpx.Client(
-            timeout=httpx.Timeout(30.0, connect=10.0),
+        self.http = make_http_client(
+            timeout_s=30.0,
             limits=httpx.Limits(max_connections=self.threads * 2, max_keepalive_connections=self.threads * 2),
         )
         from devices_agent.data import client_dataset

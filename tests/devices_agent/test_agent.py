@@ -107,7 +107,8 @@ def test_enroll_once_then_heartbeat_with_increasing_seq(fleet: FakeFleet, tmp_pa
     assert len(fleet.server.posted("/api/agent/v1/enroll")) == 1
     beats = fleet.server.posted("/api/agent/v1/heartbeat")
     assert [b["seq"] for b in beats] == [1, 2]
-    assert beats[0]["state"]["disk_free_mb"] > 0 and beats[0]["running_version_id"] is None
+    assert beats[0]["state"]["disk_free_mb"] > 0 and "running_version_id" not in beats[0]
+    assert beats[0]["agent_version"] and "agent_version" not in beats[1]  # said once per start
     _, _, headers, _ = fleet.server.requests[-1]
     assert headers["Authorization"] == "Device dev-secret"
     agent.close()
