@@ -73,13 +73,42 @@ def _chunks(source: Source) -> Iterator[bytes]:
         yield block
 
 
+def _hash_file(path: Path, *, field: str, max_bytes: int) -> Spooled:
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as handle:
+        while block := handle.read(_CHUNK):
+            size += len(block)
+            if size > max_bytes:
+                raise _too_large(field, max_bytes)
+            digest.update(block)
+    if size == 0:
+        raise ServiceError(f"{field} is empty.", code="empty_file", details={"field": field})
+    return Spooled(path=path, sha256=digest.hexdigest(), size=size)
+
+
+def _too_large(field: str, max_bytes: int) -> ServiceError:
+    return ServiceError(
+        f"{field} is larger than the {max_bytes}-byte upload limit.",
+        code="too_large",
+        status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
+        details={"field": field, "limit": max_bytes},
+    )
+
+
 @contextmanager
 def spool(source: Source, *, field: str, max_bytes: int) -> Iterator[Spooled]:
-    """Copy ``source`` (bytes or a binary file) to a temporary file, hashing as it streams.
+    """Give ``source`` (bytes or a binary file) a path on disk, with its digest and size.
 
-    Raises a 413 ``too_large`` ServiceError as soon as more than ``max_bytes`` arrived,
-    and 400 ``empty_file`` for an empty upload. The file is removed on exit.
+    An upload Django already spooled to a temporary file is hashed where it lies (one
+    read, no copy); anything else is copied to a private temporary file while it is
+    hashed, and that file is removed on exit. Raises a 413 ``too_large`` ServiceError as
+    soon as more than ``max_bytes`` were seen, and 400 ``empty_file`` for an empty upload.
     """
+    temporary_path = getattr(source, "temporary_file_path", None)
+    if callable(temporary_path):
+        yield _hash_file(Path(temporary_path()), field=field, max_bytes=max_bytes)
+        return
     fd, name = tempfile.mkstemp(prefix="flotilla-upload-")
     path = Path(name)
     try:
@@ -89,12 +118,7 @@ def spool(source: Source, *, field: str, max_bytes: int) -> Iterator[Spooled]:
             for block in _chunks(source):
                 size += len(block)
                 if size > max_bytes:
-                    raise ServiceError(
-                        f"{field} is larger than the {max_bytes}-byte upload limit.",
-                        code="too_large",
-                        status_code=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
-                        details={"field": field, "limit": max_bytes},
-                    )
+                    raise _too_large(field, max_bytes)
                 digest.update(block)
                 out.write(block)
         if size == 0:

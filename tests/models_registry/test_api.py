@@ -153,3 +153,17 @@ def test_schema_builds_with_registry_paths(client: Any) -> None:
         "/api/v1/signing-key/",
     ):
         assert path in paths, path
+
+
+def test_large_upload_spooled_to_disk_by_django_is_hashed_in_place(
+    operator_client: Any, family: Any, mlp_safetensors: bytes, settings: Any
+) -> None:
+    # Above this size Django writes the upload to a temporary file; the registry then
+    # hashes and validates that file instead of copying it.
+    settings.FILE_UPLOAD_MAX_MEMORY_SIZE = 1024
+    digest = hashlib.sha256(mlp_safetensors).hexdigest()
+    response = _upload(operator_client, family.pk, weights=mlp_safetensors, weights_sha256=digest)
+    assert response.status_code == 201, response.content
+    assert response.json()["artifacts"][0]["sha256"] == digest
+    download = operator_client.get(f"/api/v1/model-versions/{response.json()['id']}/artifacts/weights/")
+    assert b"".join(download.streaming_content) == mlp_safetensors

@@ -100,6 +100,24 @@ def test_size_limit_is_413(family: Any, mlp_safetensors: bytes, settings: Any) -
     assert (caught.value.code, caught.value.status_code) == ("too_large", 413)
 
 
+def test_temporary_uploaded_file_over_the_limit_is_413(
+    family: Any, mlp_safetensors: bytes, settings: Any
+) -> None:
+    from django.core.files.uploadedfile import TemporaryUploadedFile
+
+    upload = TemporaryUploadedFile("w.safetensors", "application/octet-stream", len(mlp_safetensors), None)
+    upload.write(mlp_safetensors)
+    upload.flush()
+    settings.MODEL_UPLOAD_MAX_BYTES = 1024
+    with pytest.raises(ServiceError) as caught:
+        services.version_create(family=family, weights=upload)
+    assert caught.value.status_code == 413
+    settings.MODEL_UPLOAD_MAX_BYTES = 1 << 20
+    version = services.version_create(family=family, weights=upload)
+    assert version.artifacts.get().size == len(mlp_safetensors)
+    upload.close()
+
+
 def test_invalid_files_are_refused(family: Any, mlp_safetensors: bytes, mlp_onnx: bytes) -> None:
     cases = [
         ({"onnx": b"not an onnx model at all"}, "invalid_onnx"),
