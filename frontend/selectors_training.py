@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from fleet.models import Device
@@ -49,13 +50,21 @@ def round_charts(*, rounds: list[FederatedRound]) -> list[dict[str, Any]]:
     ]
 
 
+def _is_uuid(value: Any) -> bool:
+    try:
+        uuid.UUID(str(value))
+    except ValueError:
+        return False
+    return True
+
+
 def round_participants(*, rnd: FederatedRound | None) -> dict[str, Any]:
     """The updates received in a round and the selected devices that sent none (two queries)."""
     if rnd is None:
         return {"round": None, "updates": [], "dropped": []}
     updates = list(ClientUpdate.objects.filter(round=rnd).select_related("device").order_by("id"))
     sent = {str(u.device_id) for u in updates}
-    missing = [d for d in (rnd.selected or []) if str(d) not in sent]
+    missing = [d for d in (rnd.selected or []) if str(d) not in sent and _is_uuid(d)]
     dropped = list(Device.objects.filter(pk__in=missing).only("id", "name", "status")) if missing else []
     return {"round": rnd, "updates": updates, "dropped": dropped}
 

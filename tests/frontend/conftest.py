@@ -163,7 +163,7 @@ def fleet(db: Any) -> Fleet:
             number=number,
             base_version=version,
             status="done" if number == 1 else "collecting",
-            selected=[str(d.pk) for d in devices[:3]],
+            selected=[*(str(d.pk) for d in devices[:3]), "not-a-device-id"],
             participants=2,
             bytes_in=20480,
             bytes_out=40960,

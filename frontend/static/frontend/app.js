@@ -109,6 +109,13 @@
     }
   });
 
+  // A refresh the server refused must not fail silently: the region would freeze.
+  document.addEventListener("htmx:responseError", function (evt) {
+    var xhr = evt.detail && evt.detail.xhr;
+    console.error("live refresh failed: HTTP " + (xhr ? xhr.status : "?") + " for " +
+      (evt.detail && evt.detail.pathInfo ? evt.detail.pathInfo.requestPath : ""));
+  });
+
   // Copy buttons (enrollment command, tokens).
   document.addEventListener("click", function (evt) {
     var button = evt.target.closest ? evt.target.closest("[data-copy]") : null;
