@@ -322,12 +322,17 @@ def test_late_joiners_slot_in_at_the_next_advance(fleet: Any) -> None:
     rollout = create(f, waves=[{"percent": 50, "soak_s": 60}, {"percent": 100, "soak_s": 0}])
     t0 = timezone.now()
     rollout_start(rollout_id=rollout.pk, actor=None, now=t0)
-    assert len(members(rollout)) == 10
+    initial = {str(m.device_id) for m in members(rollout)}
+    assert len(initial) == 10
     late = f.add(10)
     result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=1))
     all_ids = [str(d.pk) for d in f.devices]
+    # The wave now covers 50% of 30 devices in the same hash order: whoever ranks in the
+    # first 15 joins (late joiners included); nobody already exposed leaves.
     expected = set(wave_members(rollout_id=rollout.pk, device_ids=all_ids, waves=rollout.waves, wave_index=0))
-    joined = {str(m.device_id) for m in members(rollout)} & {str(d.pk) for d in late}
-    assert joined == expected & {str(d.pk) for d in late}
-    assert result.stats["late_joiners"] == len(joined) > 0
-    assert len(members(rollout)) == 10 + len(joined)
+    now_in = {str(m.device_id) for m in members(rollout)}
+    assert now_in == initial | expected
+    assert now_in & {str(d.pk) for d in late} == expected & {str(d.pk) for d in late}
+    assert result.stats["late_joiners"] == len(now_in) - 10
+    # New members are told at once (no download limit set).
+    assert all(m.state == "in_progress" for m in members(rollout))
