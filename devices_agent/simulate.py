@@ -3,7 +3,8 @@
 Every simulated device is a full :class:`devices_agent.agent.Agent` with its own state
 directory under ``state_root`` (credentials, models, outbox) and its own non-IID share
 of scikit-learn's digits (:func:`devices_agent.data.client_dataset`, Dirichlet ``alpha``,
-fixed by ``seed``), so restarting the simulator resumes the same devices with the same
+fixed by ``seed``; fleets larger than the data set allows, about 280 devices, share
+partitions round-robin), so restarting the simulator resumes the same devices with the same
 data. Each cycle a device heartbeats (enrolling first), reconciles its model, then
 classifies a few of its own examples with their labels as feedback, so latency,
 confidence and accuracy metrics flow to the server.
@@ -48,6 +49,8 @@ from devices_agent.state import InstalledModel
 __all__ = ["Fleet", "FleetStats", "SimDevice", "SessionCache"]
 
 log = logging.getLogger("devices_agent.simulate")
+
+MIN_EXAMPLES = 5  # per partition, as devices_agent.data.dirichlet_partition requires
 
 
 class SessionCache:
@@ -148,13 +151,16 @@ class Fleet:
             timeout_s=30.0,
             limits=httpx.Limits(max_connections=self.threads * 2, max_keepalive_connections=self.threads * 2),
         )
-        from devices_agent.data import client_dataset
+        from devices_agent.data import client_dataset, load_digits_split
 
+        # The digits training split has ~1,400 examples: beyond one partition per five
+        # examples, devices share partitions (device i uses partition i mod parts).
+        parts = max(1, min(devices, len(load_digits_split(seed=seed)[1]) // MIN_EXAMPLES))
         root = Path(state_root)
         picker = random.Random(seed)
         self.devices: list[SimDevice] = []
         for index in range(devices):
-            x, y = client_dataset(client_index=index, n_clients=devices, alpha=alpha, seed=seed)
+            x, y = client_dataset(client_index=index % parts, n_clients=parts, alpha=alpha, seed=seed)
             slow = picker.random() < slow_fraction
             profile = "slow" if slow else "fast"
             config = AgentConfig(
