@@ -134,6 +134,20 @@ def _task_for(kind: str) -> Any:
     return by_kind[kind]
 
 
+def _send(task: Any, job_id: int) -> None:
+    try:
+        task.delay(job_id)
+    except Exception as exc:  # noqa: BLE001 - the broker's errors vary by transport
+        # The row is committed already: record why nothing will run it rather than leave
+        # it queued forever.
+        log.exception("could not queue model job %s", job_id)
+        ModelJob.objects.filter(pk=job_id, status=ModelJob.Status.QUEUED).update(
+            status=ModelJob.Status.FAILED,
+            error=f"The task queue is unavailable ({type(exc).__name__}); submit the job again.",
+            finished_at=timezone.now(),
+        )
+
+
 def job_enqueue(
     *, kind: str, version: ModelVersion, params: dict[str, Any] | None = None, actor: Any = None
 ) -> ModelJob:
@@ -159,7 +173,7 @@ def job_enqueue(
         task = _task_for(kind)
         job_id = job.pk
         # The worker must find the row: send the message only after it is committed.
-        transaction.on_commit(lambda: task.delay(job_id))
+        transaction.on_commit(lambda: _send(task, job_id))
     return job
 
 

@@ -177,3 +177,15 @@ def test_a_stale_running_job_can_be_taken_over(trained_version: Any) -> None:
     assert jobs.job_claim(job_id=job.pk)  # its worker died long ago
     job.refresh_from_db()
     assert job.attempts == 2
+
+
+def test_a_job_the_broker_refuses_is_marked_failed(trained_version: Any) -> None:
+    job = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
+
+    class UnreachableBroker:
+        def delay(self, job_id: int) -> None:
+            raise ConnectionRefusedError("broker down")
+
+    jobs._send(UnreachableBroker(), job.pk)
+    job.refresh_from_db()
+    assert job.status == "failed" and "task queue is unavailable" in job.error
