@@ -20,4 +20,7 @@ urlpatterns = [
 
 if getattr(settings, "FLOTILLA_BENCH_VIEWS", False):
     # Only for benchmarks/heartbeat.py: the same stack with no work behind it.
-    urlpatterns.append(path("bench/bare", agent_views.bench_bare, name="agent-bench-bare"))
+    urlpatterns += [
+        path("bench/bare", agent_views.bench_bare, name="agent-bench-bare"),
+        path("bench/heartbeat-core", agent_views.bench_heartbeat_core, name="agent-bench-heartbeat-core"),
+    ]

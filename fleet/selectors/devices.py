@@ -66,16 +66,46 @@ def group_members(*, group: DeviceGroup) -> QuerySet[Device]:
     return Device.objects.filter(pk__in=Device.objects.filter(condition).values("pk"))
 
 
-def device_effective_policy_id(*, device: Device) -> int | None:
-    """The id of the policy that applies: the device's own, else its first group's (by name)."""
+GroupPolicyTable = list[tuple[int, frozenset[str], int]]
+
+
+def group_policy_table() -> GroupPolicyTable:
+    """(group id, lower-cased selector tags, policy id) of every group with a policy, by name."""
+    return [
+        (int(pk), frozenset(str(t).lower() for t in (selector or [])), int(policy_id))
+        for pk, selector, policy_id in DeviceGroup.objects.filter(policy__isnull=False)
+        .order_by("name")
+        .values_list("pk", "tag_selector", "policy_id")
+    ]
+
+
+def device_static_group_ids(*, device_id: Any) -> frozenset[int]:
+    """The ids of the groups a device is a static member of."""
+    through = Device.groups.through
+    return frozenset(through.objects.filter(device_id=device_id).values_list("devicegroup_id", flat=True))
+
+
+def device_effective_policy_id(
+    *,
+    device: Device,
+    table: GroupPolicyTable | None = None,
+    static_group_ids: frozenset[int] | None = None,
+) -> int | None:
+    """The id of the policy that applies: the device's own, else its first group's (by name).
+
+    Groups count whether the device is a static member or carries all their selector
+    tags. `table` and `static_group_ids` may come from a cache.
+    """
     if device.policy_id is not None:
         return device.policy_id
-    static = set(device.groups.values_list("pk", flat=True))
-    tags = set(device.tags or [])
-    candidates = DeviceGroup.objects.filter(policy__isnull=False).order_by("name")
-    for pk, selector, policy_id in candidates.values_list("pk", "tag_selector", "policy_id"):
-        if pk in static or (selector and {t.lower() for t in selector} <= {t.lower() for t in tags}):
-            return int(policy_id)
+    table = group_policy_table() if table is None else table
+    if not table:
+        return None
+    static = device_static_group_ids(device_id=device.pk) if static_group_ids is None else static_group_ids
+    tags = {str(t).lower() for t in (device.tags or [])}
+    for pk, selector, policy_id in table:
+        if pk in static or (selector and selector <= tags):
+            return policy_id
     return None
 
 
