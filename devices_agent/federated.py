@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import threading
-import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -244,9 +243,15 @@ class FederatedTrainer:
         self._commit(folder)
         return RoundOutcome(round_id, "uploaded", bytes_up=len(data), bytes_down=downloaded, metrics=metrics)
 
-    def open_tasks(self) -> list[dict[str, Any]]:
-        """``GET rounds/``: the device's open training tasks."""
-        response = self.client.request("GET", "rounds/")
+    def open_tasks(self, *, wait_s: float = 0.0) -> list[dict[str, Any]]:
+        """``GET rounds/``: the device's open training tasks.
+
+        With ``wait_s`` > 0 the server holds the request until a task exists or the
+        time is up (a long poll), so a device learns of a new round at once without
+        hammering the server.
+        """
+        path = f"rounds/?wait={wait_s:g}" if wait_s > 0 else "rounds/"
+        response = self.client.request("GET", path)
         tasks: list[dict[str, Any]] = response.json().get("tasks", [])
         return tasks
 
@@ -260,17 +265,20 @@ def run_rounds(
     trainer: FederatedTrainer,
     *,
     stop: threading.Event,
+    wait_s: float = 10.0,
     poll_s: float = 0.2,
     on_outcome: Callable[[RoundOutcome], None] | None = None,
 ) -> None:
-    """Poll ``GET rounds/`` and run every task until ``stop`` is set (a simulated device).
+    """Long-poll ``GET rounds/`` and run every task until ``stop`` is set (a simulated device).
 
-    Errors are retried at the next poll: a server restart or a 5xx never ends the loop.
+    Each poll waits up to ``wait_s`` on the server; after an error the loop pauses
+    ``poll_s`` and tries again, so a server restart or a 5xx never ends it. ``stop`` is
+    seen within ``wait_s``.
     """
     done: set[int] = set()
     while not stop.is_set():
         try:
-            tasks = trainer.open_tasks()
+            tasks = trainer.open_tasks(wait_s=wait_s)
             for task in tasks:
                 rid = int(task["round_id"])
                 if rid in done:
@@ -280,6 +288,4 @@ def run_rounds(
                 if on_outcome is not None:
                     on_outcome(outcome)
         except (ServerError, InterruptedError, OSError):
-            time.sleep(poll_s)
-            continue
-        stop.wait(poll_s)
+            stop.wait(poll_s)

@@ -34,7 +34,7 @@ from config.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_delta, decode_tensors, encode_tensors, l2_norm
 from fleet.models import Device, DeviceGroup
 from models_registry.models import Artifact, ModelFamily, ModelVersion
-from training import selectors, storage
+from training import notify, selectors, storage
 from training.aggregation import (
     AGGREGATORS,
     SafetensorsFileSource,
@@ -373,6 +373,8 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     rnd.durations = {**rnd.durations, "eligible": eligible}
     rnd.save()
     _emit("federated_round.status", {"job": job.pk, "round": rnd.number, "status": rnd.status})
+    round_id = rnd.pk
+    transaction.on_commit(lambda: notify.rounds_changed(round_id=round_id))
     return rnd
 
 

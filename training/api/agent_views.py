@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
-from django.http import HttpResponse, HttpResponseBase
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import status
@@ -13,16 +16,46 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from config.api import ServiceError, error_response
-from fleet.auth import DeviceApiMixin
-from training import selectors, services, storage
+from devices_agent.wire import AUTH_SCHEME
+from fleet.auth import DeviceApiMixin, device_for_secret
+from training import notify, selectors, services, storage
+
+MAX_WAIT_S = 30.0
 
 
-class RoundsOpenApi(DeviceApiMixin, APIView):  # type: ignore[misc]
-    """Open training tasks for the calling device (the same list the heartbeat carries)."""
+@csrf_exempt
+async def rounds_open(request: HttpRequest) -> HttpResponseBase:
+    """``GET rounds/?wait=<s>``: the calling device's open training tasks.
 
-    @extend_schema(responses={200: OpenApiTypes.OBJECT}, tags=["device"])
-    def get(self, request: Any) -> Response:
-        return Response({"tasks": selectors.training_tasks_for_device(request.auth)})
+    The same list the heartbeat carries. With ``wait`` (at most 30 s) the request is a
+    long poll: when the device has no task it is answered as soon as a round opens, or
+    with an empty list at the timeout. An async view, so waiting devices hold no worker
+    thread; the wake-up comes over Redis pub/sub (see :mod:`training.notify`).
+    """
+    if request.method != "GET":
+        return error_response(status_code=405, code="method_not_allowed", message="Use GET.")
+    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    device = await sync_to_async(device_for_secret)(secret.strip()) if scheme == AUTH_SCHEME else None
+    if device is None:
+        return error_response(
+            status_code=401, code="not_authenticated", message="Device credentials required."
+        )
+    try:
+        wait = min(MAX_WAIT_S, max(0.0, float(request.GET.get("wait", "0") or 0)))
+    except ValueError:
+        return error_response(status_code=400, code="validation_error", message="wait must be a number.")
+    tasks_of = sync_to_async(selectors.training_tasks_for_device)
+    if wait <= 0:
+        return JsonResponse({"tasks": await tasks_of(device)})
+    loop = asyncio.get_running_loop()
+    end = loop.time() + wait
+    async with notify.RoundsListener() as listener:
+        while True:
+            tasks = await tasks_of(device)
+            left = end - loop.time()
+            if tasks or left <= 0:
+                return JsonResponse({"tasks": tasks})
+            await listener.wait(timeout=left)
 
 
 class RoundTaskApi(DeviceApiMixin, APIView):  # type: ignore[misc]

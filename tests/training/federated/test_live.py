@@ -51,7 +51,7 @@ def _agents(fleet: Fleet, url: str, state_root: Path) -> Iterator[list[Any]]:
         thread = threading.Thread(
             target=run_rounds,
             args=(trainer,),
-            kwargs={"stop": stop, "on_outcome": outcomes.append},
+            kwargs={"stop": stop, "wait_s": 2.0, "on_outcome": outcomes.append},
             daemon=True,
         )
         thread.start()

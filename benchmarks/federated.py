@@ -1,0 +1,401 @@
+"""Federated learning through the whole system versus a plain PyTorch FedAvg loop.
+
+    python -m benchmarks.federated [--quick] [--json] [--rounds N] [--devices N]
+
+Setup (one run, this machine): scikit-learn's digits split 80/20 stratified (seed 0),
+the training part spread over ``--devices`` devices (default 20) with a Dirichlet(0.5)
+label split (seed 0); MLP 64-64-10 (``mlp``), 5 local epochs, batch 32, SGD lr 0.05,
+``--rounds`` rounds (default 30; 5 with ``--quick``), every device in every round,
+FedAvg weighted by local examples, codec ``none``.
+
+1. **system**: a fresh SQLite database and embedded Redis-protocol server, the ASGI web
+   server (uvicorn, production settings) and one Celery worker as real processes; the
+   job is created and started through ``training.services``; each device is a thread
+   in this process running ``devices_agent.federated`` (``GET rounds/`` polled every
+   50 ms, task, weights download, local training, upload over real HTTP). Rounds close
+   as soon as every device answered; the worker aggregates, evaluates on the 20% test
+   split and registers a version per round (ONNX export per round is switched off:
+   it is a registry cost, not a round-loop cost). Wall time is from ``job_start`` to
+   the job's ``succeeded``.
+2. **reference**: the same rounds as a plain loop in one thread: the same
+   ``local_train.train_local`` calls with the same seeds, a float64 weighted average,
+   the same evaluation. Overhead per round = (system wall - reference wall) / rounds.
+3. **codecs**: the reference loop again with each codec applied to the deltas
+   (encode on the device side, ``decode_delta`` on the server side, top-k with
+   per-device error feedback), run through the plain loop, not the full stack, to keep
+   the benchmark short. Bytes per round = sum of the encoded deltas.
+
+With ``--json`` the last line is one JSON object with ``final_accuracy``,
+``reference_accuracy``, ``accuracy_per_round``, ``wall_s``, ``reference_wall_s``,
+``overhead_per_round_s``, ``bytes_per_round``, ``codecs`` and the run's parameters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HOST = "127.0.0.1"
+_ROOT = str(Path(__file__).resolve().parent.parent)
+ARCH = "mlp"
+EPOCHS = 5
+BATCH = 32
+LR = 0.05
+ALPHA = 0.5
+
+
+def _env(work: Path, database_url: str, redis_url: str, port: int) -> dict[str, str]:
+    from cryptography.fernet import Fernet
+
+    env = dict(os.environ)
+    env.update(
+        {
+            "DJANGO_SETTINGS_MODULE": "config.settings.production",
+            "DJANGO_SECRET_KEY": "benchmark-only-secret-key-" + "x" * 30,
+            "DEVICE_SECRET_KEY": "benchmark-only-device-key",
+            "PROVISIONING_KEY": Fernet.generate_key().decode(),
+            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
+            "DJANGO_SECURE_COOKIES": "0",
+            "FLOTILLA_DATA_DIR": str(work),
+            "DATABASE_URL": database_url,
+            "REDIS_URL": redis_url,
+            "PUBLIC_BASE_URL": f"http://{HOST}:{port}",
+            "LOG_LEVEL": "WARNING",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    return env
+
+
+def _data(devices: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    from devices_agent.data import client_dataset, load_digits_split
+
+    _, _, x_test, y_test = load_digits_split(seed=0, test_size=0.2)
+    parts = [client_dataset(client_index=i, n_clients=devices, alpha=ALPHA, seed=0) for i in range(devices)]
+    return parts, x_test, y_test
+
+
+def _seed_rows(devices: int) -> tuple[Any, Any, Any, list[str], Any]:
+    """Family, initial version (seed 0 weights), a group of online devices, a draft job."""
+    from django.core.files.base import ContentFile
+
+    from devices_agent.codecs import encode_tensors
+    from devices_agent.nets import initial_weights
+    from fleet.auth import hash_secret, new_secret
+    from fleet.models import Device, DeviceGroup
+    from models_registry.models import Artifact, ModelFamily, ModelVersion
+    from models_registry.signing import sign_digest
+    from training import services
+    from training.storage import sha256_hex
+
+    family = ModelFamily.objects.create(name="bench-digits", arch=ARCH, input_shape=[64], num_classes=10)
+    version = ModelVersion.objects.create(family=family, number=1)
+    data = encode_tensors(initial_weights(ARCH, seed=0))
+    digest = sha256_hex(data)
+    artifact = Artifact(
+        version=version, kind="weights", sha256=digest, size=len(data), signature=sign_digest(digest)
+    )
+    artifact.file.save("bench-digits-v1.safetensors", ContentFile(data), save=False)
+    artifact.save()
+    group = DeviceGroup.objects.create(name="bench-fleet")
+    secrets = []
+    for i in range(devices):
+        secret = new_secret()
+        device = Device.objects.create(
+            name=f"bench-{i:03d}", secret_hash=hash_secret(secret), status=Device.Status.ONLINE
+        )
+        device.groups.add(group)
+        secrets.append(secret)
+    return family, version, group, secrets, services
+
+
+def _run_job(services: Any, job_id: int, *, timeout: float, work: Path) -> str:
+    """Start a job and wait for it to end; returns its final status."""
+    from training.models import FederatedJob
+
+    services.job_start(job_id=job_id, actor=None)
+    deadline = time.perf_counter() + timeout
+    while True:
+        status = FederatedJob.objects.filter(pk=job_id).values_list("status", flat=True).first()
+        if status in ("succeeded", "failed", "cancelled"):
+            return str(status)
+        if time.perf_counter() > deadline:
+            raise TimeoutError((work / "worker.log").read_text(errors="replace")[-3000:])
+        time.sleep(0.02)
+
+
+def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
+    """The full stack: web + worker processes, devices as threads over HTTP."""
+    from config.runner import ProcessGroup, free_port, wait_http_ok, web_command, worker_command
+
+    work = Path(tempfile.mkdtemp(prefix="flotilla-fedbench-"))
+    redis_url = os.environ.get("REDIS_URL", "")
+    if not redis_url:
+        from config.embedded_redis import start
+
+        redis_url = start(workdir=work / "redis").url
+    database_url = f"sqlite:///{work / 'bench.sqlite3'}"
+    port = free_port()
+    env = _env(work, database_url, redis_url, port)
+    os.environ.update(env)
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env=env, check=True, cwd=_ROOT
+    )
+    import django
+
+    django.setup()
+    from devices_agent.client import AgentClient, WireCounter
+    from devices_agent.federated import FederatedTrainer, run_rounds
+    from training.models import FederatedRound
+
+    family, version, group, secrets, services = _seed_rows(devices)
+
+    def make(name: str, n_rounds: int) -> Any:
+        return services.job_create(
+            actor=None,
+            family=family,
+            base_version=version,
+            target_group=group,
+            name=name,
+            rounds=n_rounds,
+            min_clients=devices,
+            quorum=devices,
+            local_epochs=EPOCHS,
+            batch_size=BATCH,
+            lr=LR,
+            strategy="fedavg",
+            codec="none",
+            export_onnx=False,
+            round_deadline_s=600,
+            seed=0,
+        )
+
+    # A one-round job first, untimed: processes import torch and warm their caches
+    # on first use, which a long-running deployment pays once, not per round.
+    warmup = make("warm-up", 1)
+    job = make("benchmark", rounds)
+    parts, _, _ = _data(devices)
+    group_procs = ProcessGroup(env=env, log_dir=work)
+    stop = threading.Event()
+    counters = [WireCounter() for _ in range(devices)]
+    threads: list[threading.Thread] = []
+    try:
+        web = group_procs.start("web", web_command(port=port, host=HOST, workers=1))
+        group_procs.start("worker", worker_command(concurrency=1, name="bench"))
+        wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
+        for i, secret in enumerate(secrets):
+            trainer = FederatedTrainer(
+                client=AgentClient(server_url=f"http://{HOST}:{port}", secret=secret, counter=counters[i]),
+                state_dir=work / "agents" / f"dev{i}",
+                x=parts[i][0],
+                y=parts[i][1],
+                device_seed=i,
+                should_stop=stop.is_set,
+            )
+            thread = threading.Thread(
+                target=run_rounds, args=(trainer,), kwargs={"stop": stop, "wait_s": 5.0}, daemon=True
+            )
+            thread.start()
+            threads.append(thread)
+        _run_job(services, warmup.pk, timeout=300, work=work)
+        for counter in counters:
+            counter.sent = counter.received = counter.requests = 0
+        started = time.perf_counter()
+        status = _run_job(services, job.pk, timeout=60 * rounds + 120, work=work)
+        wall = time.perf_counter() - started
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        group_procs.stop_all()
+    if status != "succeeded":
+        raise RuntimeError(f"job ended {status}: {(work / 'worker.log').read_text(errors='replace')[-3000:]}")
+    done = list(FederatedRound.objects.filter(job_id=job.pk).order_by("number"))
+    return {
+        "wall_s": wall,
+        "accuracy_per_round": [float(r.accuracy or 0.0) for r in done],
+        "bytes_in": sum(r.bytes_in for r in done),
+        "bytes_out": sum(r.bytes_out for r in done),
+        "wire_bytes": sum(c.sent + c.received for c in counters),
+        "requests": sum(c.requests for c in counters),
+        "aggregate_s": float(np.median([r.durations.get("aggregate_s", 0.0) for r in done])),
+        "collect_s": float(np.median([(r.closed_at - r.opened_at).total_seconds() for r in done])),
+        "close_to_done_s": float(np.median([(r.finished_at - r.closed_at).total_seconds() for r in done])),
+        "done_to_next_s": float(
+            np.median(
+                [(b.opened_at - a.finished_at).total_seconds() for a, b in itertools.pairwise(done)] or [0.0]
+            )
+        ),
+        "evaluate_s": float(np.median([r.durations.get("evaluate_s", 0.0) for r in done])),
+    }
+
+
+def run_reference(
+    *, devices: int, rounds: int, codec: str = "none", topk_fraction: float = 0.1
+) -> dict[str, Any]:
+    """The plain loop: same local training and seeds, float64 weighted average."""
+    from devices_agent.codecs import decode_delta, encode_delta
+    from devices_agent.federated import local_seed
+    from devices_agent.local_train import evaluate_numpy, train_local
+    from devices_agent.nets import initial_weights
+
+    parts, x_test, y_test = _data(devices)
+    weights = initial_weights(ARCH, seed=0)
+    expected = {k: (tuple(v.shape), "float32") for k, v in weights.items()}
+    residuals: list[Any] = [None] * devices
+    accuracies: list[float] = []
+    sent = 0
+    started = time.perf_counter()
+    for number in range(1, rounds + 1):
+        sums = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
+        total = 0.0
+        for i, (x, y) in enumerate(parts):
+            result = train_local(
+                arch=ARCH,
+                global_weights=weights,
+                x=x,
+                y=y,
+                epochs=EPOCHS,
+                batch_size=BATCH,
+                lr=LR,
+                seed=local_seed(task_seed=number, device_seed=i),
+            )
+            delta = result.delta
+            if codec != "none":
+                encoded = encode_delta(delta, codec=codec, topk_fraction=topk_fraction, residual=residuals[i])
+                residuals[i] = encoded.residual
+                sent += len(encoded.data)
+                delta = decode_delta(encoded.data, expected=expected)
+            else:
+                sent += len(encode_delta(delta, codec="none").data)
+            for k in sums:
+                sums[k] += result.num_examples * delta[k].astype(np.float64)
+            total += result.num_examples
+        weights = {k: (weights[k].astype(np.float64) + sums[k] / total).astype(np.float32) for k in weights}
+        _, accuracy = evaluate_numpy(arch=ARCH, weights=weights, x=x_test, y=y_test)
+        accuracies.append(float(accuracy))
+    return {
+        "wall_s": time.perf_counter() - started,
+        "accuracy_per_round": accuracies,
+        "bytes_per_round": sent / rounds,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="5 rounds")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--devices", type=int, default=20)
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (5 if args.quick else 30)
+    devices = args.devices
+
+    import torch
+
+    torch.set_num_threads(1)
+    system = run_system(devices=devices, rounds=rounds)
+    reference = run_reference(devices=devices, rounds=rounds)
+    overhead = (system["wall_s"] - reference["wall_s"]) / rounds
+    final = system["accuracy_per_round"][-1]
+    ref_final = reference["accuracy_per_round"][-1]
+
+    print(
+        f"federated benchmark: digits 80/20 (seed 0), {devices} devices Dirichlet({ALPHA}), MLP 64-64-10, "
+        f"{EPOCHS} local epochs, batch {BATCH}, SGD lr {LR}, {rounds} rounds, FedAvg, all devices per round; "
+        f"{os.cpu_count()} CPUs shared by server, worker and the simulated devices"
+    )
+    header = f"{'round':>5}{'system acc':>12}{'plain loop acc':>16}"
+    print(header)
+    print("-" * len(header))
+    for i, (a, b) in enumerate(
+        zip(system["accuracy_per_round"], reference["accuracy_per_round"], strict=True)
+    ):
+        print(f"{i + 1:>5}{a:>12.4f}{b:>16.4f}")
+    print()
+    print(f"{'':<34}{'system':>12}{'plain loop':>12}{'ratio':>8}")
+    print(
+        f"{'wall time (s)':<34}{system['wall_s']:>12.2f}{reference['wall_s']:>12.2f}"
+        f"{system['wall_s'] / reference['wall_s']:>8.2f}"
+    )
+    print(f"{'final accuracy':<34}{final:>12.4f}{ref_final:>12.4f}")
+    print(f"{'overhead per round (s)':<34}{overhead:>12.3f}")
+    print(
+        f"{'deltas up per round (KB)':<34}{system['bytes_in'] / rounds / 1024:>12.1f}"
+        f"{reference['bytes_per_round'] / 1024:>12.1f}"
+    )
+    print(f"{'weights down per round (KB)':<34}{system['bytes_out'] / rounds / 1024:>12.1f}")
+    print(f"{'all HTTP bytes per round (KB)':<34}{system['wire_bytes'] / rounds / 1024:>12.1f}")
+    print(f"{'HTTP requests per round':<34}{system['requests'] / rounds:>12.1f}")
+    for key, label in (
+        ("collect_s", "median round open -> closed (s)"),
+        ("close_to_done_s", "median closed -> version (s)"),
+        ("aggregate_s", "  of which aggregation (s)"),
+        ("evaluate_s", "  of which evaluation (s)"),
+        ("done_to_next_s", "median version -> next open (s)"),
+    ):
+        print(f"{label:<34}{system[key]:>12.3f}")
+    print(f"goals: |system - plain| <= 1 pt ({abs(final - ref_final) * 100:.2f} pt), overhead < 0.25 s/round")
+    print()
+
+    codecs = [("none", 0.1), ("fp16", 0.1), ("int8", 0.1), ("topk", 0.1), ("topk", 0.05)]
+    rows = []
+    for codec, fraction in codecs:
+        if codec == "none":
+            result = reference
+        else:
+            result = run_reference(devices=devices, rounds=rounds, codec=codec, topk_fraction=fraction)
+        label = f"topk {fraction:g}" if codec == "topk" else codec
+        rows.append(
+            {
+                "codec": label,
+                "bytes_per_round": int(result["bytes_per_round"]),
+                "final_accuracy": result["accuracy_per_round"][-1],
+            }
+        )
+    base = rows[0]
+    print("codecs (through the plain loop with each codec applied to the deltas):")
+    header = f"{'codec':<10}{'KB/round':>10}{'x fewer':>9}{'final acc':>11}{'delta pt':>10}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        print(
+            f"{row['codec']:<10}{row['bytes_per_round'] / 1024:>10.1f}"
+            f"{base['bytes_per_round'] / row['bytes_per_round']:>9.2f}{row['final_accuracy']:>11.4f}"
+            f"{(row['final_accuracy'] - base['final_accuracy']) * 100:>+10.2f}"
+        )
+    print("goals: int8 4x fewer bytes within 0.5 pt; top-k 10% 8x fewer within 1 pt")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "final_accuracy": round(final, 4),
+                    "reference_accuracy": round(ref_final, 4),
+                    "accuracy_per_round": [round(a, 4) for a in system["accuracy_per_round"]],
+                    "reference_accuracy_per_round": [round(a, 4) for a in reference["accuracy_per_round"]],
+                    "wall_s": round(system["wall_s"], 3),
+                    "reference_wall_s": round(reference["wall_s"], 3),
+                    "overhead_per_round_s": round(overhead, 4),
+                    "bytes_per_round": int((system["bytes_in"] + system["bytes_out"]) / rounds),
+                    "wire_bytes_per_round": int(system["wire_bytes"] / rounds),
+                    "codecs": rows,
+                    "rounds": rounds,
+                    "devices": devices,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
