@@ -1,10 +1,11 @@
 """Registry upload cost: what validating and signing an artifact adds to storing it.
 
 An upload arrives as a file Django spooled to disk. The registry hashes it in place,
-checks it (safetensors: the header only, offsets against the file size; ONNX: parse,
-checker, ONNX Runtime load), signs the digest and copies it into the store. The baseline,
+checks it (safetensors: the header with offsets against the file size, then every
+tensor's finiteness, memory-mapped one tensor at a time; ONNX: parse, checker, ONNX
+Runtime load), signs the digest and copies it into the store. The baseline,
 measured in the same run, is the least any store must do: hash the uploaded file and
-copy it. A naive validator that also loads the whole safetensors file is shown for
+copy it. A naive validator that also loads the whole safetensors file into memory is shown for
 comparison.
 
     python -m benchmarks.registry_upload [--quick] [--json]

@@ -36,8 +36,9 @@ __all__ = [
 
 _CHUNK = 1024 * 1024
 # Float dtypes a weights file may hold; integer tensors are not trainable parameters.
-_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2}
-_ALL_DTYPES = {**_FLOAT_DTYPES, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Float dtypes numpy (and so the agent) can read; bfloat16 has no numpy type.
+_FLOAT_DTYPES = {"F64": 8, "F32": 4, "F16": 2}
+_ALL_DTYPES = {**_FLOAT_DTYPES, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
 # The format caps its JSON header at 100 MB; a real model's header is a few KB.
 _MAX_HEADER = 100_000_000
 
@@ -211,6 +212,20 @@ def _read_header(path: Path, size: int, field: str) -> dict[str, Any]:
     return header
 
 
+def _check_finite(path: Path, field: str) -> None:
+    """Refuse NaN or infinite weights, one tensor at a time (memory-mapped, never the whole file)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="numpy") as handle:
+        for name in handle.keys():  # noqa: SIM118 - safe_open is not a mapping
+            if not np.all(np.isfinite(handle.get_tensor(name))):
+                raise ServiceError(
+                    f"{field}: tensor {name!r} holds NaN or infinite values.",
+                    code="non_finite",
+                    details={"field": field, "tensor": name},
+                )
+
+
 @lru_cache(maxsize=32)
 def _expected_shapes(arch: str, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
     import torch
@@ -225,8 +240,9 @@ def _expected_shapes(arch: str, widths: tuple[int, ...]) -> dict[str, tuple[int,
 def validate_safetensors(path: Path, *, size: int, arch: str, field: str = "weights") -> dict[str, Any]:
     """Check a weights file: a complete safetensors file of float tensors fitting ``arch``.
 
-    Only the header is parsed (offsets are checked against the file size), so the check
-    costs the same for any file size. When ``arch`` is one the agent knows
+    The header is parsed first (offsets checked against the file size), so a malformed
+    file is refused before any tensor is read; then each tensor is checked for NaN and
+    infinities, one at a time. When ``arch`` is one the agent knows
     (``devices_agent.nets.ARCHS``) the names and shapes must match it, hidden widths
     read off the file (structurally pruned models are narrower). Returns a summary
     (tensor count, parameter count, widths).
@@ -240,8 +256,11 @@ def validate_safetensors(path: Path, *, size: int, arch: str, field: str = "weig
     not_float = sorted(n for n, e in header.items() if e["dtype"] not in _FLOAT_DTYPES)
     if not_float:
         raise _invalid(
-            "invalid_weights", f"{field}: weights must be float tensors; not float: {not_float}.", field
+            "invalid_weights",
+            f"{field}: weights must be float16/32/64 tensors; other dtypes: {not_float}.",
+            field,
         )
+    _check_finite(path, field)
     shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
     summary: dict[str, Any] = {
         "tensors": len(shapes),

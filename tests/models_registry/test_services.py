@@ -133,6 +133,17 @@ def test_invalid_files_are_refused(family: Any, mlp_safetensors: bytes, mlp_onnx
         assert caught.value.code == code, kwargs.keys()
 
 
+def test_non_finite_weights_are_refused(family: Any, mlp_weights: dict[str, np.ndarray]) -> None:
+    for bad_value in (np.nan, np.inf):
+        broken = dict(mlp_weights)
+        broken["fc2.weight"] = mlp_weights["fc2.weight"].copy()
+        broken["fc2.weight"][3, 4] = bad_value
+        with pytest.raises(ServiceError) as caught:
+            services.version_create(family=family, weights=encode_tensors(broken))
+        assert caught.value.code == "non_finite" and caught.value.details["tensor"] == "fc2.weight"
+    assert not ModelVersion.objects.exists()
+
+
 def test_weights_must_fit_the_architecture(family: Any, mlp_weights: dict[str, np.ndarray]) -> None:
     wrong_shape = dict(mlp_weights)
     wrong_shape["fc3.weight"] = np.zeros((5, 64), dtype=np.float32)
