@@ -168,3 +168,32 @@ def test_registered_task_provider_feeds_tasks(enroll: Any) -> None:
     finally:
         heartbeat_service._task_providers.remove(provider)
     assert seen == [agent.device.pk] and tasks[0]["round_id"] == 7
+
+
+def test_tag_selected_group_policy_applies_and_edits_reach_devices(enroll: Any, settings: Any) -> None:
+    settings.HEARTBEAT_CACHE_TTL_S = 0  # every heartbeat reads the policy afresh
+    agent = enroll(tags=["outdoor"])
+    policy = UpdatePolicy.objects.create(name="outdoor-policy", heartbeat_interval_s=120)
+    DeviceGroup.objects.create(name="outdoor", tag_selector=["outdoor"], policy=policy)
+    DeviceGroup.objects.create(
+        name="zzz-other", tag_selector=["indoor"], policy=UpdatePolicy.objects.create(name="x")
+    )
+    body = agent.heartbeat(seq=1).json()
+    assert body["policy"]["name"] == "outdoor-policy" and body["heartbeat_interval_s"] == 120
+    UpdatePolicy.objects.filter(pk=policy.pk).update(heartbeat_interval_s=30)
+    assert agent.heartbeat(seq=2).json()["heartbeat_interval_s"] == 30
+
+
+def test_version_without_onnx_is_not_offered(enroll: Any, make_version: Any) -> None:
+    from models_registry.models import Artifact
+
+    agent = enroll()
+    version = make_version()
+    Artifact.objects.filter(version=version).delete()
+    Device.objects.filter(pk=agent.device.pk).update(desired_version=version)
+    assert agent.heartbeat(seq=1).json()["desired"] is None
+    assert not Deployment.objects.exists()
+
+
+def test_benchmark_views_are_not_mounted_by_default(enroll: Any) -> None:
+    assert enroll().post("bench/bare", {}).status_code == 404
