@@ -336,3 +336,36 @@ def test_late_joiners_slot_in_at_the_next_advance(fleet: Any) -> None:
     assert result.stats["late_joiners"] == len(now_in) - 10
     # New members are told at once (no download limit set).
     assert all(m.state == "in_progress" for m in members(rollout))
+
+
+def test_download_concurrency_limit(fleet: Any) -> None:
+    f = fleet(10)
+    rollout = create(f, waves=[{"count": 5, "soak_s": 0}], max_concurrent_downloads=2)
+    t0 = timezone.now()
+    rollout_start(rollout_id=rollout.pk, actor=None, now=t0)
+    assert len(members(rollout, "in_progress")) == 2 and len(members(rollout, "queued")) == 3
+    activate_all_in_progress(rollout)
+    rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=1))
+    assert len(members(rollout, "succeeded")) == 2 and len(members(rollout, "in_progress")) == 2
+    queued_devices = [m.device_id for m in members(rollout, "queued")]
+    assert Device.objects.get(pk=queued_devices[0]).desired_version_id == f.v1.pk  # not told yet
+
+
+def test_closed_maintenance_window_holds_devices(fleet: Any) -> None:
+    from fleet.models import UpdatePolicy
+
+    f = fleet(6)
+    now = timezone.now()
+    # A one-hour window twelve hours away: closed now, whatever the day.
+    start = (now + timedelta(hours=12)).strftime("%H:%M")
+    end = (now + timedelta(hours=13)).strftime("%H:%M")
+    policy = UpdatePolicy.objects.create(
+        name="nights", maintenance_windows=[{"days": [], "start": start, "end": end}]
+    )
+    f.group.policy = policy
+    f.group.save()
+    rollout = create(f, waves=[{"percent": 100, "soak_s": 0}])
+    rollout_start(rollout_id=rollout.pk, actor=None, now=now)
+    assert len(members(rollout, "queued")) == 6
+    rollout_advance(rollout_id=rollout.pk, now=now + timedelta(hours=12, minutes=5))
+    assert len(members(rollout, "in_progress")) == 6
