@@ -4,8 +4,9 @@ This is the hot path (every device, every interval), so it is built to cost one 
 SELECT (authentication) in the common case:
 
 - `last_seen` is written at most every `HEARTBEAT_LAST_SEEN_WRITE_S` seconds per device
-  (default 10 s, far below the offline threshold of interval x missed heartbeats), and
-  at once whenever anything else changed (status, agent version, reported state);
+  (default 10 s; never more than half the offline threshold, interval x missed
+  heartbeats), and at once whenever anything else changed (status, agent version,
+  reported state);
 - the policy, the artifact references of a version and a device's group policy are read
   through small per-process caches with a short time-to-live
   (`HEARTBEAT_CACHE_TTL_S`, default 10 s): an operator's edit reaches devices within
@@ -57,8 +58,11 @@ def _ttl() -> float:
     return float(getattr(settings, "HEARTBEAT_CACHE_TTL_S", 10.0))
 
 
-def _last_seen_write_interval() -> timedelta:
-    return timedelta(seconds=float(getattr(settings, "HEARTBEAT_LAST_SEEN_WRITE_S", 10.0)))
+def _last_seen_write_interval(interval_s: int) -> timedelta:
+    # Never so lazy that a live device could look offline: at most half the time after
+    # which the offline task gives up on it.
+    offline_after = interval_s * settings.OFFLINE_AFTER_MISSED
+    return timedelta(seconds=min(float(settings.HEARTBEAT_LAST_SEEN_WRITE_S), offline_after / 2))
 
 
 class _TtlCache:
@@ -184,7 +188,7 @@ def _desired(device: Device) -> DesiredModel | None:
     }
 
 
-def _record_liveness(device: Device, report: dict[str, Any]) -> None:
+def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) -> None:
     now = timezone.now()
     seq = report.get("seq")
     reordered = seq is not None and device.last_seq is not None and seq <= device.last_seq
@@ -198,7 +202,7 @@ def _record_liveness(device: Device, report: dict[str, Any]) -> None:
         state = report.get("state")
         if state is not None and state != device.state:
             changes["state"] = state
-    if changes or device.last_seen is None or now - device.last_seen >= _last_seen_write_interval():
+    if changes or device.last_seen is None or now - device.last_seen >= _last_seen_write_interval(interval_s):
         changes["last_seen"] = now
         rows = Device.objects.filter(pk=device.pk).exclude(status=Device.Status.DECOMMISSIONED)
         if seq is not None and not reordered:
@@ -217,7 +221,9 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
 
     `with_tasks=False` skips the task providers (the benchmark's measure of this module alone).
     """
-    _record_liveness(device, report)
+    policy = _policy(device)
+    interval = (policy.heartbeat_interval_s if policy else None) or settings.HEARTBEAT_INTERVAL_S
+    _record_liveness(device, report, interval)
     deployment = report.get("deployment")
     if deployment and deployment["state"] != device.deployment_state:
         # Heartbeats repeat the current state; the status endpoint is where errors are
@@ -229,12 +235,10 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
         except ServiceError:
             pass
     desired = _desired(device)
-    policy = _policy(device)
     download_size = desired["artifact"]["size"] if desired else None
     tasks: list[TrainingTask] = []
     for provider in _task_providers if with_tasks else ():
         tasks.extend(provider(device))
-    interval = (policy.heartbeat_interval_s if policy else None) or settings.HEARTBEAT_INTERVAL_S
     return {
         "device_id": str(device.pk),
         "server_time": timezone.now().isoformat(),

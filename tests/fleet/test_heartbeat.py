@@ -197,3 +197,17 @@ def test_version_without_onnx_is_not_offered(enroll: Any, make_version: Any) -> 
 
 def test_benchmark_views_are_not_mounted_by_default(enroll: Any) -> None:
     assert enroll().post("bench/bare", {}).status_code == 404
+
+
+def test_last_seen_throttle_never_exceeds_half_the_offline_threshold(enroll: Any, settings: Any) -> None:
+    settings.OFFLINE_AFTER_MISSED = 1
+    agent = enroll()
+    policy = UpdatePolicy.objects.create(name="fast", heartbeat_interval_s=5)
+    agent.heartbeat(seq=1)
+    three_s_ago = timezone.now() - timedelta(seconds=3)
+    Device.objects.filter(pk=agent.device.pk).update(last_seen=three_s_ago)
+    agent.heartbeat(seq=2)  # default interval 60 s: 3 s is within the 10 s throttle
+    assert agent.refresh().last_seen == three_s_ago
+    Device.objects.filter(pk=agent.device.pk).update(policy=policy)
+    agent.heartbeat(seq=3)  # 5 s x 1 missed: written after 2.5 s
+    assert agent.refresh().last_seen > three_s_ago
