@@ -119,11 +119,17 @@ class EvaluationReportSerializer(serializers.ModelSerializer[EvaluationReport]):
 
 
 class ModelVersionDetailSerializer(ModelVersionSerializer):
+    ancestors = serializers.SerializerMethodField()
     children = serializers.SerializerMethodField()
     latest_evaluation = serializers.SerializerMethodField()
 
     class Meta(ModelVersionSerializer.Meta):
-        fields = [*ModelVersionSerializer.Meta.fields, "children", "latest_evaluation"]
+        fields = [*ModelVersionSerializer.Meta.fields, "ancestors", "children", "latest_evaluation"]
+
+    def get_ancestors(self, obj: ModelVersion) -> list[dict[str, Any]]:
+        from models_registry.selectors import version_lineage
+
+        return list(ModelVersionBriefSerializer(version_lineage(obj), many=True).data)
 
     def get_children(self, obj: ModelVersion) -> list[dict[str, Any]]:
         from models_registry.selectors import version_children

@@ -128,6 +128,23 @@ def test_lineage(operator_client: Any, family: Any, mlp_safetensors: bytes) -> N
     assert [v["id"] for v in lineage["children"]] == [third]
     deep = operator_client.get(f"/api/v1/model-versions/{third}/lineage/").json()
     assert [v["number"] for v in deep["ancestors"]] == [2, 1]
+    detail = operator_client.get(f"/api/v1/model-versions/{second}/").json()
+    assert [v["id"] for v in detail["ancestors"]] == [first]
+    assert [v["id"] for v in detail["children"]] == [third]
+
+
+def test_version_list_query_count_does_not_grow(
+    viewer_client: Any, family: Any, mlp_safetensors: bytes, django_assert_max_num_queries: Any
+) -> None:
+    from models_registry.services import version_create
+
+    parent = None
+    for _ in range(6):
+        parent = version_create(family=family, weights=mlp_safetensors, parent=parent)
+    # auth token + user role + count + page + artifacts prefetch, whatever the page size
+    with django_assert_max_num_queries(6):
+        response = viewer_client.get("/api/v1/model-versions/")
+    assert response.json()["count"] == 6
 
 
 def test_family_with_versions_cannot_be_deleted(
