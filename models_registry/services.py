@@ -102,7 +102,11 @@ def _store(spooled: Spooled, *, kind: str, created: list[str]) -> str:
     """Save the bytes under their content address; remember names this call created."""
     name = artifact_storage_name(sha256=spooled.sha256, kind=kind)
     if default_storage.exists(name):
-        return name
+        if default_storage.size(name) == spooled.size:
+            return name
+        # The filesystem storage writes in place, so a process that died mid-write can
+        # leave a short file under the content address: replace it.
+        default_storage.delete(name)
     with spooled.path.open("rb") as handle:
         saved = default_storage.save(name, File(handle, name=name))
     if saved != name:

@@ -70,6 +70,23 @@ def _torch_save_bytes(weights: dict[str, np.ndarray]) -> bytes:
     return buffer.getvalue()
 
 
+def test_a_truncated_file_left_under_the_content_address_is_replaced(
+    family: Any, mlp_safetensors: bytes
+) -> None:
+    import hashlib
+
+    from django.core.files.base import ContentFile
+    from django.core.files.storage import default_storage
+
+    name = services.artifact_storage_name(sha256=hashlib.sha256(mlp_safetensors).hexdigest(), kind="weights")
+    default_storage.save(name, ContentFile(mlp_safetensors[:100]))
+    version = services.version_create(family=family, weights=mlp_safetensors)
+    artifact = version.artifacts.get()
+    assert artifact.file.name == name
+    with default_storage.open(name, "rb") as handle:
+        assert handle.read() == mlp_safetensors
+
+
 def test_pickle_is_rejected_raw_and_as_torch_save_zip(
     family: Any, mlp_weights: dict[str, np.ndarray], stored_files: Any
 ) -> None:
