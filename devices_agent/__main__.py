@@ -59,6 +59,8 @@ def _config_from_args(args: argparse.Namespace) -> AgentConfig:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from devices_agent.agent import Agent, EnrollmentError
+    from devices_agent.client import AuthError
+    from devices_agent.state import KeyMismatchError
 
     config = _config_from_args(args)
     _setup_logging(config.log_path, verbose=args.verbose)
@@ -74,6 +76,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     except EnrollmentError as exc:
         logging.getLogger("devices_agent").error("%s", exc)
         return 2
+    except (AuthError, KeyMismatchError) as exc:
+        # Decommissioned, revoked, or a different server: retrying cannot help, and a
+        # service manager restarting us in a loop would only hammer the server.
+        logging.getLogger("devices_agent").error("credentials refused: %s", exc)
+        return 3
     finally:
         agent.close()
     return 0

@@ -490,8 +490,22 @@ class Agent:
                 return
 
     def run(self, *, max_steps: int | None = None) -> None:
-        """Run until :meth:`stop` (or ``max_steps`` cycles). Restart commands re-run the loop."""
-        self.enroll()
+        """Run until :meth:`stop` (or ``max_steps`` cycles). Restart commands re-run the loop.
+
+        An unreachable server at first start is waited out (full-jitter backoff), not
+        fatal; a refused token (:class:`EnrollmentError`) or refused credentials
+        (:class:`AuthError`) end the loop with that error.
+        """
+        while not self.stopping.is_set():
+            try:
+                self.enroll()
+                break
+            except ServerError as exc:
+                delay = self.backoff.delay()
+                log.warning("cannot enroll yet (%s); next try in %.1f s", exc, delay)
+                self.wait(delay)
+        if self.stopping.is_set():
+            return
         if self.config.websocket:
             start_nudge_listener(self)
         steps = 0

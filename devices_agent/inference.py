@@ -13,6 +13,7 @@ finiteness, and compare the p95 latency of a few runs with the policy's budget.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import time
@@ -162,11 +163,18 @@ class Predictor:
         return True
 
 
-def resource_usage() -> dict[str, float]:
-    """This process's CPU percent (since the last call) and resident memory in MB."""
+@functools.cache
+def _this_process() -> Any:
     import psutil
 
-    process = psutil.Process()
+    # One Process object for the agent's life: cpu_percent() measures since the previous
+    # call on the same object, and a fresh object would always say 0.0.
+    return psutil.Process()
+
+
+def resource_usage() -> dict[str, float]:
+    """This process's CPU percent (since the last call) and resident memory in MB."""
+    process = _this_process()
     return {
         "cpu_percent": float(process.cpu_percent(interval=None)),
         "ram_mb": process.memory_info().rss / 1e6,
