@@ -487,9 +487,16 @@ def _supersede_open(device: Device, version_id: int) -> None:
 
 
 def _send_back(device: Device, version_id: int | None, rollout: Rollout, now: datetime) -> None:
-    """Make `version_id` the device's desired version again (None: leave the device alone)."""
+    """Make `version_id` the device's desired version again.
+
+    None (the device ran no model before) clears the desired version: the agent keeps
+    what it runs, having nothing to go back to, and the heartbeat stops offering the new one.
+    """
     fresh = Device.objects.get(pk=device.pk)
     if version_id is None:
+        Device.objects.filter(pk=fresh.pk, desired_version_id=rollout.version_id).update(
+            desired_version_id=None
+        )
         _supersede_open(fresh, rollout.version_id)
         return
     Device.objects.filter(pk=fresh.pk).update(desired_version_id=version_id)

@@ -369,3 +369,16 @@ def test_closed_maintenance_window_holds_devices(fleet: Any) -> None:
     assert len(members(rollout, "queued")) == 6
     rollout_advance(rollout_id=rollout.pk, now=now + timedelta(hours=12, minutes=5))
     assert len(members(rollout, "in_progress")) == 6
+
+
+def test_abort_on_a_device_that_ran_nothing_clears_its_desired_version(fleet: Any) -> None:
+    f = fleet(0)
+    fresh = Device.objects.create(name="fresh", status="online")
+    fresh.groups.add(f.group)
+    rollout = create(f, waves=[{"percent": 100, "soak_s": 0}])
+    rollout_start(rollout_id=rollout.pk, actor=None)
+    report(fresh, "downloading")
+    rollout_abort(rollout_id=rollout.pk, actor=None)
+    fresh.refresh_from_db()
+    assert fresh.desired_version_id is None and fresh.running_version_id is None
+    assert Deployment.objects.get(device=fresh).state == "superseded"
