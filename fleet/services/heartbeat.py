@@ -72,7 +72,7 @@ class _TtlCache:
         self.entries: dict[Any, tuple[float, Any]] = {}
         self.max_entries = max_entries
 
-    def get(self, key: Any, load: Callable[[], Any]) -> Any:
+    def get(self, key: Any, load: Callable[[], Any], ttl_s: float | None = None) -> Any:
         now = monotonic_time.monotonic()
         hit = self.entries.get(key)
         if hit is not None and hit[0] > now:
@@ -80,7 +80,7 @@ class _TtlCache:
         value = load()
         if len(self.entries) >= self.max_entries:
             self.entries.clear()
-        self.entries[key] = (now + _ttl(), value)
+        self.entries[key] = (now + (_ttl() if ttl_s is None else ttl_s), value)
         return value
 
     def clear(self) -> None:
@@ -102,12 +102,27 @@ _device_groups = _TtlCache()
 _version_refs = _TtlCache()
 
 
+_shared = _TtlCache(max_entries=10_000)
+
+
+def hot_cache(*, key: str, load: Callable[[], Any], ttl_s: float = 2.0) -> Any:
+    """`load()`'s value, reused in this process for `ttl_s` seconds.
+
+    For task providers and other code on the heartbeat path that would otherwise run
+    the same query for every device on every heartbeat (e.g. the list of collecting
+    rounds): one query per process per `ttl_s` instead of one per heartbeat. Keys are
+    shared by all callers; prefix them with the app name.
+    """
+    return _shared.get(key, load, ttl_s)
+
+
 def heartbeat_caches_clear() -> None:
     """Forget every cached policy and artifact reference (tests; after bulk edits)."""
     _policies.clear()
     _group_policies.clear()
     _device_groups.clear()
     _version_refs.clear()
+    _shared.clear()
 
 
 def artifact_url(sha256: str) -> str:

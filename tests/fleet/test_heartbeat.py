@@ -211,3 +211,16 @@ def test_last_seen_throttle_never_exceeds_half_the_offline_threshold(enroll: Any
     Device.objects.filter(pk=agent.device.pk).update(policy=policy)
     agent.heartbeat(seq=3)  # 5 s x 1 missed: written after 2.5 s
     assert agent.refresh().last_seen > three_s_ago
+
+
+def test_hot_cache_reuses_a_value_until_it_expires() -> None:
+    calls: list[int] = []
+
+    def load() -> int:
+        calls.append(1)
+        return len(calls)
+
+    assert heartbeat_service.hot_cache(key="test.value", load=load, ttl_s=60) == 1
+    assert heartbeat_service.hot_cache(key="test.value", load=load, ttl_s=60) == 1
+    assert heartbeat_service.hot_cache(key="test.other", load=load, ttl_s=0) == 2
+    assert heartbeat_service.hot_cache(key="test.other", load=load, ttl_s=0) == 3
