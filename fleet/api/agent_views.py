@@ -69,7 +69,7 @@ def _json_body(request: HttpRequest) -> dict[str, Any]:
         raise ServiceError("Request body is too large.", code="too_large", status_code=413)
     try:
         body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
         raise ServiceError(f"Malformed JSON: {exc}", code="malformed_json") from exc
     if not isinstance(body, dict):
         raise _invalid("The body must be a JSON object.")

@@ -27,6 +27,8 @@ def _sample(**extra: Any) -> dict[str, Any]:
     ("body", "code"),
     [
         ("{not json", "malformed_json"),
+        ("[" * 100_000 + "]" * 100_000, "malformed_json"),
+        (b"\xff\xfe{}", "malformed_json"),
         ("[1, 2]", "validation_error"),
         ('{"seq": NaN}', "malformed_json"),
         ({"seq": "one"}, "validation_error"),
