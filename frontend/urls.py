@@ -32,6 +32,7 @@ urlpatterns: list[Any] = [
     path("models/<int:family_id>/", models.family, name="family"),
     path("versions/<int:version_id>/", models.version, name="version"),
     path("versions/<int:version_id>/stage", models.version_stage, name="version-stage"),
+    path("versions/<int:version_id>/jobs", models.version_job, name="version-job"),
     path("federated/", training.jobs, name="jobs"),
     path("federated/new", training.job_new, name="job-new"),
     path("federated/<int:job_id>/", training.job, name="job"),

@@ -10,7 +10,8 @@ from config.api import ServiceError
 from config.roles import OPERATOR
 from frontend import selectors_models
 from frontend.views.base import action, page, render_page
-from models_registry.models import ModelFamily, ModelVersion
+from models_registry.jobs import OPTIMISE_KINDS, job_enqueue
+from models_registry.models import ModelFamily, ModelJob, ModelVersion
 from models_registry.selectors import (
     version_children,
     version_get,
@@ -55,6 +56,9 @@ def version(request: HttpRequest, version_id: int) -> HttpResponse:
     except ModelVersion.DoesNotExist:
         raise Http404("No such model version.") from None
     report = version_latest_evaluation(found)
+    jobs = list(
+        ModelJob.objects.filter(version=found).select_related("result_version__family").order_by("-id")[:20]
+    )
     return render_page(
         request,
         "frontend/version.html",
@@ -66,6 +70,10 @@ def version(request: HttpRequest, version_id: int) -> HttpResponse:
         artifacts=list(found.artifacts.all()),
         evaluation=selectors_models.report_view(report),
         next_stages=sorted(STAGE_TRANSITIONS.get(found.stage, ())),
+        jobs=jobs,
+        # The registry's jobs publish no live events: the table polls while one is in flight.
+        jobs_active=any(j.status in (ModelJob.Status.QUEUED, ModelJob.Status.RUNNING) for j in jobs),
+        optimise_kinds=OPTIMISE_KINDS,
     )
 
 
@@ -81,4 +89,23 @@ def version_stage(request: HttpRequest, version_id: int) -> HttpResponse:
         messages.error(request, exc.message)
     else:
         messages.success(request, f"{found.label} is now {stage}.")
+    return redirect("frontend:version", version_id=found.pk)
+
+
+@action(OPERATOR)
+def version_job(request: HttpRequest, version_id: int) -> HttpResponse:
+    """Queue an evaluation, an ONNX export or an optimisation of the version."""
+    found = ModelVersion.objects.filter(pk=version_id).first()
+    if found is None:
+        raise Http404("No such model version.")
+    kind = request.POST.get("kind", "")
+    params: dict[str, object] = {}
+    if kind == ModelJob.Kind.OPTIMISE:
+        params["kind"] = request.POST.get("optimisation", "")
+    try:
+        job = job_enqueue(kind=kind, version=found, params=params, actor=request.user)
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"{job.kind} queued for {found.label}.")
     return redirect("frontend:version", version_id=found.pk)

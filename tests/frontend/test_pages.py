@@ -41,6 +41,7 @@ def write_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:enrollment-token-new"),
         reverse("frontend:enrollment-token-revoke", args=[fleet.token.pk]),
         reverse("frontend:version-stage", args=[fleet.candidate.pk]),
+        reverse("frontend:version-job", args=[fleet.candidate.pk]),
         reverse("frontend:job-new"),
         reverse("frontend:job-action", args=[fleet.job.pk, "pause"]),
         reverse("frontend:rollout-new"),
@@ -248,3 +249,17 @@ def test_htmx_region_refresh_returns_the_same_page(page_client: Any, fleet: Flee
     response = client.get(reverse("frontend:devices"), HTTP_HX_REQUEST="true")
     assert response.status_code == 200
     assert 'id="device-table"' in response.content.decode()
+
+
+def test_operator_queues_a_registry_job(page_client: Any, fleet: Fleet) -> None:
+    from models_registry.models import ModelJob
+
+    client = page_client("operator")
+    url = reverse("frontend:version-job", args=[fleet.candidate.pk])
+    client.post(url, {"kind": "optimise", "optimisation": "no-such-thing"})
+    assert not ModelJob.objects.exists()
+    client.post(url, {"kind": "optimise", "optimisation": "int8_dynamic"})
+    job = ModelJob.objects.get()
+    assert job.kind == "optimise" and job.params["kind"] == "int8_dynamic"
+    page = client.get(reverse("frontend:version", args=[fleet.candidate.pk])).content.decode()
+    assert 'id="model-jobs"' in page and 'hx-trigger="every 3s"' in page

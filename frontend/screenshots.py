@@ -1,0 +1,113 @@
+"""Screenshots of the dashboard's main pages from a running server.
+
+    python -m frontend.screenshots --url http://127.0.0.1:8000 --user admin --password PW \\
+        --out docs/screenshots/
+
+Drives headless Chromium (Debian's /usr/bin/chromium through Playwright): signs in, then
+captures the overview, the device list, the first device, the model report of the newest
+evaluated version, the newest rollout and the newest federated job. A page whose list is
+empty is skipped with a note. Needs no Django: it only speaks HTTP to the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def _first_link(page: Any, selector: str) -> str | None:
+    link = page.locator(selector).first
+    if link.count() == 0:
+        return None
+    href: str | None = link.get_attribute("href")
+    return href
+
+
+def _shoot(page: Any, url: str, path: Path) -> None:
+    page.goto(url)
+    page.wait_for_load_state("networkidle")
+    # Charts draw on the next frame after load.
+    page.wait_for_timeout(400)
+    page.screenshot(path=str(path), full_page=True)
+    print(f"wrote {path}")
+
+
+def capture(*, url: str, user: str, password: str, out: Path, width: int = 1440) -> list[Path]:
+    """Sign in and write one PNG per main page into `out`; returns the files written."""
+    from playwright.sync_api import sync_playwright
+
+    out.mkdir(parents=True, exist_ok=True)
+    base = url.rstrip("/")
+    written: list[Path] = []
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": 900}, device_scale_factor=1)
+            page.set_default_timeout(30_000)
+            page.goto(f"{base}/login/")
+            page.fill("input[name=username]", user)
+            page.fill("input[name=password]", password)
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{base}/")
+
+            def shoot(name: str, target: str | None) -> None:
+                if target is None:
+                    print(f"skipped {name}: nothing to show yet")
+                    return
+                path = out / f"{name}.png"
+                _shoot(page, target if target.startswith("http") else f"{base}{target}", path)
+                written.append(path)
+
+            shoot("overview", "/")
+            shoot("devices", "/devices/")
+            page.goto(f"{base}/devices/?status=online")
+            shoot("device-detail", _first_link(page, "#devices a[href^='/devices/']"))
+            page.goto(f"{base}/models/")
+            family = _first_link(page, "main a[href^='/models/']:not([href='/models/'])")
+            report = None
+            if family:
+                page.goto(f"{base}{family}")
+                # The newest version with an accuracy figure has an evaluation report.
+                rows = page.locator("#variants tr").all()
+                for row in rows[1:]:
+                    if "%" in row.inner_text():
+                        report = row.locator("a").first.get_attribute("href")
+                        break
+            shoot("model-report", report)
+            page.goto(f"{base}/rollouts/")
+            shoot("rollout", _first_link(page, "main a[href^='/rollouts/']:not([href='/rollouts/'])"))
+            page.goto(f"{base}/federated/")
+            shoot("federated-job", _first_link(page, "main a[href^='/federated/']:not([href='/federated/'])"))
+        finally:
+            browser.close()
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Screenshots of the dashboard's main pages.")
+    parser.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--user", required=True)
+    parser.add_argument("--password", required=True)
+    parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
+    parser.add_argument("--width", type=int, default=1440)
+    args = parser.parse_args(argv)
+    capture(url=args.url, user=args.user, password=args.password, out=args.out, width=args.width)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
