@@ -280,10 +280,12 @@ def run(
 
     work = Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
     redis_url = os.environ.get("REDIS_URL", "")
+    embedded = None
     if not redis_url:
         from config.embedded_redis import start
 
-        redis_url = start(workdir=work / "redis").url
+        embedded = start(workdir=work / "redis")
+        redis_url = embedded.url
     database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{work / 'bench.sqlite3'}"
     port = free_port()
     env = _server_env(work, database_url, redis_url, port)
@@ -324,6 +326,8 @@ def run(
                 )
     finally:
         group.stop_all()
+        if embedded is not None:
+            embedded.stop()
     merged = {name: _merge(name, runs) for name, runs in phases.items()}
     heartbeat = merged["heartbeat"]
     if heartbeat.errors:
@@ -363,6 +367,7 @@ def main(argv: list[str] | None = None) -> None:
     warmup = 1.0 if args.quick else 2.0
 
     rounds = args.rounds or (1 if args.quick else 3)
+    load_before = os.getloadavg()[0]
     result = run(
         devices=devices,
         concurrency=concurrency,
@@ -371,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         server=args.server,
         rounds=rounds,
     )
+    load_after = os.getloadavg()[0]
     phases: dict[str, Phase] = result["phases"]
     hb, core, bare = phases["heartbeat"], phases["core"], phases["bare"]
     ratio = hb.per_s / bare.per_s if bare.per_s else 0.0
@@ -380,7 +386,8 @@ def main(argv: list[str] | None = None) -> None:
         f"{concurrency} keep-alive connections; {rounds} round(s) of {seconds:g} s per endpoint "
         f"after {warmup:g} s warm-up each; first heartbeat of every device in {result['prime_s']} s; "
         f"server={args.server} (2 workers); database={result['database']}; {os.cpu_count()} CPUs shared "
-        f"by the server and this load generator"
+        f"by the server and this load generator (1-min load average {load_before:.1f} before, "
+        f"{load_after:.1f} after: other work on the machine lowers every row alike)"
     )
     header = (
         f"{'endpoint':<34}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs bare':>9}"
@@ -419,6 +426,7 @@ def main(argv: list[str] | None = None) -> None:
                     "concurrency": concurrency,
                     "seconds": seconds,
                     "rounds": rounds,
+                    "load_average": [round(load_before, 2), round(load_after, 2)],
                 }
             )
         )
