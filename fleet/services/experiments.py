@@ -459,7 +459,7 @@ def experiment_promote(
 ) -> Rollout:
     """Create a rollout of the winning arm's version to the experiment's group.
 
-    `rollout` may carry waves, gates and the other rollout fields; by default one wave of
+    `rollout` may carry waves, gates and the other rollout fields; by default waves of
     10%, 50%, 100% with 60 s soaks. The experiment becomes `promoted`.
     """
     from fleet.services.rollouts import rollout_create, rollout_start
