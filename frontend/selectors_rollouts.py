@@ -130,22 +130,24 @@ def experiments(*, limit: int = 100) -> list[Experiment]:
 
 
 def experiment_page(*, experiment: Experiment) -> dict[str, Any]:
-    """Arms with device counts, the latest result's per-arm numbers, and every decision."""
+    """Arms with devices and samples, each arm's comparison with control, the winner, decisions.
+
+    `experiment.result` is what fleet's experiment evaluation stores: `arms` (n, mean),
+    `comparisons` (diff with its always-valid confidence interval, p-values) and `winner`.
+    """
     arms = experiment_arm_counts(experiment=experiment)
     result = experiment.result or {}
-    raw_arms = result.get("arms")
-    per_arm: list[Any] = raw_arms if isinstance(raw_arms, list) else []
+    summaries = {a.get("arm"): a for a in result.get("arms") or [] if isinstance(a, dict)}
+    comparisons = {c.get("arm"): c for c in result.get("comparisons") or [] if isinstance(c, dict)}
     for arm in arms:
-        stats = next((a for a in per_arm if isinstance(a, dict) and a.get("arm") == arm["arm"]), None)
-        if stats is None and arm["arm"] < len(per_arm) and isinstance(per_arm[arm["arm"]], dict):
-            stats = per_arm[arm["arm"]]
-        arm["stats"] = stats or {}
+        arm["summary"] = summaries.get(arm["arm"], {})
+        arm["comparison"] = comparisons.get(arm["arm"])
     return {
         "arms": arms,
         "result": result,
-        "comparisons": result.get("comparisons") or [],
+        "winner": result.get("winner"),
+        "stopped_reason": result.get("stopped_reason"),
         "decisions": list(experiment_decisions(experiment=experiment))[::-1],
-        "extra": {k: v for k, v in result.items() if k not in ("arms", "comparisons")},
     }
 
 

@@ -43,6 +43,9 @@ urlpatterns: list[Any] = [
     path("rollouts/<int:rollout_id>/<str:verb>", operations.rollout_action, name="rollout-action"),
     path("experiments/", operations.experiments, name="experiments"),
     path("experiments/<int:experiment_id>/", operations.experiment, name="experiment"),
+    path(
+        "experiments/<int:experiment_id>/<str:verb>", operations.experiment_action, name="experiment-action"
+    ),
     path("provisioning/", operations.provisioning, name="provisioning"),
     path("provisioning/new", operations.provisioning_new, name="provisioning-new"),
     path("provisioning/<int:job_id>/", operations.provisioning_job, name="provisioning-job"),

@@ -14,6 +14,7 @@ from config.roles import ADMIN, OPERATOR
 from fleet.models import DeviceGroup, Experiment, ProvisioningJob, Rollout
 from fleet.selectors.experiments import experiment_list
 from fleet.selectors.rollouts import rollout_list, rollout_summary
+from fleet.services import experiments as experiment_services
 from fleet.services import provisioning as provisioning_services
 from fleet.services import rollouts as rollout_services
 from frontend import selectors_rollouts
@@ -185,6 +186,31 @@ def experiment(request: HttpRequest, experiment_id: int) -> HttpResponse:
         experiment_topic=topic_for("experiment", found.pk),
         **selectors_rollouts.experiment_page(experiment=found),
     )
+
+
+@action(OPERATOR)
+def experiment_action(request: HttpRequest, experiment_id: int, verb: str) -> HttpResponse:
+    common: dict[str, Any] = {
+        "experiment_id": experiment_id,
+        "actor": request.user,
+        "remote_addr": remote_addr(request),
+    }
+    try:
+        if verb == "start":
+            experiment_services.experiment_start(**common)
+        elif verb == "stop":
+            experiment_services.experiment_stop(**common, reason="stopped from the dashboard")
+        elif verb == "promote":
+            rollout = experiment_services.experiment_promote(**common)
+            messages.success(request, "A draft rollout of the winner was created.")
+            return redirect("frontend:rollout", rollout_id=rollout.pk)
+        else:
+            raise Http404("Unknown action.")
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, f"Experiment {verb}: done.")
+    return redirect("frontend:experiment", experiment_id=experiment_id)
 
 
 # ------------------------------------------------------------------------- provisioning

@@ -205,20 +205,28 @@ def fleet(db: Any) -> Fleet:
         status="running",
         started_at=now,
         result={
+            "primary_metric": "accuracy",
+            "arms": [
+                {"arm": 0, "name": "control", "version_id": version.pk, "n": 300, "mean": 0.9},
+                {"arm": 1, "name": "candidate", "version_id": candidate.pk, "n": 310, "mean": 0.93},
+            ],
             "comparisons": [
                 {
                     "arm": 1,
-                    "method": "welch",
-                    "n_a": 300,
-                    "n_b": 310,
-                    "mean_a": 0.9,
-                    "mean_b": 0.92,
-                    "diff": 0.02,
-                    "ci_low": -0.01,
-                    "ci_high": 0.05,
-                    "p_value": 0.2,
+                    "n_control": 300,
+                    "n_arm": 310,
+                    "diff": 0.03,
+                    "ci_low": 0.011,
+                    "ci_high": 0.049,
+                    "always_valid_p": 0.004,
+                    "alpha": 0.05,
+                    "fixed_test": {"p_value": 0.001},
+                    "enough_samples": True,
+                    "significant": True,
+                    "direction": "better",
                 }
-            ]
+            ],
+            "winner": {"arm": 1, "name": "candidate", "summary": "candidate wins on accuracy"},
         },
     )
     ExperimentDecision.objects.create(experiment=experiment, action="continue", reason="not enough samples")

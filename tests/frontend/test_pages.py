@@ -46,6 +46,7 @@ def write_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:job-action", args=[fleet.job.pk, "pause"]),
         reverse("frontend:rollout-new"),
         reverse("frontend:rollout-action", args=[fleet.rollout.pk, "pause"]),
+        reverse("frontend:experiment-action", args=[fleet.experiment.pk, "stop"]),
         reverse("frontend:provisioning-new"),
         reverse("frontend:provisioning-accept", args=[fleet.provisioning_job.pk]),
         reverse("frontend:provisioning-cancel", args=[fleet.provisioning_job.pk]),
@@ -94,6 +95,7 @@ def test_every_page_renders_for_an_operator_with_write_buttons(page_client: Any,
         reverse("frontend:version", args=[fleet.candidate.pk]),
         reverse("frontend:rollouts"),
         reverse("frontend:rollout", args=[fleet.rollout.pk]),
+        reverse("frontend:experiment", args=[fleet.experiment.pk]),
         reverse("frontend:jobs"),
         reverse("frontend:job", args=[fleet.job.pk]),
         reverse("frontend:provisioning"),
@@ -263,3 +265,11 @@ def test_operator_queues_a_registry_job(page_client: Any, fleet: Fleet) -> None:
     assert job.kind == "optimise" and job.params["kind"] == "int8_dynamic"
     page = client.get(reverse("frontend:version", args=[fleet.candidate.pk])).content.decode()
     assert 'id="model-jobs"' in page and 'hx-trigger="every 3s"' in page
+
+
+def test_experiment_page_shows_intervals_and_the_winner(page_client: Any, fleet: Fleet) -> None:
+    client = page_client("operator")
+    body = client.get(reverse("frontend:experiment", args=[fleet.experiment.pk])).content.decode()
+    assert "[0.0110, 0.0490]" in body
+    assert "candidate wins on accuracy" in body
+    assert "Stop" in body and "data-write" in body
