@@ -199,7 +199,10 @@ class FederatedTrainer:
         folder = self.root / f"round_{round_id}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            config = self._task(round_id)
+            # The long poll of GET rounds/ carries the task body; a heartbeat's task does
+            # not, and then it is fetched.
+            given = task.get("config")
+            config = dict(given) if isinstance(given, Mapping) else self._task(round_id)
         except ServerError as exc:
             if exc.retryable:
                 raise

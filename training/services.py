@@ -434,6 +434,20 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
     }
 
 
+_bytes_cache: dict[str, bytes] = {}
+
+
+def round_weights_bytes(*, rnd: FederatedRound) -> bytes:
+    """The round's global weights file (kept in memory by digest: every device fetches it)."""
+    data = _bytes_cache.get(rnd.weights_sha256)
+    if data is None:
+        data = storage.read_bytes(name=rnd.weights_path)
+        if len(_bytes_cache) > 8:
+            _bytes_cache.clear()
+        _bytes_cache[rnd.weights_sha256] = data
+    return data
+
+
 def round_weights_served(*, round_id: int, nbytes: int) -> None:
     """Count bytes of global weights sent to devices."""
     FederatedRound.objects.filter(id=round_id).update(bytes_out=F("bytes_out") + nbytes)

@@ -1,50 +1,103 @@
-"""Device API of federated rounds: open tasks, the round task, global weights, updates."""
+"""Device API of federated rounds: open tasks (long poll), the round task, global weights,
+updates.
+
+Plain Django views, like the fleet's device API: every device calls these every round,
+and DRF's request wrapping, negotiation and parsers cost more than the work. Devices
+authenticate with ``Authorization: Device <secret>`` (``fleet.auth.device_for_secret``)
+and every error leaves in the one error shape.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from functools import wraps
 from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
-from drf_spectacular.types import OpenApiTypes
-from drf_spectacular.utils import OpenApiParameter, extend_schema
-from rest_framework import status
-from rest_framework.response import Response
-from rest_framework.views import APIView
 
 from config.api import ServiceError, error_response
 from devices_agent.wire import AUTH_SCHEME
-from fleet.auth import DeviceApiMixin, device_for_secret
-from training import notify, selectors, services, storage
+from fleet.auth import device_for_secret
+from fleet.models import Device
+from training import notify, selectors, services
 
 MAX_WAIT_S = 30.0
+
+
+def _device(request: HttpRequest) -> Device | None:
+    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    return device_for_secret(secret.strip()) if scheme == AUTH_SCHEME else None
+
+
+def _unauthenticated() -> HttpResponse:
+    return error_response(
+        status_code=401,
+        code="not_authenticated",
+        message="Device credentials required (Authorization: Device <secret>).",
+    )
+
+
+def device_view(method: str) -> Callable[[Callable[..., HttpResponseBase]], Callable[..., HttpResponseBase]]:
+    """Authenticate the device, check the method, map service errors to the error shape."""
+
+    def decorate(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
+        @csrf_exempt
+        @wraps(view)
+        def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
+            if request.method != method:
+                return error_response(status_code=405, code="method_not_allowed", message=f"Use {method}.")
+            device = _device(request)
+            if device is None:
+                return _unauthenticated()
+            try:
+                return view(request, device, **kwargs)
+            except ServiceError as exc:
+                return error_response(
+                    status_code=exc.status_code, code=exc.code, message=exc.message, details=exc.details
+                )
+
+        return wrapper
+
+    return decorate
+
+
+def _tasks_with_config(device: Device) -> list[dict[str, Any]]:
+    """The device's tasks, each with its round's task body under ``config``, which saves
+    every device a ``GET rounds/<id>/task`` per round."""
+    out: list[dict[str, Any]] = []
+    for task in selectors.training_tasks_for_device(device):
+        try:
+            config = services.round_task(round_id=task["round_id"], device=device)
+        except ServiceError:
+            continue  # closed between the two reads
+        out.append({**task, "config": config})
+    return out
 
 
 @csrf_exempt
 async def rounds_open(request: HttpRequest) -> HttpResponseBase:
     """``GET rounds/?wait=<s>``: the calling device's open training tasks.
 
-    The same list the heartbeat carries. With ``wait`` (at most 30 s) the request is a
+    The same list the heartbeat carries, each task with the body of its
+    ``rounds/<id>/task`` under ``config``. With ``wait`` (at most 30 s) the request is a
     long poll: when the device has no task it is answered as soon as a round opens, or
     with an empty list at the timeout. An async view, so waiting devices hold no worker
     thread; the wake-up comes over Redis pub/sub (see :mod:`training.notify`).
     """
     if request.method != "GET":
         return error_response(status_code=405, code="method_not_allowed", message="Use GET.")
-    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
-    device = await sync_to_async(device_for_secret)(secret.strip()) if scheme == AUTH_SCHEME else None
+    device = await sync_to_async(_device)(request)
     if device is None:
-        return error_response(
-            status_code=401, code="not_authenticated", message="Device credentials required."
-        )
+        return _unauthenticated()
     try:
         wait = min(MAX_WAIT_S, max(0.0, float(request.GET.get("wait", "0") or 0)))
     except ValueError:
         return error_response(status_code=400, code="validation_error", message="wait must be a number.")
-    tasks_of = sync_to_async(selectors.training_tasks_for_device)
+    tasks_of = sync_to_async(_tasks_with_config)
     if wait <= 0:
         return JsonResponse({"tasks": await tasks_of(device)})
     loop = asyncio.get_running_loop()
@@ -58,79 +111,56 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
             await listener.wait(timeout=left)
 
 
-class RoundTaskApi(DeviceApiMixin, APIView):  # type: ignore[misc]
-    """What a selected device needs to train for the round."""
-
-    @extend_schema(responses={200: OpenApiTypes.OBJECT}, tags=["device"])
-    def get(self, request: Any, round_id: int) -> Response:
-        return Response(services.round_task(round_id=round_id, device=request.auth))
+@device_view("GET")
+def round_task(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+    """``GET rounds/<id>/task``: what a selected device needs to train for the round."""
+    return JsonResponse(services.round_task(round_id=round_id, device=device))
 
 
-class RoundWeightsApi(DeviceApiMixin, APIView):  # type: ignore[misc]
-    """The round's global weights (safetensors), with an ETag of their SHA-256."""
-
-    @extend_schema(responses={(200, "application/octet-stream"): OpenApiTypes.BINARY}, tags=["device"])
-    def get(self, request: Any, round_id: int) -> HttpResponseBase:
-        rnd = services.round_for_device(round_id=round_id, device=request.auth)
-        etag = f'"{rnd.weights_sha256}"'
-        if request.META.get("HTTP_IF_NONE_MATCH") == etag:
-            response = HttpResponse(status=304)
-            response["ETag"] = etag
-            return response
-        data = storage.read_bytes(name=rnd.weights_path)
-        services.round_weights_served(round_id=rnd.pk, nbytes=len(data))
-        response = HttpResponse(data, content_type="application/octet-stream")
+@device_view("GET")
+def round_weights(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+    """``GET rounds/<id>/weights``: the global weights (safetensors), ETag = their SHA-256."""
+    rnd = services.round_for_device(round_id=round_id, device=device)
+    etag = f'"{rnd.weights_sha256}"'
+    if request.META.get("HTTP_IF_NONE_MATCH") == etag:
+        response = HttpResponse(status=304)
         response["ETag"] = etag
-        response["Content-Length"] = str(len(data))
         return response
+    data = services.round_weights_bytes(rnd=rnd)
+    services.round_weights_served(round_id=rnd.pk, nbytes=len(data))
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["ETag"] = etag
+    response["Content-Length"] = str(len(data))
+    return response
 
 
-class RoundUpdateApi(DeviceApiMixin, APIView):  # type: ignore[misc]
-    """Upload the device's encoded delta for the round (body: safetensors bytes).
+@device_view("POST")
+def round_update(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+    """``POST rounds/<id>/update``: the device's encoded delta (body: safetensors bytes).
 
     ``num_examples`` and ``metrics`` (a JSON object of numbers) come as headers
     ``X-Num-Examples`` / ``X-Metrics`` or as query parameters. 201 when stored, 200 when
     the same bytes were already accepted (a retried upload), 409 ``duplicate_update``
     for different bytes; any other refusal is a 4xx whose code says why.
     """
-
-    parser_classes: list[Any] = []
-
-    @extend_schema(
-        request={"application/octet-stream": OpenApiTypes.BINARY},
-        parameters=[
-            OpenApiParameter("num_examples", int, description="local training examples"),
-            OpenApiParameter("metrics", str, description="JSON object of local metrics"),
-        ],
-        responses={200: OpenApiTypes.OBJECT, 201: OpenApiTypes.OBJECT},
-        tags=["device"],
+    limit = int(settings.ROUND_UPDATE_MAX_BYTES)
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    # Read the raw stream (the 2 MB form-body limit does not apply to deltas); one byte
+    # past the limit is enough to know the body is too large.
+    oversize = declared if declared > limit else None
+    body: bytes = b"" if oversize else request.read(limit + 1)
+    update, created = services.update_receive(
+        round_id=round_id,
+        device=device,
+        body=body,
+        num_examples=request.META.get("HTTP_X_NUM_EXAMPLES") or request.GET.get("num_examples"),
+        metrics=request.META.get("HTTP_X_METRICS") or request.GET.get("metrics"),
+        declared_size=oversize,
     )
-    def post(self, request: Any, round_id: int) -> HttpResponseBase:
-        limit = int(settings.ROUND_UPDATE_MAX_BYTES)
-        try:
-            declared = int(request.META.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            declared = 0
-        # Read the raw stream ourselves (the 2 MB form-body limit does not apply to
-        # deltas); one byte past the limit is enough to know the body is too large.
-        oversize = declared if declared > limit else None
-        body: bytes = b"" if oversize else request._request.read(limit + 1)
-        num_examples = request.META.get("HTTP_X_NUM_EXAMPLES") or request.query_params.get("num_examples")
-        metrics = request.META.get("HTTP_X_METRICS") or request.query_params.get("metrics")
-        try:
-            update, created = services.update_receive(
-                round_id=round_id,
-                device=request.auth,
-                body=body,
-                num_examples=num_examples,
-                metrics=metrics,
-                declared_size=oversize,
-            )
-        except ServiceError as exc:
-            return error_response(
-                status_code=exc.status_code, code=exc.code, message=exc.message, details=exc.details
-            )
-        return Response(
-            {"id": update.pk, "status": update.status, "duplicate": not created, "norm": update.norm},
-            status=status.HTTP_201_CREATED if created else status.HTTP_200_OK,
-        )
+    return JsonResponse(
+        {"id": update.pk, "status": update.status, "duplicate": not created, "norm": update.norm},
+        status=201 if created else 200,
+    )

@@ -64,6 +64,8 @@ def test_selected_device_gets_task_and_weights_with_etag(fleet: Fleet) -> None:
     assert again.status_code == 304
     listed = client.get("/api/agent/v1/rounds/").json()["tasks"]
     assert [t["round_id"] for t in listed] == [rnd.pk]
+    assert listed[0]["config"] == task  # the long poll carries the task body
+    assert client.get("/api/agent/v1/rounds/?wait=1").json()["tasks"][0]["round_id"] == rnd.pk
 
 
 def test_accepted_then_identical_retry_is_idempotent_and_different_bytes_conflict(fleet: Fleet) -> None:
