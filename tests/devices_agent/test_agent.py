@@ -241,3 +241,24 @@ def test_config_files_and_the_cli(
     assert main(["predict", "--state-dir", str(tmp_path / "st"), "--input", json.dumps([0.5] * 64)]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["version_id"] == 5 and 0 <= out["predictions"][0]["label"] < 10
+
+
+def test_restart_command_reports_then_restarts_the_loop(fleet: FakeFleet, tmp_path: Path) -> None:
+    from devices_agent.agent import RestartRequested
+
+    agent = make_agent(fleet, tmp_path)
+    agent.step()
+    fleet.commands = [{"id": 7, "kind": "restart", "args": {}}]
+    with pytest.raises(RestartRequested):
+        agent.step()
+    assert fleet.server.posted("/api/agent/v1/commands/7/result") == [
+        {"ok": True, "result": {"restarting": True}}
+    ]
+    # The long-running loop treats it as a restart, reconnects and goes on beating.
+    fleet.commands = [{"id": 8, "kind": "restart", "args": {}}]
+    agent.config.heartbeat_interval_s = agent.interval_s = 0.01  # no 30 s wait between cycles
+    before = len(fleet.server.posted("/api/agent/v1/heartbeat"))
+    agent.run(max_steps=2)
+    assert len(fleet.server.posted("/api/agent/v1/heartbeat")) == before + 3
+    assert len(fleet.server.posted("/api/agent/v1/commands/8/result")) == 1
+    agent.close()
