@@ -7,14 +7,9 @@ class TrainingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Open rounds reach devices in their heartbeat answer, when the fleet's
-        # heartbeat offers the hook; devices can also poll GET rounds/ directly.
-        try:
-            from fleet.services.heartbeat import (
-                register_task_provider,  # type: ignore[import-not-found, unused-ignore]
-            )
-        except ImportError:
-            return
-        from training.selectors import training_tasks_for_device
+        # Open rounds reach devices in their heartbeat answer; devices may also long-poll
+        # GET rounds/?wait= for a faster start.
+        from fleet.services.heartbeat import register_task_provider
+        from training.selectors import heartbeat_training_tasks
 
-        register_task_provider(training_tasks_for_device)
+        register_task_provider(heartbeat_training_tasks)

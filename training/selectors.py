@@ -79,34 +79,49 @@ def round_task_path(*, round_id: int) -> str:
     return f"{API_PREFIX}rounds/{round_id}/task"
 
 
-def training_tasks_for_device(device: Device) -> list[TrainingTask]:
+def collecting_rounds() -> list[tuple[int, frozenset[str], str | None]]:
+    """``(round id, selected device ids, deadline)`` of every collecting round."""
+    return [
+        (r.pk, frozenset(r.selected or []), r.deadline.isoformat() if r.deadline else None)
+        for r in FederatedRound.objects.filter(status=FederatedRound.Status.COLLECTING).only(
+            "id", "selected", "deadline"
+        )
+    ]
+
+
+def training_tasks_for_device(
+    device: Device, *, rounds: list[tuple[int, frozenset[str], str | None]] | None = None
+) -> list[TrainingTask]:
     """Open rounds that selected ``device`` and have no update from it yet.
 
-    Registered as the heartbeat's task provider, and served at ``GET rounds/``.
+    Served at ``GET rounds/``. ``rounds`` is :func:`collecting_rounds`, passed in when
+    the caller caches it (the heartbeat does, see :func:`heartbeat_training_tasks`).
     """
     device_id = str(device.pk)
     # Few rounds collect at once, so the JSON membership test runs in Python (portable
     # to SQLite, which cannot index into JSON lists).
-    rounds = [
-        r
-        for r in FederatedRound.objects.filter(status=FederatedRound.Status.COLLECTING).only(
-            "id", "selected", "deadline"
-        )
-        if device_id in (r.selected or [])
-    ]
-    if not rounds:
+    mine = [r for r in (collecting_rounds() if rounds is None else rounds) if device_id in r[1]]
+    if not mine:
         return []
     done = set(
-        ClientUpdate.objects.filter(round__in=rounds, device=device).values_list("round_id", flat=True)
+        ClientUpdate.objects.filter(round_id__in=[r[0] for r in mine], device=device).values_list(
+            "round_id", flat=True
+        )
     )
-    now = timezone.now()
+    now = timezone.now().isoformat()
     return [
         TrainingTask(
-            kind="train",
-            round_id=r.pk,
-            task_url=round_task_path(round_id=r.pk),
-            deadline=(r.deadline or now).isoformat(),
+            kind="train", round_id=rid, task_url=round_task_path(round_id=rid), deadline=deadline or now
         )
-        for r in rounds
-        if r.pk not in done
+        for rid, _, deadline in mine
+        if rid not in done
     ]
+
+
+def heartbeat_training_tasks(device: Device) -> list[TrainingTask]:
+    """The heartbeat's task provider: the collecting rounds are read once per process every
+    2 s (not per heartbeat), so a device without a task costs no query at all."""
+    from fleet.services.heartbeat import hot_cache
+
+    rounds = hot_cache(key="training:collecting_rounds", load=collecting_rounds, ttl_s=2.0)
+    return training_tasks_for_device(device, rounds=rounds)

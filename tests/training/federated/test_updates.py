@@ -186,3 +186,18 @@ def test_operator_token_cannot_use_device_api(fleet: Fleet, operator_client: Any
     rnd = _open_round(fleet)
     response = operator_client.get(f"/api/agent/v1/rounds/{rnd.pk}/task")
     assert response.status_code in (401, 403)
+
+
+def test_heartbeat_carries_the_training_task(fleet: Fleet) -> None:
+    from fleet.services.heartbeat import heartbeat_caches_clear
+
+    rnd = _open_round(fleet)
+    heartbeat_caches_clear()
+    response = _client(fleet.secrets[0]).post(
+        "/api/agent/v1/heartbeat", data={"seq": 1}, content_type="application/json"
+    )
+    assert response.status_code == 200, response.content
+    tasks = response.json()["tasks"]
+    assert [(t["kind"], t["round_id"], t["task_url"]) for t in tasks] == [
+        ("train", rnd.pk, f"/api/agent/v1/rounds/{rnd.pk}/task")
+    ]
