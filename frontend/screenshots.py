@@ -2,11 +2,13 @@
 
     python -m frontend.screenshots --url http://127.0.0.1:8000 --user admin --password PW \\
         --out docs/screenshots/
+    python -m frontend.screenshots --sample --out docs/screenshots/   # scratch sample fleet
 
 Drives headless Chromium (Debian's /usr/bin/chromium through Playwright): signs in, then
 captures the overview, the device list, the first device, the model report of the newest
 evaluated version, the newest rollout and the newest federated job. A page whose list is
-empty is skipped with a note. Needs no Django: it only speaks HTTP to the server.
+empty is skipped with a note. Against a running server it only speaks HTTP; `--sample`
+seeds a scratch SQLite database (`frontend.sample_fleet`) and serves it itself.
 """
 
 from __future__ import annotations
@@ -97,14 +99,57 @@ def capture(*, url: str, user: str, password: str, out: Path, width: int = 1440)
     return written
 
 
+def sample_stack(*, out: Path, width: int) -> list[Path]:
+    """Seed a scratch database with `frontend.sample_fleet`, serve it with uvicorn, capture."""
+    import os
+    import secrets
+    import tempfile
+
+    work = Path(tempfile.mkdtemp(prefix="flotilla-screenshots-"))
+    os.environ["FLOTILLA_DATA_DIR"] = str(work)
+    os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.demo"
+    os.environ.pop("DATABASE_URL", None)  # always a scratch SQLite file, never a real database
+    from config.embedded_redis import start as start_redis
+
+    if not os.environ.get("REDIS_URL"):
+        os.environ["REDIS_URL"] = start_redis(workdir=work / "redis").url
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    from config.runner import ProcessGroup, free_port, wait_http_ok, web_command
+    from frontend.sample_fleet import seed_sample_fleet
+
+    call_command("migrate", verbosity=0, interactive=False)
+    password = secrets.token_urlsafe(12)
+    seed_sample_fleet(admin_username="admin", admin_password=password)
+    port = free_port()
+    group = ProcessGroup(env={**os.environ, "PYTHONUNBUFFERED": "1"}, log_dir=work)
+    try:
+        web = group.start("web", web_command(port=port))
+        wait_http_ok(f"http://127.0.0.1:{port}/healthz", process=web)
+        return capture(url=f"http://127.0.0.1:{port}", user="admin", password=password, out=out, width=width)
+    finally:
+        group.stop_all()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Screenshots of the dashboard's main pages.")
-    parser.add_argument("--url", required=True, help="the server, e.g. http://127.0.0.1:8000")
-    parser.add_argument("--user", required=True)
-    parser.add_argument("--password", required=True)
+    parser.add_argument("--url", help="a running server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--user")
+    parser.add_argument("--password")
+    parser.add_argument(
+        "--sample", action="store_true", help="seed a scratch database with a sample fleet and serve it"
+    )
     parser.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     parser.add_argument("--width", type=int, default=1440)
     args = parser.parse_args(argv)
+    if args.sample:
+        sample_stack(out=args.out, width=args.width)
+        return 0
+    if not (args.url and args.user and args.password):
+        parser.error("--url, --user and --password are needed (or --sample)")
     capture(url=args.url, user=args.user, password=args.password, out=args.out, width=args.width)
     return 0
 

@@ -68,11 +68,12 @@
     var old = Chart.getChart(canvas);
     if (old) { old.destroy(); }
     var scatter = spec.kind === "scatter";
+    var dense = spec.labels && spec.labels.length > 40;
     var datasets = spec.series.map(function (s, i) {
       var color = s.color || palette[i % palette.length];
       return {
         label: s.label, data: s.data, borderColor: color, backgroundColor: color,
-        borderWidth: 1.5, pointRadius: scatter ? 0 : 2, showLine: true, tension: 0,
+        borderWidth: 1.5, pointRadius: scatter || dense ? 0 : 2, showLine: true, tension: 0,
         spanGaps: true, yAxisID: s.axis || "y", borderDash: s.dash ? [5, 4] : undefined,
       };
     });
@@ -91,7 +92,8 @@
       options: {
         animation: false, responsive: true, maintainAspectRatio: false,
         interaction: { mode: "nearest", intersect: false },
-        plugins: { legend: { display: datasets.length > 1, labels: { boxWidth: 12 } } },
+        // Many curves (ROC per class) would bury the plot under the legend: tooltips name them.
+        plugins: { legend: { display: datasets.length > 1 && datasets.length <= 6, labels: { boxWidth: 12 } } },
         scales: scales,
       },
     });
