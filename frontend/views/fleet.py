@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from datetime import timedelta
 from typing import Any
 
@@ -118,14 +119,10 @@ def enrollment(request: HttpRequest) -> HttpResponse:
 
 
 def agent_command(*, token: str, server_url: str) -> str:
-    """The copy-paste shell lines that configure a board's agent with a fresh token and start it."""
+    """The copy-paste line that starts a board's agent and enrolls it with a fresh token."""
     return (
-        "sudo mkdir -p /etc/flotilla && sudo tee /etc/flotilla/agent.toml >/dev/null <<'EOF'\n"
-        f'server_url = "{server_url}"\n'
-        f'enrollment_token = "{token}"\n'
-        'state_dir = "/var/lib/flotilla-agent"\n'
-        "EOF\n"
-        "flotilla-agent --config /etc/flotilla/agent.toml"
+        f"flotilla-agent run --server {shlex.quote(server_url)} --token {shlex.quote(token)} "
+        "--state-dir /var/lib/flotilla-agent"
     )
 
 

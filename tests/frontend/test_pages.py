@@ -216,7 +216,9 @@ def test_enrollment_token_is_shown_once(page_client: Any, fleet: Fleet) -> None:
     token = EnrollmentToken.objects.get(name="dock")
     assert token.tags == ["dock", "east"] and token.max_uses == 5 and token.group == fleet.group
     first = client.get(reverse("frontend:enrollment")).content.decode()
-    assert 'id="new-token-command"' in first and "flotilla-agent" in first
+    assert (
+        'id="new-token-command"' in first and "flotilla-agent run --server http://testserver --token" in first
+    )
     assert token.prefix in first
     second = client.get(reverse("frontend:enrollment")).content.decode()
     assert 'id="new-token-command"' not in second
