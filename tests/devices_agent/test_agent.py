@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,7 +193,9 @@ def test_commands_run_and_report_results(fleet: FakeFleet, tmp_path: Path) -> No
     agent.step()
     diag = fleet.server.posted("/api/agent/v1/commands/1/result")[0]
     assert diag["ok"] and "CPUExecutionProvider" in diag["result"]["providers"]
-    assert diag["result"]["torch_loaded"] is False
+    # Whether torch is loaded depends on what ran before in this process (other tests
+    # train); the diagnostic must report the truth either way.
+    assert diag["result"]["torch_loaded"] is ("torch" in sys.modules)
     logs = fleet.server.posted("/api/agent/v1/commands/2/result")[0]
     assert logs["result"]["log"] == "line two\nline three"
     unknown = fleet.server.posted("/api/agent/v1/commands/3/result")[0]
