@@ -42,6 +42,7 @@ urlpatterns: list[Any] = [
     path("rollouts/<int:rollout_id>/", operations.rollout, name="rollout"),
     path("rollouts/<int:rollout_id>/<str:verb>", operations.rollout_action, name="rollout-action"),
     path("experiments/", operations.experiments, name="experiments"),
+    path("experiments/new", operations.experiment_new, name="experiment-new"),
     path("experiments/<int:experiment_id>/", operations.experiment, name="experiment"),
     path(
         "experiments/<int:experiment_id>/<str:verb>", operations.experiment_action, name="experiment-action"

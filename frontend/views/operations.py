@@ -165,7 +165,38 @@ def experiments(request: HttpRequest) -> HttpResponse:
         section="experiments",
         title="Experiments",
         experiments=selectors_rollouts.experiments(),
+        versions=ModelVersion.objects.filter(artifacts__kind=Artifact.Kind.ONNX)
+        .select_related("family")
+        .order_by("family__name", "-number")[:200],
+        groups=DeviceGroup.objects.order_by("name"),
     )
+
+
+@action(OPERATOR)
+def experiment_new(request: HttpRequest) -> HttpResponse:
+    """Two arms: control and a candidate, split by the candidate's share."""
+    post = request.POST
+    share = _float(post.get("candidate_share")) or 0.5
+    data: dict[str, Any] = {
+        "name": post.get("name", "").strip(),
+        "target_group": int_or_none(post.get("target_group")),
+        "arms": [
+            {"name": "control", "version_id": post.get("control_version"), "share": round(1 - share, 6)},
+            {"name": "candidate", "version_id": post.get("candidate_version"), "share": round(share, 6)},
+        ],
+        "primary_metric": post.get("primary_metric") or Experiment.PrimaryMetric.ACCURACY,
+    }
+    if (min_samples := int_or_none(post.get("min_samples_per_arm"))) is not None:
+        data["min_samples_per_arm"] = min_samples
+    try:
+        created = experiment_services.experiment_create(
+            actor=request.user, data=data, remote_addr=remote_addr(request)
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("frontend:experiments")
+    messages.success(request, "Experiment created as a draft; start it when ready.")
+    return redirect("frontend:experiment", experiment_id=created.pk)
 
 
 @page()

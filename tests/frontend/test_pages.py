@@ -27,6 +27,7 @@ def page_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:rollout", args=[fleet.rollout.pk]),
         reverse("frontend:experiments"),
         reverse("frontend:experiment", args=[fleet.experiment.pk]),
+        reverse("frontend:experiments"),
         reverse("frontend:jobs"),
         reverse("frontend:job", args=[fleet.job.pk]),
         reverse("frontend:provisioning"),
@@ -47,6 +48,7 @@ def write_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:rollout-new"),
         reverse("frontend:rollout-action", args=[fleet.rollout.pk, "pause"]),
         reverse("frontend:experiment-action", args=[fleet.experiment.pk, "stop"]),
+        reverse("frontend:experiment-new"),
         reverse("frontend:provisioning-new"),
         reverse("frontend:provisioning-accept", args=[fleet.provisioning_job.pk]),
         reverse("frontend:provisioning-cancel", args=[fleet.provisioning_job.pk]),
@@ -275,3 +277,24 @@ def test_experiment_page_shows_intervals_and_the_winner(page_client: Any, fleet:
     assert "[0.0110, 0.0490]" in body
     assert "candidate wins on accuracy" in body
     assert "Stop" in body and "data-write" in body
+
+
+def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
+    from fleet.models import Experiment
+
+    client = page_client("operator")
+    response = client.post(
+        reverse("frontend:experiment-new"),
+        {
+            "name": "v1 vs v2 again",
+            "target_group": fleet.group.pk,
+            "control_version": fleet.version.pk,
+            "candidate_version": fleet.candidate.pk,
+            "candidate_share": "0.3",
+            "primary_metric": "latency",
+        },
+    )
+    created = Experiment.objects.get(name="v1 vs v2 again")
+    assert response["Location"] == reverse("frontend:experiment", args=[created.pk])
+    assert [a["share"] for a in created.arms] == [0.7, 0.3]
+    assert created.primary_metric == "latency" and created.status == "draft"
