@@ -1,3 +1,8 @@
 from typing import Any
 
-websocket_urlpatterns: list[Any] = []
+from django.urls import path
+
+from fleet.consumers import AgentNudgeConsumer
+
+# Served outside the session/origin middleware: devices authenticate with their secret.
+websocket_urlpatterns: list[Any] = [path("ws/agent/", AgentNudgeConsumer.as_asgi())]
