@@ -11,6 +11,7 @@ from config.api import NotFoundError, ServiceError
 from config.audit.services import audit_record
 from devices_agent.wire import Command
 from fleet.models import Device, DeviceCommand
+from fleet.nudge import nudge_devices
 
 COMMAND_KINDS = ("restart", "collect_logs", "diagnostics")
 
@@ -23,7 +24,7 @@ def device_command_create(
     args: dict[str, Any] | None = None,
     remote_addr: str | None = None,
 ) -> DeviceCommand:
-    """Queue a command for the device's next heartbeat."""
+    """Queue a command for the device's next heartbeat (and nudge it to heartbeat now)."""
     if kind not in COMMAND_KINDS:
         raise ServiceError(
             f"Unknown command {kind!r}; expected one of {', '.join(COMMAND_KINDS)}.", code="validation_error"
@@ -45,6 +46,7 @@ def device_command_create(
             data={"command": command.pk, "kind": kind, "args": args or {}},
             remote_addr=remote_addr,
         )
+        nudge_devices([device.pk], reason="command")
     return command
 
 

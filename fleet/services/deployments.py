@@ -17,6 +17,7 @@ from django.utils import timezone
 
 from config.api import ConflictError, NotFoundError, ServiceError
 from fleet.models import Deployment, DeploymentEvent, Device
+from fleet.nudge import nudge_devices
 
 logger = logging.getLogger(__name__)
 
@@ -48,11 +49,18 @@ def deployment_state_changed(*, deployment_id: int, old_state: str, new_state: s
 
 
 def deployment_open(
-    *, device: Device, version_id: int, origin_type: str = "", origin_id: int | None = None
+    *,
+    device: Device,
+    version_id: int,
+    origin_type: str = "",
+    origin_id: int | None = None,
+    nudge: bool = True,
 ) -> Deployment:
     """The open deployment of `device` to `version_id`, created if missing.
 
     Open deployments to other versions are superseded: a device works on one at a time.
+    A new deployment nudges the device's agent to heartbeat now (after commit), unless
+    the caller is the heartbeat itself, whose answer already carries it.
     """
     with transaction.atomic():
         existing = (
@@ -82,6 +90,8 @@ def deployment_open(
         deployment_state_changed(
             deployment_id=deployment.pk, old_state="", new_state=Deployment.State.PENDING
         )
+        if nudge:
+            nudge_devices([device.pk], reason="desired_version")
     return deployment
 
 

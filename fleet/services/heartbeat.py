@@ -191,7 +191,7 @@ def _desired(device: Device) -> DesiredModel | None:
         )
         if deployment_id is None:
             # Whoever set desired_version without opening a deployment (a bulk update).
-            deployment_id = deployment_open(device=device, version_id=version_id).pk
+            deployment_id = deployment_open(device=device, version_id=version_id, nudge=False).pk
     return {
         "version_id": version_id,
         "label": refs.label,
