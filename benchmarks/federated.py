@@ -9,7 +9,8 @@ label split (seed 0); MLP 64-64-10 (``mlp``), 5 local epochs, batch 32, SGD lr 0
 FedAvg weighted by local examples, codec ``none``.
 
 1. **system**: a fresh SQLite database and embedded Redis-protocol server, the ASGI web
-   server (uvicorn, production settings) and one Celery worker as real processes; the
+   server (uvicorn, 2 processes, production settings) and one Celery worker as real
+   processes; the
    job is created and started through ``training.services``; each device is a thread
    in this process running ``devices_agent.federated`` (long poll of
    ``GET rounds/?wait=5``, woken over Redis pub/sub when a round opens and carrying the
@@ -195,7 +196,7 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     counters = [WireCounter() for _ in range(devices)]
     threads: list[threading.Thread] = []
     try:
-        web = group_procs.start("web", web_command(port=port, host=HOST, workers=1))
+        web = group_procs.start("web", web_command(port=port, host=HOST, workers=2))
         group_procs.start("worker", worker_command(concurrency=1, name="bench"))
         wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
         for i, secret in enumerate(secrets):
