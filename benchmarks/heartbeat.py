@@ -96,7 +96,7 @@ def _server_env(data_dir: Path, database_url: str, redis_url: str, port: int) ->
     return env
 
 
-def _server_command(kind: str, port: int) -> list[str]:
+def _server_command(kind: str, port: int, threads: int = 4) -> list[str]:
     from config.runner import web_command
 
     if kind == "uvicorn":
@@ -113,7 +113,7 @@ def _server_command(kind: str, port: int) -> list[str]:
         "--worker-class",
         "gthread",
         "--threads",
-        "4",
+        str(threads),
         "--keep-alive",
         "30",
         "--log-level",
@@ -274,7 +274,14 @@ def _merge(name: str, runs: list[Phase]) -> Phase:
 
 
 def run(
-    *, devices: int, concurrency: int, seconds: float, warmup: float, server: str, rounds: int
+    *,
+    devices: int,
+    concurrency: int,
+    seconds: float,
+    warmup: float,
+    server: str,
+    rounds: int,
+    threads: int = 4,
 ) -> dict[str, Any]:
     from config.runner import ProcessGroup, free_port, wait_http_ok
 
@@ -301,7 +308,7 @@ def run(
     phases: dict[str, list[Phase]] = {name: [] for name in ENDPOINTS}
     prime_s = 0.0
     try:
-        web = group.start("web", _server_command(server, port))
+        web = group.start("web", _server_command(server, port, threads))
         wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
         # Every device's first heartbeat flips it online (a write and a dashboard event);
         # a fleet in service is past that, so one heartbeat per device comes first.
@@ -359,6 +366,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--rounds", type=int, default=None, help="alternating rounds per endpoint (3; quick 1)"
     )
+    parser.add_argument("--threads", type=int, default=4, help="gunicorn threads per worker (4)")
     parser.add_argument("--server", choices=["uvicorn", "gunicorn"], default="gunicorn")
     args = parser.parse_args(argv)
     devices = args.devices or (200 if args.quick else 2000)
@@ -375,8 +383,10 @@ def main(argv: list[str] | None = None) -> None:
         warmup=warmup,
         server=args.server,
         rounds=rounds,
+        threads=args.threads,
     )
     load_after = os.getloadavg()[0]
+    threads_note = f", {args.threads} threads each" if args.server == "gunicorn" else ""
     phases: dict[str, Phase] = result["phases"]
     hb, core, bare = phases["heartbeat"], phases["core"], phases["bare"]
     ratio = hb.per_s / bare.per_s if bare.per_s else 0.0
@@ -385,7 +395,7 @@ def main(argv: list[str] | None = None) -> None:
         f"heartbeat benchmark: {devices} devices enrolled in {result['enroll_s']} s; "
         f"{concurrency} keep-alive connections; {rounds} round(s) of {seconds:g} s per endpoint "
         f"after {warmup:g} s warm-up each; first heartbeat of every device in {result['prime_s']} s; "
-        f"server={args.server} (2 workers); database={result['database']}; {os.cpu_count()} CPUs shared "
+        f"server={args.server} (2 workers{threads_note}); database={result['database']}; {os.cpu_count()} CPUs shared "
         f"by the server and this load generator (1-min load average {load_before:.1f} before, "
         f"{load_after:.1f} after: other work on the machine lowers every row alike)"
     )
