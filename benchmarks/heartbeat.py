@@ -395,8 +395,8 @@ def main(argv: list[str] | None = None) -> None:
         f"heartbeat benchmark: {devices} devices enrolled in {result['enroll_s']} s; "
         f"{concurrency} keep-alive connections; {rounds} round(s) of {seconds:g} s per endpoint "
         f"after {warmup:g} s warm-up each; first heartbeat of every device in {result['prime_s']} s; "
-        f"server={args.server} (2 workers{threads_note}); database={result['database']}; {os.cpu_count()} CPUs shared "
-        f"by the server and this load generator (1-min load average {load_before:.1f} before, "
+        f"server={args.server} (2 workers{threads_note}); database={result['database']}; "
+        f"{os.cpu_count()} CPUs shared by the server and this load generator (1-min load average {load_before:.1f} before, "
         f"{load_after:.1f} after: other work on the machine lowers every row alike)"
     )
     header = (
