@@ -9,9 +9,8 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-from django.apps import apps
 from django.db import connection
-from django.db.models import Avg, Count, IntegerField, Model, Q, QuerySet
+from django.db.models import Avg, Count, IntegerField, Q, QuerySet
 from django.db.models.expressions import RawSQL
 
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, MetricSample
@@ -21,25 +20,18 @@ from models_registry.models import ModelVersion
 UPDATING_STATES = ("pending", "downloading", "verifying", "installing", "health_check")
 FAILED_STATES = ("failed", "rolled_back")
 
-# Metric charts on the device page: (title, series names, y axis label, scale)
-DEVICE_CHARTS: tuple[tuple[str, tuple[str, ...], str, float], ...] = (
-    ("Inference latency", ("latency_ms",), "ms", 1.0),
-    ("Accuracy on labelled feedback", ("correct", "personal_accuracy", "global_accuracy"), "accuracy", 1.0),
-    ("Confidence", ("confidence",), "top-1 probability", 1.0),
-    ("Resource use", ("cpu_percent", "ram_mb"), "cpu % / RAM MB", 1.0),
+# Metric charts on the device page: (title, series names, y axis label)
+DEVICE_CHARTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("Inference latency", ("latency_ms",), "ms"),
+    ("Accuracy on labelled feedback", ("correct", "personal_accuracy", "global_accuracy"), "accuracy"),
+    ("Confidence", ("confidence",), "top-1 probability"),
+    ("Resource use", ("cpu_percent", "ram_mb"), "cpu % / RAM MB"),
 )
 CHART_BUCKETS = 120
 CHART_WINDOW = timedelta(hours=24)
-# The newest rows read for one device chart; a chatty device's day is summarised from these.
+# Without SQL bucketing (databases other than SQLite and PostgreSQL), a chart averages at
+# most this many of the newest rows in Python.
 CHART_ROW_CAP = 20_000
-
-
-def optional_model(app_label: str, name: str) -> type[Model] | None:
-    """A model of another app, or None while that app does not define it."""
-    try:
-        return apps.get_model(app_label, name)
-    except LookupError:
-        return None
 
 
 def fleet_counts() -> dict[str, int]:
@@ -146,7 +138,7 @@ def device_metric_charts(*, device: Device) -> list[dict[str, Any]]:
     The window ends at the newest sample rather than now, so a device that went quiet still
     shows its last day of data. Averaging happens in the database (one grouped query).
     """
-    names = sorted({n for _, series, _, _ in DEVICE_CHARTS for n in series})
+    names = sorted({n for _, series, _ in DEVICE_CHARTS for n in series})
     newest = MetricSample.objects.filter(device=device).order_by("-ts").values_list("ts", flat=True).first()
     if newest is None:
         return []
@@ -159,7 +151,7 @@ def device_metric_charts(*, device: Device) -> list[dict[str, Any]]:
         slots.setdefault(name, {})[index] = mean
         counts[name] = counts.get(name, 0) + n
     charts = []
-    for title, series_names, y_label, _ in DEVICE_CHARTS:
+    for title, series_names, y_label in DEVICE_CHARTS:
         present = [n for n in series_names if slots.get(n)]
         if not present:
             continue
