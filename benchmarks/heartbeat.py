@@ -396,8 +396,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{concurrency} keep-alive connections; {rounds} round(s) of {seconds:g} s per endpoint "
         f"after {warmup:g} s warm-up each; first heartbeat of every device in {result['prime_s']} s; "
         f"server={args.server} (2 workers{threads_note}); database={result['database']}; "
-        f"{os.cpu_count()} CPUs shared by the server and this load generator (1-min load average {load_before:.1f} before, "
-        f"{load_after:.1f} after: other work on the machine lowers every row alike)"
+        f"{os.cpu_count()} CPUs shared by the server and this load generator "
+        f"(1-min load average {load_before:.1f} before, {load_after:.1f} after: "
+        f"other work on the machine lowers every row alike)"
     )
     header = (
         f"{'endpoint':<34}{'requests':>10}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'errors':>8}{'vs bare':>9}"
