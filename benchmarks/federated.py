@@ -10,9 +10,8 @@ FedAvg weighted by local examples, codec ``none``.
 
 1. **system**: a fresh SQLite database and embedded Redis-protocol server, the ASGI web
    server (uvicorn, 2 processes, production settings) and one Celery worker as real
-   processes; the
-   job is created and started through ``training.services``; each device is a thread
-   in this process running ``devices_agent.federated`` (long poll of
+   processes; the job is created and started through ``training.services``; each
+   device is a thread in this process running ``devices_agent.federated`` (long poll of
    ``GET rounds/?wait=5``, woken over Redis pub/sub when a round opens and carrying the
    task body; weights download, local training, upload over real HTTP). Rounds close
    as soon as every device answered; the worker aggregates, evaluates on the 20% test
