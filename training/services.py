@@ -26,7 +26,7 @@ import numpy as np
 import numpy.typing as npt
 from django.conf import settings
 from django.db import IntegrityError, transaction
-from django.db.models import F, Max, Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from config.api import ConflictError, NotFoundError, ServiceError
@@ -1052,39 +1052,19 @@ def _version_create(
     source_detail: dict[str, Any],
     metrics: dict[str, Any],
 ) -> ModelVersion:
-    """Register a federated version with its signed artifacts (inside the caller's transaction)."""
-    from django.core.files.base import ContentFile
+    """Register the round's result through the registry (validated, stored, signed)."""
+    from models_registry.services import version_create
 
-    from models_registry.signing import sign_digest
-
-    number = (ModelVersion.objects.filter(family=family).aggregate(n=Max("number"))["n"] or 0) + 1
-    version = ModelVersion.objects.create(
+    return version_create(
         family=family,
-        number=number,
+        weights=weights_bytes,
+        onnx=onnx_bytes,
         parent=parent,
         source=ModelVersion.Source.FEDERATED,
         source_detail=source_detail,
         arch=arch,
         metrics=metrics,
     )
-    files: list[tuple[str, bytes, str, int | None]] = [
-        (Artifact.Kind.WEIGHTS, weights_bytes, "safetensors", None)
-    ]
-    if onnx_bytes is not None:
-        files.append((Artifact.Kind.ONNX, onnx_bytes, "onnx", 17))
-    for kind, data, ext, opset in files:
-        digest = storage.sha256_hex(data)
-        artifact = Artifact(
-            version=version,
-            kind=kind,
-            sha256=digest,
-            size=len(data),
-            signature=sign_digest(digest),
-            opset=opset,
-        )
-        artifact.file.save(f"{family.name}-v{number}.{ext}", ContentFile(data), save=False)
-        artifact.save()
-    return version
 
 
 # --------------------------------------------------------------------------- demo
