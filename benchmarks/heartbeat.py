@@ -1,7 +1,8 @@
 """Heartbeats per second through the real server, against a bare Django view on the same stack.
 
     python -m benchmarks.heartbeat [--quick] [--json] [--devices N] [--concurrency C]
-                                   [--seconds S] [--server uvicorn|gunicorn]
+                                   [--seconds S] [--rounds R] [--threads T]
+                                   [--server gunicorn|uvicorn]
 
 What it does, all in one run on this machine:
 
@@ -10,18 +11,27 @@ What it does, all in one run on this machine:
 2. ``--devices`` devices enrolled through the enrollment service (the same code as
    ``POST enroll``), each with its secret;
 3. the web server as production runs it, as real processes on loopback with the
-   production settings module and two workers (one per core):
-   ``uvicorn`` (ASGI: ``config.runner.web_command``, uvloop + httptools, the
-   docker-compose command) or ``gunicorn`` (WSGI, ``-k gthread``, 2 workers x 4 threads);
+   production settings module and two workers (one per core): ``gunicorn`` (WSGI,
+   ``-k gthread``, 2 workers x ``--threads`` 4, the default) or ``uvicorn`` (ASGI:
+   ``config.runner.web_command``, uvloop + httptools, the docker-compose command);
 4. a load generator in this process: ``--concurrency`` keep-alive HTTP/1.1 connections
    driven by asyncio over raw sockets (no HTTP library in the measured loop, to leave
    the server as much CPU as possible). Each connection plays a slice of the fleet,
    sending ``POST /api/agent/v1/heartbeat`` for its devices in turn with increasing
-   ``seq`` and a realistic state; each device heartbeats many times a second, far more
+   ``seq`` and a realistic state; each device heartbeats every second or two, far more
    often than the 60 s a real board does, so it also exercises the last_seen throttle;
-5. the same load against ``POST /api/agent/v1/bench/bare`` (a JSON view doing no work,
-   mounted only because the benchmark sets ``FLOTILLA_BENCH_VIEWS=1``), served by the
-   same server and middleware: the baseline.
+5. the same load against ``POST /api/agent/v1/bench/heartbeat-core`` (the same heartbeat
+   without other apps' task providers, to show what they add) and against
+   ``POST /api/agent/v1/bench/bare`` (a JSON view doing no work), both mounted only
+   because the benchmark sets ``FLOTILLA_BENCH_VIEWS=1``, served by the same server and
+   middleware: the bare view is the baseline. The endpoints alternate over ``--rounds``
+   rounds and each rate is the median round's.
+
+gunicorn is the default because it measured several times faster than uvicorn for the
+same bare view here: Django runs a sync view under ASGI with a thread hop per request.
+Latencies are those of a closed loop at saturation, so p50 is roughly
+concurrency / throughput (queueing in front of 8 server threads); ``--concurrency 16``
+shows the latency with a shorter queue.
 
 The load generator shares the machine's cores with the server, so the absolute rates
 are lower than a server alone would reach; the ratio heartbeat/bare is the figure that
