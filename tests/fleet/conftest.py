@@ -13,11 +13,6 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _fleet_urls(settings: Any) -> None:
-    settings.ROOT_URLCONF = "tests.fleet.urls"
-
-
-@pytest.fixture(autouse=True)
 def _fresh_heartbeat_caches() -> Iterator[None]:
     # Row ids are reused after a test's transaction rolls back; cached policies and
     # artifact references from a previous test must not leak into the next.

@@ -13,7 +13,8 @@ from django.utils import timezone
 from fleet.models import Deployment, DeploymentEvent, Device, DeviceCommand, MetricBatch, MetricSample
 from fleet.services.devices import device_decommission
 
-pytestmark = pytest.mark.django_db
+# Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
 
 
 def _sample(**extra: Any) -> dict[str, Any]:

@@ -13,7 +13,8 @@ from django.utils import timezone
 from fleet.auth import hash_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
 
-pytestmark = pytest.mark.django_db
+# Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
 
 
 def _enroll(client: Any, token: str, **extra: Any) -> Any:

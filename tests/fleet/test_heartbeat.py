@@ -17,7 +17,8 @@ from fleet.selectors.devices import in_maintenance_window
 from fleet.services import heartbeat as heartbeat_service
 from models_registry.signing import signing_public_key_b64, verify
 
-pytestmark = pytest.mark.django_db
+# Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
 
 
 def test_heartbeat_marks_online_and_stores_state(enroll: Any) -> None:

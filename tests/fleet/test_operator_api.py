@@ -14,7 +14,8 @@ from config.audit.models import AuditEvent
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.services.devices import devices_mark_offline
 
-pytestmark = pytest.mark.django_db
+# Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
+pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
 
 
 def _devices(n: int, **extra: Any) -> list[Device]:
