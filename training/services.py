@@ -33,6 +33,7 @@ from config.api import ConflictError, NotFoundError, ServiceError
 from config.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_delta, decode_tensors, encode_tensors, l2_norm
 from fleet.models import Device, DeviceGroup
+from fleet.nudge import nudge_devices
 from models_registry.models import Artifact, ModelFamily, ModelVersion
 from training import notify, selectors, storage
 from training.aggregation import (
@@ -375,6 +376,8 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     _emit("federated_round.status", {"job": job.pk, "round": rnd.number, "status": rnd.status})
     round_id = rnd.pk
     transaction.on_commit(lambda: notify.rounds_changed(round_id=round_id))
+    # Agents between heartbeats learn of the round from their nudge socket.
+    nudge_devices(chosen, reason="training_round")
     return rnd
 
 
