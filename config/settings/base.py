@@ -177,6 +177,7 @@ SPECTACULAR_SETTINGS = {
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {"DeviceStatusEnum": "fleet.models.devices.Device.Status"},
 }
 
 # --- Celery -----------------------------------------------------------------------------
