@@ -27,6 +27,7 @@ urlpatterns: list[Any] = [
         fleet.enrollment_token_revoke_view,
         name="enrollment-token-revoke",
     ),
+    path("enrollment/groups/new", fleet.group_new, name="group-new"),
     path("audit/", fleet.audit, name="audit"),
     path("models/", models.models, name="models"),
     path("models/<int:family_id>/", models.family, name="family"),

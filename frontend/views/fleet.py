@@ -187,3 +187,35 @@ def audit(request: HttpRequest) -> HttpResponse:
         filter_actor=actor,
         back=reverse("frontend:audit"),
     )
+
+
+@action(OPERATOR)
+def group_new(request: HttpRequest) -> HttpResponse:
+    """Create a device group with the operator API's own validation and audit event."""
+    from django.db import transaction
+
+    from config.audit.services import audit_record
+    from fleet.api.devices import DeviceGroupSerializer
+
+    data = {
+        "name": request.POST.get("name", "").strip(),
+        "description": request.POST.get("description", "").strip(),
+        "tag_selector": [t for t in request.POST.get("tag_selector", "").replace(",", " ").split() if t],
+        "policy": int_or_none(request.POST.get("policy")),
+    }
+    serializer = DeviceGroupSerializer(data=data)
+    if not serializer.is_valid():
+        field, errors = next(iter(serializer.errors.items()))
+        messages.error(request, f"{field}: {errors[0]}")
+        return redirect("frontend:enrollment")
+    with transaction.atomic():
+        group = serializer.save()
+        audit_record(
+            actor=request.user,
+            action="device_group.create",
+            target=group,
+            data=data,
+            remote_addr=remote_addr(request),
+        )
+    messages.success(request, f"Group {group.name} created.")
+    return redirect("frontend:enrollment")

@@ -40,6 +40,7 @@ def write_urls(fleet: Fleet) -> list[str]:
     return [
         reverse("frontend:device-command", args=[fleet.devices[0].pk]),
         reverse("frontend:enrollment-token-new"),
+        reverse("frontend:group-new"),
         reverse("frontend:enrollment-token-revoke", args=[fleet.token.pk]),
         reverse("frontend:version-stage", args=[fleet.candidate.pk]),
         reverse("frontend:version-job", args=[fleet.candidate.pk]),
@@ -298,3 +299,16 @@ def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
     assert response["Location"] == reverse("frontend:experiment", args=[created.pk])
     assert [a["share"] for a in created.arms] == [0.7, 0.3]
     assert created.primary_metric == "latency" and created.status == "draft"
+
+
+def test_operator_creates_a_group_with_the_api_validation(page_client: Any, fleet: Fleet) -> None:
+    from config.audit.models import AuditEvent
+    from fleet.models import DeviceGroup
+
+    client = page_client("operator")
+    client.post(reverse("frontend:group-new"), {"name": "line-4", "tag_selector": "camera, line-4"})
+    group = DeviceGroup.objects.get(name="line-4")
+    assert group.tag_selector == ["camera", "line-4"]
+    assert AuditEvent.objects.filter(action="device_group.create", target_id=str(group.pk)).exists()
+    client.post(reverse("frontend:group-new"), {"name": "not a slug!"})
+    assert not DeviceGroup.objects.filter(name="not a slug!").exists()
