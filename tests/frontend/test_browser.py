@@ -34,8 +34,9 @@ T = TypeVar("T")
 
 @pytest.fixture
 def browser() -> Iterator[Any]:
-    if not os.path.exists(CHROMIUM):
-        pytest.skip("chromium is not installed (run scripts/system-deps.sh)")
+    # A missing browser fails loudly: `make test` installs it, and a skipped browser test
+    # would prove nothing.
+    assert os.path.exists(CHROMIUM), "chromium is not installed: run `bash scripts/system-deps.sh`"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
