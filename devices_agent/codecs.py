@@ -3,20 +3,27 @@
 Weights and deltas travel as safetensors (never pickle). A model state is a
 ``dict[str, np.ndarray]`` of float32 arrays.
 
-Delta payload layout (safetensors metadata ``codec`` and ``codec_version`` always set):
+Delta payload layout, version 2 (safetensors metadata ``codec`` and ``codec_version``
+always set). Where a layout concatenates parameters, it does so in sorted name order
+(both sides know the names, so none travel on the wire):
 
 * ``none``  -- one float32 tensor per parameter, under the parameter name.
 * ``fp16``  -- one float16 tensor per parameter, under the parameter name.
-* ``int8``  -- one int8 tensor per parameter, under the parameter name; the per-tensor
-  symmetric scale is in the metadata key ``scales`` (JSON object name -> float).
-  Decoded value = q * scale.
-* ``topk``  -- per parameter two 1-D tensors ``<name>::indices`` (int32, strictly
-  increasing flat indices) and ``<name>::values`` (float32); the dense shape is in the
-  metadata key ``shapes`` (JSON object name -> list of ints). Entries not sent are zero.
+* ``int8``  -- ``::scales`` (float32, one symmetric scale per parameter) and ``::int8``
+  (int8, every parameter flattened and concatenated). Decoded value = q * scale.
+* ``topk``  -- ``::mask`` (uint8, ``np.packbits`` of one bit per parameter entry over
+  all parameters concatenated; padding bits are zero) and ``::values`` (float16, the
+  sent entries in mask order, as many as the mask has set bits). Entries not sent are
+  zero.
+
+``int8`` and ``topk`` payloads are deflated when that makes them smaller: metadata
+``deflate`` is ``"zlib"`` and the only tensor is ``::deflate`` (uint8), the zlib stream
+of the little-endian bytes of the tensors above, in the order listed.
 
 The server never trusts a payload: :func:`decode_delta` checks size, codec, names,
-shapes, dtypes, indices and finiteness before returning dense float32 arrays, and every
-rejection is a :class:`WireError` with a machine-readable ``code``.
+shapes, dtypes, indices and finiteness before returning dense float32 arrays, bounds
+the inflated size by what the expected layout allows, and every rejection is a
+:class:`WireError` with a machine-readable ``code``.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -48,7 +56,7 @@ __all__ = [
     "l2_norm",
 ]
 
-CODEC_VERSION = 1
+CODEC_VERSION = 2
 CODECS = ("none", "fp16", "int8", "topk")
 
 # Separator between a parameter name and the part of a top-k payload it carries.
@@ -58,6 +66,18 @@ _SEP = "::"
 # never legitimate for a delta, and parsing it would be an easy way to burn memory.
 _MAX_HEADER_BYTES = 100_000_000
 _FP16_MAX = float(np.finfo(np.float16).max)
+# zlib level 6 is the usual size/CPU balance; the payloads are tens of KB at most.
+_DEFLATE_LEVEL = 6
+_SCALES = f"{_SEP}scales"
+_INT8 = f"{_SEP}int8"
+_MASK = f"{_SEP}mask"
+_VALUES = f"{_SEP}values"
+_DEFLATE = f"{_SEP}deflate"
+# Little-endian wire dtypes of the packed parts, in the order they are concatenated.
+_PACKED_PARTS: dict[str, tuple[tuple[str, str, np.dtype[Any]], ...]] = {
+    "int8": ((_SCALES, "F32", np.dtype("<f4")), (_INT8, "I8", np.dtype("i1"))),
+    "topk": ((_MASK, "U8", np.dtype("u1")), (_VALUES, "F16", np.dtype("<f2"))),
+}
 
 _WIRE_DTYPES: dict[str, np.dtype[Any]] = {
     "F64": np.dtype(np.float64),
@@ -253,29 +273,36 @@ def encode_delta(
         return EncodedDelta(st_save(halves, metadata=metadata), codec, raw, None)
 
     if codec == "int8":
-        quantised: dict[str, np.ndarray[Any, Any]] = {}
-        scales: dict[str, float] = {}
-        for name, t in dense.items():
-            peak = float(np.max(np.abs(t))) if t.size else 0.0
+        names = sorted(dense)
+        scales = np.empty(len(names), dtype=np.float32)
+        parts: list[np.ndarray[Any, Any]] = []
+        for i, name in enumerate(names):
+            t = dense[name]
+            peak = np.float32(np.max(np.abs(t))) if t.size else np.float32(0.0)
             # Symmetric per-tensor scale: +-peak maps to +-127 so the rounding error is
-            # at most scale/2. An all-zero tensor still gets a positive scale so the
-            # decoder can insist on scale > 0.
-            scale = peak / 127.0 if peak > 0 else 1.0
-            q = np.rint(t / np.float32(scale))
-            quantised[name] = np.clip(q, -127, 127).astype(np.int8)
-            scales[name] = scale
-        metadata["scales"] = json.dumps(scales)
-        return EncodedDelta(st_save(quantised, metadata=metadata), codec, raw, None)
+            # at most scale/2. The scale travels as float32, so it is computed in float32;
+            # an all-zero tensor, or one so tiny that peak/127 underflows, still gets a
+            # positive scale so the decoder can insist on scale > 0.
+            scale = peak / np.float32(127.0)
+            if not scale > 0:
+                scale = np.float32(1.0) if peak == 0 else np.finfo(np.float32).smallest_subnormal
+            q = np.rint(t.ravel() / scale)
+            parts.append(np.clip(q, -127, 127).astype(np.int8))
+            scales[i] = scale
+        flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int8)
+        data = _pack(codec, {_SCALES: scales, _INT8: flat}, metadata)
+        return EncodedDelta(data, codec, raw, None)
 
     # topk with error feedback
     if not 0.0 < topk_fraction <= 1.0:
         raise ValueError("topk_fraction must be in (0, 1]")
     if residual is not None and set(residual) != set(dense):
         raise ValueError("residual must hold exactly the delta's tensors")
-    payload: dict[str, np.ndarray[Any, Any]] = {}
-    shapes: dict[str, list[int]] = {}
+    masks: list[npt.NDArray[np.bool_]] = []
+    sent: list[npt.NDArray[np.float16]] = []
     new_residual: Tensors = {}
-    for name, t in dense.items():
+    for name in sorted(dense):
+        t = dense[name]
         corrected = t.ravel().copy()
         if residual is not None:
             r = _as_f32(residual[name], name=name)
@@ -290,25 +317,34 @@ def encode_delta(
         else:
             idx = np.argpartition(np.abs(corrected), corrected.size - k)[corrected.size - k :]
             idx.sort()
-        values = corrected[idx]
-        corrected[idx] = 0.0
-        payload[f"{name}{_SEP}indices"] = idx.astype(np.int32)
-        payload[f"{name}{_SEP}values"] = values.astype(np.float32)
-        shapes[name] = list(t.shape)
+        with np.errstate(over="ignore"):
+            kept = corrected[idx].astype(np.float16)
+        if not bool(np.isfinite(kept).all()):
+            raise ValueError(f"tensor {name!r} exceeds the float16 range; use int8 or none")
+        # The residual is taken against what the server will decode, so the float16
+        # rounding error is carried to the next round instead of being lost. The
+        # subtraction is exact (Sterbenz: the float16 value is within a factor 2).
+        corrected[idx] -= kept.astype(np.float32)
+        mask = np.zeros(corrected.size, dtype=np.bool_)
+        mask[idx] = True
+        masks.append(mask)
+        sent.append(kept)
         new_residual[name] = corrected.reshape(t.shape)
-    metadata["shapes"] = json.dumps(shapes)
-    return EncodedDelta(st_save(payload, metadata=metadata), codec, raw, new_residual)
+    bitmap = np.packbits(np.concatenate(masks)) if masks else np.empty(0, dtype=np.uint8)
+    values = np.concatenate(sent) if sent else np.empty(0, dtype=np.float16)
+    data = _pack(codec, {_MASK: bitmap, _VALUES: values}, metadata)
+    return EncodedDelta(data, codec, raw, new_residual)
 
 
-def _wire_names(codec: str, names: list[str]) -> dict[str, tuple[str, str]]:
-    """Map each tensor name expected on the wire to (parameter name, role)."""
-    if codec == "topk":
-        wire: dict[str, tuple[str, str]] = {}
-        for name in names:
-            wire[f"{name}{_SEP}indices"] = (name, "indices")
-            wire[f"{name}{_SEP}values"] = (name, "values")
-        return wire
-    return {name: (name, "dense") for name in names}
+def _pack(codec: str, parts: dict[str, np.ndarray[Any, Any]], metadata: dict[str, str]) -> bytes:
+    """Save the parts as safetensors, or their deflated bytes when that is smaller."""
+    plain: bytes = st_save(parts, metadata=metadata)
+    body = b"".join(
+        np.ascontiguousarray(parts[name], dtype=dtype).tobytes() for name, _, dtype in _PACKED_PARTS[codec]
+    )
+    stream = np.frombuffer(zlib.compress(body, _DEFLATE_LEVEL), dtype=np.uint8)
+    deflated: bytes = st_save({_DEFLATE: stream}, metadata={**metadata, "deflate": "zlib"})
+    return deflated if len(deflated) < len(plain) else plain
 
 
 def _json_meta(metadata: Mapping[str, str], key: str) -> dict[str, Any]:
@@ -330,6 +366,101 @@ def expected_layout(
     return {name: (tuple(np.shape(t)), "float32") for name, t in weights.items()}
 
 
+def _check_names(entries: Mapping[str, _Entry], wanted: list[str], owner: Mapping[str, str]) -> None:
+    for wire_name in entries:
+        if wire_name not in owner:
+            raise WireError("unknown_tensor", f"tensor {wire_name!r} is not in the model", tensor=wire_name)
+    for wire_name in wanted:
+        if wire_name not in entries:
+            raise WireError("missing_tensor", f"tensor {wire_name!r} is missing", tensor=owner[wire_name])
+
+
+def _check_entry(
+    entry: _Entry, *, wire_name: str, codec: str, dtype: str, shape: tuple[int, ...] | None
+) -> None:
+    """Check one wire tensor's shape (``None``: any 1-D length) and dtype."""
+    if shape is None:
+        if len(entry.shape) != 1:
+            raise WireError("shape_mismatch", f"tensor {wire_name!r} must be 1-D", tensor=wire_name)
+    elif entry.shape != shape:
+        raise WireError(
+            "shape_mismatch",
+            f"tensor {wire_name!r} has shape {list(entry.shape)}, expected {list(shape)}",
+            tensor=wire_name,
+        )
+    if entry.dtype != dtype:
+        raise WireError(
+            "dtype_mismatch",
+            f"tensor {wire_name!r} is {entry.dtype}, codec {codec} sends {dtype}",
+            tensor=wire_name,
+        )
+
+
+def _inflate(stream: bytes, *, limit: int) -> bytes:
+    """Inflate a zlib stream, refusing to produce more than ``limit`` bytes.
+
+    The limit comes from the expected layout, so a small compressed bomb cannot make
+    the server allocate more than a legitimate payload would.
+    """
+    inflater = zlib.decompressobj()
+    try:
+        body = inflater.decompress(stream, limit + 1)
+    except zlib.error as exc:
+        raise WireError("malformed", f"deflated payload is not a valid zlib stream: {exc}") from None
+    if len(body) > limit or inflater.unconsumed_tail:
+        raise WireError("too_large", f"deflated payload inflates past the {limit} bytes the model allows")
+    if not inflater.eof:
+        raise WireError("truncated", "deflated payload ends before the zlib stream does")
+    if inflater.unused_data:
+        raise WireError("malformed", "bytes follow the end of the zlib stream")
+    return body
+
+
+def _packed_parts(
+    codec: str,
+    data: bytes,
+    *,
+    entries: Mapping[str, _Entry],
+    metadata: Mapping[str, str],
+    start: int,
+    first_len: int,
+    total: int,
+) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """The two parts of an ``int8`` or ``topk`` payload, plain or deflated.
+
+    ``first_len`` is the exact length of the first part (scales or mask); the second
+    part (int8 values or float16 values) holds at most ``total`` entries.
+    """
+    (first, first_dtype, first_np), (second, second_dtype, second_np) = _PACKED_PARTS[codec]
+    deflate = metadata.get("deflate")
+    if deflate is None:
+        _check_names(entries, [first, second], {first: first, second: second})
+        _check_entry(entries[first], wire_name=first, codec=codec, dtype=first_dtype, shape=(first_len,))
+        second_shape = (total,) if codec == "int8" else None
+        _check_entry(entries[second], wire_name=second, codec=codec, dtype=second_dtype, shape=second_shape)
+        raw = _load(data)
+        return raw[first], raw[second]
+    if deflate != "zlib":
+        raise WireError("bad_codec", f"unknown deflate {deflate!r}; only 'zlib' is supported")
+    _check_names(entries, [_DEFLATE], {_DEFLATE: _DEFLATE})
+    entry = entries[_DEFLATE]
+    _check_entry(entry, wire_name=_DEFLATE, codec=codec, dtype="U8", shape=None)
+    first_bytes = first_len * first_np.itemsize
+    body = _inflate(
+        data[start + entry.begin : start + entry.end], limit=first_bytes + total * second_np.itemsize
+    )
+    if len(body) < first_bytes:
+        raise WireError("truncated", f"inflated payload is {len(body)} bytes, shorter than {first}")
+    rest = len(body) - first_bytes
+    if codec == "int8" and rest != total:
+        raise WireError("truncated", f"inflated payload has {rest} int8 values, expected {total}")
+    if rest % second_np.itemsize:
+        raise WireError("malformed", f"inflated {second} is not a whole number of {second_dtype}")
+    head = np.frombuffer(body, dtype=first_np, count=first_len)
+    tail = np.frombuffer(body, dtype=second_np, offset=first_bytes)
+    return head, tail
+
+
 def decode_delta(
     data: bytes,
     *,
@@ -339,10 +470,11 @@ def decode_delta(
     """Validate and decode a delta payload into dense float32 arrays.
 
     ``expected`` maps every parameter name to ``(shape, dtype)`` of the global model;
-    only ``"float32"`` parameters are supported. Checks, in order: size limit, header
-    integrity, codec and version, tensor names (none missing, none extra), shapes, wire
-    dtypes for the declared codec, int8 scales, top-k indices, finiteness. Any failure
-    raises :class:`WireError` naming the tensor.
+    only ``"float32"`` parameters are supported. Checks, in order: size limit (before
+    any inflating), header integrity, codec and version, tensor names (none missing,
+    none extra), shapes, wire dtypes for the declared codec, inflated size, int8 scales,
+    top-k bitmap against the values count, finiteness. Any failure raises
+    :class:`WireError`, naming the tensor where there is one.
     """
     if max_bytes is not None and len(data) > max_bytes:
         raise WireError("too_large", f"payload is {len(data)} bytes, limit is {max_bytes}")
@@ -350,7 +482,7 @@ def decode_delta(
         if np.dtype(dtype) != np.float32:
             raise ValueError(f"expected dtype for {name!r} is {dtype}; only float32 is supported")
 
-    entries, metadata, _ = _parse_header(data)
+    entries, metadata, start = _parse_header(data)
 
     codec = metadata.get("codec")
     version = metadata.get("codec_version")
@@ -359,95 +491,67 @@ def decode_delta(
     if version != str(CODEC_VERSION):
         raise WireError("bad_codec", f"codec version {version!r} is not supported (want {CODEC_VERSION})")
 
-    wire = _wire_names(codec, list(expected))
-    for wire_name in entries:
-        if wire_name not in wire:
-            raise WireError("unknown_tensor", f"tensor {wire_name!r} is not in the model", tensor=wire_name)
-    for wire_name, (name, _) in wire.items():
-        if wire_name not in entries:
-            raise WireError("missing_tensor", f"tensor {wire_name!r} is missing", tensor=name)
-
-    want_dtype = {"none": "F32", "fp16": "F16", "int8": "I8"}
-    shapes_meta = _json_meta(metadata, "shapes") if codec == "topk" else {}
-    for wire_name, entry in entries.items():
-        name, role = wire[wire_name]
-        shape = tuple(expected[name][0])
-        if role == "dense":
-            want = want_dtype[codec]
-            if entry.shape != shape:
-                raise WireError(
-                    "shape_mismatch",
-                    f"tensor {name!r} has shape {list(entry.shape)}, expected {list(shape)}",
-                    tensor=name,
-                )
-        else:
-            want = "I32" if role == "indices" else "F32"
-            declared = shapes_meta.get(name)
-            if not isinstance(declared, list) or tuple(declared) != shape:
-                raise WireError(
-                    "shape_mismatch",
-                    f"tensor {name!r} declares shape {declared}, expected {list(shape)}",
-                    tensor=name,
-                )
-            if len(entry.shape) != 1:
-                raise WireError("shape_mismatch", f"top-k part {wire_name!r} must be 1-D", tensor=name)
-        if entry.dtype != want:
-            raise WireError(
-                "dtype_mismatch",
-                f"tensor {wire_name!r} is {entry.dtype}, codec {codec} sends {want}",
-                tensor=name,
-            )
-
-    scales: dict[str, Any] = _json_meta(metadata, "scales") if codec == "int8" else {}
-    raw = _load(data)
+    names = sorted(expected)
+    shapes = {name: tuple(expected[name][0]) for name in names}
+    sizes = {name: math.prod(shape) for name, shape in shapes.items()}
+    total = sum(sizes.values())
     out: Tensors = {}
-    for name, (shape_list, _) in expected.items():
-        shape = tuple(shape_list)
-        if codec == "none":
-            dense = np.asarray(raw[name], dtype=np.float32)
-        elif codec == "fp16":
-            dense = raw[name].astype(np.float32)
-        elif codec == "int8":
-            scale = scales.get(name)
-            if (
-                not isinstance(scale, int | float)
-                or isinstance(scale, bool)
-                or not math.isfinite(scale)
-                or scale <= 0
-            ):
+
+    if codec in ("none", "fp16"):
+        if "deflate" in metadata:
+            raise WireError("bad_codec", f"codec {codec} is never deflated")
+        _check_names(entries, names, {name: name for name in names})
+        want = "F32" if codec == "none" else "F16"
+        for name in names:
+            _check_entry(entries[name], wire_name=name, codec=codec, dtype=want, shape=shapes[name])
+        raw = _load(data)
+        for name in expected:
+            out[name] = np.ascontiguousarray(raw[name], dtype=np.float32).reshape(shapes[name])
+    elif codec == "int8":
+        scales, q = _packed_parts(
+            codec, data, entries=entries, metadata=metadata, start=start, first_len=len(names), total=total
+        )
+        offset = 0
+        for i, name in enumerate(names):
+            scale = float(scales[i])
+            if not math.isfinite(scale) or scale <= 0:
                 raise WireError("bad_scale", f"int8 scale for {name!r} is {scale!r}", tensor=name)
+            part = q[offset : offset + sizes[name]]
+            offset += sizes[name]
             # A finite but huge scale overflows to Inf here; the finiteness check below
             # turns that into a rejection, so the warning itself is noise.
             with np.errstate(over="ignore"):
-                dense = raw[name].astype(np.float32) * np.float32(scale)
-        else:
-            idx = raw[f"{name}{_SEP}indices"]
-            values = raw[f"{name}{_SEP}values"]
-            size = math.prod(shape)
-            if idx.shape != values.shape:
-                raise WireError(
-                    "shape_mismatch",
-                    f"top-k for {name!r} has {idx.size} indices but {values.size} values",
-                    tensor=name,
-                )
-            if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= size):
-                raise WireError(
-                    "bad_index", f"top-k index out of range [0, {size}) for {name!r}", tensor=name
-                )
-            # Strictly increasing rules out duplicates, which would silently drop values.
-            if idx.size > 1 and not bool(np.all(idx[1:] > idx[:-1])):
-                raise WireError(
-                    "bad_index",
-                    f"top-k indices for {name!r} are not strictly increasing",
-                    tensor=name,
-                )
-            flat = np.zeros(size, dtype=np.float32)
-            flat[idx] = values
-            dense = flat.reshape(shape)
-        if not bool(np.all(np.isfinite(dense))):
+                out[name] = (part.astype(np.float32) * np.float32(scale)).reshape(shapes[name])
+    else:
+        bitmap, values = _packed_parts(
+            codec,
+            data,
+            entries=entries,
+            metadata=metadata,
+            start=start,
+            first_len=(total + 7) // 8,
+            total=total,
+        )
+        bits = np.unpackbits(bitmap)
+        if bool(bits[total:].any()):
+            raise WireError("bad_index", "top-k bitmap sets padding bits past the last parameter")
+        mask = bits[:total].astype(np.bool_)
+        population = int(np.count_nonzero(mask))
+        if population != values.size:
+            raise WireError(
+                "bad_index", f"top-k bitmap marks {population} entries but {values.size} values were sent"
+            )
+        flat = np.zeros(total, dtype=np.float32)
+        flat[mask] = values.astype(np.float32)
+        offset = 0
+        for name in names:
+            out[name] = flat[offset : offset + sizes[name]].reshape(shapes[name])
+            offset += sizes[name]
+
+    for name in names:
+        if not bool(np.all(np.isfinite(out[name]))):
             raise WireError("non_finite", f"tensor {name!r} holds NaN or Inf", tensor=name)
-        out[name] = np.ascontiguousarray(dense.reshape(shape), dtype=np.float32)
-    return out
+    return {name: np.ascontiguousarray(out[name], dtype=np.float32) for name in expected}
 
 
 # --------------------------------------------------------------------------- clipping

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -40,6 +40,37 @@ def expected_of(delta: dict[str, np.ndarray]) -> dict[str, tuple[tuple[int, ...]
 
 
 META = {"codec": "none", "codec_version": str(CODEC_VERSION)}
+
+
+def meta_of(codec: str, **extra: str) -> dict[str, str]:
+    return {"codec": codec, "codec_version": str(CODEC_VERSION), **extra}
+
+
+def plain_parts(delta: dict[str, np.ndarray], codec: str, **kwargs: object) -> dict[str, np.ndarray]:
+    """The un-deflated parts of an int8/topk payload, whichever form the encoder chose."""
+    encoded = encode_delta(delta, codec=codec, **kwargs)  # type: ignore[arg-type]
+    tensors, meta = decode_tensors(encoded.data)
+    if meta.get("deflate") != "zlib":
+        return tensors
+    body = zlib.decompress(tensors["::deflate"].tobytes())
+    if codec == "int8":
+        count = len(delta)
+        return {
+            "::scales": np.frombuffer(body[: 4 * count], "<f4").copy(),
+            "::int8": np.frombuffer(body[4 * count :], np.int8).copy(),
+        }
+    mask_len = (sum(t.size for t in delta.values()) + 7) // 8
+    return {
+        "::mask": np.frombuffer(body[:mask_len], np.uint8).copy(),
+        "::values": np.frombuffer(body[mask_len:], "<f2").copy(),
+    }
+
+
+def deflated(parts: list[np.ndarray], codec: str, stream: bytes | None = None) -> bytes:
+    """A hand-made deflated payload of the given parts (or of a given zlib stream)."""
+    if stream is None:
+        stream = zlib.compress(b"".join(p.tobytes() for p in parts))
+    return st_save({"::deflate": np.frombuffer(stream, np.uint8)}, metadata=meta_of(codec, deflate="zlib"))
 
 
 def rejection(data: bytes, delta: dict[str, np.ndarray], **kwargs: object) -> WireError:
@@ -104,14 +135,30 @@ def test_int8_error_is_at_most_half_a_step() -> None:
     delta = make_delta()
     encoded = encode_delta(delta, codec="int8")
     out = decode_delta(encoded.data, expected=expected_of(delta))
-    header_len = struct.unpack("<Q", encoded.data[:8])[0]
-    scales = json.loads(json.loads(encoded.data[8 : 8 + header_len])["__metadata__"]["scales"])
+    # Scales travel in sorted name order, one float32 each.
+    scales = dict(zip(sorted(delta), plain_parts(delta, "int8")["::scales"].tolist(), strict=True))
     for name, t in delta.items():
         assert scales[name] == pytest.approx(np.abs(t).max() / 127)
         # Half a quantisation step, plus float32 rounding of the product.
         assert np.abs(out[name] - t).max() <= scales[name] / 2 * (1 + 1e-5)
-    # The largest entry survives exactly up to float rounding (it maps to +-127).
     assert len(encoded.data) < len(encode_delta(delta, codec="fp16").data)
+
+
+def test_int8_is_one_flat_buffer_and_deflates_when_smaller() -> None:
+    # A smooth, low-entropy delta deflates well; random normal noise much less so.
+    delta = {"a": np.tile(np.linspace(-1, 1, 50, dtype=np.float32), 40), "b": np.ones(7, np.float32)}
+    encoded = encode_delta(delta, codec="int8")
+    tensors, meta = decode_tensors(encoded.data)
+    assert meta["deflate"] == "zlib" and set(tensors) == {"::deflate"}
+    assert len(encoded.data) < 2007 / 2
+    out = decode_delta(encoded.data, expected=expected_of(delta))
+    np.testing.assert_allclose(out["b"], 1.0, rtol=1e-6)
+    parts = plain_parts(delta, "int8")
+    assert parts["::int8"].shape == (2007,) and parts["::scales"].shape == (2,)
+    # The plain form decodes to the same values.
+    plain = st_save(parts, metadata=meta_of("int8"))
+    for name, t in decode_delta(plain, expected=expected_of(delta)).items():
+        np.testing.assert_array_equal(t, out[name])
 
 
 def test_int8_all_zero_tensor() -> None:
@@ -120,7 +167,7 @@ def test_int8_all_zero_tensor() -> None:
     np.testing.assert_array_equal(out["w"], 0.0)
 
 
-def test_topk_keeps_largest_exactly_and_residual_holds_the_rest() -> None:
+def test_topk_keeps_largest_and_residual_holds_the_rest() -> None:
     delta = make_delta()
     encoded = encode_delta(delta, codec="topk", topk_fraction=0.25)
     out = decode_delta(encoded.data, expected=expected_of(delta))
@@ -129,12 +176,25 @@ def test_topk_keeps_largest_exactly_and_residual_holds_the_rest() -> None:
         k = int(np.ceil(0.25 * t.size))
         kept = out[name] != 0
         assert kept.sum() == k
-        # Kept entries are exact and are the largest by magnitude.
-        np.testing.assert_array_equal(out[name][kept], t[kept])
+        # Kept entries are the largest by magnitude, sent as float16.
+        np.testing.assert_array_equal(out[name][kept], t[kept].astype(np.float16).astype(np.float32))
         assert np.abs(t[kept]).min() >= np.abs(t[~kept]).max()
-        # What was not sent is the residual, exactly.
+        # What was not sent, and the float16 rounding of what was, is the residual, exactly.
         np.testing.assert_array_equal(out[name] + encoded.residual[name], t)
-        np.testing.assert_array_equal(encoded.residual[name][kept], 0.0)
+        assert np.abs(encoded.residual[name][kept]).max() <= np.abs(t[kept]).max() * 2**-11
+
+
+def test_topk_wire_is_a_bitmap_and_float16_values() -> None:
+    delta = {"b": np.arange(1, 801, dtype=np.float32), "a": -np.arange(1, 201, dtype=np.float32)}
+    encoded = encode_delta(delta, codec="topk", topk_fraction=0.1)
+    parts = plain_parts(delta, "topk", topk_fraction=0.1)
+    assert parts["::mask"].shape == (125,) and parts["::values"].dtype == np.float16
+    bits = np.unpackbits(parts["::mask"]).astype(bool)
+    # Sorted name order: "a" (200 entries) then "b" (800 entries).
+    np.testing.assert_array_equal(np.flatnonzero(bits[:200]), np.arange(180, 200))
+    np.testing.assert_array_equal(np.flatnonzero(bits[200:]), np.arange(720, 800))
+    # 1000 parameters at 10%: 125 bytes of bitmap + 100 float16 values, well under 1 B/param.
+    assert len(encoded.data) < 600 < 1000 * 4 / 6
 
 
 def test_topk_error_feedback_conserves_the_sum_over_rounds() -> None:
@@ -189,6 +249,7 @@ def test_every_codec_round_trips(arr: np.ndarray, codec: str, fraction: float) -
     else:
         assert encoded.residual is not None
         np.testing.assert_array_equal(out + encoded.residual["layer.weight"], arr)
+        np.testing.assert_allclose(out[out != 0], arr[out != 0], rtol=2**-11, atol=2**-25)
 
 
 # --------------------------------------------------------------------------- rejections
@@ -203,23 +264,35 @@ def test_non_finite_nan() -> None:
     assert "fc1.bias" in str(err)
 
 
-@pytest.mark.parametrize("codec", ["none", "fp16", "topk"])
+@pytest.mark.parametrize("codec", ["none", "fp16"])
 def test_non_finite_inf(codec: str) -> None:
     delta = make_delta()
-    tensors, meta = decode_tensors(encode_delta(delta, codec=codec, topk_fraction=0.5).data)
-    key = "fc2.weight::values" if codec == "topk" else "fc2.weight"
-    tensors[key] = tensors[key].copy()
-    tensors[key].flat[0] = np.inf
+    tensors, meta = decode_tensors(encode_delta(delta, codec=codec).data)
+    tensors["fc2.weight"] = tensors["fc2.weight"].copy()
+    tensors["fc2.weight"].flat[0] = np.inf
     err = rejection(st_save(tensors, metadata=meta), delta)
+    assert err.code == "non_finite" and err.tensor == "fc2.weight"
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+def test_topk_non_finite_value_names_its_tensor(deflate: bool) -> None:
+    delta = make_delta()
+    parts = plain_parts(delta, "topk", topk_fraction=0.5)
+    # Values are in sorted name order: fc1.bias (8 sent), fc1.weight (64), fc2.weight (32).
+    parts["::values"][8 + 64] = np.inf
+    if deflate:
+        payload = deflated([parts["::mask"], parts["::values"]], "topk")
+    else:
+        payload = st_save(parts, metadata=meta_of("topk"))
+    err = rejection(payload, delta)
     assert err.code == "non_finite" and err.tensor == "fc2.weight"
 
 
 def test_int8_overflowing_scale_is_non_finite() -> None:
     delta = make_delta()
-    tensors, meta = decode_tensors(encode_delta(delta, codec="int8").data)
-    scales = json.loads(meta["scales"])
-    scales["fc1.weight"] = 1e38  # finite, but q * scale overflows float32
-    err = rejection(st_save(tensors, metadata=dict(meta, scales=json.dumps(scales))), delta)
+    parts = plain_parts(delta, "int8")
+    parts["::scales"][sorted(delta).index("fc1.weight")] = 3e38  # finite, q * scale overflows
+    err = rejection(st_save(parts, metadata=meta_of("int8")), delta)
     assert err.code == "non_finite" and err.tensor == "fc1.weight"
 
 
@@ -236,16 +309,13 @@ def test_fp16_encoder_refuses_values_out_of_range() -> None:
         encode_delta({"w": np.array([1e5], np.float32)}, codec="fp16")
 
 
-def test_int8_bad_scale() -> None:
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_int8_bad_scale(scale: float) -> None:
     delta = make_delta()
-    encoded = encode_delta(delta, codec="int8")
-    tensors, meta = decode_tensors(encoded.data)
-    for scale in [0.0, -1.0, float("nan"), None, "1.0"]:
-        scales = json.loads(meta["scales"])
-        scales["fc1.bias"] = scale
-        payload = st_save(tensors, metadata=dict(meta, scales=json.dumps(scales)))
-        err = rejection(payload, delta)
-        assert err.code == "bad_scale" and err.tensor == "fc1.bias"
+    parts = plain_parts(delta, "int8")
+    parts["::scales"][sorted(delta).index("fc1.bias")] = scale
+    err = rejection(st_save(parts, metadata=meta_of("int8")), delta)
+    assert err.code == "bad_scale" and err.tensor == "fc1.bias"
 
 
 def test_wrong_shape() -> None:
@@ -255,14 +325,41 @@ def test_wrong_shape() -> None:
     assert err.code == "shape_mismatch" and err.tensor == "fc1.weight"
 
 
-def test_topk_declared_shape_mismatch() -> None:
+@pytest.mark.parametrize(
+    ("codec", "part", "length"),
+    [("topk", "::mask", 50), ("int8", "::int8", 207), ("int8", "::scales", 2)],
+)
+def test_packed_part_of_the_wrong_length(codec: str, part: str, length: int) -> None:
+    delta = make_delta()  # 208 parameters in 3 tensors
+    parts = plain_parts(delta, codec)
+    parts[part] = np.resize(parts[part], length)
+    err = rejection(st_save(parts, metadata=meta_of(codec)), delta)
+    assert err.code == "shape_mismatch" and err.tensor == part
+
+
+@pytest.mark.parametrize(("codec", "part"), [("topk", "::values"), ("int8", "::int8"), ("int8", "::scales")])
+def test_packed_part_of_the_wrong_dtype(codec: str, part: str) -> None:
     delta = make_delta()
-    encoded = encode_delta(delta, codec="topk")
-    tensors, meta = decode_tensors(encoded.data)
-    shapes = json.loads(meta["shapes"])
-    shapes["fc1.bias"] = [17]
-    err = rejection(st_save(tensors, metadata=dict(meta, shapes=json.dumps(shapes))), delta)
-    assert err.code == "shape_mismatch" and err.tensor == "fc1.bias"
+    parts = plain_parts(delta, codec)
+    parts[part] = parts[part].astype(np.float64)
+    err = rejection(st_save(parts, metadata=meta_of(codec)), delta)
+    assert err.code == "dtype_mismatch" and err.tensor == part
+
+
+@pytest.mark.parametrize("codec", ["int8", "topk"])
+def test_packed_layout_names(codec: str) -> None:
+    delta = make_delta()
+    parts = plain_parts(delta, codec)
+    extra = dict(parts, **{"fc1.bias": delta["fc1.bias"]})
+    err = rejection(st_save(extra, metadata=meta_of(codec)), delta)
+    assert err.code == "unknown_tensor" and err.tensor == "fc1.bias"
+    first = sorted(parts)[0]
+    missing = {k: v for k, v in parts.items() if k != first}
+    err = rejection(st_save(missing, metadata=meta_of(codec)), delta)
+    assert err.code == "missing_tensor" and err.tensor == first
+    # A per-parameter payload labelled with a packed codec is refused by name.
+    err = rejection(st_save(delta, metadata=meta_of(codec)), delta)
+    assert err.code == "unknown_tensor"
 
 
 def test_float64_dtype() -> None:
@@ -310,34 +407,86 @@ def test_too_large() -> None:
     assert decode_delta(data, expected=expected_of(delta), max_bytes=len(data))
 
 
-@pytest.mark.parametrize(
-    "indices",
-    [[0, 1, 16], [-1, 0, 1], [2, 1, 0], [3, 3, 4]],
-    ids=["past_end", "negative", "unsorted", "duplicate"],
-)
-def test_bad_topk_index(indices: list[int]) -> None:
-    delta = {"w": np.arange(16, dtype=np.float32)}
-    encoded = encode_delta(delta, codec="topk", topk_fraction=3 / 16)
-    tensors, meta = decode_tensors(encoded.data)
-    tensors["w::indices"] = np.array(indices, np.int32)
-    err = rejection(st_save(tensors, metadata=meta), delta)
-    assert err.code == "bad_index" and err.tensor == "w"
+@pytest.mark.parametrize("deflate", [False, True])
+@pytest.mark.parametrize("change", ["one_value_short", "one_value_extra", "extra_bit", "padding_bit"])
+def test_topk_bitmap_population_must_match_values(change: str, deflate: bool) -> None:
+    delta = {"w": np.arange(1, 13, dtype=np.float32)}  # 12 entries: 2 bytes, 4 padding bits
+    parts = plain_parts(delta, "topk", topk_fraction=0.25)
+    mask, values = parts["::mask"].copy(), parts["::values"]
+    np.testing.assert_array_equal(np.unpackbits(mask)[:12].nonzero()[0], [9, 10, 11])
+    if change == "one_value_short":
+        values = values[:-1]
+    elif change == "one_value_extra":
+        values = np.append(values, np.float16(1.0))
+    elif change == "extra_bit":
+        mask[0] |= 0x80  # entry 0 marked, but no value for it
+    else:
+        mask[1] |= 0x01  # bit 15: past the 12 parameter entries
+    if deflate:
+        payload = deflated([mask, values], "topk")
+    else:
+        payload = st_save({"::mask": mask, "::values": values}, metadata=meta_of("topk"))
+    err = rejection(payload, delta)
+    assert err.code == "bad_index", err
 
 
-def test_topk_index_value_count_mismatch() -> None:
-    delta = {"w": np.arange(16, dtype=np.float32)}
-    tensors, meta = decode_tensors(encode_delta(delta, codec="topk", topk_fraction=0.25).data)
-    tensors["w::values"] = tensors["w::values"][:-1].copy()
-    err = rejection(st_save(tensors, metadata=meta), delta)
-    assert err.code == "shape_mismatch"
+def test_decompression_bomb_is_refused_without_inflating_it() -> None:
+    delta = make_delta()  # 208 parameters: a legitimate int8 body is 3 * 4 + 208 bytes
+    bomb = zlib.compress(b"\x00" * 50_000_000, 9)
+    assert len(bomb) < 60_000
+    for codec in ("int8", "topk"):
+        err = rejection(deflated([], codec, stream=bomb), delta)
+        assert err.code == "too_large"
+    # One byte more than the layout allows is already too much.
+    parts = plain_parts(delta, "int8")
+    body = parts["::scales"].tobytes() + parts["::int8"].tobytes()
+    assert decode_delta(deflated([], "int8", zlib.compress(body)), expected=expected_of(delta))
+    err = rejection(deflated([], "int8", zlib.compress(body + b"\x00")), delta)
+    assert err.code == "too_large"
+    # The byte limit applies to the compressed payload, before anything is inflated.
+    payload = deflated([], "int8", bomb)
+    assert rejection(payload, delta, max_bytes=len(payload) - 1).code == "too_large"
+
+
+def test_deflated_stream_errors() -> None:
+    delta = make_delta()
+    parts = plain_parts(delta, "int8")
+    stream = zlib.compress(parts["::scales"].tobytes() + parts["::int8"].tobytes())
+    assert rejection(deflated([], "int8", stream[:-5]), delta).code == "truncated"
+    assert rejection(deflated([], "int8", b"this is not zlib"), delta).code == "malformed"
+    assert rejection(deflated([], "int8", stream + b"tail"), delta).code == "malformed"
+    # A complete stream with too few bytes for the layout.
+    short = zlib.compress(parts["::scales"].tobytes() + parts["::int8"].tobytes()[:-1])
+    assert rejection(deflated([], "int8", short), delta).code == "truncated"
+    assert rejection(deflated([], "int8", zlib.compress(b"\x01\x02")), delta).code == "truncated"
+    # An odd number of float16 bytes after the bitmap.
+    topk = plain_parts(delta, "topk")
+    odd = topk["::mask"].tobytes() + topk["::values"].tobytes()[:-1]
+    assert rejection(deflated([], "topk", zlib.compress(odd)), delta).code == "malformed"
+
+
+def test_deflate_flag_is_checked() -> None:
+    delta = make_delta()
+    parts = plain_parts(delta, "int8")
+    stream = zlib.compress(parts["::scales"].tobytes() + parts["::int8"].tobytes())
+    good = deflated([], "int8", stream)
+    tensors, meta = decode_tensors(good)
+    assert rejection(st_save(tensors, metadata=dict(meta, deflate="lzma")), delta).code == "bad_codec"
+    assert rejection(st_save(tensors, metadata=dict(meta, codec="none")), delta).code == "bad_codec"
+    # The deflated container holds exactly one uint8 tensor.
+    extra = dict(tensors, **{"::int8": parts["::int8"]})
+    assert rejection(st_save(extra, metadata=meta), delta).code == "unknown_tensor"
+    wide = {"::deflate": tensors["::deflate"].astype(np.int16)}
+    assert rejection(st_save(wide, metadata=meta), delta).code == "dtype_mismatch"
 
 
 @pytest.mark.parametrize(
     "meta",
     [
-        {"codec": "zstd", "codec_version": "1"},
+        {"codec": "zstd", "codec_version": str(CODEC_VERSION)},
         {"codec": "none", "codec_version": "99"},
-        {"codec_version": "1"},
+        {"codec": "topk", "codec_version": "1"},
+        {"codec_version": str(CODEC_VERSION)},
         {},
     ],
 )

@@ -10,7 +10,7 @@ import pytest
 from django.test import Client, override_settings
 from safetensors.numpy import save as st_save
 
-from devices_agent.codecs import encode_delta
+from devices_agent.codecs import CODEC_VERSION, encode_delta
 from tests.training.federated.conftest import Fleet, make_fleet, make_job
 
 
@@ -99,7 +99,7 @@ def _bad_bodies() -> dict[str, tuple[bytes, int, str]]:
     inf["fc2.bias"][3] = np.inf
     wrong_shape = dict(good)
     wrong_shape["fc3.weight"] = np.zeros((10, 63), np.float32)
-    meta = {"codec": "none", "codec_version": "1"}
+    meta = {"codec": "none", "codec_version": str(CODEC_VERSION)}
     wrong_dtype = st_save(
         {k: v.astype(np.float16) if k == "fc1.bias" else v for k, v in good.items()}, metadata=meta
     )
