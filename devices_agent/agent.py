@@ -146,7 +146,11 @@ class Agent:
         self._done_tasks: list[tuple[str, int]] = []
         # What the server has already heard (see heartbeat_request).
         self._beats = 0
-        self.policy: Policy = {}
+        # The last policy the server sent and its etag, kept across restarts so that a
+        # restarted agent does not make the server resend an unchanged policy.
+        saved = self.state.load()
+        self.policy: Policy = dict(saved.get("policy") or {})  # type: ignore[assignment]
+        self.policy_etag: str | None = saved.get("policy_etag") if self.policy else None
         self._report_sent: dict[str, Any] | None = None
         self._state_sent: DeviceState | None = None
         self._pending: tuple[dict[str, Any] | None, DeviceState | None] = (None, None)
@@ -291,6 +295,8 @@ class Agent:
         if self._beats == 0:
             body["sent_at"] = utc_now_iso()
             body["agent_version"] = __version__
+        if self.policy_etag:
+            body["policy_etag"] = self.policy_etag
         running = self.state.current_version_id()
         if running is not None:
             body["running_version_id"] = running
@@ -327,10 +333,7 @@ class Agent:
         for command in answer.get("commands", []):
             self.run_command(command)
             result.commands += 1
-        # A server may leave out an unchanged policy to save bytes: keep the last one.
-        policy = answer.get("policy")
-        if policy is not None:
-            self.policy = policy
+        self._take_policy(answer)
         result.outcome = self.updater.reconcile(answer.get("desired"), self.policy)
         self.run_tasks(answer)
         if (self._beats - 1) % max(1, self.config.state_every) == 0:
@@ -348,6 +351,31 @@ class Agent:
         if self.restart_requested:
             raise RestartRequested()
         return result
+
+    def _take_policy(self, answer: HeartbeatResponse) -> None:
+        """Keep the policy of a heartbeat answer, or the last one when it was left out.
+
+        The server sends the policy only when its etag differs from the one this agent
+        sent; the time-varying part (``in_window``) comes with every answer. A server
+        that predates etags sends the whole policy every time and no etag.
+        """
+        policy = answer.get("policy")
+        etag = answer.get("policy_etag")
+        if policy is not None:
+            self.policy = dict(policy)  # type: ignore[assignment]
+            if etag is not None and etag != self.policy_etag:
+                self.state.update(policy=dict(policy), policy_etag=etag)
+            self.policy_etag = etag
+        elif etag is not None and etag != self.policy_etag:
+            # Not expected (the server sends the policy whenever the etags differ); ask
+            # for it again rather than act on a policy known to be stale.
+            self.policy_etag = None
+        if "in_window" in answer:
+            inside = bool(answer["in_window"])
+            # The size limit (the rest of the server's download_allowed) is checked by
+            # the updater against the artifact it is about to fetch.
+            self.policy["in_maintenance_window"] = inside
+            self.policy["download_allowed"] = inside
 
     def run_tasks(self, answer: HeartbeatResponse) -> None:
         """Hand each assigned task to its registered handler, once per round.

@@ -99,6 +99,9 @@ class HeartbeatRequest(TypedDict, total=False):
     running_version_id: int | None
     deployment: DeploymentReport | None
     state: DeviceState
+    # The etag of the policy the agent holds (from an earlier HeartbeatResponse); the
+    # server resends the policy only when its own differs. Absent: the agent has none.
+    policy_etag: NotRequired[str]
 
 
 class ArtifactRef(TypedDict):
@@ -148,14 +151,32 @@ class Command(TypedDict):
     args: dict[str, Any]
 
 
+# Fields of Policy that depend on the moment (and on the artifact to download) rather
+# than on the policy itself: the policy etag leaves them out.
+TIME_VARYING_POLICY_FIELDS = ("in_maintenance_window", "download_allowed")
+
+
 class HeartbeatResponse(TypedDict):
+    """The answer to a heartbeat.
+
+    Absent means empty or none: a missing ``desired`` is ``None`` (no model wanted), a
+    missing ``tasks`` or ``commands`` is ``[]``, and a missing (or null) ``policy`` means
+    "unchanged": the agent's copy, whose etag it sent, is current. ``policy_etag`` is
+    always sent by servers that know it; ``in_window`` is the time-varying part of the
+    policy (whether now is inside a maintenance window), sent on every heartbeat because
+    the policy itself is not. When the policy is sent, it is evaluated at the same moment.
+    Servers that predate the etag send neither and always send ``policy``.
+    """
+
     device_id: str
     server_time: str
     heartbeat_interval_s: int
-    desired: DesiredModel | None
-    policy: Policy
-    tasks: list[TrainingTask]
-    commands: list[Command]
+    desired: NotRequired[DesiredModel | None]
+    policy: NotRequired[Policy | None]
+    policy_etag: NotRequired[str]
+    in_window: NotRequired[bool]
+    tasks: NotRequired[list[TrainingTask]]
+    commands: NotRequired[list[Command]]
 
 
 class MetricSample(TypedDict):

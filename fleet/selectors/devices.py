@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Mapping
 from datetime import datetime, time
@@ -10,7 +11,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from django.db.models import Q, QuerySet
 
-from devices_agent.wire import Policy
+from devices_agent.wire import TIME_VARYING_POLICY_FIELDS, Policy
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
 
 
@@ -145,6 +146,17 @@ def in_maintenance_window(*, windows: list[dict[str, Any]], tz_name: str, now: d
             if (today - 1) % 7 in days and clock < end:
                 return True
     return False
+
+
+def policy_etag(*, document: Mapping[str, Any]) -> str:
+    """A short hash of the policy document without its time-varying fields.
+
+    Equal etags mean the agent's copy of the policy is current; 12 hex digits (48 bits)
+    make a collision between two versions of one policy negligible.
+    """
+    static = {key: value for key, value in document.items() if key not in TIME_VARYING_POLICY_FIELDS}
+    canonical = json.dumps(static, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
 def policy_document(

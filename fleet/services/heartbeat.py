@@ -34,6 +34,7 @@ from fleet.selectors.devices import (
     device_static_group_ids,
     group_policy_table,
     policy_document,
+    policy_etag,
 )
 from fleet.services.commands import device_commands_take
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_record_status
@@ -254,12 +255,25 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
     tasks: list[TrainingTask] = []
     for provider in _task_providers if with_tasks else ():
         tasks.extend(provider(device))
-    return {
+    now = timezone.now()
+    document = policy_document(policy=policy, now=now, download_size=download_size)
+    etag = policy_etag(document=document)
+    # Absent keys mean empty or none (see devices_agent.wire): an idle device's answer is
+    # a few fields, and the policy travels only when the agent's copy is not current.
+    response: HeartbeatResponse = {
         "device_id": str(device.pk),
-        "server_time": timezone.now().isoformat(),
+        "server_time": now.isoformat(),
         "heartbeat_interval_s": int(interval),
-        "desired": desired,
-        "policy": policy_document(policy=policy, now=timezone.now(), download_size=download_size),
-        "tasks": tasks,
-        "commands": device_commands_take(device=device),
+        "policy_etag": etag,
+        "in_window": bool(document.get("in_maintenance_window", True)),
     }
+    if report.get("policy_etag") != etag:
+        response["policy"] = document
+    if desired is not None:
+        response["desired"] = desired
+    if tasks:
+        response["tasks"] = tasks
+    commands = device_commands_take(device=device)
+    if commands:
+        response["commands"] = commands
+    return response

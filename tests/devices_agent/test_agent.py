@@ -121,6 +121,57 @@ def test_enroll_once_then_heartbeat_with_increasing_seq(fleet: FakeFleet, tmp_pa
     again.close()
 
 
+def test_policy_is_kept_by_etag_across_heartbeats_and_restarts(fleet: FakeFleet, tmp_path: Path) -> None:
+    policy = {
+        "name": "night",
+        "max_download_bytes": 500,
+        "in_maintenance_window": True,
+        "download_allowed": True,
+    }
+    window = {"open": True}
+
+    def heartbeat(h: Handler, body: bytes) -> None:
+        # A server that knows etags: the policy only for an agent whose etag is stale.
+        answer: dict[str, Any] = {
+            "device_id": "00000000-0000-0000-0000-000000000001",
+            "server_time": "2026-01-01T00:00:00+00:00",
+            "heartbeat_interval_s": 30,
+            "policy_etag": "e1",
+            "in_window": window["open"],
+        }
+        if json.loads(body).get("policy_etag") != "e1":
+            answer["policy"] = policy
+        h.send_json(200, answer)
+
+    fleet.server.routes[("POST", "/api/agent/v1/heartbeat")] = heartbeat
+    agent = make_agent(fleet, tmp_path)
+    agent.step()
+    window["open"] = False
+    agent.step()
+    beats = fleet.server.posted("/api/agent/v1/heartbeat")
+    assert "policy_etag" not in beats[0] and beats[1]["policy_etag"] == "e1"
+    # The policy was left out of the second answer: the agent kept it, with the window applied.
+    assert agent.policy["name"] == "night" and agent.policy["max_download_bytes"] == 500
+    assert agent.policy["in_maintenance_window"] is False and agent.policy["download_allowed"] is False
+    agent.close()
+    again = make_agent(fleet, tmp_path, token="")
+    assert again.policy["name"] == "night" and again.policy_etag == "e1"
+    window["open"] = True
+    again.step()
+    assert fleet.server.posted("/api/agent/v1/heartbeat")[-1]["policy_etag"] == "e1"
+    assert again.policy["in_maintenance_window"] is True and again.policy["download_allowed"] is True
+    again.close()
+
+
+def test_servers_without_etags_still_send_the_policy_every_time(fleet: FakeFleet, tmp_path: Path) -> None:
+    agent = make_agent(fleet, tmp_path)
+    agent.step()
+    agent.step()
+    assert all("policy_etag" not in b for b in fleet.server.posted("/api/agent/v1/heartbeat"))
+    assert agent.policy == {"health_latency_budget_ms": 1000.0}
+    agent.close()
+
+
 def test_refused_token_is_an_enrollment_error(fleet: FakeFleet, tmp_path: Path) -> None:
     agent = make_agent(fleet, tmp_path, token="wrong")
     with pytest.raises(EnrollmentError, match="bad token"):

@@ -13,7 +13,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, UpdatePolicy
-from fleet.selectors.devices import in_maintenance_window
+from fleet.selectors.devices import in_maintenance_window, policy_etag
 from fleet.services import heartbeat as heartbeat_service
 from models_registry.signing import signing_public_key_b64, verify
 
@@ -27,8 +27,10 @@ def test_heartbeat_marks_online_and_stores_state(enroll: Any) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["device_id"] == str(agent.device.pk)
-    assert body["desired"] is None and body["tasks"] == [] and body["commands"] == []
+    # Absent means empty or none (devices_agent.wire.HeartbeatResponse).
+    assert "desired" not in body and "tasks" not in body and "commands" not in body
     assert body["policy"]["name"] == "default" and body["policy"]["download_allowed"] is True
+    assert body["in_window"] is True and len(body["policy_etag"]) == 12
     device = agent.refresh()
     assert device.status == "online" and device.last_seen is not None
     assert device.agent_version == "1.2.0"
@@ -152,7 +154,7 @@ def test_pending_commands_are_delivered_once(enroll: Any, operator_client: Any) 
     commands = agent.heartbeat(seq=1).json()["commands"]
     assert commands == [{"id": response.json()["id"], "kind": "diagnostics", "args": {"verbose": True}}]
     assert DeviceCommand.objects.get().status == "sent"
-    assert agent.heartbeat(seq=2).json()["commands"] == []
+    assert agent.heartbeat(seq=2).json().get("commands", []) == []
 
 
 def test_registered_task_provider_feeds_tasks(enroll: Any) -> None:
@@ -192,8 +194,63 @@ def test_version_without_onnx_is_not_offered(enroll: Any, make_version: Any) -> 
     version = make_version()
     Artifact.objects.filter(version=version).delete()
     Device.objects.filter(pk=agent.device.pk).update(desired_version=version)
-    assert agent.heartbeat(seq=1).json()["desired"] is None
+    assert agent.heartbeat(seq=1).json().get("desired") is None
     assert not Deployment.objects.exists()
+
+
+def test_policy_is_sent_only_when_the_agents_etag_is_stale(enroll: Any, settings: Any) -> None:
+    settings.HEARTBEAT_CACHE_TTL_S = 0  # every heartbeat reads the policy afresh
+    agent = enroll()
+    first = agent.heartbeat(seq=1).json()
+    etag = first["policy_etag"]
+    assert first["policy"]["name"] == "default"
+    same = agent.heartbeat(seq=2, policy_etag=etag).json()
+    assert "policy" not in same and same["policy_etag"] == etag and same["in_window"] is True
+    # A stale or unknown etag gets the whole policy again.
+    assert agent.heartbeat(seq=3, policy_etag="0" * 12).json()["policy"]["name"] == "default"
+    # An operator's edit changes the etag: the agent holding the old one gets the new policy.
+    policy = UpdatePolicy.objects.create(name="edited", max_download_bytes=1000)
+    Device.objects.filter(pk=agent.device.pk).update(policy=policy)
+    changed = agent.heartbeat(seq=4, policy_etag=etag).json()
+    assert changed["policy_etag"] != etag and changed["policy"]["name"] == "edited"
+    new_etag = changed["policy_etag"]
+    UpdatePolicy.objects.filter(pk=policy.pk).update(max_download_bytes=2000)
+    again = agent.heartbeat(seq=5, policy_etag=new_etag).json()
+    assert again["policy_etag"] != new_etag and again["policy"]["max_download_bytes"] == 2000
+
+
+def test_etag_ignores_the_time_varying_fields_and_window_is_always_sent(enroll: Any) -> None:
+    agent = enroll()
+    now_utc = timezone.now()
+    closed = [
+        {
+            "days": [],
+            "start": (now_utc + timedelta(hours=2)).strftime("%H:%M"),
+            "end": (now_utc + timedelta(hours=3)).strftime("%H:%M"),
+        }
+    ]
+    policy = UpdatePolicy.objects.create(name="night", maintenance_windows=closed)
+    Device.objects.filter(pk=agent.device.pk).update(policy=policy)
+    body = agent.heartbeat(seq=1).json()
+    assert body["in_window"] is False and body["policy"]["in_maintenance_window"] is False
+    static = {
+        k: v for k, v in body["policy"].items() if k not in ("in_maintenance_window", "download_allowed")
+    }
+    flipped = {**static, "in_maintenance_window": True, "download_allowed": True}
+    assert policy_etag(document=flipped) == body["policy_etag"]
+
+
+def test_heartbeat_answer_is_compact_without_browser_headers(enroll: Any) -> None:
+    response = enroll().heartbeat(seq=1)
+    assert b", " not in response.content and b'": ' not in response.content
+    assert response["Content-Type"] == "application/json"
+    for name in (
+        "X-Frame-Options",
+        "Referrer-Policy",
+        "Cross-Origin-Opener-Policy",
+        "X-Content-Type-Options",
+    ):
+        assert name not in response, name
 
 
 def test_benchmark_views_are_not_mounted_by_default(enroll: Any) -> None:
