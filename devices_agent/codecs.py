@@ -119,7 +119,8 @@ class EncodedDelta:
 
     ``raw_bytes`` is the float32 size of the delta, so ``len(data) / raw_bytes`` is the
     compression ratio. ``residual`` is the new error-feedback residual for ``topk``
-    (what was not sent, to be added to the next delta) and ``None`` for other codecs.
+    (what was not sent, plus the float16 rounding error of what was, to be added to the
+    next delta) and ``None`` for other codecs.
     """
 
     data: bytes
@@ -286,7 +287,9 @@ def encode_delta(
             scale = peak / np.float32(127.0)
             if not scale > 0:
                 scale = np.float32(1.0) if peak == 0 else np.finfo(np.float32).smallest_subnormal
-            q = np.rint(t.ravel() / scale)
+            # Only the subnormal fallback scale can overflow here; clipping saturates it.
+            with np.errstate(over="ignore"):
+                q = np.rint(t.ravel() / scale)
             parts.append(np.clip(q, -127, 127).astype(np.int8))
             scales[i] = scale
         flat = np.concatenate(parts) if parts else np.empty(0, dtype=np.int8)
@@ -345,18 +348,6 @@ def _pack(codec: str, parts: dict[str, np.ndarray[Any, Any]], metadata: dict[str
     stream = np.frombuffer(zlib.compress(body, _DEFLATE_LEVEL), dtype=np.uint8)
     deflated: bytes = st_save({_DEFLATE: stream}, metadata={**metadata, "deflate": "zlib"})
     return deflated if len(deflated) < len(plain) else plain
-
-
-def _json_meta(metadata: Mapping[str, str], key: str) -> dict[str, Any]:
-    try:
-        value = json.loads(metadata[key])
-    except KeyError:
-        raise WireError("malformed", f"metadata key {key!r} is missing") from None
-    except json.JSONDecodeError:
-        raise WireError("malformed", f"metadata key {key!r} is not valid JSON") from None
-    if not isinstance(value, dict):
-        raise WireError("malformed", f"metadata key {key!r} must be a JSON object")
-    return value
 
 
 def expected_layout(

@@ -304,9 +304,16 @@ def test_encoder_refuses_non_finite_input(codec: str) -> None:
         encode_delta(delta, codec=codec)
 
 
-def test_fp16_encoder_refuses_values_out_of_range() -> None:
+@pytest.mark.parametrize("codec", ["fp16", "topk"])
+def test_float16_encoders_refuse_values_out_of_range(codec: str) -> None:
     with pytest.raises(ValueError, match="float16 range"):
-        encode_delta({"w": np.array([1e5], np.float32)}, codec="fp16")
+        encode_delta({"w": np.array([1e5, 1.0], np.float32)}, codec=codec, topk_fraction=0.5)
+
+
+def test_int8_subnormal_tensor_keeps_a_positive_scale() -> None:
+    delta = {"w": np.array([1e-45, -1e-45, 0.0], np.float32)}
+    out = decode_delta(encode_delta(delta, codec="int8").data, expected=expected_of(delta))
+    np.testing.assert_array_equal(out["w"], delta["w"])
 
 
 @pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
