@@ -76,7 +76,8 @@ def _child(args: argparse.Namespace) -> None:
     agent.client.counter = counter
     beats = 10 if args.quick else 30
     for _ in range(beats):
-        agent.client.heartbeat(agent.heartbeat_request())
+        # Through the agent, so it leaves out what an earlier heartbeat already said.
+        agent.heartbeat()
     heartbeat_bytes = (counter.sent + counter.received) / counter.requests
     heartbeat_sent = counter.sent / counter.requests
     heartbeat_body = counter.received_body / counter.requests

@@ -316,24 +316,18 @@ class Agent:
         assert self.client is not None and self.updater is not None
         try:
             self.updater.flush_reports()
-            answer = self.client.heartbeat(self.heartbeat_request())
+            answer = self.heartbeat()
         except ServerError as exc:
             delay = min(self.backoff.delay(), max(self.interval_s, 1.0))
             log.warning("heartbeat failed (%s); next try in %.1f s", exc, delay)
             return StepResult(ok=False, interval_s=delay, error=str(exc))
         self.backoff.reset()
-        self._beats += 1
-        report, sent_state = self._pending
-        self._report_sent = report
-        if sent_state is not None:
-            self._state_sent = sent_state
         if self.config.heartbeat_interval_s is None and answer.get("heartbeat_interval_s"):
             self.interval_s = float(answer["heartbeat_interval_s"])
         result = StepResult(ok=True, interval_s=self.interval_s)
         for command in answer.get("commands", []):
             self.run_command(command)
             result.commands += 1
-        self._take_policy(answer)
         result.outcome = self.updater.reconcile(answer.get("desired"), self.policy)
         self.run_tasks(answer)
         if (self._beats - 1) % max(1, self.config.state_every) == 0:
@@ -351,6 +345,22 @@ class Agent:
         if self.restart_requested:
             raise RestartRequested()
         return result
+
+    def heartbeat(self) -> HeartbeatResponse:
+        """Send one heartbeat and note what the server now knows; raises ServerError.
+
+        Only the heartbeat: the answer's desired model, commands and tasks are acted on
+        by :meth:`step`. The policy of the answer (or the kept one) is in ``self.policy``.
+        """
+        assert self.client is not None
+        answer = self.client.heartbeat(self.heartbeat_request())
+        self._beats += 1
+        report, sent_state = self._pending
+        self._report_sent = report
+        if sent_state is not None:
+            self._state_sent = sent_state
+        self._take_policy(answer)
+        return answer
 
     def _take_policy(self, answer: HeartbeatResponse) -> None:
         """Keep the policy of a heartbeat answer, or the last one when it was left out.

@@ -262,7 +262,7 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
     # a few fields, and the policy travels only when the agent's copy is not current.
     response: HeartbeatResponse = {
         "device_id": str(device.pk),
-        "server_time": now.isoformat(),
+        "server_time": now.isoformat(timespec="seconds"),  # a clock reference, not a timer
         "heartbeat_interval_s": int(interval),
         "policy_etag": etag,
         "in_window": bool(document.get("in_maintenance_window", True)),
