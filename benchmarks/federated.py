@@ -59,6 +59,13 @@ LR = 0.05
 ALPHA = 0.5
 
 
+def _seconds(start: Any, end: Any) -> float:
+    """Seconds between two timestamps of a finished round (both are set once it is done)."""
+    if start is None or end is None:
+        return 0.0
+    return float((end - start).total_seconds())
+
+
 def _env(work: Path, database_url: str, redis_url: str, port: int) -> dict[str, str]:
     from cryptography.fernet import Fernet
 
@@ -234,11 +241,11 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
         "wire_bytes": sum(c.sent + c.received for c in counters),
         "requests": sum(c.requests for c in counters),
         "aggregate_s": float(np.median([r.durations.get("aggregate_s", 0.0) for r in done])),
-        "collect_s": float(np.median([(r.closed_at - r.opened_at).total_seconds() for r in done])),
-        "close_to_done_s": float(np.median([(r.finished_at - r.closed_at).total_seconds() for r in done])),
+        "collect_s": float(np.median([_seconds(r.opened_at, r.closed_at) for r in done])),
+        "close_to_done_s": float(np.median([_seconds(r.closed_at, r.finished_at) for r in done])),
         "done_to_next_s": float(
             np.median(
-                [(b.opened_at - a.finished_at).total_seconds() for a, b in itertools.pairwise(done)] or [0.0]
+                [_seconds(a.finished_at, b.opened_at) for a, b in itertools.pairwise(done)] or [0.0]
             )
         ),
         "evaluate_s": float(np.median([r.durations.get("evaluate_s", 0.0) for r in done])),

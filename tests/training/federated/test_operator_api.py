@@ -47,7 +47,7 @@ def test_create_start_pause_resume_cancel_with_audit(fleet: Fleet, operator_clie
 
 
 def test_invalid_configurations_are_refused(fleet: Fleet, operator_client: Any) -> None:
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"strategy": "fedmagic"}, "strategy"),
         ({"codec": "zip"}, "codec"),
         ({"clients_fraction": 1.5}, "clients_fraction"),

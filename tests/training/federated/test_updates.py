@@ -40,7 +40,7 @@ def _delta(scale: float = 0.01, seed: int = 1) -> dict[str, np.ndarray]:
 
 
 def _post(client: Client, round_id: int, body: bytes, *, examples: str = "40", metrics: str = "") -> Any:
-    headers = {"HTTP_X_NUM_EXAMPLES": examples}
+    headers: dict[str, Any] = {"HTTP_X_NUM_EXAMPLES": examples}
     if metrics:
         headers["HTTP_X_METRICS"] = metrics
     return client.post(
