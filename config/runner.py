@@ -49,6 +49,9 @@ def web_command(*, port: int, host: str = "127.0.0.1", workers: int = 1) -> list
         "off",
         "--timeout-graceful-shutdown",
         "5",
+        # Devices read neither header, and both would ride on every heartbeat answer.
+        "--no-server-header",
+        "--no-date-header",
     ]
 
 
