@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from devices_agent import __version__
 from devices_agent.client import AgentClient, AuthError, Backoff, ServerError, retry_call
@@ -41,6 +41,7 @@ from devices_agent.wire import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Command,
     DeviceState,
+    DriftSketch,
     EnrollRequest,
     Hardware,
     HeartbeatRequest,
@@ -142,6 +143,8 @@ class Agent:
         self.client: AgentClient | None = None
         self.updater: Updater | None = None
         self.predictor: Predictor | None = None
+        self._drift_pending: DriftSketch | None = None
+        self._drift_since = utc_now_iso()
         self.restart_requested = False
         self._done_tasks: list[tuple[str, int]] = []
         # What the server has already heard (see heartbeat_request).
@@ -360,7 +363,41 @@ class Agent:
         if sent_state is not None:
             self._state_sent = sent_state
         self._take_policy(answer)
+        every = self.config.drift_every
+        if every > 0 and self._beats % every == 0:
+            self.send_drift()
         return answer
+
+    def send_drift(self) -> bool:
+        """Send the predictor's drift sketch (and reset it); True when one was delivered.
+
+        A sketch that could not be delivered for a retryable reason is kept and sent
+        first next time; one the server refused is dropped, as a retry would not change it.
+        """
+        assert self.client is not None
+        if self._drift_pending is None and self.predictor is not None and self.predictor.drift is not None:
+            with self.predictor._lock:
+                taken = self.predictor.drift.take()
+            if taken is not None:
+                body = {
+                    **taken,
+                    "version_id": self.predictor.version_id,
+                    "window_start": self._drift_since,
+                    "window_end": utc_now_iso(),
+                }
+                self._drift_pending = cast(DriftSketch, body)
+                self._drift_since = utc_now_iso()
+        if self._drift_pending is None:
+            return False
+        try:
+            self.client.send_drift(self._drift_pending)
+        except ServerError as exc:
+            if exc.retryable:
+                log.info("drift sketch not delivered: %s", exc)
+                return False
+            log.warning("drift sketch refused, dropped: %s", exc)
+        self._drift_pending = None
+        return True
 
     def _take_policy(self, answer: HeartbeatResponse) -> None:
         """Keep the policy of a heartbeat answer, or the last one when it was left out.

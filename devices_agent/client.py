@@ -34,6 +34,7 @@ from devices_agent.wire import (
     AUTH_SCHEME,
     CommandResultRequest,
     DeploymentStatusRequest,
+    DriftSketch,
     EnrollRequest,
     EnrollResponse,
     HeartbeatRequest,
@@ -293,6 +294,10 @@ class AgentClient:
     def send_metrics(self, body: MetricsRequest) -> MetricsResponse:
         """``POST metrics``: one batch, idempotent by ``batch_id``."""
         return cast(MetricsResponse, self._json("POST", "metrics", body))
+
+    def send_drift(self, body: DriftSketch) -> dict[str, Any]:
+        """``POST drift``: one window's input/confidence sketch."""
+        return self._json("POST", "drift", body)
 
     def report_deployment(self, deployment_id: int, body: DeploymentStatusRequest) -> dict[str, Any]:
         """``POST deployments/<id>/status``."""

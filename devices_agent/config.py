@@ -59,6 +59,8 @@ class AgentConfig:
     health_check_runs: int = 20
     # The full device state rides on every n-th heartbeat (and whenever it changed).
     state_every: int = 10
+    # A drift sketch (devices_agent.drift) is sent every n-th heartbeat; 0 turns it off.
+    drift_every: int = 10
     keep_versions: int = 2
     log_file: Path | None = None
 

@@ -25,6 +25,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from devices_agent.drift import DriftSketch
+
 __all__ = [
     "HealthResult",
     "Prediction",
@@ -115,6 +117,8 @@ class Predictor:
         self._open: collections.OrderedDict[int, int] = collections.OrderedDict()
         self._max_open = max_open_predictions
         self._lock = threading.Lock()
+        # Sized on the first input: the feature count is the model's, read off the data.
+        self.drift: DriftSketch | None = None
 
     def _emit(self, name: str, value: float) -> None:
         if self.record is not None:
@@ -139,6 +143,10 @@ class Predictor:
         )
         self._emit("latency_ms", latency_ms)
         self._emit("confidence", prediction.confidence)
+        with self._lock:
+            if self.drift is None or self.drift.num_features != batch.shape[1]:
+                self.drift = DriftSketch(num_features=batch.shape[1])
+            self.drift.update(inputs=batch, confidence=[prediction.confidence])
         if label is not None:
             self._emit("correct", 1.0 if top == int(label) else 0.0)
         else:

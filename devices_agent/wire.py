@@ -247,3 +247,19 @@ __all__ = [
     "expected_layout",
     "l2_norm",
 ]
+
+
+class DriftSketch(TypedDict):
+    """`POST drift` body: per-feature Welford moments and a top-1 confidence histogram."""
+
+    count: int  # inputs seen in the window
+    mean: list[float]  # per-feature mean
+    m2: list[float]  # per-feature sum of squared deviations from the mean
+    confidence_hist: list[int]  # DRIFT_CONFIDENCE_BINS equal bins over [0, 1]
+    version_id: NotRequired[int | None]
+    window_start: NotRequired[str]
+    window_end: NotRequired[str]
+
+
+DRIFT_CONFIDENCE_BINS = 10
+DRIFT_MAX_FEATURES = 4096

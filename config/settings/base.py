@@ -224,6 +224,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.webhooks_retry_due",
         "schedule": timedelta(seconds=10),
     },
+    "fleet-drift-check": {
+        "task": "fleet.drift_check",
+        "schedule": timedelta(seconds=60),
+    },
 }
 
 # --- Flotilla ---------------------------------------------------------------------------
@@ -231,6 +235,12 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
 # and keeps the heartbeat hot path cheap; a password hasher would cost milliseconds.
 DEVICE_SECRET_KEY = env.str("DEVICE_SECRET_KEY", default="")
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
+# Drift: alert thresholds on a device's sketch (PSI of top-1 confidence, z of a feature's
+# mean shift) and the accuracy drop on labelled feedback that flags a model version.
+DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
+DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
+DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
+DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
 # A device is offline once it missed this many heartbeats.
 OFFLINE_AFTER_MISSED = env.int("OFFLINE_AFTER_MISSED", default=3)
 # The heartbeat writes last_seen at most this often per device (it must stay well below

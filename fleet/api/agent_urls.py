@@ -4,11 +4,13 @@ from django.conf import settings
 from django.urls import path
 
 from fleet.api import agent_views
+from fleet.api.drift import agent_drift
 
 urlpatterns = [
     path("enroll", agent_views.enroll, name="agent-enroll"),
     path("heartbeat", agent_views.heartbeat, name="agent-heartbeat"),
     path("metrics", agent_views.metrics, name="agent-metrics"),
+    path("drift", agent_drift, name="agent-drift"),
     path("artifacts/<str:sha256>", agent_views.artifact, name="agent-artifact"),
     path(
         "deployments/<int:deployment_id>/status",

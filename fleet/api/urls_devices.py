@@ -1,8 +1,10 @@
 """Operator routes: devices, device groups, enrollment tokens, update policies."""
 
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
 from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
+from fleet.api.drift import DriftSummaryView
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
@@ -11,4 +13,4 @@ router.register("device-groups", DeviceGroupViewSet, basename="device-group")
 router.register("enrollment-tokens", EnrollmentTokenViewSet, basename="enrollment-token")
 router.register("update-policies", UpdatePolicyViewSet, basename="update-policy")
 
-urlpatterns = router.urls
+urlpatterns = router.urls + [path("drift/", DriftSummaryView.as_view(), name="drift-summary")]

@@ -10,6 +10,7 @@ from fleet.models.devices import (
     MetricBatch,
     MetricSample,
 )
+from fleet.models.drift import DriftReport  # noqa: F401
 from fleet.models.experiments import Experiment, ExperimentAssignment, ExperimentDecision  # noqa: F401
 from fleet.models.policies import UpdatePolicy
 from fleet.models.provisioning import KnownHost, ProvisioningJob  # noqa: F401

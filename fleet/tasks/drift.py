@@ -1,0 +1,15 @@
+"""Drift tasks: flag model versions whose accuracy on labelled feedback dropped."""
+
+from __future__ import annotations
+
+from celery import shared_task
+
+from fleet.services.drift import drift_check
+
+__all__ = ["drift_check_task"]
+
+
+@shared_task(name="fleet.drift_check")
+def drift_check_task() -> list[int]:
+    """Run `drift_check` (beat: every 60 s); returns the ids of versions flagged now."""
+    return drift_check()
