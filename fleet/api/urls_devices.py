@@ -5,6 +5,7 @@ from rest_framework.routers import DefaultRouter
 
 from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
 from fleet.api.drift import DriftSummaryView
+from fleet.api.personalisation import PersonalisationView
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
@@ -13,4 +14,7 @@ router.register("device-groups", DeviceGroupViewSet, basename="device-group")
 router.register("enrollment-tokens", EnrollmentTokenViewSet, basename="enrollment-token")
 router.register("update-policies", UpdatePolicyViewSet, basename="update-policy")
 
-urlpatterns = router.urls + [path("drift/", DriftSummaryView.as_view(), name="drift-summary")]
+urlpatterns = router.urls + [
+    path("drift/", DriftSummaryView.as_view(), name="drift-summary"),
+    path("personalisation/", PersonalisationView.as_view(), name="personalisation"),
+]
