@@ -118,7 +118,9 @@ def _feedback(device: Any, version: Any, *, n: int, correct: int) -> None:
     )
 
 
-def test_drift_check_flags_only_real_drops_with_enough_samples(enroll: Any, make_version: Any) -> None:
+def test_drift_check_flags_only_real_drops_with_enough_samples(
+    enroll: Any, make_version: Any, django_capture_on_commit_callbacks: Any
+) -> None:
     device = enroll().device
     few, steady, dropped = make_version(), make_version(), make_version()
     for version in (few, steady, dropped):
@@ -127,7 +129,9 @@ def test_drift_check_flags_only_real_drops_with_enough_samples(enroll: Any, make
     _feedback(device, few, n=150, correct=50)  # a big drop, but too few samples
     _feedback(device, steady, n=300, correct=276)  # 0.92: within 0.05
     _feedback(device, dropped, n=300, correct=240)  # 0.80
-    assert drift_check() == [dropped.pk]
+    with django_capture_on_commit_callbacks(execute=False) as emitted:
+        assert drift_check() == [dropped.pk]
+    assert len(emitted) == 1  # the model.flagged webhook, created after commit
     dropped.refresh_from_db()
     assert dropped.metrics["flagged"]["reason"] == "accuracy_drop"
     assert dropped.metrics["flagged"]["accuracy"] == pytest.approx(0.8)
@@ -135,7 +139,9 @@ def test_drift_check_flags_only_real_drops_with_enough_samples(enroll: Any, make
     for version in (few, steady):
         version.refresh_from_db()
         assert "flagged" not in version.metrics
-    assert drift_check() == []  # idempotent: flagged once
+    with django_capture_on_commit_callbacks(execute=False) as emitted:
+        assert drift_check() == []  # idempotent: flagged once
+    assert emitted == []
 
 
 def test_old_feedback_does_not_count(enroll: Any, make_version: Any) -> None:
@@ -145,3 +151,16 @@ def test_old_feedback_does_not_count(enroll: Any, make_version: Any) -> None:
     version.save()
     _feedback(device, version, n=300, correct=0)
     assert drift_check(now=timezone.now() + timedelta(hours=2)) == []
+
+
+def test_reference_runs_the_onnx_artifact_for_the_confidence_histogram(make_version: Any) -> None:
+    from models_registry.drift_reference import drift_reference_compute
+    from tests.devices_agent.agent_helpers import linear_onnx
+
+    version = make_version(onnx=linear_onnx())
+    reference = drift_reference_compute(version_id=version.pk)
+    x_train = load_digits_split()[0]
+    assert reference["count"] == len(x_train) and sum(reference["confidence_hist"]) == len(x_train)
+    np.testing.assert_allclose(reference["mean"], x_train.mean(axis=0), atol=1e-4)
+    version.refresh_from_db()
+    assert version.metrics["drift_reference"] == reference
