@@ -35,11 +35,13 @@ from devices_agent.client import AgentClient, AuthError, Backoff, ServerError, r
 from devices_agent.config import AgentConfig
 from devices_agent.inference import Predictor, resource_usage
 from devices_agent.outbox import Outbox, utc_now_iso
+from devices_agent.personal import Personaliser, PersonalResult, fetch_global_weights
 from devices_agent.state import AgentState, Credentials, InstalledModel
 from devices_agent.updater import Outcome, Updater
 from devices_agent.wire import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
     Command,
+    DesiredModel,
     DeviceState,
     DriftSketch,
     EnrollRequest,
@@ -147,6 +149,8 @@ class Agent:
         self._drift_since = utc_now_iso()
         self.restart_requested = False
         self._done_tasks: list[tuple[str, int]] = []
+        self._personaliser: Personaliser | None = None
+        self._personalise_failed: set[int] = set()
         # What the server has already heard (see heartbeat_request).
         self._beats = 0
         # The last policy the server sent and its etag, kept across restarts so that a
@@ -333,6 +337,7 @@ class Agent:
             result.commands += 1
         result.outcome = self.updater.reconcile(answer.get("desired"), self.policy)
         self.run_tasks(answer)
+        self.personalise(answer.get("desired"))
         if (self._beats - 1) % max(1, self.config.state_every) == 0:
             # Resource use is sampled at the state cadence, not every heartbeat: on an
             # idle board a metrics batch every minute would double the daily traffic.
@@ -446,6 +451,64 @@ class Agent:
                 continue
             self._done_tasks.append(key)
             del self._done_tasks[:-100]
+
+    def personalise(self, desired: DesiredModel | None) -> PersonalResult | None:
+        """Fine-tune the personal head once the desired version is active here (when enabled).
+
+        Runs after the heartbeat's answer was acted on, in the agent's loop, with one torch
+        thread and ``personalise_epochs`` epochs. Only the two accuracies are queued for the
+        server; the head stays under ``<state_dir>/personal``. A failure is logged and not
+        retried for the same version, so a broken artifact does not cost CPU every beat.
+        """
+        if not self.config.personalise or self.local_data is None or desired is None:
+            return None
+        version_id = int(desired["version_id"])
+        ref = desired.get("weights")
+        if ref is None or self.state.current_version_id() != version_id:
+            return None
+        if version_id in self._personalise_failed:
+            return None
+        if self._personaliser is None:
+            x, y = self.local_data
+            self._personaliser = Personaliser(
+                state_dir=self.config.state_dir,
+                x=x,
+                y=y,
+                arch=str(desired["arch"]),
+                record=self.record,
+                epochs=self.config.personalise_epochs,
+            )
+        personaliser = self._personaliser
+        personaliser.arch = str(desired["arch"])
+        if not personaliser.needs(version_id):
+            return None
+        assert self.client is not None and self.updater is not None
+        try:
+            weights = fetch_global_weights(
+                client=self.client,
+                ref=ref,
+                public_key=self.updater.public_key,
+                folder=self.state.downloads_dir / "weights",
+            )
+            result = personaliser.personalise(version_id=version_id, global_weights=weights)
+        except AuthError:
+            raise
+        except ServerError as exc:
+            # Transient: the next cycle tries again.
+            log.warning("personalisation of v%s postponed: %s", version_id, exc)
+            return None
+        except Exception:
+            log.exception("personalisation of v%s failed", version_id)
+            self._personalise_failed.add(version_id)
+            return None
+        log.info(
+            "personalised v%s (%s): global %.3f, personal %.3f",
+            version_id,
+            result.rebase,
+            result.global_accuracy,
+            result.personal_accuracy,
+        )
+        return result
 
     def flush_metrics(self) -> int:
         """Send queued metrics in batches until empty, an error, or the per-flush limit."""

@@ -62,6 +62,10 @@ class AgentConfig:
     # A drift sketch (devices_agent.drift) is sent every n-th heartbeat; 0 turns it off.
     drift_every: int = 10
     keep_versions: int = 2
+    # Fine-tune a personal head on the board's local data after each new version
+    # (devices_agent.personal); off on real boards, which usually have no labelled data.
+    personalise: bool = False
+    personalise_epochs: int = 5
     log_file: Path | None = None
 
     def __post_init__(self) -> None:

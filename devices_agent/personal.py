@@ -70,7 +70,8 @@ def fetch_global_weights(
     """Download a ``weights`` artifact (resumable), verify digest and signature, decode it.
 
     The verified file is kept as ``<folder>/<sha256>.safetensors`` so a later call for the
-    same artifact reads it from disk. Raises :class:`devices_agent.updater.VerificationError`
+    same artifact reads it from disk; older files there are removed, so only the
+    latest global weights take space on the board. Raises :class:`devices_agent.updater.VerificationError`
     when the bytes do not match the signed digest.
     """
     folder.mkdir(parents=True, exist_ok=True)
@@ -85,6 +86,9 @@ def fetch_global_weights(
             raise
         os.replace(part, final)
         part.with_name(part.name + ".etag").unlink(missing_ok=True)
+        for old in folder.glob("*.safetensors"):
+            if old != final:
+                old.unlink(missing_ok=True)
     tensors, _ = decode_tensors(final.read_bytes())
     return {name: np.asarray(value, dtype=np.float32) for name, value in tensors.items()}
 

@@ -175,6 +175,8 @@ class Fleet:
                 health_check_runs=5,
                 websocket=False,
                 backoff_cap_s=max(heartbeat_interval_s or 60.0, 5.0),
+                personalise=len(y) >= 2,
+                personalise_epochs=3,
             )
             rng = random.Random(seed * 1_000_003 + index)
             agent = Agent(

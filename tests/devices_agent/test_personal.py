@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from devices_agent.agent import Agent
+from devices_agent.codecs import encode_tensors
+from devices_agent.config import AgentConfig
 from devices_agent.data import client_dataset, load_digits_split
 from devices_agent.local_train import apply_delta, train_local
 from devices_agent.nets import build_model, initial_weights, state_to_numpy
 from devices_agent.outbox import Outbox
 from devices_agent.personal import Personaliser
+from tests.devices_agent.agent_helpers import ScriptedServer, Signer, linear_onnx
+from tests.devices_agent.test_agent import FakeFleet
+
+SIGNER = Signer()
 
 Weights = dict[str, np.ndarray]
 
@@ -127,3 +136,104 @@ def test_an_unreadable_head_counts_as_none(tmp_path: Path) -> None:
     (tmp_path / "personal" / "head.safetensors").write_bytes(b"not safetensors")
     assert personaliser.load_head() is None
     assert personaliser.meta() is None
+
+
+def _desired(fleet: FakeFleet, weights: Weights, *, version_id: int, tamper: bool = False) -> None:
+    model = linear_onnx()
+    sha, signature = SIGNER.sign(model)
+    blob = encode_tensors(weights)
+    wsha, wsig = SIGNER.sign(blob)
+    if tamper:
+        wsig = SIGNER.sign(b"something else")[1]
+    fleet.server.routes[("GET", f"/api/agent/v1/artifacts/{sha}")] = lambda h, b: h.serve_bytes(
+        model, etag=sha
+    )
+    fleet.server.routes[("GET", f"/api/agent/v1/artifacts/{wsha}")] = lambda h, b: h.serve_bytes(
+        blob, etag=wsha
+    )
+    ref = {"url": "/api/agent/v1/artifacts/{}"}
+    fleet.desired = {
+        "version_id": version_id,
+        "label": f"digits:v{version_id}",
+        "family": "digits",
+        "arch": "mlp",
+        "deployment_id": None,
+        "artifact": {
+            **ref,
+            "kind": "onnx",
+            "url": ref["url"].format(sha),
+            "sha256": sha,
+            "size": len(model),
+            "signature": signature,
+        },
+        "weights": {
+            **ref,
+            "kind": "weights",
+            "url": ref["url"].format(wsha),
+            "sha256": wsha,
+            "size": len(blob),
+            "signature": wsig,
+        },
+    }
+
+
+@pytest.fixture
+def fleet() -> Iterator[FakeFleet]:
+    server = ScriptedServer()
+    yield FakeFleet(server)
+    server.close()
+
+
+def _agent(fleet: FakeFleet, root: Path, data: tuple[np.ndarray, np.ndarray], *, on: bool) -> Agent:
+    config = AgentConfig(
+        server_url=fleet.server.url,
+        state_dir=root,
+        enrollment_token="good-token",
+        websocket=False,
+        personalise=on,
+        personalise_epochs=3,
+    )
+    return Agent(config=config, rng=random.Random(0), sleep=lambda s: None, local_data=data)
+
+
+def test_agent_personalises_after_activation_and_sends_only_the_accuracies(
+    fleet: FakeFleet, tmp_path: Path, global_weights: Weights, skewed_data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    _desired(fleet, global_weights, version_id=5)
+    agent = _agent(fleet, tmp_path, skewed_data, on=True)
+    agent.step()
+    assert agent.state.current_version_id() == 5
+    head_bytes = (tmp_path / "personal" / "head.safetensors").read_bytes()
+    samples = [s for batch in fleet.server.posted("/api/agent/v1/metrics") for s in batch["samples"]]
+    personal = {s["name"]: s for s in samples if s["name"].endswith("_accuracy")}
+    assert set(personal) == {"global_accuracy", "personal_accuracy"}
+    assert all(s["version_id"] == 5 for s in personal.values())
+    assert personal["personal_accuracy"]["value"] > personal["global_accuracy"]["value"]
+    # Nothing the agent sent carries the head: every request body is small JSON.
+    for method, _, _, body in fleet.server.requests:
+        assert head_bytes[-64:] not in body
+        assert method == "GET" or body.startswith(b"{")
+    downloads = [p for m, p, _, _ in fleet.server.requests if m == "GET"]
+    agent.step()  # the same version again: no second download, no second fine-tune
+    assert [p for m, p, _, _ in fleet.server.requests if m == "GET"] == downloads
+    agent.close()
+
+
+def test_agent_skips_weights_that_fail_verification_and_does_nothing_when_off(
+    fleet: FakeFleet, tmp_path: Path, global_weights: Weights, skewed_data: tuple[np.ndarray, np.ndarray]
+) -> None:
+    _desired(fleet, global_weights, version_id=6, tamper=True)
+    agent = _agent(fleet, tmp_path / "a", skewed_data, on=True)
+    agent.step()
+    agent.step()
+    assert agent.state.current_version_id() == 6  # the ONNX model itself was fine
+    assert not (tmp_path / "a" / "personal" / "head.safetensors").exists()
+    weight_gets = [p for m, p, _, _ in fleet.server.requests if m == "GET" and "artifacts" in p]
+    assert len(weight_gets) == 2  # model once, weights once: a failed check is not retried
+    agent.close()
+    _desired(fleet, global_weights, version_id=7)
+    off = _agent(fleet, tmp_path / "b", skewed_data, on=False)
+    off.step()
+    assert off.state.current_version_id() == 7
+    assert not (tmp_path / "b" / "personal").exists()
+    off.close()
