@@ -241,6 +241,8 @@ DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
 DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
+# When a version is flagged, start a federated job from it on the group running it most.
+DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
 # A device is offline once it missed this many heartbeats.
 OFFLINE_AFTER_MISSED = env.int("OFFLINE_AFTER_MISSED", default=3)
 # The heartbeat writes last_seen at most this often per device (it must stay well below

@@ -7,11 +7,11 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count
+from django.db.models import Avg, Count, Q
 from django.utils import timezone
 
 from fleet.drift import drift_score
-from fleet.models import Device, DriftReport, MetricSample
+from fleet.models import Device, DeviceGroup, DriftReport, MetricSample
 from fleet.services.webhooks import webhook_emit
 
 
@@ -62,6 +62,59 @@ def drift_report_ingest(
         )
 
 
+# A retrain is a short job: a handful of rounds from the flagged version, enough to adapt
+# to the new inputs without tying the group up for long.
+RETRAIN_ROUNDS = 3
+
+
+def _retrain_start(*, version: Any) -> int | None:
+    """Start a federated job from a flagged version on the group running it most.
+
+    Returns the job id, or None when no group runs the version, a job for the family is
+    already under way, or the version cannot seed a job (no weights artifact).
+    """
+    # training imports fleet: importing it here, not at module level, avoids the cycle.
+    from config.api import ServiceError
+    from training.models import FederatedJob
+    from training.services import job_create, job_start
+
+    active = (FederatedJob.Status.DRAFT, FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED)
+    if FederatedJob.objects.filter(family_id=version.family_id, status__in=active).exists():
+        return None
+    top = (
+        DeviceGroup.objects.annotate(
+            running=Count(
+                "static_devices",
+                filter=Q(static_devices__running_version=version)
+                & ~Q(static_devices__status="decommissioned"),
+            )
+        )
+        .filter(running__gt=0)
+        .order_by("-running", "pk")
+        .first()
+    )
+    if top is None:
+        return None
+    # Quorum and minimum clients cannot exceed the devices that can take part.
+    clients = max(1, min(2, top.running))
+    try:
+        job = job_create(
+            actor=None,
+            family=version.family,
+            base_version=version,
+            target_group=top,
+            name=f"{version.family.name} retrain after drift (v{version.number})",
+            rounds=RETRAIN_ROUNDS,
+            min_clients=clients,
+            quorum=clients,
+        )
+    except ServiceError:
+        return None
+    # job_start enqueues the first round with transaction.on_commit.
+    job_start(job_id=job.pk, actor=None)
+    return int(job.pk)
+
+
 def drift_check(*, now: datetime | None = None) -> list[int]:
     """Flag versions whose accuracy on feedback over the last hour fell below their evaluation.
 
@@ -96,6 +149,8 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
                 "samples": int(row["samples"]),
                 "at": now.isoformat(),
             }
+            if getattr(settings, "DRIFT_AUTO_RETRAIN", False):
+                flag["retrain_job"] = _retrain_start(version=version)
             version.metrics = {**version.metrics, "flagged": flag}
             version.save(update_fields=["metrics"])
             webhook_emit(event_type="model.flagged", payload={"version_id": version.pk, **flag})

@@ -164,3 +164,36 @@ def test_reference_runs_the_onnx_artifact_for_the_confidence_histogram(make_vers
     np.testing.assert_allclose(reference["mean"], x_train.mean(axis=0), atol=1e-4)
     version.refresh_from_db()
     assert version.metrics["drift_reference"] == reference
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_auto_retrain_starts_one_job_on_the_group_running_the_flagged_version(
+    enroll: Any, make_version: Any, settings: Any, django_capture_on_commit_callbacks: Any, enabled: bool
+) -> None:
+    from training.models import FederatedJob
+
+    settings.DRIFT_AUTO_RETRAIN = enabled
+    version = make_version(weights=b"w" * 64)
+    version.metrics = {"accuracy": 0.95}
+    version.save()
+    busy, quiet = DeviceGroup.objects.create(name="busy"), DeviceGroup.objects.create(name="quiet")
+    devices = [enroll().device for _ in range(3)]
+    for device in devices:
+        device.running_version = version
+        device.save(update_fields=["running_version"])
+    busy.static_devices.add(devices[0], devices[1])
+    quiet.static_devices.add(devices[2])
+    _feedback(devices[0], version, n=300, correct=240)
+    with django_capture_on_commit_callbacks(execute=False) as emitted:
+        assert drift_check() == [version.pk]
+    version.refresh_from_db()
+    jobs = list(FederatedJob.objects.all())
+    if not enabled:
+        assert jobs == [] and "retrain_job" not in version.metrics["flagged"]
+        return
+    [job] = jobs
+    assert job.status == "running" and job.target_group == busy and job.base_version == version
+    assert version.metrics["flagged"]["retrain_job"] == job.pk
+    assert len(emitted) >= 2  # the webhook and the first round, both after commit
+    assert drift_check() == []  # a second run flags nothing and starts nothing
+    assert FederatedJob.objects.count() == 1
