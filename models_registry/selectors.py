@@ -6,7 +6,7 @@ such as the heartbeat can use them freely.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 from django.core.files.storage import default_storage
@@ -236,6 +236,8 @@ def family_recommend(
     max_accuracy_drop: float = 0.01,
     min_accuracy: float | None = None,
     base_version_id: int | None = None,
+    fleet_latency: Mapping[int, tuple[float, int]] | None = None,
+    min_samples: int = 50,
 ) -> dict[str, Any]:
     """Recommend the variant of a family to ship under a latency budget.
 
@@ -246,8 +248,13 @@ def family_recommend(
     smallest variant within budget and within ``max_accuracy_drop`` of the base wins.
     Returns ``{"base", "recommended", "variants"}`` (every row annotated with its
     ``decision`` and ``reason``); raises ``ValueError`` for bad arguments or no base.
+
+    ``fleet_latency`` (``version_id -> (p50_ms, n)``, measured on boards of one hardware
+    profile) replaces the server latency of variants with at least ``min_samples``
+    on-device samples; every row then says ``latency_source`` (``"fleet"`` or ``"server"``)
+    and ``latency_samples``.
     """
-    from models_registry.ml.recommend import recommend_variant
+    from models_registry.ml.recommend import apply_fleet_latency, recommend_variant
 
     rows = family_comparison(family)
     bases = [r for r in rows if r["version_id"] == r["baseline_id"]]
@@ -265,6 +272,8 @@ def family_recommend(
         if row["rejected"]:
             row["decision"] = "rejected"
             row["reason"] = f"rejected at optimisation: {row['rejection_reason']}"
+    if fleet_latency is not None:
+        apply_fleet_latency(variants=candidates, fleet_latency=fleet_latency, min_samples=min_samples)
     measurable = [r for r in eligible if r["p50_batch1_us"] is not None and r["size_bytes"] is not None]
     best = recommend_variant(
         variants=measurable,

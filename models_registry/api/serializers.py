@@ -248,6 +248,15 @@ class ModelComparisonRowSerializer(serializers.Serializer[Any]):
     rejected = serializers.BooleanField()
 
 
+class ModelRecommendRowSerializer(ModelComparisonRowSerializer):
+    decision = serializers.CharField(required=False)
+    reason = serializers.CharField(required=False)
+    latency_source = serializers.ChoiceField(choices=["fleet", "server"], required=False)
+    latency_samples = serializers.IntegerField(required=False)
+    server_p50_batch1_us = serializers.FloatField(allow_null=True, required=False)
+    fleet_p50_batch1_us = serializers.FloatField(allow_null=True, required=False)
+
+
 class ModelRecommendQuery(serializers.Serializer[Any]):
     latency_budget_us = serializers.FloatField(min_value=0.001)
     max_accuracy_drop = serializers.FloatField(required=False, min_value=0, max_value=1, default=0.01)
@@ -255,12 +264,31 @@ class ModelRecommendQuery(serializers.Serializer[Any]):
         required=False, min_value=0, max_value=1, allow_null=True, default=None
     )
     base = serializers.IntegerField(required=False, allow_null=True, default=None)
+    device = serializers.UUIDField(
+        required=False,
+        allow_null=True,
+        default=None,
+        help_text="Use on-device latency of this device's profile.",
+    )
+    profile = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Hardware profile arch:cores:accelerator whose on-device latency to use.",
+    )
+    min_samples = serializers.IntegerField(required=False, min_value=1, default=50)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("device") and attrs.get("profile"):
+            raise serializers.ValidationError("give device or profile, not both")
+        return attrs
 
 
 class ModelRecommendOutput(serializers.Serializer[Any]):
     base = ModelComparisonRowSerializer()
-    recommended = ModelComparisonRowSerializer(allow_null=True)
-    variants = ModelComparisonRowSerializer(many=True)
+    recommended = ModelRecommendRowSerializer(allow_null=True)
+    variants = ModelRecommendRowSerializer(many=True)
+    profile = serializers.CharField(allow_null=True, required=False)
 
 
 class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]):

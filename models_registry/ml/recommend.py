@@ -3,9 +3,42 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["recommend_variant"]
+__all__ = ["apply_fleet_latency", "recommend_variant"]
+
+
+def apply_fleet_latency(
+    *,
+    variants: list[dict[str, Any]],
+    fleet_latency: Mapping[int, tuple[float, int]],
+    min_samples: int = 50,
+) -> None:
+    """Replace the server latency of each variant by the on-device one when enough samples exist.
+
+    ``fleet_latency`` maps a ``version_id`` to ``(p50_ms, n_samples)`` measured by boards of
+    one hardware profile. A variant with at least ``min_samples`` samples gets
+    ``p50_batch1_us = p50_ms * 1000`` and ``latency_source = "fleet"``; any other keeps its
+    server measurement with ``latency_source = "server"``, because a median of a handful of
+    samples from a board that was also busy doing something else says less than a clean
+    measurement on the server. Every dict is annotated in place with ``latency_source``,
+    ``latency_samples`` (the on-device count, 0 if none), ``server_p50_batch1_us`` and
+    ``fleet_p50_batch1_us`` (``None`` without samples).
+    """
+    if min_samples < 1:
+        raise ValueError("min_samples must be at least 1")
+    for variant in variants:
+        server = variant.get("p50_batch1_us")
+        variant["server_p50_batch1_us"] = server
+        p50_ms, count = fleet_latency.get(int(variant["version_id"]), (math.nan, 0))
+        variant["latency_samples"] = int(count)
+        variant["fleet_p50_batch1_us"] = float(p50_ms) * 1000.0 if count else None
+        if count >= min_samples and math.isfinite(p50_ms):
+            variant["p50_batch1_us"] = float(p50_ms) * 1000.0
+            variant["latency_source"] = "fleet"
+        else:
+            variant["latency_source"] = "server"
 
 
 def recommend_variant(

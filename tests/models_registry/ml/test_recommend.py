@@ -49,3 +49,19 @@ def test_min_accuracy_and_impossible_budget() -> None:
     )
     with pytest.raises(ValueError):
         recommend_variant(variants=[], latency_budget_us=0.0, min_accuracy=None, reference_accuracy=1.0)
+
+
+def test_apply_fleet_latency_uses_enough_on_device_samples_only() -> None:
+    from models_registry.ml.recommend import apply_fleet_latency
+
+    variants = [
+        {"version_id": 1, "p50_batch1_us": 100.0},
+        {"version_id": 2, "p50_batch1_us": 80.0},
+        {"version_id": 3, "p50_batch1_us": 70.0},
+    ]
+    apply_fleet_latency(variants=variants, fleet_latency={1: (0.25, 50), 2: (0.5, 49)}, min_samples=50)
+    assert variants[0]["latency_source"] == "fleet" and variants[0]["p50_batch1_us"] == 250.0
+    assert variants[0]["server_p50_batch1_us"] == 100.0
+    assert variants[1]["latency_source"] == "server" and variants[1]["p50_batch1_us"] == 80.0
+    assert variants[1]["latency_samples"] == 49 and variants[1]["fleet_p50_batch1_us"] == 500.0
+    assert variants[2]["latency_samples"] == 0 and variants[2]["fleet_p50_batch1_us"] is None
