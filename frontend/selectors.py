@@ -208,6 +208,58 @@ def active_jobs(*, limit: int = 8) -> list[Any]:
     )
 
 
+def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
+    """Versions flagged for an accuracy drop on feedback, newest first, with the numbers."""
+    versions = (
+        ModelVersion.objects.filter(metrics__has_key="flagged")
+        .select_related("family")
+        .order_by("-id")[:limit]
+    )
+    return [{"version": v, **v.metrics["flagged"]} for v in versions]
+
+
+def overview_drift() -> dict[str, Any]:
+    """The overview's drift and personalisation panels: per group, a constant number of queries."""
+    from fleet.selectors.drift import drift_summary
+    from fleet.selectors.personalisation import personalisation_summary
+
+    groups = [g for g in drift_summary() if g["reporting"]]
+    return {
+        "drift_groups": groups,
+        "flagged": flagged_versions(),
+        "personal_groups": personalisation_summary()["groups"],
+    }
+
+
+def device_drift(*, device: Device) -> dict[str, Any]:
+    """The device's latest drift report and its latest personal vs global accuracy."""
+    from fleet.models import DriftReport
+
+    report = DriftReport.objects.filter(device=device).order_by("-window_end", "-id").first()
+    personal = (
+        MetricSample.objects.filter(device=device, name="personal_accuracy", version__isnull=False)
+        .order_by("-ts", "-id")
+        .first()
+    )
+    pair = None
+    if personal is not None:
+        # Both numbers are measured on the same held-out split for the same version.
+        global_value = (
+            MetricSample.objects.filter(device=device, name="global_accuracy", version_id=personal.version_id)
+            .order_by("-ts", "-id")
+            .values_list("value", flat=True)
+            .first()
+        )
+        if global_value is not None:
+            pair = {
+                "version_id": personal.version_id,
+                "personal": personal.value,
+                "global": global_value,
+                "gain": personal.value - global_value,
+            }
+    return {"drift_report": report, "personal": pair}
+
+
 def overview_data() -> dict[str, Any]:
     """Everything the overview shows, in a fixed number of queries."""
     from frontend import selectors_rollouts
@@ -220,4 +272,5 @@ def overview_data() -> dict[str, Any]:
         "rollouts": selectors_rollouts.active_rollouts(),
         "experiments": selectors_rollouts.active_experiments(),
         "decisions": selectors_rollouts.recent_decisions(),
+        **overview_drift(),
     }

@@ -75,6 +75,7 @@ def device(request: HttpRequest, device_id: Any) -> HttpResponse:
         deployments=selectors.device_deployments(device=found),
         commands=selectors.device_commands(device=found),
         charts=selectors.device_metric_charts(device=found),
+        **selectors.device_drift(device=found),
         command_kinds=COMMAND_KINDS,
         device_topic=topic_for("device", found.pk.hex),
     )

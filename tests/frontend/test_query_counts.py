@@ -32,14 +32,34 @@ def test_query_count_is_the_same_for_10_and_100_devices(
 
     client = page_client("viewer")
     url = reverse(url_name)
-    make_devices(count=4, group=fleet.group, version=fleet.version, prefix="small")
+    seed_drift(make_devices(count=4, group=fleet.group, version=fleet.version, prefix="small"), fleet.version)
     assert queries_for(client, url) > 0  # warm caches (content types, sessions)
     small = queries_for(client, url)
     grown = make_devices(count=90, group=fleet.group, version=fleet.candidate, prefix="large")
     Deployment.objects.bulk_create(
         [Deployment(device=d, version=fleet.candidate, state="failed", error="x") for d in grown]
     )
+    seed_drift(grown, fleet.candidate)
     assert queries_for(client, url) == small
+
+
+def seed_drift(devices: list[Any], version: Any) -> None:
+    """A drift report and personal/global accuracies for every device, some in alert."""
+    from django.utils import timezone
+
+    from fleet.models import DriftReport, MetricSample
+
+    now = timezone.now()
+    DriftReport.objects.bulk_create(
+        [DriftReport(device=d, window_end=now, alert=i % 2 == 0, score=0.5) for i, d in enumerate(devices)]
+    )
+    MetricSample.objects.bulk_create(
+        [
+            MetricSample(device=d, version=version, name=name, value=value, ts=now)
+            for d in devices
+            for name, value in (("global_accuracy", 0.8), ("personal_accuracy", 0.9))
+        ]
+    )
 
 
 def test_device_list_filters_keep_the_query_count(page_client: Any, fleet: Fleet) -> None:
