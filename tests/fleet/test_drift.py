@@ -197,3 +197,27 @@ def test_auto_retrain_starts_one_job_on_the_group_running_the_flagged_version(
     assert len(emitted) >= 2  # the webhook and the first round, both after commit
     assert drift_check() == []  # a second run flags nothing and starts nothing
     assert FederatedJob.objects.count() == 1
+
+
+def test_auto_retrain_leaves_the_family_alone_while_a_job_is_under_way(
+    enroll: Any, make_version: Any, settings: Any
+) -> None:
+    from training.models import FederatedJob
+
+    settings.DRIFT_AUTO_RETRAIN = True
+    group = DeviceGroup.objects.create(name="lab")
+    first, second = make_version(weights=b"w" * 64), make_version(weights=b"w" * 64)
+    FederatedJob.objects.create(
+        name="already", family=first.family, base_version=first, target_group=group, status="running"
+    )
+    second.metrics = {"accuracy": 0.95}
+    second.save()
+    device = enroll().device
+    device.running_version = second
+    device.save(update_fields=["running_version"])
+    group.static_devices.add(device)
+    _feedback(device, second, n=300, correct=240)
+    assert drift_check() == [second.pk]
+    second.refresh_from_db()
+    assert second.metrics["flagged"]["retrain_job"] is None
+    assert FederatedJob.objects.count() == 1
