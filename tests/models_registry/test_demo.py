@@ -29,7 +29,19 @@ def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
     accuracy = float((logits.argmax(axis=1) == y_test).mean())
     # 300 examples are enough for a clearly working model, with room left for federated rounds.
     assert 0.8 < accuracy < 0.99
-    assert "digits-mlp:v1 is in production" in capsys.readouterr().out
+    output = capsys.readouterr().out
+    assert "digits-mlp:v1 is in production" in output
+    # The CNN family is seeded once too, on the same slice, in staging (the fleet runs the MLP).
+    assert "digits-cnn:v1 is in staging" in output
+    cnns = list(ModelVersion.objects.filter(family__name="digits-cnn"))
+    assert len(cnns) == 1
+    cnn = cnns[0]
+    assert cnn.stage == "staging" and cnn.number == 1 and cnn.effective_arch == "cnn"
+    cnn_onnx = artifact_for_version(cnn.pk, "onnx")
+    assert cnn_onnx is not None and artifact_for_version(cnn.pk, "weights") is not None
+    with cnn_onnx.file.open("rb") as handle:
+        cnn_logits = run_onnx(handle.read(), x_test)
+    assert float((cnn_logits.argmax(axis=1) == y_test).mean()) > 0.8
     from models_registry.models import EvaluationDataset
 
     splits = dict(EvaluationDataset.objects.values_list("name", "split"))
