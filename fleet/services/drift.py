@@ -7,11 +7,12 @@ from typing import Any
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count, Q
+from django.db.models import Avg, Count
 from django.utils import timezone
 
 from fleet.drift import drift_score
 from fleet.models import Device, DeviceGroup, DriftReport, MetricSample
+from fleet.selectors.devices import group_members
 from fleet.services.webhooks import webhook_emit
 
 
@@ -81,22 +82,23 @@ def _retrain_start(*, version: Any) -> int | None:
     active = (FederatedJob.Status.DRAFT, FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED)
     if FederatedJob.objects.filter(family_id=version.family_id, status__in=active).exists():
         return None
-    top = (
-        DeviceGroup.objects.annotate(
-            running=Count(
-                "static_devices",
-                filter=Q(static_devices__running_version=version)
-                & ~Q(static_devices__status="decommissioned"),
-            )
+    # Members are static devices plus those matching the group's tag selector (as a job
+    # selects them); groups are few and this runs once per flag, so one count per group.
+    top: DeviceGroup | None = None
+    top_running = 0
+    for group in DeviceGroup.objects.order_by("pk"):
+        running = (
+            group_members(group=group)
+            .filter(running_version=version)
+            .exclude(status=Device.Status.DECOMMISSIONED)
+            .count()
         )
-        .filter(running__gt=0)
-        .order_by("-running", "pk")
-        .first()
-    )
+        if running > top_running:
+            top, top_running = group, running
     if top is None:
         return None
     # Quorum and minimum clients cannot exceed the devices that can take part.
-    clients = max(1, min(2, top.running))
+    clients = max(1, min(2, top_running))
     try:
         job = job_create(
             actor=None,
@@ -121,6 +123,8 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
     A version is flagged when it has at least `DRIFT_MIN_SAMPLES` `correct` samples in the
     hour and their mean is more than `DRIFT_ACCURACY_DROP` below `metrics["accuracy"]`.
     Versions already flagged are left alone, so running this again changes nothing.
+    With `DRIFT_AUTO_RETRAIN`, a flag also starts a short federated job from the version on
+    the group running it most; its id (or None) is `metrics["flagged"]["retrain_job"]`.
     Returns the ids flagged by this call.
     """
     from models_registry.models import ModelVersion

@@ -221,3 +221,23 @@ def test_auto_retrain_leaves_the_family_alone_while_a_job_is_under_way(
     second.refresh_from_db()
     assert second.metrics["flagged"]["retrain_job"] is None
     assert FederatedJob.objects.count() == 1
+
+
+def test_auto_retrain_counts_tag_selected_members(enroll: Any, make_version: Any, settings: Any) -> None:
+    from training.models import FederatedJob
+
+    settings.DRIFT_AUTO_RETRAIN = True
+    version = make_version(weights=b"w" * 64)
+    version.metrics = {"accuracy": 0.95}
+    version.save()
+    static = DeviceGroup.objects.create(name="static")
+    tagged = DeviceGroup.objects.create(name="tagged", tag_selector=["north"])
+    devices = [enroll(tags=["north"]).device for _ in range(3)]
+    for device in devices:
+        device.running_version = version
+        device.save(update_fields=["running_version"])
+    static.static_devices.add(devices[0], devices[1])
+    _feedback(devices[0], version, n=300, correct=240)
+    assert drift_check() == [version.pk]
+    [job] = FederatedJob.objects.all()
+    assert job.target_group == tagged and job.min_clients == 2
