@@ -18,6 +18,13 @@ def _scrub(data: Any) -> Any:
     return data
 
 
+def actor_label(actor: Any) -> str:
+    """How an actor is named in logs and decisions: the username, or "system" for tasks."""
+    if getattr(actor, "is_authenticated", False):
+        return str(getattr(actor, "username", "") or "system")
+    return "system"
+
+
 def audit_record(
     *,
     actor: Any,
@@ -35,7 +42,7 @@ def audit_record(
     user = actor if getattr(actor, "is_authenticated", False) else None
     return AuditEvent.objects.create(
         actor=user,
-        actor_name=getattr(user, "username", "") if user else "system",
+        actor_name=actor_label(user),
         action=action,
         target_type=target_type,
         target_id=target_id,

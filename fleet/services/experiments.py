@@ -32,7 +32,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import audit_record
+from config.audit.services import actor_label, audit_record
 from fleet.models import Device, DeviceGroup, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
 from fleet.rollouts.gates import evaluate_gate, validate_gates
 from fleet.rollouts.stats import msprt_samples, two_proportion_ztest, welch_ttest
@@ -48,14 +48,6 @@ logger = logging.getLogger(__name__)
 ORIGIN = "experiment"
 
 
-def _actor_name(actor: Any) -> str:
-    return (
-        str(getattr(actor, "username", "") or "system")
-        if getattr(actor, "is_authenticated", False)
-        else "system"
-    )
-
-
 def _decide(
     experiment: Experiment,
     *,
@@ -65,7 +57,7 @@ def _decide(
     actor: Any = None,
 ) -> None:
     ExperimentDecision.objects.create(
-        experiment=experiment, action=action, reason=reason, metrics=metrics or {}, actor=_actor_name(actor)
+        experiment=experiment, action=action, reason=reason, metrics=metrics or {}, actor=actor_label(actor)
     )
 
 

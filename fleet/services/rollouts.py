@@ -37,7 +37,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import audit_record
+from config.audit.services import actor_label, audit_record
 from fleet.models import (
     Deployment,
     Device,
@@ -78,14 +78,6 @@ _EDITABLE = (
 )
 
 
-def _actor_name(actor: Any) -> str:
-    return (
-        str(getattr(actor, "username", "") or "system")
-        if getattr(actor, "is_authenticated", False)
-        else "system"
-    )
-
-
 def _decide(
     rollout: Rollout,
     *,
@@ -100,7 +92,7 @@ def _decide(
         action=action,
         reason=reason,
         metrics=metrics or {},
-        actor=_actor_name(actor),
+        actor=actor_label(actor),
     )
 
 
