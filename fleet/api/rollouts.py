@@ -34,6 +34,11 @@ from fleet.services.webhooks import EVENT_TYPES, webhook_endpoint_test
 # --- rollouts ---------------------------------------------------------------------------
 
 
+def _reason(request: Request) -> str:
+    """The optional free-text `reason` of a pause, abort, rollback or stop action."""
+    return str(request.data.get("reason", "")) if isinstance(request.data, dict) else ""
+
+
 class RolloutSerializer(serializers.ModelSerializer[Rollout]):
     version_label = serializers.CharField(source="version.label", read_only=True)
     summary = serializers.SerializerMethodField()
@@ -173,7 +178,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @action(detail=True, methods=["post"])
     def pause(self, request: Request, pk: str | None = None) -> Response:
         """Stop opening waves and releasing devices."""
-        reason = str(request.data.get("reason", "")) if isinstance(request.data, dict) else ""
+        reason = _reason(request)
         rollout = rollout_services.rollout_pause(
             rollout_id=int(self.get_object().pk),
             actor=request.user,
@@ -195,7 +200,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @action(detail=True, methods=["post"])
     def abort(self, request: Request, pk: str | None = None) -> Response:
         """Stop for good; devices not yet on the new version stay on theirs."""
-        reason = str(request.data.get("reason", "")) if isinstance(request.data, dict) else ""
+        reason = _reason(request)
         rollout = rollout_services.rollout_abort(
             rollout_id=int(self.get_object().pk),
             actor=request.user,
@@ -208,7 +213,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     @action(detail=True, methods=["post"])
     def rollback(self, request: Request, pk: str | None = None) -> Response:
         """Send every device the rollout touched back to its previous version."""
-        reason = str(request.data.get("reason", "")) if isinstance(request.data, dict) else ""
+        reason = _reason(request)
         rollout = rollout_services.rollout_rollback(
             rollout_id=int(self.get_object().pk),
             actor=request.user,
@@ -334,7 +339,7 @@ class ExperimentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     @action(detail=True, methods=["post"])
     def stop(self, request: Request, pk: str | None = None) -> Response:
         """Stop and send devices back to their previous versions."""
-        reason = str(request.data.get("reason", "")) if isinstance(request.data, dict) else ""
+        reason = _reason(request)
         experiment = experiment_services.experiment_stop(
             experiment_id=int(self.get_object().pk),
             actor=request.user,
