@@ -244,9 +244,7 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
         "collect_s": float(np.median([_seconds(r.opened_at, r.closed_at) for r in done])),
         "close_to_done_s": float(np.median([_seconds(r.closed_at, r.finished_at) for r in done])),
         "done_to_next_s": float(
-            np.median(
-                [_seconds(a.finished_at, b.opened_at) for a, b in itertools.pairwise(done)] or [0.0]
-            )
+            np.median([_seconds(a.finished_at, b.opened_at) for a, b in itertools.pairwise(done)] or [0.0])
         ),
         "evaluate_s": float(np.median([r.durations.get("evaluate_s", 0.0) for r in done])),
     }

@@ -8,7 +8,7 @@ from __future__ import annotations
 from django.http import HttpRequest, HttpResponse
 from django.views import defaults
 
-from config.api import error_response
+from core.api import error_response
 
 API_PREFIX = "/api/"
 

@@ -3,8 +3,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from config import health
-from config.audit.api import AuditEventViewSet
 from config.routers import api_router
+from core.audit.api import AuditEventViewSet
 
 api_router.register("audit-events", AuditEventViewSet, basename="audit-event")
 

@@ -8,7 +8,7 @@ from urllib.parse import parse_qs
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from config.roles import VIEWER, has_role
+from core.roles import VIEWER, has_role
 from frontend.events import TOPIC_RE
 
 MAX_TOPICS = 12

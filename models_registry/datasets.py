@@ -16,8 +16,8 @@ from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
 
-from config.api import ServiceError
-from config.audit.services import audit_record
+from core.api import ServiceError
+from core.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_tensors, encode_tensors
 from models_registry.models import EvaluationDataset
 

@@ -31,8 +31,8 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from config.api import ServiceError
-from config.audit.services import audit_record
+from core.api import ServiceError
+from core.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_tensors
 from models_registry import datasets, selectors, services
 from models_registry.models import (

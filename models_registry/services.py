@@ -17,8 +17,8 @@ from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import Max
 
-from config.api import ConflictError, ServiceError
-from config.audit.services import audit_record
+from core.api import ConflictError, ServiceError
+from core.audit.services import audit_record
 from models_registry.models import Artifact, ModelFamily, ModelVersion
 from models_registry.signing import sign_digest
 from models_registry.validation import Spooled, spool, validate_onnx, validate_safetensors

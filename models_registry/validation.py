@@ -24,7 +24,7 @@ from typing import IO, Any
 import numpy as np
 from rest_framework import status
 
-from config.api import ServiceError
+from core.api import ServiceError
 
 __all__ = [
     "Spooled",

@@ -29,8 +29,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import audit_record
+from core.api import ConflictError, NotFoundError, ServiceError
+from core.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_delta, decode_tensors, encode_tensors, l2_norm
 from fleet.models import Device, DeviceGroup
 from fleet.nudge import nudge_devices

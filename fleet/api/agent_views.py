@@ -25,7 +25,7 @@ from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpRe
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
 
-from config.api import ServiceError, error_response
+from core.api import ServiceError, error_response
 from devices_agent.wire import (
     DEPLOYMENT_STATES,
     MAX_BATCH_ID_LENGTH,

@@ -19,8 +19,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import AuditedWritesMixin, client_ip
-from config.roles import ADMIN
+from core.api import AuditedWritesMixin, client_ip
+from core.roles import ADMIN
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list, device_recent_deployments, group_members
 from fleet.services.commands import COMMAND_KINDS, device_command_create

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import ServiceError
+from core.api import ServiceError
 from devices_agent.wire import DRIFT_CONFIDENCE_BINS, DRIFT_MAX_FEATURES
 from fleet.api.agent_views import MAX_FUTURE_SKEW, _finite, _int, _invalid, _timestamp, agent_endpoint
 from fleet.models import Device

@@ -15,8 +15,8 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import client_ip
-from config.roles import ADMIN
+from core.api import client_ip
+from core.roles import ADMIN
 from fleet.models import DeviceGroup, KnownHost, ProvisioningJob
 from fleet.services.provisioning import (
     known_host_forget,

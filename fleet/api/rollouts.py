@@ -15,7 +15,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import AuditedWritesMixin, client_ip
+from core.api import AuditedWritesMixin, client_ip
 from fleet.models import (
     Experiment,
     ExperimentDecision,

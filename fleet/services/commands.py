@@ -7,8 +7,8 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from config.api import NotFoundError, ServiceError
-from config.audit.services import audit_record
+from core.api import NotFoundError, ServiceError
+from core.audit.services import audit_record
 from devices_agent.wire import Command
 from fleet.models import Device, DeviceCommand
 from fleet.nudge import nudge_devices

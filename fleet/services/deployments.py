@@ -15,7 +15,7 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from config.api import ConflictError, NotFoundError, ServiceError
+from core.api import ConflictError, NotFoundError, ServiceError
 from fleet.models import Deployment, DeploymentEvent, Device
 from fleet.nudge import nudge_devices
 

@@ -11,8 +11,8 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from config.api import NotFoundError, ServiceError
-from config.audit.services import audit_record
+from core.api import NotFoundError, ServiceError
+from core.audit.services import audit_record
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
 from frontend.events import FLEET, publish

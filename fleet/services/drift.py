@@ -75,7 +75,7 @@ def _retrain_start(*, version: Any) -> int | None:
     already under way, or the version cannot seed a job (no weights artifact).
     """
     # training imports fleet: importing it here, not at module level, avoids the cycle.
-    from config.api import ServiceError
+    from core.api import ServiceError
     from training.models import FederatedJob
     from training.services import job_create, job_start
 

@@ -10,8 +10,8 @@ from django.db.models import F
 from django.utils import timezone
 from rest_framework import status
 
-from config.api import NotFoundError, ServiceError
-from config.audit.services import audit_record
+from core.api import NotFoundError, ServiceError
+from core.audit.services import audit_record
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
 from frontend.events import publish_device

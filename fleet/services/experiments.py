@@ -31,8 +31,8 @@ import numpy as np
 from django.db import transaction
 from django.utils import timezone
 
-from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import actor_label, audit_record
+from core.api import ConflictError, NotFoundError, ServiceError
+from core.audit.services import actor_label, audit_record
 from fleet.models import Device, DeviceGroup, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
 from fleet.rollouts.gates import evaluate_gate, validate_gates
 from fleet.rollouts.stats import msprt_samples, two_proportion_ztest, welch_ttest

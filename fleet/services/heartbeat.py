@@ -244,7 +244,7 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
     if deployment and deployment["state"] != device.deployment_state:
         # Heartbeats repeat the current state; the status endpoint is where errors are
         # reported to the agent, so here an unknown or closed deployment is ignored.
-        from config.api import ServiceError
+        from core.api import ServiceError
 
         try:
             deployment_record_status(device=device, deployment_id=deployment["id"], state=deployment["state"])

@@ -7,7 +7,7 @@ from datetime import datetime
 
 from django.db import IntegrityError, transaction
 
-from config.api import ServiceError
+from core.api import ServiceError
 from fleet.models import Device, MetricBatch, MetricSample
 
 

@@ -29,8 +29,8 @@ from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import audit_record
+from core.api import ConflictError, NotFoundError, ServiceError
+from core.audit.services import audit_record
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken, KnownHost, ProvisioningJob
 from fleet.ssh import HostKey, SshError, SshTransport, UnknownHostKeyError

@@ -36,8 +36,8 @@ from typing import Any
 from django.db import transaction
 from django.utils import timezone
 
-from config.api import ConflictError, NotFoundError, ServiceError
-from config.audit.services import actor_label, audit_record
+from core.api import ConflictError, NotFoundError, ServiceError
+from core.audit.services import actor_label, audit_record
 from fleet.models import (
     Deployment,
     Device,

@@ -28,7 +28,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from config.api import ServiceError
+from core.api import ServiceError
 from fleet.models import WebhookDelivery, WebhookEndpoint
 from frontend.events import publish_event
 

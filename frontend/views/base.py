@@ -12,7 +12,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
-from config.roles import ADMIN, OPERATOR, VIEWER, has_role, user_role
+from core.roles import ADMIN, OPERATOR, VIEWER, has_role, user_role
 
 View = TypeVar("View", bound=Callable[..., HttpResponse])
 

@@ -13,9 +13,9 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
 
-from config.api import ServiceError
-from config.audit.selectors import audit_event_list
-from config.roles import ADMIN, OPERATOR
+from core.api import ServiceError
+from core.audit.selectors import audit_event_list
+from core.roles import ADMIN, OPERATOR
 from fleet.models import DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -195,7 +195,7 @@ def group_new(request: HttpRequest) -> HttpResponse:
     """Create a device group with the operator API's own validation and audit event."""
     from django.db import transaction
 
-    from config.audit.services import audit_record
+    from core.audit.services import audit_record
     from fleet.api.devices import DeviceGroupSerializer
 
     data = {

@@ -6,8 +6,8 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 
-from config.api import ServiceError
-from config.roles import OPERATOR
+from core.api import ServiceError
+from core.roles import OPERATOR
 from frontend import selectors_models
 from frontend.views.base import action, page, render_page
 from models_registry.jobs import OPTIMISE_KINDS, job_enqueue

@@ -9,8 +9,8 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 
-from config.api import ServiceError
-from config.roles import ADMIN, OPERATOR
+from core.api import ServiceError
+from core.roles import ADMIN, OPERATOR
 from fleet.models import DeviceGroup, Experiment, ProvisioningJob, Rollout
 from fleet.selectors.experiments import experiment_list
 from fleet.selectors.rollouts import rollout_list, rollout_summary

@@ -8,8 +8,8 @@ from django.contrib import messages
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import redirect
 
-from config.api import ServiceError
-from config.roles import OPERATOR
+from core.api import ServiceError
+from core.roles import OPERATOR
 from fleet.models import DeviceGroup
 from frontend import selectors_training
 from frontend.events import topic_for

@@ -23,9 +23,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from config.api import ConflictError, NotFoundError, ServiceError, client_ip
-from config.audit.services import audit_record
-from config.roles import ADMIN, has_role
+from core.api import ConflictError, NotFoundError, ServiceError, client_ip
+from core.audit.services import audit_record
+from core.roles import ADMIN, has_role
 from models_registry import jobs, selectors, services
 from models_registry.api import serializers as s
 from models_registry.api.uploads import artifact_upload_handlers

@@ -10,7 +10,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from config.audit.models import AuditEvent
+from core.audit.models import AuditEvent
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.services.devices import devices_mark_offline
 

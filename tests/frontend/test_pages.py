@@ -125,7 +125,7 @@ def test_admin_sees_audit_log_and_host_key_action(page_client: Any, fleet: Fleet
 
 
 def test_viewer_writes_are_refused(page_client: Any, fleet: Fleet) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import DeviceCommand
 
     client = page_client("viewer")
@@ -228,7 +228,7 @@ def test_enrollment_token_is_shown_once(page_client: Any, fleet: Fleet) -> None:
 
 
 def test_operator_command_and_stage_change_go_through_services(page_client: Any, fleet: Fleet) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import DeviceCommand
 
     client = page_client("operator")
@@ -302,7 +302,7 @@ def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
 
 
 def test_operator_creates_a_group_with_the_api_validation(page_client: Any, fleet: Fleet) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import DeviceGroup
 
     client = page_client("operator")

@@ -5,7 +5,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from config.api import ServiceError
+from core.api import ServiceError
 from models_registry import jobs, tasks
 from models_registry.datasets import dataset_register
 from models_registry.models import Artifact, EvaluationReport, ModelJob, ModelVersion

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from config.api import ConflictError, ServiceError
+from core.api import ConflictError, ServiceError
 from devices_agent.codecs import encode_tensors
 from models_registry import selectors, services
 from models_registry.models import Artifact, ModelVersion
@@ -245,7 +245,7 @@ def test_promote_transitions(family: Any, mlp_safetensors: bytes) -> None:
 
 
 def test_every_write_is_audited(family: Any, mlp_safetensors: bytes) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
 
     version = services.version_create(family=family, weights=mlp_safetensors)
     services.version_promote(version=version, stage="staging")

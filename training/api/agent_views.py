@@ -19,7 +19,7 @@ from django.conf import settings
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from config.api import ServiceError, error_response
+from core.api import ServiceError, error_response
 from devices_agent.wire import AUTH_SCHEME
 from fleet.auth import device_for_secret
 from fleet.models import Device

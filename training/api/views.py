@@ -10,7 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from config.api import client_ip
+from core.api import client_ip
 from fleet.models import DeviceGroup
 from models_registry.models import ModelFamily, ModelVersion
 from training import selectors, services

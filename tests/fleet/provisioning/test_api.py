@@ -27,7 +27,7 @@ def _body(board: Board, **extra: Any) -> dict[str, Any]:
 def test_operator_creates_a_job_and_no_response_or_audit_holds_the_key(
     board: Board, operator_client: Any, viewer_client: Any
 ) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import ProvisioningJob
 
     response = operator_client.post(URL, _body(board), format="json")
@@ -89,7 +89,7 @@ def _awaiting_job(board: Board) -> Any:
 def test_only_admins_accept_host_keys_and_only_the_offered_one(
     board: Board, operator_client: Any, admin_client_api: Any
 ) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import KnownHost
 
     job = _awaiting_job(board)
@@ -112,7 +112,7 @@ def test_only_admins_accept_host_keys_and_only_the_offered_one(
 def test_known_hosts_are_listed_and_forgotten_by_admins(
     board: Board, viewer_client: Any, operator_client: Any, admin_client_api: Any
 ) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from fleet.models import KnownHost
 
     known = KnownHost.objects.create(

@@ -293,7 +293,7 @@ def test_resume_finds_jobs_whose_next_run_was_lost(db: Any) -> None:
 
 
 def test_an_invalid_provisioning_key_is_a_clear_error(settings: Any) -> None:
-    from config.api import ServiceError
+    from core.api import ServiceError
     from fleet.services.provisioning import credential_encrypt
 
     settings.PROVISIONING_KEY = "not-a-fernet-key"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
-from config.api import ServiceError
+from core.api import ServiceError
 from fleet.models import Device, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
 from fleet.rollouts.waves import assign_arm
 from fleet.services.experiments import (

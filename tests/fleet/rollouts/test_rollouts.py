@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from django.utils import timezone
 
-from config.api import ConflictError, ServiceError
+from core.api import ConflictError, ServiceError
 from fleet.models import Deployment, Device, Rollout, RolloutDecision, RolloutDevice
 from fleet.rollouts.waves import wave_members
 from fleet.services.rollouts import (

@@ -22,7 +22,7 @@ def _body(fleet: Fleet, **extra: Any) -> dict[str, Any]:
 
 
 def test_create_start_pause_resume_cancel_with_audit(fleet: Fleet, operator_client: Any) -> None:
-    from config.audit.models import AuditEvent
+    from core.audit.models import AuditEvent
     from training.models import FederatedJob
 
     created = operator_client.post("/api/v1/federated-jobs/", _body(fleet), format="json")

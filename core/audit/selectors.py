@@ -1,6 +1,6 @@
 from django.db.models import QuerySet
 
-from config.audit.models import AuditEvent
+from core.audit.models import AuditEvent
 
 
 def audit_event_list() -> QuerySet[AuditEvent]:

@@ -1,8 +1,8 @@
 from django_filters import rest_framework as filters
 from rest_framework import serializers, viewsets
 
-from config.audit.models import AuditEvent
-from config.audit.selectors import audit_event_list
+from core.audit.models import AuditEvent
+from core.audit.selectors import audit_event_list
 
 
 class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):

@@ -117,7 +117,7 @@ class AuditedWritesMixin:
     audit_name: str = ""
 
     def _audit(self, action: str, instance: Any) -> None:
-        from config.audit.services import audit_record
+        from core.audit.services import audit_record
 
         request = self.request  # type: ignore[attr-defined]
         data = request.data if isinstance(request.data, dict) else {}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from config.audit.models import AuditEvent
+from core.audit.models import AuditEvent
 
 # Keys whose values never reach the log, whatever view passes them.
 _SECRET_KEYS = {"password", "private_key", "secret", "token", "key", "passphrase"}
