@@ -1,12 +1,15 @@
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
 
 from config import health
-from config.routers import api_router
 from core.audit.api import AuditEventViewSet
 
-api_router.register("audit-events", AuditEventViewSet, basename="audit-event")
+# Small resources that live outside the apps' own routers (the audit log).
+core_router = DefaultRouter(trailing_slash=True)
+core_router.include_root_view = False
+core_router.register("audit-events", AuditEventViewSet, basename="audit-event")
 
 urlpatterns = [
     path("healthz", health.healthz, name="healthz"),
@@ -18,7 +21,7 @@ urlpatterns = [
     path("api/v1/", include("fleet.api.urls")),
     path("api/v1/", include("models_registry.api.urls")),
     path("api/v1/", include("training.api.urls")),
-    path("api/v1/", include(api_router.urls)),
+    path("api/v1/", include(core_router.urls)),
     path("admin/", admin.site.urls),
     path("", include("frontend.urls")),
 ]

@@ -1,4 +1,9 @@
-"""Telling devices to heartbeat now, after the change that concerns them is committed."""
+"""Telling devices to heartbeat now: a subscriber of the events that concern a device.
+
+A nudge carries no state: it only tells the agent to heartbeat at once, and the heartbeat
+answer is the source of truth. Events arrive after the commit that caused them, so the
+heartbeat that follows sees the new rows. A lost nudge costs at most one interval.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +11,17 @@ import logging
 from collections.abc import Iterable
 from typing import Any
 
-from django.db import transaction
+from core.events import Event
 
 log = logging.getLogger(__name__)
+
+# Events that ask for a nudge, and the payload key holding the device id(s).
+NUDGE_EVENTS = ("deployment.opened", "command.queued", "federated_round.opened")
+_REASONS = {
+    "deployment.opened": "desired_version",
+    "command.queued": "command",
+    "federated_round.opened": "training_round",
+}
 
 
 def _send(device_ids: list[str], reason: str) -> None:
@@ -27,8 +40,17 @@ def _send(device_ids: list[str], reason: str) -> None:
         log.warning("could not nudge %d devices: %s", len(device_ids), exc)
 
 
-def nudge_devices(device_ids: Iterable[Any], *, reason: str) -> None:
-    """Ask the devices' agents to heartbeat at once, once the current transaction commits."""
-    ids = [str(d) for d in device_ids]
+def _device_ids(event: Event) -> Iterable[Any]:
+    payload = event.payload
+    if event.name == "federated_round.opened":
+        return list(payload.get("devices") or [])
+    if event.name == "deployment.opened" and not payload.get("nudge", True):
+        return []
+    return [payload["device_id"]]
+
+
+def nudge_event_received(event: Event) -> None:
+    """Subscriber: nudge the devices an event concerns."""
+    ids = [str(d) for d in _device_ids(event)]
     if ids:
-        transaction.on_commit(lambda: _send(ids, reason))
+        _send(ids, _REASONS[event.name])

@@ -7,8 +7,8 @@ class FrontendConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Update states reported by devices refresh the fleet pages live.
-        from fleet.services.deployments import register_deployment_listener
-        from frontend.events import deployment_listener
+        from core import events
+        from frontend.events import event_received
 
-        register_deployment_listener(deployment_listener)
+        # Every domain event refreshes the pages that show it, live.
+        events.subscribe(event_received)

@@ -1,9 +1,11 @@
-"""Live updates for the dashboard: services announce state changes on named topics.
+"""Live updates for the dashboard: domain events become messages on named topics.
 
-`publish("fleet", {...})` sends one message to every browser that watches the topic,
-after the surrounding transaction commits, so a page never refreshes before the rows it
-will read exist. Publishing never fails the write that triggered it: the dashboard keeps
-polling when the channel layer is unreachable.
+:func:`event_received` subscribes to every domain event (``core.events``, registered in
+``FrontendConfig.ready``) and relays it to the topics of the pages that show it; an event
+arrives after the transaction that caused it committed, so a page never refreshes before
+the rows it will read exist. `publish("fleet", {...})` sends one message to every browser
+that watches a topic. Publishing never fails anything: the dashboard keeps polling when
+the channel layer is unreachable.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Any
 
 from asgiref.sync import async_to_sync
 from django.db import transaction
+
+from core.events import Event
 
 log = logging.getLogger(__name__)
 
@@ -87,14 +91,8 @@ def topics_for_event(event_type: str, payload: dict[str, Any]) -> list[str]:
     return topics
 
 
-def publish_event(*, event_type: str, payload: dict[str, Any]) -> None:
-    """Relay an app event (the same one webhooks receive) to the pages that show it."""
-    body = {
-        "event": event_type,
-        **{k: v for k, v in payload.items() if isinstance(v, str | int | float | None)},
-    }
-    for topic in topics_for_event(event_type, payload):
-        publish(topic, body)
+def _scalars(payload: Any) -> dict[str, Any]:
+    return {k: v for k, v in payload.items() if isinstance(v, str | int | float | None)}
 
 
 def publish_device(device_id: Any, *, change: str = "status") -> None:
@@ -110,10 +108,20 @@ def publish_provisioning(job_id: int) -> None:
     publish(topic_for("provisioning", job_id), {"job": job_id})
 
 
-def deployment_listener(deployment_id: int, old_state: str, new_state: str) -> None:
-    """Registered with fleet's deployment listeners: an update moved on a device."""
-    from fleet.models import Deployment
-
-    device_id = Deployment.objects.filter(pk=deployment_id).values_list("device_id", flat=True).first()
-    if device_id is not None:
-        publish_device(device_id, change="deployment")
+def event_received(event: Event) -> None:
+    """Subscriber of every domain event: refresh the pages that show what changed."""
+    payload = event.payload
+    if event.name == "device.enrolled":
+        publish_device(payload["device"], change="enrolled")
+    elif event.name == "device.changed":
+        publish_device(payload["device"], change=str(payload["change"]))
+    elif event.name == "deployment.state_changed":
+        publish_device(payload["device_id"], change="deployment")
+    elif event.name == "devices.offline":
+        publish(FLEET, {"change": "offline", "devices": payload["devices"]})
+    elif event.name == "provisioning_job.changed":
+        publish_provisioning(int(payload["job_id"]))
+    elif event.public:
+        body = {"event": event.name, **_scalars(payload)}
+        for topic in topics_for_event(event.name, dict(payload)):
+            publish(topic, body)

@@ -33,7 +33,6 @@ from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import audit_record
 from devices_agent.codecs import WireError, decode_delta, decode_tensors, encode_tensors, l2_norm
 from fleet.models import Device, DeviceGroup
-from fleet.nudge import nudge_devices
 from models_registry.models import Artifact, ModelFamily, ModelVersion
 from training import notify, selectors, storage
 from training.aggregation import (
@@ -95,9 +94,9 @@ def _setting(name: str, default: Any) -> Any:
 
 def _emit(event: str, data: dict[str, Any]) -> None:
     """Publish a webhook event (delivered after the current transaction commits)."""
-    from fleet.services.webhooks import webhook_emit
+    from core.events import emit
 
-    webhook_emit(event_type=event, payload=data)
+    emit(event, data)
 
 
 def _enqueue(task_name: str, *args: Any, countdown: float | None = None) -> None:
@@ -377,7 +376,9 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     round_id = rnd.pk
     transaction.on_commit(lambda: notify.rounds_changed(round_id=round_id))
     # Agents between heartbeats learn of the round from their nudge socket.
-    nudge_devices(chosen, reason="training_round")
+    from core.events import emit
+
+    emit("federated_round.opened", {"job": job.pk, "round": rnd.number, "devices": chosen})
     return rnd
 
 

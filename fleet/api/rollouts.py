@@ -29,7 +29,7 @@ from fleet.selectors.experiments import experiment_arm_counts, experiment_decisi
 from fleet.selectors.rollouts import rollout_decisions, rollout_list, rollout_members, rollout_summary
 from fleet.services import experiments as experiment_services
 from fleet.services import rollouts as rollout_services
-from fleet.services.webhooks import EVENT_TYPES, webhook_endpoint_test
+from fleet.services.webhooks import event_types, webhook_endpoint_test
 
 # --- rollouts ---------------------------------------------------------------------------
 
@@ -394,12 +394,11 @@ class WebhookEndpointSerializer(serializers.ModelSerializer[WebhookEndpoint]):
     def validate_event_types(self, value: Any) -> list[str]:
         if not isinstance(value, list):
             raise serializers.ValidationError("A list of event types.")
+        known = event_types()
         for item in value:
-            exact = item in EVENT_TYPES
+            exact = item in known
             prefix = (
-                isinstance(item, str)
-                and item.endswith(".*")
-                and any(t.startswith(item[:-1]) for t in EVENT_TYPES)
+                isinstance(item, str) and item.endswith(".*") and any(t.startswith(item[:-1]) for t in known)
             )
             if not (exact or prefix):
                 raise serializers.ValidationError(f"Unknown event type {item!r}.")

@@ -9,9 +9,9 @@ from django.utils import timezone
 
 from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
+from core.events import emit
 from devices_agent.wire import Command
 from fleet.models import Device, DeviceCommand
-from fleet.nudge import nudge_devices
 
 COMMAND_KINDS = ("restart", "collect_logs", "diagnostics")
 
@@ -46,7 +46,7 @@ def device_command_create(
             data={"command": command.pk, "kind": kind, "args": args or {}},
             remote_addr=remote_addr,
         )
-        nudge_devices([device.pk], reason="command")
+        emit("command.queued", {"command_id": command.pk, "device_id": str(device.pk)})
     return command
 
 

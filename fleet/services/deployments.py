@@ -1,14 +1,11 @@
 """Deployments: one attempt to bring a device to a model version, and the states it reports.
 
-Rollouts and experiments follow deployments through `register_deployment_listener`:
-each listener is called after the transaction that changed a deployment's state commits,
-with the deployment id, the old state and the new state.
+Every change of state is announced as the domain event ``deployment.state_changed``
+(after commit); a new deployment as ``deployment.opened``, which nudges the device.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,36 +13,24 @@ from django.db import transaction
 from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
+from core.events import emit
 from fleet.models import Deployment, DeploymentEvent, Device
-from fleet.nudge import nudge_devices
-
-logger = logging.getLogger(__name__)
-
-DeploymentListener = Callable[[int, str, str], None]
-_listeners: list[DeploymentListener] = []
 
 OPEN_STATES = [s.value for s in Deployment.State if s not in Deployment.TERMINAL]
 REPORTABLE_STATES = frozenset(s.value for s in Deployment.State if s != Deployment.State.SUPERSEDED)
 
 
-def register_deployment_listener(listener: DeploymentListener) -> DeploymentListener:
-    """Call `listener(deployment_id, old_state, new_state)` after every committed change."""
-    if listener not in _listeners:
-        _listeners.append(listener)
-    return listener
-
-
-def deployment_state_changed(*, deployment_id: int, old_state: str, new_state: str) -> None:
-    """Notify the listeners once the current transaction commits (or now, outside one)."""
-
-    def notify() -> None:
-        for listener in list(_listeners):
-            try:
-                listener(deployment_id, old_state, new_state)
-            except Exception:  # one listener's bug must not hide the change from the others
-                logger.exception("deployment listener %r failed", listener)
-
-    transaction.on_commit(notify)
+def deployment_state_changed(*, deployment_id: int, device_id: Any, old_state: str, new_state: str) -> None:
+    """Announce a deployment's new state (delivered to subscribers after commit)."""
+    emit(
+        "deployment.state_changed",
+        {
+            "deployment_id": deployment_id,
+            "device_id": str(device_id),
+            "old_state": old_state,
+            "new_state": new_state,
+        },
+    )
 
 
 def deployment_open(
@@ -79,7 +64,10 @@ def deployment_open(
             )
             for pk, old in superseded:
                 deployment_state_changed(
-                    deployment_id=pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+                    deployment_id=pk,
+                    device_id=device.pk,
+                    old_state=old,
+                    new_state=Deployment.State.SUPERSEDED,
                 )
         deployment = Deployment.objects.create(
             device=device, version_id=version_id, origin_type=origin_type, origin_id=origin_id
@@ -88,10 +76,17 @@ def deployment_open(
         Device.objects.filter(pk=device.pk).update(deployment_state=Deployment.State.PENDING)
         device.deployment_state = Deployment.State.PENDING
         deployment_state_changed(
-            deployment_id=deployment.pk, old_state="", new_state=Deployment.State.PENDING
+            deployment_id=deployment.pk, device_id=device.pk, old_state="", new_state=Deployment.State.PENDING
         )
-        if nudge:
-            nudge_devices([device.pk], reason="desired_version")
+        emit(
+            "deployment.opened",
+            {
+                "deployment_id": deployment.pk,
+                "device_id": str(device.pk),
+                "version_id": version_id,
+                "nudge": nudge,
+            },
+        )
     return deployment
 
 
@@ -152,5 +147,7 @@ def deployment_record_status(
         Device.objects.filter(pk=device.pk).update(**changes)
         for key, value in changes.items():
             setattr(device, key, value)
-        deployment_state_changed(deployment_id=deployment.pk, old_state=old, new_state=state)
+        deployment_state_changed(
+            deployment_id=deployment.pk, device_id=device.pk, old_state=old, new_state=state
+        )
     return deployment

@@ -13,9 +13,9 @@ from django.utils import timezone
 
 from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
+from core.events import emit
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
-from frontend.events import FLEET, publish
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
 
@@ -134,7 +134,10 @@ def device_decommission(*, actor: Any, device_id: Any, remote_addr: str | None =
             )
             for pk, old in open_ids:
                 deployment_state_changed(
-                    deployment_id=pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+                    deployment_id=pk,
+                    device_id=device.pk,
+                    old_state=old,
+                    new_state=Deployment.State.SUPERSEDED,
                 )
         audit_record(actor=actor, action="device.decommission", target=device, remote_addr=remote_addr)
     return device
@@ -164,7 +167,7 @@ def devices_mark_offline(*, now: Any = None) -> int:
         )
     marked = Device.objects.filter(late, status=Device.Status.ONLINE).update(status=Device.Status.OFFLINE)
     if marked:
-        publish(FLEET, {"change": "offline", "devices": marked})
+        emit("devices.offline", {"devices": marked})
     return marked
 
 

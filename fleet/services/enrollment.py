@@ -12,9 +12,9 @@ from rest_framework import status
 
 from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
+from core.events import emit
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
-from frontend.events import publish_device
 
 TOKEN_PREFIX_LENGTH = 8
 DEFAULT_TOKEN_TTL = timedelta(days=7)
@@ -142,5 +142,5 @@ def device_enroll(
             target=device,
             data={"token_prefix": row.prefix, "name": name},
         )
-        publish_device(device.pk, change="enrolled")
+        emit("device.enrolled", {"device": str(device.pk)})
     return device, secret

@@ -24,6 +24,7 @@ Evaluation (`experiment_evaluate`, run by `fleet.experiments_evaluate`):
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -31,8 +32,9 @@ import numpy as np
 from django.db import transaction
 from django.utils import timezone
 
-from core.api import ConflictError, NotFoundError, ServiceError
+from core.api import ConflictError, ServiceError
 from core.audit.services import actor_label, audit_record
+from core.events import emit
 from fleet.models import Device, DeviceGroup, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
 from fleet.rollouts.gates import evaluate_gate, validate_gates
 from fleet.rollouts.stats import msprt_samples, two_proportion_ztest, welch_ttest
@@ -41,7 +43,8 @@ from fleet.selectors.devices import group_members
 from fleet.selectors.experiments import experiment_arm_samples
 from fleet.selectors.rollouts import devices_in_active_rollouts
 from fleet.services.deployments import deployment_open
-from fleet.services.webhooks import webhook_emit
+from fleet.services.rollouts import rollout_create, rollout_start
+from fleet.services.transitions import Step, transition
 
 logger = logging.getLogger(__name__)
 
@@ -62,9 +65,9 @@ def _decide(
 
 
 def _event(experiment: Experiment, event_type: str, **extra: Any) -> None:
-    webhook_emit(
-        event_type=event_type,
-        payload={
+    emit(
+        event_type,
+        {
             "experiment_id": experiment.pk,
             "name": experiment.name,
             "status": experiment.status,
@@ -164,13 +167,6 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
     return experiment
 
 
-def _lock(experiment_id: int) -> Experiment:
-    experiment = Experiment.objects.select_for_update().filter(pk=experiment_id).first()
-    if experiment is None:
-        raise NotFoundError("No such experiment.", code="not_found")
-    return experiment
-
-
 def _assign_new(experiment: Experiment) -> int:
     """Assign devices of the group that have no arm yet; tell them their arm's version."""
     assigned = set(
@@ -224,10 +220,8 @@ def _restore(experiment: Experiment) -> int:
 
 def experiment_start(*, experiment_id: int, actor: Any, remote_addr: str | None = None) -> Experiment:
     """Assign the group's devices to arms and ship each arm's version."""
-    with transaction.atomic():
-        experiment = _lock(experiment_id)
-        if experiment.status != Experiment.Status.DRAFT:
-            raise ConflictError(f"Experiment is {experiment.status}.", code="invalid_state")
+
+    def step(experiment: Experiment) -> Step:
         members = [
             str(pk) for pk in group_members(group=experiment.target_group).values_list("pk", flat=True)
         ]
@@ -241,43 +235,76 @@ def experiment_start(*, experiment_id: int, actor: Any, remote_addr: str | None 
             )
         experiment.status = Experiment.Status.RUNNING
         experiment.started_at = timezone.now()
-        experiment.save(update_fields=["status", "started_at"])
         added = _assign_new(experiment)
-        _decide(experiment, action="started", metrics={"assigned": added}, actor=actor)
-        audit_record(actor=actor, action="experiment.start", target=experiment, remote_addr=remote_addr)
-        _event(experiment, "experiment.started")
-    return experiment
+        return Step(
+            decision="started",
+            event="experiment.started",
+            fields=["status", "started_at"],
+            metrics={"assigned": added},
+        )
+
+    return _transition(
+        experiment_id=experiment_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Experiment.Status.DRAFT,),
+        audit_action="experiment.start",
+        step=step,
+    )
 
 
 def experiment_stop(
     *, experiment_id: int, actor: Any, reason: str = "", remote_addr: str | None = None
 ) -> Experiment:
     """Stop a running experiment and send its devices back to their previous versions."""
-    with transaction.atomic():
-        experiment = _lock(experiment_id)
-        if experiment.status != Experiment.Status.RUNNING:
-            raise ConflictError(f"Experiment is {experiment.status}.", code="invalid_state")
+
+    def step(experiment: Experiment) -> Step:
         restored = _restore(experiment)
         experiment.status = Experiment.Status.STOPPED
         experiment.finished_at = timezone.now()
         experiment.result = {**experiment.result, "stopped_reason": reason or "stopped by operator"}
-        experiment.save(update_fields=["status", "finished_at", "result"])
-        _decide(
-            experiment,
-            action="stopped",
+        return Step(
+            decision="stopped",
+            event="experiment.stopped",
+            fields=["status", "finished_at", "result"],
             reason=reason or "stopped by operator",
             metrics={"restored": restored},
-            actor=actor,
+            event_extra={"reason": reason},
         )
-        audit_record(
-            actor=actor,
-            action="experiment.stop",
-            target=experiment,
-            data={"reason": reason},
-            remote_addr=remote_addr,
-        )
-        _event(experiment, "experiment.stopped", reason=reason)
-    return experiment
+
+    return _transition(
+        experiment_id=experiment_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Experiment.Status.RUNNING,),
+        audit_action="experiment.stop",
+        audit_data={"reason": reason},
+        step=step,
+    )
+
+
+def _transition(
+    *,
+    experiment_id: int,
+    actor: Any,
+    remote_addr: str | None,
+    allowed: tuple[str, ...],
+    audit_action: str,
+    step: Callable[[Experiment], Step],
+    audit_data: dict[str, Any] | None = None,
+) -> Experiment:
+    return transition(
+        model=Experiment,
+        pk=experiment_id,
+        allowed=allowed,
+        actor=actor,
+        remote_addr=remote_addr,
+        audit_action=audit_action,
+        audit_data=audit_data,
+        step=step,
+        decide=_decide,
+        announce=_event,
+    )
 
 
 def _primary_arrays(experiment: Experiment, samples: dict[str, np.ndarray]) -> np.ndarray:
@@ -454,11 +481,11 @@ def experiment_promote(
     `rollout` may carry waves, gates and the other rollout fields; by default waves of
     10%, 50%, 100% with 60 s soaks. The experiment becomes `promoted`.
     """
-    from fleet.services.rollouts import rollout_create, rollout_start
+    created: Rollout | None = None
 
-    with transaction.atomic():
-        experiment = _lock(experiment_id)
-        if experiment.status != Experiment.Status.COMPLETED or experiment.winner_arm is None:
+    def step(experiment: Experiment) -> Step:
+        nonlocal created
+        if experiment.winner_arm is None:
             raise ConflictError(
                 "Only a completed experiment with a winner can be promoted.", code="invalid_state"
             )
@@ -480,16 +507,24 @@ def experiment_promote(
         experiment.save(update_fields=["status"])
         created = rollout_create(actor=actor, data=data, remote_addr=remote_addr)
         experiment.promoted_rollout = created
-        experiment.save(update_fields=["promoted_rollout"])
-        _decide(experiment, action="promoted", metrics={"rollout_id": created.pk}, actor=actor)
-        audit_record(
-            actor=actor,
-            action="experiment.promote",
-            target=experiment,
-            data={"rollout": created.pk},
-            remote_addr=remote_addr,
+        return Step(
+            decision="promoted",
+            event="experiment.promoted",
+            fields=["status", "promoted_rollout"],
+            metrics={"rollout_id": created.pk},
+            event_extra={"rollout_id": created.pk},
+            audit={"rollout": created.pk},
         )
-        _event(experiment, "experiment.promoted", rollout_id=created.pk)
+
+    _transition(
+        experiment_id=experiment_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Experiment.Status.COMPLETED,),
+        audit_action="experiment.promote",
+        step=step,
+    )
+    assert created is not None
     if start:
         rollout_start(rollout_id=created.pk, actor=actor, remote_addr=remote_addr)
         created.refresh_from_db()

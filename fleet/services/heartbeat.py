@@ -27,6 +27,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
+from core.events import emit
 from devices_agent.wire import API_PREFIX, ArtifactRef, DesiredModel, HeartbeatResponse, TrainingTask
 from fleet.models import Deployment, Device, UpdatePolicy
 from fleet.selectors.devices import (
@@ -38,7 +39,6 @@ from fleet.selectors.devices import (
 )
 from fleet.services.commands import device_commands_take
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_record_status
-from frontend.events import publish_device
 
 TaskProvider = Callable[[Device], list[TrainingTask]]
 _task_providers: list[TaskProvider] = []
@@ -229,7 +229,7 @@ def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) ->
             for key, value in changes.items():
                 setattr(device, key, value)
             if "status" in changes:  # only a status change refreshes dashboards, not every heartbeat
-                publish_device(device.pk)
+                emit("device.changed", {"device": str(device.pk), "change": "status"})
 
 
 def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool = True) -> HeartbeatResponse:

@@ -27,14 +27,17 @@ from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Q
+from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import audit_record
+from core.dispatch import enqueue_on_commit
+from core.events import emit
+from core.leases import Lease
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken, KnownHost, ProvisioningJob
 from fleet.ssh import HostKey, SshError, SshTransport, UnknownHostKeyError
-from frontend.events import publish_provisioning
 
 logger = logging.getLogger(__name__)
 
@@ -188,10 +191,13 @@ def agent_config_toml(*, server_url: str, token: str, state_dir: str, name: str)
 # --- operator actions -------------------------------------------------------------------
 
 
-def _enqueue(job_id: int, *, countdown: float = 0) -> None:
-    from fleet.tasks.provisioning import provision_device
+def _enqueue(job_id: int) -> None:
+    enqueue_on_commit("fleet.provision_device", job_id)
 
-    transaction.on_commit(lambda: provision_device.apply_async(args=[job_id], countdown=countdown))
+
+def _changed(job_id: int) -> None:
+    """The job moved on or logged a step: the dashboard's provisioning pages refresh."""
+    emit("provisioning_job.changed", {"job_id": job_id})
 
 
 def _credential(private_key: str | None, password: str | None) -> tuple[str, str]:
@@ -268,7 +274,7 @@ def provisioning_job_create(
             remote_addr=remote_addr,
         )
         _enqueue(job.pk)
-        publish_provisioning(job.pk)
+        _changed(job.pk)
     return job
 
 
@@ -321,7 +327,7 @@ def provisioning_job_accept_host_key(
             remote_addr=remote_addr,
         )
         _enqueue(job.pk)
-        publish_provisioning(job.pk)
+        _changed(job.pk)
     return job
 
 
@@ -351,7 +357,7 @@ def provisioning_job_retry(
         job.save()
         audit_record(actor=actor, action="provisioning_job.retry", target=job, remote_addr=remote_addr)
         _enqueue(job.pk)
-        publish_provisioning(job.pk)
+        _changed(job.pk)
     return job
 
 
@@ -368,7 +374,7 @@ def provisioning_job_cancel(*, actor: Any, job_id: int, remote_addr: str | None 
         job.save(update_fields=["status", "credential_encrypted", "finished_at", "steps"])
         _revoke_token(job)
         audit_record(actor=actor, action="provisioning_job.cancel", target=job, remote_addr=remote_addr)
-        publish_provisioning(job.pk)
+        _changed(job.pk)
     return job
 
 
@@ -402,7 +408,7 @@ def _update(job: ProvisioningJob, *, expect: str, **fields: Any) -> None:
         raise _Stopped
     for name, value in fields.items():
         setattr(job, name, value)
-    publish_provisioning(job.pk)
+    _changed(job.pk)
 
 
 def _log(job: ProvisioningJob, step: str, status: str, message: str = "") -> None:
@@ -415,34 +421,30 @@ def _advance(job: ProvisioningJob, new_status: str, message: str = "") -> None:
         expect=job.status,
         status=new_status,
         steps=[*job.steps, _step_entry(new_status, "started", message)],
-        locked_until=timezone.now() + _lease(),
+        locked_until=LEASE.until(),
     )
 
 
-def _lease() -> timedelta:
+def _lease_s() -> float:
     # Longer than the task's hard time limit: a job in a running state past its lease
     # belongs to a worker that died, and a redelivered task may take it over.
-    return timedelta(seconds=int(_setting("CELERY_TASK_TIME_LIMIT", 660)) + 60)
+    return float(int(_setting("CELERY_TASK_TIME_LIMIT", 660)) + 60)
+
+
+LEASE = Lease(ProvisioningJob, "locked_until", _lease_s)
 
 
 def _claim(job_id: int) -> bool:
     now = timezone.now()
-    claimable = Q(status=Status.QUEUED) | Q(status__in=ProvisioningJob.RUNNING, locked_until__lt=now)
-    with transaction.atomic():
-        job = ProvisioningJob.objects.filter(pk=job_id).filter(claimable).first()
-        if job is None:
-            return False
-        updated = (
-            ProvisioningJob.objects.filter(pk=job_id, status=job.status)
-            .filter(claimable)
-            .update(
-                status=Status.CONNECTING,
-                attempts=F("attempts") + 1,
-                locked_until=now + _lease(),
-                started_at=job.started_at or now,
-            )
-        )
-    return updated == 1
+    token = LEASE.claim(
+        job_id,
+        where=Q(status=Status.QUEUED) | Q(status__in=ProvisioningJob.RUNNING),
+        now=now,
+        status=Status.CONNECTING,
+        attempts=F("attempts") + 1,
+        started_at=Coalesce(F("started_at"), now),
+    )
+    return token is not None
 
 
 def _revoke_token(job: ProvisioningJob) -> None:
@@ -470,7 +472,7 @@ def _fail(job: ProvisioningJob, *, code: str, message: str) -> None:
         if updated:
             job.refresh_from_db()
             _revoke_token(job)
-            publish_provisioning(job.pk)
+            _changed(job.pk)
     logger.info("provisioning job %s failed (%s): %s", job.pk, code, message)
 
 
@@ -759,7 +761,7 @@ def provisioning_jobs_resume() -> list[int]:
         ProvisioningJob.objects.filter(
             Q(status=Status.QUEUED)
             & (Q(next_attempt_at__lt=overdue) | Q(next_attempt_at=None, created_at__lt=overdue))
-            | Q(status__in=ProvisioningJob.RUNNING, locked_until__lt=now)
+            | Q(status__in=ProvisioningJob.RUNNING) & LEASE.expired(now)
         ).values_list("pk", flat=True)
     )
     for job in ProvisioningJob.objects.filter(status=Status.WAITING_ENROLLMENT):

@@ -28,7 +28,7 @@ on create and on start. Drafts, finished rollouts and other targets do not count
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -38,6 +38,8 @@ from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import actor_label, audit_record
+from core.dispatch import enqueue_on_commit
+from core.events import emit
 from fleet.models import (
     Deployment,
     Device,
@@ -59,9 +61,7 @@ from fleet.selectors.rollouts import (
     target_devices,
 )
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
-from fleet.services.webhooks import webhook_emit
-
-logger = logging.getLogger(__name__)
+from fleet.services.transitions import Step, transition
 
 ORIGIN = "rollout"
 _EDITABLE = (
@@ -97,9 +97,9 @@ def _decide(
 
 
 def _event(rollout: Rollout, event_type: str, **extra: Any) -> None:
-    webhook_emit(
-        event_type=event_type,
-        payload={
+    emit(
+        event_type,
+        {
             "rollout_id": rollout.pk,
             "name": rollout.name,
             "version_id": rollout.version_id,
@@ -475,7 +475,9 @@ def _supersede_open(device: Device, version_id: int) -> None:
             state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
         )
         for pk, old in open_rows:
-            deployment_state_changed(deployment_id=pk, old_state=old, new_state=Deployment.State.SUPERSEDED)
+            deployment_state_changed(
+                deployment_id=pk, device_id=device.pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+            )
 
 
 def _send_back(device: Device, version_id: int | None, rollout: Rollout, now: datetime) -> None:
@@ -647,14 +649,37 @@ def _advance_locked(rollout: Rollout, now: datetime) -> AdvanceResult:
     return AdvanceResult(rollout.pk, action, rollout.current_wave, stats)
 
 
+def _transition(
+    *,
+    rollout_id: int,
+    actor: Any,
+    remote_addr: str | None,
+    allowed: tuple[str, ...],
+    audit_action: str,
+    step: Callable[[Rollout], Step],
+    audit_data: dict[str, Any] | None = None,
+) -> Rollout:
+    return transition(
+        model=Rollout,
+        pk=rollout_id,
+        allowed=allowed,
+        actor=actor,
+        remote_addr=remote_addr,
+        audit_action=audit_action,
+        audit_data=audit_data,
+        step=step,
+        decide=_decide,
+        announce=_event,
+    )
+
+
 def rollout_start(
     *, rollout_id: int, actor: Any, remote_addr: str | None = None, now: datetime | None = None
 ) -> Rollout:
     """Open the first wave of a draft rollout."""
     now = now or timezone.now()
-    with transaction.atomic():
-        rollout = _lock(rollout_id)
-        _require(rollout, Rollout.Status.DRAFT)
+
+    def step(rollout: Rollout) -> Step:
         target = rollout_target_ids(rollout=rollout)
         if not target:
             raise ServiceError("The target selects no devices.", code="empty_target")
@@ -663,52 +688,58 @@ def rollout_start(
         rollout.current_wave = 0
         rollout.wave_started_at = now
         rollout.started_at = now
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "current_wave", "wave_started_at", "started_at", "revision"])
         opened = _open_wave(rollout, now)
         released = _release(rollout, now)
-        _decide(rollout, action="started", metrics={**opened, "released": released}, actor=actor)
-        audit_record(actor=actor, action="rollout.start", target=rollout, remote_addr=remote_addr)
-        _event(rollout, "rollout.started", metrics=opened)
+        return Step(
+            decision="started",
+            event="rollout.started",
+            fields=["status", "current_wave", "wave_started_at", "started_at"],
+            metrics={**opened, "released": released},
+            event_extra={"metrics": opened},
+        )
+
+    rollout = _transition(
+        rollout_id=rollout_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Rollout.Status.DRAFT,),
+        audit_action="rollout.start",
+        step=step,
+    )
     _kick(rollout.pk)
     return rollout
 
 
 def _kick(rollout_id: int) -> None:
     """Advance soon after commit instead of waiting for the next beat tick."""
-
-    def send() -> None:
-        from fleet.tasks.rollouts import rollouts_advance_one
-
-        try:
-            rollouts_advance_one.delay(rollout_id)
-        except Exception:  # the periodic task will get there
-            logger.warning("could not enqueue rollout advance %s", rollout_id, exc_info=True)
-
-    transaction.on_commit(send)
+    enqueue_on_commit("fleet.rollouts_advance_one", rollout_id)
 
 
 def rollout_pause(
     *, rollout_id: int, actor: Any, reason: str = "", remote_addr: str | None = None
 ) -> Rollout:
     """Stop opening waves and releasing devices; downloads already told keep going."""
-    with transaction.atomic():
-        rollout = _lock(rollout_id)
-        _require(rollout, Rollout.Status.RUNNING)
+
+    def step(rollout: Rollout) -> Step:
         rollout.status = Rollout.Status.PAUSED
         rollout.status_reason = reason or "paused by operator"
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "status_reason", "revision"])
-        _decide(rollout, action="paused", reason=rollout.status_reason, metrics=_stats(rollout), actor=actor)
-        audit_record(
-            actor=actor,
-            action="rollout.pause",
-            target=rollout,
-            data={"reason": reason},
-            remote_addr=remote_addr,
+        return Step(
+            decision="paused",
+            event="rollout.paused",
+            fields=["status", "status_reason"],
+            reason=rollout.status_reason,
+            metrics=_stats(rollout),
         )
-        _event(rollout, "rollout.paused")
-    return rollout
+
+    return _transition(
+        rollout_id=rollout_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Rollout.Status.RUNNING,),
+        audit_action="rollout.pause",
+        audit_data={"reason": reason},
+        step=step,
+    )
 
 
 def rollout_resume(
@@ -716,17 +747,26 @@ def rollout_resume(
 ) -> Rollout:
     """Run again. The wave's soak window restarts, so gates judge fresh data only."""
     now = now or timezone.now()
-    with transaction.atomic():
-        rollout = _lock(rollout_id)
-        _require(rollout, Rollout.Status.PAUSED)
+
+    def step(rollout: Rollout) -> Step:
         rollout.status = Rollout.Status.RUNNING
         rollout.status_reason = ""
         rollout.wave_started_at = now
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "status_reason", "wave_started_at", "revision"])
-        _decide(rollout, action="resumed", metrics=_stats(rollout), actor=actor)
-        audit_record(actor=actor, action="rollout.resume", target=rollout, remote_addr=remote_addr)
-        _event(rollout, "rollout.resumed")
+        return Step(
+            decision="resumed",
+            event="rollout.resumed",
+            fields=["status", "status_reason", "wave_started_at"],
+            metrics=_stats(rollout),
+        )
+
+    rollout = _transition(
+        rollout_id=rollout_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Rollout.Status.PAUSED,),
+        audit_action="rollout.resume",
+        step=step,
+    )
     _kick(rollout.pk)
     return rollout
 
@@ -742,9 +782,8 @@ def rollout_abort(
     """Stop for good. Devices not yet active go back to the version they run (their open
     deployment is superseded); devices already active keep the new version."""
     now = now or timezone.now()
-    with transaction.atomic():
-        rollout = _lock(rollout_id)
-        _require(rollout, Rollout.Status.DRAFT, Rollout.Status.RUNNING, Rollout.Status.PAUSED)
+
+    def step(rollout: Rollout) -> Step:
         _sync(rollout, now)
         cancelled = 0
         members = RolloutDevice.objects.filter(
@@ -762,24 +801,23 @@ def rollout_abort(
         rollout.status = Rollout.Status.ABORTED
         rollout.status_reason = reason or "aborted by operator"
         rollout.finished_at = now
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
-        _decide(
-            rollout,
-            action="aborted",
+        return Step(
+            decision="aborted",
+            event="rollout.aborted",
+            fields=["status", "status_reason", "finished_at"],
             reason=rollout.status_reason,
             metrics={**_stats(rollout), "cancelled": cancelled},
-            actor=actor,
         )
-        audit_record(
-            actor=actor,
-            action="rollout.abort",
-            target=rollout,
-            data={"reason": reason},
-            remote_addr=remote_addr,
-        )
-        _event(rollout, "rollout.aborted")
-    return rollout
+
+    return _transition(
+        rollout_id=rollout_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Rollout.Status.DRAFT, Rollout.Status.RUNNING, Rollout.Status.PAUSED),
+        audit_action="rollout.abort",
+        audit_data={"reason": reason},
+        step=step,
+    )
 
 
 def rollout_rollback(
@@ -792,32 +830,30 @@ def rollout_rollback(
 ) -> Rollout:
     """Send every device the rollout touched back to the version it ran before."""
     now = now or timezone.now()
-    with transaction.atomic():
-        rollout = _lock(rollout_id)
-        _require(rollout, Rollout.Status.RUNNING, Rollout.Status.PAUSED, Rollout.Status.SUCCEEDED)
+
+    def step(rollout: Rollout) -> Step:
         _sync(rollout, now)
         rolled = _rollback(rollout, now)
         rollout.status = Rollout.Status.ROLLED_BACK
         rollout.status_reason = reason or "rolled back by operator"
         rollout.finished_at = now
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
-        _decide(
-            rollout,
-            action="rolled_back",
+        return Step(
+            decision="rolled_back",
+            event="rollout.rolled_back",
+            fields=["status", "status_reason", "finished_at"],
             reason=rollout.status_reason,
             metrics={"rolled_back_devices": rolled},
-            actor=actor,
         )
-        audit_record(
-            actor=actor,
-            action="rollout.rollback",
-            target=rollout,
-            data={"reason": reason},
-            remote_addr=remote_addr,
-        )
-        _event(rollout, "rollout.rolled_back")
-    return rollout
+
+    return _transition(
+        rollout_id=rollout_id,
+        actor=actor,
+        remote_addr=remote_addr,
+        allowed=(Rollout.Status.RUNNING, Rollout.Status.PAUSED, Rollout.Status.SUCCEEDED),
+        audit_action="rollout.rollback",
+        audit_data={"reason": reason},
+        step=step,
+    )
 
 
 def rollout_advance_now(

@@ -1,4 +1,4 @@
-"""Signed outbound webhooks: events become deliveries after commit, retried with backoff.
+"""Signed outbound webhooks: public domain events become deliveries, retried with backoff.
 
 Every request carries:
 
@@ -24,13 +24,13 @@ from typing import Any
 
 import httpx
 from django.conf import settings
-from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
 from core.api import ServiceError
+from core.dispatch import enqueue_on_commit
+from core.events import Event, public_event_types
 from fleet.models import WebhookDelivery, WebhookEndpoint
-from frontend.events import publish_event
 
 logger = logging.getLogger(__name__)
 
@@ -39,23 +39,11 @@ TIMESTAMP_HEADER = "X-Flotilla-Timestamp"
 EVENT_HEADER = "X-Flotilla-Event"
 DELIVERY_HEADER = "X-Flotilla-Delivery"
 
-EVENT_TYPES: tuple[str, ...] = (
-    "rollout.started",
-    "rollout.wave_started",
-    "rollout.paused",
-    "rollout.resumed",
-    "rollout.succeeded",
-    "rollout.aborted",
-    "rollout.rolled_back",
-    "experiment.started",
-    "experiment.stopped",
-    "experiment.completed",
-    "experiment.promoted",
-    "federated_round.opened",
-    "federated_round.closed",
-    "federated_round.aggregated",
-    "federated_round.failed",
-)
+
+# What receivers can subscribe to: the public domain events (core.events), and "ping".
+def event_types() -> list[str]:
+    """Event types an endpoint may name (the public domain events)."""
+    return public_event_types()
 
 
 def _setting(name: str, default: float) -> float:
@@ -107,33 +95,15 @@ def _create_deliveries(event_type: str, payload: dict[str, Any]) -> list[int]:
     return ids
 
 
-def _enqueue(ids: list[int]) -> None:
-    from fleet.tasks.rollouts import webhooks_deliver
+def webhook_event_received(event: Event) -> None:
+    """Subscriber of every public domain event: one delivery per subscribed endpoint.
 
-    for delivery_id in ids:
-        try:
-            webhooks_deliver.delay(delivery_id)
-        except Exception:  # broker down: the periodic retry task picks the row up later
-            logger.warning("could not enqueue webhook delivery %s", delivery_id, exc_info=True)
-
-
-def webhook_emit(*, event_type: str, payload: dict[str, Any], enqueue: bool = True) -> None:
-    """Announce an event to every active endpoint subscribed to `event_type`.
-
-    Deliveries are created after the current transaction commits (at once outside one),
-    so a receiver never hears of a state that was rolled back; each is then sent by a
-    Celery task, and retried by `fleet.webhooks_retry_due` if the broker was down.
-    `payload` must be JSON-serialisable.
+    Called after the transaction that emitted the event committed, so a receiver never
+    hears of a state that was rolled back. Each delivery is then sent by a Celery task;
+    a lost message is sent by ``fleet.webhooks_retry_due``, which finds it pending.
     """
-    data = json.loads(json.dumps(payload, default=str))
-
-    def create() -> None:
-        ids = _create_deliveries(event_type, data)
-        if enqueue and ids:
-            _enqueue(ids)
-
-    transaction.on_commit(create)
-    publish_event(event_type=event_type, payload=data)
+    for delivery_id in _create_deliveries(event.name, dict(event.payload)):
+        enqueue_on_commit("fleet.webhooks_deliver", delivery_id)
 
 
 def webhook_body(*, delivery: WebhookDelivery) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
+from core.dispatch import send_now
 from fleet.services.provisioning import provisioning_job_run, provisioning_jobs_resume
 
 __all__ = ["provision_device", "provisioning_resume"]
@@ -14,7 +15,7 @@ def provision_device(job_id: int) -> None:
     """Advance provisioning job `job_id`; re-schedules itself instead of sleeping while it waits."""
     delay = provisioning_job_run(job_id=job_id)
     if delay is not None:
-        provision_device.apply_async(args=[job_id], countdown=delay)
+        send_now("fleet.provision_device", job_id, countdown=delay)
 
 
 @shared_task(name="fleet.provisioning_resume", ignore_result=True)
@@ -22,5 +23,5 @@ def provisioning_resume() -> int:
     """Periodic (beat): re-enqueue jobs whose next run was lost and poll waiting ones."""
     ids = provisioning_jobs_resume()
     for job_id in ids:
-        provision_device.delay(job_id)
+        send_now("fleet.provision_device", job_id)
     return len(ids)

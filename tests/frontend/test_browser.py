@@ -232,7 +232,7 @@ def _job_setup() -> Any:
 
 def _open_round_two(job_id: int) -> None:
     """A worker opens round 2 and announces it the way the training services do."""
-    from frontend.events import publish_event
+    from core.events import emit
     from training.models import FederatedJob, FederatedRound
 
     job = FederatedJob.objects.get(pk=job_id)
@@ -240,9 +240,7 @@ def _open_round_two(job_id: int) -> None:
         job=job, number=2, base_version_id=job.base_version_id, status="collecting", selected=["a", "b"]
     )
     FederatedJob.objects.filter(pk=job_id).update(current_round=2)
-    publish_event(
-        event_type="federated_round.status", payload={"job": job_id, "round": 2, "status": "collecting"}
-    )
+    emit("federated_round.status", {"job": job_id, "round": 2, "status": "collecting"})
 
 
 def test_federated_round_arrives_live(live_stack: Any, transactional_db: Any, browser: Any) -> None:

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from django.utils import timezone
 
+from core.events import emit
 from fleet.models import WebhookDelivery, WebhookEndpoint
-from fleet.services.webhooks import webhook_deliver, webhook_emit, webhook_verify
+from fleet.services.webhooks import webhook_deliver, webhook_verify
 
 SECRET = "s3cret-for-webhook-tests"
 
@@ -63,7 +64,10 @@ def test_signed_delivery_retried_after_500(
     endpoint = WebhookEndpoint.objects.create(url=receiver.url, secret=SECRET, event_types=["rollout.*"])
     WebhookEndpoint.objects.create(url=receiver.url, secret=SECRET, event_types=["experiment.completed"])
     with django_capture_on_commit_callbacks(execute=True):
-        webhook_emit(event_type="rollout.paused", payload={"rollout_id": 7}, enqueue=False)
+        emit(
+            "rollout.paused",
+            {"rollout_id": 7, "name": "r", "version_id": 1, "status": "paused", "wave": 0, "reason": ""},
+        )
     (delivery,) = WebhookDelivery.objects.all()
     assert delivery.endpoint_id == endpoint.pk
 
@@ -141,16 +145,13 @@ def test_rollout_events_reach_the_delivery_log_api(
     assert response.status_code == 201, response.content
     assert "secret" not in response.json()
     endpoint_id = response.json()["id"]
-    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+    # The on-commit hooks run the event subscribers, which create the deliveries.
+    with django_capture_on_commit_callbacks(execute=True):
         rollout = rollout_create(
             actor=None, data={"version": f.v2.pk, "target_group": f.group.pk, "waves": [{"percent": 100}]}
         )
         rollout_start(rollout_id=rollout.pk, actor=None)
         rollout_pause(rollout_id=rollout.pk, actor=None, reason="checking")
-    # Run the on-commit hooks that create deliveries, without a broker.
-    for cb in callbacks:
-        if getattr(cb, "__qualname__", "").startswith("webhook_emit"):
-            cb()
     for delivery in WebhookDelivery.objects.all():
         webhook_deliver(delivery_id=delivery.pk)
     log = operator_client.get(f"/api/v1/webhooks/{endpoint_id}/deliveries/").json()["results"]
