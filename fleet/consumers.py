@@ -12,7 +12,7 @@ from typing import Any
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 
-from fleet.auth import device_for_secret
+from fleet.auth import device_from_authorization
 
 
 def device_group(device_id: Any) -> str:
@@ -20,12 +20,10 @@ def device_group(device_id: Any) -> str:
     return f"device.{device_id}"
 
 
-def _secret_from_scope(scope: dict[str, Any]) -> str:
+def _authorization(scope: dict[str, Any]) -> str:
     for name, value in scope.get("headers", []):
         if name == b"authorization":
-            scheme, _, secret = value.decode("latin1").partition(" ")
-            if scheme == "Device":
-                return secret.strip()
+            return str(value.decode("latin1"))
     return ""
 
 
@@ -35,7 +33,7 @@ class AgentNudgeConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
     group: str | None = None
 
     async def connect(self) -> None:
-        device = await database_sync_to_async(device_for_secret)(_secret_from_scope(self.scope))
+        device = await database_sync_to_async(device_from_authorization)(_authorization(self.scope))
         if device is None:
             await self.close(code=4401)
             return

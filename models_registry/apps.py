@@ -5,3 +5,13 @@ class ModelsRegistryConfig(AppConfig):
     name = "models_registry"
     verbose_name = "Model registry"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self) -> None:
+        from core import dispatch
+
+        for task in ("evaluate_version", "export_version", "optimise_version"):
+            dispatch.recoverable(
+                f"models_registry.{task}",
+                by="models_registry.jobs_resume",
+                how="re-sends jobs queued for 5 minutes and running jobs past their lease",
+            )

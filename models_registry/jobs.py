@@ -33,6 +33,8 @@ from django.utils import timezone
 
 from core.api import ServiceError
 from core.audit.services import audit_record
+from core.dispatch import enqueue_on_commit, send_now
+from core.leases import Lease
 from devices_agent.codecs import WireError, decode_tensors
 from models_registry import datasets, selectors, services
 from models_registry.models import (
@@ -45,9 +47,11 @@ from models_registry.models import (
 
 __all__ = [
     "OPTIMISE_KINDS",
+    "TASKS",
     "job_claim",
     "job_enqueue",
     "job_run",
+    "jobs_resume",
 ]
 
 log = logging.getLogger(__name__)
@@ -123,29 +127,12 @@ def _check_params(kind: str, params: dict[str, Any], version: ModelVersion) -> d
     return params
 
 
-def _task_for(kind: str) -> Any:
-    from models_registry import tasks
-
-    by_kind: dict[str, Any] = {
-        ModelJob.Kind.EVALUATE: tasks.evaluate_version,
-        ModelJob.Kind.EXPORT: tasks.export_version,
-        ModelJob.Kind.OPTIMISE: tasks.optimise_version,
-    }
-    return by_kind[kind]
-
-
-def _send(task: Any, job_id: int) -> None:
-    try:
-        task.delay(job_id)
-    except Exception as exc:  # noqa: BLE001 - the broker's errors vary by transport
-        # The row is committed already: record why nothing will run it rather than leave
-        # it queued forever.
-        log.exception("could not queue model job %s", job_id)
-        ModelJob.objects.filter(pk=job_id, status=ModelJob.Status.QUEUED).update(
-            status=ModelJob.Status.FAILED,
-            error=f"The task queue is unavailable ({type(exc).__name__}); submit the job again.",
-            finished_at=timezone.now(),
-        )
+# The Celery task that runs each kind of job (all three call ``job_run``).
+TASKS: dict[str, str] = {
+    ModelJob.Kind.EVALUATE: "models_registry.evaluate_version",
+    ModelJob.Kind.EXPORT: "models_registry.export_version",
+    ModelJob.Kind.OPTIMISE: "models_registry.optimise_version",
+}
 
 
 def job_enqueue(
@@ -170,32 +157,58 @@ def job_enqueue(
         audit_record(
             actor=actor, action=f"model_job.{kind}", target=job, data={"version": version.pk, **checked}
         )
-        task = _task_for(kind)
-        job_id = job.pk
-        # The worker must find the row: send the message only after it is committed.
-        transaction.on_commit(lambda: _send(task, job_id))
+        # The worker must find the row: the message leaves only after the commit. A lost
+        # message leaves the job queued, and jobs_resume sends it again.
+        enqueue_on_commit(TASKS[kind], job.pk)
     return job
 
 
 # --------------------------------------------------------------------------- lifecycle
 
 
-def _stale_after() -> timedelta:
+def _lease_s() -> float:
     # A job still "running" after the hard time limit belongs to a worker that died; the
     # broker redelivers its message (acks_late) and the new delivery may take it over.
-    return timedelta(seconds=int(getattr(settings, "CELERY_TASK_TIME_LIMIT", 660)) + 30)
+    return float(int(getattr(settings, "CELERY_TASK_TIME_LIMIT", 660)) + 30)
+
+
+LEASE = Lease(ModelJob, "lease_expires_at", _lease_s)
+# A queued job this old was probably never delivered (a broker that lost its messages):
+# jobs_resume sends it again. A duplicate is harmless, the claim lets one run through.
+REDISPATCH_AFTER = timedelta(minutes=5)
 
 
 def job_claim(*, job_id: int) -> bool:
-    """Move the job from queued (or stale running) to running; False when someone else has it."""
+    """Move the job from queued (or running past its lease) to running; False when someone has it."""
     now = timezone.now()
-    claimable = Q(status=ModelJob.Status.QUEUED) | Q(
-        status=ModelJob.Status.RUNNING, started_at__lt=now - _stale_after()
+    token = LEASE.claim(
+        job_id,
+        where=Q(status__in=(ModelJob.Status.QUEUED, ModelJob.Status.RUNNING)),
+        now=now,
+        status=ModelJob.Status.RUNNING,
+        started_at=now,
+        attempts=F("attempts") + 1,
+        progress=0.0,
     )
-    claimed = ModelJob.objects.filter(claimable, pk=job_id).update(
-        status=ModelJob.Status.RUNNING, started_at=now, attempts=F("attempts") + 1, progress=0.0
-    )
-    return claimed == 1
+    return token is not None
+
+
+def jobs_resume(*, now: Any = None) -> list[int]:
+    """Periodic: send again the jobs whose message was lost; returns their ids.
+
+    Queued jobs older than :data:`REDISPATCH_AFTER`, and running jobs whose lease expired
+    (their worker died and no redelivery took them over).
+    """
+    now = now or timezone.now()
+    due = ModelJob.objects.filter(
+        Q(status=ModelJob.Status.QUEUED, created_at__lt=now - REDISPATCH_AFTER)
+        | Q(status=ModelJob.Status.RUNNING) & LEASE.expired(now)
+    ).values_list("pk", "kind")
+    sent = []
+    for job_id, kind in due:
+        if send_now(TASKS[kind], job_id):
+            sent.append(job_id)
+    return sent
 
 
 class _Progress:
@@ -237,6 +250,7 @@ def _finish(
         result_version=result_version,
         progress=1.0 if status == ModelJob.Status.SUCCEEDED else F("progress"),
         finished_at=timezone.now(),
+        lease_expires_at=None,
     )
 
 

@@ -174,6 +174,9 @@ class ModelJob(models.Model):
         ModelVersion, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     attempts = models.PositiveIntegerField(default=0)
+    # Until when the worker running the job holds it (core.leases); past it, the job is
+    # taken over by a redelivery or re-sent by models_registry.jobs_resume.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -42,9 +42,9 @@ def family_list() -> QuerySet[ModelFamily]:
     return ModelFamily.objects.order_by("name")
 
 
-def family_get(family_id: int) -> ModelFamily:
-    """One family by id (raises ``ModelFamily.DoesNotExist``)."""
-    return ModelFamily.objects.get(pk=family_id)
+def family_get(*, family_id: int) -> ModelFamily | None:
+    """One family by id, or None."""
+    return ModelFamily.objects.filter(pk=family_id).first()
 
 
 def version_list(filters: dict[str, Any] | None = None) -> QuerySet[ModelVersion]:

@@ -224,6 +224,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.webhooks_retry_due",
         "schedule": timedelta(seconds=10),
     },
+    "models-registry-jobs-resume": {
+        "task": "models_registry.jobs_resume",
+        "schedule": timedelta(seconds=300),
+    },
     "fleet-drift-check": {
         "task": "fleet.drift_check",
         "schedule": timedelta(seconds=60),

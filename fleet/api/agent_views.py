@@ -2,10 +2,11 @@
 
 These views skip DRF on purpose: the heartbeat is the busiest endpoint of the system and
 DRF's request wrapping, negotiation and parser machinery cost more than the work itself.
-Authentication is the same as `fleet.auth.DeviceAuthentication` (`Authorization: Device
-<secret>`, one indexed lookup of the keyed hash), and every error leaves in the one error
-shape. Message shapes are `devices_agent.wire`; bodies are validated here, by hand,
-before any service runs, so a bad request never writes anything.
+Authentication is `fleet.auth.device_endpoint` (`Authorization: Device <secret>`, one
+indexed lookup of the keyed hash, before any body is read), shared with the training
+rounds' views, and every error leaves in the one error shape. Message shapes are
+`devices_agent.wire`; bodies are validated here, by hand, before any service runs, so a
+bad request never writes anything.
 """
 
 from __future__ import annotations
@@ -15,12 +16,10 @@ import math
 import re
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
-from functools import wraps
 from typing import Any
 
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.utils import timezone
 from django.views.decorators.csrf import csrf_exempt
@@ -32,7 +31,7 @@ from devices_agent.wire import (
     MAX_METRIC_SAMPLES_PER_BATCH,
     METRIC_NAMES,
 )
-from fleet.auth import device_for_secret, hash_secret
+from fleet.auth import device_endpoint
 from fleet.models import Device
 from fleet.services.commands import device_command_record_result
 from fleet.services.deployments import deployment_record_status
@@ -41,7 +40,6 @@ from fleet.services.enrollment import device_enroll
 from fleet.services.heartbeat import device_heartbeat
 from fleet.services.metrics import Sample, metrics_ingest
 
-AgentView = Callable[..., dict[str, Any] | HttpResponse | StreamingHttpResponse]
 # Metrics may be queued offline for a long time, but not come from the future; a little
 # slack absorbs boards whose clocks drift.
 MAX_FUTURE_SKEW = timedelta(hours=1)
@@ -50,126 +48,6 @@ MAX_STATE_BYTES = 8192
 
 def _invalid(message: str, field: str | None = None) -> ServiceError:
     return ServiceError(message, code="validation_error", details={"field": field} if field else {})
-
-
-def _reject_constant(value: str) -> Any:
-    raise ValueError(f"{value} is not valid JSON")
-
-
-def _json_body(request: HttpRequest) -> dict[str, Any]:
-    limit = int(settings.AGENT_MAX_BODY_BYTES)
-    try:
-        declared = int(request.META.get("CONTENT_LENGTH") or 0)
-    except ValueError:
-        declared = 0
-    if declared > limit:
-        raise ServiceError("Request body is too large.", code="too_large", status_code=413)
-    raw = request.read(limit + 1)
-    if len(raw) > limit:
-        raise ServiceError("Request body is too large.", code="too_large", status_code=413)
-    try:
-        body = json.loads(raw, parse_constant=_reject_constant)
-    except (ValueError, RecursionError) as exc:  # RecursionError: absurdly deep nesting
-        raise ServiceError(f"Malformed JSON: {exc}", code="malformed_json") from exc
-    if not isinstance(body, dict):
-        raise _invalid("The body must be a JSON object.")
-    return body
-
-
-_PLACEHOLDER = "hash-placeholder"
-
-
-def _device_for_secret(secret: str) -> Device | None:
-    """`fleet.auth.device_for_secret`, with its SQL compiled once per connection.
-
-    Building the SELECT through the ORM costs more than running it, on every request of
-    every device; the statement never changes, so it is compiled on first use and then
-    run with only the hash as a parameter, its rows passed through the same converters
-    the ORM would apply. The semantics (keyed hash, decommissioned devices refused) are
-    those of `fleet.auth`.
-    """
-    if not secret or len(secret) > 200:
-        return None
-    conn = connections[DEFAULT_DB_ALIAS]
-    prepared = getattr(conn, "_flotilla_device_lookup", None)
-    if prepared is None:
-        names = [f.attname for f in Device._meta.concrete_fields]
-        queryset = (
-            Device.objects.filter(secret_hash=_PLACEHOLDER)
-            .exclude(status=Device.Status.DECOMMISSIONED)
-            .order_by()
-            .values_list(*names)
-        )
-        compiler = queryset.query.get_compiler(using=DEFAULT_DB_ALIAS)
-        sql, params = compiler.as_sql()
-        if list(params) != [
-            _PLACEHOLDER,
-            Device.Status.DECOMMISSIONED.value,
-        ]:  # pragma: no cover - ORM changed
-            return device_for_secret(secret)
-        converters = compiler.get_converters([column[0] for column in compiler.select])
-        prepared = (sql, names, compiler, converters)
-        conn._flotilla_device_lookup = prepared  # type: ignore[attr-defined]
-    sql, names, compiler, converters = prepared
-    with conn.cursor() as cursor:
-        cursor.execute(sql, [hash_secret(secret), Device.Status.DECOMMISSIONED.value])
-        row = cursor.fetchone()
-    if row is None:
-        return None
-    if converters:
-        row = next(iter(compiler.apply_converters([row], converters)))
-    return Device.from_db(DEFAULT_DB_ALIAS, names, list(row))
-
-
-def _authenticate(request: HttpRequest) -> Device:
-    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
-    device = _device_for_secret(secret.strip()) if scheme == "Device" else None
-    if device is None:
-        raise ServiceError(
-            "Unknown or revoked device credentials (Authorization: Device <secret>).",
-            code="not_authenticated",
-            status_code=401,
-        )
-    return device
-
-
-def agent_endpoint(*, methods: tuple[str, ...] = ("POST",), auth: bool = True) -> Callable[[AgentView], Any]:
-    """Wrap a device API view: method check, size limit, JSON, authentication, errors.
-
-    The view is called as `view(request, device, body, **url_kwargs)` (device None when
-    `auth=False`, body None for GET) and returns a dict (sent as JSON) or a response.
-    """
-
-    def decorate(view: AgentView) -> Any:
-        @csrf_exempt
-        @wraps(view)
-        def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponse | StreamingHttpResponse:
-            if request.method not in methods:
-                response = error_response(
-                    status_code=405, code="method_not_allowed", message=f"Use {' or '.join(methods)}."
-                )
-                response["Allow"] = ", ".join(methods)
-                return response
-            try:
-                body = _json_body(request) if request.method == "POST" else None
-                device = _authenticate(request) if auth else None
-                result = view(request, device, body, **kwargs)
-            except ServiceError as exc:
-                response = error_response(
-                    status_code=exc.status_code, code=exc.code, message=exc.message, details=exc.details
-                )
-                if exc.status_code == 401:
-                    response["WWW-Authenticate"] = "Device"
-                return response
-            if isinstance(result, HttpResponse | StreamingHttpResponse):
-                return result
-            # Compact JSON: on a heartbeat every minute, the spaces of the default
-            # separators are a few percent of a device's daily traffic.
-            return JsonResponse(result, json_dumps_params={"separators": (",", ":")})
-
-        return wrapper
-
-    return decorate
 
 
 # --- small validators ------------------------------------------------------------------
@@ -266,7 +144,7 @@ def _device_state(value: Any) -> dict[str, Any]:
 # --- views -----------------------------------------------------------------------------
 
 
-@agent_endpoint(auth=False)
+@device_endpoint(auth=False)
 def enroll(request: HttpRequest, device: None, body: dict[str, Any]) -> dict[str, Any]:
     """`POST enroll`: EnrollRequest -> EnrollResponse."""
     from models_registry.selectors import signing_public_key_b64
@@ -287,7 +165,7 @@ def enroll(request: HttpRequest, device: None, body: dict[str, Any]) -> dict[str
     }
 
 
-@agent_endpoint()
+@device_endpoint()
 def heartbeat(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """`POST heartbeat`: HeartbeatRequest -> HeartbeatResponse."""
     return dict(device_heartbeat(device=device, report=_heartbeat_report(body)))
@@ -318,7 +196,7 @@ def _heartbeat_report(body: dict[str, Any]) -> dict[str, Any]:
     return report
 
 
-@agent_endpoint()
+@device_endpoint()
 def metrics(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """`POST metrics`: MetricsRequest -> MetricsResponse (idempotent by batch_id)."""
     batch_id = _str(body, "batch_id", max_length=MAX_BATCH_ID_LENGTH, min_length=1)
@@ -351,7 +229,7 @@ def metrics(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[
     return {"accepted": accepted, "duplicate": duplicate}
 
 
-@agent_endpoint()
+@device_endpoint()
 def deployment_status(
     request: HttpRequest, device: Device, body: dict[str, Any], deployment_id: int
 ) -> dict[str, Any]:
@@ -375,7 +253,7 @@ def deployment_status(
     return {"id": deployment.pk, "state": deployment.state}
 
 
-@agent_endpoint()
+@device_endpoint()
 def command_result(
     request: HttpRequest, device: Device, body: dict[str, Any], command_id: int
 ) -> dict[str, Any]:
@@ -455,7 +333,7 @@ def _stream(name: str, start: int, length: int) -> Iterator[bytes]:
             yield chunk
 
 
-@agent_endpoint(methods=("GET", "HEAD"))
+@device_endpoint(methods=("GET", "HEAD"))
 def artifact(
     request: HttpRequest, device: Device, body: None, sha256: str
 ) -> HttpResponse | StreamingHttpResponse:
@@ -505,7 +383,7 @@ def bench_bare(request: HttpRequest) -> JsonResponse:
 bench_bare = csrf_exempt(bench_bare)
 
 
-@agent_endpoint()
+@device_endpoint()
 def bench_heartbeat_core(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """The heartbeat without other apps' task providers: what the fleet core alone costs."""
     return dict(device_heartbeat(device=device, report=_heartbeat_report(body), with_tasks=False))

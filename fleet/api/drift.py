@@ -14,7 +14,8 @@ from rest_framework.views import APIView
 
 from core.api import ServiceError
 from devices_agent.wire import DRIFT_CONFIDENCE_BINS, DRIFT_MAX_FEATURES
-from fleet.api.agent_views import MAX_FUTURE_SKEW, _finite, _int, _invalid, _timestamp, agent_endpoint
+from fleet.api.agent_views import MAX_FUTURE_SKEW, _finite, _int, _invalid, _timestamp
+from fleet.auth import device_endpoint
 from fleet.models import Device
 from fleet.selectors.drift import drift_summary
 from fleet.services.drift import drift_report_ingest
@@ -40,7 +41,7 @@ def sketch_validate(*, body: dict[str, Any]) -> dict[str, Any]:
     return {"count": count, "mean": clean_mean, "m2": clean_m2, "confidence_hist": clean_hist}
 
 
-@agent_endpoint()
+@device_endpoint()
 def agent_drift(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """`POST drift`: DriftSketch -> {"id", "alert", "score"}."""
     sketch = sketch_validate(body=body)

@@ -6,6 +6,7 @@ from rest_framework.routers import DefaultRouter
 from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
 from fleet.api.drift import DriftSummaryView
 from fleet.api.personalisation import PersonalisationView
+from fleet.api.recommend import FamilyRecommendApi
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
@@ -17,4 +18,6 @@ router.register("update-policies", UpdatePolicyViewSet, basename="update-policy"
 urlpatterns = router.urls + [
     path("drift/", DriftSummaryView.as_view(), name="drift-summary"),
     path("personalisation/", PersonalisationView.as_view(), name="personalisation"),
+    # A model family's route, served here because it reads what boards measured.
+    path("models/<int:pk>/recommend/", FamilyRecommendApi.as_view(), name="model-family-recommend"),
 ]

@@ -23,7 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ConflictError, NotFoundError, ServiceError, client_ip
+from core.api import ConflictError, NotFoundError, client_ip
 from core.audit.services import audit_record
 from core.roles import ADMIN, has_role
 from models_registry import jobs, selectors, services
@@ -81,55 +81,6 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
         family = self.get_object()
         include_archived = request.query_params.get("include_archived") in ("1", "true", "yes")
         return Response(selectors.family_comparison(family, include_archived=include_archived))
-
-    @extend_schema(parameters=[s.ModelRecommendQuery], responses=s.ModelRecommendOutput)
-    @action(detail=True, methods=["get"])
-    def recommend(self, request: Request, pk: str | None = None) -> Response:
-        """The smallest variant within a latency budget (p50, batch 1) and an accuracy drop.
-
-        With ``device`` or ``profile`` (``arch:cores:accelerator``), a variant's latency is
-        the on-device median reported by boards of that hardware profile over the last 24
-        hours when at least ``min_samples`` samples exist, else the server measurement;
-        each variant says which (``latency_source``) and how many samples there were.
-        """
-        # The registry does not import fleet models at module level (fleet depends on the
-        # registry); the view joins the two through the fleet's read selector.
-        from fleet.models import Device
-        from fleet.selectors import hardware
-
-        family = self.get_object()
-        query = s.ModelRecommendQuery(data=request.query_params)
-        query.is_valid(raise_exception=True)
-        q = query.validated_data
-        profile = None
-        if q["device"] is not None:
-            device = Device.objects.filter(pk=q["device"]).first()
-            if device is None:
-                raise NotFoundError(f"No device {q['device']}.", code="device_not_found")
-            profile = hardware.device_profile(device=device)
-        elif q["profile"]:
-            try:
-                profile = hardware.parse_profile(text=q["profile"])
-            except ValueError as exc:
-                raise ServiceError(str(exc), code="invalid_profile") from None
-        fleet_latency = None
-        if profile is not None:
-            version_ids = family.versions.values_list("pk", flat=True)
-            fleet_latency = hardware.profile_latency_p50(profile=profile, version_ids=version_ids)
-        try:
-            body = selectors.family_recommend(
-                family,
-                latency_budget_us=q["latency_budget_us"],
-                max_accuracy_drop=q["max_accuracy_drop"],
-                min_accuracy=q["min_accuracy"],
-                base_version_id=q["base"],
-                fleet_latency=fleet_latency,
-                min_samples=q["min_samples"],
-            )
-        except ValueError as exc:
-            raise ConflictError(str(exc), code="no_base_version") from None
-        body["profile"] = profile.label() if profile is not None else None
-        return Response(body)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         family = self.get_object()

@@ -173,19 +173,32 @@ def test_a_stale_running_job_can_be_taken_over(trained_version: Any) -> None:
     job = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
     assert jobs.job_claim(job_id=job.pk)
     assert not jobs.job_claim(job_id=job.pk)  # running, fresh: someone has it
-    ModelJob.objects.filter(pk=job.pk).update(started_at=timezone.now() - timedelta(hours=1))
-    assert jobs.job_claim(job_id=job.pk)  # its worker died long ago
+    ModelJob.objects.filter(pk=job.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert jobs.job_claim(job_id=job.pk)  # its worker died: the lease ran out
     job.refresh_from_db()
     assert job.attempts == 2
 
 
-def test_a_job_the_broker_refuses_is_marked_failed(trained_version: Any) -> None:
-    job = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
+def test_a_job_the_broker_refuses_stays_queued_and_is_sent_again(
+    trained_version: Any, monkeypatch: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    from datetime import timedelta
 
-    class UnreachableBroker:
-        def delay(self, job_id: int) -> None:
-            raise ConnectionRefusedError("broker down")
+    from celery import current_app
+    from django.utils import timezone
 
-    jobs._send(UnreachableBroker(), job.pk)
+    sent: list[tuple[str, list[Any]]] = []
+
+    def down(name: str, args: list[Any], **_: Any) -> None:
+        raise ConnectionRefusedError("broker down")
+
+    monkeypatch.setattr(current_app, "send_task", down)
+    with django_capture_on_commit_callbacks(execute=True):
+        job = jobs.job_enqueue(kind="evaluate", version=trained_version, params=FAST)
     job.refresh_from_db()
-    assert job.status == "failed" and "task queue is unavailable" in job.error
+    assert job.status == "queued" and job.error == ""  # the request stands; nothing is lost
+
+    monkeypatch.setattr(current_app, "send_task", lambda name, args, **_: sent.append((name, args)))
+    assert jobs.jobs_resume() == []  # too young: its message may still be on its way
+    assert jobs.jobs_resume(now=timezone.now() + timedelta(minutes=6)) == [job.pk]
+    assert sent == [("models_registry.evaluate_version", [job.pk])]

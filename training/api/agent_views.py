@@ -3,15 +3,13 @@ updates.
 
 Plain Django views, like the fleet's device API: every device calls these every round,
 and DRF's request wrapping, negotiation and parsers cost more than the work. Devices
-authenticate with ``Authorization: Device <secret>`` (``fleet.auth.device_for_secret``)
-and every error leaves in the one error shape.
+authenticate through the same path as every device view (``fleet.auth``), and every error
+leaves in the one error shape.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from functools import wraps
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -20,49 +18,12 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views.decorators.csrf import csrf_exempt
 
 from core.api import ServiceError, error_response
-from devices_agent.wire import AUTH_SCHEME
-from fleet.auth import device_for_secret
+from fleet.auth import authenticate, device_endpoint
+from fleet.auth import error as auth_error
 from fleet.models import Device
 from training import notify, selectors, services
 
 MAX_WAIT_S = 30.0
-
-
-def _device(request: HttpRequest) -> Device | None:
-    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
-    return device_for_secret(secret.strip()) if scheme == AUTH_SCHEME else None
-
-
-def _unauthenticated() -> HttpResponse:
-    return error_response(
-        status_code=401,
-        code="not_authenticated",
-        message="Device credentials required (Authorization: Device <secret>).",
-    )
-
-
-def device_view(method: str) -> Callable[[Callable[..., HttpResponseBase]], Callable[..., HttpResponseBase]]:
-    """Authenticate the device, check the method, map service errors to the error shape."""
-
-    def decorate(view: Callable[..., HttpResponseBase]) -> Callable[..., HttpResponseBase]:
-        @csrf_exempt
-        @wraps(view)
-        def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
-            if request.method != method:
-                return error_response(status_code=405, code="method_not_allowed", message=f"Use {method}.")
-            device = _device(request)
-            if device is None:
-                return _unauthenticated()
-            try:
-                return view(request, device, **kwargs)
-            except ServiceError as exc:
-                return error_response(
-                    status_code=exc.status_code, code=exc.code, message=exc.message, details=exc.details
-                )
-
-        return wrapper
-
-    return decorate
 
 
 def _tasks_with_config(device: Device) -> list[dict[str, Any]]:
@@ -90,9 +51,10 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
     """
     if request.method != "GET":
         return error_response(status_code=405, code="method_not_allowed", message="Use GET.")
-    device = await sync_to_async(_device)(request)
-    if device is None:
-        return _unauthenticated()
+    try:
+        device = await sync_to_async(authenticate)(request)
+    except ServiceError as exc:
+        return auth_error(exc)
     try:
         wait = min(MAX_WAIT_S, max(0.0, float(request.GET.get("wait", "0") or 0)))
     except ValueError:
@@ -111,14 +73,14 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
             await listener.wait(timeout=left)
 
 
-@device_view("GET")
-def round_task(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+@device_endpoint(methods=("GET",), json=False)
+def round_task(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``GET rounds/<id>/task``: what a selected device needs to train for the round."""
     return JsonResponse(services.round_task(round_id=round_id, device=device))
 
 
-@device_view("GET")
-def round_weights(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+@device_endpoint(methods=("GET",), json=False)
+def round_weights(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``GET rounds/<id>/weights``: the global weights (safetensors), ETag = their SHA-256."""
     rnd = services.round_for_device(round_id=round_id, device=device)
     etag = f'"{rnd.weights_sha256}"'
@@ -134,8 +96,8 @@ def round_weights(request: HttpRequest, device: Device, round_id: int) -> HttpRe
     return response
 
 
-@device_view("POST")
-def round_update(request: HttpRequest, device: Device, round_id: int) -> HttpResponseBase:
+@device_endpoint(methods=("POST",), json=False)
+def round_update(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``POST rounds/<id>/update``: the device's encoded delta (body: safetensors bytes).
 
     ``num_examples`` and ``metrics`` (a JSON object of numbers) come as headers
@@ -151,11 +113,11 @@ def round_update(request: HttpRequest, device: Device, round_id: int) -> HttpRes
     # Read the raw stream (the 2 MB form-body limit does not apply to deltas); one byte
     # past the limit is enough to know the body is too large.
     oversize = declared if declared > limit else None
-    body: bytes = b"" if oversize else request.read(limit + 1)
+    raw: bytes = b"" if oversize else request.read(limit + 1)
     update, created = services.update_receive(
         round_id=round_id,
         device=device,
-        body=body,
+        body=raw,
         num_examples=request.META.get("HTTP_X_NUM_EXAMPLES") or request.GET.get("num_examples"),
         metrics=request.META.get("HTTP_X_METRICS") or request.GET.get("metrics"),
         declared_size=oversize,
