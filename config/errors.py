@@ -23,7 +23,7 @@ def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpR
         return error_response(
             status_code=404, code="not_found", message=f"No API endpoint or object at {request.path}."
         )
-    return defaults.page_not_found(request, exception)  # type: ignore[arg-type]
+    return defaults.page_not_found(request, exception)
 
 
 def server_error(request: HttpRequest) -> HttpResponse:

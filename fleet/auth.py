@@ -23,7 +23,7 @@ from typing import Any
 
 from django.conf import settings
 from django.db import DEFAULT_DB_ALIAS, connections
-from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from core.api import ServiceError, error_response
@@ -43,7 +43,7 @@ __all__ = [
 SECRET_BYTES = 32
 MAX_SECRET_LENGTH = 200
 
-AgentView = Callable[..., dict[str, Any] | HttpResponse | StreamingHttpResponse]
+AgentView = Callable[..., dict[str, Any] | HttpResponseBase]
 
 
 def new_secret() -> str:
@@ -85,7 +85,7 @@ def _compiled_lookup() -> tuple[str, list[str], Any, Any]:
         converters = compiler.get_converters([column[0] for column in compiler.select])
         prepared = (sql, names, compiler, converters)
         conn._flotilla_device_lookup = prepared  # type: ignore[attr-defined]
-    return prepared  # type: ignore[no-any-return]
+    return prepared
 
 
 def device_for_secret(secret: str) -> Device | None:
@@ -170,7 +170,7 @@ def device_endpoint(
     def decorate(view: AgentView) -> Any:
         @csrf_exempt
         @wraps(view)
-        def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponse | StreamingHttpResponse:
+        def wrapper(request: HttpRequest, **kwargs: Any) -> HttpResponseBase:
             if request.method not in methods:
                 response = error_response(
                     status_code=405, code="method_not_allowed", message=f"Use {' or '.join(methods)}."
@@ -183,7 +183,7 @@ def device_endpoint(
                 result = view(request, device, body, **kwargs)
             except ServiceError as exc:
                 return error(exc)
-            if isinstance(result, HttpResponse | StreamingHttpResponse):
+            if isinstance(result, HttpResponseBase):
                 return result
             # Compact JSON: on a heartbeat every minute, the spaces of the default
             # separators are a few percent of a device's daily traffic.

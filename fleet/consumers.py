@@ -27,7 +27,7 @@ def _authorization(scope: dict[str, Any]) -> str:
     return ""
 
 
-class AgentNudgeConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class AgentNudgeConsumer(AsyncJsonWebsocketConsumer):
     """Accepts authenticated devices and forwards `nudge` events to them."""
 
     group: str | None = None

@@ -32,7 +32,7 @@ def _may_view(user: Any) -> bool:
     return has_role(user, VIEWER)
 
 
-class LiveConsumer(AsyncJsonWebsocketConsumer):  # type: ignore[misc]
+class LiveConsumer(AsyncJsonWebsocketConsumer):
     """Joins the requested topic groups for a signed-in user holding at least the viewer role.
 
     It only relays `{"topic", "payload"}` messages; what to refresh is the page's business.

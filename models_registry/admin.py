@@ -16,7 +16,7 @@ from models_registry.models import (
 )
 
 
-class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ReadOnlyAdmin(admin.ModelAdmin):
     """Rows written only by services (uploads, jobs): the admin shows them."""
 
     def has_add_permission(self, request: Any, obj: Any = None) -> bool:
@@ -27,13 +27,13 @@ class ReadOnlyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(ModelFamily)
-class ModelFamilyAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ModelFamilyAdmin(admin.ModelAdmin):
     list_display = ["name", "arch", "task", "num_classes", "created_at"]
     search_fields = ["name"]
     readonly_fields = ["arch", "input_shape", "num_classes", "created_by"]
 
 
-class ArtifactInline(admin.TabularInline):  # type: ignore[type-arg]
+class ArtifactInline(admin.TabularInline):
     model = Artifact
     extra = 0
     can_delete = False

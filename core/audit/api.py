@@ -37,5 +37,5 @@ class AuditEventViewSet(viewsets.ReadOnlyModelViewSet[AuditEvent]):
     required_role = "admin"
     ordering_fields = ["created_at"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return audit_event_list()

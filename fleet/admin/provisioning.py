@@ -10,7 +10,7 @@ from fleet.models import KnownHost, ProvisioningJob
 
 
 @admin.register(ProvisioningJob)
-class ProvisioningJobAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ProvisioningJobAdmin(admin.ModelAdmin):
     list_display = ["id", "host", "port", "username", "status", "device", "created_at", "finished_at"]
     list_filter = ["status"]
     search_fields = ["host", "username"]
@@ -25,7 +25,7 @@ class ProvisioningJobAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(KnownHost)
-class KnownHostAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class KnownHostAdmin(admin.ModelAdmin):
     list_display = ["host", "port", "key_type", "fingerprint", "accepted_by", "accepted_at"]
     search_fields = ["host", "fingerprint"]
 

@@ -14,7 +14,7 @@ from fleet.models import (
 )
 
 
-class RolloutDecisionInline(admin.TabularInline):  # type: ignore[type-arg]
+class RolloutDecisionInline(admin.TabularInline):
     model = RolloutDecision
     extra = 0
     readonly_fields = ["wave", "action", "reason", "metrics", "actor", "created_at"]
@@ -22,7 +22,7 @@ class RolloutDecisionInline(admin.TabularInline):  # type: ignore[type-arg]
 
 
 @admin.register(Rollout)
-class RolloutAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class RolloutAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "version", "status", "current_wave", "created_at"]
     list_filter = ["status"]
     readonly_fields = ["status", "current_wave", "wave_started_at", "revision", "started_at", "finished_at"]
@@ -30,35 +30,35 @@ class RolloutAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
 
 
 @admin.register(RolloutDevice)
-class RolloutDeviceAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class RolloutDeviceAdmin(admin.ModelAdmin):
     list_display = ["rollout", "device", "wave", "state", "attempts", "finished_at"]
     list_filter = ["state"]
     raw_id_fields = ["rollout", "device", "deployment"]
 
 
 @admin.register(Experiment)
-class ExperimentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ExperimentAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "status", "primary_metric", "winner_arm", "created_at"]
     list_filter = ["status"]
 
 
 @admin.register(ExperimentAssignment)
-class ExperimentAssignmentAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ExperimentAssignmentAdmin(admin.ModelAdmin):
     list_display = ["experiment", "device", "arm", "version"]
     raw_id_fields = ["experiment", "device"]
 
 
 @admin.register(ExperimentDecision)
-class ExperimentDecisionAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class ExperimentDecisionAdmin(admin.ModelAdmin):
     list_display = ["experiment", "action", "created_at"]
 
 
 @admin.register(WebhookEndpoint)
-class WebhookEndpointAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WebhookEndpointAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "url", "active"]
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(admin.ModelAdmin):  # type: ignore[type-arg]
+class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_display = ["id", "endpoint", "event_type", "status", "attempts", "response_code", "created_at"]
     list_filter = ["status", "event_type"]

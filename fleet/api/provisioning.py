@@ -121,10 +121,10 @@ class ProvisioningJobViewSet(
     ordering_fields = ["created_at", "status"]
     search_fields = ["host", "username"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return ProvisioningJob.objects.select_related("group", "created_by", "enrollment_token")
 
-    def get_permissions(self):  # type: ignore[no-untyped-def]
+    def get_permissions(self):
         if self.action == "accept_host_key":
             self.required_role = ADMIN
         return super().get_permissions()
@@ -195,7 +195,7 @@ class KnownHostViewSet(
     write_role = ADMIN
     filterset_fields = ["host", "port"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return KnownHost.objects.select_related("accepted_by")
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:

@@ -146,7 +146,7 @@ class RolloutViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.
     filterset_fields = ["status", "version"]
     ordering_fields = ["created_at", "status"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return rollout_list()
 
     def _done(self, rollout: Rollout) -> Response:
@@ -313,7 +313,7 @@ class ExperimentViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
     filterset_fields = ["status"]
     ordering_fields = ["created_at", "status"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return experiment_list()
 
     @extend_schema(request=ExperimentCreateInput, responses={201: ExperimentSerializer})

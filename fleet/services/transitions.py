@@ -66,7 +66,7 @@ def transition(
     audit_data: dict[str, Any] | None = None,
 ) -> Row:
     """Run one operator action on row ``pk`` of ``model`` (see the module docstring)."""
-    label = model._meta.verbose_name.capitalize()
+    label = str(model._meta.verbose_name).capitalize()
     with transaction.atomic():
         obj = model._default_manager.select_for_update().filter(pk=pk).first()
         if obj is None:

@@ -45,10 +45,10 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
     ordering_fields = ["name", "created_at"]
     filterset_fields = ["arch", "task"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return selectors.family_list().annotate(version_count=Count("versions"))
 
-    def get_serializer_class(self):  # type: ignore[no-untyped-def]
+    def get_serializer_class(self):
         if self.action in ("update", "partial_update"):
             return s.ModelFamilyUpdateSerializer
         return s.ModelFamilySerializer
@@ -128,10 +128,10 @@ class ModelVersionViewSet(
             request.upload_handlers = artifact_upload_handlers(request)
         return super().initialize_request(request, *args, **kwargs)
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return selectors.version_list()
 
-    def get_serializer_class(self):  # type: ignore[no-untyped-def]
+    def get_serializer_class(self):
         if self.action == "retrieve":
             return s.ModelVersionDetailSerializer
         return s.ModelVersionSerializer
@@ -254,7 +254,7 @@ class ModelJobViewSet(viewsets.ReadOnlyModelViewSet[ModelJob]):
     filterset_fields = ["kind", "status", "version"]
     ordering_fields = ["created_at"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return ModelJob.objects.select_related("version", "version__family").order_by("-created_at", "-id")
 
 
@@ -264,7 +264,7 @@ class EvaluationDatasetViewSet(viewsets.ReadOnlyModelViewSet[EvaluationDataset])
     serializer_class = s.EvaluationDatasetSerializer
     filterset_fields = ["split"]
 
-    def get_queryset(self):  # type: ignore[no-untyped-def]
+    def get_queryset(self):
         return EvaluationDataset.objects.order_by("name")
 
 

@@ -302,7 +302,7 @@ def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[np.float32], ops: Sequenc
         quantize_static,
     )
 
-    class Reader(_Batches, CalibrationDataReader):  # type: ignore[misc]
+    class Reader(_Batches, CalibrationDataReader):
         pass
 
     from models_registry.ml.export import INPUT_NAME

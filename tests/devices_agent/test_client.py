@@ -89,7 +89,7 @@ def test_retry_after_is_a_floor_under_the_jitter() -> None:
 
 
 def test_status_codes_map_to_typed_errors(server: ScriptedServer) -> None:
-    def answer(status: int, headers: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    def answer(status: int, headers: dict[str, str] | None = None):
         def route(h: Handler, body: bytes) -> None:
             h.send_json(status, {"error": {"code": f"c{status}", "message": "m", "details": None}}, headers)
 

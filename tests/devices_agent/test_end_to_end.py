@@ -219,7 +219,7 @@ def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path
     device = Device.objects.get(pk=_device_id(agent))
     assert device.running_version_id == good.pk
     # The server points the device back at what it runs; the next heartbeat is calm.
-    assert agent.step().outcome.action == "current"  # type: ignore[union-attr]
+    assert agent.step().outcome.action == "current"
     agent.close()
 
 

@@ -400,7 +400,7 @@ def test_chunked_equals_unchunked(name: str, params: dict[str, float], chunk: in
     for u in ups:
         whole.accept(u, weight=1)
     expected = whole.finalize()
-    got = chunked.finalize_source(InMemoryUpdateSource(ups))  # type: ignore[union-attr]
+    got = chunked.finalize_source(InMemoryUpdateSource(ups))
     assert_weights_close(got, expected, rtol=0, atol=1e-6)
 
 
