@@ -219,7 +219,8 @@ def encode_tensors(
 
     Arrays are written as given (made C-contiguous); float weights should be float32.
     """
-    arrays = {name: np.ascontiguousarray(t) for name, t in tensors.items()}
+    # asarray(order="C"), not ascontiguousarray, which turns a scalar into shape (1,).
+    arrays = {name: np.asarray(t, order="C") for name, t in tensors.items()}
     data: bytes = st_save(arrays, metadata=dict(metadata) if metadata else None)
     return data
 

@@ -72,3 +72,24 @@ class DriftSketch:
         sketch = self.to_dict()
         self.reset()
         return sketch
+
+
+# The sketch holds a mean and a spread per feature; past this many features an input is
+# summarised per channel (its first axis), so the sketch stays small for any model.
+MAX_FEATURES = 4096
+
+
+def drift_features(x: npt.ArrayLike, input_shape: tuple[int, ...] | list[int]) -> npt.NDArray[np.float64]:
+    """The features a drift sketch follows for a batch of inputs of ``input_shape``.
+
+    Every value of an example when it has at most :data:`MAX_FEATURES`; otherwise the mean
+    of each channel (the example's first axis), capped at :data:`MAX_FEATURES` channels.
+    The server computes its reference with the same function.
+    """
+    batch = np.asarray(x, dtype=np.float64).reshape(-1, *[int(d) for d in input_shape])
+    n = batch.shape[0]
+    flat = batch.reshape(n, -1)
+    if flat.shape[1] <= MAX_FEATURES:
+        return flat
+    channels = batch.reshape(n, batch.shape[1], -1).mean(axis=2) if batch.ndim > 2 else flat
+    return channels[:, :MAX_FEATURES]

@@ -1,0 +1,414 @@
+"""The agent's local API: the application on the board asks for predictions and teaches it.
+
+``POST /v1/predict`` ``{"inputs": <one example or a batch>, "batch": bool}``: the active
+model's answer (the board's personal model when it beats the global one on the local
+holdout), with a ``prediction_id`` per example; latency and confidence become metrics
+and the inputs feed the drift sketch. ``POST /v1/feedback`` ``{"prediction_id", "label"}``:
+the right answer of an earlier prediction, recorded as ``correct`` (or ``abs_error``)
+and kept, with its input, as a labelled example. ``POST /v1/samples`` ``{"x", "y"}``:
+labelled examples. ``GET /v1/status``: the model and the counts of local examples.
+
+Served over HTTP/1.1 on a Unix domain socket (default; the file's mode and group say who
+may call: connecting needs write permission on it), optionally also on a loopback TCP
+port. Requests are checked against the family's input contract
+(:class:`devices_agent.family.FamilySpec`) before the model sees them; errors are JSON
+``{"error": {"code", "message"}}`` with a 4xx status. :class:`LocalService` is the logic
+without the transport, which the simulator's generated applications call in-process.
+"""
+
+from __future__ import annotations
+
+import collections
+import grp
+import itertools
+import json
+import logging
+import os
+import socketserver
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from devices_agent.drift import DriftSketch, drift_features
+from devices_agent.family import FamilySpec, SpecError, feedback_metric, probabilities
+from devices_agent.samples import SampleStore
+
+__all__ = ["ActiveModel", "LocalApiError", "LocalApiServer", "LocalService"]
+
+log = logging.getLogger("devices_agent.local_api")
+
+Recorder = Callable[[str, float, int | None], None]
+
+
+class LocalApiError(Exception):
+    """A refused local request: HTTP ``status``, a stable ``code`` and a message."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class ActiveModel:
+    """The model that answers predictions now: an ONNX Runtime session and its contract."""
+
+    version_id: int
+    spec: FamilySpec
+    session: Any
+    kind: str = "global"  # or "personal": the board's own head on the global body
+    extra_delay_ms: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.input_name = self.session.get_inputs()[0].name
+
+    def run(self, batch: npt.NDArray[Any]) -> npt.NDArray[np.float64]:
+        outputs = self.session.run(None, {self.input_name: batch})[0]
+        if self.extra_delay_ms:
+            time.sleep(self.extra_delay_ms / 1000.0)
+        return np.asarray(outputs, dtype=np.float64).reshape(len(batch), -1)
+
+
+@dataclass
+class _Open:
+    version_id: int
+    x: npt.NDArray[Any]
+    output: npt.NDArray[np.float64]
+
+
+class LocalService:
+    """The local API's logic: predict, feedback, add_samples, status (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        model: Callable[[], ActiveModel | None],
+        store: SampleStore,
+        record: Recorder,
+        status: Callable[[], dict[str, Any]] | None = None,
+        on_examples: Callable[[], None] | None = None,
+        max_batch: int = 1024,
+        max_open: int = 10_000,
+        max_open_bytes: int = 64 * 1024 * 1024,
+    ) -> None:
+        self.model = model
+        self.store = store
+        self.record = record
+        self.extra_status = status
+        self.on_examples = on_examples
+        self.max_batch = max_batch
+        self.max_open = max_open
+        self.max_open_bytes = max_open_bytes
+        self._ids = itertools.count(int(time.time() * 1000) % 10**12)
+        self._open: collections.OrderedDict[int, _Open] = collections.OrderedDict()
+        self._open_bytes = 0
+        self._lock = threading.Lock()
+        self.drift: DriftSketch | None = None
+        self.drift_lock = threading.Lock()
+
+    # --- predict ---------------------------------------------------------------------
+    def predict(self, inputs: Any, *, batch: bool = False) -> dict[str, Any]:
+        """Run the active model on one example or a batch (see the module docstring)."""
+        active = self.model()
+        if active is None:
+            raise LocalApiError(503, "no_model", "no model is installed on this board yet")
+        spec = active.spec
+        try:
+            x = spec.inputs(inputs, max_batch=self.max_batch)
+        except SpecError as exc:
+            raise LocalApiError(
+                413 if exc.code == "batch_too_large" else 400, exc.code, exc.message
+            ) from None
+        if not batch and len(x) != 1:
+            raise LocalApiError(
+                400, "wrong_shape", f"one example of shape {list(spec.input_shape)} expected (or set batch)"
+            )
+        started = time.perf_counter()
+        try:
+            outputs = active.run(x)
+        except Exception as exc:  # noqa: BLE001 - the runtime's errors; the app gets a clean 500-free answer
+            self.record("error", 1.0, active.version_id)
+            raise LocalApiError(
+                422, "inference_failed", f"the model could not run this input: {exc}"
+            ) from None
+        latency_ms = (time.perf_counter() - started) * 1000.0
+        self.record("latency_ms", latency_ms, active.version_id)
+        predictions: list[dict[str, Any]] = []
+        confidences: list[float] = []
+        if spec.task == "classification":
+            probs = probabilities(outputs)
+            for i in range(len(x)):
+                label = int(probs[i].argmax())
+                score = float(probs[i, label])
+                confidences.append(score)
+                predictions.append(
+                    {
+                        "prediction_id": self._remember(active, x[i], outputs[i]),
+                        "label": label,
+                        "score": score,
+                        "outputs": [float(v) for v in outputs[i]],
+                    }
+                )
+                self.record("confidence", score, active.version_id)
+        else:
+            for i in range(len(x)):
+                values = [float(v) for v in outputs[i]]
+                predictions.append(
+                    {
+                        "prediction_id": self._remember(active, x[i], outputs[i]),
+                        "values": values,
+                        "outputs": values,
+                    }
+                )
+        self._sketch(spec, x, confidences)
+        return {"version_id": active.version_id, "model": active.kind, "predictions": predictions}
+
+    def _remember(self, active: ActiveModel, x: npt.NDArray[Any], output: npt.NDArray[np.float64]) -> int:
+        prediction_id = next(self._ids)
+        entry = _Open(
+            version_id=active.version_id, x=np.array(x, copy=True), output=np.array(output, copy=True)
+        )
+        with self._lock:
+            self._open[prediction_id] = entry
+            self._open_bytes += entry.x.nbytes + entry.output.nbytes
+            # Bounded: unlabelled traffic forgets its oldest predictions, it never grows memory.
+            while self._open and (len(self._open) > self.max_open or self._open_bytes > self.max_open_bytes):
+                _, old = self._open.popitem(last=False)
+                self._open_bytes -= old.x.nbytes + old.output.nbytes
+        return prediction_id
+
+    def _sketch(self, spec: FamilySpec, x: npt.NDArray[Any], confidences: list[float]) -> None:
+        features = drift_features(x, spec.input_shape)
+        with self.drift_lock:
+            if self.drift is None or self.drift.num_features != features.shape[1]:
+                self.drift = DriftSketch(num_features=features.shape[1])
+            self.drift.update(inputs=features, confidence=confidences)
+
+    def take_drift(self) -> dict[str, Any] | None:
+        """The drift sketch of the inputs seen since the last call, and a fresh window."""
+        with self.drift_lock:
+            return None if self.drift is None else self.drift.take()
+
+    # --- feedback and examples ---------------------------------------------------------
+    def feedback(self, prediction_id: Any, label: Any) -> dict[str, Any]:
+        """Record whether an earlier prediction was right and keep its input as an example."""
+        if isinstance(prediction_id, bool) or not isinstance(prediction_id, int):
+            raise LocalApiError(400, "invalid_prediction_id", "prediction_id must be an integer")
+        active = self.model()
+        with self._lock:
+            entry = self._open.get(prediction_id)
+        if entry is None:
+            raise LocalApiError(
+                404,
+                "unknown_prediction",
+                f"no open prediction {prediction_id} (unknown, answered, or too old)",
+            )
+        spec = active.spec if active is not None else None
+        if spec is None:
+            raise LocalApiError(503, "no_model", "no model is installed on this board")
+        try:
+            name, value = feedback_metric(spec, entry.output, label)
+            y = spec.labels([label] if spec.task == "classification" else label, count=1)
+        except SpecError as exc:
+            raise LocalApiError(400, exc.code, exc.message) from None
+        self._store(entry.x.reshape(1, *spec.input_shape), y)
+        with self._lock:
+            if self._open.pop(prediction_id, None) is not None:
+                self._open_bytes -= entry.x.nbytes + entry.output.nbytes
+        self.record(name, value, entry.version_id)
+        return {"recorded": name, "value": value, **self.counts()}
+
+    def add_samples(self, x: Any, y: Any) -> dict[str, Any]:
+        """Keep labelled examples for training and the local holdout."""
+        active = self.model()
+        if active is None:
+            raise LocalApiError(
+                503, "no_model", "no model is installed yet, so the input contract is unknown"
+            )
+        spec = active.spec
+        try:
+            xs = spec.inputs(x, max_batch=self.max_batch)
+            ys = spec.labels(y, count=len(xs))
+        except SpecError as exc:
+            raise LocalApiError(
+                413 if exc.code == "batch_too_large" else 400, exc.code, exc.message
+            ) from None
+        self._store(xs, ys)
+        return {"added": len(xs), **self.counts()}
+
+    def _store(self, x: npt.NDArray[Any], y: npt.NDArray[Any]) -> None:
+        try:
+            self.store.add(x, y)
+        except ValueError as exc:
+            raise LocalApiError(413, "too_large", str(exc)) from None
+        evicted = self.store.take_evicted()
+        if evicted:
+            self.record("samples_evicted", float(evicted), None)
+        if self.on_examples is not None:
+            self.on_examples()
+
+    def counts(self) -> dict[str, int]:
+        """The board's example counts (what the agent reports; the examples never leave)."""
+        c = self.store.counts()
+        return {"examples": c.examples, "training_examples": c.training, "holdout_examples": c.holdout}
+
+    def status(self) -> dict[str, Any]:
+        """The active model and the example counts."""
+        active = self.model()
+        out: dict[str, Any] = {
+            "version_id": active.version_id if active else None,
+            "model": active.kind if active else None,
+            "family": active.spec.to_dict() if active else None,
+            **self.counts(),
+        }
+        if self.extra_status is not None:
+            out.update(self.extra_status())
+        return out
+
+
+# --- transport ---------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "flotilla-agent"
+    service: LocalService
+    max_body: int
+
+    def address_string(self) -> str:  # Unix sockets have no client address
+        return "local"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
+        log.debug("local api: " + format, *args)
+
+    def _send(self, status: int, body: dict[str, Any]) -> None:
+        data = json.dumps(body, separators=(",", ":")).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _error(self, status: int, code: str, message: str) -> None:
+        self._send(status, {"error": {"code": code, "message": message}})
+
+    def _body(self) -> dict[str, Any]:
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            raise LocalApiError(400, "malformed", "Content-Length is not a number") from None
+        if length > self.max_body:
+            # Drain nothing: the connection closes, so the oversized body is never read.
+            self.close_connection = True
+            raise LocalApiError(413, "too_large", f"the body is larger than {self.max_body} bytes")
+        raw = self.rfile.read(length) if length else b""
+        try:
+            body = json.loads(raw)
+        except (ValueError, RecursionError):
+            raise LocalApiError(400, "malformed_json", "the body is not JSON") from None
+        if not isinstance(body, dict):
+            raise LocalApiError(400, "malformed_json", "the body must be a JSON object")
+        return body
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.path.rstrip("/") == "/v1/status":
+            self._send(200, self.service.status())
+        else:
+            self._error(404, "not_found", f"no endpoint {self.path}")
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        try:
+            body = self._body()
+            path = self.path.rstrip("/")
+            if path == "/v1/predict":
+                if "inputs" not in body:
+                    raise LocalApiError(400, "malformed", "inputs is required")
+                answer = self.service.predict(body["inputs"], batch=bool(body.get("batch", False)))
+            elif path == "/v1/feedback":
+                if "prediction_id" not in body or "label" not in body:
+                    raise LocalApiError(400, "malformed", "prediction_id and label are required")
+                answer = self.service.feedback(body["prediction_id"], body["label"])
+            elif path == "/v1/samples":
+                if "x" not in body or "y" not in body:
+                    raise LocalApiError(400, "malformed", "x and y are required")
+                answer = self.service.add_samples(body["x"], body["y"])
+            else:
+                raise LocalApiError(404, "not_found", f"no endpoint {self.path}")
+        except LocalApiError as exc:
+            self._error(exc.status, exc.code, exc.message)
+            return
+        except Exception as exc:  # noqa: BLE001 - never leave the application without an answer
+            log.exception("local api request failed")
+            self._error(500, "internal_error", f"{type(exc).__name__}: {exc}")
+            return
+        self._send(200, answer)
+
+
+class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+
+class _TcpServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+
+
+class LocalApiServer:
+    """Serves a :class:`LocalService` on a Unix socket (and optionally loopback TCP) in threads."""
+
+    def __init__(
+        self,
+        service: LocalService,
+        *,
+        socket_path: Path | str | None,
+        mode: int = 0o660,
+        group: str | None = None,
+        http: str | None = None,
+        max_body: int = 16 * 1024 * 1024,
+    ) -> None:
+        handler = type("Handler", (_Handler,), {"service": service, "max_body": max_body})
+        self.servers: list[socketserver.BaseServer] = []
+        self.socket_path = Path(socket_path) if socket_path else None
+        if self.socket_path is not None:
+            self.socket_path.parent.mkdir(parents=True, exist_ok=True)
+            if self.socket_path.exists() or self.socket_path.is_symlink():
+                self.socket_path.unlink()  # a socket left by an agent that died
+            unix = _UnixServer(str(self.socket_path), handler)
+            # Permissions are the access control: who may write to the socket may call it.
+            os.chmod(self.socket_path, mode)
+            if group:
+                os.chown(self.socket_path, -1, grp.getgrnam(group).gr_gid)
+            self.servers.append(unix)
+        self.http_address: tuple[str, int] | None = None
+        if http:
+            host, _, port = http.rpartition(":")
+            host = host or "127.0.0.1"
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise ValueError("the local API listens on loopback only (127.0.0.1 or ::1)")
+            tcp = _TcpServer((host, int(port)), handler)
+            self.http_address = (host, int(tcp.server_address[1]))
+            self.servers.append(tcp)
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Serve in daemon threads."""
+        for server in self.servers:
+            thread = threading.Thread(target=server.serve_forever, name="agent-local-api", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        """Stop serving and remove the socket file."""
+        for server in self.servers:
+            server.shutdown()
+            server.server_close()
+        if self.socket_path is not None:
+            self.socket_path.unlink(missing_ok=True)
