@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +112,8 @@ class LocalService:
         self._lock = threading.Lock()
         self.drift: DriftSketch | None = None
         self.drift_lock = threading.Lock()
+        self._pending: list[tuple[tuple[int, ...], npt.NDArray[Any], list[float]]] = []
+        self._pending_rows = 0
 
     # --- predict ---------------------------------------------------------------------
     def predict(self, inputs: Any, *, batch: bool = False) -> dict[str, Any]:
@@ -171,6 +172,30 @@ class LocalService:
         self._sketch(spec, x, confidences)
         return {"version_id": active.version_id, "model": active.kind, "predictions": predictions}
 
+    def predict_raw(self, body: bytes, *, shape: str, dtype: str, batch: bool) -> dict[str, Any]:
+        """:meth:`predict` for inputs sent as raw little-endian bytes of ``shape`` and ``dtype``.
+
+        What the client sends for arrays: no float parsing on either side, which for a
+        window of a few hundred values costs more than the inference.
+        """
+        if dtype not in ("float32", "int64", "uint8"):
+            raise LocalApiError(400, "malformed", f"unsupported dtype {dtype!r}")
+        try:
+            dims = tuple(int(d) for d in shape.split(",")) if shape else ()
+        except ValueError:
+            raise LocalApiError(400, "malformed", f"X-Shape must be integers: {shape!r}") from None
+        if (
+            not dims
+            or any(d < 1 for d in dims)
+            or np.prod(dims, dtype=np.int64) * np.dtype(dtype).itemsize != len(body)
+        ):
+            raise LocalApiError(
+                400, "wrong_shape", f"{len(body)} bytes do not hold a {dtype} array of shape {list(dims)}"
+            )
+        return self.predict(
+            np.frombuffer(body, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims), batch=batch
+        )
+
     def _remember(self, active: ActiveModel, x: npt.NDArray[Any], output: npt.NDArray[np.float64]) -> int:
         prediction_id = next(self._ids)
         entry = _Open(
@@ -186,15 +211,31 @@ class LocalService:
         return prediction_id
 
     def _sketch(self, spec: FamilySpec, x: npt.NDArray[Any], confidences: list[float]) -> None:
-        features = drift_features(x, spec.input_shape)
+        # Inputs are folded into the sketch in batches: one row at a time would cost more
+        # than the inference of a small model.
         with self.drift_lock:
-            if self.drift is None or self.drift.num_features != features.shape[1]:
-                self.drift = DriftSketch(num_features=features.shape[1])
-            self.drift.update(inputs=features, confidence=confidences)
+            self._pending.append((spec.input_shape, x, confidences))
+            self._pending_rows += len(x)
+            if self._pending_rows >= 256:
+                self._fold()
+
+    def _fold(self) -> None:
+        if not self._pending:
+            return
+        shape = self._pending[-1][0]
+        rows = [x for s, x, _ in self._pending if s == shape]
+        conf = [c for s, _, cs in self._pending if s == shape for c in cs]
+        self._pending.clear()
+        self._pending_rows = 0
+        features = drift_features(np.concatenate(rows), shape)
+        if self.drift is None or self.drift.num_features != features.shape[1]:
+            self.drift = DriftSketch(num_features=features.shape[1])
+        self.drift.update(inputs=features, confidence=conf)
 
     def take_drift(self) -> dict[str, Any] | None:
         """The drift sketch of the inputs seen since the last call, and a fresh window."""
         with self.drift_lock:
+            self._fold()
             return None if self.drift is None else self.drift.take()
 
     # --- feedback and examples ---------------------------------------------------------
@@ -277,79 +318,149 @@ class LocalService:
 # --- transport ---------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = "flotilla-agent"
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    413: "Too Large",
+    422: "Unprocessable",
+    500: "Internal Error",
+    503: "Unavailable",
+}
+_MAX_HEADER_LINE = 8192
+_MAX_HEADERS = 64
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    """A small HTTP/1.1 server loop: keep-alive, Content-Length bodies, JSON or raw tensors.
+
+    ``http.server`` parses headers with the e-mail parser, which costs more than a small
+    model's whole inference; a prediction's overhead is what applications feel, so the
+    few headers this API uses are read directly.
+    """
+
     service: LocalService
     max_body: int
 
-    def address_string(self) -> str:  # Unix sockets have no client address
-        return "local"
+    def handle(self) -> None:
+        while True:
+            try:
+                request = self._read_request()
+            except (ConnectionError, TimeoutError, OSError):
+                return
+            if request is None:
+                return
+            method, path, headers, body, keep_alive = request
+            status, answer = self._dispatch(method, path, headers, body)
+            data = json.dumps(answer, separators=(",", ":")).encode()
+            head = (
+                f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n"
+                + ("" if keep_alive else "Connection: close\r\n")
+                + "\r\n"
+            )
+            try:
+                self.wfile.write(head.encode() + data)
+                self.wfile.flush()
+            except (ConnectionError, OSError):
+                return
+            if not keep_alive:
+                return
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
-        log.debug("local api: " + format, *args)
-
-    def _send(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body, separators=(",", ":")).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def _error(self, status: int, code: str, message: str) -> None:
-        self._send(status, {"error": {"code": code, "message": message}})
-
-    def _body(self) -> dict[str, Any]:
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            raise LocalApiError(400, "malformed", "Content-Length is not a number") from None
-        if length > self.max_body:
-            # Drain nothing: the connection closes, so the oversized body is never read.
-            self.close_connection = True
-            raise LocalApiError(413, "too_large", f"the body is larger than {self.max_body} bytes")
-        raw = self.rfile.read(length) if length else b""
-        try:
-            body = json.loads(raw)
-        except (ValueError, RecursionError):
-            raise LocalApiError(400, "malformed_json", "the body is not JSON") from None
-        if not isinstance(body, dict):
-            raise LocalApiError(400, "malformed_json", "the body must be a JSON object")
-        return body
-
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        if self.path.rstrip("/") == "/v1/status":
-            self._send(200, self.service.status())
+    def _read_request(self) -> tuple[str, str, dict[str, str], bytes, bool] | None:
+        line = self.rfile.readline(_MAX_HEADER_LINE + 1)
+        if not line:
+            return None
+        parts = line.decode("latin-1").split()
+        if len(parts) != 3 or not parts[2].startswith("HTTP/"):
+            self._reply_error(400, "malformed", "not an HTTP request")
+            return None
+        method, path, version = parts
+        headers: dict[str, str] = {}
+        for _ in range(_MAX_HEADERS + 1):
+            raw = self.rfile.readline(_MAX_HEADER_LINE + 1)
+            if raw in (b"\r\n", b"\n", b""):
+                break
+            name, _, value = raw.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
         else:
-            self._error(404, "not_found", f"no endpoint {self.path}")
-
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            self._reply_error(400, "malformed", "too many headers")
+            return None
         try:
-            body = self._body()
-            path = self.path.rstrip("/")
+            length = int(headers.get("content-length") or 0)
+        except ValueError:
+            self._reply_error(400, "malformed", "Content-Length is not a number")
+            return None
+        if length < 0 or length > self.max_body:
+            # The body is never read: the connection closes after the answer.
+            self._reply_error(413, "too_large", f"the body is larger than {self.max_body} bytes")
+            return None
+        body = self.rfile.read(length) if length else b""
+        if len(body) != length:
+            return None
+        keep_alive = version == "HTTP/1.1" and headers.get("connection", "").lower() != "close"
+        return method, path, headers, body, keep_alive
+
+    def _reply_error(self, status: int, code: str, message: str) -> None:
+        data = json.dumps({"error": {"code": code, "message": message}}).encode()
+        head = (
+            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n"
+        )
+        try:
+            self.wfile.write(head.encode() + data)
+            self.wfile.flush()
+        except (ConnectionError, OSError):
+            pass
+
+    def _dispatch(
+        self, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> tuple[int, dict[str, Any]]:
+        path = path.split("?", 1)[0].rstrip("/")
+        try:
+            if method == "GET" and path == "/v1/status":
+                return 200, self.service.status()
+            if method != "POST":
+                raise LocalApiError(405, "method_not_allowed", f"{method} {path} is not an endpoint")
+            if path == "/v1/predict" and headers.get("content-type", "").startswith(
+                "application/octet-stream"
+            ):
+                return 200, self.service.predict_raw(
+                    body,
+                    shape=headers.get("x-shape", ""),
+                    dtype=headers.get("x-dtype", "float32"),
+                    batch=headers.get("x-batch", "0") == "1",
+                )
+            payload = _json(body)
             if path == "/v1/predict":
-                if "inputs" not in body:
+                if "inputs" not in payload:
                     raise LocalApiError(400, "malformed", "inputs is required")
-                answer = self.service.predict(body["inputs"], batch=bool(body.get("batch", False)))
-            elif path == "/v1/feedback":
-                if "prediction_id" not in body or "label" not in body:
+                return 200, self.service.predict(payload["inputs"], batch=bool(payload.get("batch", False)))
+            if path == "/v1/feedback":
+                if "prediction_id" not in payload or "label" not in payload:
                     raise LocalApiError(400, "malformed", "prediction_id and label are required")
-                answer = self.service.feedback(body["prediction_id"], body["label"])
-            elif path == "/v1/samples":
-                if "x" not in body or "y" not in body:
+                return 200, self.service.feedback(payload["prediction_id"], payload["label"])
+            if path == "/v1/samples":
+                if "x" not in payload or "y" not in payload:
                     raise LocalApiError(400, "malformed", "x and y are required")
-                answer = self.service.add_samples(body["x"], body["y"])
-            else:
-                raise LocalApiError(404, "not_found", f"no endpoint {self.path}")
+                return 200, self.service.add_samples(payload["x"], payload["y"])
+            raise LocalApiError(404, "not_found", f"no endpoint {path}")
         except LocalApiError as exc:
-            self._error(exc.status, exc.code, exc.message)
-            return
+            return exc.status, {"error": {"code": exc.code, "message": exc.message}}
         except Exception as exc:  # noqa: BLE001 - never leave the application without an answer
             log.exception("local api request failed")
-            self._error(500, "internal_error", f"{type(exc).__name__}: {exc}")
-            return
-        self._send(200, answer)
+            return 500, {"error": {"code": "internal_error", "message": f"{type(exc).__name__}: {exc}"}}
+
+
+def _json(body: bytes) -> dict[str, Any]:
+    try:
+        payload = json.loads(body) if body else {}
+    except (ValueError, RecursionError):
+        raise LocalApiError(400, "malformed_json", "the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise LocalApiError(400, "malformed_json", "the body must be a JSON object")
+    return payload
 
 
 class _UnixServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

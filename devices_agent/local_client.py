@@ -19,9 +19,11 @@ example ``wrong_shape``, ``unknown_prediction``, ``no_model``).
 
 from __future__ import annotations
 
-import http.client
+import array
 import json
 import socket
+import sys
+from itertools import chain
 from typing import Any
 from urllib.parse import urlparse
 
@@ -38,21 +40,52 @@ class LocalApiError(RuntimeError):
         self.message = message
 
 
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(self._path)
-        self.sock = sock
-
-
 def _plain(value: Any) -> Any:
     tolist = getattr(value, "tolist", None)
     return tolist() if callable(tolist) else value
+
+
+# numpy's little-endian spelling of each dtype the families take.
+_DTYPES = {"float32": "<f4", "int64": "<i8", "uint8": "|u1"}
+
+
+def _pack(inputs: Any) -> tuple[bytes, list[int], str] | None:
+    """Inputs as raw little-endian bytes, their shape and dtype; None when they are not regular.
+
+    Sending raw bytes spares both sides turning hundreds of floats into text and back,
+    which would cost more than a small model's inference.
+    """
+    if hasattr(inputs, "tobytes") and hasattr(inputs, "dtype") and hasattr(inputs, "shape"):
+        kind = str(inputs.dtype)
+        dtype = kind if kind in _DTYPES else "float32"
+        arr = inputs.astype(
+            f"<{_DTYPES[dtype] if dtype != 'float32' else 'f4'}".replace("<q", "<i8").replace("<B", "u1")
+        )
+        return bytes(arr.tobytes()), [int(d) for d in inputs.shape], dtype
+    shape: list[int] = []
+    level = inputs
+    while isinstance(level, list | tuple):
+        shape.append(len(level))
+        if not level:
+            return None
+        level = level[0]
+    if not shape or not isinstance(level, int | float) or isinstance(level, bool):
+        return None
+    flat: Any = inputs
+    for _ in range(len(shape) - 1):
+        flat = list(chain.from_iterable(flat))
+    expected = 1
+    for d in shape:
+        expected *= d
+    if len(flat) != expected:
+        return None  # ragged: let the agent say what is wrong
+    try:
+        packed = array.array("f", flat)
+    except TypeError:
+        return None
+    if sys.byteorder != "little":
+        packed.byteswap()
+    return packed.tobytes(), shape, "float32"
 
 
 class AgentClient:
@@ -61,24 +94,34 @@ class AgentClient:
     def __init__(self, address: str, *, timeout: float = 30.0) -> None:
         self.address = address
         self.timeout = timeout
-        self._conn: http.client.HTTPConnection | None = None
+        self._sock: socket.socket | None = None
+        self._reader: Any = None
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            if self.address.startswith("http://"):
-                url = urlparse(self.address)
-                self._conn = http.client.HTTPConnection(
-                    url.hostname or "127.0.0.1", url.port, timeout=self.timeout
-                )
-            else:
-                self._conn = _UnixConnection(self.address, self.timeout)
-        return self._conn
+    def _connect(self) -> None:
+        if self.address.startswith("http://"):
+            url = urlparse(self.address)
+            sock = socket.create_connection(
+                (url.hostname or "127.0.0.1", url.port or 80), timeout=self.timeout
+            )
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self.timeout)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                raise
+        self._sock = sock
+        self._reader = sock.makefile("rb")
 
     def close(self) -> None:
         """Close the connection (the next call opens a new one)."""
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._reader is not None:
+            self._reader.close()
+        if self._sock is not None:
+            self._sock.close()
+        self._sock = self._reader = None
 
     def __enter__(self) -> AgentClient:
         return self
@@ -86,27 +129,69 @@ class AgentClient:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
-        payload = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if payload is not None else {}
-        for attempt in (1, 2):
-            conn = self._connection()
-            try:
-                conn.request(method, path, body=payload, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+    def _roundtrip(self, request: bytes) -> tuple[int, bytes]:
+        if self._sock is None:
+            self._connect()
+        assert self._sock is not None
+        self._sock.sendall(request)
+        status_line = self._reader.readline(65537)
+        if not status_line:
+            raise ConnectionError("the agent closed the connection")
+        status = int(status_line.split()[1])
+        length = 0
+        close = False
+        while True:
+            line = self._reader.readline(65537)
+            if line in (b"\r\n", b"\n", b""):
                 break
-            except (ConnectionError, http.client.HTTPException, OSError):
+            name, _, value = line.decode("latin-1").partition(":")
+            key = name.strip().lower()
+            if key == "content-length":
+                length = int(value)
+            elif key == "connection" and value.strip().lower() == "close":
+                close = True
+        data = self._reader.read(length) if length else b""
+        if close:
+            self.close()
+        return status, data
+
+    def _call(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        raw: tuple[bytes, list[int], str, bool] | None = None,
+    ) -> Any:
+        if raw is not None:
+            payload, shape, dtype, batch = raw
+            dims = ",".join(str(d) for d in shape)
+            headers = (
+                "Content-Type: application/octet-stream\r\n"
+                f"X-Shape: {dims}\r\nX-Dtype: {dtype}\r\nX-Batch: {1 if batch else 0}\r\n"
+            )
+        elif body is not None:
+            payload = json.dumps(body, separators=(",", ":")).encode()
+            headers = "Content-Type: application/json\r\n"
+        else:
+            payload, headers = b"", ""
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: agent\r\n{headers}Content-Length: {len(payload)}\r\n\r\n"
+        )
+        message = request.encode("latin-1") + payload
+        for attempt in (1, 2):
+            try:
+                status, data = self._roundtrip(message)
+                break
+            except (ConnectionError, OSError, ValueError, IndexError):
                 # A kept-alive connection the agent closed (it restarted): reconnect once.
                 self.close()
                 if attempt == 2:
                     raise
         answer = json.loads(data) if data else {}
-        if response.status >= 400:
+        if status >= 400:
             error = answer.get("error", {}) if isinstance(answer, dict) else {}
-            raise LocalApiError(
-                response.status, str(error.get("code", "error")), str(error.get("message", ""))
-            )
+            raise LocalApiError(status, str(error.get("code", "error")), str(error.get("message", "")))
         return answer
 
     def predict(self, inputs: Any, *, batch: bool = False) -> Any:
@@ -116,7 +201,12 @@ class AgentClient:
         classification ``label`` and ``score``, for regression ``values``; the answer also
         says which model answered (``version_id``, ``model``: ``global`` or ``personal``).
         """
-        answer = self._call("POST", "/v1/predict", {"inputs": _plain(inputs), "batch": batch})
+        packed = _pack(inputs)
+        if packed is not None:
+            data, shape, dtype = packed
+            answer = self._call("POST", "/v1/predict", raw=(data, shape, dtype, batch))
+        else:
+            answer = self._call("POST", "/v1/predict", {"inputs": _plain(inputs), "batch": batch})
         predictions = answer["predictions"]
         for p in predictions:
             p["version_id"] = answer.get("version_id")
