@@ -7,9 +7,15 @@ both the long-running loop (:meth:`Agent.run`) and the fleet simulator call:
 2. ``POST heartbeat`` (seq, running version, latest deployment state, device state);
 3. run the commands it returned and report each result;
 4. reconcile the desired model (see :mod:`devices_agent.updater`);
-5. hand training tasks to ``task_handlers["train"]`` (empty by default; the federated
-   client registers itself there);
-6. flush the metrics outbox in batches.
+5. hand training tasks to ``task_handlers["train"]`` (the federated trainer over the
+   board's own examples, when a training backend is installed and ``train`` is on);
+6. personalise the new model on the board's examples (when ``personalise`` is on);
+7. flush the metrics outbox in batches.
+
+Beside the loop, the local API (:mod:`devices_agent.local_api`) serves the application
+that runs on the board: predictions with the model in use (the personal one when it
+beats the global model on the local holdout), feedback and labelled examples, which go
+to the board's sample store and are never sent anywhere.
 
 Between cycles the agent waits for the interval the server returned (or the configured
 override), or less when a websocket nudge arrives. After a failed heartbeat it waits a
@@ -19,6 +25,7 @@ server comes back spread out rather than all at once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
@@ -31,15 +38,28 @@ from dataclasses import dataclass, field
 from typing import Any, cast
 
 from devices_agent import __version__
+from devices_agent.backends import available_backends
 from devices_agent.client import AgentClient, AuthError, Backoff, ServerError, retry_call
 from devices_agent.config import AgentConfig
-from devices_agent.inference import Predictor, resource_usage
-from devices_agent.outbox import Outbox, utc_now_iso
-from devices_agent.personal import Personaliser, PersonalResult, fetch_global_weights
+from devices_agent.inference import resource_usage
+from devices_agent.learning import (
+    LocalData,
+    ModelRuntime,
+    NotEnoughData,
+    Personaliser,
+    PersonalResult,
+    fetch_artifact,
+    read_weights,
+    spec_of,
+)
+from devices_agent.local_api import LocalApiServer, LocalService
+from devices_agent.outbox import BufferedRecorder, Outbox, utc_now_iso
+from devices_agent.samples import SampleStore
 from devices_agent.state import AgentState, Credentials, InstalledModel
 from devices_agent.updater import Outcome, Updater
 from devices_agent.wire import (
     DEFAULT_HEARTBEAT_INTERVAL_S,
+    ArtifactRef,
     Command,
     DesiredModel,
     DeviceState,
@@ -67,10 +87,9 @@ log = logging.getLogger("devices_agent.agent")
 
 TaskHandler = Callable[[TrainingTask], Any]
 
-# Handlers of the tasks a heartbeat assigns, by kind, called as ``handler(task)``. Empty
-# by default: the federated client registers ``task_handlers["train"]``
-# (``devices_agent.federated.register``); every Agent sees this dict unless it is given
-# its own.
+# Handlers of the tasks a heartbeat assigns, by kind, called as ``handler(task)``, shared
+# by every Agent that is not given its own. An agent that trains adds its federated
+# trainer as ``train`` to its own copy.
 task_handlers: dict[str, TaskHandler] = {}
 
 
@@ -95,6 +114,8 @@ def detect_hardware(overrides: dict[str, Any] | None = None) -> Hardware:
         "accelerator": "none",
         "os": f"{platform.system()} {platform.release()}".strip(),
         "agent_version": __version__,
+        "python": platform.python_version(),
+        "training_backends": available_backends(),
     }
     for key, value in (overrides or {}).items():
         hardware[key] = value  # type: ignore[literal-required]
@@ -127,11 +148,12 @@ class Agent:
     # Called with the new model after every activation or rollback (or None).
     on_model_change: Callable[[InstalledModel | None], None] | None = None
     counter: Any = None  # a devices_agent.client.WireCounter, for benchmarks
-    # The board's labelled local data (x, y), for training handlers and the simulator.
-    local_data: Any = None
     # Builds the ONNX Runtime session of a model; the simulator shares sessions between
     # devices that run the same file. None: one session per agent.
     session_provider: Callable[[InstalledModel], Any] | None = None
+    # Serve the local API on the configured socket/port (the in-process simulator calls
+    # the service directly instead).
+    serve_local_api: bool = True
 
     def __post_init__(self) -> None:
         self.state = AgentState(self.config.state_dir)
@@ -144,13 +166,65 @@ class Agent:
         self.stopping = threading.Event()
         self.client: AgentClient | None = None
         self.updater: Updater | None = None
-        self.predictor: Predictor | None = None
         self._drift_pending: DriftSketch | None = None
         self._drift_since = utc_now_iso()
         self.restart_requested = False
         self._done_tasks: list[tuple[str, int]] = []
-        self._personaliser: Personaliser | None = None
         self._personalise_failed: set[int] = set()
+        self._trainer: Any = None
+        # Metric samples from the local API are buffered in memory and written in batches:
+        # a database commit per prediction would cost more than the prediction.
+        self.recorder = BufferedRecorder(self.outbox)
+        self.samples = SampleStore(
+            self.state.root / "samples.sqlite3",
+            max_examples=self.config.samples_max,
+            max_bytes=self.config.samples_max_bytes,
+            max_age_s=self.config.samples_max_age_days * 86_400.0
+            if self.config.samples_max_age_days
+            else None,
+            holdout_percent=self.config.holdout_percent,
+        )
+        self.data = LocalData(
+            self.samples,
+            data_dir=self.config.data_dir,
+            entry_point=self.config.data_entry_point,
+            holdout_percent=self.config.holdout_percent,
+        )
+        self.backends = (
+            [b for b in available_backends() if b in self.config.training_backends]
+            if self.config.train
+            else []
+        )
+        self.personaliser = (
+            Personaliser(
+                state_dir=self.state.root,
+                data=self.data,
+                record=self.record,
+                backend=self.backends[0],
+                epochs=self.config.personalise_epochs,
+                min_examples=self.config.personalise_min_examples,
+            )
+            if self.config.personalise and self.backends
+            else None
+        )
+        self.runtime = ModelRuntime(
+            self.state,
+            personaliser=self.personaliser,
+            session_provider=self.session_provider,
+            extra_delay_ms=self.config.inference_delay_ms,
+        )
+        self.local = LocalService(
+            model=self.runtime.active,
+            store=self.samples,
+            record=self.record,
+            status=lambda: {"device_id": self.device_id, "training_backends": self.backends},
+            max_batch=self.config.local_api_max_batch,
+        )
+        self.local_server: LocalApiServer | None = None
+        if self.backends and "train" not in self.task_handlers:
+            # A board that can train takes part in rounds; its own copy of the handlers,
+            # so one agent's trainer is never another's.
+            self.task_handlers = {**self.task_handlers, "train": self._train_task}
         # What the server has already heard (see heartbeat_request).
         self._beats = 0
         # The last policy the server sent and its etag, kept across restarts so that a
@@ -158,6 +232,8 @@ class Agent:
         saved = self.state.load()
         self.policy: Policy = dict(saved.get("policy") or {})  # type: ignore[assignment]
         self.policy_etag: str | None = saved.get("policy_etag") if self.policy else None
+        self.desired: DesiredModel | None = saved.get("desired")
+        self.desired_etag: str | None = saved.get("desired_etag") if self.desired else None
         self._report_sent: dict[str, Any] | None = None
         self._state_sent: DeviceState | None = None
         self._pending: tuple[dict[str, Any] | None, DeviceState | None] = (None, None)
@@ -200,11 +276,30 @@ class Agent:
         return creds.device_id if creds else None
 
     def close(self) -> None:
-        """Release the outbox and the HTTP pool."""
+        """Stop the local API and release the outbox, the sample store and the HTTP pool."""
         self.stopping.set()
+        if self.local_server is not None:
+            self.local_server.stop()
+            self.local_server = None
         if self.client is not None:
             self.client.close()
+        self.recorder.flush()
         self.outbox.close()
+        self.samples.close()
+
+    def start_local_api(self) -> LocalApiServer | None:
+        """Serve the local API on the configured socket (and loopback port); idempotent."""
+        if self.local_server is None and (self.config.local_api_socket or self.config.local_api_http):
+            self.local_server = LocalApiServer(
+                self.local,
+                socket_path=self.config.local_api_socket_path,
+                mode=int(self.config.local_api_mode),
+                group=self.config.local_api_group,
+                http=self.config.local_api_http,
+            )
+            self.local_server.start()
+            log.info("local API on %s", self.config.local_api_socket_path or self.config.local_api_http)
+        return self.local_server
 
     def enroll(self, *, max_attempts: int = 8) -> Credentials:
         """Enroll with the one-time token unless already enrolled; pins the server's key."""
@@ -255,29 +350,13 @@ class Agent:
 
     # --- the model in use ------------------------------------------------------------
     def _model_changed(self, model: InstalledModel | None) -> None:
-        self.predictor = None
+        self.runtime.invalidate()
         if self.on_model_change is not None:
             self.on_model_change(model)
 
     def record(self, name: str, value: float, version_id: int | None) -> None:
-        """Queue one metric sample in the outbox."""
-        self.outbox.add(name, value, version_id=version_id)
-
-    def load_predictor(self) -> Predictor | None:
-        """The predictor over the current model (loaded lazily, reloaded after a swap)."""
-        if self.predictor is None:
-            current = self.state.current()
-            if current is None:
-                return None
-            session = self.session_provider(current) if self.session_provider is not None else None
-            self.predictor = Predictor(
-                model=current.path,
-                session=session,
-                version_id=current.version_id,
-                record=self.record,
-                extra_delay_ms=self.config.inference_delay_ms,
-            )
-        return self.predictor
+        """Queue one metric sample (buffered; written to the outbox in batches)."""
+        self.recorder.add(name, value, version_id)
 
     # --- one cycle -------------------------------------------------------------------
     def heartbeat_request(self) -> HeartbeatRequest:
@@ -292,10 +371,16 @@ class Agent:
         """
         assert self.updater is not None
         usage = resource_usage()
+        counts = self.data.counts()
         state: DeviceState = {
             "cpu_percent": round(usage["cpu_percent"]),
             "ram_mb": round(usage["ram_mb"]),
             "disk_free_mb": round(shutil.disk_usage(self.state.root).free / 1e6),
+            # Counts only: the examples themselves never leave the board. Round selection
+            # reads them, so a board without data is never asked to train.
+            "local_examples": counts["local_examples"],
+            "holdout_examples": counts["holdout_examples"],
+            "training_backends": list(self.backends),
             **self.device_state,
         }
         body: HeartbeatRequest = {"seq": self.state.next_seq()}
@@ -304,6 +389,8 @@ class Agent:
             body["agent_version"] = __version__
         if self.policy_etag:
             body["policy_etag"] = self.policy_etag
+        if self.desired_etag:
+            body["desired_etag"] = self.desired_etag
         running = self.state.current_version_id()
         if running is not None:
             body["running_version_id"] = running
@@ -335,9 +422,10 @@ class Agent:
         for command in answer.get("commands", []):
             self.run_command(command)
             result.commands += 1
-        result.outcome = self.updater.reconcile(answer.get("desired"), self.policy)
+        desired = self._take_desired(answer)
+        result.outcome = self.updater.reconcile(desired, self.policy)
         self.run_tasks(answer)
-        self.personalise(answer.get("desired"))
+        self.personalise(desired)
         if (self._beats - 1) % max(1, self.config.state_every) == 0:
             # Resource use is sampled at the state cadence, not every heartbeat: on an
             # idle board a metrics batch every minute would double the daily traffic.
@@ -374,19 +462,18 @@ class Agent:
         return answer
 
     def send_drift(self) -> bool:
-        """Send the predictor's drift sketch (and reset it); True when one was delivered.
+        """Send the drift sketch of the local API's inputs (and reset it); True when one was delivered.
 
         A sketch that could not be delivered for a retryable reason is kept and sent
         first next time; one the server refused is dropped, as a retry would not change it.
         """
         assert self.client is not None
-        if self._drift_pending is None and self.predictor is not None and self.predictor.drift is not None:
-            with self.predictor._lock:
-                taken = self.predictor.drift.take()
+        if self._drift_pending is None:
+            taken = self.local.take_drift()
             if taken is not None:
                 body = {
                     **taken,
-                    "version_id": self.predictor.version_id,
+                    "version_id": self.state.current_version_id(),
                     "window_start": self._drift_since,
                     "window_end": utc_now_iso(),
                 }
@@ -403,6 +490,28 @@ class Agent:
             log.warning("drift sketch refused, dropped: %s", exc)
         self._drift_pending = None
         return True
+
+    def _take_desired(self, answer: HeartbeatResponse) -> DesiredModel | None:
+        """The desired model of an answer, or the kept one when only its etag came back.
+
+        The server sends the desired model only when its etag differs from the one this
+        agent sent (it rarely changes, and it is most of a heartbeat's answer); no etag
+        and no model means no model is wanted.
+        """
+        etag = answer.get("desired_etag")
+        desired = answer.get("desired")
+        if desired is not None:
+            self.desired, self.desired_etag = desired, etag
+            self.state.update(desired=dict(desired), desired_etag=etag)
+        elif etag is None:
+            if self.desired is not None:
+                self.desired, self.desired_etag = None, None
+                self.state.update(desired=None, desired_etag=None)
+        elif etag != self.desired_etag:
+            # Not expected (the server sends the model when the etags differ); ask again.
+            self.desired_etag = None
+            return None
+        return self.desired
 
     def _take_policy(self, answer: HeartbeatResponse) -> None:
         """Keep the policy of a heartbeat answer, or the last one when it was left out.
@@ -452,45 +561,58 @@ class Agent:
             self._done_tasks.append(key)
             del self._done_tasks[:-100]
 
+    def _artifact(self, ref: ArtifactRef) -> bytes:
+        assert self.client is not None and self.updater is not None
+        path = fetch_artifact(
+            client=self.client,
+            ref=ref,
+            public_key=self.updater.public_key,
+            folder=self.state.root / "artifacts",
+        )
+        return path.read_bytes()
+
     def personalise(self, desired: DesiredModel | None) -> PersonalResult | None:
-        """Fine-tune the personal head once the desired version is active here (when enabled).
+        """Fine-tune a personal head once the desired version is active here (when enabled).
 
         Runs after the heartbeat's answer was acted on, in the agent's loop, with one torch
-        thread and ``personalise_epochs`` epochs. Only the two accuracies are queued for the
-        server; the head stays under ``<state_dir>/personal``. A failure is logged and not
-        retried for the same version, so a broken artifact does not cost CPU every beat.
+        thread. The version's program and weights are fetched as signed artifacts. Only
+        the two metrics are queued for the server; the head stays under
+        ``<state_dir>/personal``. Too few examples postpone it; a failure is logged and
+        not retried for the same version, so a broken artifact does not cost CPU every beat.
         """
-        if not self.config.personalise or self.local_data is None or desired is None:
+        if self.personaliser is None or desired is None:
             return None
         version_id = int(desired["version_id"])
-        ref = desired.get("weights")
-        if ref is None or self.state.current_version_id() != version_id:
+        program_ref, weights_ref, head = desired.get("program"), desired.get("weights"), desired.get("head")
+        current = self.state.current()
+        if (
+            current is None
+            or current.version_id != version_id
+            or not program_ref
+            or not weights_ref
+            or not head
+        ):
             return None
-        if version_id in self._personalise_failed:
+        if version_id in self._personalise_failed or not self.personaliser.needs(version_id):
             return None
-        if self._personaliser is None:
-            x, y = self.local_data
-            self._personaliser = Personaliser(
-                state_dir=self.config.state_dir,
-                x=x,
-                y=y,
-                arch=str(desired["arch"]),
-                record=self.record,
-                epochs=self.config.personalise_epochs,
-            )
-        personaliser = self._personaliser
-        personaliser.arch = str(desired["arch"])
-        if not personaliser.needs(version_id):
+        spec = spec_of(current)
+        if spec is None:
             return None
-        assert self.client is not None and self.updater is not None
         try:
-            weights = fetch_global_weights(
-                client=self.client,
-                ref=ref,
-                public_key=self.updater.public_key,
-                folder=self.state.downloads_dir / "weights",
+            program = self._artifact(program_ref)
+            weights = read_weights(self.state.root / "artifacts" / weights_ref["sha256"])
+            result = self.personaliser.personalise(
+                version_id=version_id, spec=spec, program=program, global_state=weights, head=list(head)
             )
-            result = personaliser.personalise(version_id=version_id, global_weights=weights)
+        except FileNotFoundError:
+            try:
+                self._artifact(weights_ref)
+            except ServerError as exc:
+                log.warning("personalisation of v%s postponed: %s", version_id, exc)
+            return None
+        except NotEnoughData as exc:
+            log.debug("personalisation of v%s waits for data: %s", version_id, exc)
+            return None
         except AuthError:
             raise
         except ServerError as exc:
@@ -501,18 +623,47 @@ class Agent:
             log.exception("personalisation of v%s failed", version_id)
             self._personalise_failed.add(version_id)
             return None
+        self.runtime.invalidate()
         log.info(
-            "personalised v%s (%s): global %.3f, personal %.3f",
+            "personalised v%s (%s): global %s %.3f, personal %.3f, serving %s",
             version_id,
             result.rebase,
-            result.global_accuracy,
-            result.personal_accuracy,
+            result.metric,
+            result.global_value,
+            result.personal_value,
+            "personal" if result.used else "global",
         )
         return result
+
+    def _device_seed(self) -> int:
+        if self.config.device_seed is not None:
+            return int(self.config.device_seed)
+        # Differs between boards (their local shuffling too), fixed for one board.
+        return int(hashlib.sha256(str(self.device_id).encode()).hexdigest()[:8], 16)
+
+    def _train_task(self, task: TrainingTask) -> Any:
+        """The ``train`` handler: the federated trainer over the board's own examples."""
+        from devices_agent.federated import FederatedTrainer
+
+        assert self.client is not None and self.updater is not None
+        if self._trainer is None or self._trainer.client is not self.client:
+            self._trainer = FederatedTrainer(
+                client=self.client,
+                state_dir=self.state.root,
+                data=self.data,
+                public_key=self.updater.public_key,
+                backends=self.backends,
+                device_seed=self._device_seed(),
+                should_stop=self.stopping.is_set,
+            )
+        outcome = self._trainer.run_task(task)
+        log.info("round %s: %s %s", outcome.round_id, outcome.status, outcome.code)
+        return outcome
 
     def flush_metrics(self) -> int:
         """Send queued metrics in batches until empty, an error, or the per-flush limit."""
         assert self.client is not None
+        self.recorder.flush()
         sent = 0
         for _ in range(self.config.max_batches_per_flush):
             batch = self.outbox.next_batch(max_samples=self.config.metrics_batch_size)
@@ -595,6 +746,8 @@ class Agent:
             "rss_mb": round(psutil.Process().memory_info().rss / 1e6, 1),
             "outbox_pending": self.outbox.pending(),
             "torch_loaded": "torch" in sys.modules,
+            "training_backends": list(self.backends),
+            **self.data.counts(),
         }
 
     # --- the loop --------------------------------------------------------------------
@@ -644,6 +797,8 @@ class Agent:
                 self.wait(delay)
         if self.stopping.is_set():
             return
+        if self.serve_local_api:
+            self.start_local_api()
         if self.config.websocket:
             start_nudge_listener(self)
         steps = 0
@@ -656,7 +811,7 @@ class Agent:
                 creds = self.state.credentials()
                 assert creds is not None
                 self._connect(creds)
-                self.predictor = None
+                self.runtime.invalidate()
                 continue
             steps += 1
             if max_steps is not None and steps >= max_steps:

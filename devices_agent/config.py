@@ -10,6 +10,9 @@ A board's config is a small TOML (or JSON) file written by provisioning or by ha
     heartbeat_interval_s = 30            # optional override of the server's interval
     outbox_max_samples = 100000
     websocket = true                     # listen for nudges on /ws/agent/
+    local_api_socket = "/run/flotilla-agent/agent.sock"   # the application's side
+    local_api_group = "sensors"          # who may call it (with local_api_mode "0660")
+    data_dir = "/var/lib/line-3/labelled" # optional: .npz files with x and y
 
     [hardware]                           # overrides of what the agent detects
     accelerator = "none"
@@ -62,10 +65,34 @@ class AgentConfig:
     # A drift sketch (devices_agent.drift) is sent every n-th heartbeat; 0 turns it off.
     drift_every: int = 10
     keep_versions: int = 2
-    # Fine-tune a personal head on the board's local data after each new version
-    # (devices_agent.personal); off on real boards, which usually have no labelled data.
-    personalise: bool = False
+    # Learning on the board's own examples (devices_agent.learning): take part in federated
+    # rounds with the training backends this board has (and allows), and fine-tune a
+    # personal head after each new version, served when it beats the global model.
+    train: bool = True
+    training_backends: list[str] = field(default_factory=lambda: ["torch", "ort"])
+    personalise: bool = True
     personalise_epochs: int = 5
+    personalise_min_examples: int = 20
+    # Shuffling seed of local training; unset: derived from the device id.
+    device_seed: int | None = None
+    # The sample store: bounded by count, bytes and age (oldest evicted first), with a
+    # fixed share of examples held out to judge models on.
+    samples_max: int = 20_000
+    samples_max_bytes: int = 64 * 1024 * 1024
+    samples_max_age_days: float | None = 30.0
+    holdout_percent: int = 20
+    # A data source of the board's own, besides what the application sends: a directory
+    # of .npz files with x and y, or a Python entry point "module:function".
+    data_dir: Path | None = None
+    data_entry_point: str | None = None
+    # The local API for the application beside the agent (devices_agent.local_api): a Unix
+    # socket (default <state_dir>/agent.sock; "" turns it off), its file mode and group,
+    # and optionally a loopback address "127.0.0.1:PORT".
+    local_api_socket: str | None = None
+    local_api_mode: int | str = 0o660
+    local_api_group: str | None = None
+    local_api_http: str | None = None
+    local_api_max_batch: int = 1024
     log_file: Path | None = None
 
     def __post_init__(self) -> None:
@@ -83,6 +110,37 @@ class AgentConfig:
             raise ConfigError("metrics_batch_size must be at least 1")
         if self.keep_versions < 1:
             raise ConfigError("keep_versions must be at least 1")
+        if isinstance(self.local_api_mode, str):
+            try:
+                self.local_api_mode = int(self.local_api_mode, 8)
+            except ValueError:
+                raise ConfigError(
+                    f'local_api_mode must be octal like "0660", got {self.local_api_mode!r}'
+                ) from None
+        if not 0 <= int(self.local_api_mode) <= 0o777:
+            raise ConfigError("local_api_mode must be a file mode between 0000 and 0777")
+        if not 0 <= self.holdout_percent < 100:
+            raise ConfigError("holdout_percent must be in [0, 100)")
+        if self.samples_max < 1 or self.samples_max_bytes < 1:
+            raise ConfigError("samples_max and samples_max_bytes must be at least 1")
+        if self.data_dir is not None:
+            self.data_dir = Path(self.data_dir).expanduser()
+        if self.data_entry_point is not None and ":" not in self.data_entry_point:
+            raise ConfigError("data_entry_point must look like module:function")
+        unknown = [b for b in self.training_backends if b not in ("torch", "ort")]
+        if unknown:
+            raise ConfigError(f"unknown training backends {unknown}; known: torch, ort")
+
+    @property
+    def local_api_socket_path(self) -> Path | None:
+        """Where the local API's Unix socket is, or None when it is turned off."""
+        if self.local_api_socket == "":
+            return None
+        return (
+            Path(self.local_api_socket).expanduser()
+            if self.local_api_socket
+            else self.state_dir / "agent.sock"
+        )
 
     @property
     def log_path(self) -> Path:

@@ -1,10 +1,13 @@
 """The device side of a federated round: fetch the task, train locally, upload the delta.
 
 A ``train`` task (from the heartbeat's ``tasks`` or ``GET rounds/``) names a round. The
-trainer fetches ``rounds/<id>/task``, downloads the round's global weights (checked
-against their SHA-256), trains on the device's own data with
-:func:`devices_agent.local_train.train_local`, clips when the job asks, encodes the delta
-with the job's codec and uploads it with retries.
+trainer fetches ``rounds/<id>/task``, the version's program (a signed artifact) and the
+round's global weights (checked against their SHA-256), measures the global model on the
+board's holdout (the federated evaluation of the version the round starts from), trains
+on the board's own examples with a training backend (:mod:`devices_agent.backends`),
+clips when the job asks, encodes the delta of the trainable parameters with the job's
+codec and uploads it with retries. A board with no backend the job accepts, or no
+examples, skips the round and says why.
 
 Everything in between lives in ``<state_dir>/federated/round_<id>/``, so an agent that is
 killed resumes where it stopped: downloaded weights are reused, and a delta that was
@@ -25,24 +28,56 @@ import threading
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
+from devices_agent.backends import Backend, TrainConfig, available_backends, get_backend
 from devices_agent.client import AgentClient, Backoff, ServerError, raise_for_response, retry_call
 from devices_agent.codecs import decode_tensors, encode_delta, encode_tensors
-from devices_agent.wire import AUTH_SCHEME
+from devices_agent.family import FamilySpec, SpecError
+from devices_agent.learning import fetch_artifact
+from devices_agent.wire import AUTH_SCHEME, ArtifactRef
 
 __all__ = [
     "FederatedTrainer",
+    "FixedData",
     "RoundOutcome",
+    "TrainingData",
     "local_seed",
     "register",
     "run_rounds",
 ]
 
 Weights = dict[str, npt.NDArray[np.float32]]
+Arrays = tuple[npt.NDArray[Any], npt.NDArray[Any]]
+
+
+class TrainingData(Protocol):
+    """Where a trainer reads the board's examples (``devices_agent.learning.LocalData``)."""
+
+    def training_set(self, spec: FamilySpec) -> Arrays | None: ...
+
+    def holdout_set(self, spec: FamilySpec) -> Arrays | None: ...
+
+
+class FixedData:
+    """Examples given once, as arrays (benchmarks and tests that compare with a plain loop)."""
+
+    def __init__(self, x: npt.ArrayLike, y: npt.ArrayLike, *, holdout: Arrays | None = None) -> None:
+        self.x = np.asarray(x)
+        self.y = np.asarray(y)
+        self.holdout = holdout
+
+    def training_set(self, spec: FamilySpec) -> Arrays | None:
+        return (spec.inputs(self.x), spec.labels(self.y, count=len(self.x))) if len(self.x) else None
+
+    def holdout_set(self, spec: FamilySpec) -> Arrays | None:
+        if self.holdout is None:
+            return None
+        x, y = self.holdout
+        return spec.inputs(x), spec.labels(y, count=len(x))
 
 
 def local_seed(*, task_seed: int, device_seed: int) -> int:
@@ -63,6 +98,12 @@ class RoundOutcome:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+class _Skip(Exception):  # noqa: N818  (a reason not to take part, not an error)
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 def _atomic_write(path: Path, data: bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
@@ -73,11 +114,12 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 class FederatedTrainer:
-    """Runs ``train`` tasks for one device.
+    """Runs ``train`` tasks for one board.
 
-    ``x`` and ``y`` are the device's local examples; ``device_seed`` makes its shuffling
-    differ from other devices'. ``should_stop`` is polled between batches (an agent
-    shutting down stops training; the task is retried from the start next time).
+    ``data`` holds the board's examples; ``public_key`` is the server's pinned signing key
+    (programs are signed artifacts); ``device_seed`` makes its shuffling differ from other
+    boards'. ``should_stop`` is polled between batches (an agent shutting down stops
+    training; the task is retried from the start next time).
     """
 
     def __init__(
@@ -85,8 +127,9 @@ class FederatedTrainer:
         *,
         client: AgentClient,
         state_dir: str | os.PathLike[str],
-        x: npt.ArrayLike,
-        y: npt.ArrayLike,
+        data: TrainingData,
+        public_key: bytes | None,
+        backends: list[str] | None = None,
         device_seed: int = 0,
         num_threads: int | None = 1,
         max_attempts: int = 6,
@@ -96,13 +139,15 @@ class FederatedTrainer:
         self.client = client
         self.root = Path(state_dir) / "federated"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.x = np.asarray(x, dtype=np.float32)
-        self.y = np.asarray(y, dtype=np.int64)
+        self.data = data
+        self.public_key = public_key
+        self.backends = list(backends) if backends is not None else available_backends()
         self.device_seed = device_seed
         self.num_threads = num_threads
         self.max_attempts = max_attempts
         self.backoff = backoff or Backoff(base_s=0.2, cap_s=10.0)
         self.should_stop = should_stop
+        self._backends: dict[str, Backend] = {}
 
     # ------------------------------------------------------------------ helpers
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -145,33 +190,72 @@ class FederatedTrainer:
             return None  # the model changed shape: start error feedback afresh
         return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
+    def _program(self, ref: ArtifactRef) -> bytes:
+        if self.public_key is None:
+            raise ServerError("no pinned signing key to check the program with", retryable=False)
+        path = fetch_artifact(
+            client=self.client, ref=ref, public_key=self.public_key, folder=self.root.parent / "artifacts"
+        )
+        return path.read_bytes()
+
+    def _backend(self, accepted: list[str]) -> Backend | None:
+        for name in self.backends:
+            if name in accepted:
+                if name not in self._backends:
+                    self._backends[name] = get_backend(name, num_threads=self.num_threads)
+                return self._backends[name]
+        return None
+
     def _prepare_upload(self, task: Mapping[str, Any], folder: Path) -> tuple[bytes, dict[str, Any], int]:
         """The encoded delta and its headers, trained now or recovered from an earlier try."""
-        from devices_agent.local_train import train_local
-
         payload_path = folder / "upload.safetensors"
         meta_path = folder / "upload.json"
         if payload_path.exists() and meta_path.exists():
             return payload_path.read_bytes(), json.loads(meta_path.read_text()), 0
+        spec = FamilySpec.from_dict(task["spec"])
+        backend = self._backend(list(task.get("backends") or ["torch"]))
+        if backend is None:
+            raise _Skip(
+                "no_backend",
+                f"this board trains with {self.backends}; the job accepts {task.get('backends')}",
+            )
+        data = self.data.training_set(spec)
+        if data is None or len(data[0]) == 0:
+            raise _Skip("no_data", "this board holds no labelled examples for the family")
+        program = self._program(task["program"])
         weights, downloaded = self._weights(task, folder)
+        metrics: dict[str, float] = {}
+        holdout = self.data.holdout_set(spec)
+        if holdout is not None and len(holdout[0]):
+            # The global model on data no model was trained on: the round's base version,
+            # evaluated where the data lives.
+            measured = backend.evaluate(program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1])
+            metrics[f"holdout_{spec.primary_metric}"] = float(measured[spec.primary_metric])
+            metrics["holdout_loss"] = float(measured["loss"])
+            metrics["holdout_examples"] = float(len(holdout[0]))
         train = task["train"]
-        result = train_local(
-            arch=str(task["arch"]),
-            global_weights=weights,
-            x=self.x,
-            y=self.y,
-            epochs=int(train["epochs"]),
-            batch_size=int(train["batch_size"]),
-            lr=float(train["lr"]),
-            optimizer=str(train.get("optimizer", "sgd")),
-            prox_mu=float(train.get("prox_mu", 0.0)),
-            seed=local_seed(task_seed=int(task["seed"]), device_seed=self.device_seed),
-            clip_norm=float(task["clip_norm"]) if task.get("clip_norm") else None,
+        result = backend.train(
+            program=program,
+            state=weights,
+            spec=spec,
+            x=data[0],
+            y=data[1],
+            config=TrainConfig(
+                epochs=int(train["epochs"]),
+                batch_size=int(train["batch_size"]),
+                lr=float(train["lr"]),
+                optimizer=str(train.get("optimizer", "sgd")),
+                prox_mu=float(train.get("prox_mu", 0.0)),
+                clip_norm=float(task["clip_norm"]) if task.get("clip_norm") else None,
+                seed=local_seed(task_seed=int(task["seed"]), device_seed=self.device_seed),
+            ),
+            trainable=list(task.get("trainable") or []) or None,
             should_stop=self.should_stop,
-            num_threads=self.num_threads,
         )
         if result.metrics.get("stopped"):
             raise InterruptedError("local training was stopped")
+        metrics.update(result.metrics)
+        metrics["backend_" + backend.name] = 1.0
         codec = str(task.get("codec", "none"))
         residual = self._residual(list(result.delta)) if codec == "topk" else None
         encoded = encode_delta(
@@ -179,7 +263,7 @@ class FederatedTrainer:
         )
         if encoded.residual is not None:
             _atomic_write(folder / "residual.safetensors", encode_tensors(encoded.residual))
-        meta = {"num_examples": result.num_examples, "metrics": result.metrics}
+        meta = {"num_examples": result.num_examples, "metrics": metrics}
         _atomic_write(payload_path, encoded.data)
         _atomic_write(meta_path, json.dumps(meta).encode())
         return encoded.data, meta, downloaded
@@ -208,7 +292,12 @@ class FederatedTrainer:
                 raise
             shutil.rmtree(folder, ignore_errors=True)
             return RoundOutcome(round_id, "skipped", code=exc.code, message=str(exc))
-        data, meta, downloaded = self._prepare_upload(config, folder)
+        try:
+            data, meta, downloaded = self._prepare_upload(config, folder)
+        except (_Skip, SpecError) as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            code = exc.code if isinstance(exc, _Skip | SpecError) else "skipped"
+            return RoundOutcome(round_id, "skipped", code=code, message=str(exc))
         headers = self._headers(
             {
                 "Content-Type": "application/octet-stream",

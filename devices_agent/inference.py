@@ -17,7 +17,7 @@ import functools
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,9 +40,13 @@ __all__ = [
 Recorder = Callable[[str, float, int | None], None]
 
 
-def load_session(model: Path | bytes, *, threads: int = 1) -> Any:
+def load_session(
+    model: Path | bytes, *, threads: int = 1, initializers: Mapping[str, npt.ArrayLike] | None = None
+) -> Any:
     """An ONNX Runtime CPU session with ``threads`` intra-op threads, run sequentially.
 
+    ``initializers`` replace the graph's initializers of the same names (a board's personal
+    head on the global graph, new weights for a round) without rewriting the file.
     onnxruntime is imported here rather than at module level: an agent with no model
     yet (or only heartbeating) stays some 20 MB smaller.
     """
@@ -53,8 +57,16 @@ def load_session(model: Path | bytes, *, threads: int = 1) -> Any:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.log_severity_level = 3
+    values = []
+    for name, array in (initializers or {}).items():
+        value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array, dtype=np.float32))
+        options.add_initializer(name, value)
+        values.append(value)
     source: str | bytes = str(model) if isinstance(model, Path) else model
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    # The session reads the overriding values in place: they must live as long as it does.
+    session._flotilla_initializers = values
+    return session
 
 
 def to_probabilities(outputs: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -212,12 +224,14 @@ def health_check(
     latency_budget_ms: float | None = None,
     runs: int = 20,
     extra_delay_ms: float = 0.0,
+    input_dtype: str = "float32",
 ) -> HealthResult:
     """Load ``model``, run a deterministic input, check outputs and the p95 latency budget.
 
     The input is a fixed pseudo-random batch of one (seed 0) of ``input_shape`` (read off
-    the model when not given). Fails when the model does not load, the output is not
-    ``(1, num_classes)``, holds non-finite values, or the p95 latency of ``runs`` runs
+    the model when not given; integers for an integer ``input_dtype``). Fails when the
+    model does not load, the output is not ``(1, num_classes)`` (the family's outputs per
+    example), holds non-finite values, or the p95 latency of ``runs`` runs
     (after one warm-up) exceeds ``latency_budget_ms``.
     """
     try:
@@ -229,7 +243,11 @@ def health_check(
         return HealthResult(
             ok=False, reason="input shape unknown and not fixed in the model", p95_ms=None, runs=0
         )
-    x = np.random.default_rng(0).random((1, *shape), dtype=np.float32)
+    rng = np.random.default_rng(0)
+    if input_dtype == "float32":
+        x: npt.NDArray[Any] = rng.random((1, *shape), dtype=np.float32)
+    else:
+        x = rng.integers(0, 8, size=(1, *shape)).astype(np.dtype(input_dtype))
     name = session.get_inputs()[0].name
     try:
         first = np.asarray(session.run(None, {name: x})[0])

@@ -218,3 +218,43 @@ class Outbox:
                 self._db.execute("ROLLBACK")
                 raise
             return int(removed)
+
+
+class BufferedRecorder:
+    """Metric samples held in memory and written to the outbox in batches.
+
+    The local API records two samples per prediction; one outbox transaction each would
+    cost more than the prediction. Samples are written when ``max_pending`` are waiting
+    or ``max_age_s`` passed since the oldest, and at every :meth:`flush` (the agent
+    flushes before it sends metrics and when it stops). A crash can lose what was still
+    buffered: at most ``max_age_s`` of samples.
+    """
+
+    def __init__(self, outbox: Outbox, *, max_pending: int = 256, max_age_s: float = 1.0) -> None:
+        self.outbox = outbox
+        self.max_pending = max_pending
+        self.max_age_s = max_age_s
+        self._pending: list[tuple[str, float, str, int | None]] = []
+        self._since = 0.0
+        self._lock = threading.Lock()
+
+    def add(self, name: str, value: float, version_id: int | None) -> None:
+        """Queue one sample, stamped now."""
+        import time
+
+        now = time.monotonic()
+        with self._lock:
+            if not self._pending:
+                self._since = now
+            self._pending.append((name, float(value), utc_now_iso(), version_id))
+            due = len(self._pending) >= self.max_pending or now - self._since >= self.max_age_s
+        if due:
+            self.flush()
+
+    def flush(self) -> int:
+        """Write every waiting sample to the outbox; returns how many."""
+        with self._lock:
+            rows, self._pending = self._pending, []
+        if rows:
+            self.outbox.add_many(rows)
+        return len(rows)

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from devices_agent.client import AgentClient, AuthError, Backoff, ServerError, retry_call
+from devices_agent.family import FamilySpec, SpecError
 from devices_agent.inference import health_check
 from devices_agent.outbox import utc_now_iso
 from devices_agent.state import AgentState, InstalledModel
@@ -378,11 +379,14 @@ class Updater:
             "version_id": version_id,
             "label": desired.get("label", ""),
             "family": desired.get("family", ""),
-            "arch": desired.get("arch", ""),
             "sha256": sha256,
             "size": int(artifact["size"]),
-            "input_shape": desired.get("input_shape"),
-            "num_classes": desired.get("num_classes"),
+            # The contract and the learning artifacts travel with the installed model, so
+            # the local API, training and personalisation work from the state directory.
+            "spec": desired.get("spec"),
+            "program": desired.get("program"),
+            "weights": desired.get("weights"),
+            "head": list(desired.get("head") or []),
             "installed_at": utc_now_iso(),
         }
         installed = self.state.install(version_id=version_id, source=part, meta=meta)
@@ -390,13 +394,16 @@ class Updater:
         self.state.update(deployment={**dep, "stage": "installed"})
         return installed
 
-    def _expected_classes(self, desired: DesiredModel) -> int | None:
-        if desired.get("num_classes"):
-            return int(desired["num_classes"])
-        from devices_agent.nets import ARCHS
-
-        info = ARCHS.get(str(desired.get("arch", "")))
-        return int(info["num_classes"]) if info else None
+    def _expected(self, desired: DesiredModel) -> tuple[list[int] | None, int | None, str]:
+        """The input shape, outputs per example and input dtype the family declares."""
+        raw = desired.get("spec")
+        if not raw:
+            return None, None, "float32"
+        try:
+            spec = FamilySpec.from_dict(raw)
+        except SpecError:
+            return None, None, "float32"
+        return list(spec.input_shape), spec.outputs, spec.input_dtype
 
     def _activate(self, desired: DesiredModel, installed: InstalledModel, policy: Policy) -> Outcome:
         version_id = int(desired["version_id"])
@@ -416,10 +423,12 @@ class Updater:
         self.state.set_current(version_id, previous_version_id=previous)
         self.report(deployment_id, "health_check")
         budget = policy.get("health_latency_budget_ms")
+        input_shape, outputs, input_dtype = self._expected(desired)
         result = health_check(
             model=installed.path,
-            input_shape=list(desired["input_shape"]) if desired.get("input_shape") else None,
-            num_classes=self._expected_classes(desired),
+            input_shape=input_shape,
+            num_classes=outputs,
+            input_dtype=input_dtype,
             latency_budget_ms=float(budget) if budget is not None else None,
             runs=self.health_runs,
             extra_delay_ms=self.inference_delay_ms,

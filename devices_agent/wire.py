@@ -41,12 +41,16 @@ TERMINAL_DEPLOYMENT_STATES = frozenset({"active", "failed", "rolled_back"})
 METRIC_NAMES: tuple[str, ...] = (
     "latency_ms",  # one inference, wall time in the agent
     "confidence",  # top-1 probability of a prediction
-    "correct",  # 1.0 or 0.0 for a prediction that received a labelled feedback
+    "correct",  # 1.0 or 0.0 for a prediction that received a labelled feedback (classification)
+    "abs_error",  # mean absolute error of a prediction that received its target (regression)
     "error",  # 1.0 for a failed inference
     "cpu_percent",
     "ram_mb",
     "personal_accuracy",
     "global_accuracy",
+    "personal_mae",
+    "global_mae",
+    "samples_evicted",  # examples the board's full sample store evicted since the last report
     "drift_score",
     "dropped",  # samples the agent's full outbox discarded since the last report
 )
@@ -59,6 +63,9 @@ class Hardware(TypedDict, total=False):
     accelerator: str
     os: str
     agent_version: str
+    python: str
+    # The training runtimes this board can import ("torch", "ort"); empty: inference only.
+    training_backends: list[str]
     extra: dict[str, Any]
 
 
@@ -86,7 +93,9 @@ class DeviceState(TypedDict, total=False):
     charging: bool
     idle: bool
     battery_percent: float
-    local_examples: int
+    local_examples: int  # labelled examples the board can train on (its holdout excluded)
+    holdout_examples: int  # labelled examples kept aside to evaluate models on the board
+    training_backends: list[str]
     cpu_percent: float
     ram_mb: float
     disk_free_mb: float
@@ -102,6 +111,8 @@ class HeartbeatRequest(TypedDict, total=False):
     # The etag of the policy the agent holds (from an earlier HeartbeatResponse); the
     # server resends the policy only when its own differs. Absent: the agent has none.
     policy_etag: NotRequired[str]
+    # Likewise for the desired model: the etag of the DesiredModel the agent holds.
+    desired_etag: NotRequired[str]
 
 
 class ArtifactRef(TypedDict):
@@ -112,18 +123,29 @@ class ArtifactRef(TypedDict):
     signature: str  # base64 Ed25519 signature
 
 
+class FamilySpec(TypedDict):
+    """A family's task and input contract (``devices_agent.family.FamilySpec``)."""
+
+    task: Literal["classification", "regression"]
+    input_shape: list[int]
+    input_dtype: str
+    num_classes: NotRequired[int]
+    output_size: NotRequired[int]
+
+
 class DesiredModel(TypedDict):
     version_id: int
     label: str
     family: str
-    arch: str
     deployment_id: int | None
-    artifact: ArtifactRef
+    artifact: ArtifactRef  # the ONNX graph the board installs and serves
     weights: ArtifactRef | None
-    # Optional: the family's input contract, for the agent's health check. Without them the
-    # agent reads the input shape off the ONNX model and the classes off the known archs.
-    input_shape: NotRequired[list[int]]
-    num_classes: NotRequired[int]
+    # The family's contract: what inputs look like and what the model answers.
+    spec: NotRequired[FamilySpec]
+    # The trainable program (torch.export JSON) and the parameters of its last layer,
+    # for on-device personalisation; absent for versions registered without one.
+    program: NotRequired[ArtifactRef | None]
+    head: NotRequired[list[str]]
 
 
 class Policy(TypedDict, total=False):
@@ -143,6 +165,38 @@ class TrainingTask(TypedDict):
     round_id: int
     task_url: str
     deadline: str
+
+
+class RoundTrain(TypedDict):
+    epochs: int
+    batch_size: int
+    optimizer: str  # sgd | adam
+    lr: float
+    prox_mu: float
+
+
+class RoundTask(TypedDict):
+    """``GET rounds/<id>/task``: what a selected board needs to train for a round."""
+
+    round_id: int
+    job_id: int
+    round_number: int
+    base_version_id: int
+    spec: FamilySpec
+    program: ArtifactRef  # signed like every artifact; the architecture the board trains
+    trainable: list[str]  # the parameters a delta carries, in the program's order
+    weights_url: str  # the round's global weights (safetensors), checked by weights_sha256
+    weights_sha256: str
+    weights_size: int
+    update_url: str
+    deadline: str | None
+    seed: int
+    train: RoundTrain
+    clip_norm: float | None
+    codec: str
+    topk_fraction: float
+    max_update_bytes: int
+    backends: list[str]  # the training backends the job accepts
 
 
 class Command(TypedDict):
@@ -172,6 +226,9 @@ class HeartbeatResponse(TypedDict):
     server_time: str
     heartbeat_interval_s: int
     desired: NotRequired[DesiredModel | None]
+    # Always sent when a model is wanted; ``desired`` itself only when the etag the agent
+    # sent differs. Neither: no model wanted.
+    desired_etag: NotRequired[str]
     policy: NotRequired[Policy | None]
     policy_etag: NotRequired[str]
     in_window: NotRequired[bool]
