@@ -10,10 +10,9 @@ from django.db import transaction
 from django.db.models import Avg, Count
 from django.utils import timezone
 
+from core.events import emit
 from fleet.drift import drift_score
-from fleet.models import Device, DeviceGroup, DriftReport, MetricSample
-from fleet.selectors.devices import group_members
-from fleet.services.webhooks import webhook_emit
+from fleet.models import Device, DriftReport, MetricSample
 
 
 def _reference_for(*, version_id: int) -> dict[str, Any] | None:
@@ -63,68 +62,14 @@ def drift_report_ingest(
         )
 
 
-# A retrain is a short job: a handful of rounds from the flagged version, enough to adapt
-# to the new inputs without tying the group up for long.
-RETRAIN_ROUNDS = 3
-
-
-def _retrain_start(*, version: Any) -> int | None:
-    """Start a federated job from a flagged version on the group running it most.
-
-    Returns the job id, or None when no group runs the version, a job for the family is
-    already under way, or the version cannot seed a job (no weights artifact).
-    """
-    # training imports fleet: importing it here, not at module level, avoids the cycle.
-    from core.api import ServiceError
-    from training.models import FederatedJob
-    from training.services import job_create, job_start
-
-    active = (FederatedJob.Status.DRAFT, FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED)
-    if FederatedJob.objects.filter(family_id=version.family_id, status__in=active).exists():
-        return None
-    # Members are static devices plus those matching the group's tag selector (as a job
-    # selects them); groups are few and this runs once per flag, so one count per group.
-    top: DeviceGroup | None = None
-    top_running = 0
-    for group in DeviceGroup.objects.order_by("pk"):
-        running = (
-            group_members(group=group)
-            .filter(running_version=version)
-            .exclude(status=Device.Status.DECOMMISSIONED)
-            .count()
-        )
-        if running > top_running:
-            top, top_running = group, running
-    if top is None:
-        return None
-    # Quorum and minimum clients cannot exceed the devices that can take part.
-    clients = max(1, min(2, top_running))
-    try:
-        job = job_create(
-            actor=None,
-            family=version.family,
-            base_version=version,
-            target_group=top,
-            name=f"{version.family.name} retrain after drift (v{version.number})",
-            rounds=RETRAIN_ROUNDS,
-            min_clients=clients,
-            quorum=clients,
-        )
-    except ServiceError:
-        return None
-    # job_start enqueues the first round with transaction.on_commit.
-    job_start(job_id=job.pk, actor=None)
-    return int(job.pk)
-
-
 def drift_check(*, now: datetime | None = None) -> list[int]:
     """Flag versions whose accuracy on feedback over the last hour fell below their evaluation.
 
     A version is flagged when it has at least `DRIFT_MIN_SAMPLES` `correct` samples in the
     hour and their mean is more than `DRIFT_ACCURACY_DROP` below `metrics["accuracy"]`.
     Versions already flagged are left alone, so running this again changes nothing.
-    With `DRIFT_AUTO_RETRAIN`, a flag also starts a short federated job from the version on
-    the group running it most; its id (or None) is `metrics["flagged"]["retrain_job"]`.
+    Each flag is announced as `model.flagged` after it commits (training subscribes:
+    with `DRIFT_AUTO_RETRAIN` it starts a short federated job from the version).
     Returns the ids flagged by this call.
     """
     from models_registry.models import ModelVersion
@@ -153,10 +98,8 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
                 "samples": int(row["samples"]),
                 "at": now.isoformat(),
             }
-            if getattr(settings, "DRIFT_AUTO_RETRAIN", False):
-                flag["retrain_job"] = _retrain_start(version=version)
             version.metrics = {**version.metrics, "flagged": flag}
             version.save(update_fields=["metrics"])
-            webhook_emit(event_type="model.flagged", payload={"version_id": version.pk, **flag})
+            emit("model.flagged", {"version_id": version.pk, **flag})
             flagged.append(version.pk)
     return flagged
