@@ -145,7 +145,7 @@ def test_tag_selected_members_count(settings: Any, django_capture_on_commit_call
     assert job.target_group == tagged and job.min_clients == 2
 
 
-def test_no_group_runs_the_version_no_job(settings: Any, django_capture_on_commit_callbacks: Any) -> None:
+def test_no_group_runs_the_version_no_job() -> None:
     from training.models import FederatedJob
     from training.services import job_retrain_for_flag
 

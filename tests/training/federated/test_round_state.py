@@ -99,3 +99,23 @@ def test_noise_a_strategy_cannot_add_is_refused_at_validation(fleet: Fleet) -> N
     assert make_job(fleet, strategy="median", clip_norm=1.0).pk  # clipping alone is fine
     with pytest.raises(ServiceError, match="set by the server"):
         make_job(fleet, strategy="fedadam", strategy_params={"state": None})
+
+
+def test_a_round_that_cannot_be_evaluated_fails_with_the_reason(db: Any) -> None:
+    from models_registry.models import ModelFamily
+    from training import services
+    from training.models import FederatedJob, FederatedRound
+
+    fleet = make_fleet(n_devices=3)
+    job = make_job(fleet, rounds=2)
+    services.job_start(job_id=job.pk, actor=None)
+    rnd = services.round_open(job_id=job.pk)
+    upload_deltas(fleet, rnd)
+    services.round_close(round_id=rnd.pk)
+    # No registered test set fits the family any more.
+    ModelFamily.objects.filter(pk=fleet.family.pk).update(input_shape=[32])
+    assert services.round_aggregate(round_id=rnd.pk) is None
+    rnd = FederatedRound.objects.get(pk=rnd.pk)
+    assert rnd.status == "failed" and rnd.lease_expires_at is None
+    assert rnd.failure_reason.startswith("evaluation failed: Data set digits-test has examples of shape [64]")
+    assert FederatedJob.objects.get(pk=job.pk).consecutive_failures == 1
