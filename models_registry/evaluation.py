@@ -5,17 +5,21 @@ it, and so does federated training for the version each round produces. It runs 
 version's ONNX model in ONNX Runtime (:func:`models_registry.ml.evaluate.evaluate_onnx`),
 stores the full report as an :class:`~models_registry.models.EvaluationReport` and merges
 the headline numbers into ``ModelVersion.metrics``, so every version, however it was
-made, is measured the same way and compared on the same data.
+made, is measured the same way and compared on the same data. :func:`onnx_export` gives
+weights that are not registered yet the ONNX form the evaluation runs, checked against
+torch on the same test set.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
@@ -28,6 +32,7 @@ __all__ = [
     "DEFAULT_LATENCY_REPEATS",
     "Evaluation",
     "evaluation_dataset",
+    "onnx_export",
     "version_evaluate",
 ]
 
@@ -75,6 +80,27 @@ def evaluation_dataset(*, family: ModelFamily, name: str | None = None) -> Evalu
             code="dataset_mismatch",
         )
     return dataset
+
+
+def onnx_export(
+    *,
+    family: ModelFamily,
+    arch: str,
+    weights: Mapping[str, npt.ArrayLike],
+    dataset: EvaluationDataset | None = None,
+) -> bytes:
+    """``weights`` of architecture ``arch`` as an ONNX model, for ``family``.
+
+    The export is checked against the eager torch model on the first 64 examples of
+    ``dataset`` (by default :func:`evaluation_dataset` of the family), the inputs it
+    will be evaluated on; a mismatch raises ``ExportParityError`` (a ``ValueError``).
+    """
+    from models_registry.ml.export import export_onnx
+
+    dataset = dataset or evaluation_dataset(family=family)
+    sample = datasets.dataset_load(dataset)[0][:64]
+    tensors = {name: np.asarray(t, dtype=np.float32) for name, t in weights.items()}
+    return bytes(export_onnx(arch=arch, weights=tensors, sample_inputs=sample).onnx_bytes)
 
 
 def _onnx_artifact_bytes(version: ModelVersion) -> bytes:

@@ -37,8 +37,7 @@ from core.dispatch import enqueue_on_commit
 from core.events import emit
 from core.leases import Lease, LeaseLost
 from devices_agent.codecs import decode_tensors, encode_tensors
-from models_registry.datasets import dataset_load
-from models_registry.evaluation import Evaluation, evaluation_dataset, version_evaluate
+from models_registry.evaluation import Evaluation, evaluation_dataset, onnx_export, version_evaluate
 from models_registry.models import EvaluationDataset, ModelVersion
 from models_registry.selectors import version_latest_evaluation
 from models_registry.services import version_create
@@ -222,14 +221,6 @@ def _result(rnd: FederatedRound) -> tuple[bytes, Weights]:
     return data, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
-def _export(*, arch: str, weights: Weights, dataset: EvaluationDataset) -> bytes:
-    """The result as ONNX, checked against torch on the first examples of the test set."""
-    from models_registry.ml.export import export_onnx
-
-    sample = dataset_load(dataset)[0][:64]
-    return bytes(export_onnx(arch=arch, weights=weights, sample_inputs=sample).onnx_bytes)
-
-
 def _register(
     *, rnd: FederatedRound, job: FederatedJob, claim: _Claim, weights_bytes: bytes, onnx_bytes: bytes | None
 ) -> ModelVersion:
@@ -281,7 +272,9 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
     dataset = evaluation_dataset(family=job.family)
     # Evaluation runs the ONNX model, so the result is exported whether or not the job
     # keeps the export as an artifact of the version.
-    onnx_bytes = _export(arch=rnd.base_version.effective_arch, weights=weights, dataset=dataset)
+    onnx_bytes = onnx_export(
+        family=job.family, arch=rnd.base_version.effective_arch, weights=weights, dataset=dataset
+    )
     version = rnd.version
     if version is None:
         version = _register(
