@@ -393,49 +393,22 @@ def _dataset(version: ModelVersion, name: str | None, *, split: str) -> Evaluati
 # --------------------------------------------------------------------------- evaluate
 
 
-def _headline(report: dict[str, Any], dataset: EvaluationDataset) -> dict[str, Any]:
-    latency = report.get("latency_us", {})
-    return {
-        "accuracy": report["accuracy"],
-        "loss": report["loss"],
-        "macro_auc": report.get("macro_auc"),
-        "size_bytes": report["size_bytes"],
-        "compressed_size_bytes": report["compressed_size_bytes"],
-        "parameter_count": report["parameter_count"],
-        "p50_batch1_us": latency.get("batch_1", {}).get("p50_us"),
-        "p95_batch1_us": latency.get("batch_1", {}).get("p95_us"),
-        "p50_batch64_us": latency.get("batch_64", {}).get("p50_us"),
-        "dataset": dataset.name,
-        "evaluated_at": timezone.now().isoformat(),
-    }
-
-
 def _evaluate(
     version: ModelVersion, dataset: EvaluationDataset, *, latency_repeats: int, progress: _Progress
 ) -> tuple[EvaluationReport, dict[str, Any]]:
-    from models_registry.ml.evaluate import evaluate_onnx
+    from models_registry.evaluation import version_evaluate
 
     onnx_bytes = _onnx_of(version, progress)
-    x, y = datasets.dataset_load(dataset)
-    progress(f"evaluating {version.label} on {dataset.name} ({len(x)} examples)")
-    report = evaluate_onnx(
-        onnx_bytes=onnx_bytes, x=x, y=y, num_classes=dataset.num_classes, latency_repeats=latency_repeats
+    progress(f"evaluating {version.label} on {dataset.name} ({dataset.num_examples} examples)")
+    evaluation = version_evaluate(
+        version=version, dataset=dataset, latency_repeats=latency_repeats, onnx_bytes=onnx_bytes
     )
-    headline = _headline(report, dataset)
-    with transaction.atomic():
-        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
-        saved = EvaluationReport.objects.create(
-            version=locked, dataset=dataset.name, report=_jsonable(report)
-        )
-        # Headline numbers are merged, not replaced: keys such as "rejected" stay.
-        locked.metrics = {**(locked.metrics or {}), **_jsonable(headline)}
-        locked.save(update_fields=["metrics"])
-    version.metrics = locked.metrics
+    headline = evaluation.headline
     progress(
         f"accuracy {headline['accuracy']:.4f}, size {headline['size_bytes']} bytes, "
         f"p50 batch-1 {headline['p50_batch1_us']:.1f} us"
     )
-    return saved, headline
+    return evaluation.report, headline
 
 
 def _run_evaluate(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], ModelVersion | None]:

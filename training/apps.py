@@ -1,5 +1,21 @@
 from django.apps import AppConfig
 
+# How training.rounds_tick finds the work of each training task whose message was lost
+# (core.dispatch refuses to send a task without one).
+RECOVERIES = {
+    "training.round_open": (
+        "opens the next round of every running job without a collecting, aggregating or "
+        "evaluating round, and retries the selection of pending rounds"
+    ),
+    "training.round_close": (
+        "closes every collecting round whose selected devices all answered or whose deadline passed"
+    ),
+    "training.round_aggregate": (
+        "sends again every round closed for aggregation whose lease expired, or that no worker "
+        "claimed within one lease of closing"
+    ),
+}
+
 
 class TrainingConfig(AppConfig):
     name = "training"
@@ -7,9 +23,16 @@ class TrainingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        # Open rounds reach devices in their heartbeat answer; devices may also long-poll
-        # GET rounds/?wait= for a faster start.
+        from core.dispatch import recoverable
+        from core.events import subscribe
         from fleet.services.heartbeat import register_task_provider
+        from training import subscribers
         from training.selectors import heartbeat_training_tasks
 
+        # Open rounds reach devices in their heartbeat answer; devices may also long-poll
+        # GET rounds/?wait= for a faster start, woken when a round opens.
         register_task_provider(heartbeat_training_tasks)
+        subscribe(subscribers.round_opened, names=["federated_round.opened"])
+        subscribe(subscribers.model_flagged, names=["model.flagged"])
+        for task, how in RECOVERIES.items():
+            recoverable(task, by="training.rounds_tick", how=how)

@@ -114,17 +114,26 @@ class FederatedRound(models.Model):
     deadline = models.DateTimeField(null=True, blank=True)
     opened_at = models.DateTimeField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)
-    # Lease of the worker aggregating the round: renewed at every checkpoint, so a
-    # round whose worker died is claimed again once the lease is older than
-    # settings.ROUND_AGGREGATION_LEASE_S.
-    aggregating_since = models.DateTimeField(null=True, blank=True)
+    # Expiry of the aggregating worker's lease (core.leases): set when a worker claims
+    # the closed round, pushed settings.ROUND_AGGREGATION_LEASE_S ahead at every
+    # checkpoint, cleared when the round ends. A round whose worker died is claimed
+    # again once the expiry has passed.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     participants = models.PositiveIntegerField(default=0)
     dropped = models.PositiveIntegerField(default=0)
     rejected = models.PositiveIntegerField(default=0)
     bytes_in = models.BigIntegerField(default=0)
     bytes_out = models.BigIntegerField(default=0)
-    durations = models.JSONField(default=dict, blank=True)
+    # Devices eligible when the round selected its devices (the DP sampling rate).
+    eligible = models.PositiveIntegerField(null=True, blank=True)
+    # Seconds spent in each phase, once it ran.
+    collect_s = models.FloatField(null=True, blank=True)
+    aggregate_s = models.FloatField(null=True, blank=True)
+    evaluate_s = models.FloatField(null=True, blank=True)
+    # Storage name of the server optimiser state after this round (FedAdam/FedYogi); the
+    # job takes it over when the round is done.
+    server_state_path = models.CharField(max_length=300, blank=True)
     accuracy = models.FloatField(null=True, blank=True)
     loss = models.FloatField(null=True, blank=True)
     confusion = models.JSONField(default=list, blank=True)
@@ -140,6 +149,12 @@ class FederatedRound(models.Model):
 
     def __str__(self) -> str:
         return f"job {self.job_id} round {self.number}"
+
+    @property
+    def durations(self) -> dict[str, float]:
+        """Seconds per phase (``collect_s``, ``aggregate_s``, ``evaluate_s``) that ran."""
+        phases = {"collect_s": self.collect_s, "aggregate_s": self.aggregate_s, "evaluate_s": self.evaluate_s}
+        return {name: seconds for name, seconds in phases.items() if seconds is not None}
 
 
 class ClientUpdate(models.Model):

@@ -1,7 +1,8 @@
 """Wake-ups for devices waiting on ``GET rounds/?wait=``: a Redis pub/sub channel.
 
-A round that opens publishes its id after commit; every long-poll subscribed to the
-channel re-reads its device's tasks. The channel carries no data a device could act on
+A round that opens publishes its id after commit (the ``federated_round.opened`` event's
+subscriber, see :mod:`training.subscribers`); every long-poll subscribed to the channel
+re-reads its device's tasks. The channel carries no data a device could act on
 by itself (the tasks are always read from the database), so a lost message only costs
 the poll its timeout.
 """

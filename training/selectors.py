@@ -1,16 +1,25 @@
-"""Reads of the training app: jobs, rounds, devices' open training tasks, eligibility."""
+"""Reads of the training app: jobs, rounds, eligibility and selection, and what devices
+read of a round (their open tasks, the task body, the global weights)."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
+from django.conf import settings
 from django.db.models import QuerySet
 from django.utils import timezone
 
+from core.api import ConflictError, NotFoundError, ServiceError
+from devices_agent.codecs import decode_tensors
 from devices_agent.wire import API_PREFIX, TrainingTask
 from fleet.models import Device, DeviceGroup
+from training import storage
 from training.models import ClientUpdate, FederatedJob, FederatedRound
+
+Weights = dict[str, npt.NDArray[np.float32]]
 
 
 def job_list() -> QuerySet[FederatedJob]:
@@ -74,6 +83,27 @@ def selection_size(*, job: FederatedJob, eligible: int) -> int:
     return min(eligible, wanted)
 
 
+def round_selection(*, job: FederatedJob, number: int) -> tuple[list[str], int]:
+    """``(chosen device ids, number eligible)`` for round ``number`` of ``job``.
+
+    Deterministic for (job seed, round number): a retried ``round_open`` chooses the
+    same devices. No devices are chosen while too few are eligible.
+    """
+    eligible = eligible_devices(job=job)
+    k = selection_size(job=job, eligible=len(eligible))
+    if k == 0:
+        return [], len(eligible)
+    rng = np.random.default_rng([max(job.seed, 0), number])
+    ids = [str(d.pk) for d in eligible]
+    chosen = sorted(ids[i] for i in rng.choice(len(ids), size=k, replace=False))
+    return chosen, len(eligible)
+
+
+def round_answered(*, rnd: FederatedRound) -> int:
+    """How many of the round's selected devices sent an update (accepted or rejected)."""
+    return ClientUpdate.objects.filter(round_id=rnd.pk, device_id__in=rnd.selected).count()
+
+
 def round_task_path(*, round_id: int) -> str:
     """Path of a round's task on the device API."""
     return f"{API_PREFIX}rounds/{round_id}/task"
@@ -125,3 +155,85 @@ def heartbeat_training_tasks(device: Device) -> list[TrainingTask]:
 
     rounds = hot_cache(key="training:collecting_rounds", load=collecting_rounds, ttl_s=2.0)
     return training_tasks_for_device(device, rounds=rounds)
+
+
+# --------------------------------------------------------------------------- device reads
+
+
+def round_for_device(*, round_id: int, device: Device) -> FederatedRound:
+    """The round ``round_id`` if it selected ``device`` (404 ``not_found``, 403 ``not_selected``)."""
+    rnd = (
+        FederatedRound.objects.select_related("job", "job__family", "base_version")
+        .filter(id=round_id)
+        .first()
+    )
+    if rnd is None:
+        raise NotFoundError("No such round.", code="not_found")
+    if str(device.pk) not in (rnd.selected or []):
+        raise ServiceError(
+            "This device was not selected for the round.", code="not_selected", status_code=403
+        )
+    return rnd
+
+
+def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
+    """What a selected device needs to train for a round (the ``rounds/<id>/task`` body)."""
+    rnd = round_for_device(round_id=round_id, device=device)
+    if rnd.status != FederatedRound.Status.COLLECTING:
+        raise ConflictError(f"Round is {rnd.status}, not collecting.", code="round_closed")
+    job = rnd.job
+    return {
+        "round_id": rnd.pk,
+        "job_id": job.pk,
+        "round_number": rnd.number,
+        "arch": rnd.base_version.effective_arch,
+        "base_version_id": rnd.base_version_id,
+        "weights_url": f"{API_PREFIX}rounds/{rnd.pk}/weights",
+        "weights_sha256": rnd.weights_sha256,
+        "weights_size": rnd.weights_size,
+        "update_url": f"{API_PREFIX}rounds/{rnd.pk}/update",
+        "deadline": rnd.deadline.isoformat() if rnd.deadline else None,
+        "seed": int(job.seed) * 100_003 + rnd.number,
+        "train": {
+            "epochs": job.local_epochs,
+            "batch_size": job.batch_size,
+            "optimizer": job.optimizer,
+            "lr": job.lr,
+            "prox_mu": job.prox_mu if job.strategy == "fedprox" or job.prox_mu > 0 else 0.0,
+        },
+        "clip_norm": job.clip_norm,
+        "codec": job.codec,
+        "topk_fraction": job.topk_fraction,
+        "max_update_bytes": int(settings.ROUND_UPDATE_MAX_BYTES),
+    }
+
+
+# Every selected device fetches the round's weights and every upload is validated against
+# them, so both forms are kept per process, by digest (a digest never changes meaning).
+_bytes_cache: dict[str, bytes] = {}
+_weights_cache: dict[str, Weights] = {}
+_CACHE_SIZE = 8
+
+
+def round_weights_bytes(*, rnd: FederatedRound) -> bytes:
+    """The round's global weights file (safetensors)."""
+    data = _bytes_cache.get(rnd.weights_sha256)
+    if data is None:
+        data = storage.read_bytes(name=rnd.weights_path)
+        if len(_bytes_cache) > _CACHE_SIZE:
+            _bytes_cache.clear()
+        _bytes_cache[rnd.weights_sha256] = data
+    return data
+
+
+def round_weights(*, rnd: FederatedRound) -> Weights:
+    """The round's global weights, decoded to contiguous float32 arrays."""
+    cached = _weights_cache.get(rnd.weights_sha256)
+    if cached is not None:
+        return cached
+    tensors, _ = decode_tensors(storage.read_bytes(name=rnd.weights_path))
+    weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    if len(_weights_cache) > _CACHE_SIZE:
+        _weights_cache.clear()
+    _weights_cache[rnd.weights_sha256] = weights
+    return weights

@@ -32,5 +32,6 @@ def round_aggregate(round_id: int) -> str | None:
 
 @shared_task(name="training.rounds_tick")
 def rounds_tick() -> dict[str, Any]:
-    """Periodic: deadlines, pending selections and stale aggregation leases."""
+    """Periodic: deadlines and pending selections, and the recovery of every training
+    task whose message was lost (see ``services.rounds_tick``)."""
     return services.rounds_tick()

@@ -30,15 +30,30 @@ DEFAULT_CHUNK = 32_768
 
 
 class Aggregator(Protocol):
-    """What every aggregation rule offers.
+    """What every aggregation rule offers; the round's orchestration uses nothing else.
 
-    ``accept`` takes one decoded update at a time; ``merge`` folds in another partial
-    aggregate of the same kind (only when ``mergeable``); ``finalize`` returns the new
-    global weights.
+    ``accept`` takes one decoded update at a time and ``finalize`` returns the new global
+    weights. The rest says how the rule is driven:
+
+    - ``mergeable`` rules keep a running sum: ``checkpoint`` serialises it (with the ids
+      in it) and ``resume`` folds a checkpoint back in, so a crashed aggregation carries
+      on where it stopped. The others need every update at once and read them chunk by
+      chunk with ``finalize_source``; ``checkpoint``/``resume`` raise ``TypeError``.
+    - Rules with server state across rounds (FedAdam, FedYogi) return it from
+      ``state_bytes`` after ``finalize`` and take it back with ``load_state`` in the
+      next round; the others return None.
+    - Differential privacy is part of the rule (see :class:`~.privacy.Privacy`): the
+      mean family clips, weighs equally and adds the noise itself; a rule the noise does
+      not fit refuses it when it is created.
     """
 
     name: str
     mergeable: bool
+
+    @property
+    def accepted_ids(self) -> set[str]:
+        """Ids of the updates already counted."""
+        ...
 
     @property
     def num_accepted(self) -> int:
@@ -51,9 +66,47 @@ class Aggregator(Protocol):
         """Add one update; returns False when ``update_id`` was already accepted."""
         ...
 
+    def merge(self, other: object) -> None:
+        """Fold in another partial aggregate of the same kind (``TypeError`` when not mergeable)."""
+        ...
+
+    def checkpoint(self) -> bytes:
+        """The running aggregate and the ids in it, for :meth:`resume` after a crash."""
+        ...
+
+    def resume(self, data: bytes) -> None:
+        """Fold in a :meth:`checkpoint`; its ids are skipped by later ``accept`` calls."""
+        ...
+
     def finalize(self) -> Weights:
         """Return the new global weights."""
         ...
+
+    def finalize_source(self, source: UpdateSource) -> Weights:
+        """New global weights from every update in ``source`` (rules that are not mergeable)."""
+        ...
+
+    def state_bytes(self) -> bytes | None:
+        """Server state to carry into the next round, or None for a rule without any."""
+        ...
+
+    def load_state(self, data: bytes) -> None:
+        """Continue from the state a previous round's :meth:`state_bytes` returned."""
+        ...
+
+
+class NoServerState:
+    """For rules whose rounds are independent: there is no state to carry or load."""
+
+    name: str
+
+    def state_bytes(self) -> bytes | None:
+        """No server state."""
+        return None
+
+    def load_state(self, data: bytes) -> None:
+        """Refuse a state: this rule never produced one."""
+        raise ValueError(f"{self.name} keeps no server state between rounds")
 
 
 @runtime_checkable

@@ -2,6 +2,10 @@
 
 FedProx needs nothing different on the server: its proximal term lives in the clients'
 local objective, so the server side of FedProx is exactly this weighted mean.
+
+With a :class:`~.privacy.Privacy` the mean is DP-FedAvg's: updates are clipped on
+arrival, counted with equal weights when noise is asked for, and the noise is added to
+the mean delta before it is applied.
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from safetensors import SafetensorError
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .base import Weights, as_float32, check_update, check_weight, shapes_of
+from .base import NoServerState, UpdateSource, Weights, as_float32, check_update, check_weight, shapes_of
+from .privacy import Privacy
 
 PARTIAL_KIND = "weighted_mean"
 PARTIAL_VERSION = "1"
@@ -27,7 +32,7 @@ _SUM_PREFIX = "sum::"
 _BLOCK = 262_144
 
 
-class WeightedMeanAggregator:
+class WeightedMeanAggregator(NoServerState):
     """FedAvg: new weights = global + sum(w_i * delta_i) / sum(w_i).
 
     Memory is O(model size) whatever the number of updates: one float64 running sum
@@ -39,7 +44,10 @@ class WeightedMeanAggregator:
     name = "fedavg"
     mergeable = True
 
-    def __init__(self, *, global_weights: Mapping[str, npt.ArrayLike]) -> None:
+    def __init__(
+        self, *, global_weights: Mapping[str, npt.ArrayLike], privacy: Privacy | None = None
+    ) -> None:
+        self.privacy = privacy
         self.global_weights: Weights = as_float32(global_weights)
         self.shapes = shapes_of(self.global_weights)
         self.sums: dict[str, npt.NDArray[np.float64]] = {
@@ -68,13 +76,20 @@ class WeightedMeanAggregator:
 
         ``update`` must be a validated delta (see ``devices_agent.codecs.decode_delta``)
         with exactly the model's names and shapes. Returns False, changing nothing, when
-        ``update_id`` was already accepted, so a retried task never counts twice.
+        ``update_id`` was already accepted, so a retried task never counts twice. Under
+        :attr:`privacy` the update is clipped first, and with noise its weight is 1.
         """
         if update_id is not None and update_id in self.accepted_ids:
             return False
         w = check_weight(weight)
-        w32 = np.float32(w)
         check_update(update, self.shapes)
+        if self.privacy is not None:
+            update = self.privacy.clip(update)
+            if self.privacy.adds_noise:
+                # The noise is calibrated to one participant moving an equal-weight mean
+                # by at most clip_norm / n; example counts would break that bound.
+                w = 1.0
+        w32 = np.float32(w)
         for name, total in self.sums.items():
             flat_total = total.reshape(-1)
             flat = np.asarray(update[name]).reshape(-1)
@@ -98,8 +113,8 @@ class WeightedMeanAggregator:
             self.accepted_ids.add(update_id)
         return True
 
-    def merge(self, other: WeightedMeanAggregator) -> None:
-        """Fold another partial aggregate of the same model into this one.
+    def merge(self, other: object) -> None:
+        """Fold another partial aggregate (a weighted mean) of the same model into this one.
 
         Raises ``ValueError`` when both partials accepted the same update id, because
         the sums cannot be un-added and the update would otherwise count twice.
@@ -117,13 +132,35 @@ class WeightedMeanAggregator:
         self.count += other.count
         self.accepted_ids |= other.accepted_ids
 
+    def checkpoint(self) -> bytes:
+        """The running sums and their ids as safetensors bytes (see :func:`partial_to_bytes`)."""
+        return partial_to_bytes(self)
+
+    def resume(self, data: bytes) -> None:
+        """Fold in a :meth:`checkpoint` of the same round."""
+        self.merge(partial_from_bytes(data, global_weights=self.global_weights))
+
     def mean_delta(self) -> Weights:
-        """The weighted mean of the accepted deltas (the pseudo-gradient), float32."""
+        """The weighted mean of the accepted deltas, float32 (without noise)."""
         return self._divide(add_global=False)
 
+    def pseudo_gradient(self) -> Weights:
+        """The mean delta as it may leave the aggregate: noised when :attr:`privacy` says so."""
+        if self.privacy is None or not self.privacy.adds_noise:
+            return self.mean_delta()
+        return self.privacy.noised(self.mean_delta(), num_participants=self.count)
+
     def finalize(self) -> Weights:
-        """New global weights: global + weighted mean delta, rounded once to float32."""
-        return self._divide(add_global=True)
+        """New global weights: global + weighted mean delta (plus the noise, if any)."""
+        if self.privacy is None or not self.privacy.adds_noise:
+            # Rounded once to float32: the sum is divided and added in float64.
+            return self._divide(add_global=True)
+        noisy = self.pseudo_gradient()
+        return {name: (g + noisy[name]).astype(np.float32) for name, g in self.global_weights.items()}
+
+    def finalize_source(self, source: UpdateSource) -> Weights:
+        """Not for a mean: it streams whole updates through :meth:`accept`."""
+        raise TypeError(f"{self.name} is mergeable: accept() the updates one by one, then finalize()")
 
     def _divide(self, *, add_global: bool) -> Weights:
         if self.count == 0 or self.total_weight <= 0:

@@ -7,17 +7,68 @@ again on the server with :func:`clip_update`, because a device may not clip hone
 and the deltas are averaged with equal weights. One participant then moves the mean by
 at most ``clip_norm / n``, so noise with ``sigma = noise_multiplier * clip_norm / n``
 on the mean gives the Gaussian mechanism with that noise multiplier.
+
+:class:`Privacy` is how a round asks for this: the mean family of aggregators applies it
+(clipping, equal weights, noise on the mean delta before it reaches the global weights
+or a server optimiser). Order statistics refuse the noise, whose calibration assumes a
+mean.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
 from .base import Weights
+
+
+@dataclass(frozen=True)
+class Privacy:
+    """The server's half of DP-FedAvg, applied by the aggregator.
+
+    ``clip_norm``: every accepted update is scaled to L2 norm at most ``clip_norm`` (again,
+    after the device: a device may not clip honestly). ``noise_multiplier`` > 0: every
+    update then counts equally whatever its reported weight (the sensitivity bound needs
+    it) and the mean delta gets Gaussian noise with ``sigma = z * C / n``. ``seed``
+    seeds the noise, so a retried round draws the same noise; in production it must be
+    secret.
+    """
+
+    clip_norm: float
+    noise_multiplier: float = 0.0
+    seed: tuple[int, ...] = (0,)
+
+    def __post_init__(self) -> None:
+        if not (self.clip_norm > 0 and math.isfinite(self.clip_norm)):
+            raise ValueError("clip_norm must be positive")
+        if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError("noise_multiplier must be >= 0")
+
+    @property
+    def adds_noise(self) -> bool:
+        """Whether the mean is noised (clipping alone is not a privacy guarantee)."""
+        return self.noise_multiplier > 0
+
+    def clip(self, update: Mapping[str, npt.ArrayLike]) -> Weights:
+        """``update`` scaled to L2 norm <= ``clip_norm``."""
+        clipped, _ = clip_update(update, max_norm=self.clip_norm)
+        return clipped
+
+    def noised(self, mean_delta: Mapping[str, npt.ArrayLike], *, num_participants: int) -> Weights:
+        """``mean_delta`` plus the noise of this round (unchanged without noise)."""
+        if not self.adds_noise:
+            return {name: np.asarray(t, dtype=np.float32) for name, t in mean_delta.items()}
+        return add_gaussian_noise(
+            mean_delta,
+            clip_norm=self.clip_norm,
+            noise_multiplier=self.noise_multiplier,
+            num_participants=num_participants,
+            rng=np.random.default_rng(list(self.seed)),
+        )
 
 
 def clip_update(update: Mapping[str, npt.ArrayLike], *, max_norm: float) -> tuple[Weights, float]:

@@ -7,6 +7,12 @@ flat slice of one tensor at a time.
 
 Client-reported weights (example counts) are deliberately ignored: a robust rule must not
 let one device gain influence by claiming a huge dataset.
+
+Differential-privacy noise does not fit them: its scale is calibrated to how far one
+clipped update can move a mean, so they refuse a :class:`~.privacy.Privacy` that adds
+noise. A clip norm alone is accepted and not re-applied: updates above the job's norm
+bound were refused on arrival, and an order statistic already limits what one update
+can do.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from .base import (
     DEFAULT_CHUNK,
     Array,
     InMemoryUpdateSource,
+    NoServerState,
     UpdateSource,
     Weights,
     as_float32,
@@ -29,16 +36,28 @@ from .base import (
     iter_chunks,
     shapes_of,
 )
+from .privacy import Privacy
 
 
-class _OrderStatistic:
+class _OrderStatistic(NoServerState):
     """Collects updates in memory for :meth:`finalize`, or aggregates straight from a
     source with :meth:`finalize_source` (the chunked path for large rounds)."""
 
     name = "order_statistic"
     mergeable = False
 
-    def __init__(self, *, global_weights: Mapping[str, npt.ArrayLike], chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(
+        self,
+        *,
+        global_weights: Mapping[str, npt.ArrayLike],
+        chunk: int = DEFAULT_CHUNK,
+        privacy: Privacy | None = None,
+    ) -> None:
+        if privacy is not None and privacy.adds_noise:
+            raise ValueError(
+                f"{self.name} cannot add differential-privacy noise: the noise is calibrated to a "
+                "mean of clipped updates; use fedavg, fedprox, fedadam or fedyogi"
+            )
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
         self.global_weights: Weights = as_float32(global_weights)
@@ -73,6 +92,14 @@ class _OrderStatistic:
     def merge(self, other: object) -> None:
         """Order statistics cannot be combined from partial results."""
         raise TypeError(f"{self.name} is not mergeable; aggregate all updates in one place")
+
+    def checkpoint(self) -> bytes:
+        """There is no running aggregate to save: the rule needs every update at once."""
+        raise TypeError(f"{self.name} is not mergeable; it has no checkpoint")
+
+    def resume(self, data: bytes) -> None:
+        """See :meth:`checkpoint`."""
+        raise TypeError(f"{self.name} is not mergeable; it has no checkpoint")
 
     def finalize(self) -> Weights:
         """New global weights from the collected updates."""
@@ -125,10 +152,11 @@ class TrimmedMeanAggregator(_OrderStatistic):
         global_weights: Mapping[str, npt.ArrayLike],
         beta: float = 0.1,
         chunk: int = DEFAULT_CHUNK,
+        privacy: Privacy | None = None,
     ) -> None:
         if not 0.0 <= beta < 0.5:
             raise ValueError("beta must be in [0, 0.5)")
-        super().__init__(global_weights=global_weights, chunk=chunk)
+        super().__init__(global_weights=global_weights, chunk=chunk, privacy=privacy)
         self.beta = beta
 
     def _combine(self, block: Array) -> npt.NDArray[np.float64]:
@@ -159,10 +187,11 @@ class KrumAggregator(_OrderStatistic):
         f: int = 0,
         m: int = 1,
         chunk: int = DEFAULT_CHUNK,
+        privacy: Privacy | None = None,
     ) -> None:
         if f < 0 or m < 1:
             raise ValueError("need f >= 0 and m >= 1")
-        super().__init__(global_weights=global_weights, chunk=chunk)
+        super().__init__(global_weights=global_weights, chunk=chunk, privacy=privacy)
         self.f = f
         self.m = m
         self.selected: npt.NDArray[np.intp] = np.empty(0, dtype=np.intp)

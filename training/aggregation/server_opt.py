@@ -26,8 +26,9 @@ import numpy.typing as npt
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from .base import Weights, as_float32, check_update, shapes_of
+from .base import UpdateSource, Weights, as_float32, check_update, shapes_of
 from .mean import WeightedMeanAggregator
+from .privacy import Privacy
 
 STATE_VERSION = "1"
 
@@ -137,10 +138,11 @@ class FedYogi(FedAdam):
 class ServerOptAggregator:
     """Weighted mean of deltas followed by a server optimiser step.
 
-    Accepting and merging are those of :class:`WeightedMeanAggregator` (partials from
-    ``partial_from_bytes`` can be merged in directly); ``finalize`` applies the
-    optimiser to the mean delta and leaves the new state in :attr:`state` for the
-    caller to persist until the next round.
+    Accepting, merging and checkpoints are those of :class:`WeightedMeanAggregator`
+    (partials from ``partial_from_bytes`` can be merged in directly), and so is the
+    privacy transform: the optimiser steps on the noised mean delta. ``finalize``
+    applies the optimiser and leaves the new state in :attr:`state`, which
+    :meth:`state_bytes` hands to the caller to persist until the next round.
     """
 
     mergeable = True
@@ -151,12 +153,17 @@ class ServerOptAggregator:
         global_weights: Mapping[str, npt.ArrayLike],
         optimizer: FedAdam,
         state: ServerOptState | None = None,
+        privacy: Privacy | None = None,
     ) -> None:
         self.name = optimizer.name
         self.optimizer = optimizer
-        self.mean = WeightedMeanAggregator(global_weights=global_weights)
-        self.state = state if state is not None else optimizer.init_state(global_weights)
-        check_update(self.state.m, self.mean.shapes)
+        self.mean = WeightedMeanAggregator(global_weights=global_weights, privacy=privacy)
+        self.state = self._checked(state if state is not None else optimizer.init_state(global_weights))
+
+    def _checked(self, state: ServerOptState) -> ServerOptState:
+        check_update(state.m, self.mean.shapes)
+        check_update(state.v, self.mean.shapes)
+        return state
 
     @property
     def num_accepted(self) -> int:
@@ -178,15 +185,35 @@ class ServerOptAggregator:
         """Add one validated delta; see :meth:`WeightedMeanAggregator.accept`."""
         return self.mean.accept(update, weight=weight, update_id=update_id)
 
-    def merge(self, other: ServerOptAggregator | WeightedMeanAggregator) -> None:
+    def merge(self, other: object) -> None:
         """Fold in another partial (of this kind, or a plain weighted-mean partial)."""
         self.mean.merge(other.mean if isinstance(other, ServerOptAggregator) else other)
+
+    def checkpoint(self) -> bytes:
+        """The running mean's checkpoint (the optimiser state only changes in ``finalize``)."""
+        return self.mean.checkpoint()
+
+    def resume(self, data: bytes) -> None:
+        """Fold in a :meth:`checkpoint` of the same round."""
+        self.mean.resume(data)
 
     def finalize(self) -> Weights:
         """New global weights after one optimiser step; updates :attr:`state`."""
         new_weights, self.state = self.optimizer.step(
             global_weights=self.mean.global_weights,
-            pseudo_gradient=self.mean.mean_delta(),
+            pseudo_gradient=self.mean.pseudo_gradient(),
             state=self.state,
         )
         return as_float32(new_weights)
+
+    def finalize_source(self, source: UpdateSource) -> Weights:
+        """Not for a mean: it streams whole updates through :meth:`accept`."""
+        raise TypeError(f"{self.name} is mergeable: accept() the updates one by one, then finalize()")
+
+    def state_bytes(self) -> bytes | None:
+        """The optimiser state (moments and step) to carry into the next round."""
+        return state_to_bytes(self.state)
+
+    def load_state(self, data: bytes) -> None:
+        """Continue from the state of the previous round (it must fit this model)."""
+        self.state = self._checked(state_from_bytes(data))

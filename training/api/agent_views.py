@@ -32,7 +32,7 @@ def _tasks_with_config(device: Device) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for task in selectors.training_tasks_for_device(device):
         try:
-            config = services.round_task(round_id=task["round_id"], device=device)
+            config = selectors.round_task(round_id=task["round_id"], device=device)
         except ServiceError:
             continue  # closed between the two reads
         out.append({**task, "config": config})
@@ -76,19 +76,19 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
 @device_endpoint(methods=("GET",), json=False)
 def round_task(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``GET rounds/<id>/task``: what a selected device needs to train for the round."""
-    return JsonResponse(services.round_task(round_id=round_id, device=device))
+    return JsonResponse(selectors.round_task(round_id=round_id, device=device))
 
 
 @device_endpoint(methods=("GET",), json=False)
 def round_weights(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``GET rounds/<id>/weights``: the global weights (safetensors), ETag = their SHA-256."""
-    rnd = services.round_for_device(round_id=round_id, device=device)
+    rnd = selectors.round_for_device(round_id=round_id, device=device)
     etag = f'"{rnd.weights_sha256}"'
     if request.META.get("HTTP_IF_NONE_MATCH") == etag:
         response = HttpResponse(status=304)
         response["ETag"] = etag
         return response
-    data = services.round_weights_bytes(rnd=rnd)
+    data = selectors.round_weights_bytes(rnd=rnd)
     services.round_weights_served(round_id=rnd.pk, nbytes=len(data))
     response = HttpResponse(data, content_type="application/octet-stream")
     response["ETag"] = etag

@@ -19,6 +19,8 @@ from training.models import FederatedJob, FederatedRound
 
 class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
     selected_count = serializers.SerializerMethodField()
+    # Seconds per phase that ran (collect_s, aggregate_s, evaluate_s), from the round's fields.
+    durations = serializers.DictField(child=serializers.FloatField(), read_only=True)
     version_label = serializers.SerializerMethodField()
 
     class Meta:
@@ -29,6 +31,7 @@ class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
             "status",
             "base_version",
             "selected_count",
+            "eligible",
             "deadline",
             "opened_at",
             "closed_at",

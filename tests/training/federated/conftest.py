@@ -75,6 +75,28 @@ def make_job(fleet: Fleet, **fields: Any) -> Any:
     )
 
 
+def upload_deltas(fleet: Fleet, rnd: Any, *, scale: float = 0.01) -> None:
+    """Every device selected for ``rnd`` sends a small random delta through the service."""
+    import numpy as np
+
+    from devices_agent.codecs import encode_delta
+    from training import selectors, services
+
+    weights = selectors.round_weights(rnd=rnd)
+    rng = np.random.default_rng(rnd.number)
+    devices = {str(d.pk): d for d in fleet.devices}
+    for device_id in rnd.selected:
+        delta = {k: (rng.standard_normal(v.shape) * scale).astype(np.float32) for k, v in weights.items()}
+        _, created = services.update_receive(
+            round_id=rnd.pk,
+            device=devices[device_id],
+            body=encode_delta(delta, codec="none").data,
+            num_examples="20",
+            metrics=None,
+        )
+        assert created
+
+
 @pytest.fixture
 def fleet(db: Any) -> Fleet:
     return make_fleet()

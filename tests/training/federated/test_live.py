@@ -99,9 +99,10 @@ def test_full_job_end_to_end_over_http_with_server_restart(
 
 
 def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
-    transactional_db: Any, live_stack: Any, settings: Any
+    transactional_db: Any, live_stack: Any
 ) -> None:
     import httpx
+    from django.utils import timezone
 
     from config.runner import worker_command
     from devices_agent.codecs import decode_tensors
@@ -118,7 +119,12 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
     live_stack.group.start(
         "slow",
         worker_command(concurrency=1, name="slow"),
-        extra_env={"ROUND_AGGREGATE_DELAY_S": "0.5", "ROUND_CHECKPOINT_EVERY": "2"},
+        # A short lease, renewed at every checkpoint (about once a second here).
+        extra_env={
+            "ROUND_AGGREGATE_DELAY_S": "0.5",
+            "ROUND_CHECKPOINT_EVERY": "2",
+            "ROUND_AGGREGATION_LEASE_S": "3",
+        },
     )
     try:
         services.job_start(job_id=job.pk, actor=None)
@@ -155,11 +161,12 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
         live_stack.kill("slow")
         checkpoint = PartialAggregate.objects.get(round=rnd).accepted_ids
         assert 2 <= len(checkpoint) < n
-        live_stack.group.start(
-            "fresh", worker_command(concurrency=1, name="fresh"), extra_env={"ROUND_AGGREGATION_LEASE_S": "1"}
+        live_stack.group.start("fresh", worker_command(concurrency=1, name="fresh"))
+        _wait(
+            lambda: FederatedRound.objects.get(pk=rnd.pk).lease_expires_at < timezone.now(),
+            timeout=10,
+            what="the dead worker's lease to expire",
         )
-        time.sleep(1.5)
-        settings.ROUND_AGGREGATION_LEASE_S = 1
         assert services.rounds_tick()["reclaimed"] == 1
         _wait(
             lambda: FederatedRound.objects.get(pk=rnd.pk).status == "done",

@@ -199,7 +199,7 @@ def test_round_waits_for_enough_eligible_devices(db: Any) -> None:
 
 def test_selection_is_deterministic_and_respects_fraction_and_policy(db: Any) -> None:
     from fleet.models import UpdatePolicy
-    from training import selectors, services
+    from training import selectors
 
     fleet = make_fleet(n_devices=6)
     policy = UpdatePolicy.objects.create(name="no-training", training={"allowed": False})
@@ -208,8 +208,8 @@ def test_selection_is_deterministic_and_respects_fraction_and_policy(db: Any) ->
     job = make_job(fleet, clients_fraction=0.5, min_clients=2)
     eligible = selectors.eligible_devices(job=job)
     assert len(eligible) == 5 and fleet.devices[0] not in eligible
-    first = services._select(job=job, number=3)
-    again = services._select(job=job, number=3)
+    first = selectors.round_selection(job=job, number=3)
+    again = selectors.round_selection(job=job, number=3)
     assert first == again and len(first[0]) == 3
 
 
@@ -245,7 +245,7 @@ def test_crashed_aggregation_resumes_from_checkpoint_without_double_counting(db:
             # While the dead worker's lease is fresh, a duplicate delivery is a no-op.
             assert services.round_aggregate(round_id=rnd.pk) is None
             FederatedRound.objects.filter(pk=rnd.pk).update(
-                aggregating_since=timezone.now() - timedelta(hours=1)
+                lease_expires_at=timezone.now() - timedelta(seconds=1)
             )
             counted: list[int] = []
             done = services.round_aggregate(round_id=rnd.pk, on_update=counted.append)

@@ -1,0 +1,170 @@
+"""Evaluating a registered version on a registered test set.
+
+The one evaluation path of the product: the registry's evaluate and optimise jobs use
+it, and so does federated training for the version each round produces. It runs the
+version's ONNX model in ONNX Runtime (:func:`models_registry.ml.evaluate.evaluate_onnx`),
+stores the full report as an :class:`~models_registry.models.EvaluationReport` and merges
+the headline numbers into ``ModelVersion.metrics``, so every version, however it was
+made, is measured the same way and compared on the same data. :func:`onnx_export` gives
+weights that are not registered yet the ONNX form the evaluation runs, checked against
+torch on the same test set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from django.core.files.storage import default_storage
+from django.db import transaction
+from django.utils import timezone
+
+from core.api import ServiceError
+from models_registry import datasets, selectors
+from models_registry.models import Artifact, EvaluationDataset, EvaluationReport, ModelFamily, ModelVersion
+
+__all__ = [
+    "DEFAULT_LATENCY_REPEATS",
+    "Evaluation",
+    "evaluation_dataset",
+    "onnx_export",
+    "version_evaluate",
+]
+
+DEFAULT_LATENCY_REPEATS = 200
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """A stored report and the headline numbers merged into the version's metrics."""
+
+    report: EvaluationReport
+    headline: dict[str, Any]
+
+
+def _jsonable(value: Any) -> Any:
+    def fallback(item: Any) -> Any:
+        if isinstance(item, np.generic):
+            return item.item()
+        if isinstance(item, np.ndarray):
+            return item.tolist()
+        return str(item)
+
+    return json.loads(json.dumps(value, default=fallback))
+
+
+def evaluation_dataset(*, family: ModelFamily, name: str | None = None) -> EvaluationDataset:
+    """The test set named ``name`` (by default ``digits-test``, registered on first use).
+
+    Raises ``ServiceError`` when no such set is registered (``no_dataset``), when it is
+    not a test set, or when its examples do not fit the family (``dataset_mismatch``).
+    """
+    wanted = name or datasets.DIGITS_TEST
+    dataset = datasets.dataset_get(wanted)
+    if dataset is None and wanted == datasets.DIGITS_TEST:
+        dataset = datasets.dataset_register_digits_test()
+    if dataset is None:
+        raise ServiceError(f"No data set named {wanted!r} is registered.", code="no_dataset")
+    if dataset.split != EvaluationDataset.Split.TEST:
+        raise ServiceError(f"Data set {dataset.name} is a {dataset.split} set; evaluation needs a test set.")
+    if list(dataset.input_shape) != list(family.input_shape) or dataset.num_classes != family.num_classes:
+        raise ServiceError(
+            f"Data set {dataset.name} has examples of shape {dataset.input_shape} and "
+            f"{dataset.num_classes} classes; family {family.name} expects shape {family.input_shape} "
+            f"and {family.num_classes} classes.",
+            code="dataset_mismatch",
+        )
+    return dataset
+
+
+def onnx_export(
+    *,
+    family: ModelFamily,
+    arch: str,
+    weights: Mapping[str, npt.ArrayLike],
+    dataset: EvaluationDataset | None = None,
+) -> bytes:
+    """``weights`` of architecture ``arch`` as an ONNX model, for ``family``.
+
+    The export is checked against the eager torch model on the first 64 examples of
+    ``dataset`` (by default :func:`evaluation_dataset` of the family), the inputs it
+    will be evaluated on; a mismatch raises ``ExportParityError`` (a ``ValueError``).
+    """
+    from models_registry.ml.export import export_onnx
+
+    dataset = dataset or evaluation_dataset(family=family)
+    sample = datasets.dataset_load(dataset)[0][:64]
+    tensors = {name: np.asarray(t, dtype=np.float32) for name, t in weights.items()}
+    return bytes(export_onnx(arch=arch, weights=tensors, sample_inputs=sample).onnx_bytes)
+
+
+def _onnx_artifact_bytes(version: ModelVersion) -> bytes:
+    artifact = selectors.artifact_for_version(version.pk, Artifact.Kind.ONNX)
+    if artifact is None:
+        raise ServiceError(
+            f"{version.label} has no ONNX model to evaluate; export it first.", code="no_artifacts"
+        )
+    with default_storage.open(artifact.file.name, "rb") as handle:
+        data: bytes = handle.read()
+    if hashlib.sha256(data).hexdigest() != artifact.sha256:
+        raise ServiceError(f"Stored onnx artifact of {version.label} does not match its digest.")
+    return data
+
+
+def _headline(report: dict[str, Any], dataset: EvaluationDataset) -> dict[str, Any]:
+    latency = report.get("latency_us", {})
+    return {
+        "accuracy": report["accuracy"],
+        "loss": report["loss"],
+        "macro_auc": report.get("macro_auc"),
+        "size_bytes": report["size_bytes"],
+        "compressed_size_bytes": report["compressed_size_bytes"],
+        "parameter_count": report["parameter_count"],
+        "p50_batch1_us": latency.get("batch_1", {}).get("p50_us"),
+        "p95_batch1_us": latency.get("batch_1", {}).get("p95_us"),
+        "p50_batch64_us": latency.get("batch_64", {}).get("p50_us"),
+        "dataset": dataset.name,
+        "evaluated_at": timezone.now().isoformat(),
+    }
+
+
+def version_evaluate(
+    *,
+    version: ModelVersion,
+    dataset: EvaluationDataset | None = None,
+    latency_repeats: int = DEFAULT_LATENCY_REPEATS,
+    onnx_bytes: bytes | None = None,
+) -> Evaluation:
+    """Evaluate ``version`` on ``dataset`` and record the report and headline metrics.
+
+    ``dataset`` defaults to :func:`evaluation_dataset` of the version's family.
+    ``onnx_bytes`` is the model to run when the caller has it already (an export not
+    attached to the version); otherwise the version's ONNX artifact is read. The report
+    keeps the whole output of ``evaluate_onnx`` (confusion matrix, per-class precision
+    and recall, ROC, latency, size); the headline keys are merged into
+    ``version.metrics`` (other keys, such as ``rejected`` or ``flagged``, stay).
+    """
+    from models_registry.ml.evaluate import evaluate_onnx
+
+    dataset = dataset or evaluation_dataset(family=version.family)
+    model = onnx_bytes if onnx_bytes is not None else _onnx_artifact_bytes(version)
+    x, y = datasets.dataset_load(dataset)
+    report = evaluate_onnx(
+        onnx_bytes=model, x=x, y=y, num_classes=dataset.num_classes, latency_repeats=latency_repeats
+    )
+    headline = _jsonable(_headline(report, dataset))
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=version.pk)
+        saved = EvaluationReport.objects.create(
+            version=locked, dataset=dataset.name, report=_jsonable(report)
+        )
+        # Merged, not replaced: keys such as "rejected" or "flagged" stay.
+        locked.metrics = {**(locked.metrics or {}), **headline}
+        locked.save(update_fields=["metrics"])
+    version.metrics = locked.metrics
+    return Evaluation(report=saved, headline=headline)

@@ -1,0 +1,62 @@
+"""Writes of the training app, by concern.
+
+- :mod:`~training.services.jobs`: validation, creation, the operator's transitions, how
+  a job ends, the retraining job a drift flag starts;
+- :mod:`~training.services.rounds`: opening and closing rounds, the periodic tick that
+  recovers every training task;
+- :mod:`~training.services.updates`: devices' updates and their refusals;
+- :mod:`~training.services.aggregation`: aggregating a closed round under its lease,
+  checkpoints, registering and evaluating the new version.
+
+Every transition is a conditional update on the row's status, so a task delivered twice
+(acks_late re-delivers after a crash) is a no-op the second time; tasks are sent and
+events announced only after the transaction that made their rows visible commits
+(:mod:`core.dispatch`, :mod:`core.events`). Device-facing reads are in
+:mod:`training.selectors`.
+"""
+
+from core.leases import LeaseLost
+from training.services.aggregation import AGGREGATION_LEASE, round_aggregate
+from training.services.jobs import (
+    CODECS,
+    JOB_FIELDS,
+    OPTIMIZERS,
+    RETRAIN_ROUNDS,
+    job_cancel,
+    job_create,
+    job_pause,
+    job_privacy,
+    job_resume,
+    job_retrain_for_flag,
+    job_round_failed,
+    job_start,
+    job_succeed,
+)
+from training.services.rounds import round_close, round_open, round_weights_served, rounds_tick
+from training.services.updates import MAX_METRICS_JSON, UpdateRejected, update_receive
+
+__all__ = [
+    "AGGREGATION_LEASE",
+    "CODECS",
+    "JOB_FIELDS",
+    "MAX_METRICS_JSON",
+    "OPTIMIZERS",
+    "RETRAIN_ROUNDS",
+    "LeaseLost",
+    "UpdateRejected",
+    "job_cancel",
+    "job_create",
+    "job_pause",
+    "job_privacy",
+    "job_resume",
+    "job_retrain_for_flag",
+    "job_round_failed",
+    "job_start",
+    "job_succeed",
+    "round_aggregate",
+    "round_close",
+    "round_open",
+    "round_weights_served",
+    "rounds_tick",
+    "update_receive",
+]

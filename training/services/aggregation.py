@@ -1,0 +1,317 @@
+"""Aggregating a closed round: the lease, checkpoints, the new version and its evaluation.
+
+One worker at a time holds a round, through :data:`AGGREGATION_LEASE` on
+``FederatedRound.lease_expires_at``: a duplicate delivery while the holder is busy does
+nothing, and a worker that died leaves a lease that expires, after which the tick sends
+the round again. Both phases resume after a crash:
+
+``aggregating``
+    The accepted updates go through the job's strategy (:mod:`training.aggregation`).
+    Mergeable strategies checkpoint their running sum every ``ROUND_CHECKPOINT_EVERY``
+    updates together with the ids in it, so the resumed task skips exactly those. The
+    result (and the server optimiser state, for strategies that keep one) is written to
+    storage, and the round moves to ``evaluating``.
+``evaluating``
+    The stored result is registered as a version of the family (once: the write linking
+    it to the round checks the lease, in the same transaction), evaluated through the
+    registry's evaluation (:func:`models_registry.evaluation.version_evaluate`, an
+    ``EvaluationReport`` and the version's headline metrics), and the round is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from django.conf import settings
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from core.api import ServiceError
+from core.dispatch import enqueue_on_commit
+from core.events import emit
+from core.leases import Lease, LeaseLost
+from devices_agent.codecs import decode_tensors, encode_tensors
+from models_registry.evaluation import Evaluation, evaluation_dataset, onnx_export, version_evaluate
+from models_registry.models import EvaluationDataset, ModelVersion
+from models_registry.selectors import version_latest_evaluation
+from models_registry.services import version_create
+from training import selectors, storage
+from training.aggregation import Aggregator, SafetensorsFileSource, UpdateFileReader, Weights, make_aggregator
+from training.aggregation.privacy import epsilon_for
+from training.models import ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
+from training.services.jobs import job_privacy, job_round_failed
+
+logger = logging.getLogger(__name__)
+
+
+def _setting(name: str, default: Any) -> Any:
+    return getattr(settings, name, default)
+
+
+AGGREGATION_LEASE = Lease(
+    model=FederatedRound,
+    field="lease_expires_at",
+    seconds=lambda: float(_setting("ROUND_AGGREGATION_LEASE_S", 60.0)),
+)
+BUSY = (FederatedRound.Status.AGGREGATING, FederatedRound.Status.EVALUATING)
+
+
+@dataclass
+class _Claim:
+    """The lease this worker holds on one round; every write that needs it goes here, so
+    the token is always the latest one (a renewal changes it)."""
+
+    round_id: int
+    token: Any
+
+    def renew(self, **updates: Any) -> None:
+        self.token = AGGREGATION_LEASE.renew(self.round_id, self.token, **updates)
+
+    def release(self, **updates: Any) -> bool:
+        return AGGREGATION_LEASE.release(self.round_id, self.token, **updates)
+
+
+def round_aggregate(
+    *, round_id: int, on_update: Callable[[int], None] | None = None
+) -> FederatedRound | None:
+    """Aggregate a closed round, register and evaluate its version, and finish it.
+
+    Returns None when another worker holds the round (or it is not closed for
+    aggregation), or when the round failed; ``on_update`` is called with each update id
+    as it is aggregated (tests use it to interrupt the work).
+    """
+    token = AGGREGATION_LEASE.claim(round_id, where=Q(status__in=BUSY))
+    if token is None:
+        return None
+    claim = _Claim(round_id=round_id, token=token)
+    rnd = FederatedRound.objects.select_related("job", "job__family", "base_version", "version").get(
+        id=round_id
+    )
+    job = rnd.job
+    phase = "aggregation"
+    try:
+        if rnd.status == FederatedRound.Status.AGGREGATING:
+            _aggregate(rnd=rnd, job=job, claim=claim, on_update=on_update)
+            rnd.refresh_from_db()
+        phase = "evaluation"
+        _evaluate_and_finish(rnd=rnd, job=job, claim=claim)
+    except LeaseLost:
+        logger.warning("round %s: another worker owns the aggregation now", round_id)
+        return None
+    except (ValueError, OSError, ServiceError) as exc:
+        logger.exception("round %s: %s failed", round_id, phase)
+        reason = f"{phase} failed: {exc.message if isinstance(exc, ServiceError) else exc}"[:2000]
+        with transaction.atomic():
+            if claim.release(
+                status=FederatedRound.Status.FAILED, failure_reason=reason, finished_at=timezone.now()
+            ):
+                job_round_failed(job=job, rnd=rnd, reason=reason)
+        return None
+    rnd.refresh_from_db()
+    return rnd
+
+
+def _round_folder(rnd: FederatedRound) -> str:
+    return storage.round_dir(job_id=rnd.job_id, round_number=rnd.number)
+
+
+def _aggregate(
+    *, rnd: FederatedRound, job: FederatedJob, claim: _Claim, on_update: Callable[[int], None] | None
+) -> None:
+    """Run the strategy over the accepted updates; store the result; move to evaluating."""
+    started = time.monotonic()
+    global_weights = selectors.round_weights(rnd=rnd)
+    updates = list(
+        ClientUpdate.objects.filter(
+            round=rnd, status=ClientUpdate.Status.ACCEPTED, device_id__in=rnd.selected
+        ).order_by("id")
+    )
+    if not updates:
+        raise ValueError("no accepted updates")
+    agg = make_aggregator(
+        job.strategy,
+        global_weights=global_weights,
+        privacy=job_privacy(job=job, round_number=rnd.number),
+        **(job.strategy_params or {}),
+    )
+    if job.server_state_path:
+        agg.load_state(storage.read_bytes(name=job.server_state_path))
+    if agg.mergeable:
+        _stream(rnd=rnd, agg=agg, updates=updates, claim=claim, on_update=on_update)
+        new_weights = agg.finalize()
+    else:
+        with storage.local_paths(names=[u.path for u in updates]) as paths:
+            new_weights = agg.finalize_source(SafetensorsFileSource(paths))
+        if on_update is not None:
+            for update in updates:
+                on_update(update.pk)
+    folder = _round_folder(rnd)
+    storage.save_bytes(
+        name=f"{folder}/result.safetensors",
+        data=encode_tensors({k: np.asarray(v, np.float32) for k, v in new_weights.items()}),
+    )
+    fields: dict[str, Any] = {"status": FederatedRound.Status.EVALUATING}
+    state = agg.state_bytes()
+    if state is not None:
+        # Kept on the round until it is done: only then does the job carry it on.
+        fields["server_state_path"] = storage.save_bytes(
+            name=f"{folder}/server_state.safetensors", data=state
+        )
+    claim.renew(aggregate_s=time.monotonic() - started, **fields)
+
+
+def _stream(
+    *,
+    rnd: FederatedRound,
+    agg: Aggregator,
+    updates: list[ClientUpdate],
+    claim: _Claim,
+    on_update: Callable[[int], None] | None,
+) -> None:
+    """Accept every update not yet in the checkpoint, checkpointing as it goes."""
+    partial = PartialAggregate.objects.filter(round=rnd).first()
+    if partial is not None:
+        agg.resume(storage.read_bytes(name=partial.path))
+    every = max(1, int(_setting("ROUND_CHECKPOINT_EVERY", 8)))
+    delay = float(_setting("ROUND_AGGREGATE_DELAY_S", 0.0))
+    since_checkpoint = 0
+    reader = UpdateFileReader()
+    with storage.local_paths(names=[u.path for u in updates]) as paths:
+        for update, path in zip(updates, paths, strict=True):
+            uid = str(update.pk)
+            if uid in agg.accepted_ids:
+                continue
+            delta = reader.read(path)
+            agg.accept(delta, weight=float(update.num_examples), update_id=uid)
+            del delta  # releases the file's memory map before the next one is mapped
+            since_checkpoint += 1
+            if on_update is not None:
+                on_update(update.pk)
+            if delay:
+                time.sleep(delay)
+            if since_checkpoint >= every:
+                _checkpoint(rnd=rnd, agg=agg, claim=claim)
+                since_checkpoint = 0
+
+
+def _checkpoint(*, rnd: FederatedRound, agg: Aggregator, claim: _Claim) -> None:
+    """Persist the running sum and its ids in one row write, renewing the lease."""
+    data = agg.checkpoint()
+    ids = sorted(agg.accepted_ids)
+    # A new file name per checkpoint: the row switches to it atomically, so a crash
+    # between the file write and the row update leaves the previous checkpoint valid.
+    name = storage.save_bytes(name=f"{_round_folder(rnd)}/partial_{len(ids):06d}.safetensors", data=data)
+    with transaction.atomic():
+        claim.renew()
+        old = PartialAggregate.objects.filter(round=rnd).first()
+        PartialAggregate.objects.update_or_create(round=rnd, defaults={"path": name, "accepted_ids": ids})
+    if old is not None and old.path != name:
+        storage.delete_quietly(name=old.path)
+
+
+def _result(rnd: FederatedRound) -> tuple[bytes, Weights]:
+    data = storage.read_bytes(name=f"{_round_folder(rnd)}/result.safetensors")
+    tensors, _ = decode_tensors(data)
+    return data, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+
+
+def _register(
+    *, rnd: FederatedRound, job: FederatedJob, claim: _Claim, weights_bytes: bytes, onnx_bytes: bytes | None
+) -> ModelVersion:
+    """Register the round's result through the registry (validated, stored, signed)."""
+    with transaction.atomic():
+        version = version_create(
+            family=job.family,
+            weights=weights_bytes,
+            onnx=onnx_bytes,
+            parent=rnd.base_version,
+            source=ModelVersion.Source.FEDERATED,
+            source_detail={"job": job.pk, "round": rnd.number},
+            arch=rnd.base_version.arch,
+        )
+        # The lease check makes the version creation happen once: a worker that lost
+        # the lease rolls the version back here.
+        claim.renew(version=version)
+    return version
+
+
+def _evaluation(*, version: ModelVersion, dataset: EvaluationDataset, onnx_bytes: bytes) -> Evaluation:
+    """The version's report on ``dataset``: the one made before a crash, or a new one."""
+    latest = version_latest_evaluation(version)
+    if latest is not None and latest.dataset == dataset.name:
+        return Evaluation(report=latest, headline=dict(version.metrics or {}))
+    return version_evaluate(
+        version=version,
+        dataset=dataset,
+        latency_repeats=int(_setting("ROUND_EVALUATION_LATENCY_REPEATS", 20)),
+        onnx_bytes=onnx_bytes,
+    )
+
+
+def _epsilon(*, rnd: FederatedRound, job: FederatedJob) -> float | None:
+    if not (job.noise_multiplier > 0 and job.clip_norm is not None):
+        return None
+    eligible = max(int(rnd.eligible or len(rnd.selected) or 1), len(rnd.selected), 1)
+    return epsilon_for(
+        noise_multiplier=job.noise_multiplier,
+        sample_rate=min(1.0, len(rnd.selected) / eligible),
+        steps=rnd.number,
+        delta=job.dp_delta,
+    )
+
+
+def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
+    started = time.monotonic()
+    weights_bytes, weights = _result(rnd)
+    dataset = evaluation_dataset(family=job.family)
+    # Evaluation runs the ONNX model, so the result is exported whether or not the job
+    # keeps the export as an artifact of the version.
+    onnx_bytes = onnx_export(
+        family=job.family, arch=rnd.base_version.effective_arch, weights=weights, dataset=dataset
+    )
+    version = rnd.version
+    if version is None:
+        version = _register(
+            rnd=rnd,
+            job=job,
+            claim=claim,
+            weights_bytes=weights_bytes,
+            onnx_bytes=onnx_bytes if job.export_onnx else None,
+        )
+    report = _evaluation(version=version, dataset=dataset, onnx_bytes=onnx_bytes).report.report
+    claim.renew()  # export and evaluation take a while; the holder must still be this worker
+    accuracy, loss = float(report["accuracy"]), float(report["loss"])
+    with transaction.atomic():
+        done = claim.release(
+            status=FederatedRound.Status.DONE,
+            finished_at=timezone.now(),
+            accuracy=accuracy,
+            loss=loss,
+            confusion=report["confusion_matrix"],
+            epsilon=_epsilon(rnd=rnd, job=job),
+            evaluate_s=time.monotonic() - started,
+        )
+        if not done:
+            raise LeaseLost(f"round {rnd.pk}: finished elsewhere")
+        current = FederatedJob.objects.select_for_update().get(pk=job.pk)
+        job_updates: dict[str, Any] = {"consecutive_failures": 0}
+        if rnd.server_state_path:
+            job_updates["server_state_path"] = rnd.server_state_path
+        # The job's best version is the best evaluated one.
+        if current.best_accuracy is None or accuracy > current.best_accuracy:
+            job_updates.update(best_accuracy=accuracy, best_version=version)
+        FederatedJob.objects.filter(id=job.pk).update(**job_updates)
+        emit(
+            "federated_round.status",
+            {"job": job.pk, "round": rnd.number, "status": FederatedRound.Status.DONE, "accuracy": accuracy},
+        )
+        enqueue_on_commit("training.round_open", job.pk)
+    partial = PartialAggregate.objects.filter(round=rnd).first()
+    if partial is not None:
+        storage.delete_quietly(name=partial.path)

@@ -1,0 +1,224 @@
+"""Rounds: opening (selection, the round's global weights), closing, and the periodic tick
+that recovers every training task whose message was lost.
+
+Round lifecycle: ``pending`` (waiting for enough eligible devices) -> ``collecting``
+(devices fetch the task and upload deltas) -> ``aggregating`` (closed: every selected
+device answered, or the deadline passed with at least ``quorum`` accepted updates) ->
+``evaluating`` -> ``done`` (a new ModelVersion), or ``failed`` (too few updates at the
+deadline, or aggregation failed). After ``max_consecutive_failures`` failed rounds in a
+row the job fails; otherwise the next round opens.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.db import transaction
+from django.db.models import F, Q
+from django.utils import timezone
+
+from core.dispatch import enqueue_on_commit, send_now
+from core.events import emit
+from models_registry.models import Artifact, ModelVersion
+from training import selectors, storage
+from training.models import ClientUpdate, FederatedJob, FederatedRound
+from training.services.aggregation import AGGREGATION_LEASE
+from training.services.jobs import job_round_failed, job_succeed
+
+ACTIVE = (
+    FederatedRound.Status.COLLECTING,
+    FederatedRound.Status.AGGREGATING,
+    FederatedRound.Status.EVALUATING,
+)
+BUSY = (FederatedRound.Status.AGGREGATING, FederatedRound.Status.EVALUATING)
+
+
+def _weights_of(version: ModelVersion) -> bytes:
+    artifact = Artifact.objects.get(version=version, kind=Artifact.Kind.WEIGHTS)
+    with artifact.file.open("rb") as handle:
+        data: bytes = handle.read()
+    return data
+
+
+def _next_round(*, job: FederatedJob, last: FederatedRound | None) -> FederatedRound | None:
+    """Create the round after ``last`` with its global weights; None after the last round."""
+    number = (last.number + 1) if last is not None else 1
+    if number > job.rounds:
+        return None
+    base = job.base_version
+    if last is not None:
+        latest = (
+            FederatedRound.objects.filter(job=job, status=FederatedRound.Status.DONE)
+            .order_by("-number")
+            .select_related("version")
+            .first()
+        )
+        if latest is not None and latest.version is not None:
+            base = latest.version
+    rnd = FederatedRound.objects.create(job=job, number=number, base_version=base)
+    data = _weights_of(base)
+    rnd.weights_path = storage.save_bytes(
+        name=f"{storage.round_dir(job_id=job.pk, round_number=number)}/global.safetensors", data=data
+    )
+    rnd.weights_sha256 = storage.sha256_hex(data)
+    rnd.weights_size = len(data)
+    rnd.save(update_fields=["weights_path", "weights_sha256", "weights_size"])
+    FederatedJob.objects.filter(id=job.pk).update(current_round=number)
+    return rnd
+
+
+@transaction.atomic
+def round_open(*, job_id: int) -> FederatedRound | None:
+    """Open the job's next round (or finish the job after its last round).
+
+    Safe to call repeatedly: a round already collecting is left alone, a pending round
+    (too few eligible devices last time) retries its selection. Announces
+    ``federated_round.opened`` with the chosen devices: their agents are nudged and
+    devices long-polling ``GET rounds/?wait=`` wake up.
+    """
+    job = FederatedJob.objects.select_for_update().filter(id=job_id).first()
+    if job is None or job.status != FederatedJob.Status.RUNNING:
+        return None
+    busy = FederatedRound.objects.filter(job=job, status__in=ACTIVE).first()
+    if busy is not None:
+        return busy
+    last = FederatedRound.objects.filter(job=job).order_by("-number").first()
+    if last is not None and last.status == FederatedRound.Status.PENDING:
+        rnd = last
+    else:
+        created = _next_round(job=job, last=last)
+        if created is None:
+            job_succeed(job=job)
+            return None
+        rnd = created
+
+    chosen, eligible = selectors.round_selection(job=job, number=rnd.number)
+    if not chosen:
+        if rnd.failure_reason == "":
+            rnd.failure_reason = f"waiting for devices: {eligible} eligible, need {job.min_clients}"
+            rnd.save(update_fields=["failure_reason"])
+        return rnd
+    now = timezone.now()
+    rnd.selected = chosen
+    rnd.status = FederatedRound.Status.COLLECTING
+    rnd.opened_at = now
+    rnd.deadline = now + timedelta(seconds=job.round_deadline_s)
+    rnd.failure_reason = ""
+    rnd.eligible = eligible
+    rnd.save()
+    emit("federated_round.status", {"job": job.pk, "round": rnd.number, "status": rnd.status})
+    emit(
+        "federated_round.opened",
+        {"job": job.pk, "round": rnd.number, "round_id": rnd.pk, "devices": chosen},
+    )
+    return rnd
+
+
+def _due(rnd: FederatedRound, *, now: datetime) -> bool:
+    """Whether a collecting round should close: the deadline passed, or every selected
+    device answered."""
+    if rnd.deadline is not None and now >= rnd.deadline:
+        return True
+    return selectors.round_answered(rnd=rnd) >= len(rnd.selected)
+
+
+@transaction.atomic
+def round_close(*, round_id: int) -> FederatedRound | None:
+    """Close a collecting round: aggregate it when it has quorum, otherwise fail it.
+
+    Called when every selected device answered and by the periodic tick; before the
+    deadline a round with missing devices stays open.
+    """
+    rnd = FederatedRound.objects.select_related("job").filter(id=round_id).first()
+    if rnd is None or rnd.status != FederatedRound.Status.COLLECTING:
+        return rnd
+    job = rnd.job
+    now = timezone.now()
+    updates = ClientUpdate.objects.filter(round=rnd, device_id__in=rnd.selected)
+    accepted = updates.filter(status=ClientUpdate.Status.ACCEPTED).count()
+    answered = updates.count()
+    complete = answered >= len(rnd.selected)
+    past_deadline = rnd.deadline is not None and now >= rnd.deadline
+    if not complete and not past_deadline:
+        return rnd
+    dropped = len(rnd.selected) - answered
+    collect_s = (now - rnd.opened_at).total_seconds() if rnd.opened_at else None
+    closing = FederatedRound.objects.filter(id=rnd.pk, status=FederatedRound.Status.COLLECTING)
+    if accepted >= min(job.quorum, len(rnd.selected)) and accepted > 0:
+        changed = closing.update(
+            status=FederatedRound.Status.AGGREGATING,
+            closed_at=now,
+            dropped=dropped,
+            participants=accepted,
+            collect_s=collect_s,
+            lease_expires_at=None,
+        )
+        if changed:
+            enqueue_on_commit("training.round_aggregate", rnd.pk)
+            emit(
+                "federated_round.status",
+                {"job": job.pk, "round": rnd.number, "status": FederatedRound.Status.AGGREGATING},
+            )
+    else:
+        reason = f"{accepted} accepted update(s) at the deadline; quorum is {job.quorum}"
+        changed = closing.update(
+            status=FederatedRound.Status.FAILED,
+            closed_at=now,
+            finished_at=now,
+            dropped=dropped,
+            participants=accepted,
+            collect_s=collect_s,
+            failure_reason=reason,
+        )
+        if changed:
+            job_round_failed(job=job, rnd=rnd, reason=reason)
+    rnd.refresh_from_db()
+    return rnd
+
+
+def round_weights_served(*, round_id: int, nbytes: int) -> None:
+    """Count bytes of global weights sent to devices."""
+    FederatedRound.objects.filter(id=round_id).update(bytes_out=F("bytes_out") + nbytes)
+
+
+def rounds_tick() -> dict[str, int]:
+    """Periodic (``training.rounds_tick``): finds the work every training task was sent for.
+
+    Each training task is recovered here when its message is lost (see
+    ``TrainingConfig.ready``):
+
+    - ``round_close``: a collecting round whose selected devices all answered, or whose
+      deadline passed, is closed now;
+    - ``round_aggregate``: a round closed for aggregation is sent again when its lease
+      expired (its worker died) or when no worker claimed it within one lease of closing
+      (the message never arrived);
+    - ``round_open``: a running job without a collecting, aggregating or evaluating round
+      gets its next round, and a pending round retries its selection.
+
+    A message that was only slow makes the task run twice, which the tasks allow.
+    """
+    now = timezone.now()
+    counts = {"closed": 0, "reclaimed": 0, "resent": 0, "reopened": 0}
+    for rnd in FederatedRound.objects.filter(status=FederatedRound.Status.COLLECTING).only(
+        "id", "selected", "deadline"
+    ):
+        if _due(rnd, now=now):
+            closed = round_close(round_id=rnd.pk)
+            if closed is not None and closed.status != FederatedRound.Status.COLLECTING:
+                counts["closed"] += 1
+    busy = FederatedRound.objects.filter(status__in=BUSY)
+    expired = busy.filter(AGGREGATION_LEASE.expired(now))
+    grace = now - timedelta(seconds=float(AGGREGATION_LEASE.seconds()))
+    unclaimed = busy.filter(lease_expires_at__isnull=True).filter(
+        Q(closed_at__lt=grace) | Q(closed_at__isnull=True)
+    )
+    for key, rounds in (("reclaimed", expired), ("resent", unclaimed)):
+        for rid in rounds.values_list("id", flat=True):
+            send_now("training.round_aggregate", rid)
+            counts[key] += 1
+    running = FederatedJob.objects.filter(status=FederatedJob.Status.RUNNING).values_list("id", flat=True)
+    for job_id in running:
+        if not FederatedRound.objects.filter(job_id=job_id, status__in=ACTIVE).exists():
+            round_open(job_id=job_id)
+            counts["reopened"] += 1
+    return counts

@@ -1,0 +1,204 @@
+"""Devices' updates: validating and storing one delta per device and round, and recording
+every refusal with its reason.
+
+The last answer a round waits for sends ``training.round_close``, so a round whose
+devices all answered closes without waiting for its deadline.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import F
+
+from core.api import ConflictError, NotFoundError, ServiceError
+from core.dispatch import enqueue_on_commit
+from devices_agent.codecs import WireError, decode_delta, encode_tensors, l2_norm
+from fleet.models import Device
+from training import selectors, storage
+from training.models import ClientUpdate, FederatedRound
+
+MAX_METRICS_JSON = 4096
+
+
+class UpdateRejected(ServiceError):
+    """A delta that was refused; recorded as a rejected ClientUpdate."""
+
+    status_code = 422
+
+
+def _reject(
+    *, rnd: FederatedRound, device: Device, code: str, message: str, status_code: int, nbytes: int
+) -> UpdateRejected:
+    try:
+        with transaction.atomic():
+            ClientUpdate.objects.create(
+                round=rnd,
+                device=device,
+                status=ClientUpdate.Status.REJECTED,
+                reason_code=code,
+                reason_message=message[:2000],
+                bytes=nbytes,
+            )
+            FederatedRound.objects.filter(id=rnd.pk).update(rejected=F("rejected") + 1)
+            _maybe_close_when_complete(rnd=rnd)
+    except IntegrityError:
+        pass  # a concurrent upload from the same device won the row; this one is refused anyway
+    return UpdateRejected(message, code=code, status_code=status_code)
+
+
+def _maybe_close_when_complete(*, rnd: FederatedRound) -> None:
+    """Close as soon as every selected device answered: no waiting for the deadline."""
+    if selectors.round_answered(rnd=rnd) >= len(rnd.selected):
+        enqueue_on_commit("training.round_close", rnd.pk)
+
+
+def _parse_metrics(raw: str | None) -> dict[str, float]:
+    if not raw:
+        return {}
+    if len(raw) > MAX_METRICS_JSON:
+        raise ValueError("metrics are too long")
+    value = json.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("metrics must be a JSON object")
+    out: dict[str, float] = {}
+    for key, item in value.items():
+        if isinstance(item, bool) or not isinstance(item, int | float) or not math.isfinite(item):
+            raise ValueError(f"metric {key!r} must be a finite number")
+        out[str(key)[:40]] = float(item)
+    return out
+
+
+def update_receive(
+    *,
+    round_id: int,
+    device: Device,
+    body: bytes,
+    num_examples: str | None,
+    metrics: str | None,
+    declared_size: int | None = None,
+) -> tuple[ClientUpdate, bool]:
+    """Validate and record one device's delta for a round.
+
+    Returns ``(update, created)``; re-sending the identical bytes returns the accepted
+    update with ``created=False`` (idempotent retries), different bytes are a 409
+    ``duplicate_update``. Every other refusal is recorded as a rejected update with its
+    reason and raised as a 4xx :class:`ServiceError` whose code is the reason.
+    ``declared_size`` is set (and ``body`` empty) when the request announced a body over
+    the limit, which is then refused without being read.
+    """
+    rnd = FederatedRound.objects.select_related("job").filter(id=round_id).first()
+    if rnd is None:
+        raise NotFoundError("No such round.", code="not_found")
+    digest = storage.sha256_hex(body)
+    existing = ClientUpdate.objects.filter(round=rnd, device=device).first()
+    if existing is not None:
+        if existing.status == ClientUpdate.Status.ACCEPTED and existing.sha256 == digest:
+            return existing, False
+        raise ConflictError(
+            "This device already sent an update for the round.",
+            code="duplicate_update",
+            details={"status": existing.status},
+        )
+    nbytes = declared_size if declared_size is not None else len(body)
+    job = rnd.job
+    if str(device.pk) not in (rnd.selected or []):
+        raise _reject(
+            rnd=rnd,
+            device=device,
+            code="not_selected",
+            message="This device was not selected for the round.",
+            status_code=403,
+            nbytes=nbytes,
+        )
+    if rnd.status != FederatedRound.Status.COLLECTING:
+        raise _reject(
+            rnd=rnd,
+            device=device,
+            code="round_closed",
+            message=f"Round is {rnd.status}, not collecting.",
+            status_code=409,
+            nbytes=nbytes,
+        )
+    limit = int(settings.ROUND_UPDATE_MAX_BYTES)
+    if nbytes > limit:
+        raise _reject(
+            rnd=rnd,
+            device=device,
+            code="too_large",
+            message=f"Update is {nbytes} bytes; the limit is {limit}.",
+            status_code=413,
+            nbytes=nbytes,
+        )
+    try:
+        examples = int(num_examples or "")
+        if examples < 1:
+            raise ValueError
+    except ValueError:
+        raise _reject(
+            rnd=rnd,
+            device=device,
+            code="bad_num_examples",
+            message="num_examples must be a positive integer.",
+            status_code=400,
+            nbytes=nbytes,
+        ) from None
+    try:
+        local_metrics = _parse_metrics(metrics)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise _reject(
+            rnd=rnd, device=device, code="bad_metrics", message=str(exc), status_code=400, nbytes=nbytes
+        ) from None
+    global_weights = selectors.round_weights(rnd=rnd)
+    expected = {name: (tuple(t.shape), "float32") for name, t in global_weights.items()}
+    try:
+        delta = decode_delta(body, expected=expected, max_bytes=limit)
+    except WireError as exc:
+        status_code = 413 if exc.code == "too_large" else 400
+        raise _reject(
+            rnd=rnd, device=device, code=exc.code, message=exc.message, status_code=status_code, nbytes=nbytes
+        ) from None
+    norm = l2_norm(delta)
+    bound = job.max_update_norm or (job.clip_norm * job.norm_slack if job.clip_norm else None)
+    if bound is not None and norm > bound:
+        raise _reject(
+            rnd=rnd,
+            device=device,
+            code="norm_too_large",
+            message=f"Update L2 norm {norm:.4g} exceeds the bound {bound:.4g}.",
+            status_code=422,
+            nbytes=nbytes,
+        )
+    # The decoded delta is stored dense float32, so aggregation memory-maps it without
+    # decoding again and the order-statistics rules can read it in chunks.
+    name = storage.save_bytes(
+        name=f"{storage.round_dir(job_id=job.pk, round_number=rnd.number)}/updates/{device.pk}.safetensors",
+        data=encode_tensors(delta),
+    )
+    try:
+        with transaction.atomic():
+            update = ClientUpdate.objects.create(
+                round=rnd,
+                device=device,
+                status=ClientUpdate.Status.ACCEPTED,
+                num_examples=examples,
+                bytes=nbytes,
+                sha256=digest,
+                norm=norm,
+                path=name,
+                metrics=local_metrics,
+            )
+            # Counted only while the round still collects: an update racing the close
+            # is stored but the round's counters stay those the aggregation used.
+            FederatedRound.objects.filter(id=rnd.pk, status=FederatedRound.Status.COLLECTING).update(
+                participants=F("participants") + 1, bytes_in=F("bytes_in") + nbytes
+            )
+            _maybe_close_when_complete(rnd=rnd)
+    except IntegrityError:
+        raise ConflictError(
+            "This device already sent an update for the round.", code="duplicate_update"
+        ) from None
+    return update, True
