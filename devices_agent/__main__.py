@@ -1,10 +1,11 @@
-"""``flotilla-agent``: run the agent, simulate a fleet, classify an input, show local state.
+"""``flotilla-agent``: run the agent, simulate a fleet, predict, show local state, self-test.
 
 flotilla-agent run --config /etc/flotilla-agent.toml
 flotilla-agent run --server URL --token TOKEN --state-dir DIR
-flotilla-agent simulate --devices 50 --server URL --token TOKEN [--state-root DIR]
-flotilla-agent predict --state-dir DIR --input '[0.0, 0.1, ...]'
+flotilla-agent simulate --devices 50 --server URL --token TOKEN [--dataset activity] [--processes]
+flotilla-agent predict --state-dir DIR --input '[0.0, 0.1, ...]'   # through the running agent
 flotilla-agent status --state-dir DIR
+flotilla-agent selftest [--train]
 """
 
 from __future__ import annotations
@@ -96,6 +97,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
         token=args.token,
         devices=args.devices,
         state_root=state_root,
+        dataset=args.dataset,
+        processes=args.processes,
         seed=args.seed,
         alpha=args.alpha,
         heartbeat_interval_s=args.interval,
@@ -127,37 +130,40 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
-    import numpy as np
+    """One prediction through the running agent's local API (as an application would)."""
+    from devices_agent.local_client import AgentClient, LocalApiError
 
-    from devices_agent.inference import Predictor
-    from devices_agent.outbox import Outbox
-    from devices_agent.state import AgentState
-
-    state = AgentState(args.state_dir)
-    current = state.current()
-    if current is None:
-        print(json.dumps({"error": "no model installed"}))
-        return 1
     raw = args.input
     if raw.startswith("@"):
         raw = Path(raw[1:]).read_text()
-    data = np.asarray(json.loads(raw), dtype=np.float32)
-    rows = data.reshape(1, -1) if data.ndim == 1 else data
-    outbox = Outbox(state.outbox_path)
-    predictor = Predictor(
-        model=current.path,
-        version_id=current.version_id,
-        record=lambda name, value, version_id: outbox.add(name, value, version_id=version_id),
-    )
-    results = []
-    for row in rows:
-        p = predictor.predict(row)
-        results.append(
-            {"label": p.label, "confidence": round(p.confidence, 6), "latency_ms": round(p.latency_ms, 4)}
+    try:
+        inputs = json.loads(raw)
+    except ValueError as exc:
+        print(json.dumps({"error": f"--input is not JSON: {exc}"}))
+        return 2
+    address = args.socket or str(Path(args.state_dir).expanduser() / "agent.sock")
+    try:
+        with AgentClient(address) as client:
+            answer = client.predict(inputs, batch=args.batch)
+    except LocalApiError as exc:
+        print(json.dumps({"error": exc.code, "message": exc.message}))
+        return 1
+    except OSError as exc:
+        print(
+            json.dumps({"error": "agent_unreachable", "message": f"{address}: {exc} (is the agent running?)"})
         )
-    outbox.close()
-    print(json.dumps({"version_id": current.version_id, "label": current.label, "predictions": results}))
+        return 1
+    print(json.dumps(answer))
     return 0
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    """Prove this board can serve (and with --train, train) models: a real inference and step."""
+    from devices_agent.selftest import selftest
+
+    report = selftest(train=args.train)
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -215,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--server", required=True)
     sim.add_argument("--token", required=True, help="an enrollment token with max_uses >= devices")
     sim.add_argument("--state-root")
+    sim.add_argument("--dataset", choices=("digits", "activity"), default="digits")
+    sim.add_argument("--processes", action="store_true", help="every board a flotilla-agent run process")
     sim.add_argument("--seed", type=int, default=0)
     sim.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration of the data split")
     sim.add_argument("--interval", type=float, default=None)
@@ -226,10 +234,18 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--duration", type=float, default=None, help="seconds to run (default: until Ctrl-C)")
     sim.set_defaults(func=_cmd_simulate)
 
-    pred = sub.add_parser("predict", help="classify an input with the active model")
-    pred.add_argument("--state-dir", required=True)
-    pred.add_argument("--input", required=True, help="JSON list (one example) or list of lists; @file")
+    pred = sub.add_parser("predict", help="a prediction from the running agent's local API")
+    pred.add_argument(
+        "--state-dir", default="", help="the agent's state directory (its socket is agent.sock)"
+    )
+    pred.add_argument("--socket", default="", help="the local API's socket path or http://127.0.0.1:PORT")
+    pred.add_argument("--input", required=True, help="one example as JSON (nested lists); @file")
+    pred.add_argument("--batch", action="store_true", help="the input is a batch of examples")
     pred.set_defaults(func=_cmd_predict)
+
+    test = sub.add_parser("selftest", help="run a real inference (and a training step) on this board")
+    test.add_argument("--train", action="store_true", help="also one training step with each backend")
+    test.set_defaults(func=_cmd_selftest)
 
     status = sub.add_parser("status", help="show the local state")
     status.add_argument("--state-dir", required=True)
