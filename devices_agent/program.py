@@ -465,11 +465,11 @@ def make_bundle(
     if dtype is None:
         raise ProgramError(f"input dtype {example.dtype} is not supported; use one of {INPUT_DTYPES}")
     input_shape = [int(d) for d in example.shape[1:]]
-    diff = check_bundle(
+    diff, _ = check_bundle(
         program=program, state=state, onnx=onnx_bytes, input_shape=input_shape, input_dtype=dtype
     )
     names = list(info.parameters)
-    chosen = list(head) if head else _default_head(names)
+    chosen = list(head) if head else default_head(names)
     unknown = [n for n in chosen if n not in info.parameters]
     if unknown:
         raise ProgramError(f"head names parameters the program does not have: {unknown}")
@@ -506,7 +506,7 @@ def make_bundle(
     return bundle
 
 
-def _default_head(names: list[str]) -> list[str]:
+def default_head(names: list[str]) -> list[str]:
     """The last layer: the last ``*.weight`` and its ``*.bias`` in the program's order."""
     weights = [n for n in names if n.endswith(".weight")]
     if not weights:
@@ -537,8 +537,8 @@ def check_bundle(
     input_dtype: str = "float32",
     atol: float = 1e-4,
     rtol: float = 1e-3,
-) -> float:
-    """Check that program, weights and ONNX agree; return the largest output difference.
+) -> tuple[float, int]:
+    """Check that program, weights and ONNX agree; the largest output difference and outputs per example.
 
     The ONNX must hold every trainable parameter as an initializer of the same name and
     shape (new weights are written into it by name) and give the program's outputs on a
@@ -593,7 +593,7 @@ def check_bundle(
             code="onnx_mismatch",
             details={"max_abs_diff": worst, "atol": atol, "rtol": rtol},
         )
-    return worst
+    return worst, int(np.prod(expected.shape[1:], dtype=np.int64))
 
 
 def onnx_initializer_shapes(onnx: bytes) -> dict[str, tuple[int, ...]]:

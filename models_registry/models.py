@@ -5,16 +5,32 @@ from __future__ import annotations
 from django.conf import settings
 from django.db import models
 
+from devices_agent.family import FamilySpec
+
 
 class ModelFamily(models.Model):
-    """A line of models solving one task with one input/output contract."""
+    """A line of models solving one task with one input/output contract.
+
+    The contract, not an architecture: the task (classification with ``num_classes``
+    classes, or regression with ``output_size`` outputs), the shape and dtype of one
+    input example. The loss boards train with and the metrics versions are judged by
+    follow from the task (``devices_agent.family``). Architectures travel with each
+    version as its program artifact.
+    """
+
+    class Task(models.TextChoices):
+        CLASSIFICATION = "classification"
+        REGRESSION = "regression"
 
     name = models.SlugField(max_length=100, unique=True)
     description = models.TextField(blank=True)
-    arch = models.CharField(max_length=50, help_text="Architecture name known to the agent (e.g. mlp, cnn).")
-    task = models.CharField(max_length=50, default="classification")
-    input_shape = models.JSONField(default=list, help_text="Shape of one input example, e.g. [64].")
-    num_classes = models.PositiveIntegerField(default=10)
+    # A label for people (e.g. "1-D CNN"); nothing reads it to build a model.
+    arch = models.CharField(max_length=50, blank=True)
+    task = models.CharField(max_length=50, choices=Task.choices, default=Task.CLASSIFICATION)
+    input_shape = models.JSONField(default=list, help_text="Shape of one input example, e.g. [3, 64].")
+    input_dtype = models.CharField(max_length=10, default="float32")
+    num_classes = models.PositiveIntegerField(null=True, blank=True)
+    output_size = models.PositiveIntegerField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
@@ -26,6 +42,17 @@ class ModelFamily(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def spec(self) -> FamilySpec:
+        """The family's contract as the boards and the evaluation read it."""
+        return FamilySpec(
+            task=self.task,
+            input_shape=tuple(int(d) for d in self.input_shape),
+            input_dtype=self.input_dtype or "float32",
+            num_classes=self.num_classes if self.task == self.Task.CLASSIFICATION else None,
+            output_size=self.output_size if self.task == self.Task.REGRESSION else None,
+        )
 
 
 class ModelVersion(models.Model):
@@ -51,9 +78,10 @@ class ModelVersion(models.Model):
     # Where it came from, e.g. {"job": 3, "round": 7} or {"optimisation": "int8_dynamic"}.
     source_detail = models.JSONField(default=dict, blank=True)
     variant = models.CharField(max_length=50, default="fp32", help_text="fp32, fp16, int8_dynamic, ...")
-    arch = models.CharField(
-        max_length=50, blank=True, help_text="Overrides the family's arch (e.g. a distilled student)."
-    )
+    # A label for people; the architecture is the version's program artifact.
+    arch = models.CharField(max_length=50, blank=True)
+    # The parameters of the program's last layer, which boards personalise.
+    head = models.JSONField(default=list, blank=True)
     stage = models.CharField(max_length=20, choices=Stage.choices, default=Stage.DRAFT, db_index=True)
     # Headline numbers copied from the latest evaluation, for lists and gates.
     metrics = models.JSONField(default=dict, blank=True)
@@ -83,8 +111,9 @@ class Artifact(models.Model):
     """A file belonging to a version: weights (safetensors) or an inference model (ONNX)."""
 
     class Kind(models.TextChoices):
-        WEIGHTS = "weights", "PyTorch state dict (safetensors)"
+        WEIGHTS = "weights", "Weights by parameter name (safetensors)"
         ONNX = "onnx", "ONNX model"
+        PROGRAM = "program", "Trainable program (torch.export JSON)"
 
     version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -128,9 +157,14 @@ class EvaluationDataset(models.Model):
 
     name = models.SlugField(max_length=100, unique=True)
     description = models.TextField(blank=True)
+    # The family whose contract the data was checked against (None: registered before
+    # data sets belonged to a family).
+    family = models.ForeignKey(
+        ModelFamily, null=True, blank=True, on_delete=models.PROTECT, related_name="datasets"
+    )
     split = models.CharField(max_length=10, choices=Split.choices, default=Split.TEST)
     input_shape = models.JSONField(default=list)
-    num_classes = models.PositiveIntegerField()
+    num_classes = models.PositiveIntegerField(null=True, blank=True)
     num_examples = models.PositiveIntegerField()
     file = models.FileField(upload_to="datasets/", max_length=300)
     sha256 = models.CharField(max_length=64)

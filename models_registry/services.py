@@ -19,9 +19,11 @@ from django.db.models import Max
 
 from core.api import ConflictError, ServiceError
 from core.audit.services import audit_record
+from devices_agent.family import FamilySpec, SpecError
+from devices_agent.program import default_head
 from models_registry.models import Artifact, ModelFamily, ModelVersion
 from models_registry.signing import sign_digest
-from models_registry.validation import Spooled, spool, validate_onnx, validate_safetensors
+from models_registry.validation import Spooled, spool, validate_onnx, validate_program, validate_safetensors
 
 __all__ = [
     "STAGE_TRANSITIONS",
@@ -45,7 +47,7 @@ STAGE_TRANSITIONS: dict[str, frozenset[str]] = {
     Stage.ARCHIVED: frozenset({Stage.STAGING}),
 }
 
-_EXTENSIONS: dict[str, str] = {"weights": "safetensors", "onnx": "onnx"}
+_EXTENSIONS: dict[str, str] = {"weights": "safetensors", "onnx": "onnx", "program": "json"}
 
 
 def artifact_storage_name(*, sha256: str, kind: str) -> str:
@@ -56,18 +58,32 @@ def artifact_storage_name(*, sha256: str, kind: str) -> str:
 def family_create(
     *,
     name: str,
-    arch: str,
     input_shape: list[int],
-    num_classes: int,
-    description: str = "",
     task: str = "classification",
+    num_classes: int | None = None,
+    output_size: int | None = None,
+    input_dtype: str = "float32",
+    arch: str = "",
+    description: str = "",
     actor: Any = None,
 ) -> ModelFamily:
-    """Create a model family; the name is unique (409 ``family_exists`` otherwise)."""
+    """Create a model family; the name is unique (409 ``family_exists`` otherwise).
+
+    The contract is checked as boards will read it (``devices_agent.family.FamilySpec``):
+    400 ``invalid_family`` with the reason when it does not hold.
+    """
     if not isinstance(input_shape, list) or not all(isinstance(d, int) and d > 0 for d in input_shape):
         raise ServiceError("input_shape must be a list of positive integers.", code="invalid_input_shape")
-    if num_classes < 2:
-        raise ServiceError("num_classes must be at least 2.", code="invalid_num_classes")
+    try:
+        FamilySpec(
+            task=task,
+            input_shape=tuple(input_shape),
+            input_dtype=input_dtype,
+            num_classes=num_classes if task == "classification" else None,
+            output_size=output_size if task == "regression" else None,
+        )
+    except SpecError as exc:
+        raise ServiceError(exc.message, code="invalid_family") from None
     with transaction.atomic():
         if ModelFamily.objects.filter(name=name).exists():
             raise ConflictError(f"A model family named {name!r} already exists.", code="family_exists")
@@ -76,7 +92,9 @@ def family_create(
             arch=arch,
             task=task,
             input_shape=input_shape,
-            num_classes=num_classes,
+            input_dtype=input_dtype,
+            num_classes=num_classes if task == "classification" else None,
+            output_size=output_size if task == "regression" else None,
             description=description,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
         )
@@ -84,7 +102,7 @@ def family_create(
             actor=actor,
             action="model_family.create",
             target=family,
-            data={"name": name, "arch": arch, "input_shape": input_shape, "num_classes": num_classes},
+            data={"name": name, "task": task, "input_shape": input_shape, "spec": family.spec.to_dict()},
         )
     return family
 
@@ -139,6 +157,8 @@ def version_create(
     family: ModelFamily,
     weights: Any = None,
     onnx: Any = None,
+    program: Any = None,
+    head: list[str] | None = None,
     parent: ModelVersion | None = None,
     source: str = ModelVersion.Source.UPLOADED,
     source_detail: dict[str, Any] | None = None,
@@ -151,40 +171,69 @@ def version_create(
 ) -> ModelVersion:
     """Register a new version of ``family`` with its artifacts, numbered max+1 in the family.
 
-    ``weights`` (safetensors) and ``onnx`` are bytes or binary files (e.g. uploaded
-    files); at least one is required. Each is streamed to a temporary file while its
-    SHA-256 and size are computed, validated, stored under its content address, and
-    signed. ``declared_sha256`` maps ``"weights"``/``"onnx"`` to digests the client
-    computed; a difference is a 400 ``digest_mismatch``. Pickle is refused (400
-    ``pickle_rejected``), as are files over ``MODEL_UPLOAD_MAX_BYTES`` (413
-    ``too_large``), invalid files (``invalid_safetensors``, ``invalid_onnx``) and weights
-    that do not fit the architecture (``shape_mismatch``). The version starts in
-    ``draft``. Rows and files appear together or not at all.
+    ``onnx`` (the graph boards serve), ``weights`` (safetensors by parameter name) and
+    ``program`` (the trainable ``torch.export`` JSON, or a ``torch.export.save`` archive
+    of which only the JSON is read) are bytes or binary files (e.g. uploaded files). A
+    version boards can run needs ``onnx``; one they can train and personalise needs all
+    three, checked against each other (:func:`validation.validate_program`). ``head``
+    names the program's last-layer parameters (default: the last weight and bias). Each
+    file is streamed to a temporary file while its SHA-256 and size are computed,
+    validated, stored under its content address, and signed. ``declared_sha256`` maps
+    ``"weights"``/``"onnx"``/``"program"`` to digests the client computed; a difference is
+    a 400 ``digest_mismatch``. Pickle is refused (400 ``pickle_rejected``), as are files
+    over ``MODEL_UPLOAD_MAX_BYTES`` (413 ``too_large``), invalid files
+    (``invalid_safetensors``, ``invalid_onnx``, ``invalid_program``, ``unsafe_program``)
+    and files that do not fit each other or the family (``shape_mismatch``,
+    ``onnx_mismatch``). The version starts in ``draft``. Rows and files appear together
+    or not at all.
     """
     if weights is None and onnx is None:
-        raise ServiceError("A version needs weights, an ONNX model, or both.", code="no_artifacts")
+        raise ServiceError(
+            "A version needs an ONNX model (and weights and a program to train).", code="no_artifacts"
+        )
+    if program is not None and weights is None:
+        raise ServiceError("A program needs its weights.", code="no_weights")
     if source not in ModelVersion.Source.values:
         raise ServiceError(f"Unknown source {source!r}.", code="invalid_source")
     if parent is not None and parent.family_id != family.pk:
         raise ServiceError("The parent version belongs to another family.", code="invalid_parent")
     declared = {k: v for k, v in (declared_sha256 or {}).items() if v}
     limit = int(settings.MODEL_UPLOAD_MAX_BYTES)
-    effective_arch = arch or family.arch
     created: list[str] = []
+    chosen_head = list(head or [])
     with ExitStack() as stack:
         checked: list[tuple[str, Spooled, dict[str, Any]]] = []
         # Validation (ONNX Runtime loading the model) happens before the transaction, so
         # no lock is held while it runs.
+        spooled_weights = spooled_onnx = None
         if weights is not None:
-            spooled = stack.enter_context(spool(weights, field="weights", max_bytes=limit))
-            _check_declared(spooled, declared.get("weights"), "weights")
-            info = validate_safetensors(spooled.path, size=spooled.size, arch=effective_arch)
-            checked.append((Artifact.Kind.WEIGHTS, spooled, info))
+            spooled_weights = stack.enter_context(spool(weights, field="weights", max_bytes=limit))
+            _check_declared(spooled_weights, declared.get("weights"), "weights")
+            info = validate_safetensors(spooled_weights.path, size=spooled_weights.size)
+            checked.append((Artifact.Kind.WEIGHTS, spooled_weights, info))
         if onnx is not None:
-            spooled = stack.enter_context(spool(onnx, field="onnx", max_bytes=limit))
-            _check_declared(spooled, declared.get("onnx"), "onnx")
-            info = validate_onnx(spooled.path, input_shape=list(family.input_shape or []))
-            checked.append((Artifact.Kind.ONNX, spooled, info))
+            spooled_onnx = stack.enter_context(spool(onnx, field="onnx", max_bytes=limit))
+            _check_declared(spooled_onnx, declared.get("onnx"), "onnx")
+            info = validate_onnx(spooled_onnx.path, input_shape=list(family.input_shape or []))
+            checked.append((Artifact.Kind.ONNX, spooled_onnx, info))
+        if program is not None:
+            assert spooled_weights is not None
+            raw = stack.enter_context(spool(program, field="program", max_bytes=limit))
+            _check_declared(raw, declared.get("program"), "program")
+            checked_program = validate_program(
+                raw.path,
+                weights=spooled_weights.path,
+                onnx=spooled_onnx.path if spooled_onnx is not None else None,
+                spec=family.spec,
+                head=chosen_head,
+            )
+            if not chosen_head:
+                chosen_head = default_head(checked_program["parameters"])
+            # The JSON alone is stored: from an archive, its pickled members are dropped.
+            spooled_program = stack.enter_context(
+                spool(checked_program.pop("program_bytes"), field="program", max_bytes=limit)
+            )
+            checked.append((Artifact.Kind.PROGRAM, spooled_program, checked_program))
         try:
             with transaction.atomic():
                 # Lock the family row so concurrent creations number versions one after
@@ -198,6 +247,7 @@ def version_create(
                     source_detail=source_detail or {},
                     variant=variant,
                     arch=arch,
+                    head=chosen_head,
                     notes=notes,
                     metrics=metrics or {},
                     created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -292,13 +342,18 @@ def artifact_add(
     """
     if kind not in _EXTENSIONS:
         raise ServiceError(f"Unknown artifact kind {kind!r}.", code="invalid_kind")
+    if kind == Artifact.Kind.PROGRAM:
+        raise ServiceError(
+            "A program is checked against its weights and ONNX graph, so it comes with a new version.",
+            code="invalid_kind",
+        )
     created: list[str] = []
     with spool(data, field=kind, max_bytes=int(settings.MODEL_UPLOAD_MAX_BYTES)) as spooled:
         if kind == Artifact.Kind.ONNX:
             info = validate_onnx(spooled.path, input_shape=list(version.family.input_shape or []))
             opset = opset or info.get("opset")
         else:
-            validate_safetensors(spooled.path, size=spooled.size, arch=version.effective_arch)
+            validate_safetensors(spooled.path, size=spooled.size)
         try:
             with transaction.atomic():
                 ModelVersion.objects.select_for_update().filter(pk=version.pk).get()

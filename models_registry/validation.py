@@ -17,7 +17,6 @@ import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import IO, Any
 
@@ -25,6 +24,7 @@ import numpy as np
 from rest_framework import status
 
 from core.api import ServiceError
+from devices_agent.family import FamilySpec
 
 __all__ = [
     "Spooled",
@@ -189,7 +189,10 @@ def _read_header(path: Path, size: int, field: str) -> dict[str, Any]:
         dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
         if dtype not in _ALL_DTYPES:
             raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has dtype {dtype!r}.", field)
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+        # A dimension of zero holds nothing but lets a header claim absurd shapes for free.
+        if not (
+            isinstance(shape, list) and len(shape) <= 8 and all(isinstance(d, int) and d >= 1 for d in shape)
+        ):
             raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has shape {shape!r}.", field)
         if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
             raise _invalid("invalid_safetensors", f"{bad}: tensor {name!r} has bad offsets.", field)
@@ -226,68 +229,115 @@ def _check_finite(path: Path, field: str) -> None:
                 )
 
 
-@lru_cache(maxsize=32)
-def _expected_shapes(arch: str, widths: tuple[int, ...]) -> dict[str, tuple[int, ...]]:
-    import torch
+def validate_safetensors(path: Path, *, size: int, field: str = "weights") -> dict[str, Any]:
+    """Check a weights file: a complete safetensors file of finite tensors with sane shapes.
 
-    from devices_agent.nets import build_model
-
-    with torch.random.fork_rng(devices=[]):
-        model = build_model(arch, widths=widths)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
-
-
-def validate_safetensors(path: Path, *, size: int, arch: str, field: str = "weights") -> dict[str, Any]:
-    """Check a weights file: a complete safetensors file of float tensors fitting ``arch``.
-
-    The header is parsed first (offsets checked against the file size), so a malformed
-    file is refused before any tensor is read; then each tensor is checked for NaN and
-    infinities, one at a time. When ``arch`` is one the agent knows
-    (``devices_agent.nets.ARCHS``) the names and shapes must match it, hidden widths
-    read off the file (structurally pruned models are narrower). Returns a summary
-    (tensor count, parameter count, widths).
+    The header is parsed first (offsets checked against the file size, no dimension of
+    zero), so a malformed file is refused before any tensor is read; then each float
+    tensor is checked for NaN and infinities, one at a time. Integer tensors are allowed
+    (state such as BatchNorm's step counter); whether the tensors fit the version's
+    program is checked against the program. Returns a summary: tensor count, parameter
+    count, and each tensor's shape and dtype.
     """
-    from devices_agent.nets import ARCHS, widths_of_state
-
     check_not_pickle(path, field=field)
     header = _read_header(path, size, field)
     if not header:
         raise _invalid("invalid_safetensors", f"{field} holds no tensors.", field)
-    not_float = sorted(n for n, e in header.items() if e["dtype"] not in _FLOAT_DTYPES)
-    if not_float:
+    unreadable = sorted(n for n, e in header.items() if e["dtype"] == "BF16")
+    if unreadable:
         raise _invalid(
-            "invalid_weights",
-            f"{field}: weights must be float16/32/64 tensors; other dtypes: {not_float}.",
-            field,
+            "invalid_weights", f"{field}: bfloat16 tensors cannot be read on the boards: {unreadable}.", field
         )
     _check_finite(path, field)
     shapes = {name: tuple(entry["shape"]) for name, entry in header.items()}
-    summary: dict[str, Any] = {
+    return {
         "tensors": len(shapes),
         "parameters": int(sum(int(np.prod(s, dtype=np.int64)) for s in shapes.values())),
+        "shapes": shapes,
+        "dtypes": {name: entry["dtype"] for name, entry in header.items()},
     }
-    if arch not in ARCHS:
-        return summary
-    # Zero-stride views carry a shape without allocating anything.
-    fake = {name: np.broadcast_to(np.float32(0), shape) for name, shape in shapes.items()}
+
+
+def validate_program(
+    path: Path,
+    *,
+    weights: Path,
+    onnx: Path | None,
+    spec: FamilySpec,
+    head: list[str],
+    field: str = "program",
+) -> dict[str, Any]:
+    """Check a trainable program against its weights, the family and the ONNX graph.
+
+    Refused, each with the numbers: a program that would need pickle or run code to
+    load, one that does not load, weights that do not match its tensors by name and
+    shape (trainable parameters must be float32), an input shape other than the
+    family's, outputs other than the family's, an ONNX graph that lacks a parameter as a
+    named initializer or disagrees with the program on sample inputs, a head naming
+    parameters the program does not have. Returns ``{"parameters", "trainable",
+    "operators", "max_abs_diff"}``.
+    """
+    from devices_agent.codecs import decode_tensors
+    from devices_agent.program import (
+        ProgramError,
+        check_bundle,
+        check_state,
+        inspect_program,
+        program_json_from,
+    )
+
+    raw = path.read_bytes()
     try:
-        widths = widths_of_state(arch, fake)
-        expected = _expected_shapes(arch, widths)
-    except ValueError as exc:
-        raise _invalid("shape_mismatch", f"{field} does not fit architecture {arch}: {exc}", field) from None
-    missing = sorted(set(expected) - set(shapes))
-    unexpected = sorted(set(shapes) - set(expected))
-    wrong = {n: {"expected": list(expected[n]), "got": list(shapes[n])} for n in expected if n in shapes}
-    wrong = {n: v for n, v in wrong.items() if v["expected"] != v["got"]}
-    if missing or unexpected or wrong:
-        raise ServiceError(
-            f"{field} does not fit architecture {arch}: missing {missing}, unexpected {unexpected}, "
-            f"wrong shapes {sorted(wrong)}.",
-            code="shape_mismatch",
-            details={"field": field, "missing": missing, "unexpected": unexpected, "shapes": wrong},
+        program = program_json_from(raw)
+        info = inspect_program(program)
+        state, _ = decode_tensors(weights.read_bytes())
+        check_state(info, state)
+    except ProgramError as exc:
+        raise ServiceError(exc.message, code=exc.code, details={"field": field, **exc.details}) from None
+    not_float = sorted(n for n in info.parameters if np.asarray(state[n]).dtype != np.float32)
+    if not_float:
+        raise _invalid(
+            "invalid_weights", f"trainable parameters must be float32: {not_float[:10]}.", "weights"
         )
-    summary["widths"] = list(widths)
-    return summary
+    unknown_head = [n for n in head if n not in info.parameters]
+    if unknown_head:
+        raise _invalid(
+            "invalid_head", f"head names parameters the program does not have: {unknown_head}.", "head"
+        )
+    declared = list(info.input_shape)
+    if len(declared) != len(spec.input_shape) or any(
+        d is not None and d != w for d, w in zip(declared, spec.input_shape, strict=False)
+    ):
+        raise ServiceError(
+            f"the program takes examples of shape {declared}, the family {list(spec.input_shape)}.",
+            code="shape_mismatch",
+            details={"field": field, "program": declared, "family": list(spec.input_shape)},
+        )
+    diff = None
+    if onnx is not None:
+        try:
+            diff, outputs = check_bundle(
+                program=program,
+                state=state,
+                onnx=onnx.read_bytes(),
+                input_shape=list(spec.input_shape),
+                input_dtype=spec.input_dtype,
+            )
+        except ProgramError as exc:
+            raise ServiceError(exc.message, code=exc.code, details={"field": field, **exc.details}) from None
+        if outputs != spec.outputs:
+            raise ServiceError(
+                f"the model returns {outputs} values per example; the family's task needs {spec.outputs}.",
+                code="shape_mismatch",
+                details={"field": field, "outputs": outputs, "family": spec.outputs},
+            )
+    return {
+        "parameters": list(info.parameters),
+        "trainable": int(sum(int(np.prod(s, dtype=np.int64)) for s in info.parameters.values())),
+        "operators": list(info.operators),
+        "max_abs_diff": diff,
+        "program_bytes": program,
+    }
 
 
 def validate_onnx(path: Path, *, input_shape: list[int] | None, field: str = "onnx") -> dict[str, Any]:
@@ -302,7 +352,22 @@ def validate_onnx(path: Path, *, input_shape: list[int] | None, field: str = "on
 
     check_not_pickle(path, field=field)
     try:
-        model = onnx.load_model(str(path))
+        # Never follow external data: its "location" would name a file on this server.
+        model = onnx.load_model(str(path), load_external_data=False)
+    except Exception as exc:  # noqa: BLE001
+        raise _invalid(
+            "invalid_onnx", f"{field} is not a valid ONNX model: {str(exc).splitlines()[0][:300]}", field
+        ) from None
+    external = [t.name for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    sparse = len(model.graph.sparse_initializer)
+    if external or sparse:
+        raise _invalid(
+            "invalid_onnx",
+            f"{field} keeps tensors outside the file ({external[:5]}) or as sparse initializers; "
+            "upload a self-contained model.",
+            field,
+        )
+    try:
         onnx.checker.check_model(model)
     except Exception as exc:  # noqa: BLE001 - protobuf and checker raise many types
         raise _invalid(

@@ -29,7 +29,9 @@ class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
             "arch",
             "task",
             "input_shape",
+            "input_dtype",
             "num_classes",
+            "output_size",
             "created_at",
             "version_count",
         ]
@@ -43,10 +45,23 @@ class ModelFamilySerializer(serializers.ModelSerializer[ModelFamily]):
 class ModelFamilyCreateSerializer(serializers.Serializer[Any]):
     name = serializers.SlugField(max_length=100)
     description = serializers.CharField(required=False, allow_blank=True, default="")
-    arch = serializers.CharField(max_length=50)
-    task = serializers.CharField(max_length=50, required=False, default="classification")
-    input_shape = serializers.ListField(child=serializers.IntegerField(min_value=1), min_length=1)
-    num_classes = serializers.IntegerField(min_value=2)
+    arch = serializers.CharField(max_length=50, required=False, allow_blank=True, default="")
+    task = serializers.ChoiceField(choices=ModelFamily.Task.choices, required=False, default="classification")
+    input_shape = serializers.ListField(
+        child=serializers.IntegerField(min_value=1, max_value=1 << 20), min_length=1, max_length=8
+    )
+    input_dtype = serializers.ChoiceField(
+        choices=["float32", "int64", "uint8"], required=False, default="float32"
+    )
+    num_classes = serializers.IntegerField(min_value=2, max_value=10_000, required=False, allow_null=True)
+    output_size = serializers.IntegerField(min_value=1, max_value=4096, required=False, allow_null=True)
+
+    def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if attrs.get("task", "classification") == "classification" and not attrs.get("num_classes"):
+            raise serializers.ValidationError({"num_classes": "A classification family needs num_classes."})
+        if attrs.get("task") == "regression" and not attrs.get("output_size"):
+            raise serializers.ValidationError({"output_size": "A regression family needs output_size."})
+        return attrs
 
 
 class ModelFamilyUpdateSerializer(serializers.ModelSerializer[ModelFamily]):
@@ -101,6 +116,7 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
             "variant",
             "arch",
             "effective_arch",
+            "head",
             "stage",
             "metrics",
             "notes",
@@ -147,6 +163,21 @@ class ModelVersionUploadSerializer(serializers.Serializer[Any]):
     family = serializers.PrimaryKeyRelatedField(queryset=ModelFamily.objects.all())
     weights = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
     onnx = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
+    program = serializers.FileField(
+        required=False,
+        allow_empty_file=True,
+        use_url=False,
+        help_text=(
+            "The trainable program: torch.export JSON, or a torch.export.save archive "
+            "(only its JSON is read)."
+        ),
+    )
+    head = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Comma-separated parameter names of the last layer (default: the last weight and bias).",
+    )
     # "parent" shadows Field.parent for type checkers only: DRF's metaclass moves declared
     # fields off the class, so at run time there is no clash.
     parent = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
@@ -157,10 +188,15 @@ class ModelVersionUploadSerializer(serializers.Serializer[Any]):
     arch = serializers.CharField(required=False, allow_blank=True, max_length=50, default="")
     weights_sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False)
     onnx_sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False)
+    program_sha256 = serializers.RegexField(r"^[0-9a-fA-F]{64}$", required=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if not attrs.get("weights") and not attrs.get("onnx"):
-            raise serializers.ValidationError("Upload weights (safetensors), an ONNX model, or both.")
+            raise serializers.ValidationError(
+                "Upload an ONNX model (with weights and a program to train it)."
+            )
+        if attrs.get("program") and not attrs.get("weights"):
+            raise serializers.ValidationError({"weights": "A program needs its weights."})
         return attrs
 
 

@@ -146,25 +146,34 @@ class ModelVersionViewSet(
             413: OpenApiResponse(description="too_large"),
         },
         description=(
-            "Upload a new version: `weights` (safetensors) and/or `onnx` files, optional "
-            "`weights_sha256`/`onnx_sha256` the server checks. Pickle (torch.save) is refused."
+            "Upload a new version: `onnx` (what boards run), and to train it on the boards also "
+            "`weights` (safetensors by parameter name) and `program` (torch.export JSON; "
+            "`devices_agent.program.make_bundle` writes all three). Optional `head` and "
+            "`*_sha256` digests the server checks. Pickle (torch.save) is never loaded."
         ),
     )
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = s.ModelVersionUploadSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         v = data.validated_data
+        head = [name.strip() for name in v.get("head", "").split(",") if name.strip()]
         version = services.version_create(
             family=v["family"],
             weights=v.get("weights"),
             onnx=v.get("onnx"),
+            program=v.get("program"),
+            head=head,
             parent=v.get("parent"),
             notes=v.get("notes", ""),
             variant=v.get("variant") or "fp32",
             arch=v.get("arch", ""),
             source=ModelVersion.Source.UPLOADED,
             source_detail={"uploaded_by": getattr(request.user, "username", "")},
-            declared_sha256={"weights": v.get("weights_sha256", ""), "onnx": v.get("onnx_sha256", "")},
+            declared_sha256={
+                "weights": v.get("weights_sha256", ""),
+                "onnx": v.get("onnx_sha256", ""),
+                "program": v.get("program_sha256", ""),
+            },
             actor=request.user,
         )
         fresh = selectors.version_get(version.pk)
