@@ -17,6 +17,8 @@ SIGNATURE_ALGORITHM = "ed25519"  # over the 32 raw bytes of the artifact's SHA-2
 DIGEST_ALGORITHM = "sha256"
 
 MAX_METRIC_SAMPLES_PER_BATCH = 1000
+# The training runtimes a board may report and a job may accept.
+TRAINING_BACKENDS: tuple[str, ...] = ("torch", "ort")
 MAX_BATCH_ID_LENGTH = 64
 MAX_METRIC_NAME_LENGTH = 40
 DEFAULT_HEARTBEAT_INTERVAL_S = 60

@@ -30,6 +30,7 @@ from devices_agent.wire import (
     MAX_BATCH_ID_LENGTH,
     MAX_METRIC_SAMPLES_PER_BATCH,
     METRIC_NAMES,
+    TRAINING_BACKENDS,
 )
 from fleet.auth import device_endpoint
 from fleet.models import Device
@@ -99,7 +100,7 @@ def _timestamp(value: Any, key: str) -> datetime:
 _HARDWARE_STR = {"arch": 50, "accelerator": 100, "os": 150, "agent_version": 50}
 _HARDWARE_INT = ("cores", "ram_mb")
 _STATE_BOOL = ("charging", "idle")
-_STATE_INT = ("local_examples",)
+_STATE_INT = ("local_examples", "holdout_examples")
 _STATE_NUMBER = ("battery_percent", "cpu_percent", "ram_mb", "disk_free_mb")
 _STATE_KEY = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 
@@ -115,7 +116,18 @@ def _hardware(value: Any) -> dict[str, Any]:
             clean[key] = _int(hardware[key], f"hardware.{key}")
     if "extra" in hardware:
         clean["extra"] = _dict(hardware["extra"], "hardware.extra")
+    if hardware.get("training_backends") is not None:
+        clean["training_backends"] = _backends(hardware["training_backends"], "hardware.training_backends")
+    if hardware.get("python") is not None:
+        clean["python"] = _str(hardware, "python", max_length=20)
     return clean
+
+
+def _backends(value: Any, key: str) -> list[str]:
+    """A board's training backends: a short list of known names."""
+    if not isinstance(value, list) or len(value) > 8 or not all(v in TRAINING_BACKENDS for v in value):
+        raise _invalid(f"{key} must be a list of {', '.join(TRAINING_BACKENDS)}.", key)
+    return sorted(set(value))
 
 
 def _device_state(value: Any) -> dict[str, Any]:
@@ -132,6 +144,8 @@ def _device_state(value: Any) -> dict[str, Any]:
             clean[key] = _int(item, f"state.{key}")
         elif key in _STATE_NUMBER:
             clean[key] = _finite(item, f"state.{key}")
+        elif key == "training_backends":
+            clean[key] = _backends(item, f"state.{key}")
         elif item is None or isinstance(item, bool | str):
             clean[key] = item
         else:
@@ -181,6 +195,8 @@ def _heartbeat_report(body: dict[str, Any]) -> dict[str, Any]:
         report["running_version_id"] = _int(body["running_version_id"], "running_version_id")
     if body.get("policy_etag") is not None:
         report["policy_etag"] = _str(body, "policy_etag", max_length=64)
+    if body.get("desired_etag") is not None:
+        report["desired_etag"] = _str(body, "desired_etag", max_length=64)
     if body.get("sent_at") is not None:
         _timestamp(body["sent_at"], "sent_at")
     if body.get("deployment") is not None:

@@ -13,6 +13,7 @@ from rest_framework import status
 from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
 from core.events import emit
+from devices_agent.wire import TRAINING_BACKENDS
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
 
@@ -120,6 +121,12 @@ def device_enroll(
             raise _token_error(row, now)
         secret = new_secret()
         extra = hardware.get("extra")
+        facts = dict(extra) if isinstance(extra, dict) else {}
+        backends = hardware.get("training_backends")
+        if isinstance(backends, list):
+            facts["training_backends"] = sorted({str(b) for b in backends if b in TRAINING_BACKENDS})
+        if isinstance(hardware.get("python"), str):
+            facts["python"] = str(hardware["python"])[:20]
         device = Device.objects.create(
             name=name,
             secret_hash=hash_secret(secret),
@@ -130,7 +137,7 @@ def device_enroll(
             accelerator=str(hardware.get("accelerator", ""))[:100],
             os=str(hardware.get("os", ""))[:150],
             agent_version=str(hardware.get("agent_version", ""))[:50],
-            hardware=extra if isinstance(extra, dict) else {},
+            hardware=facts,
             tags=_clean_tags([*row.tags, *(tags or [])]),
             enrollment_token=row,
         )

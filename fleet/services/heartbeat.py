@@ -17,6 +17,8 @@ SELECT (authentication) in the common case:
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time as monotonic_time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -92,9 +94,11 @@ class _TtlCache:
 class _VersionRefs:
     label: str
     family: str
-    arch: str
+    spec: dict[str, Any]
+    head: list[str]
     onnx: ArtifactRef | None
     weights: ArtifactRef | None
+    program: ArtifactRef | None
 
 
 _policies = _TtlCache()
@@ -151,9 +155,11 @@ def _load_version_refs(version_id: int) -> _VersionRefs | None:
     return _VersionRefs(
         label=version.label,
         family=version.family.name,
-        arch=version.effective_arch,
+        spec=version.family.spec.to_dict(),
+        head=list(version.head or []),
         onnx=refs.get("onnx"),
         weights=refs.get("weights"),
+        program=refs.get("program"),
     )
 
 
@@ -193,15 +199,25 @@ def _desired(device: Device) -> DesiredModel | None:
         if deployment_id is None:
             # Whoever set desired_version without opening a deployment (a bulk update).
             deployment_id = deployment_open(device=device, version_id=version_id, nudge=False).pk
-    return {
+    desired: DesiredModel = {
         "version_id": version_id,
         "label": refs.label,
         "family": refs.family,
-        "arch": refs.arch,
         "deployment_id": deployment_id,
         "artifact": refs.onnx,
         "weights": refs.weights,
+        "spec": refs.spec,  # type: ignore[typeddict-item]
     }
+    if refs.program is not None:
+        desired["program"] = refs.program
+        desired["head"] = refs.head
+    return desired
+
+
+def desired_etag(desired: DesiredModel) -> str:
+    """A short digest of a desired model: the agent echoes it, and the model travels only when it changed."""
+    canonical = json.dumps(desired, sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(canonical).hexdigest()[:16]
 
 
 def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) -> None:
@@ -270,7 +286,12 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
     if report.get("policy_etag") != etag:
         response["policy"] = document
     if desired is not None:
-        response["desired"] = desired
+        # The desired model is most of an answer and rarely changes: like the policy, it
+        # travels only when the agent's copy (named by its etag) is not current.
+        tag = desired_etag(desired)
+        response["desired_etag"] = tag
+        if report.get("desired_etag") != tag:
+            response["desired"] = desired
     if tasks:
         response["tasks"] = tasks
     commands = device_commands_take(device=device)
