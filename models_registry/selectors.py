@@ -6,6 +6,7 @@ such as the heartbeat can use them freely.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -116,6 +117,46 @@ def artifact_ref(version: ModelVersion, kind: str = Artifact.Kind.ONNX) -> wire.
         if artifact.kind == kind:
             return _ref(artifact)
     return None
+
+
+_programs: dict[str, bytes] = {}
+
+
+def version_program(*, version: ModelVersion) -> bytes | None:
+    """The version's program (torch.export JSON), read once per digest, or None."""
+    artifact = artifact_for_version(version.pk, Artifact.Kind.PROGRAM)
+    if artifact is None:
+        return None
+    data = _programs.get(artifact.sha256)
+    if data is None:
+        with artifact.file.open("rb") as handle:
+            data = bytes(handle.read())
+        if hashlib.sha256(data).hexdigest() != artifact.sha256:
+            raise ValueError(f"the stored program of {version.label} does not match its digest")
+        if len(_programs) > 16:
+            _programs.clear()
+        _programs[artifact.sha256] = data
+    return data
+
+
+def version_onnx(*, version: ModelVersion) -> bytes:
+    """The version's ONNX graph (``ValueError`` when it has none or it does not match its digest)."""
+    artifact = artifact_for_version(version.pk, Artifact.Kind.ONNX)
+    if artifact is None:
+        raise ValueError(f"{version.label} has no ONNX graph")
+    with artifact.file.open("rb") as handle:
+        data = bytes(handle.read())
+    if hashlib.sha256(data).hexdigest() != artifact.sha256:
+        raise ValueError(f"the stored ONNX graph of {version.label} does not match its digest")
+    return data
+
+
+def version_trainable(*, version: ModelVersion) -> list[str] | None:
+    """The trainable parameters of the version's program, in its order; None without a program."""
+    from devices_agent.program import trainable_names
+
+    program = version_program(version=version)
+    return None if program is None else trainable_names(program)
 
 
 def artifact_chunks(artifact: Artifact, *, start: int = 0, end: int | None = None) -> Iterator[bytes]:

@@ -168,6 +168,7 @@ def version_create(
     actor: Any = None,
     declared_sha256: dict[str, str] | None = None,
     metrics: dict[str, Any] | None = None,
+    derived: bool = False,
 ) -> ModelVersion:
     """Register a new version of ``family`` with its artifacts, numbered max+1 in the family.
 
@@ -185,7 +186,9 @@ def version_create(
     (``invalid_safetensors``, ``invalid_onnx``, ``invalid_program``, ``unsafe_program``)
     and files that do not fit each other or the family (``shape_mismatch``,
     ``onnx_mismatch``). The version starts in ``draft``. Rows and files appear together
-    or not at all.
+    or not at all. ``derived=True`` (a version made from a checked parent by changing
+    weights only: a federated round, pruning) checks the tensors against the program but
+    does not run the program against the graph again.
     """
     if weights is None and onnx is None:
         raise ServiceError(
@@ -223,7 +226,7 @@ def version_create(
             checked_program = validate_program(
                 raw.path,
                 weights=spooled_weights.path,
-                onnx=spooled_onnx.path if spooled_onnx is not None else None,
+                onnx=spooled_onnx.path if spooled_onnx is not None and not derived else None,
                 spec=family.spec,
                 head=chosen_head,
             )

@@ -58,6 +58,8 @@ class FederatedJob(models.Model):
     norm_slack = models.FloatField(default=1.05)
     max_update_norm = models.FloatField(null=True, blank=True)
     codec = models.CharField(max_length=10, choices=Codec.choices, default=Codec.NONE)
+    # The training backends the job accepts; a board with none of them is not selected.
+    backends = models.JSONField(default=list, blank=True, help_text='e.g. ["torch", "ort"]; empty: any.')
     topk_fraction = models.FloatField(default=0.1)
     round_deadline_s = models.PositiveIntegerField(default=300)
     # Minimum accepted updates for a round to aggregate at its deadline.

@@ -14,8 +14,10 @@ from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
 from devices_agent.codecs import decode_tensors
-from devices_agent.wire import API_PREFIX, TrainingTask
+from devices_agent.wire import API_PREFIX, TRAINING_BACKENDS, TrainingTask
 from fleet.models import Device, DeviceGroup
+from models_registry.models import Artifact
+from models_registry.selectors import artifact_ref, version_trainable
 from training import storage
 from training.models import ClientUpdate, FederatedJob, FederatedRound
 
@@ -68,11 +70,27 @@ def eligible_devices(*, job: FederatedJob) -> list[Device]:
             continue
         if not _training_allowed(device, job.target_group):
             continue
-        examples = int((device.state or {}).get("local_examples", 0) or 0)
-        if examples < job.min_local_examples:
+        state = device.state or {}
+        # A board without labelled examples cannot train: it is never selected, so it
+        # cannot hold a round open until its deadline.
+        examples = int(state.get("local_examples", 0) or 0)
+        if examples < max(1, job.min_local_examples):
+            continue
+        if not set(device_backends(device)) & set(job.backends or TRAINING_BACKENDS):
             continue
         out.append(device)
     return out
+
+
+def device_backends(device: Device) -> list[str]:
+    """The training backends a board reported (heartbeat state, else its enrollment facts)."""
+    reported = (device.state or {}).get("training_backends")
+    if reported is None:
+        reported = (device.hardware or {}).get("training_backends")
+    if reported is None:
+        # Agents that report no backends predate the field and train with PyTorch.
+        return ["torch"]
+    return [str(b) for b in reported if b in TRAINING_BACKENDS]
 
 
 def selection_size(*, job: FederatedJob, eligible: int) -> int:
@@ -182,12 +200,19 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
     if rnd.status != FederatedRound.Status.COLLECTING:
         raise ConflictError(f"Round is {rnd.status}, not collecting.", code="round_closed")
     job = rnd.job
+    base = rnd.base_version
+    program = artifact_ref(base, Artifact.Kind.PROGRAM)
+    if program is None:
+        raise ConflictError(f"{base.label} has no program to train.", code="no_program")
     return {
         "round_id": rnd.pk,
         "job_id": job.pk,
         "round_number": rnd.number,
-        "arch": rnd.base_version.effective_arch,
         "base_version_id": rnd.base_version_id,
+        "spec": job.family.spec.to_dict(),
+        "program": program,
+        "trainable": round_trainable(rnd=rnd),
+        "backends": list(job.backends or TRAINING_BACKENDS),
         "weights_url": f"{API_PREFIX}rounds/{rnd.pk}/weights",
         "weights_sha256": rnd.weights_sha256,
         "weights_size": rnd.weights_size,
@@ -212,6 +237,7 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
 # them, so both forms are kept per process, by digest (a digest never changes meaning).
 _bytes_cache: dict[str, bytes] = {}
 _weights_cache: dict[str, Weights] = {}
+_state_cache: dict[str, dict[str, npt.NDArray[Any]]] = {}
 _CACHE_SIZE = 8
 
 
@@ -226,13 +252,35 @@ def round_weights_bytes(*, rnd: FederatedRound) -> bytes:
     return data
 
 
+def round_state(*, rnd: FederatedRound) -> dict[str, npt.NDArray[Any]]:
+    """Every tensor of the round's global model (parameters, buffers, constants), as stored."""
+    cached = _state_cache.get(rnd.weights_sha256)
+    if cached is not None:
+        return cached
+    tensors, _ = decode_tensors(round_weights_bytes(rnd=rnd))
+    state = {k: np.asarray(v) for k, v in tensors.items()}
+    if len(_state_cache) > _CACHE_SIZE:
+        _state_cache.clear()
+    _state_cache[rnd.weights_sha256] = state
+    return state
+
+
+def round_trainable(*, rnd: FederatedRound) -> list[str]:
+    """The parameters a round trains, in the program's order: what a delta carries."""
+    names = version_trainable(version=rnd.base_version)
+    if names is None:
+        # A version without a program: every float tensor is a parameter.
+        return sorted(k for k, v in round_state(rnd=rnd).items() if np.issubdtype(v.dtype, np.floating))
+    return names
+
+
 def round_weights(*, rnd: FederatedRound) -> Weights:
-    """The round's global weights, decoded to contiguous float32 arrays."""
+    """The round's trainable parameters, contiguous float32: what deltas are checked against."""
     cached = _weights_cache.get(rnd.weights_sha256)
     if cached is not None:
         return cached
-    tensors, _ = decode_tensors(storage.read_bytes(name=rnd.weights_path))
-    weights = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}
+    state = round_state(rnd=rnd)
+    weights = {k: np.ascontiguousarray(state[k], dtype=np.float32) for k in round_trainable(rnd=rnd)}
     if len(_weights_cache) > _CACHE_SIZE:
         _weights_cache.clear()
     _weights_cache[rnd.weights_sha256] = weights

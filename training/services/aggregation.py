@@ -37,9 +37,10 @@ from core.dispatch import enqueue_on_commit
 from core.events import emit
 from core.leases import Lease, LeaseLost
 from devices_agent.codecs import decode_tensors, encode_tensors
-from models_registry.evaluation import Evaluation, evaluation_dataset, onnx_export, version_evaluate
+from models_registry.evaluation import Evaluation, evaluation_dataset, version_evaluate
+from models_registry.ml.onnx_weights import onnx_with_weights
 from models_registry.models import EvaluationDataset, ModelVersion
-from models_registry.selectors import version_latest_evaluation
+from models_registry.selectors import version_latest_evaluation, version_onnx, version_program
 from models_registry.services import version_create
 from training import selectors, storage
 from training.aggregation import Aggregator, SafetensorsFileSource, UpdateFileReader, Weights, make_aggregator
@@ -152,16 +153,17 @@ def _aggregate(
             for update in updates:
                 on_update(update.pk)
     folder = _round_folder(rnd)
-    storage.save_bytes(
-        name=f"{folder}/result.safetensors",
-        data=encode_tensors({k: np.asarray(v, np.float32) for k, v in new_weights.items()}),
-    )
+    # The new model is the round's global model with the trained parameters replaced;
+    # buffers and constants (e.g. BatchNorm statistics) are carried over unchanged.
+    model = dict(selectors.round_state(rnd=rnd))
+    model.update({k: np.asarray(v, np.float32) for k, v in new_weights.items()})
+    storage.save_bytes(name=f"{folder}/result.safetensors", data=encode_tensors(model))
     fields: dict[str, Any] = {"status": FederatedRound.Status.EVALUATING}
-    state = agg.state_bytes()
-    if state is not None:
+    server_state = agg.state_bytes()
+    if server_state is not None:
         # Kept on the round until it is done: only then does the job carry it on.
         fields["server_state_path"] = storage.save_bytes(
-            name=f"{folder}/server_state.safetensors", data=state
+            name=f"{folder}/server_state.safetensors", data=server_state
         )
     claim.renew(aggregate_s=time.monotonic() - started, **fields)
 
@@ -216,9 +218,11 @@ def _checkpoint(*, rnd: FederatedRound, agg: Aggregator, claim: _Claim) -> None:
 
 
 def _result(rnd: FederatedRound) -> tuple[bytes, Weights]:
+    """The stored result: the whole state's bytes, and its trained parameters."""
     data = storage.read_bytes(name=f"{_round_folder(rnd)}/result.safetensors")
     tensors, _ = decode_tensors(data)
-    return data, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
+    trainable = selectors.round_trainable(rnd=rnd)
+    return data, {k: np.asarray(tensors[k], np.float32) for k in trainable}
 
 
 def _register(
@@ -226,14 +230,20 @@ def _register(
 ) -> ModelVersion:
     """Register the round's result through the registry (validated, stored, signed)."""
     with transaction.atomic():
+        base = rnd.base_version
         version = version_create(
             family=job.family,
             weights=weights_bytes,
             onnx=onnx_bytes,
-            parent=rnd.base_version,
+            program=version_program(version=base),
+            head=list(base.head or []),
+            parent=base,
             source=ModelVersion.Source.FEDERATED,
             source_detail={"job": job.pk, "round": rnd.number},
-            arch=rnd.base_version.arch,
+            arch=base.arch,
+            # The parent's program and graph were checked against each other; a new
+            # version made by changing weights is checked for its tensors, not run again.
+            derived=True,
         )
         # The lease check makes the version creation happen once: a worker that lost
         # the lease rolls the version back here.
@@ -272,9 +282,7 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
     dataset = evaluation_dataset(family=job.family)
     # Evaluation runs the ONNX model, so the result is exported whether or not the job
     # keeps the export as an artifact of the version.
-    onnx_bytes = onnx_export(
-        family=job.family, arch=rnd.base_version.effective_arch, weights=weights, dataset=dataset
-    )
+    onnx_bytes = onnx_with_weights(version_onnx(version=rnd.base_version), weights)
     version = rnd.version
     if version is None:
         version = _register(

@@ -20,6 +20,7 @@ from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import audit_record
 from core.dispatch import enqueue_on_commit
 from core.events import emit
+from devices_agent.wire import TRAINING_BACKENDS
 from fleet.models import Device, DeviceGroup
 from fleet.selectors.devices import group_members
 from models_registry.models import Artifact, ModelFamily, ModelVersion
@@ -56,6 +57,7 @@ JOB_FIELDS = (
     "max_update_norm",
     "codec",
     "topk_fraction",
+    "backends",
     "round_deadline_s",
     "quorum",
     "max_consecutive_failures",
@@ -147,8 +149,18 @@ def _validate_job(job: FederatedJob) -> None:
         errors["max_consecutive_failures"] = "must be at least 1"
     if job.base_version.family_id != job.family_id:
         errors["base_version"] = "must belong to the job's family"
-    elif not Artifact.objects.filter(version=job.base_version, kind=Artifact.Kind.WEIGHTS).exists():
-        errors["base_version"] = "has no weights artifact to start from"
+    else:
+        kinds = set(Artifact.objects.filter(version=job.base_version).values_list("kind", flat=True))
+        missing = [
+            k for k in (Artifact.Kind.WEIGHTS, Artifact.Kind.PROGRAM, Artifact.Kind.ONNX) if k not in kinds
+        ]
+        if missing:
+            errors["base_version"] = (
+                f"has no {' or '.join(missing)} artifact; boards train the program from the weights "
+                "and serve the ONNX graph (devices_agent.program.make_bundle writes all three)"
+            )
+    if not isinstance(job.backends, list) or not all(b in TRAINING_BACKENDS for b in job.backends):
+        errors["backends"] = f"must be a list of {list(TRAINING_BACKENDS)}"
     _validate_strategy(job, errors)
     if errors:
         field, message = next(iter(errors.items()))
