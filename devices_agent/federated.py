@@ -292,6 +292,8 @@ class FederatedTrainer:
                 raise
             shutil.rmtree(folder, ignore_errors=True)
             return RoundOutcome(round_id, "skipped", code=exc.code, message=str(exc))
+        if config.get("evaluate_only"):
+            return self._evaluate_task(config, folder)
         try:
             data, meta, downloaded = self._prepare_upload(config, folder)
         except (_Skip, SpecError) as exc:
@@ -334,6 +336,41 @@ class FederatedTrainer:
             )
         self._commit(folder)
         return RoundOutcome(round_id, "uploaded", bytes_up=len(data), bytes_down=downloaded, metrics=metrics)
+
+    def _evaluate_task(self, task: Mapping[str, Any], folder: Path) -> RoundOutcome:
+        """An evaluation round: the global model on this board's holdout, and only the numbers sent."""
+        round_id = int(task["round_id"])
+        try:
+            spec = FamilySpec.from_dict(task["spec"])
+            backend = self._backend(list(task.get("backends") or ["torch"]))
+            holdout = self.data.holdout_set(spec)
+            if backend is None or holdout is None or not len(holdout[0]):
+                raise _Skip("no_holdout" if backend else "no_backend", "nothing to evaluate on this board")
+            program = self._program(task["program"])
+            weights, downloaded = self._weights(task, folder)
+            measured = backend.evaluate(program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1])
+        except _Skip as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            return RoundOutcome(round_id, "skipped", code=exc.code, message=str(exc))
+        metrics = {
+            f"holdout_{spec.primary_metric}": float(measured[spec.primary_metric]),
+            "holdout_loss": float(measured["loss"]),
+            "holdout_examples": float(len(holdout[0])),
+        }
+        try:
+            self._retry(
+                lambda: self.client.request(
+                    "POST", str(task["evaluation_url"]), json_body={"metrics": metrics}
+                )
+            )
+        except ServerError as exc:
+            if exc.retryable:
+                raise
+            shutil.rmtree(folder, ignore_errors=True)
+            status = "duplicate" if exc.code == "duplicate_update" else "rejected"
+            return RoundOutcome(round_id, status, code=exc.code, message=str(exc), metrics=metrics)
+        shutil.rmtree(folder, ignore_errors=True)
+        return RoundOutcome(round_id, "evaluated", bytes_down=downloaded, metrics=metrics)
 
     def open_tasks(self, *, wait_s: float = 0.0) -> list[dict[str, Any]]:
         """``GET rounds/``: the device's open training tasks.

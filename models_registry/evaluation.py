@@ -5,21 +5,18 @@ it, and so does federated training for the version each round produces. It runs 
 version's ONNX model in ONNX Runtime (:func:`models_registry.ml.evaluate.evaluate_onnx`),
 stores the full report as an :class:`~models_registry.models.EvaluationReport` and merges
 the headline numbers into ``ModelVersion.metrics``, so every version, however it was
-made, is measured the same way and compared on the same data. :func:`onnx_export` gives
-weights that are not registered yet the ONNX form the evaluation runs, checked against
-torch on the same test set.
+made, is measured the same way and compared on the same data. A family without a test
+set is evaluated federatedly instead, on the boards' holdouts (see ``training``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 from django.core.files.storage import default_storage
 from django.db import transaction
 from django.utils import timezone
@@ -32,7 +29,6 @@ __all__ = [
     "DEFAULT_LATENCY_REPEATS",
     "Evaluation",
     "evaluation_dataset",
-    "onnx_export",
     "version_evaluate",
 ]
 
@@ -58,49 +54,36 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value, default=fallback))
 
 
-def evaluation_dataset(*, family: ModelFamily, name: str | None = None) -> EvaluationDataset:
-    """The test set named ``name`` (by default ``digits-test``, registered on first use).
+def evaluation_dataset(*, family: ModelFamily, name: str | None = None) -> EvaluationDataset | None:
+    """The family's central test set: the one named ``name``, else its newest; None without one.
 
-    Raises ``ServiceError`` when no such set is registered (``no_dataset``), when it is
-    not a test set, or when its examples do not fit the family (``dataset_mismatch``).
+    A family without a test set is evaluated where its data is, on the boards' holdouts
+    (federated evaluation, see ``training``). Raises ``ServiceError`` when ``name`` is
+    not registered (``no_dataset``), is not a test set, or does not fit the family
+    (``dataset_mismatch``).
     """
-    wanted = name or datasets.DIGITS_TEST
-    dataset = datasets.dataset_get(wanted)
-    if dataset is None and wanted == datasets.DIGITS_TEST:
-        dataset = datasets.dataset_register_digits_test()
+    if name is None:
+        return (
+            EvaluationDataset.objects.filter(family=family, split=EvaluationDataset.Split.TEST)
+            .order_by("-created_at", "-id")
+            .first()
+        )
+    dataset = datasets.dataset_get(name)
     if dataset is None:
-        raise ServiceError(f"No data set named {wanted!r} is registered.", code="no_dataset")
+        raise ServiceError(f"No data set named {name!r} is registered.", code="no_dataset")
     if dataset.split != EvaluationDataset.Split.TEST:
         raise ServiceError(f"Data set {dataset.name} is a {dataset.split} set; evaluation needs a test set.")
-    if list(dataset.input_shape) != list(family.input_shape) or dataset.num_classes != family.num_classes:
+    spec = family.spec
+    if list(dataset.input_shape) != list(spec.input_shape) or (
+        spec.task == "classification" and dataset.num_classes != spec.num_classes
+    ):
         raise ServiceError(
             f"Data set {dataset.name} has examples of shape {dataset.input_shape} and "
-            f"{dataset.num_classes} classes; family {family.name} expects shape {family.input_shape} "
-            f"and {family.num_classes} classes.",
+            f"{dataset.num_classes} classes; family {family.name} expects shape {family.input_shape}"
+            + (f" and {spec.num_classes} classes." if spec.task == "classification" else "."),
             code="dataset_mismatch",
         )
     return dataset
-
-
-def onnx_export(
-    *,
-    family: ModelFamily,
-    arch: str,
-    weights: Mapping[str, npt.ArrayLike],
-    dataset: EvaluationDataset | None = None,
-) -> bytes:
-    """``weights`` of architecture ``arch`` as an ONNX model, for ``family``.
-
-    The export is checked against the eager torch model on the first 64 examples of
-    ``dataset`` (by default :func:`evaluation_dataset` of the family), the inputs it
-    will be evaluated on; a mismatch raises ``ExportParityError`` (a ``ValueError``).
-    """
-    from models_registry.ml.export import export_onnx
-
-    dataset = dataset or evaluation_dataset(family=family)
-    sample = datasets.dataset_load(dataset)[0][:64]
-    tensors = {name: np.asarray(t, dtype=np.float32) for name, t in weights.items()}
-    return bytes(export_onnx(arch=arch, weights=tensors, sample_inputs=sample).onnx_bytes)
 
 
 def _onnx_artifact_bytes(version: ModelVersion) -> bytes:
@@ -118,10 +101,10 @@ def _onnx_artifact_bytes(version: ModelVersion) -> bytes:
 
 def _headline(report: dict[str, Any], dataset: EvaluationDataset) -> dict[str, Any]:
     latency = report.get("latency_us", {})
+    quality = {k: report[k] for k in ("accuracy", "macro_auc", "mae", "rmse") if k in report}
     return {
-        "accuracy": report["accuracy"],
+        **quality,
         "loss": report["loss"],
-        "macro_auc": report.get("macro_auc"),
         "size_bytes": report["size_bytes"],
         "compressed_size_bytes": report["compressed_size_bytes"],
         "parameter_count": report["parameter_count"],
@@ -149,14 +132,25 @@ def version_evaluate(
     and recall, ROC, latency, size); the headline keys are merged into
     ``version.metrics`` (other keys, such as ``rejected`` or ``flagged``, stay).
     """
-    from models_registry.ml.evaluate import evaluate_onnx
+    from models_registry.ml.evaluate import evaluate_onnx, evaluate_regression_onnx
 
     dataset = dataset or evaluation_dataset(family=version.family)
+    if dataset is None:
+        raise ServiceError(
+            f"Family {version.family.name} has no test set to evaluate on (see /api/v1/datasets/).",
+            code="no_dataset",
+        )
     model = onnx_bytes if onnx_bytes is not None else _onnx_artifact_bytes(version)
     x, y = datasets.dataset_load(dataset)
-    report = evaluate_onnx(
-        onnx_bytes=model, x=x, y=y, num_classes=dataset.num_classes, latency_repeats=latency_repeats
-    )
+    spec = version.family.spec
+    if spec.task == "regression":
+        report = evaluate_regression_onnx(
+            onnx_bytes=model, x=x, y=y, output_size=spec.outputs, latency_repeats=latency_repeats
+        )
+    else:
+        report = evaluate_onnx(
+            onnx_bytes=model, x=x, y=y, num_classes=spec.outputs, latency_repeats=latency_repeats
+        )
     headline = _jsonable(_headline(report, dataset))
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=version.pk)

@@ -75,6 +75,9 @@ class FederatedJob(models.Model):
         "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     best_accuracy = models.FloatField(null=True, blank=True)
+    # The best version's primary metric (accuracy, or mae for regression), by whichever
+    # evaluation it has: on the family's test set, or federated on the boards' holdouts.
+    best_metric = models.FloatField(null=True, blank=True)
     # Storage name of the server optimiser state (FedAdam/FedYogi) carried between rounds.
     server_state_path = models.CharField(max_length=300, blank=True)
     error = models.TextField(blank=True)
@@ -136,9 +139,24 @@ class FederatedRound(models.Model):
     # Storage name of the server optimiser state after this round (FedAdam/FedYogi); the
     # job takes it over when the round is done.
     server_state_path = models.CharField(max_length=300, blank=True)
+
+    class Kind(models.TextChoices):
+        TRAIN = "train"
+        # After the last round, when the family has no central test set: the boards
+        # evaluate the final version on their holdouts, nothing is trained.
+        EVALUATE = "evaluate"
+
+    kind = models.CharField(max_length=10, choices=Kind.choices, default=Kind.TRAIN)
     accuracy = models.FloatField(null=True, blank=True)
     loss = models.FloatField(null=True, blank=True)
     confusion = models.JSONField(default=list, blank=True)
+    # The round's version judged by the family's primary metric (accuracy, or mae), and
+    # how: "central" (the family's test set) or "federated" (the next round's boards on
+    # their holdouts: weighted mean, with the per-device spread in evaluation_detail).
+    metric_name = models.CharField(max_length=20, blank=True)
+    metric = models.FloatField(null=True, blank=True)
+    evaluation = models.CharField(max_length=10, blank=True)
+    evaluation_detail = models.JSONField(default=dict, blank=True)
     epsilon = models.FloatField(null=True, blank=True)
     version = models.ForeignKey(
         "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"

@@ -60,8 +60,11 @@ def _training_allowed(device: Device, group: DeviceGroup) -> bool:
     return not (rules.get("require_idle") and not state.get("idle", False))
 
 
-def eligible_devices(*, job: FederatedJob) -> list[Device]:
-    """Devices of the job's group that may train now, sorted by id (selection is seeded)."""
+def eligible_devices(*, job: FederatedJob, evaluate: bool = False) -> list[Device]:
+    """Devices of the job's group that may train now, sorted by id (selection is seeded).
+
+    With ``evaluate`` (an evaluation round): those that hold a local holdout to judge on.
+    """
     out: list[Device] = []
     for device in group_devices(group=job.target_group):
         if device.status == Device.Status.DECOMMISSIONED:
@@ -75,6 +78,8 @@ def eligible_devices(*, job: FederatedJob) -> list[Device]:
         # cannot hold a round open until its deadline.
         examples = int(state.get("local_examples", 0) or 0)
         if examples < max(1, job.min_local_examples):
+            continue
+        if evaluate and int(state.get("holdout_examples", 0) or 0) < 1:
             continue
         if not set(device_backends(device)) & set(job.backends or TRAINING_BACKENDS):
             continue
@@ -101,13 +106,13 @@ def selection_size(*, job: FederatedJob, eligible: int) -> int:
     return min(eligible, wanted)
 
 
-def round_selection(*, job: FederatedJob, number: int) -> tuple[list[str], int]:
+def round_selection(*, job: FederatedJob, number: int, evaluate: bool = False) -> tuple[list[str], int]:
     """``(chosen device ids, number eligible)`` for round ``number`` of ``job``.
 
     Deterministic for (job seed, round number): a retried ``round_open`` chooses the
     same devices. No devices are chosen while too few are eligible.
     """
-    eligible = eligible_devices(job=job)
+    eligible = eligible_devices(job=job, evaluate=evaluate)
     k = selection_size(job=job, eligible=len(eligible))
     if k == 0:
         return [], len(eligible)
@@ -213,6 +218,9 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
         "program": program,
         "trainable": round_trainable(rnd=rnd),
         "backends": list(job.backends or TRAINING_BACKENDS),
+        # An evaluation round: measure the global model on the holdout, train nothing.
+        "evaluate_only": rnd.kind == FederatedRound.Kind.EVALUATE,
+        "evaluation_url": f"{API_PREFIX}rounds/{rnd.pk}/evaluation",
         "weights_url": f"{API_PREFIX}rounds/{rnd.pk}/weights",
         "weights_sha256": rnd.weights_sha256,
         "weights_size": rnd.weights_size,

@@ -1,4 +1,4 @@
-"""Evaluation reports for ONNX classifiers: quality, calibration curves, latency, size.
+"""Evaluation reports for ONNX models: quality by task, calibration curves, latency, size.
 
 :func:`evaluate_onnx` is what the registry stores as a version's evaluation report, so
 everything it returns is plain JSON (floats, ints, lists, ``None`` for undefined values).
@@ -19,6 +19,7 @@ import numpy.typing as npt
 __all__ = [
     "EvaluationInputError",
     "evaluate_onnx",
+    "evaluate_regression_onnx",
     "measure_latency",
     "ort_session",
 ]
@@ -115,6 +116,67 @@ def _parameter_count(onnx_bytes: bytes) -> int:
     return int(sum(int(np.prod(init.dims, dtype=np.int64)) for init in model.graph.initializer))
 
 
+def _cost(onnx_bytes: bytes, sess: Any, xs: npt.NDArray[Any], latency_repeats: int) -> dict[str, Any]:
+    latency = {
+        f"batch_{batch}": measure_latency(
+            onnx_bytes=onnx_bytes, x=xs, batch=batch, repeats=latency_repeats, session=sess
+        )
+        for batch in (1, 64)
+    }
+    return {
+        "latency_us": latency,
+        "size_bytes": len(onnx_bytes),
+        "compressed_size_bytes": len(zlib.compress(onnx_bytes, 9)),
+        "parameter_count": _parameter_count(onnx_bytes),
+    }
+
+
+def evaluate_regression_onnx(
+    *,
+    onnx_bytes: bytes,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    output_size: int,
+    latency_repeats: int = 200,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Evaluate an ONNX regressor on targets; return a JSON-ready report.
+
+    Keys: ``num_examples``, ``output_size``, ``mae``, ``rmse``, ``loss`` (mean squared
+    error), ``mae_per_output``, ``r2`` (per output, ``None`` for a constant target), and
+    the latency and size keys of :func:`evaluate_onnx`. Raises
+    :class:`EvaluationInputError` when shapes do not fit.
+    """
+    xs = np.asarray(x)
+    ys = np.asarray(y, dtype=np.float64).reshape(len(xs), -1) if len(np.asarray(y)) else np.zeros((0, 1))
+    if len(xs) == 0:
+        raise EvaluationInputError("no examples to evaluate")
+    if ys.shape != (len(xs), output_size):
+        raise EvaluationInputError(f"targets must have shape ({len(xs)}, {output_size}); got {ys.shape}")
+    if not np.all(np.isfinite(ys)) or not np.all(np.isfinite(xs)):
+        raise EvaluationInputError("x and y must be finite numbers")
+    sess = ort_session(onnx_bytes, threads=threads)
+    xs = np.ascontiguousarray(xs, dtype=np.float32) if xs.dtype.kind == "f" else np.ascontiguousarray(xs)
+    out = np.asarray(sess.run(None, {sess.get_inputs()[0].name: xs})[0], dtype=np.float64).reshape(
+        len(xs), -1
+    )
+    if out.shape != ys.shape:
+        raise EvaluationInputError(f"model outputs shape {out.shape}, expected {ys.shape}")
+    error = out - ys
+    variance = ys.var(axis=0)
+    r2 = [None if v == 0 else float(1.0 - (error[:, i] ** 2).mean() / v) for i, v in enumerate(variance)]
+    return {
+        "num_examples": len(xs),
+        "output_size": output_size,
+        "mae": float(np.abs(error).mean()),
+        "rmse": float(np.sqrt((error**2).mean())),
+        "loss": float((error**2).mean()),
+        "mae_per_output": [float(v) for v in np.abs(error).mean(axis=0)],
+        "r2": r2,
+        **_cost(onnx_bytes, sess, xs, latency_repeats),
+    }
+
+
 def evaluate_onnx(
     *,
     onnx_bytes: bytes,
@@ -198,12 +260,6 @@ def evaluate_onnx(
         auc.append(float(roc_auc_score(positives, probs[:, cls])))
     defined = [a for a in auc if a is not None]
 
-    latency = {
-        f"batch_{batch}": measure_latency(
-            onnx_bytes=onnx_bytes, x=xs, batch=batch, repeats=latency_repeats, session=sess
-        )
-        for batch in (1, 64)
-    }
     return {
         "num_examples": len(xs),
         "num_classes": num_classes,
@@ -215,8 +271,5 @@ def evaluate_onnx(
         "roc": roc,
         "auc": auc,
         "macro_auc": float(np.mean(defined)) if defined else None,
-        "latency_us": latency,
-        "size_bytes": len(onnx_bytes),
-        "compressed_size_bytes": len(zlib.compress(onnx_bytes, 9)),
-        "parameter_count": _parameter_count(onnx_bytes),
+        **_cost(onnx_bytes, sess, xs, latency_repeats),
     }

@@ -126,3 +126,19 @@ def round_update(request: HttpRequest, device: Device, body: None, round_id: int
         {"id": update.pk, "status": update.status, "duplicate": not created, "norm": update.norm},
         status=201 if created else 200,
     )
+
+
+@device_endpoint(methods=("POST",))
+def round_evaluation(
+    request: HttpRequest, device: Device, body: dict[str, Any], round_id: int
+) -> HttpResponseBase:
+    """``POST rounds/<id>/evaluation``: a board's holdout numbers for an evaluation round.
+
+    Body ``{"metrics": {"holdout_<metric>", "holdout_loss", "holdout_examples"}}``; 201 when
+    stored, 200 for the same numbers again.
+    """
+    metrics = body.get("metrics")
+    if not isinstance(metrics, dict):
+        raise ServiceError("metrics must be an object.", code="bad_metrics")
+    update, created = services.evaluation_receive(round_id=round_id, device=device, metrics=metrics)
+    return JsonResponse({"id": update.pk, "duplicate": not created}, status=201 if created else 200)

@@ -33,7 +33,7 @@ from training.services.jobs import (
     job_succeed,
 )
 from training.services.rounds import round_close, round_open, round_weights_served, rounds_tick
-from training.services.updates import MAX_METRICS_JSON, UpdateRejected, update_receive
+from training.services.updates import MAX_METRICS_JSON, UpdateRejected, evaluation_receive, update_receive
 
 __all__ = [
     "AGGREGATION_LEASE",
@@ -44,6 +44,7 @@ __all__ = [
     "RETRAIN_ROUNDS",
     "LeaseLost",
     "UpdateRejected",
+    "evaluation_receive",
     "job_cancel",
     "job_create",
     "job_pause",

@@ -97,6 +97,11 @@ def round_aggregate(
     job = rnd.job
     phase = "aggregation"
     try:
+        if rnd.kind == FederatedRound.Kind.EVALUATE:
+            phase = "evaluation"
+            _evaluation_round_finish(rnd=rnd, job=job, claim=claim)
+            rnd.refresh_from_db()
+            return rnd
         if rnd.status == FederatedRound.Status.AGGREGATING:
             _aggregate(rnd=rnd, job=job, claim=claim, on_update=on_update)
             rnd.refresh_from_db()
@@ -276,48 +281,162 @@ def _epsilon(*, rnd: FederatedRound, job: FederatedJob) -> float | None:
     )
 
 
-def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
-    started = time.monotonic()
-    weights_bytes, weights = _result(rnd)
-    dataset = evaluation_dataset(family=job.family)
-    # Evaluation runs the ONNX model, so the result is exported whether or not the job
-    # keeps the export as an artifact of the version.
-    onnx_bytes = onnx_with_weights(version_onnx(version=rnd.base_version), weights)
-    version = rnd.version
-    if version is None:
-        version = _register(
-            rnd=rnd,
-            job=job,
-            claim=claim,
-            weights_bytes=weights_bytes,
-            onnx_bytes=onnx_bytes if job.export_onnx else None,
+def federated_evaluation(*, rnd: FederatedRound) -> dict[str, Any] | None:
+    """The round's base version as the boards' holdouts judged it, or None without numbers.
+
+    Every board measures the global model it receives on its own holdout before it trains
+    (``holdout_<metric>`` with ``holdout_examples`` in its update's metrics): the mean
+    weighted by holdout examples, and the spread across boards, since a mean can hide a
+    board the model fails.
+    """
+    spec = rnd.job.family.spec
+    key = f"holdout_{spec.primary_metric}"
+    values, weights = [], []
+    for metrics in ClientUpdate.objects.filter(
+        round=rnd, status=ClientUpdate.Status.ACCEPTED, device_id__in=rnd.selected
+    ).values_list("metrics", flat=True):
+        value, examples = (metrics or {}).get(key), (metrics or {}).get("holdout_examples")
+        if isinstance(value, int | float) and isinstance(examples, int | float) and examples >= 1:
+            values.append(float(value))
+            weights.append(float(examples))
+    if not values:
+        return None
+    v = np.asarray(values)
+    w = np.asarray(weights)
+    return {
+        "metric": spec.primary_metric,
+        "value": float((v * w).sum() / w.sum()),
+        "devices": len(values),
+        "examples": int(w.sum()),
+        "min": float(v.min()),
+        "max": float(v.max()),
+        "std": float(v.std()),
+    }
+
+
+def _record_federated(*, rnd: FederatedRound, job: FederatedJob) -> None:
+    """Give the round's base version the federated evaluation its boards sent, if it has none better."""
+    detail = federated_evaluation(rnd=rnd)
+    if detail is None:
+        return
+    base = rnd.base_version
+    source = FederatedRound.objects.filter(job=job, version=base).first()
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=base.pk)
+        if (locked.metrics or {}).get("evaluation") == "central":
+            return  # a test set's verdict is not replaced by the boards'
+        locked.metrics = {
+            **(locked.metrics or {}),
+            detail["metric"]: detail["value"],
+            "evaluation": "federated",
+            "federated_evaluation": detail,
+        }
+        locked.save(update_fields=["metrics"])
+        if source is not None:
+            FederatedRound.objects.filter(pk=source.pk).update(
+                metric_name=detail["metric"],
+                metric=detail["value"],
+                evaluation="federated",
+                evaluation_detail=detail,
+                **({"accuracy": detail["value"]} if detail["metric"] == "accuracy" else {}),
+            )
+            _consider_best(job=job, version=base, value=detail["value"])
+
+
+def _consider_best(*, job: FederatedJob, version: ModelVersion, value: float) -> None:
+    """Make ``version`` the job's best when its primary metric beats the best so far."""
+    spec = job.family.spec
+    current = FederatedJob.objects.select_for_update().get(pk=job.pk)
+    if current.best_metric is None or spec.better(value, current.best_metric):
+        FederatedJob.objects.filter(pk=job.pk).update(
+            best_metric=value,
+            best_version=version,
+            **({"best_accuracy": value} if spec.primary_metric == "accuracy" else {}),
         )
-    report = _evaluation(version=version, dataset=dataset, onnx_bytes=onnx_bytes).report.report
+
+
+def _evaluation_round_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
+    """An evaluation round: record what the boards measured on the final version; no training."""
+    started = time.monotonic()
+    with transaction.atomic():
+        _record_federated(rnd=rnd, job=job)
+        detail = federated_evaluation(rnd=rnd)
+        done = claim.release(
+            status=FederatedRound.Status.DONE,
+            finished_at=timezone.now(),
+            evaluate_s=time.monotonic() - started,
+            metric_name=detail["metric"] if detail else "",
+            metric=detail["value"] if detail else None,
+            evaluation="federated" if detail else "",
+            evaluation_detail=detail or {},
+        )
+        if not done:
+            raise LeaseLost(f"round {rnd.pk}: finished elsewhere")
+        FederatedJob.objects.filter(id=job.pk).update(consecutive_failures=0)
+        emit(
+            "federated_round.status",
+            {"job": job.pk, "round": rnd.number, "status": FederatedRound.Status.DONE},
+        )
+        enqueue_on_commit("training.round_open", job.pk)
+
+
+def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
+    """Register the round's version, evaluate it (centrally when the family has a test set),
+    credit the base version with the boards' holdout numbers, and open the next round."""
+    started = time.monotonic()
+    spec = job.family.spec
+    weights_bytes, weights = _result(rnd)
+    version = rnd.version
+    # The round's graph is the base version's with the new weights written in by name.
+    onnx_bytes = onnx_with_weights(version_onnx(version=rnd.base_version), weights)
+    if version is None:
+        version = _register(rnd=rnd, job=job, claim=claim, weights_bytes=weights_bytes, onnx_bytes=onnx_bytes)
+    dataset = evaluation_dataset(family=job.family)
+    fields: dict[str, Any] = {}
+    if dataset is not None:
+        headline = _evaluation(version=version, dataset=dataset, onnx_bytes=onnx_bytes).headline
+        value = float(headline[spec.primary_metric])
+        fields = {
+            "metric_name": spec.primary_metric,
+            "metric": value,
+            "evaluation": "central",
+            "loss": float(headline["loss"]),
+        }
+        if spec.task == "classification":
+            report = version_latest_evaluation(version)
+            fields["accuracy"] = value
+            fields["confusion"] = (report.report if report else {}).get("confusion_matrix", [])
+        ModelVersion.objects.filter(pk=version.pk).update(
+            metrics={**(ModelVersion.objects.get(pk=version.pk).metrics or {}), "evaluation": "central"}
+        )
     claim.renew()  # export and evaluation take a while; the holder must still be this worker
-    accuracy, loss = float(report["accuracy"]), float(report["loss"])
     with transaction.atomic():
         done = claim.release(
             status=FederatedRound.Status.DONE,
             finished_at=timezone.now(),
-            accuracy=accuracy,
-            loss=loss,
-            confusion=report["confusion_matrix"],
             epsilon=_epsilon(rnd=rnd, job=job),
             evaluate_s=time.monotonic() - started,
+            **fields,
         )
         if not done:
             raise LeaseLost(f"round {rnd.pk}: finished elsewhere")
-        current = FederatedJob.objects.select_for_update().get(pk=job.pk)
         job_updates: dict[str, Any] = {"consecutive_failures": 0}
         if rnd.server_state_path:
             job_updates["server_state_path"] = rnd.server_state_path
-        # The job's best version is the best evaluated one.
-        if current.best_accuracy is None or accuracy > current.best_accuracy:
-            job_updates.update(best_accuracy=accuracy, best_version=version)
         FederatedJob.objects.filter(id=job.pk).update(**job_updates)
+        if "metric" in fields:
+            _consider_best(job=job, version=version, value=fields["metric"])
+        # The boards measured the base version on their holdouts before training on it.
+        _record_federated(rnd=rnd, job=job)
         emit(
             "federated_round.status",
-            {"job": job.pk, "round": rnd.number, "status": FederatedRound.Status.DONE, "accuracy": accuracy},
+            {
+                "job": job.pk,
+                "round": rnd.number,
+                "status": FederatedRound.Status.DONE,
+                **({"accuracy": fields["metric"]} if fields.get("metric_name") == "accuracy" else {}),
+                **({"metric": fields["metric"]} if "metric" in fields else {}),
+            },
         )
         enqueue_on_commit("training.round_open", job.pk)
     partial = PartialAggregate.objects.filter(round=rnd).first()

@@ -40,11 +40,25 @@ def _weights_of(version: ModelVersion) -> bytes:
     return data
 
 
+def _needs_final_evaluation(*, job: FederatedJob, last: FederatedRound | None) -> bool:
+    """After the last training round: whether the boards must still judge the final version.
+
+    A version is judged by the next round's boards on their holdouts when the family has
+    no test set; the last version has no next round, so it gets an evaluation round.
+    """
+    if last is None or last.kind != FederatedRound.Kind.TRAIN or last.status != FederatedRound.Status.DONE:
+        return False
+    return last.evaluation != "central" and last.version_id is not None
+
+
 def _next_round(*, job: FederatedJob, last: FederatedRound | None) -> FederatedRound | None:
-    """Create the round after ``last`` with its global weights; None after the last round."""
+    """Create the round after ``last`` with its global weights; None when the job is done."""
     number = (last.number + 1) if last is not None else 1
+    kind = FederatedRound.Kind.TRAIN
     if number > job.rounds:
-        return None
+        if not _needs_final_evaluation(job=job, last=last):
+            return None
+        kind = FederatedRound.Kind.EVALUATE
     base = job.base_version
     if last is not None:
         latest = (
@@ -55,7 +69,7 @@ def _next_round(*, job: FederatedJob, last: FederatedRound | None) -> FederatedR
         )
         if latest is not None and latest.version is not None:
             base = latest.version
-    rnd = FederatedRound.objects.create(job=job, number=number, base_version=base)
+    rnd = FederatedRound.objects.create(job=job, number=number, base_version=base, kind=kind)
     data = _weights_of(base)
     rnd.weights_path = storage.save_bytes(
         name=f"{storage.round_dir(job_id=job.pk, round_number=number)}/global.safetensors", data=data
@@ -92,7 +106,9 @@ def round_open(*, job_id: int) -> FederatedRound | None:
             return None
         rnd = created
 
-    chosen, eligible = selectors.round_selection(job=job, number=rnd.number)
+    chosen, eligible = selectors.round_selection(
+        job=job, number=rnd.number, evaluate=rnd.kind == rnd.Kind.EVALUATE
+    )
     if not chosen:
         if rnd.failure_reason == "":
             rnd.failure_reason = f"waiting for devices: {eligible} eligible, need {job.min_clients}"

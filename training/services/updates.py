@@ -202,3 +202,70 @@ def update_receive(
             "This device already sent an update for the round.", code="duplicate_update"
         ) from None
     return update, True
+
+
+def evaluation_receive(
+    *, round_id: int, device: Device, metrics: dict[str, object]
+) -> tuple[ClientUpdate, bool]:
+    """Record one board's measurement of an evaluation round's model on its holdout.
+
+    ``metrics`` holds ``holdout_<metric>`` (the family's primary metric), ``holdout_loss``
+    and ``holdout_examples``; nothing else of the holdout leaves the board. Sending the
+    same numbers again answers the stored row (``created=False``); other numbers are a
+    409 ``duplicate_update``. Refusals: ``not_selected`` (403), ``round_closed`` (409),
+    ``not_an_evaluation`` (409, a training round), ``bad_metrics`` (400).
+    """
+    rnd = FederatedRound.objects.select_related("job", "job__family").filter(id=round_id).first()
+    if rnd is None:
+        raise NotFoundError("No such round.", code="not_found")
+    if str(device.pk) not in (rnd.selected or []):
+        raise ServiceError(
+            "This device was not selected for the round.", code="not_selected", status_code=403
+        )
+    if rnd.kind != FederatedRound.Kind.EVALUATE:
+        raise ConflictError("This round trains: send an update, not an evaluation.", code="not_an_evaluation")
+    spec = rnd.job.family.spec
+    wanted = (f"holdout_{spec.primary_metric}", "holdout_loss", "holdout_examples")
+    try:
+        clean = _parse_metrics(json.dumps({k: metrics.get(k) for k in wanted}))
+    except ValueError as exc:
+        raise ServiceError(f"{exc}; an evaluation carries {list(wanted)}", code="bad_metrics") from None
+    examples = clean["holdout_examples"]
+    reported = int((device.state or {}).get("holdout_examples", 0) or 0)
+    if not 1 <= examples <= max(reported, 1) or examples != int(examples):
+        # A board's weight in the mean is what it said it holds, no more.
+        raise ServiceError(
+            f"holdout_examples must be a whole number from 1 to the {reported} this board reported",
+            code="bad_metrics",
+        )
+    if spec.primary_metric == "accuracy" and not 0.0 <= clean["holdout_accuracy"] <= 1.0:
+        raise ServiceError("holdout_accuracy must lie in [0, 1]", code="bad_metrics")
+    if clean["holdout_loss"] < 0 or clean.get(f"holdout_{spec.primary_metric}", 0.0) < 0:
+        raise ServiceError("holdout metrics cannot be negative", code="bad_metrics")
+    digest = storage.sha256_hex(json.dumps(clean, sort_keys=True).encode())
+    existing = ClientUpdate.objects.filter(round=rnd, device=device).first()
+    if existing is not None:
+        if existing.sha256 == digest:
+            return existing, False
+        raise ConflictError("This device already sent its evaluation for the round.", code="duplicate_update")
+    if rnd.status != FederatedRound.Status.COLLECTING:
+        raise ConflictError(f"Round is {rnd.status}, not collecting.", code="round_closed")
+    try:
+        with transaction.atomic():
+            update = ClientUpdate.objects.create(
+                round=rnd,
+                device=device,
+                status=ClientUpdate.Status.ACCEPTED,
+                num_examples=int(examples),
+                sha256=digest,
+                metrics=clean,
+            )
+            FederatedRound.objects.filter(id=rnd.pk, status=FederatedRound.Status.COLLECTING).update(
+                participants=F("participants") + 1
+            )
+            _maybe_close_when_complete(rnd=rnd)
+    except IntegrityError:
+        raise ConflictError(
+            "This device already sent its evaluation for the round.", code="duplicate_update"
+        ) from None
+    return update, True
