@@ -184,9 +184,14 @@ def _latencies(onnx_bytes: bytes, module: Any, *, quick: bool) -> dict[str, floa
 def run(*, quick: bool) -> dict[str, Any]:
     import numpy as np
 
-    from benchmarks._agent_stack import digits_version, enrollment_token, server_stack
+    from config.stack import Stack
 
-    with server_stack(web_workers=1) as stack:
+    with Stack.scratch("flotilla-agent-bench-", production=True, heartbeat_interval_s=60) as stack:
+        stack.migrate()
+        stack.setup_django()
+        stack.start_web(workers=1, timeout=90)
+        from config.demo.seed import digits_version, enrollment_token
+
         token = enrollment_token(max_uses=1)
         version, module = digits_version(seed=0)
         onnx_bytes = version.artifacts.get(kind="onnx").file.read()

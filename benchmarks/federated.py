@@ -40,8 +40,6 @@ import argparse
 import itertools
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -50,8 +48,6 @@ from typing import Any
 
 import numpy as np
 
-HOST = "127.0.0.1"
-_ROOT = str(Path(__file__).resolve().parent.parent)
 ARCH = "mlp"
 EPOCHS = 5
 BATCH = 32
@@ -64,29 +60,6 @@ def _seconds(start: Any, end: Any) -> float:
     if start is None or end is None:
         return 0.0
     return float((end - start).total_seconds())
-
-
-def _env(work: Path, database_url: str, redis_url: str, port: int) -> dict[str, str]:
-    from cryptography.fernet import Fernet
-
-    env = dict(os.environ)
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "config.settings.production",
-            "DJANGO_SECRET_KEY": "benchmark-only-secret-key-" + "x" * 30,
-            "DEVICE_SECRET_KEY": "benchmark-only-device-key",
-            "PROVISIONING_KEY": Fernet.generate_key().decode(),
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "DJANGO_SECURE_COOKIES": "0",
-            "FLOTILLA_DATA_DIR": str(work),
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "PUBLIC_BASE_URL": f"http://{HOST}:{port}",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
 
 
 def _data(devices: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
@@ -131,7 +104,7 @@ def _seed_rows(devices: int) -> tuple[Any, Any, Any, list[str], Any]:
     return family, version, group, secrets, services
 
 
-def _run_job(services: Any, job_id: int, *, timeout: float, work: Path) -> str:
+def _run_job(services: Any, job_id: int, *, timeout: float, stack: Any) -> str:
     """Start a job and wait for it to end; returns its final status."""
     from training.models import FederatedJob
 
@@ -142,30 +115,25 @@ def _run_job(services: Any, job_id: int, *, timeout: float, work: Path) -> str:
         if status in ("succeeded", "failed", "cancelled"):
             return str(status)
         if time.perf_counter() > deadline:
-            raise TimeoutError((work / "worker.log").read_text(errors="replace")[-3000:])
+            raise TimeoutError(stack.log("worker")[-3000:])
         time.sleep(0.02)
 
 
 def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     """The full stack: web + worker processes, devices as threads over HTTP."""
-    from config.runner import ProcessGroup, free_port, wait_http_ok, web_command, worker_command
+    from config.stack import Stack
 
     work = Path(tempfile.mkdtemp(prefix="flotilla-fedbench-"))
-    redis_url = os.environ.get("REDIS_URL", "")
-    if not redis_url:
-        from config.embedded_redis import start
-
-        redis_url = start(workdir=work / "redis").url
-    database_url = f"sqlite:///{work / 'bench.sqlite3'}"
-    port = free_port()
-    env = _env(work, database_url, redis_url, port)
-    os.environ.update(env)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env=env, check=True, cwd=_ROOT
+    # Always a fresh SQLite file, whatever DATABASE_URL says.
+    stack = Stack(
+        data_dir=work,
+        settings="config.settings.production",
+        production_secrets=True,
+        log_level="WARNING",
+        database_url=f"sqlite:///{work / 'bench.sqlite3'}",
     )
-    import django
-
-    django.setup()
+    stack.migrate()
+    stack.setup_django()
     from devices_agent.client import AgentClient, WireCounter
     from devices_agent.federated import FederatedTrainer, run_rounds
     from training.models import FederatedRound
@@ -197,17 +165,16 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     warmup = make("warm-up", 1)
     job = make("benchmark", rounds)
     parts, _, _ = _data(devices)
-    group_procs = ProcessGroup(env=env, log_dir=work)
     stop = threading.Event()
     counters = [WireCounter() for _ in range(devices)]
     threads: list[threading.Thread] = []
     try:
-        web = group_procs.start("web", web_command(port=port, host=HOST, workers=2))
-        group_procs.start("worker", worker_command(concurrency=1, name="bench"))
-        wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
+        stack.start_web(workers=2, wait=False)
+        stack.start_worker("bench", concurrency=1)
+        stack.wait_web(timeout=60)
         for i, secret in enumerate(secrets):
             trainer = FederatedTrainer(
-                client=AgentClient(server_url=f"http://{HOST}:{port}", secret=secret, counter=counters[i]),
+                client=AgentClient(server_url=stack.url, secret=secret, counter=counters[i]),
                 state_dir=work / "agents" / f"dev{i}",
                 x=parts[i][0],
                 y=parts[i][1],
@@ -219,19 +186,19 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
             )
             thread.start()
             threads.append(thread)
-        _run_job(services, warmup.pk, timeout=300, work=work)
+        _run_job(services, warmup.pk, timeout=300, stack=stack)
         for counter in counters:
             counter.sent = counter.received = counter.requests = 0
         started = time.perf_counter()
-        status = _run_job(services, job.pk, timeout=60 * rounds + 120, work=work)
+        status = _run_job(services, job.pk, timeout=60 * rounds + 120, stack=stack)
         wall = time.perf_counter() - started
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
-        group_procs.stop_all()
+        stack.close()
     if status != "succeeded":
-        raise RuntimeError(f"job ended {status}: {(work / 'worker.log').read_text(errors='replace')[-3000:]}")
+        raise RuntimeError(f"job ended {status}: {stack.log('worker')[-3000:]}")
     done = list(FederatedRound.objects.filter(job_id=job.pk).order_by("number"))
     return {
         "wall_s": wall,

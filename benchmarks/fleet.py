@@ -5,7 +5,7 @@
 What it does, in one run on this machine:
 
 1. starts the server stack (uvicorn with two workers and the production settings,
-   SQLite or ``DATABASE_URL``, embedded Redis; see ``benchmarks/_agent_stack.py``);
+   SQLite or ``DATABASE_URL``, embedded Redis; see ``config/stack.py``);
 2. runs ``--devices`` full agents (:class:`devices_agent.simulate.Fleet`) in this
    process: each enrolls with one shared token, heartbeats at ``--interval`` seconds
    (staggered over the first interval, +-10 % jitter), classifies two of its own digits
@@ -61,16 +61,20 @@ def _progress(message: str) -> None:
 
 
 def run(*, devices: int, interval: float, threads: int, quick: bool) -> dict[str, Any]:
-    from benchmarks._agent_stack import digits_version, enrollment_token, server_stack
+    from config.stack import Stack
     from devices_agent.simulate import Fleet
 
     # A thousand agents hold a thousand SQLite outboxes (three descriptors each).
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 16384)), hard))
     logging.getLogger("devices_agent").setLevel(logging.ERROR)
-    with server_stack(web_workers=2) as stack:
+    with Stack.scratch("flotilla-fleet-bench-", production=True, heartbeat_interval_s=60) as stack:
+        stack.migrate()
+        stack.setup_django()
+        stack.start_web(workers=2, timeout=90)
         from django.db import connection
 
+        from config.demo.seed import digits_version, enrollment_token
         from fleet.models import Deployment, Device, UpdatePolicy
 
         token = enrollment_token(max_uses=devices)

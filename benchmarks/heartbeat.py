@@ -11,8 +11,9 @@ What it does, all in one run on this machine:
 2. ``--devices`` devices enrolled through the enrollment service (the same code as
    ``POST enroll``), each with its secret;
 3. the web server as production runs it, as real processes on loopback with the
-   production settings module and two workers (one per core): ``gunicorn`` (WSGI,
-   ``-k gthread``, 2 workers x ``--threads`` 4, the default) or ``uvicorn`` (ASGI:
+   production settings module and two workers (one per core), started by
+   ``config.stack.Stack``: ``gunicorn`` (WSGI, ``-k gthread``, 2 workers x ``--threads``
+   4, the default; ``config.runner.wsgi_command``) or ``uvicorn`` (ASGI:
    ``config.runner.web_command``, uvloop + httptools, the docker-compose command);
 4. a load generator in this process: ``--concurrency`` keep-alive HTTP/1.1 connections
    driven by asyncio over raw sockets (no HTTP library in the measured loop, to leave
@@ -49,13 +50,10 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 HOST = "127.0.0.1"
 
@@ -82,60 +80,8 @@ class Phase:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000.0
 
 
-def _server_env(data_dir: Path, database_url: str, redis_url: str, port: int) -> dict[str, str]:
-    from cryptography.fernet import Fernet
-
-    env = dict(os.environ)
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "config.settings.production",
-            "DJANGO_SECRET_KEY": "benchmark-only-secret-key-" + "x" * 30,
-            "DEVICE_SECRET_KEY": "benchmark-only-device-key",
-            "PROVISIONING_KEY": Fernet.generate_key().decode(),
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "DJANGO_SECURE_COOKIES": "0",
-            "FLOTILLA_DATA_DIR": str(data_dir),
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "FLOTILLA_BENCH_VIEWS": "1",
-            "PUBLIC_BASE_URL": f"http://{HOST}:{port}",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-        }
-    )
-    return env
-
-
-def _server_command(kind: str, port: int, threads: int = 4) -> list[str]:
-    from config.runner import web_command
-
-    if kind == "uvicorn":
-        return web_command(port=port, host=HOST, workers=2)
-    return [
-        sys.executable,
-        "-m",
-        "gunicorn",
-        "config.wsgi:application",
-        "--bind",
-        f"{HOST}:{port}",
-        "--workers",
-        "2",
-        "--worker-class",
-        "gthread",
-        "--threads",
-        str(threads),
-        "--keep-alive",
-        "30",
-        "--log-level",
-        "warning",
-    ]
-
-
 def _enroll(n: int) -> list[str]:
     """Enroll `n` devices through the service; returns their secrets."""
-    import django
-
-    django.setup()
     from datetime import timedelta
 
     from django.db import connections
@@ -289,37 +235,23 @@ def run(
     concurrency: int,
     seconds: float,
     warmup: float,
-    server: str,
+    server: Literal["uvicorn", "gunicorn"],
     rounds: int,
     threads: int = 4,
 ) -> dict[str, Any]:
-    from config.runner import ProcessGroup, free_port, wait_http_ok
+    from config.stack import Stack
 
-    work = Path(tempfile.mkdtemp(prefix="flotilla-bench-"))
-    redis_url = os.environ.get("REDIS_URL", "")
-    embedded = None
-    if not redis_url:
-        from config.embedded_redis import start
-
-        embedded = start(workdir=work / "redis")
-        redis_url = embedded.url
-    database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{work / 'bench.sqlite3'}"
-    port = free_port()
-    env = _server_env(work, database_url, redis_url, port)
-    os.environ.update({k: v for k, v in env.items() if k not in os.environ or k in _OVERRIDES})
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env=env, check=True, cwd=_ROOT
-    )
-    t0 = time.perf_counter()
-    secrets = _enroll(devices)
-    enroll_s = time.perf_counter() - t0
-
-    group = ProcessGroup(env=env, log_dir=work)
+    stack = Stack.scratch("flotilla-bench-", production=True, extra_env={"FLOTILLA_BENCH_VIEWS": "1"})
     phases: dict[str, list[Phase]] = {name: [] for name in ENDPOINTS}
     prime_s = 0.0
     try:
-        web = group.start("web", _server_command(server, port, threads))
-        wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
+        stack.migrate()
+        stack.setup_django()
+        t0 = time.perf_counter()
+        secrets = _enroll(devices)
+        enroll_s = time.perf_counter() - t0
+        stack.start_web(server=server, workers=2, threads=threads)
+        port = stack.port
         # Every device's first heartbeat flips it online (a write and a dashboard event);
         # a fleet in service is past that, so one heartbeat per device comes first.
         primed = time.perf_counter()
@@ -342,13 +274,11 @@ def run(
                     )
                 )
     finally:
-        group.stop_all()
-        if embedded is not None:
-            embedded.stop()
+        stack.close()
     merged = {name: _merge(name, runs) for name, runs in phases.items()}
     heartbeat = merged["heartbeat"]
     if heartbeat.errors:
-        log = (work / "web.log").read_text(errors="replace")[-3000:]
+        log = stack.log("web")[-3000:]
         print(f"heartbeat errors by status: {heartbeat.statuses}\n{log}", file=sys.stderr)
     return {
         "server": server,
@@ -357,13 +287,9 @@ def run(
         "seconds": seconds,
         "enroll_s": round(enroll_s, 2),
         "prime_s": round(prime_s, 2),
-        "database": "sqlite" if database_url.startswith("sqlite") else database_url.split(":", 1)[0],
+        "database": stack.database,
         "phases": merged,
     }
-
-
-_ROOT = str(Path(__file__).resolve().parent.parent)
-_OVERRIDES = {"DJANGO_SETTINGS_MODULE", "FLOTILLA_DATA_DIR", "DATABASE_URL", "REDIS_URL"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -3,7 +3,7 @@
     python -m benchmarks.rollout_drill [--devices 50] [--quick] [--json]
 
 Setup: a fresh SQLite database and embedded Redis-protocol server; uvicorn, one Celery
-worker and Celery beat as real processes (`config.runner`), with short ticks
+worker and Celery beat as real processes (`config.stack`), with short ticks
 (`ROLLOUT_TICK_S=1`, `EXPERIMENT_TICK_S=2`) and a 2 s heartbeat interval; the fleet is
 `python -m devices_agent simulate` in a subprocess (`--devices` agents, each with its own
 Dirichlet share of scikit-learn's digits, 8 labelled inferences per heartbeat, no slow
@@ -35,50 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-HOST = "127.0.0.1"
-_ROOT = str(Path(__file__).resolve().parent.parent)
 ARCH = "mlp"
-
-
-def _env(work: Path, database_url: str, redis_url: str, port: int) -> dict[str, str]:
-    from cryptography.fernet import Fernet
-
-    env = dict(os.environ)
-    env.update(
-        {
-            "DJANGO_SETTINGS_MODULE": "config.settings.production",
-            "DJANGO_SECRET_KEY": "benchmark-only-secret-key-" + "x" * 30,
-            "DEVICE_SECRET_KEY": "benchmark-only-device-key",
-            "PROVISIONING_KEY": Fernet.generate_key().decode(),
-            "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
-            "DJANGO_SECURE_COOKIES": "0",
-            "FLOTILLA_DATA_DIR": str(work),
-            "DATABASE_URL": database_url,
-            "REDIS_URL": redis_url,
-            "PUBLIC_BASE_URL": f"http://{HOST}:{port}",
-            "LOG_LEVEL": "WARNING",
-            "PYTHONUNBUFFERED": "1",
-            "ROLLOUT_TICK_S": "1",
-            "EXPERIMENT_TICK_S": "2",
-            "HEARTBEAT_INTERVAL_S": "2",
-            "HEARTBEAT_CACHE_TTL_S": "1",
-            "OFFLINE_AFTER_MISSED": "10",
-        }
-    )
-    return env
 
 
 class Timeline:
@@ -100,7 +65,7 @@ class Timeline:
 
 
 def _train(examples: int, seed: int) -> dict[str, np.ndarray]:
-    from models_registry.demo import demo_train_weights
+    from config.demo.seed import demo_train_weights
 
     return demo_train_weights(examples=examples, epochs=30, seed=seed)
 
@@ -286,26 +251,24 @@ def _latency_stats(version: Any, since: Any) -> dict[str, float]:
 
 
 def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[str, Any]:
-    from config.runner import ProcessGroup, beat_command, free_port, wait_http_ok, web_command, worker_command
+    from config.stack import Stack
 
     log = Timeline(quiet=quiet)
     soak = 3.0 if quick else 6.0
-    work = Path(tempfile.mkdtemp(prefix="flotilla-drill-"))
-    redis_url = os.environ.get("REDIS_URL", "")
-    if not redis_url:
-        from config.embedded_redis import start
-
-        redis_url = start(workdir=work / "redis").url
-    database_url = os.environ.get("DATABASE_URL") or f"sqlite:///{work / 'drill.sqlite3'}"
-    port = free_port()
-    env = _env(work, database_url, redis_url, port)
-    os.environ.update(env)
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], env=env, check=True, cwd=_ROOT
+    stack = Stack.scratch(
+        "flotilla-drill-",
+        production=True,
+        heartbeat_interval_s=2,
+        extra_env={
+            "ROLLOUT_TICK_S": "1",
+            "EXPERIMENT_TICK_S": "2",
+            "HEARTBEAT_CACHE_TTL_S": "1",
+            "OFFLINE_AFTER_MISSED": "10",
+        },
     )
-    import django
-
-    django.setup()
+    work = stack.data_dir
+    stack.migrate()
+    stack.setup_django()
     import torch
 
     torch.set_num_threads(1)
@@ -316,7 +279,7 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
     from fleet.services.experiments import experiment_create, experiment_start
     from fleet.services.rollouts import rollout_create, rollout_start
 
-    log(f"database {database_url.split('/')[-1]}, broker {redis_url}, {devices} devices")
+    log(f"database {(stack.database_url or '').split('/')[-1]}, broker {stack.redis_url}, {devices} devices")
     models = _register_versions(log, target_extra_ms=8.0)
     v1, v2, v3 = models["v1"], models["v2"], models["v3"]
     # The agents' health check times inference on cores shared with 50 simulated boards,
@@ -327,24 +290,21 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
         actor=None, name="drill", max_uses=devices, expires_at=timezone.now() + timedelta(hours=2)
     )
 
-    procs = ProcessGroup(env=env, log_dir=work)
-    fleet_proc: subprocess.Popen[bytes] | None = None
     result: dict[str, Any] = {"devices": devices, "quick": quick, "soak_s": soak}
     try:
-        web = procs.start("web", web_command(port=port, host=HOST, workers=1))
-        procs.start("worker", worker_command(concurrency=2, name="drill"))
-        procs.start("beat", beat_command(schedule_file=work / "beat-schedule"))
-        wait_http_ok(f"http://{HOST}:{port}/healthz", process=web, timeout=60)
+        stack.start_web(workers=1, wait=False)
+        stack.start_worker("drill", concurrency=2)
+        stack.start_beat()
+        stack.wait_web(timeout=60)
         log("web, worker and beat up")
-        fleet_log = open(work / "fleet.log", "wb")  # noqa: SIM115
-        fleet_proc = subprocess.Popen(
+        stack.start(
+            "fleet",
             [
                 sys.executable, "-m", "devices_agent", "simulate",
-                "--devices", str(devices), "--server", f"http://{HOST}:{port}", "--token", token,
+                "--devices", str(devices), "--server", stack.url, "--token", token,
                 "--state-root", str(work / "fleet"), "--interval", "2", "--slow-fraction", "0",
                 "--threads", "6", "--inferences", "8", "--no-train",
             ],
-            env=env, cwd=_ROOT, stdout=fleet_log, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         enrolled = _wait(lambda: Device.objects.filter(status="online").count() >= devices, timeout=120)
         ids = list(Device.objects.values_list("pk", flat=True))
@@ -478,13 +438,9 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
         result["experiment_result"] = winner
         log(f"experiment: {experiment.status}; " + (winner["summary"] if winner else "no winner"))
     finally:
-        if fleet_proc is not None and fleet_proc.poll() is None:
-            os.killpg(fleet_proc.pid, signal.SIGTERM)
-            try:
-                fleet_proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(fleet_proc.pid, signal.SIGKILL)
-        procs.stop_all()
+        # The simulated fleet first, while the server still answers its last requests.
+        stack.stop("fleet", timeout=30)
+        stack.close()
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     result["test_accuracy"] = models["accuracy"]

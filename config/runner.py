@@ -1,7 +1,8 @@
-"""Starting and stopping the server's processes: ASGI web server, Celery worker and beat.
+"""Starting and stopping the server's processes: web server, Celery worker and beat.
 
-The demo, the test suite's live stack and the benchmarks all start the same commands
-as `docker-compose.yml`, through this module.
+The commands are those of `docker-compose.yml`; `config.stack.Stack` starts them with
+one shared environment for the demo, the test suite's live stack, the benchmarks and
+the screenshots.
 """
 
 from __future__ import annotations
@@ -52,6 +53,28 @@ def web_command(*, port: int, host: str = "127.0.0.1", workers: int = 1) -> list
         # Devices read neither header, and both would ride on every heartbeat answer.
         "--no-server-header",
         "--no-date-header",
+    ]
+
+
+def wsgi_command(*, port: int, host: str = "127.0.0.1", workers: int = 2, threads: int = 4) -> list[str]:
+    """The WSGI alternative: gunicorn with threaded workers, keep-alive connections."""
+    return [
+        sys.executable,
+        "-m",
+        "gunicorn",
+        "config.wsgi:application",
+        "--bind",
+        f"{host}:{port}",
+        "--workers",
+        str(workers),
+        "--worker-class",
+        "gthread",
+        "--threads",
+        str(threads),
+        "--keep-alive",
+        "30",
+        "--log-level",
+        "warning",
     ]
 
 
@@ -157,10 +180,10 @@ class ProcessGroup:
         self.children[name] = child
         return child
 
-    def stop(self, name: str) -> None:
+    def stop(self, name: str, *, timeout: float = 10.0) -> None:
         child = self.children.pop(name, None)
         if child:
-            child.stop()
+            child.stop(timeout=timeout)
 
     def stop_all(self, *, timeout: float = 15.0) -> None:
         """SIGTERM every child at once, then wait; whoever is still up at the deadline is killed."""

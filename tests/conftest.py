@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -63,19 +62,27 @@ def anon_client() -> Any:
 def live_stack(
     django_db_setup: Any, django_db_blocker: Any, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Any]:
-    """uvicorn + Celery worker + beat on the test database, for the whole session.
+    """uvicorn + a Celery worker on the test database, for the whole session.
 
-    Tests that use it need `transactional_db` so their rows are committed and visible
-    to the server processes.
+    The processes share the test database (a file for SQLite, the test database for
+    PostgreSQL), the Redis-protocol server and the data directory with the test process,
+    so a test writes rows with the ORM and watches real agents, real HTTP and real workers
+    act on them. Tests that use it need `transactional_db` so their rows are committed and
+    visible to the server processes.
     """
-    from tests.stack import Stack
+    from django.conf import settings
+    from django.db import connection
 
-    log_dir: Path = tmp_path_factory.mktemp("stack-logs")
-    stack = Stack(log_dir=log_dir)
-    with django_db_blocker.unblock():
-        stack.start_web()
-        stack.start_worker()
-    try:
+    from config.stack import Stack, database_url_of
+
+    with Stack(
+        data_dir=settings.DATA_DIR,
+        settings="config.settings.test",
+        log_dir=tmp_path_factory.mktemp("stack-logs"),
+        database_url=database_url_of(connection.settings_dict),
+        redis_url=settings.REDIS_URL,
+    ) as stack:
+        with django_db_blocker.unblock():
+            stack.start_web()
+            stack.start_worker()
         yield stack
-    finally:
-        stack.stop()

@@ -12,6 +12,7 @@ succeeded or failed; a retry needs the credential again.
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import logging
@@ -148,7 +149,7 @@ def agent_bundle() -> bytes:
     """A tar.gz of the `devices_agent` package with a pyproject and a dependency-free backend.
 
     `pip install --no-index --no-deps <bundle>` builds and installs it offline. Members have
-    fixed times and owners, so the same sources give the same bytes.
+    fixed times and owners (the gzip header too), so the same sources give the same bytes.
     """
     buffer = io.BytesIO()
 
@@ -159,7 +160,11 @@ def agent_bundle() -> bytes:
         info.mtime = 0
         tar.addfile(info, io.BytesIO(data))
 
-    with tarfile.open(fileobj=buffer, mode="w:gz", format=tarfile.PAX_FORMAT) as tar:
+    # The gzip header carries a time too; 0 keeps it out of the bytes.
+    with (
+        gzip.GzipFile(fileobj=buffer, mode="wb", mtime=0) as compressed,
+        tarfile.open(fileobj=compressed, mode="w", format=tarfile.PAX_FORMAT) as tar,
+    ):
         add(tar, "pyproject.toml", _PYPROJECT.encode())
         add(tar, "build_backend.py", (DEPLOY_DIR / "build_backend.py").read_bytes())
         for path in sorted(AGENT_PACKAGE_DIR.rglob("*")):

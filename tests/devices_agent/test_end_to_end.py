@@ -253,7 +253,7 @@ def test_outage_loses_no_metrics_and_heartbeats_back_off(_stack: Any, tmp_path: 
     agent.flush_metrics()
     device = Device.objects.get(pk=_device_id(agent))
     before = MetricSample.objects.filter(device=device).count()
-    _stack.group.stop("web")
+    _stack.stop("web")
     try:
         for i in range(50):
             agent.outbox.add("latency_ms", float(i))

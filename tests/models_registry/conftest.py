@@ -63,8 +63,8 @@ def stored_files(settings: Any) -> Any:
 @pytest.fixture(scope="session")
 def demo_artifacts() -> tuple[bytes, bytes]:
     """The demo digits MLP (trained on 300 examples) as safetensors and ONNX bytes."""
+    from config.demo.seed import demo_train_weights
     from devices_agent.data import load_digits_split
-    from models_registry.demo import demo_train_weights
     from models_registry.ml.export import export_onnx
 
     weights = demo_train_weights()

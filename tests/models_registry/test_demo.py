@@ -3,7 +3,6 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from django.core.management import call_command
 
 from models_registry.models import ModelVersion
 
@@ -11,12 +10,13 @@ pytestmark = pytest.mark.django_db
 
 
 def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
+    from config.demo.__main__ import main
     from devices_agent.data import load_digits_split
     from models_registry.ml.export import run_onnx
     from models_registry.selectors import artifact_for_version
 
-    call_command("registry_seed_demo")
-    call_command("registry_seed_demo")
+    assert main(["seed"]) == 0
+    assert main(["seed"]) == 0
     versions = list(ModelVersion.objects.filter(family__name="digits-mlp"))
     assert len(versions) == 1
     version = versions[0]

@@ -243,6 +243,8 @@ def test_agent_bundle_is_reproducible_and_holds_the_package(db: Any) -> None:
 
     first = agent_bundle()
     assert agent_bundle() == first
+    # The gzip header's MTIME field (bytes 4-7) is fixed too, not the time of the call.
+    assert first[4:8] == bytes(4)
     with tarfile.open(fileobj=io.BytesIO(first)) as tar:
         names = tar.getnames()
     assert "flotilla-agent/pyproject.toml" in names

@@ -104,7 +104,6 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
     import httpx
     from django.utils import timezone
 
-    from config.runner import worker_command
     from devices_agent.codecs import decode_tensors
     from models_registry.models import Artifact, ModelVersion
     from training import services
@@ -115,10 +114,10 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
     fleet = make_fleet(n_devices=n, name="kill-digits")
     job = make_job(fleet, rounds=1, min_clients=n, quorum=n)
     # Only the slow worker may take the aggregation, so it is the one we kill.
-    live_stack.group.stop("worker")
-    live_stack.group.start(
+    live_stack.stop("worker")
+    live_stack.start_worker(
         "slow",
-        worker_command(concurrency=1, name="slow"),
+        concurrency=1,
         # A short lease, renewed at every checkpoint (about once a second here).
         extra_env={
             "ROUND_AGGREGATE_DELAY_S": "0.5",
@@ -161,7 +160,7 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
         live_stack.kill("slow")
         checkpoint = PartialAggregate.objects.get(round=rnd).accepted_ids
         assert 2 <= len(checkpoint) < n
-        live_stack.group.start("fresh", worker_command(concurrency=1, name="fresh"))
+        live_stack.start_worker("fresh", concurrency=1)
         _wait(
             lambda: FederatedRound.objects.get(pk=rnd.pk).lease_expires_at < timezone.now(),
             timeout=10,
@@ -175,7 +174,7 @@ def test_worker_killed_mid_aggregation_resumes_once_without_double_counting(
             stack=live_stack,
         )
     finally:
-        live_stack.group.stop("fresh")
+        live_stack.stop("fresh")
         live_stack.kill("slow")
         live_stack.start_worker()
     rnd = FederatedRound.objects.get(pk=rnd.pk)

@@ -1,14 +1,15 @@
 """Screenshots of the dashboard's main pages from a running server.
 
-    python -m frontend.screenshots --url http://127.0.0.1:8000 --user admin --password PW \\
+    python -m config.demo.screenshots --url http://127.0.0.1:8000 --user admin --password PW \\
         --out docs/screenshots/
-    python -m frontend.screenshots --sample --out docs/screenshots/   # scratch sample fleet
+    python -m config.demo.screenshots --sample --out docs/screenshots/   # scratch sample fleet
 
 Drives headless Chromium (Debian's /usr/bin/chromium through Playwright): signs in, then
 captures the overview, the device list, the first device, the model report of the newest
 evaluated version, the newest rollout and the newest federated job. A page whose list is
 empty is skipped with a note. Against a running server it only speaks HTTP; `--sample`
-seeds a scratch SQLite database (`frontend.sample_fleet`) and serves it itself.
+seeds a scratch SQLite database (`config.demo.seed.seed_sample_fleet`) and serves it itself
+(`config.stack.Stack`).
 """
 
 from __future__ import annotations
@@ -100,38 +101,25 @@ def capture(*, url: str, user: str, password: str, out: Path, width: int = 1440)
 
 
 def sample_stack(*, out: Path, width: int) -> list[Path]:
-    """Seed a scratch database with `frontend.sample_fleet`, serve it with uvicorn, capture."""
-    import os
+    """Seed a scratch database with `seed_sample_fleet`, serve it with uvicorn, capture."""
     import secrets
     import tempfile
 
+    from config.stack import Stack
+
     work = Path(tempfile.mkdtemp(prefix="flotilla-screenshots-"))
-    os.environ["FLOTILLA_DATA_DIR"] = str(work)
-    os.environ["DJANGO_SETTINGS_MODULE"] = "config.settings.demo"
-    os.environ.pop("DATABASE_URL", None)  # always a scratch SQLite file, never a real database
-    from config.embedded_redis import start as start_redis
+    # Always a scratch SQLite file, never the database DATABASE_URL names.
+    with Stack(
+        data_dir=work, settings="config.settings.demo", database_url=f"sqlite:///{work / 'flotilla.sqlite3'}"
+    ) as stack:
+        stack.migrate()
+        stack.setup_django()
+        from config.demo.seed import seed_sample_fleet
 
-    if not os.environ.get("REDIS_URL"):
-        os.environ["REDIS_URL"] = start_redis(workdir=work / "redis").url
-    import django
-
-    django.setup()
-    from django.core.management import call_command
-
-    from config.runner import ProcessGroup, free_port, wait_http_ok, web_command
-    from frontend.sample_fleet import seed_sample_fleet
-
-    call_command("migrate", verbosity=0, interactive=False)
-    password = secrets.token_urlsafe(12)
-    seed_sample_fleet(admin_username="admin", admin_password=password)
-    port = free_port()
-    group = ProcessGroup(env={**os.environ, "PYTHONUNBUFFERED": "1"}, log_dir=work)
-    try:
-        web = group.start("web", web_command(port=port))
-        wait_http_ok(f"http://127.0.0.1:{port}/healthz", process=web)
-        return capture(url=f"http://127.0.0.1:{port}", user="admin", password=password, out=out, width=width)
-    finally:
-        group.stop_all()
+        password = secrets.token_urlsafe(12)
+        seed_sample_fleet(admin_username="admin", admin_password=password)
+        stack.start_web()
+        return capture(url=stack.url, user="admin", password=password, out=out, width=width)
 
 
 def main(argv: list[str] | None = None) -> int:
