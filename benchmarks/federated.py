@@ -74,8 +74,8 @@ def _seed_rows(devices: int) -> tuple[Any, Any, Any, list[str], Any]:
     """Family, initial version (seed 0 weights), a group of online devices, a draft job."""
     from django.core.files.base import ContentFile
 
+    from config.demo.nets import initial_weights
     from devices_agent.codecs import encode_tensors
-    from devices_agent.nets import initial_weights
     from fleet.auth import hash_secret, new_secret
     from fleet.models import Device, DeviceGroup
     from models_registry.models import Artifact, ModelFamily, ModelVersion
@@ -221,10 +221,11 @@ def run_reference(
     *, devices: int, rounds: int, codec: str = "none", topk_fraction: float = 0.1
 ) -> dict[str, Any]:
     """The plain loop: same local training and seeds, float64 weighted average."""
+    from devices_agent.local_train import evaluate_numpy, train_local
+
+    from config.demo.nets import initial_weights
     from devices_agent.codecs import decode_delta, encode_delta
     from devices_agent.federated import local_seed
-    from devices_agent.local_train import evaluate_numpy, train_local
-    from devices_agent.nets import initial_weights
 
     parts, x_test, y_test = _data(devices)
     weights = initial_weights(ARCH, seed=0)

@@ -29,7 +29,8 @@ MODELS = ("mlp", "cnn")
 
 def _train(arch: str, x: np.ndarray, y: np.ndarray, *, epochs: int) -> dict[str, np.ndarray]:
     from devices_agent.local_train import apply_delta, train_local
-    from devices_agent.nets import initial_weights
+
+    from config.demo.nets import initial_weights
 
     start = initial_weights(arch, seed=0)
     result = train_local(

@@ -148,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
 
-        from devices_agent.nets import initial_weights
+        from config.demo.nets import initial_weights
         from models_registry.ml.export import export_onnx
 
         weights = initial_weights("mlp", seed=0)

@@ -29,8 +29,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from django.db import transaction
 
-from devices_agent.codecs import encode_tensors
-
 if TYPE_CHECKING:
     from django.contrib.auth.models import User
 
@@ -44,6 +42,9 @@ DEMO_CNN_ARCH = "cnn"
 # Adam converges on the small CNN in a few epochs; more buys little on 300 examples.
 DEMO_CNN_EPOCHS = 10
 DEMO_GROUP = "demo-fleet"
+# The public training slice is small on purpose: enough to calibrate int8 ranges and
+# fine-tune a pruned or distilled model, far less than the devices hold between them.
+DIGITS_TRAIN_EXAMPLES = 300
 
 
 # --------------------------------------------------------------------------- the admin
@@ -74,128 +75,130 @@ def demo_train_weights(
 ) -> dict[str, np.ndarray]:
     """Train ``arch`` (default the digits MLP) on the first ``examples`` of the training split.
 
-    Fixed seed, one torch thread.
-
-    A deliberately small, public slice: the demo's federated rounds then have room to
-    improve on it with the devices' own partitions.
+    Fixed seed, one torch thread. A deliberately small, public slice: the demo's
+    federated rounds then have room to improve on it with the devices' own partitions.
     """
+    from config.demo.nets import train_weights
     from devices_agent.data import load_digits_split
-    from devices_agent.local_train import apply_delta, train_local
-    from devices_agent.nets import initial_weights
 
     x_train, y_train, _, _ = load_digits_split(seed=seed)
-    start = initial_weights(arch, seed=seed)
-    result = train_local(
-        arch=arch,
-        global_weights=start,
-        x=x_train[:examples],
-        y=y_train[:examples],
-        epochs=epochs,
-        batch_size=32,
-        lr=0.01,
-        optimizer="adam",
-        seed=seed,
-        num_threads=1,
-    )
-    return apply_delta(start, result.delta)
+    return train_weights(arch, x=x_train[:examples], y=y_train[:examples], epochs=epochs, seed=seed)
 
 
-def registry_seed_demo(*, examples: int = 300, seed: int = 0, actor: Any = None) -> ModelVersion:
-    """Make sure family ``digits-mlp`` exists with a production version; return that version.
+def digits_datasets(*, family: Any, seed: int = 0, actor: Any = None) -> tuple[Any, Any]:
+    """Register (once) the digits test split and a small public training slice for ``family``.
 
-    Family ``digits-cnn`` gets a staging v1 trained on the same public slice (see
-    :func:`registry_seed_demo_cnn`), so the demo can compare architectures; the demo fleet
-    keeps running the MLP. The digits test split and calibration slice are registered as
-    data sets too.
-    Idempotent: when the family already has a production version nothing is trained or
-    written. Otherwise the MLP is trained (:func:`demo_train_weights`), exported to ONNX
-    with a parity check, registered with both artifacts and promoted to production.
+    The test split evaluates every version of the family (central evaluation); the slice
+    (the first 300 training examples) calibrates int8 models and fine-tunes pruned ones.
     """
     from devices_agent.data import load_digits_split
+    from models_registry.datasets import dataset_register
+    from models_registry.models import EvaluationDataset
+
+    x_train, y_train, x_test, y_test = load_digits_split(seed=seed)
+    test = dataset_register(
+        name=f"{family.name}-test",
+        x=x_test,
+        y=y_test,
+        family=family,
+        split=EvaluationDataset.Split.TEST,
+        description=f"scikit-learn digits, stratified 20% test split (seed {seed}), pixels / 16.",
+        actor=actor,
+    )
+    train = dataset_register(
+        name=f"{family.name}-train",
+        x=x_train[:DIGITS_TRAIN_EXAMPLES],
+        y=y_train[:DIGITS_TRAIN_EXAMPLES],
+        family=family,
+        split=EvaluationDataset.Split.TRAIN,
+        description=f"The first {DIGITS_TRAIN_EXAMPLES} examples of the digits training split (seed {seed}).",
+        actor=actor,
+    )
+    return test, train
+
+
+def seed_digits_family(
+    *,
+    name: str,
+    arch: str,
+    stage: str,
+    examples: int = 300,
+    epochs: int = 40,
+    seed: int = 0,
+    description: str = "",
+    actor: Any = None,
+) -> ModelVersion:
+    """A digits family with its data sets and a first version of ``arch`` in ``stage``; idempotent.
+
+    The model is trained on the public slice, turned into an upload bundle
+    (``devices_agent.program.make_bundle``: program, weights, ONNX) and registered as any
+    user's model would be.
+    """
+    from config.demo.nets import bundle, spec_fields
     from models_registry import services
-    from models_registry.datasets import dataset_register_digits_test, dataset_register_digits_train
-    from models_registry.ml.export import export_onnx
     from models_registry.models import ModelFamily, ModelVersion
 
-    # The held-out test split and the public calibration slice: evaluation and
-    # optimisation jobs of the demo model use them.
-    dataset_register_digits_test(seed=seed, actor=actor)
-    dataset_register_digits_train(seed=seed, actor=actor)
-    family = ModelFamily.objects.filter(name=DEMO_FAMILY).first()
-    if family is not None:
-        existing = family.versions.filter(stage=ModelVersion.Stage.PRODUCTION).order_by("number").first()
-        if existing is not None:
-            registry_seed_demo_cnn(examples=examples, seed=seed, actor=actor)
-            return existing
-    weights = demo_train_weights(examples=examples, seed=seed)
-    _, _, x_test, _ = load_digits_split(seed=seed)
-    exported = export_onnx(arch=DEMO_ARCH, weights=weights, sample_inputs=x_test[:64])
-    with transaction.atomic():
-        family = ModelFamily.objects.filter(name=DEMO_FAMILY).first() or services.family_create(
-            name=DEMO_FAMILY,
-            arch=DEMO_ARCH,
-            input_shape=[64],
-            num_classes=10,
-            description="scikit-learn digits (8x8 pixels scaled to [0, 1]), 64 -> 64 -> 64 -> 10 MLP.",
-            actor=actor,
+    family = ModelFamily.objects.filter(name=name).first()
+    if family is None:
+        family = services.family_create(
+            name=name, arch=arch, description=description, actor=actor, **spec_fields(arch)
         )
+    digits_datasets(family=family, seed=seed, actor=actor)
+    existing = (
+        family.versions.filter(stage=stage).order_by("number").first()
+        or family.versions.order_by("number").first()
+    )
+    if existing is not None:
+        return existing
+    weights = demo_train_weights(examples=examples, epochs=epochs, seed=seed, arch=arch)
+    made = bundle(arch, weights)
+    with transaction.atomic():
         version = services.version_create(
             family=family,
-            weights=encode_tensors(weights, metadata={"arch": DEMO_ARCH}),
-            onnx=exported.onnx_bytes,
+            weights=made.weights,
+            onnx=made.onnx,
+            program=made.program,
+            head=made.head,
             source=ModelVersion.Source.UPLOADED,
             source_detail={"demo": True, "examples": examples, "seed": seed},
+            arch=arch,
             notes=f"Demo baseline: trained on {examples} examples of the digits training split.",
             actor=actor,
         )
         services.version_promote(version=version, stage=ModelVersion.Stage.STAGING, actor=actor)
-        production = services.version_promote(
-            version=version, stage=ModelVersion.Stage.PRODUCTION, actor=actor
-        )
+        if stage == ModelVersion.Stage.PRODUCTION:
+            return services.version_promote(version=version, stage=stage, actor=actor)
+    version.refresh_from_db()
+    return version
+
+
+def registry_seed_demo(*, examples: int = 300, seed: int = 0, actor: Any = None) -> ModelVersion:
+    """Make sure family ``digits-mlp`` has a production version (and ``digits-cnn`` a staging one)."""
+    production = seed_digits_family(
+        name=DEMO_FAMILY,
+        arch=DEMO_ARCH,
+        stage="production",
+        examples=examples,
+        seed=seed,
+        description="scikit-learn digits (8x8 pixels scaled to [0, 1]), 64 -> 64 -> 64 -> 10 MLP.",
+        actor=actor,
+    )
     registry_seed_demo_cnn(examples=examples, seed=seed, actor=actor)
     return production
 
 
 def registry_seed_demo_cnn(*, examples: int = 300, seed: int = 0, actor: Any = None) -> ModelVersion:
-    """Make sure family ``digits-cnn`` has a version; return its first one.
-
-    Idempotent: when the family has any version nothing is trained. Otherwise the small
-    CNN is trained on the same public slice as the MLP, exported to ONNX with a parity
-    check, registered with both artifacts and moved to staging (not production: the demo
-    fleet runs the MLP).
-    """
-    from devices_agent.data import load_digits_split
-    from models_registry import services
-    from models_registry.ml.export import export_onnx
-    from models_registry.models import ModelFamily, ModelVersion
-
-    family = ModelFamily.objects.filter(name=DEMO_CNN_FAMILY).first()
-    if family is not None:
-        existing = family.versions.order_by("number").first()
-        if existing is not None:
-            return existing
-    weights = demo_train_weights(examples=examples, epochs=DEMO_CNN_EPOCHS, seed=seed, arch=DEMO_CNN_ARCH)
-    _, _, x_test, _ = load_digits_split(seed=seed)
-    exported = export_onnx(arch=DEMO_CNN_ARCH, weights=weights, sample_inputs=x_test[:64])
-    with transaction.atomic():
-        family = ModelFamily.objects.filter(name=DEMO_CNN_FAMILY).first() or services.family_create(
-            name=DEMO_CNN_FAMILY,
-            arch=DEMO_CNN_ARCH,
-            input_shape=[64],
-            num_classes=10,
-            description="scikit-learn digits as 1x8x8 images; two small conv layers and a linear head.",
-            actor=actor,
-        )
-        version = services.version_create(
-            family=family,
-            weights=encode_tensors(weights, metadata={"arch": DEMO_CNN_ARCH}),
-            onnx=exported.onnx_bytes,
-            source=ModelVersion.Source.UPLOADED,
-            source_detail={"demo": True, "examples": examples, "seed": seed},
-            notes=f"Demo CNN: trained on {examples} examples of the digits training split.",
-            actor=actor,
-        )
-        return services.version_promote(version=version, stage=ModelVersion.Stage.STAGING, actor=actor)
+    """Make sure family ``digits-cnn`` has a version in staging (the demo fleet runs the MLP)."""
+    return seed_digits_family(
+        name=DEMO_CNN_FAMILY,
+        arch=DEMO_CNN_ARCH,
+        stage="staging",
+        examples=examples,
+        epochs=DEMO_CNN_EPOCHS,
+        seed=seed,
+        description="scikit-learn digits as 1x8x8 images; two small conv layers and a linear head.",
+        actor=actor,
+    )
 
 
 # --------------------------------------------------------------------------- the demo fleet
@@ -351,27 +354,27 @@ def start_federated_job_when_online(*, devices: int, group_name: str, say: Calla
 # --------------------------------------------------------------------------- benchmarks
 
 
-def digits_version(*, seed: int = 0, arch: str = "mlp") -> tuple[ModelVersion, Any]:
-    """A registered digits model version (ONNX export of seeded initial weights) and the torch module.
+def digits_version(
+    *, seed: int = 0, arch: str = "mlp", family_name: str = "bench-digits"
+) -> tuple[ModelVersion, Any]:
+    """A registered digits version (a bundle of seeded initial weights) and its torch module.
 
-    The version belongs to family ``bench-digits``, created on first use.
+    The version belongs to family ``family_name`` (created on first use) and has all three
+    artifacts, so boards can serve it, train it and personalise it.
     """
-    from devices_agent.data import load_digits_split
-    from devices_agent.nets import build_model_for_state, initial_weights, load_numpy_state
-    from models_registry.ml.export import export_onnx
+    from config.demo.nets import build_model_for_state, bundle, initial_weights, spec_fields
     from models_registry.models import ModelFamily
-    from models_registry.services import version_create
+    from models_registry.services import family_create, version_create
 
     weights = initial_weights(arch, seed=seed)
-    x_train, _, _, _ = load_digits_split(seed=0)
-    exported = export_onnx(arch=arch, weights=weights, sample_inputs=np.asarray(x_train[:32]))
-    family = ModelFamily.objects.filter(name="bench-digits").first()
+    made = bundle(arch, weights)
+    family = ModelFamily.objects.filter(name=family_name).first()
     if family is None:
-        family = ModelFamily.objects.create(name="bench-digits", arch=arch, input_shape=[64], num_classes=10)
-    version = version_create(family=family, onnx=exported.onnx_bytes)
-    module = build_model_for_state(arch, weights)
-    load_numpy_state(module, weights)
-    return version, module
+        family = family_create(name=family_name, arch=arch, **spec_fields(arch))
+    version = version_create(
+        family=family, weights=made.weights, onnx=made.onnx, program=made.program, head=made.head, arch=arch
+    )
+    return version, build_model_for_state(arch, weights)
 
 
 # --------------------------------------------------------------------------- the sample fleet

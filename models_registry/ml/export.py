@@ -162,7 +162,7 @@ def export_onnx(
     differ from torch's beyond ``atol``/``rtol``, and ``ValueError`` when the weights do
     not fit the architecture.
     """
-    from devices_agent.nets import build_model_for_state
+    from config.demo.nets import build_model_for_state
 
     module = build_model_for_state(arch, weights)
     return export_module(module=module, sample_inputs=sample_inputs, opset=opset, atol=atol, rtol=rtol)

@@ -597,7 +597,7 @@ def prune_magnitude(
     import torch
     from torch.nn.utils import prune
 
-    from devices_agent.nets import ARCHS, build_model_for_state, state_to_numpy, widths_of_state
+    from config.demo.nets import ARCHS, build_model_for_state, state_to_numpy, widths_of_state
 
     if not 0.0 <= amount < 1.0:
         raise ValueError("amount must be in [0, 1)")
@@ -695,7 +695,7 @@ def distil(
     import torch
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-    from devices_agent.nets import (
+    from config.demo.nets import (
         build_model_for_state,
         initial_weights,
         parameter_count,

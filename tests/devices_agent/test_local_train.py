@@ -4,9 +4,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-from devices_agent.codecs import l2_norm
-from devices_agent.data import client_dataset, load_digits_split
 from devices_agent.local_train import (
     apply_delta,
     evaluate_numpy,
@@ -14,7 +11,10 @@ from devices_agent.local_train import (
     rebase_head,
     train_local,
 )
-from devices_agent.nets import build_model, initial_weights, state_to_numpy
+
+from config.demo.nets import build_model, initial_weights, state_to_numpy
+from devices_agent.codecs import l2_norm
+from devices_agent.data import client_dataset, load_digits_split
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from devices_agent.nets import (
+from config.demo.nets import (
     ARCHS,
     build_model,
     build_model_for_state,

@@ -9,15 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devices_agent.local_train import apply_delta, train_local
+from devices_agent.personal import Personaliser
 
+from config.demo.nets import build_model, initial_weights, state_to_numpy
 from devices_agent.agent import Agent
 from devices_agent.codecs import encode_tensors
 from devices_agent.config import AgentConfig
 from devices_agent.data import client_dataset, load_digits_split
-from devices_agent.local_train import apply_delta, train_local
-from devices_agent.nets import build_model, initial_weights, state_to_numpy
 from devices_agent.outbox import Outbox
-from devices_agent.personal import Personaliser
 from tests.devices_agent.agent_helpers import ScriptedServer, Signer, linear_onnx
 from tests.devices_agent.test_agent import FakeFleet
 

@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from devices_agent.local_train import apply_delta, train_local
 
+from config.demo.nets import initial_weights
 from devices_agent.agent import Agent
 from devices_agent.codecs import encode_tensors
 from devices_agent.config import AgentConfig
 from devices_agent.data import client_dataset, load_digits_split
-from devices_agent.local_train import apply_delta, train_local
-from devices_agent.nets import initial_weights
 from tests.devices_agent.agent_helpers import linear_onnx
 
 pytestmark = pytest.mark.slow

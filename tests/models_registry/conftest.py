@@ -5,8 +5,8 @@ from typing import Any
 import numpy as np
 import pytest
 
+from config.demo.nets import initial_weights
 from devices_agent.codecs import encode_tensors
-from devices_agent.nets import initial_weights
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from devices_agent.data import load_digits_split
 from devices_agent.local_train import apply_delta, train_local
-from devices_agent.nets import initial_weights
+
+from config.demo.nets import initial_weights
+from devices_agent.data import load_digits_split
 
 Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 

@@ -24,8 +24,8 @@ def make_fleet(*, n_devices: int = 3, arch: str = "mlp", name: str = "digits") -
     """Rows for a family with signed initial weights and ``n_devices`` online devices."""
     from django.core.files.base import ContentFile
 
+    from config.demo.nets import initial_weights
     from devices_agent.codecs import encode_tensors
-    from devices_agent.nets import initial_weights
     from fleet.auth import hash_secret, new_secret
     from fleet.models import Device, DeviceGroup
     from models_registry.models import Artifact, ModelFamily, ModelVersion

@@ -29,7 +29,7 @@ def _client(secret: str) -> Client:
 
 
 def _shapes() -> dict[str, tuple[int, ...]]:
-    from devices_agent.nets import initial_weights
+    from config.demo.nets import initial_weights
 
     return {k: v.shape for k, v in initial_weights("mlp", seed=0).items()}
 

@@ -1,17 +1,18 @@
-"""The named architectures the agent, the server and the benchmarks agree on.
+"""The demo's own models, written as any user would write theirs: plain ``nn.Module`` s.
 
-A model travels as a ``dict[str, np.ndarray]`` of float32 arrays keyed by PyTorch
-parameter names, so the names and shapes here are part of the contract:
+Nothing in the product knows these architectures. The demo builds them here, trains
+them briefly, and turns each into an upload bundle (program, weights, ONNX) with
+:func:`devices_agent.program.make_bundle`, exactly what a team does with its own model;
+from then on the registry, the rounds and the boards know only the artifacts.
 
-* ``mlp``: 64 -> 64 -> 64 -> 10 with ReLU; ``fc1.*``, ``fc2.*``, ``fc3.*``.
-* ``mlp_small``: 64 -> 32 -> 10 with ReLU; ``fc1.*``, ``fc2.*`` (distillation student).
-* ``cnn``: the 64 features as a 1x8x8 image; conv 1->8 (3x3, pad 1), ReLU, 2x2 max-pool,
-  conv 8->16 (3x3, pad 1), ReLU, flatten (16x4x4), linear 256 -> 10; ``conv1.*``,
-  ``conv2.*``, ``fc.*``.
+* ``mlp``: digits, 64 -> 64 -> 64 -> 10 with ReLU; ``fc1.*``, ``fc2.*``, ``fc3.*``.
+* ``mlp_small``: digits, 64 -> 32 -> 10 with ReLU (a distillation student).
+* ``cnn``: digits as a 1x8x8 image; two small conv layers and a linear head.
+* ``activity``: a 1-D CNN over 3-axis accelerometer windows ``[3, 64]`` -> 6 activities.
 
-Hidden widths may be smaller than the defaults (structured pruning removes neurons and
-channels): :func:`build_model` takes them explicitly and :func:`build_model_for_state`
-reads them off the weights. torch is imported only inside the functions.
+Hidden widths may be smaller than the defaults: :func:`build_model` takes them
+explicitly and :func:`build_model_for_state` reads them off the weights. torch is
+imported only inside the functions.
 """
 
 from __future__ import annotations
@@ -74,6 +75,13 @@ ARCHS: dict[str, ArchInfo] = {
         "head": ("fc.weight", "fc.bias"),
         "prunable": ("conv1", "conv2"),
     },
+    "activity": {
+        "input_shape": (3, 64),
+        "num_classes": 6,
+        "widths": (16, 16),
+        "head": ("fc.weight", "fc.bias"),
+        "prunable": ("conv1", "conv2"),
+    },
 }
 
 # The CNN's feature map after the pool is 4x4 for every channel of conv2.
@@ -127,7 +135,19 @@ def _classes() -> dict[str, Any]:
             x = torch.relu(self.conv2(x))
             return self.fc(torch.flatten(x, 1))  # type: ignore[no-any-return, unused-ignore]
 
-    return {"mlp": Mlp, "mlp_small": MlpSmall, "cnn": Cnn}
+    class ActivityCnn(nn.Module):  # type: ignore[misc, unused-ignore]
+        def __init__(self, c1: int, c2: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv1d(3, c1, kernel_size=5, padding=2)
+            self.conv2 = nn.Conv1d(c1, c2, kernel_size=5, padding=2)
+            self.fc = nn.Linear(c2 * 16, 6)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            x = torch.max_pool1d(torch.relu(self.conv1(x)), 2)
+            x = torch.max_pool1d(torch.relu(self.conv2(x)), 2)
+            return self.fc(torch.flatten(x, 1))  # type: ignore[no-any-return, unused-ignore]
+
+    return {"mlp": Mlp, "mlp_small": MlpSmall, "cnn": Cnn, "activity": ActivityCnn}
 
 
 def build_model(arch: str, *, widths: tuple[int, ...] | None = None) -> torch.nn.Module:
@@ -214,3 +234,60 @@ def head_parameter_names(arch: str) -> tuple[str, ...]:
 def parameter_count(state: Mapping[str, npt.ArrayLike]) -> int:
     """Number of scalars in a weights dict."""
     return int(sum(np.size(a) for a in state.values()))
+
+
+def train_weights(
+    arch: str,
+    *,
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    epochs: int,
+    seed: int = 0,
+    lr: float = 0.01,
+    batch_size: int = 32,
+    start: Mapping[str, npt.ArrayLike] | None = None,
+) -> Weights:
+    """Weights of ``arch`` trained on ``(x, y)`` with Adam and cross-entropy (seeded, one thread)."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        previous = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            model = build_model(arch) if start is None else build_model_for_state(arch, start)
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            xs = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+            ys = torch.from_numpy(np.asarray(y, dtype=np.int64))
+            for _ in range(epochs):
+                order = torch.randperm(len(ys))
+                for begin in range(0, len(ys), batch_size):
+                    batch = order[begin : begin + batch_size]
+                    opt.zero_grad()
+                    torch.nn.functional.cross_entropy(model(xs[batch]), ys[batch]).backward()
+                    opt.step()
+        finally:
+            torch.set_num_threads(previous)
+    return state_to_numpy(model)
+
+
+def bundle(arch: str, weights: Mapping[str, npt.ArrayLike] | None = None, *, seed: int = 0) -> Any:
+    """The upload bundle (program, weights, ONNX) of ``arch`` with ``weights`` (default: initial)."""
+    import torch
+
+    from devices_agent.program import make_bundle
+
+    state = initial_weights(arch, seed=seed) if weights is None else weights
+    model = build_model_for_state(arch, state)
+    example = torch.zeros((2, *ARCHS[arch]["input_shape"]), dtype=torch.float32)
+    return make_bundle(model, example, head=list(ARCHS[arch]["head"]))
+
+
+def spec_fields(arch: str) -> dict[str, Any]:
+    """The family contract of an architecture's task (for ``family_create``)."""
+    info = ARCHS[arch]
+    return {
+        "task": "classification",
+        "input_shape": list(info["input_shape"]),
+        "num_classes": info["num_classes"],
+    }
