@@ -129,8 +129,30 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict_offline(state_dir: Path, inputs: Any, *, batch: bool) -> dict[str, Any]:
+    """Run the installed model from the state directory, as the agent's local API would."""
+    from devices_agent.learning import ModelRuntime
+    from devices_agent.local_api import LocalService
+    from devices_agent.outbox import BufferedRecorder, Outbox
+    from devices_agent.samples import SampleStore
+    from devices_agent.state import AgentState
+
+    state = AgentState(state_dir)
+    outbox = Outbox(state.outbox_path)
+    recorder = BufferedRecorder(outbox)
+    store = SampleStore(state.root / "samples.sqlite3")
+    try:
+        service = LocalService(model=ModelRuntime(state).active, store=store, record=recorder.add)
+        return service.predict(inputs, batch=batch)
+    finally:
+        recorder.flush()
+        outbox.close()
+        store.close()
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
-    """One prediction through the running agent's local API (as an application would)."""
+    """A prediction through the running agent's local API, or from the state directory."""
+    from devices_agent.local_api import LocalApiError as ServiceRefused
     from devices_agent.local_client import AgentClient, LocalApiError
 
     raw = args.input
@@ -139,20 +161,30 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     try:
         inputs = json.loads(raw)
     except ValueError as exc:
-        print(json.dumps({"error": f"--input is not JSON: {exc}"}))
+        print(json.dumps({"error": "malformed", "message": f"--input is not JSON: {exc}"}))
         return 2
-    address = args.socket or str(Path(args.state_dir).expanduser() / "agent.sock")
+    state_dir = Path(args.state_dir).expanduser() if args.state_dir else None
+    address = args.socket or (str(state_dir / "agent.sock") if state_dir else "")
+    if not address:
+        print(json.dumps({"error": "usage", "message": "give --state-dir or --socket"}))
+        return 2
     try:
         with AgentClient(address) as client:
-            answer = client.predict(inputs, batch=args.batch)
+            found = client.predict(inputs, batch=True) if args.batch else [client.predict(inputs)]
+        answer = {"version_id": found[0]["version_id"], "model": found[0]["model"], "predictions": found}
     except LocalApiError as exc:
         print(json.dumps({"error": exc.code, "message": exc.message}))
         return 1
     except OSError as exc:
-        print(
-            json.dumps({"error": "agent_unreachable", "message": f"{address}: {exc} (is the agent running?)"})
-        )
-        return 1
+        if state_dir is None or args.socket:
+            print(json.dumps({"error": "agent_unreachable", "message": f"{address}: {exc}"}))
+            return 1
+        # No agent running: the same service over the installed model, metrics to the outbox.
+        try:
+            answer = _predict_offline(state_dir, inputs, batch=args.batch)
+        except ServiceRefused as refused:
+            print(json.dumps({"error": refused.code, "message": refused.message}))
+            return 1
     print(json.dumps(answer))
     return 0
 

@@ -1,9 +1,7 @@
 """On-device inference over the active ONNX model, its metrics, and the health check.
 
-:class:`Predictor` wraps an ONNX Runtime session with one intra-op thread (boards are small
-and share their cores with the rest of the agent). Every prediction records its latency
-and confidence; a prediction that later receives its true label (``feedback``) records
-``correct``. Samples go to a callback, normally :meth:`devices_agent.outbox.Outbox.add`.
+Sessions run with one intra-op thread (boards are small and share their cores with the
+rest of the agent); predictions are served by the local API (:mod:`devices_agent.local_api`).
 
 :func:`health_check` is what the updater runs before a new model may stay active: load
 it, run a deterministic input of the family's input shape, check the output's shape and
@@ -12,12 +10,9 @@ finiteness, and compare the p95 latency of a few runs with the policy's budget.
 
 from __future__ import annotations
 
-import collections
 import functools
-import itertools
-import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,19 +20,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from devices_agent.drift import DriftSketch
-
 __all__ = [
     "HealthResult",
-    "Prediction",
-    "Predictor",
     "health_check",
     "load_session",
     "resource_usage",
     "to_probabilities",
 ]
-
-Recorder = Callable[[str, float, int | None], None]
 
 
 def load_session(
@@ -87,100 +76,6 @@ def input_shape_of(session: Any) -> list[int] | None:
     if all(isinstance(d, int) and d > 0 for d in dims):
         return [int(d) for d in dims]
     return None
-
-
-@dataclass(frozen=True)
-class Prediction:
-    """One inference: the top-1 label, its probability, and the wall time it took."""
-
-    prediction_id: int
-    label: int
-    confidence: float
-    latency_ms: float
-
-
-class Predictor:
-    """Inference over one ONNX model, recording latency, confidence and accuracy.
-
-    ``record(name, value, version_id)`` receives every metric sample.
-    ``extra_delay_ms`` slows every inference down on purpose: simulated slow boards use it
-    so rollout gates see real latency differences between devices.
-    """
-
-    def __init__(
-        self,
-        *,
-        model: Path | bytes,
-        version_id: int | None = None,
-        record: Recorder | None = None,
-        extra_delay_ms: float = 0.0,
-        threads: int = 1,
-        session: Any = None,
-        max_open_predictions: int = 10_000,
-    ) -> None:
-        self.version_id = version_id
-        self.session = session if session is not None else load_session(model, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-        self.record = record
-        self.extra_delay_ms = max(0.0, extra_delay_ms)
-        self._ids = itertools.count(1)
-        # Predictions waiting for a labelled feedback; bounded so unlabelled traffic
-        # cannot grow memory without limit (the oldest are forgotten).
-        self._open: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._max_open = max_open_predictions
-        self._lock = threading.Lock()
-        # Sized on the first input: the feature count is the model's, read off the data.
-        self.drift: DriftSketch | None = None
-
-    def _emit(self, name: str, value: float) -> None:
-        if self.record is not None:
-            self.record(name, float(value), self.version_id)
-
-    def predict(self, x: npt.ArrayLike, *, label: int | None = None) -> Prediction:
-        """Classify one example; with ``label`` (simulation), record ``correct`` at once."""
-        batch = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(1, -1))
-        started = time.perf_counter()
-        try:
-            outputs = self.session.run(None, {self.input_name: batch})[0]
-            if self.extra_delay_ms:
-                time.sleep(self.extra_delay_ms / 1000.0)
-        except Exception:
-            self._emit("error", 1.0)
-            raise
-        latency_ms = (time.perf_counter() - started) * 1000.0
-        probs = to_probabilities(np.asarray(outputs))[0]
-        top = int(np.argmax(probs))
-        prediction = Prediction(
-            prediction_id=next(self._ids), label=top, confidence=float(probs[top]), latency_ms=latency_ms
-        )
-        self._emit("latency_ms", latency_ms)
-        self._emit("confidence", prediction.confidence)
-        with self._lock:
-            if self.drift is None or self.drift.num_features != batch.shape[1]:
-                self.drift = DriftSketch(num_features=batch.shape[1])
-            self.drift.update(inputs=batch, confidence=[prediction.confidence])
-        if label is not None:
-            self._emit("correct", 1.0 if top == int(label) else 0.0)
-        else:
-            with self._lock:
-                self._open[prediction.prediction_id] = top
-                while len(self._open) > self._max_open:
-                    self._open.popitem(last=False)
-        return prediction
-
-    def predict_batch(self, x: npt.ArrayLike) -> npt.NDArray[np.float32]:
-        """Class probabilities for a batch (no metrics: for tools and benchmarks)."""
-        batch = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        return to_probabilities(np.asarray(self.session.run(None, {self.input_name: batch})[0]))
-
-    def feedback(self, prediction_id: int, label: int) -> bool:
-        """Record whether an earlier prediction was right; False when the id is unknown or expired."""
-        with self._lock:
-            predicted = self._open.pop(prediction_id, None)
-        if predicted is None:
-            return False
-        self._emit("correct", 1.0 if predicted == int(label) else 0.0)
-        return True
 
 
 @functools.cache

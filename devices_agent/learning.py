@@ -224,10 +224,12 @@ class LocalData:
         xs, ys = [], []
         for x, y in parts:
             try:
-                xs.append(spec.inputs(x))
-                ys.append(spec.labels(y, count=len(x)))
+                checked = spec.inputs(x), spec.labels(y, count=len(x))
             except SpecError as exc:
                 log.warning("local examples that do not fit the family are left out: %s", exc.message)
+                continue
+            xs.append(checked[0])
+            ys.append(checked[1])
         if not xs:
             return None
         return np.concatenate(xs), np.concatenate(ys)

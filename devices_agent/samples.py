@@ -57,7 +57,7 @@ class SampleCounts:
 
 def _encode(array: npt.NDArray[Any]) -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    np.save(buffer, np.asarray(array, order="C"), allow_pickle=False)  # a scalar stays a scalar
     return buffer.getvalue()
 
 

@@ -77,6 +77,8 @@ class TorchBackend:
         y: npt.NDArray[Any],
     ) -> dict[str, Any]:
         """The task's metrics of the model on ``(x, y)`` (see :mod:`devices_agent.family`)."""
+        x = spec.inputs(x)
+        y = spec.labels(y, count=len(x))
         with torch_threads(self.num_threads):
             module = load_program(program, state, input_shape=spec.input_shape, input_dtype=spec.input_dtype)
             return outputs_metrics(spec, self._outputs(module, x), y)
@@ -102,8 +104,10 @@ class TorchBackend:
         """
         import torch
 
-        if len(x) == 0 or len(x) != len(y):
-            raise ValueError("training needs examples with one label each")
+        if len(x) == 0:
+            raise ValueError("no examples to train on")
+        x = spec.inputs(x)  # SpecError (a ValueError) says what does not fit
+        y = spec.labels(y, count=len(x))
         loss_fn = torch_loss(spec)
         with torch_threads(self.num_threads):
             module = load_program(program, state, input_shape=spec.input_shape, input_dtype=spec.input_dtype)

@@ -277,7 +277,7 @@ def test_config_files_and_the_cli(
         "version_id": 5,
         "label": "digits:v5",
         "family": "digits",
-        "arch": "mlp",
+        "spec": {"task": "classification", "input_shape": [64], "input_dtype": "float32", "num_classes": 10},
         "deployment_id": 9,
         "artifact": {
             "kind": "onnx",

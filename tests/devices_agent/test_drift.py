@@ -46,7 +46,9 @@ def test_json_is_small_for_digits() -> None:
 
 
 def test_agent_sends_the_sketch_every_n_heartbeats_and_retries(tmp_path: Path) -> None:
-    from devices_agent.inference import Predictor
+    from devices_agent.family import FamilySpec
+    from devices_agent.inference import load_session
+    from devices_agent.local_api import ActiveModel
     from tests.devices_agent.agent_helpers import Handler, ScriptedServer, linear_onnx
     from tests.devices_agent.test_agent import FakeFleet, make_agent
 
@@ -62,15 +64,21 @@ def test_agent_sends_the_sketch_every_n_heartbeats_and_retries(tmp_path: Path) -
     try:
         agent.config.drift_every = 2
         agent.enroll()
-        agent.predictor = Predictor(model=linear_onnx(), version_id=7)
+        active = ActiveModel(
+            version_id=7,
+            spec=FamilySpec(task="classification", input_shape=(64,), num_classes=10),
+            session=load_session(linear_onnx()),
+        )
+        agent.local.model = lambda: active
+        agent.state.current_version_id = lambda: 7  # type: ignore[method-assign]
         rng = np.random.default_rng(2)
         inputs = rng.uniform(size=(5, 64)).astype(np.float32)
         for row in inputs:
-            agent.predictor.predict(row)
+            agent.local.predict(row)
         agent.heartbeat()
         assert server.posted("/api/agent/v1/drift") == []  # only every 2nd heartbeat
         agent.heartbeat()  # server down: kept for the next time
-        agent.predictor.predict(inputs[0])  # lands in the next window, not the pending one
+        agent.local.predict(inputs[0])  # lands in the next window, not the pending one
         state["down"] = False
         agent.heartbeat()
         agent.heartbeat()

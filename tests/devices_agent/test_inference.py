@@ -1,36 +1,11 @@
-"""Inference metrics and the health check over real ONNX Runtime sessions."""
+"""The health check and sessions over real ONNX Runtime."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from devices_agent.inference import Predictor, health_check, to_probabilities
+from devices_agent.inference import health_check, load_session, to_probabilities
 from tests.devices_agent.agent_helpers import linear_onnx
-
-
-def test_predictions_record_latency_confidence_and_feedback_accuracy() -> None:
-    samples: list[tuple[str, float, int | None]] = []
-    predictor = Predictor(
-        model=linear_onnx(seed=0), version_id=7, record=lambda n, v, vid: samples.append((n, v, vid))
-    )
-    x = np.random.default_rng(1).random((5, 64), dtype=np.float32)
-    expected = predictor.predict_batch(x).argmax(axis=1)
-    first = predictor.predict(x[0])
-    assert first.label == int(expected[0]) and 0.0 < first.confidence <= 1.0 and first.latency_ms > 0
-    assert [n for n, _, _ in samples] == ["latency_ms", "confidence"]
-    assert all(vid == 7 for _, _, vid in samples)
-    assert predictor.feedback(first.prediction_id, first.label) is True
-    assert samples[-1] == ("correct", 1.0, 7)
-    assert predictor.feedback(first.prediction_id, 3) is False  # already consumed
-    predictor.predict(x[1], label=(int(expected[1]) + 1) % 10)
-    assert samples[-1] == ("correct", 0.0, 7)
-
-
-def test_slow_board_profile_adds_latency() -> None:
-    fast = Predictor(model=linear_onnx())
-    slow = Predictor(model=linear_onnx(), extra_delay_ms=20.0)
-    x = np.zeros(64, dtype=np.float32)
-    assert slow.predict(x).latency_ms >= 20.0 > fast.predict(x).latency_ms
 
 
 def test_probabilities_from_logits_or_probabilities() -> None:
@@ -52,3 +27,14 @@ def test_health_check_passes_a_good_model_and_explains_failures() -> None:
     assert not broken.ok and "does not load" in broken.reason
     mismatched = health_check(model=linear_onnx(features=64), input_shape=[32], runs=5)
     assert not mismatched.ok and "smoke inference failed" in mismatched.reason
+
+
+def test_initializers_replace_the_graphs_weights_by_name() -> None:
+    x = np.ones((1, 64), dtype=np.float32)
+    model = linear_onnx(seed=0)
+    base = load_session(model).run(None, {"input": x})[0]
+    zero_bias = load_session(model, initializers={"b": np.zeros(10, np.float32)}).run(None, {"input": x})[0]
+    assert not np.allclose(base, zero_bias)
+    w = np.zeros((64, 10), np.float32)
+    flat = load_session(model, initializers={"w": w, "b": np.arange(10, dtype=np.float32)})
+    assert np.allclose(flat.run(None, {"input": x})[0], np.arange(10))

@@ -63,7 +63,7 @@ def desired(version_id: int, deployment_id: int, artifact: dict[str, Any]) -> De
         "version_id": version_id,
         "label": f"digits:v{version_id}",
         "family": "digits",
-        "arch": "mlp",
+        "spec": {"task": "classification", "input_shape": [64], "input_dtype": "float32", "num_classes": 10},
         "deployment_id": deployment_id,
         "artifact": cast(ArtifactRef, artifact),
         "weights": None,

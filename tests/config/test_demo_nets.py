@@ -1,3 +1,5 @@
+"""The demo's own nets: plain nn.Modules that the demo registers as bundles."""
+
 from __future__ import annotations
 
 import numpy as np
