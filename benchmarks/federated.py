@@ -155,7 +155,6 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
             lr=LR,
             strategy="fedavg",
             codec="none",
-            export_onnx=False,
             round_deadline_s=600,
             seed=0,
         )

@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -449,17 +450,21 @@ def make_bundle(
             state[name] = value.detach().cpu().contiguous().numpy().copy()
     check_state(info, state)
     onnx_buffer = io.BytesIO()
-    torch.onnx.export(
-        model,
-        (example,),
-        onnx_buffer,
-        dynamo=False,
-        opset_version=opset,
-        do_constant_folding=False,
-        input_names=["input"],
-        output_names=["output"],
-        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-    )
+    with warnings.catch_warnings():
+        # The TorchScript exporter is the one that keeps parameter names as initializer
+        # names; its deprecation notice is not something the user can act on here.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        torch.onnx.export(
+            model,
+            (example,),
+            onnx_buffer,
+            dynamo=False,
+            opset_version=opset,
+            do_constant_folding=False,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
     onnx_bytes = onnx_buffer.getvalue()
     dtype = {torch.float32: "float32", torch.int64: "int64", torch.uint8: "uint8"}.get(example.dtype)
     if dtype is None:

@@ -25,13 +25,17 @@ class TrainingConfig(AppConfig):
     def ready(self) -> None:
         from core.dispatch import recoverable
         from core.events import subscribe
+        from fleet.api.agent_views import register_artifact_entitlement
         from fleet.services.heartbeat import register_task_provider
         from training import subscribers
-        from training.selectors import heartbeat_training_tasks
+        from training.selectors import heartbeat_training_tasks, round_artifact_for_device
 
         # Open rounds reach devices in their heartbeat answer; devices may also long-poll
         # GET rounds/?wait= for a faster start, woken when a round opens.
         register_task_provider(heartbeat_training_tasks)
+        # A device selected for a collecting round may fetch its base version's artifacts
+        # (the program it trains), whatever model it runs.
+        register_artifact_entitlement(round_artifact_for_device)
         subscribe(subscribers.round_opened, names=["federated_round.opened"])
         subscribe(subscribers.model_flagged, names=["model.flagged"])
         for task, how in RECOVERIES.items():

@@ -65,7 +65,6 @@ class FederatedJob(models.Model):
     # Minimum accepted updates for a round to aggregate at its deadline.
     quorum = models.PositiveIntegerField(default=2)
     max_consecutive_failures = models.PositiveIntegerField(default=3)
-    export_onnx = models.BooleanField(default=True, help_text="Export every round's version to ONNX.")
     seed = models.IntegerField(default=0)
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True)

@@ -183,6 +183,22 @@ def heartbeat_training_tasks(device: Device) -> list[TrainingTask]:
 # --------------------------------------------------------------------------- device reads
 
 
+def round_artifact_for_device(device: Device, sha256: str) -> tuple[str, int] | None:
+    """``(storage name, size)`` of an artifact of a collecting round's base version that
+    selected ``device``, or None: the device-API download entitlement of training."""
+    bases = [
+        base
+        for base, selected in FederatedRound.objects.filter(
+            status=FederatedRound.Status.COLLECTING
+        ).values_list("base_version_id", "selected")
+        if str(device.pk) in (selected or [])
+    ]
+    if not bases:
+        return None
+    found = Artifact.objects.filter(sha256=sha256, version_id__in=bases).values_list("file", "size").first()
+    return (str(found[0]), int(found[1])) if found else None
+
+
 def round_for_device(*, round_id: int, device: Device) -> FederatedRound:
     """The round ``round_id`` if it selected ``device`` (404 ``not_found``, 403 ``not_selected``)."""
     rnd = (

@@ -295,7 +295,6 @@ def demo_job_start(
         "lr": 0.05,
         "codec": "int8",
         "round_deadline_s": 60,
-        "export_onnx": True,
     }
     options.update(fields)
     job = job_create(actor=actor, family=family, base_version=base, target_group=group, **options)

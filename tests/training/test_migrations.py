@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-BEFORE = [("training", "0001_federated")]
-AFTER = [("training", "0004_remove_round_durations")]
+BEFORE = [("training", "0001_federated"), ("models_registry", "0003_job_lease")]
+AFTER = [("training", "0004_remove_round_durations"), ("models_registry", "0003_job_lease")]
 SINCE = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 

@@ -61,7 +61,6 @@ JOB_FIELDS = (
     "round_deadline_s",
     "quorum",
     "max_consecutive_failures",
-    "export_onnx",
     "seed",
 )
 

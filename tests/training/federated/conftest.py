@@ -20,27 +20,23 @@ class Fleet:
     secrets: list[str]
 
 
-def make_fleet(*, n_devices: int = 3, arch: str = "mlp", name: str = "digits") -> Fleet:
-    """Rows for a family with signed initial weights and ``n_devices`` online devices."""
-    from django.core.files.base import ContentFile
+def make_fleet(
+    *, n_devices: int = 3, arch: str = "mlp", name: str = "digits", test_set: bool = True
+) -> Fleet:
+    """A digits family with a first version (program, weights, ONNX) and ``n_devices`` online devices.
 
-    from config.demo.nets import initial_weights
-    from devices_agent.codecs import encode_tensors
+    With ``test_set`` the family has its digits test split registered (central evaluation);
+    without, rounds are evaluated on the boards' holdouts.
+    """
+    from config.demo.seed import digits_datasets
     from fleet.auth import hash_secret, new_secret
     from fleet.models import Device, DeviceGroup
-    from models_registry.models import Artifact, ModelFamily, ModelVersion
-    from models_registry.signing import sign_digest
-    from training.storage import sha256_hex
+    from tests.bundles import digits_family, digits_version
 
-    family = ModelFamily.objects.create(name=name, arch=arch, input_shape=[64], num_classes=10)
-    version = ModelVersion.objects.create(family=family, number=1)
-    data = encode_tensors(initial_weights(arch, seed=0))
-    digest = sha256_hex(data)
-    artifact = Artifact(
-        version=version, kind="weights", sha256=digest, size=len(data), signature=sign_digest(digest)
-    )
-    artifact.file.save(f"{name}-v1.safetensors", ContentFile(data), save=False)
-    artifact.save()
+    family = digits_family(name, arch=arch)
+    if test_set:
+        digits_datasets(family=family)
+    version = digits_version(family, arch=arch)
     group = DeviceGroup.objects.create(name=f"{name}-fleet")
     devices, secrets = [], []
     for i in range(n_devices):
@@ -49,7 +45,7 @@ def make_fleet(*, n_devices: int = 3, arch: str = "mlp", name: str = "digits") -
             name=f"{name}-dev-{i}",
             secret_hash=hash_secret(secret),
             status=Device.Status.ONLINE,
-            state={"local_examples": 50},
+            state={"local_examples": 50, "holdout_examples": 10, "training_backends": ["torch"]},
         )
         device.groups.add(group)
         devices.append(device)
@@ -66,7 +62,6 @@ def make_job(fleet: Fleet, **fields: Any) -> Any:
         "min_clients": 2,
         "quorum": 2,
         "local_epochs": 1,
-        "export_onnx": False,
         "round_deadline_s": 120,
     }
     defaults.update(fields)

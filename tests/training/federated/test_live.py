@@ -78,7 +78,7 @@ def test_full_job_end_to_end_over_http_with_server_restart(
     from training.models import ClientUpdate, FederatedRound
 
     fleet = make_fleet(n_devices=3, name="live-digits")
-    job = make_job(fleet, rounds=3, min_clients=3, quorum=3, local_epochs=2, codec="int8", export_onnx=True)
+    job = make_job(fleet, rounds=3, min_clients=3, quorum=3, local_epochs=2, codec="int8")
     with _agents(fleet, live_stack.url, tmp_path) as outcomes:
         services.job_start(job_id=job.pk, actor=None)
         _wait(lambda: ClientUpdate.objects.filter(round__job=job).exists(), timeout=60, what="a first update")

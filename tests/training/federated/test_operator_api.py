@@ -15,7 +15,6 @@ def _body(fleet: Fleet, **extra: Any) -> dict[str, Any]:
         "rounds": 3,
         "strategy": "fedavg",
         "codec": "int8",
-        "export_onnx": False,
     }
     body.update(extra)
     return body

@@ -40,8 +40,9 @@ def test_round_version_is_evaluated_through_the_registry(db: Any) -> None:
     assert rnd.version.metrics["accuracy"] == rnd.accuracy and rnd.version.metrics["dataset"] == "digits-test"
     job = FederatedJob.objects.get(pk=job.pk)
     assert job.best_version == rnd.version and job.best_accuracy == rnd.accuracy
-    # export_onnx=False: the export the evaluation ran is not kept as an artifact.
-    assert set(Artifact.objects.filter(version=rnd.version).values_list("kind", flat=True)) == {"weights"}
+    # The round's graph is the base's with the new weights: boards can serve and train it.
+    kinds = set(Artifact.objects.filter(version=rnd.version).values_list("kind", flat=True))
+    assert kinds == {"weights", "onnx", "program"}
 
 
 def test_round_fields_and_the_api_durations(fleet: Fleet, operator_client: Any) -> None:
@@ -112,10 +113,11 @@ def test_a_round_that_cannot_be_evaluated_fails_with_the_reason(db: Any) -> None
     rnd = services.round_open(job_id=job.pk)
     upload_deltas(fleet, rnd)
     services.round_close(round_id=rnd.pk)
-    # No registered test set fits the family any more.
+    # The family's contract no longer fits its own models: nothing can be registered.
     ModelFamily.objects.filter(pk=fleet.family.pk).update(input_shape=[32])
     assert services.round_aggregate(round_id=rnd.pk) is None
     rnd = FederatedRound.objects.get(pk=rnd.pk)
     assert rnd.status == "failed" and rnd.lease_expires_at is None
-    assert rnd.failure_reason.startswith("evaluation failed: Data set digits-test has examples of shape [64]")
+    assert rnd.failure_reason.startswith("evaluation failed:")
+    assert "the family expects [batch, 32]" in rnd.failure_reason
     assert FederatedJob.objects.get(pk=job.pk).consecutive_failures == 1

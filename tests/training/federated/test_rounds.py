@@ -27,25 +27,31 @@ def _train_and_upload(
     fleet: Fleet, rnd: Any, index: int, *, codec: str = "none", prox_mu: float = 0.0
 ) -> Any:
     """What a device does, through the real device API (Django test client)."""
+    from devices_agent.backends import TrainConfig, get_backend
     from devices_agent.codecs import decode_tensors
     from devices_agent.data import client_dataset
-    from devices_agent.local_train import train_local
+    from devices_agent.family import FamilySpec
 
     client = Client(HTTP_AUTHORIZATION=f"Device {fleet.secrets[index]}")
     task = client.get(f"/api/agent/v1/rounds/{rnd.pk}/task").json()
     tensors, _ = decode_tensors(client.get(task["weights_url"]).content)
+    program = b"".join(client.get(task["program"]["url"]).streaming_content)
     x, y = client_dataset(client_index=index, n_clients=len(fleet.devices), alpha=0.5, seed=0)
-    result = train_local(
-        arch=task["arch"],
-        global_weights=tensors,
+    result = get_backend("torch").train(
+        program=program,
+        state=tensors,
+        spec=FamilySpec.from_dict(task["spec"]),
         x=x,
         y=y,
-        epochs=task["train"]["epochs"],
-        batch_size=task["train"]["batch_size"],
-        lr=task["train"]["lr"],
-        prox_mu=task["train"]["prox_mu"],
-        seed=task["seed"] + index,
-        clip_norm=task["clip_norm"],
+        config=TrainConfig(
+            epochs=task["train"]["epochs"],
+            batch_size=task["train"]["batch_size"],
+            lr=task["train"]["lr"],
+            prox_mu=task["train"]["prox_mu"],
+            seed=task["seed"] + index,
+            clip_norm=task["clip_norm"],
+        ),
+        trainable=task["trainable"],
     )
     body = encode_delta(result.delta, codec=task["codec"], topk_fraction=task["topk_fraction"]).data
     return client.post(
@@ -126,21 +132,29 @@ def test_fedavg_round_improves_accuracy_and_exports_onnx(db: Any) -> None:
     from training import services
 
     fleet = make_fleet(n_devices=4)
-    job = _start(fleet, rounds=1, local_epochs=5, lr=0.1, export_onnx=True)
+    job = _start(fleet, rounds=1, local_epochs=5, lr=0.1)
     rnd = services.round_open(job_id=job.pk)
     for i in range(4):
         assert _train_and_upload(fleet, rnd, i).status_code == 201
     services.round_close(round_id=rnd.pk)
     done = services.round_aggregate(round_id=rnd.pk)
     assert done is not None and done.status == "done"
+    from devices_agent.backends import get_backend
     from devices_agent.data import load_digits_split
-    from devices_agent.local_train import evaluate_numpy
+    from models_registry.selectors import version_program
 
     _, _, x_test, y_test = load_digits_split(seed=0)
-    _, before = evaluate_numpy(arch="mlp", weights=_round_weights(fleet.version), x=x_test, y=y_test)
+    before = get_backend("torch").evaluate(
+        program=version_program(version=fleet.version),
+        state=_round_weights(fleet.version),
+        spec=fleet.family.spec,
+        x=x_test,
+        y=y_test,
+    )["accuracy"]
     assert done.accuracy is not None and done.accuracy > before + 0.2
+    assert done.evaluation == "central" and done.metric == done.accuracy and done.metric_name == "accuracy"
     kinds = set(Artifact.objects.filter(version=done.version).values_list("kind", flat=True))
-    assert kinds == {"weights", "onnx"}
+    assert kinds == {"weights", "onnx", "program"}
 
 
 def test_device_dropping_out_round_closes_at_deadline_with_the_others(db: Any) -> None:

@@ -29,9 +29,9 @@ def _client(secret: str) -> Client:
 
 
 def _shapes() -> dict[str, tuple[int, ...]]:
-    from config.demo.nets import initial_weights
+    from tests.bundles import digits_weights
 
-    return {k: v.shape for k, v in initial_weights("mlp", seed=0).items()}
+    return {k: v.shape for k, v in digits_weights("mlp").items() if v.dtype == np.float32}
 
 
 def _delta(scale: float = 0.01, seed: int = 1) -> dict[str, np.ndarray]:
@@ -55,7 +55,7 @@ def test_selected_device_gets_task_and_weights_with_etag(fleet: Fleet) -> None:
     rnd = _open_round(fleet)
     client = _client(fleet.secrets[0])
     task = client.get(f"/api/agent/v1/rounds/{rnd.pk}/task").json()
-    assert task["round_id"] == rnd.pk and task["arch"] == "mlp" and task["codec"] == "none"
+    assert task["round_id"] == rnd.pk and task["spec"]["input_shape"] == [64] and task["codec"] == "none"
     weights = client.get(task["weights_url"])
     assert weights.status_code == 200
     etag = weights["ETag"]
