@@ -29,6 +29,7 @@ from __future__ import annotations
 import io
 import json
 import re
+import threading
 import warnings
 import zipfile
 from collections.abc import Iterator, Mapping
@@ -341,8 +342,10 @@ def load_program(
     # Objects, not bytes: given bytes, torch would unpickle them (see the module docstring).
     artifact = serde.SerializedArtifact(program_json, weights, constants, ((example,), {}))
     try:
-        exported = serde.deserialize(artifact)
-        module = exported.module()
+        # torch's deserializer keeps its state in a module global: one at a time per process.
+        with _DESERIALIZE:
+            exported = serde.deserialize(artifact)
+            module = exported.module()
     except Exception as exc:  # noqa: BLE001 - torch raises many types; all mean "does not load"
         raise ProgramError(f"the program does not load: {type(exc).__name__}: {exc}"[:2000]) from None
     for node in module.graph.nodes:
@@ -351,6 +354,9 @@ def load_program(
     # The graph is fixed in the mode it was exported in (eval: dropout off, BatchNorm on
     # its running statistics); train()/eval() cannot switch it and are not called.
     return module
+
+
+_DESERIALIZE = threading.Lock()
 
 
 def _target_name(target: Any) -> str:

@@ -29,6 +29,9 @@ from config.env import BASE_DIR
 DATA_DIR = Path(os.environ.get("FLOTILLA_DATA_DIR", BASE_DIR / "var"))
 PORT = int(os.environ.get("PORT", "8000"))
 DEVICES = int(os.environ.get("DEMO_DEVICES", "12"))
+# The second family's boards: each a `flotilla-agent run` process with an application
+# beside it that talks to the agent over its local API socket.
+ACTIVITY_BOARDS = int(os.environ.get("DEMO_ACTIVITY_BOARDS", "4"))
 ADMIN_USER = os.environ.get("DEMO_ADMIN_USER", "admin")
 
 
@@ -48,7 +51,13 @@ def _admin_password() -> str:
 
 
 def run_demo() -> None:
-    from config.demo.seed import seed_demo, start_federated_job_when_online
+    from config.demo.seed import (
+        ACTIVITY_FAMILY,
+        seed_activity_family,
+        seed_activity_fleet,
+        seed_demo,
+        start_federated_job_when_online,
+    )
     from config.stack import Stack
 
     # What the environment already says wins: another settings module, a public URL
@@ -118,6 +127,53 @@ def run_demo() -> None:
             ],
         )
         start_federated_job_when_online(devices=DEVICES, group_name=seeded["group"], say=say)
+
+    if ACTIVITY_BOARDS > 0:
+        from django.contrib.auth.models import User
+
+        say("registering the second family (activity, a 1-D CNN) through the REST API ...")
+        version_id = seed_activity_family(url=url, api_token=seeded["api_token"], say=say)
+        boards = seed_activity_fleet(devices=ACTIVITY_BOARDS, actor=User.objects.get(username=ADMIN_USER))
+        say(
+            f"activity v{version_id} is in production; {ACTIVITY_BOARDS} boards start as agent processes"
+        )
+        stack.start(
+            "activity-boards",
+            [
+                sys.executable,
+                "-m",
+                "devices_agent",
+                "simulate",
+                "--dataset",
+                "activity",
+                "--processes",
+                "--devices",
+                str(ACTIVITY_BOARDS),
+                "--server",
+                url,
+                "--token",
+                boards["enrollment_token"],
+                "--state-root",
+                str(DATA_DIR / "activity-boards"),
+                "--interval",
+                os.environ.get("HEARTBEAT_INTERVAL_S", "5"),
+                "--slow-fraction",
+                "0",
+            ],
+        )
+        start_federated_job_when_online(
+            devices=ACTIVITY_BOARDS,
+            group_name=boards["group"],
+            family_name=ACTIVITY_FAMILY,
+            min_examples=60,
+            job={
+                "name": "activity federated training",
+                "rounds": 10,
+                "local_epochs": 3,
+                "round_deadline_s": 90,
+            },
+            say=say,
+        )
 
     say("press Ctrl-C to stop")
     while True:

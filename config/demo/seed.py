@@ -301,7 +301,20 @@ def demo_job_start(
     return job_start(job_id=job.pk, actor=actor)
 
 
-def _assign_model_and_train(*, devices: int, group_name: str, say: Callable[[str], None]) -> None:
+def _assign_model_and_train(
+    *,
+    family_name: str,
+    devices: int,
+    group_name: str,
+    say: Callable[[str], None],
+    min_examples: int = 1,
+    job: dict[str, Any] | None = None,
+) -> None:
+    """Give every board of the group the family's production version; start a job once enough train.
+
+    A board counts once it is online and reports ``min_examples`` labelled examples (its
+    application sent them through the local API).
+    """
     from django.db import close_old_connections
 
     from fleet.models import Device
@@ -310,44 +323,157 @@ def _assign_model_and_train(*, devices: int, group_name: str, say: Callable[[str
     from training.models import FederatedJob
 
     version = (
-        ModelVersion.objects.filter(family__name=DEMO_FAMILY, stage="production").order_by("-number").first()
+        ModelVersion.objects.filter(family__name=family_name, stage="production").order_by("-number").first()
     )
     if version is None:
-        say("no production version of the demo model; skipping the model push")
+        say(f"no production version of {family_name}; skipping the model push")
         return
     wanted = max(2, (devices * 3) // 4)
-    deadline = time.monotonic() + 180
-    job_started = FederatedJob.objects.filter(status__in=["running", "paused"]).exists()
+    deadline = time.monotonic() + 300
+    job_started = FederatedJob.objects.filter(
+        family=version.family, status__in=["running", "paused"]
+    ).exists()
     while time.monotonic() < deadline:
         close_old_connections()
         members = Device.objects.filter(groups__name=group_name).exclude(status="decommissioned")
-        # Every device of the demo group that has no model yet gets the seeded one,
-        # including those that enroll late.
+        # Every board of the group that has no model yet gets the family's, including
+        # those that enroll late.
         for device_id in members.filter(desired_version__isnull=True).values_list("pk", flat=True):
             device_assign_version(actor=None, device_id=device_id, version_id=version.pk)
-        online = members.filter(status="online").count()
-        if not job_started and online >= wanted:
-            job = demo_job_start(family_name=DEMO_FAMILY, group_name=group_name)
+        ready = members.filter(status="online", state__local_examples__gte=min_examples).count()
+        if not job_started and ready >= wanted:
+            started = demo_job_start(family_name=family_name, group_name=group_name, **(job or {}))
             job_started = True
-            say(
-                f"{online} devices online: started federated job {job.pk}; "
-                "watch the accuracy climb on the Federated page"
-            )
-        if job_started and members.filter(desired_version__isnull=True).count() == 0 and online >= devices:
+            say(f"{ready} {family_name} boards online with data: started federated job {started.pk}")
+        if job_started and members.filter(desired_version__isnull=True).count() == 0 and ready >= devices:
             return
         time.sleep(3)
 
 
-def start_federated_job_when_online(*, devices: int, group_name: str, say: Callable[[str], None]) -> None:
-    """In the background: push the seeded model to the fleet, then start federated training."""
+def start_federated_job_when_online(
+    *,
+    devices: int,
+    group_name: str,
+    say: Callable[[str], None],
+    family_name: str = DEMO_FAMILY,
+    min_examples: int = 1,
+    job: dict[str, Any] | None = None,
+) -> None:
+    """In the background: push the family's model to the group, then start federated training."""
 
     def run() -> None:
         try:
-            _assign_model_and_train(devices=devices, group_name=group_name, say=say)
+            _assign_model_and_train(
+                family_name=family_name,
+                devices=devices,
+                group_name=group_name,
+                say=say,
+                min_examples=min_examples,
+                job=job,
+            )
         except Exception as exc:  # the demo keeps running; the operator sees why
             say(f"demo set-up step failed: {exc!r}")
 
-    threading.Thread(target=run, name="demo-seed", daemon=True).start()
+    threading.Thread(target=run, name=f"demo-{family_name}", daemon=True).start()
+
+
+# --------------------------------------------------------------------------- the second family
+
+ACTIVITY_FAMILY = "activity"
+ACTIVITY_GROUP = "activity-boards"
+
+
+def seed_activity_family(*, url: str, api_token: str, say: Callable[[str], None] = print) -> int:
+    """The second demo family, registered through the REST API exactly as a user would.
+
+    A 1-D CNN over 3-axis accelerometer windows ([3, 64], six activities), written as a
+    plain ``nn.Module`` (``config.demo.nets``), trained for a few epochs on a small public
+    set of windows in a neutral style (no board's person), bundled with
+    ``devices_agent.program.make_bundle``, uploaded, promoted; and a reference data set for
+    drift. The family has no test set: its versions are judged on the boards' holdouts.
+    Returns the version id; idempotent (an existing production version is returned).
+    """
+    import io
+
+    import httpx
+
+    from config.demo.nets import bundle, train_weights
+    from devices_agent.data import activity_windows
+
+    api = httpx.Client(base_url=url, headers={"Authorization": f"Token {api_token}"}, timeout=120)
+    found = api.get("/api/v1/models/", params={"search": ACTIVITY_FAMILY}).json()
+    families = [f for f in found.get("results", []) if f["name"] == ACTIVITY_FAMILY]
+    if families:
+        family_id = families[0]["id"]
+    else:
+        created = api.post(
+            "/api/v1/models/",
+            json={
+                "name": ACTIVITY_FAMILY,
+                "description": "Six activities from a wrist board's accelerometer, 2 s windows at 32 Hz.",
+                "arch": "1-D CNN",
+                "task": "classification",
+                "input_shape": [3, 64],
+                "num_classes": 6,
+            },
+        )
+        created.raise_for_status()
+        family_id = created.json()["id"]
+    versions = api.get("/api/v1/model-versions/", params={"family": family_id, "stage": "production"}).json()
+    if versions.get("results"):
+        return int(versions["results"][0]["id"])
+    say("training the activity model on a small public set of windows ...")
+    parts = [activity_windows(user=10_000 + u, n=40, seed=0, style=False) for u in range(6)]
+    x = np.concatenate([p[0] for p in parts])
+    y = np.concatenate([p[1] for p in parts])
+    made = bundle("activity", train_weights("activity", x=x, y=y, epochs=4, seed=0, lr=0.005))
+    uploaded = api.post(
+        "/api/v1/model-versions/",
+        data={"family": str(family_id), "notes": "Demo baseline: 240 public windows, neutral style."},
+        files={
+            "weights": ("weights.safetensors", made.weights),
+            "onnx": ("model.onnx", made.onnx),
+            "program": ("program.json", made.program),
+        },
+    )
+    uploaded.raise_for_status()
+    version_id = int(uploaded.json()["id"])
+    for stage in ("staging", "production"):
+        api.post(f"/api/v1/model-versions/{version_id}/promote/", json={"stage": stage}).raise_for_status()
+    buffer = io.BytesIO()
+    np.savez(buffer, x=x, y=y)
+    reference = api.post(
+        "/api/v1/datasets/",
+        data={"family": str(family_id), "name": "activity-reference", "split": "reference"},
+        files={"file": ("reference.npz", buffer.getvalue())},
+    )
+    if reference.status_code not in (200, 201):
+        say(
+            f"no activity reference data set ({reference.status_code}): {reference.text[:200]}"
+        )
+    return version_id
+
+
+def seed_activity_fleet(*, devices: int, actor: Any) -> dict[str, str]:
+    """The activity boards' group (training allowed) and a token they enroll with."""
+    from django.utils import timezone
+
+    from fleet.models import DeviceGroup, UpdatePolicy
+
+    policy = UpdatePolicy.objects.filter(name="demo").first()
+    group, _ = DeviceGroup.objects.get_or_create(
+        name=ACTIVITY_GROUP,
+        defaults={"description": "Wrist boards, each run by flotilla-agent run", "policy": policy},
+    )
+    secret = enrollment_token(
+        actor=actor,
+        name="activity boards",
+        group=group,
+        tags=["demo", "activity"],
+        max_uses=max(devices, 1) * 2,
+        expires_at=timezone.now() + timedelta(days=1),
+    )
+    return {"enrollment_token": secret, "group": ACTIVITY_GROUP}
 
 
 # --------------------------------------------------------------------------- benchmarks

@@ -41,7 +41,7 @@ def _version(onnx: bytes) -> Any:
 
     family = ModelFamily.objects.filter(name="agent-e2e").first()
     if family is None:
-        family = ModelFamily.objects.create(name="agent-e2e", arch="mlp", input_shape=[64], num_classes=10)
+        family = ModelFamily.objects.create(name="agent-e2e", input_shape=[64], num_classes=10)
     return version_create(family=family, onnx=onnx)
 
 
@@ -120,10 +120,9 @@ def test_enroll_heartbeat_install_and_report_metrics(_stack: Any, tmp_path: Path
     device.refresh_from_db()
     assert device.running_version_id == version.pk
 
-    predictor = agent.load_predictor()
-    assert predictor is not None
     for i in range(5):
-        predictor.predict([i / 10.0] * 64, label=i)
+        answer = agent.local.predict([i / 10.0] * 64)["predictions"][0]
+        agent.local.feedback(answer["prediction_id"], i)
     agent.step()
     names = set(MetricSample.objects.filter(device=device).values_list("name", flat=True))
     assert {"latency_ms", "confidence", "correct", "cpu_percent", "ram_mb"} <= names

@@ -31,9 +31,14 @@ def _wait(predicate: Callable[[], bool], *, timeout: float, what: str, stack: An
 @contextmanager
 def _agents(fleet: Fleet, url: str, state_root: Path) -> Iterator[list[Any]]:
     """One thread per device running the device-side trainer against the live server."""
+    import base64
+
     from devices_agent.client import AgentClient
     from devices_agent.data import client_dataset
-    from devices_agent.federated import FederatedTrainer, run_rounds
+    from devices_agent.federated import FederatedTrainer, FixedData, run_rounds
+    from models_registry.signing import signing_public_key_b64
+
+    key = base64.b64decode(signing_public_key_b64())
 
     stop = threading.Event()
     outcomes: list[Any] = []
@@ -43,8 +48,8 @@ def _agents(fleet: Fleet, url: str, state_root: Path) -> Iterator[list[Any]]:
         trainer = FederatedTrainer(
             client=AgentClient(server_url=url, secret=secret),
             state_dir=state_root / f"dev{i}",
-            x=x,
-            y=y,
+            data=FixedData(x, y),
+            public_key=key,
             device_seed=i,
             should_stop=stop.is_set,
         )
