@@ -115,7 +115,7 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType(
             "federated_round.opened",
             "A round opened and selected its devices.",
-            ("job", "round", "devices"),
+            ("job", "round", "round_id", "devices"),
             public=False,
         ),
         EventType(

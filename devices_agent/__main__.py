@@ -6,6 +6,7 @@ flotilla-agent simulate --devices 50 --server URL --token TOKEN [--dataset activ
 flotilla-agent predict --state-dir DIR --input '[0.0, 0.1, ...]'   # through the running agent
 flotilla-agent status --state-dir DIR
 flotilla-agent selftest [--train]
+flotilla-agent bundle --model my_model.py:Net --input-shape 3,64 --out bundle/   # on a workstation
 """
 
 from __future__ import annotations
@@ -198,6 +199,73 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def _load_model(ref: str, weights: str | None) -> Any:
+    """``file.py:Name`` or ``package.module:Name``: a class (built with no arguments) or a function."""
+    import importlib
+    import importlib.util
+
+    where, _, name = ref.rpartition(":")
+    if not where or not name:
+        raise ValueError(f"--model must be FILE.py:NAME or MODULE:NAME, got {ref!r}")
+    if where.endswith(".py"):
+        path = Path(where).expanduser().resolve()
+        if not path.is_file():
+            raise ValueError(f"--model: no file {path}")
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        if spec is None or spec.loader is None:
+            raise ValueError(f"--model: cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(path.parent))  # the model's own imports of its neighbours
+        spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(where)
+    factory = getattr(module, name, None)
+    if factory is None:
+        raise ValueError(f"--model: {where} has no {name!r}")
+    model = factory()
+    if weights:
+        import torch
+        from safetensors.numpy import load_file
+
+        state = {k: torch.from_numpy(v) for k, v in load_file(weights).items()}
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        if missing or unexpected:
+            raise ValueError(f"--weights does not fit the model: missing {missing}, unexpected {unexpected}")
+    return model
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    """Turn a PyTorch model into the three files the registry takes (program, weights, ONNX)."""
+    import torch
+
+    from devices_agent.program import ProgramError, make_bundle, sample_inputs
+
+    try:
+        shape = [int(d) for d in args.input_shape.split(",") if d.strip()]
+        model = _load_model(args.model, args.weights)
+        example = torch.from_numpy(sample_inputs(shape, args.input_dtype, n=8))
+        head = [h for h in (args.head or "").split(",") if h] or None
+        made = make_bundle(model, example, out_dir=args.out, head=head, opset=args.opset)
+    except (ValueError, ProgramError, OSError) as exc:
+        print(f"flotilla-agent bundle: {exc}", file=sys.stderr)
+        return 1
+    print(
+        json.dumps(
+            {
+                "files": {k: str(v) for k, v in made.files.items()},
+                "input_shape": made.input_shape,
+                "input_dtype": made.input_dtype,
+                "parameters": len(made.parameters),
+                "head": made.head,
+                "max_abs_diff": made.max_abs_diff,
+                "upload": made.upload_command(family=args.family),
+            },
+            indent=2,
+        )
+    )
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from devices_agent.outbox import Outbox
     from devices_agent.state import AgentState
@@ -278,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     test = sub.add_parser("selftest", help="run a real inference (and a training step) on this board")
     test.add_argument("--train", action="store_true", help="also one training step with each backend")
     test.set_defaults(func=_cmd_selftest)
+
+    bundle = sub.add_parser("bundle", help="turn a PyTorch model into an upload: program, weights, ONNX")
+    bundle.add_argument(
+        "--model", required=True, help="FILE.py:NAME or MODULE:NAME (nn.Module class or factory)"
+    )
+    bundle.add_argument("--weights", help="a safetensors state dict to load into the model first")
+    bundle.add_argument("--input-shape", required=True, help="one example's shape, no batch: 3,64")
+    bundle.add_argument("--input-dtype", default="float32", choices=("float32", "int64", "uint8"))
+    bundle.add_argument("--head", help="personal head parameters, comma-separated (default: last layer)")
+    bundle.add_argument("--opset", type=int, default=17)
+    bundle.add_argument("--family", default="<family>", help="family id for the printed upload command")
+    bundle.add_argument(
+        "--out", required=True, help="directory for program.json, weights.safetensors, model.onnx"
+    )
+    bundle.set_defaults(func=_cmd_bundle)
 
     status = sub.add_parser("status", help="show the local state")
     status.add_argument("--state-dir", required=True)

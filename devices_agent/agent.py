@@ -289,7 +289,8 @@ class Agent:
 
     def start_local_api(self) -> LocalApiServer | None:
         """Serve the local API on the configured socket (and loopback port); idempotent."""
-        if self.local_server is None and (self.config.local_api_socket or self.config.local_api_http):
+        wanted = self.config.local_api_socket_path is not None or self.config.local_api_http
+        if self.local_server is None and wanted:
             self.local_server = LocalApiServer(
                 self.local,
                 socket_path=self.config.local_api_socket_path,

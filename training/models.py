@@ -131,6 +131,9 @@ class FederatedRound(models.Model):
     bytes_out = models.BigIntegerField(default=0)
     # Devices eligible when the round selected its devices (the DP sampling rate).
     eligible = models.PositiveIntegerField(null=True, blank=True)
+    # The group's devices at selection and how many each reason left out
+    # (training.selectors.eligibility), so an operator sees why a round waits.
+    funnel = models.JSONField(default=dict, blank=True)
     # Seconds spent in each phase, once it ran.
     collect_s = models.FloatField(null=True, blank=True)
     aggregate_s = models.FloatField(null=True, blank=True)

@@ -60,31 +60,62 @@ def _training_allowed(device: Device, group: DeviceGroup) -> bool:
     return not (rules.get("require_idle") and not state.get("idle", False))
 
 
-def eligible_devices(*, job: FederatedJob, evaluate: bool = False) -> list[Device]:
-    """Devices of the job's group that may train now, sorted by id (selection is seeded).
+# Why a device of the job's group was left out of a round, in the order checked.
+FUNNEL_REASONS = (
+    "decommissioned",
+    "offline",
+    "training_not_allowed",
+    "too_few_examples",
+    "no_holdout",
+    "no_backend",
+)
 
-    With ``evaluate`` (an evaluation round): those that hold a local holdout to judge on.
+
+def eligibility(*, job: FederatedJob, evaluate: bool = False) -> tuple[list[Device], dict[str, int]]:
+    """Devices of the job's group that may take part now (sorted by id), and the funnel.
+
+    The funnel counts the group's devices (``group``), those left out by the first
+    reason that applies (:data:`FUNNEL_REASONS`) and those ``eligible``: it is how an
+    operator sees why a round waits or why a board is never chosen. With ``evaluate``
+    (an evaluation round) a device also needs a local holdout to judge on.
     """
     out: list[Device] = []
+    funnel = dict.fromkeys(("group", *FUNNEL_REASONS, "eligible"), 0)
+    accepted = set(job.backends or TRAINING_BACKENDS)
     for device in group_devices(group=job.target_group):
-        if device.status == Device.Status.DECOMMISSIONED:
-            continue
-        if job.require_online and device.status != Device.Status.ONLINE:
-            continue
-        if not _training_allowed(device, job.target_group):
-            continue
-        state = device.state or {}
-        # A board without labelled examples cannot train: it is never selected, so it
-        # cannot hold a round open until its deadline.
-        examples = int(state.get("local_examples", 0) or 0)
-        if examples < max(1, job.min_local_examples):
-            continue
-        if evaluate and int(state.get("holdout_examples", 0) or 0) < 1:
-            continue
-        if not set(device_backends(device)) & set(job.backends or TRAINING_BACKENDS):
+        funnel["group"] += 1
+        reason = _left_out(device, job=job, evaluate=evaluate, accepted=accepted)
+        if reason is not None:
+            funnel[reason] += 1
             continue
         out.append(device)
-    return out
+    funnel["eligible"] = len(out)
+    return out, funnel
+
+
+def _left_out(device: Device, *, job: FederatedJob, evaluate: bool, accepted: set[str]) -> str | None:
+    if device.status == Device.Status.DECOMMISSIONED:
+        return "decommissioned"
+    if job.require_online and device.status != Device.Status.ONLINE:
+        return "offline"
+    if not _training_allowed(device, job.target_group):
+        return "training_not_allowed"
+    state = device.state or {}
+    # A board without labelled examples cannot train: it is never selected, so it
+    # cannot hold a round open until its deadline.
+    if int(state.get("local_examples", 0) or 0) < max(1, job.min_local_examples):
+        return "too_few_examples"
+    if evaluate and int(state.get("holdout_examples", 0) or 0) < 1:
+        return "no_holdout"
+    # Never a task the board cannot run: it must have one of the job's backends.
+    if not set(device_backends(device)) & accepted:
+        return "no_backend"
+    return None
+
+
+def eligible_devices(*, job: FederatedJob, evaluate: bool = False) -> list[Device]:
+    """Devices of the job's group that may train now, sorted by id (selection is seeded)."""
+    return eligibility(job=job, evaluate=evaluate)[0]
 
 
 def device_backends(device: Device) -> list[str]:
@@ -106,20 +137,22 @@ def selection_size(*, job: FederatedJob, eligible: int) -> int:
     return min(eligible, wanted)
 
 
-def round_selection(*, job: FederatedJob, number: int, evaluate: bool = False) -> tuple[list[str], int]:
-    """``(chosen device ids, number eligible)`` for round ``number`` of ``job``.
+def round_selection(
+    *, job: FederatedJob, number: int, evaluate: bool = False
+) -> tuple[list[str], dict[str, int]]:
+    """``(chosen device ids, funnel)`` for round ``number`` of ``job`` (see :func:`eligibility`).
 
     Deterministic for (job seed, round number): a retried ``round_open`` chooses the
     same devices. No devices are chosen while too few are eligible.
     """
-    eligible = eligible_devices(job=job, evaluate=evaluate)
+    eligible, funnel = eligibility(job=job, evaluate=evaluate)
     k = selection_size(job=job, eligible=len(eligible))
     if k == 0:
-        return [], len(eligible)
+        return [], funnel
     rng = np.random.default_rng([max(job.seed, 0), number])
     ids = [str(d.pk) for d in eligible]
     chosen = sorted(ids[i] for i in rng.choice(len(ids), size=k, replace=False))
-    return chosen, len(eligible)
+    return chosen, funnel
 
 
 def round_answered(*, rnd: FederatedRound) -> int:

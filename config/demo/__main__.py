@@ -8,7 +8,7 @@ set; then the ASGI server, a Celery worker and beat, a seeded model, and a simul
 of DEMO_DEVICES agents that enroll, run the model, report metrics and train federated
 rounds. Ctrl-C stops everything.
 
-`seed` only registers the demo models and data sets (`config.demo.seed.registry_seed_demo`,
+`seed` only registers the demo models and data sets (`config.demo.seed.seed_demo`,
 idempotent) on the database of the settings in DJANGO_SETTINGS_MODULE (default
 `config.settings.demo`), which must be migrated.
 """
@@ -134,9 +134,7 @@ def run_demo() -> None:
         say("registering the second family (activity, a 1-D CNN) through the REST API ...")
         version_id = seed_activity_family(url=url, api_token=seeded["api_token"], say=say)
         boards = seed_activity_fleet(devices=ACTIVITY_BOARDS, actor=User.objects.get(username=ADMIN_USER))
-        say(
-            f"activity v{version_id} is in production; {ACTIVITY_BOARDS} boards start as agent processes"
-        )
+        say(f"activity v{version_id} is in production; {ACTIVITY_BOARDS} boards start as agent processes")
         stack.start(
             "activity-boards",
             [

@@ -448,9 +448,7 @@ def seed_activity_family(*, url: str, api_token: str, say: Callable[[str], None]
         files={"file": ("reference.npz", buffer.getvalue())},
     )
     if reference.status_code not in (200, 201):
-        say(
-            f"no activity reference data set ({reference.status_code}): {reference.text[:200]}"
-        )
+        say(f"no activity reference data set ({reference.status_code}): {reference.text[:200]}")
     return version_id
 
 

@@ -6,6 +6,7 @@ import io
 import json
 import pickle
 import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -164,3 +165,64 @@ def test_an_onnx_graph_that_disagrees_with_the_program_is_refused_with_the_numbe
     with pytest.raises(ProgramError) as unnamed:
         check_bundle(program=bundle.program, state=state, onnx=folded.getvalue(), input_shape=[3, 64])
     assert unnamed.value.code == "onnx_mismatch" and "conv.weight" in unnamed.value.message
+
+
+_USER_MODEL = """
+import torch
+from torch import nn
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv1d(3, 4, 5, padding=2), nn.ReLU(), nn.AdaptiveAvgPool1d(1), nn.Flatten()
+        )
+        self.fc = nn.Linear(4, 6)
+
+    def forward(self, x):
+        return self.fc(self.body(x))
+"""
+
+
+def test_bundle_command_turns_a_users_model_file_into_an_upload(tmp_path: Path, capsys: Any) -> None:
+    import json
+
+    from devices_agent.__main__ import main
+    from devices_agent.codecs import decode_tensors
+    from devices_agent.program import check_bundle
+
+    (tmp_path / "net.py").write_text(_USER_MODEL)
+    out = tmp_path / "bundle"
+    code = main(
+        ["bundle", "--model", f"{tmp_path / 'net.py'}:Net", "--input-shape", "3,64", "--out", str(out)]
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["input_shape"] == [3, 64] and report["head"] == ["fc.weight", "fc.bias"]
+    assert "api/v1/model-versions/" in report["upload"]
+    diff, outputs = check_bundle(
+        program=(out / "program.json").read_bytes(),
+        state=decode_tensors((out / "weights.safetensors").read_bytes())[0],
+        onnx=(out / "model.onnx").read_bytes(),
+        input_shape=[3, 64],
+    )
+    assert outputs == 6 and diff < 1e-4
+
+
+def test_bundle_command_explains_a_bad_model_reference(tmp_path: Path, capsys: Any) -> None:
+    from devices_agent.__main__ import main
+
+    (tmp_path / "net.py").write_text(_USER_MODEL)
+    assert main(["bundle", "--model", "no-colon", "--input-shape", "3", "--out", str(tmp_path)]) == 1
+    assert "FILE.py:NAME" in capsys.readouterr().err
+    assert (
+        main(["bundle", "--model", f"{tmp_path / 'net.py'}:Missing", "--input-shape", "3,64", "--out", "x"])
+        == 1
+    )
+    assert "no 'Missing'" in capsys.readouterr().err
+    # A shape the model cannot take is torch.export's error, not a traceback.
+    assert (
+        main(["bundle", "--model", f"{tmp_path / 'net.py'}:Net", "--input-shape", "5,64", "--out", "x"]) == 1
+    )
+    assert "flotilla-agent bundle:" in capsys.readouterr().err

@@ -22,16 +22,21 @@ class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
     # Seconds per phase that ran (collect_s, aggregate_s, evaluate_s), from the round's fields.
     durations = serializers.DictField(child=serializers.FloatField(), read_only=True)
     version_label = serializers.SerializerMethodField()
+    # The group's devices at selection and how many each reason left out.
+    funnel = serializers.DictField(child=serializers.IntegerField(), read_only=True)
+    evaluation_detail = serializers.DictField(read_only=True)
 
     class Meta:
         model = FederatedRound
         fields = [
             "id",
             "number",
+            "kind",
             "status",
             "base_version",
             "selected_count",
             "eligible",
+            "funnel",
             "deadline",
             "opened_at",
             "closed_at",
@@ -45,6 +50,10 @@ class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
             "accuracy",
             "loss",
             "confusion",
+            "metric_name",
+            "metric",
+            "evaluation",
+            "evaluation_detail",
             "epsilon",
             "version",
             "version_label",
@@ -77,6 +86,7 @@ class JobSerializer(serializers.ModelSerializer[FederatedJob]):
             "consecutive_failures",
             "best_version",
             "best_accuracy",
+            "best_metric",
             "error",
             "created_at",
             "started_at",
@@ -89,6 +99,7 @@ class JobSerializer(serializers.ModelSerializer[FederatedJob]):
             "consecutive_failures",
             "best_version",
             "best_accuracy",
+            "best_metric",
             "error",
             "created_at",
             "started_at",

@@ -106,13 +106,20 @@ def round_open(*, job_id: int) -> FederatedRound | None:
             return None
         rnd = created
 
-    chosen, eligible = selectors.round_selection(
+    chosen, funnel = selectors.round_selection(
         job=job, number=rnd.number, evaluate=rnd.kind == rnd.Kind.EVALUATE
     )
     if not chosen:
-        if rnd.failure_reason == "":
-            rnd.failure_reason = f"waiting for devices: {eligible} eligible, need {job.min_clients}"
-            rnd.save(update_fields=["failure_reason"])
+        reason = f"waiting for devices: {funnel['eligible']} eligible, need {max(1, job.min_clients)}"
+        left_out = ", ".join(
+            f"{n} {why}" for why, n in funnel.items() if why in selectors.FUNNEL_REASONS and n
+        )
+        if left_out:
+            reason += f" ({left_out})"
+        if rnd.failure_reason != reason or rnd.funnel != funnel:
+            rnd.failure_reason = reason
+            rnd.funnel = funnel
+            rnd.save(update_fields=["failure_reason", "funnel"])
         return rnd
     now = timezone.now()
     rnd.selected = chosen
@@ -120,7 +127,8 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     rnd.opened_at = now
     rnd.deadline = now + timedelta(seconds=job.round_deadline_s)
     rnd.failure_reason = ""
-    rnd.eligible = eligible
+    rnd.eligible = funnel["eligible"]
+    rnd.funnel = funnel
     rnd.save()
     emit("federated_round.status", {"job": job.pk, "round": rnd.number, "status": rnd.status})
     emit(

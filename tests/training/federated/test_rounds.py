@@ -227,6 +227,32 @@ def test_selection_is_deterministic_and_respects_fraction_and_policy(db: Any) ->
     assert first == again and len(first[0]) == 3
 
 
+def test_the_funnel_says_why_each_device_was_left_out(db: Any) -> None:
+    """A round that cannot start names the reasons; no board gets a task it cannot run."""
+    from fleet.models import Device
+    from training import services
+
+    fleet = make_fleet(n_devices=5)
+    a, b, c, d, e = fleet.devices
+    Device.objects.filter(pk=a.pk).update(status="offline")
+    Device.objects.filter(pk=b.pk).update(state={**(b.state or {}), "local_examples": 0})
+    # A torch-less board: it reports only a backend the job does not accept.
+    Device.objects.filter(pk=c.pk).update(state={**(c.state or {}), "training_backends": ["onnxruntime"]})
+    job = _start(fleet, min_clients=3, backends=["torch"])
+    rnd = services.round_open(job_id=job.pk)
+    assert rnd.status == "pending" and rnd.selected == []
+    assert rnd.funnel["group"] == 5 and rnd.funnel["eligible"] == 2
+    assert (
+        rnd.funnel["offline"] == 1 and rnd.funnel["too_few_examples"] == 1 and rnd.funnel["no_backend"] == 1
+    )
+    assert "2 eligible, need 3" in rnd.failure_reason and "1 no_backend" in rnd.failure_reason
+    Device.objects.filter(pk=a.pk).update(status="online")
+    services.rounds_tick()
+    rnd.refresh_from_db()
+    assert rnd.status == "collecting" and str(c.pk) not in rnd.selected and len(rnd.selected) == 3
+    assert rnd.funnel["eligible"] == 3 and rnd.funnel["no_backend"] == 1
+
+
 class Crash(Exception):
     pass
 
