@@ -247,6 +247,12 @@ DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
+
+# Webhooks go only to public addresses; these hosts, addresses or CIDR networks are
+# trusted internal receivers (fleet.outbound).
+WEBHOOK_ALLOWED_HOSTS: list[str] = env.list("WEBHOOK_ALLOWED_HOSTS", default=[])
+WEBHOOK_TIMEOUT_S = env.float("WEBHOOK_TIMEOUT_S", default=10.0)
+WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=65536)
 # A device is offline once it missed this many heartbeats.
 OFFLINE_AFTER_MISSED = env.int("OFFLINE_AFTER_MISSED", default=3)
 # The heartbeat writes last_seen at most this often per device (it must stay well below

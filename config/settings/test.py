@@ -33,6 +33,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 REDIS_URL = env.str("REDIS_URL")
 
+# The tests' webhook receivers listen on loopback; tests of the address guard clear this.
+WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
+
 # Static files come straight from the apps' folders; no collectstatic in tests.
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405

@@ -16,6 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import AuditedWritesMixin, client_ip
+from core.roles import has_role
 from fleet.models import (
     Experiment,
     ExperimentDecision,
@@ -25,6 +26,7 @@ from fleet.models import (
     WebhookDelivery,
     WebhookEndpoint,
 )
+from fleet.outbound import url_refusal
 from fleet.selectors.experiments import experiment_arm_counts, experiment_decisions, experiment_list
 from fleet.selectors.rollouts import rollout_decisions, rollout_list, rollout_members, rollout_summary
 from fleet.services import experiments as experiment_services
@@ -391,6 +393,12 @@ class WebhookEndpointSerializer(serializers.ModelSerializer[WebhookEndpoint]):
         fields = ["id", "name", "url", "secret", "event_types", "active", "created_at"]
         read_only_fields = ["id", "created_at"]
 
+    def validate_url(self, value: str) -> str:
+        reason = url_refusal(value)
+        if reason is not None:
+            raise serializers.ValidationError(f"Webhooks cannot be sent there: {reason}.")
+        return value
+
     def validate_event_types(self, value: Any) -> list[str]:
         if not isinstance(value, list):
             raise serializers.ValidationError("A list of event types.")
@@ -424,6 +432,15 @@ class WebhookDeliverySerializer(serializers.ModelSerializer[WebhookDelivery]):
         ]
         read_only_fields = fields
 
+    def to_representation(self, instance: WebhookDelivery) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        request = self.context.get("request")
+        # A receiver's error body can say anything about the receiver's side; viewers see
+        # only that it failed and the status code.
+        if request is None or not has_role(request.user, "operator"):
+            data["last_error"] = "(visible to operators)" if data.get("last_error") else ""
+        return data
+
 
 class WebhookEndpointViewSet(AuditedWritesMixin, viewsets.ModelViewSet[Any]):
     """Receivers of signed event notifications. The secret is write-only."""
@@ -438,11 +455,12 @@ class WebhookEndpointViewSet(AuditedWritesMixin, viewsets.ModelViewSet[Any]):
         """The delivery log of this endpoint, newest first."""
         qs = WebhookDelivery.objects.filter(endpoint=self.get_object()).order_by("-created_at", "-id")
         page = self.paginate_queryset(qs)
-        return self.get_paginated_response(WebhookDeliverySerializer(page, many=True).data)
+        data = WebhookDeliverySerializer(page, many=True, context={"request": request}).data
+        return self.get_paginated_response(data)
 
-    @extend_schema(request=None, responses={200: WebhookDeliverySerializer})
+    @extend_schema(request=None, responses={202: WebhookDeliverySerializer})
     @action(detail=True, methods=["post"])
     def test(self, request: Request, pk: str | None = None) -> Response:
-        """Send a signed `ping` now and show how it went."""
+        """Queue a signed `ping`; a worker sends it (see the delivery log for how it went)."""
         delivery = webhook_endpoint_test(endpoint_id=int(self.get_object().pk))
-        return Response(WebhookDeliverySerializer(delivery).data)
+        return Response(WebhookDeliverySerializer(delivery, context={"request": request}).data, status=202)

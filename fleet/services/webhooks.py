@@ -9,6 +9,11 @@ Every request carries:
   `"{timestamp}." + raw body`. Signing the timestamp with the body lets a receiver refuse
   replays older than a few minutes; checking it is `hmac.compare_digest` against the
   same computation.
+
+Deliveries go only to public addresses unless allow-listed (:mod:`fleet.outbound`,
+checked again when connecting), follow no redirects, and stop at a total deadline
+(`WEBHOOK_TIMEOUT_S`) and a response-size cap (`WEBHOOK_MAX_RESPONSE_BYTES`): a
+receiver can neither steer the server inside nor hold a worker.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from core.api import ServiceError
 from core.dispatch import enqueue_on_commit
 from core.events import Event, public_event_types
 from fleet.models import WebhookDelivery, WebhookEndpoint
+from fleet.outbound import AddressRefused, resolve_target
 
 logger = logging.getLogger(__name__)
 
@@ -156,15 +162,7 @@ def webhook_deliver(*, delivery_id: int, now: datetime | None = None) -> Webhook
         TIMESTAMP_HEADER: timestamp,
         SIGNATURE_HEADER: webhook_signature(secret=endpoint.secret, timestamp=timestamp, body=body),
     }
-    code: int | None = None
-    error = ""
-    try:
-        response = httpx.post(endpoint.url, content=body, headers=headers, timeout=timeout)
-        code = response.status_code
-        if not 200 <= code < 300:
-            error = f"HTTP {code}: {response.text[:200]}"
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
+    code, error = _post(endpoint.url, body=body, headers=headers, deadline_s=timeout)
     finished = timezone.now()
     if not error:
         delivery.status = WebhookDelivery.Status.DELIVERED
@@ -181,6 +179,43 @@ def webhook_deliver(*, delivery_id: int, now: datetime | None = None) -> Webhook
     return delivery
 
 
+def _post(url: str, *, body: bytes, headers: dict[str, str], deadline_s: float) -> tuple[int | None, str]:
+    """POST once to a checked address: ``(status code or None, error or "")``."""
+    try:
+        target = resolve_target(url)
+    except AddressRefused as exc:
+        return None, f"address refused: {exc}"
+    limit = int(_setting("WEBHOOK_MAX_RESPONSE_BYTES", 65536))
+    started = time.monotonic()
+    extensions = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    try:
+        with (
+            httpx.Client(timeout=deadline_s, follow_redirects=False) as client,
+            client.stream(
+                "POST",
+                target.url,
+                content=body,
+                headers={**headers, "Host": target.host_header},
+                extensions=extensions,
+            ) as response,
+        ):
+            code = response.status_code
+            received = bytearray()
+            for chunk in response.iter_bytes():
+                received += chunk
+                if len(received) > limit:
+                    return code, f"HTTP {code}: response larger than {limit} bytes, not read"
+                if time.monotonic() - started > deadline_s:
+                    return code, f"HTTP {code}: no complete response within {deadline_s:g} s"
+    except httpx.HTTPError as exc:
+        return None, f"{type(exc).__name__}: {exc}"[:500]
+    if 200 <= code < 300:
+        return code, ""
+    if 300 <= code < 400:
+        return code, f"HTTP {code}: redirects are not followed"
+    return code, f"HTTP {code}: {bytes(received[:200]).decode(errors='replace')}"
+
+
 def webhook_deliveries_due(*, now: datetime | None = None, limit: int = 200) -> list[int]:
     """Ids of pending deliveries whose next attempt is due."""
     now = now or timezone.now()
@@ -189,7 +224,11 @@ def webhook_deliveries_due(*, now: datetime | None = None, limit: int = 200) -> 
 
 
 def webhook_endpoint_test(*, endpoint_id: int) -> WebhookDelivery:
-    """Queue a `ping` delivery to one endpoint (whatever its event types) and send it now."""
+    """Queue a `ping` delivery to one endpoint (whatever its event types) for a worker to send.
+
+    Sent by Celery like every delivery, never from the web process: a slow or hostile
+    receiver holds a worker slot for at most the deadline, and no web thread at all.
+    """
     endpoint = WebhookEndpoint.objects.filter(pk=endpoint_id).first()
     if endpoint is None:
         raise ServiceError("No such webhook endpoint.", code="not_found", status_code=404)
@@ -200,4 +239,5 @@ def webhook_endpoint_test(*, endpoint_id: int) -> WebhookDelivery:
         next_attempt_at=timezone.now(),
         max_attempts=1,
     )
-    return webhook_deliver(delivery_id=delivery.pk) or delivery
+    enqueue_on_commit("fleet.webhooks_deliver", delivery.pk)
+    return delivery
