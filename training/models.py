@@ -134,6 +134,9 @@ class FederatedRound(models.Model):
     # The group's devices at selection and how many each reason left out
     # (training.selectors.eligibility), so an operator sees why a round waits.
     funnel = models.JSONField(default=dict, blank=True)
+    # The round's secret key for differential-privacy noise (32 random bytes, set when
+    # the round is first aggregated with noise); never shown by any API.
+    noise_key = models.BinaryField(null=True, blank=True, editable=False)
     # Seconds spent in each phase, once it ran.
     collect_s = models.FloatField(null=True, blank=True)
     aggregate_s = models.FloatField(null=True, blank=True)

@@ -513,3 +513,25 @@ def test_epsilon_grows_with_steps_and_shrinks_with_noise() -> None:
     # Known reference point of this accountant (Abadi et al. style MNIST setting).
     assert 1.0 < eps[2] < 3.0
     assert epsilon_for(noise_multiplier=0.0, sample_rate=0.1, steps=1, delta=1e-5) == math.inf
+
+
+def test_secure_noise_has_the_configured_scale_and_no_job_field_reproduces_it() -> None:
+    """The noise's scale measured against the multiplier; another key, other noise."""
+    from scipy import stats
+
+    from training.aggregation.privacy import SecureNormal
+
+    mean = {"w": np.zeros(400_000, np.float32), "b": np.zeros(7, np.float32)}
+    kwargs = {"clip_norm": 2.0, "noise_multiplier": 1.5, "num_participants": 10}
+    key = bytes(range(32))
+    noisy = add_gaussian_noise(mean, rng=SecureNormal(key), **kwargs)  # type: ignore[arg-type]
+    again = add_gaussian_noise(dict(reversed(mean.items())), rng=SecureNormal(key), **kwargs)  # type: ignore[arg-type]
+    np.testing.assert_array_equal(noisy["w"], again["w"])  # same key, same noise, any order
+    sigma = noise_stddev(**kwargs)  # type: ignore[arg-type]
+    w = noisy["w"].astype(np.float64)
+    assert float(w.std()) == pytest.approx(sigma, rel=0.01)
+    assert abs(float(w.mean())) < 3 * sigma / np.sqrt(len(w))
+    # Gaussian, not merely the right spread: a Kolmogorov-Smirnov test on the draws.
+    assert stats.kstest(w[:20_000] / sigma, "norm").pvalue > 1e-3
+    other = add_gaussian_noise(mean, rng=SecureNormal(bytes(32)), **kwargs)  # type: ignore[arg-type]
+    assert abs(float(np.corrcoef(w, other["w"])[0, 1])) < 0.01

@@ -15,7 +15,7 @@ from training.aggregation import (
     Privacy,
     make_aggregator,
 )
-from training.aggregation.privacy import add_gaussian_noise, clip_update
+from training.aggregation.privacy import SecureNormal, add_gaussian_noise, clip_update
 
 Weights = dict[str, np.ndarray]
 MEAN_FAMILY = ("fedavg", "fedprox", "fedadam", "fedyogi")
@@ -107,14 +107,15 @@ def test_server_state_goes_through_the_interface(name: str) -> None:
 
 def test_fedavg_under_privacy_clips_weighs_equally_and_adds_seeded_noise() -> None:
     g, ups = model(), updates(4, scale=2.0)
-    privacy = Privacy(clip_norm=1.0, noise_multiplier=0.8, seed=(3, 1, 7))
+    key = bytes(range(32))
+    privacy = Privacy(clip_norm=1.0, noise_multiplier=0.8, key=key)
     agg = make_aggregator("fedavg", global_weights=g, privacy=privacy)
     for i, u in enumerate(ups):
         agg.accept(u, weight=10 * (i + 1))  # example counts are ignored under noise
     clipped = [clip_update(u, max_norm=1.0)[0] for u in ups]
     mean = {k: np.mean([c[k].astype(np.float64) for c in clipped], axis=0).astype(np.float32) for k in g}
     noisy = add_gaussian_noise(
-        mean, clip_norm=1.0, noise_multiplier=0.8, num_participants=4, rng=np.random.default_rng([3, 1, 7])
+        mean, clip_norm=1.0, noise_multiplier=0.8, num_participants=4, rng=SecureNormal(key)
     )
     out = agg.finalize()
     for k in g:
@@ -122,8 +123,14 @@ def test_fedavg_under_privacy_clips_weighs_equally_and_adds_seeded_noise() -> No
     again = make_aggregator("fedavg", global_weights=g, privacy=privacy)
     for u in ups:
         again.accept(u, weight=1)
-    for k in g:  # the same seed draws the same noise (a retried round)
+    for k in g:  # the same key draws the same noise (a retried round)
         np.testing.assert_array_equal(again.finalize()[k], out[k])
+    other = make_aggregator(
+        "fedavg", global_weights=g, privacy=Privacy(clip_norm=1.0, noise_multiplier=0.8, key=bytes(32))
+    )
+    for u in ups:
+        other.accept(u, weight=1)
+    assert not np.array_equal(other.finalize()["a"], out["a"])
 
 
 def test_clipping_without_noise_keeps_example_weights() -> None:
@@ -141,7 +148,7 @@ def test_clipping_without_noise_keeps_example_weights() -> None:
 @pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
 def test_server_optimisers_step_on_the_noised_mean(name: str) -> None:
     g, ups = model(), updates(3)
-    privacy = Privacy(clip_norm=1.0, noise_multiplier=1.0, seed=(0, 2, 7))
+    privacy = Privacy(clip_norm=1.0, noise_multiplier=1.0, key=b"k" * 32)
     agg = make_aggregator(name, global_weights=g, privacy=privacy, eta=0.05)
     for u in ups:
         agg.accept(u, weight=5)

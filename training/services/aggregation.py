@@ -21,6 +21,7 @@ the round again. Both phases resume after a crash:
 from __future__ import annotations
 
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -127,6 +128,20 @@ def _round_folder(rnd: FederatedRound) -> str:
     return storage.round_dir(job_id=rnd.job_id, round_number=rnd.number)
 
 
+def _noise_key(*, rnd: FederatedRound, job: FederatedJob) -> bytes | None:
+    """The round's secret noise key, created once (a conditional update: one key per round).
+
+    Drawn by the operating system's CSPRNG and kept only on the round row, never in an
+    API answer: an aggregation resumed after a crash draws the same noise, and nothing
+    anyone outside the server knows determines it.
+    """
+    if not job.noise_multiplier > 0:
+        return None
+    FederatedRound.objects.filter(pk=rnd.pk, noise_key__isnull=True).update(noise_key=secrets.token_bytes(32))
+    key = FederatedRound.objects.filter(pk=rnd.pk).values_list("noise_key", flat=True).get()
+    return bytes(key)
+
+
 def _aggregate(
     *, rnd: FederatedRound, job: FederatedJob, claim: _Claim, on_update: Callable[[int], None] | None
 ) -> None:
@@ -143,7 +158,7 @@ def _aggregate(
     agg = make_aggregator(
         job.strategy,
         global_weights=global_weights,
-        privacy=job_privacy(job=job, round_number=rnd.number),
+        privacy=job_privacy(job=job, noise_key=_noise_key(rnd=rnd, job=job)),
         **(job.strategy_params or {}),
     )
     if job.server_state_path:

@@ -65,19 +65,15 @@ JOB_FIELDS = (
 )
 
 
-def job_privacy(*, job: FederatedJob, round_number: int = 0) -> Privacy | None:
-    """What the aggregator of round ``round_number`` does for privacy (None without a clip norm).
+def job_privacy(*, job: FederatedJob, noise_key: bytes | None = None) -> Privacy | None:
+    """What the aggregator does for privacy (None without a clip norm).
 
-    The noise is seeded by (job seed, round), so a round aggregated again after a crash
-    draws the same noise.
+    ``noise_key`` is the round's secret (see ``training.services.aggregation``); no job
+    field determines the noise.
     """
     if job.clip_norm is None:
         return None
-    return Privacy(
-        clip_norm=job.clip_norm,
-        noise_multiplier=job.noise_multiplier,
-        seed=(max(job.seed, 0), round_number, 7),
-    )
+    return Privacy(clip_norm=job.clip_norm, noise_multiplier=job.noise_multiplier, key=noise_key)
 
 
 def _validate_strategy(job: FederatedJob, errors: dict[str, str]) -> None:

@@ -313,3 +313,45 @@ def test_dp_noise_records_epsilon_and_server_clips(db: Any) -> None:
     done = services.round_aggregate(round_id=rnd.pk)
     assert done is not None and done.status == "done"
     assert done.epsilon is not None and done.epsilon > 0
+
+
+def test_dp_noise_is_secret_per_round_and_the_same_after_a_crash(db: Any, settings: Any) -> None:
+    """Two jobs with every field equal (seed included) draw different noise; a crash does not."""
+    from training import services
+    from training.models import FederatedRound
+
+    settings.ROUND_CHECKPOINT_EVERY = 2
+
+    def run(name: str, *, crash: bool) -> tuple[dict[str, np.ndarray], bytes]:
+        fleet = make_fleet(n_devices=4, name=name)
+        job = _start(fleet, clip_norm=1.0, noise_multiplier=1.0, min_clients=4, quorum=4, rounds=1, seed=3)
+        rnd = services.round_open(job_id=job.pk)
+        for i in range(4):
+            assert _train_and_upload(fleet, rnd, i).status_code == 201
+        services.round_close(round_id=rnd.pk)
+        if crash:
+            seen: list[int] = []
+
+            def boom(update_id: int) -> None:
+                seen.append(update_id)
+                if len(seen) == 3:
+                    raise Crash
+
+            with pytest.raises(Crash):
+                services.round_aggregate(round_id=rnd.pk, on_update=boom)
+            FederatedRound.objects.filter(pk=rnd.pk).update(
+                lease_expires_at=timezone.now() - timedelta(seconds=1)
+            )
+            key_before = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key)
+        done = services.round_aggregate(round_id=rnd.pk)
+        assert done is not None and done.status == "done"
+        key = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key)
+        if crash:
+            assert key == key_before  # the resumed worker draws the same noise
+        return _round_weights(done.version), key
+
+    first, key_a = run("dp-a", crash=False)
+    second, key_b = run("dp-b", crash=True)
+    assert len(key_a) == 32 and key_a != key_b
+    # Same data, same fields, same seed: only the secret noise differs.
+    assert any(not np.array_equal(first[n], second[n]) for n in first)
