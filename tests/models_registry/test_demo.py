@@ -10,9 +10,10 @@ pytestmark = pytest.mark.django_db
 
 
 def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
+    from models_registry.ml.export import run_onnx
+
     from config.demo.__main__ import main
     from devices_agent.data import load_digits_split
-    from models_registry.ml.export import run_onnx
     from models_registry.selectors import artifact_for_version
 
     assert main(["seed"]) == 0

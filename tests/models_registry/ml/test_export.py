@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from devices_agent.local_train import evaluate_numpy
 from models_registry.ml.export import (
     ExportParityError,
