@@ -248,9 +248,10 @@ def test_programs_that_do_not_load_or_need_pickle_are_refused(
     assert "never loads" in error.message
     # The whole archive is fine: only its JSON is read (and stored).
     state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    own = {"weights": encode_tensors(state), "onnx": mlp_onnx}
     with pytest.raises(ServiceError) as other_weights:
-        services.version_create(family=family, program=buffer.getvalue(), **own)
+        services.version_create(
+            family=family, program=buffer.getvalue(), weights=encode_tensors(state), onnx=mlp_onnx
+        )
     assert other_weights.value.code == "onnx_mismatch"  # the ONNX holds the bundle's weights
     version = services.version_create(
         family=family, program=buffer.getvalue(), weights=encode_tensors(mlp_weights), onnx=mlp_onnx
