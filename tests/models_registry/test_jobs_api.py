@@ -105,7 +105,7 @@ def test_refusals_are_400_with_their_codes(
     from models_registry.services import family_create, version_create
 
     url = f"/api/v1/model-versions/{trained_version.pk}"
-    cases = [
+    cases: list[tuple[str, dict[str, Any], str]] = [
         ("optimise", {"kind": "prune_structured"}, "not_supported"),
         ("optimise", {"kind": "distil"}, "no_student"),
         ("optimise", {"kind": "fp16", "max_metric_drop": 0.1, "max_accuracy_drop": 0.2}, "invalid_params"),
