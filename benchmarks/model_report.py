@@ -1,11 +1,13 @@
 """Model report: size, accuracy and ONNX Runtime latency of every deployable variant.
 
 Trains the demo models (digits MLP and CNN) on the digits training split with fixed
-seeds, derives the variants the registry can ship (fp16, int8 dynamic, int8 static with a
-measured per-operator choice, unstructured pruning + int8, structured pruning with units
-removed, a distilled student), evaluates each on the test split and prints one table per
-run. The baseline is each model's fp32 ONNX export, measured in the same run: sizes and
-latencies are also given as ratios to it.
+seeds and turns each into an upload bundle (program, weights, ONNX) as a user would,
+then derives the variants the registry can ship from the bundle alone, with no knowledge
+of the architecture: fp16, int8 dynamic, int8 static with a measured per-operator
+choice, unstructured pruning of the program fine-tuned with the boards' trainer (then
+int8), and the teacher distilled into a small student program. Each is evaluated on
+the test split; one table per run. The baseline is each model's fp32 ONNX, measured in
+the same run: sizes and latencies are also given as ratios to it.
 
 Latency is ORT on this CPU, one intra-op thread, batch 1 and batch 64. The variants of a
 model are timed round-robin (every variant once per round, median of the per-round
@@ -25,87 +27,76 @@ from typing import Any
 import numpy as np
 
 MODELS = ("mlp", "cnn")
+STUDENT = "mlp_small"
 
 
-def _train(arch: str, x: np.ndarray, y: np.ndarray, *, epochs: int) -> dict[str, np.ndarray]:
-    from devices_agent.local_train import apply_delta, train_local
+def _bundle(arch: str, x: np.ndarray, y: np.ndarray, *, epochs: int) -> Any:
+    """The upload bundle of ``arch`` trained on ``(x, y)`` (seeded)."""
+    from config.demo.nets import bundle, train_weights
 
-    from config.demo.nets import initial_weights
+    return bundle(arch, train_weights(arch, x=x, y=y, epochs=epochs, seed=0, lr=5e-3))
 
-    start = initial_weights(arch, seed=0)
-    result = train_local(
-        arch=arch,
-        global_weights=start,
-        x=x,
-        y=y,
-        epochs=epochs,
-        batch_size=32,
-        lr=5e-3,
-        optimizer="adam",
-        seed=0,
-    )
-    return apply_delta(start, result.delta)
+
+def _state(made: Any) -> dict[str, np.ndarray]:
+    from devices_agent.codecs import decode_tensors
+
+    tensors, _ = decode_tensors(made.weights)
+    return {name: np.asarray(value) for name, value in tensors.items()}
 
 
 def _build_variants(
-    arch: str,
-    weights: dict[str, np.ndarray],
+    made: Any,
     data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     *,
     quick: bool,
 ) -> tuple[list[Any], dict[str, Any]]:
-    from models_registry.ml.export import export_onnx
+    from config.demo.nets import bundle
+    from devices_agent.family import FamilySpec
     from models_registry.ml.optimise import (
         Variant,
         compact_onnx,
         convert_fp16,
         distil,
-        prune_magnitude,
+        prune_unstructured,
         quantize_dynamic_int8,
         quantize_static_int8,
     )
 
-    x_train, y_train, x_test, _ = data
-    exported = export_onnx(arch=arch, weights=weights, sample_inputs=x_test[:64])
+    spec = FamilySpec(task="classification", input_shape=(64,), num_classes=10)
+    x_train, y_train, _, _ = data
     fp32 = Variant(
         name="fp32",
-        onnx_bytes=compact_onnx(exported.onnx_bytes),
-        description=f"fp32 export ({exported.exporter}, opset {exported.opset})",
-        details={"raw_export_bytes": len(exported.onnx_bytes), "parity_max_abs_diff": exported.max_abs_diff},
+        onnx_bytes=compact_onnx(made.onnx),
+        description="fp32 ONNX of the bundle (TorchScript exporter, opset 17)",
+        details={"raw_export_bytes": len(made.onnx), "parity_max_abs_diff": made.max_abs_diff},
     )
-    finetune = 2 if quick else 5
-    unstructured = prune_magnitude(
-        arch=arch,
-        weights=weights,
+    pruned = prune_unstructured(
+        program=made.program,
+        state=_state(made),
+        onnx_bytes=made.onnx,
+        spec=spec,
         x=x_train,
         y=y_train,
         amount=0.6,
-        structured=False,
-        finetune_epochs=finetune,
+        finetune_epochs=2 if quick else 5,
         lr=1e-3,
         seed=0,
-    )
-    structured = prune_magnitude(
-        arch=arch,
-        weights=weights,
-        x=x_train,
-        y=y_train,
-        amount=0.5,
-        structured=True,
-        finetune_epochs=finetune,
-        lr=1e-3,
-        seed=0,
+        quantise=True,
     )
     static = quantize_static_int8(
         fp32.onnx_bytes,
         x_train[:512],
         calibration_y=y_train[:512],
+        spec=spec,
         latency_repeats=20 if quick else 50,
     )
+    student_bundle = bundle(STUDENT)
     student = distil(
-        teacher_arch=arch,
-        teacher_weights=weights,
-        student_arch="mlp_small",
+        teacher_onnx=made.onnx,
+        student_program=student_bundle.program,
+        student_state=_state(student_bundle),
+        student_onnx=student_bundle.onnx,
+        spec=spec,
         x=x_train,
         y=y_train,
         epochs=8 if quick else 25,
@@ -119,17 +110,18 @@ def _build_variants(
         convert_fp16(fp32.onnx_bytes),
         quantize_dynamic_int8(fp32.onnx_bytes),
         static,
-        unstructured.int8,
-        structured.fp32,
-        structured.int8,
-        student,
+        pruned,
+        Variant(
+            name=f"distilled_{STUDENT}",
+            onnx_bytes=compact_onnx(student.onnx_bytes),
+            description=f"{student.description} ({STUDENT})",
+        ),
     ]
     notes = {
-        "parity_max_abs_diff": exported.max_abs_diff,
-        "raw_export_bytes": len(exported.onnx_bytes),
+        "parity_max_abs_diff": made.max_abs_diff,
+        "raw_export_bytes": len(made.onnx),
         "static_candidates": static.details["candidates"],
-        "unstructured_sparsity": unstructured.sparsity,
-        "structured_widths": list(structured.widths),
+        "unstructured_sparsity": pruned.details["sparsity"],
     }
     return variants, notes
 
@@ -177,8 +169,8 @@ def run(*, quick: bool, latency_budget_us: float) -> dict[str, Any]:
     notes: dict[str, Any] = {}
     for arch in MODELS:
         started = time.perf_counter()
-        weights = _train(arch, x_train, y_train, epochs=8 if quick else 25)
-        variants, notes[arch] = _build_variants(arch, weights, data, quick=quick)
+        made = _bundle(arch, x_train, y_train, epochs=8 if quick else 25)
+        variants, notes[arch] = _build_variants(made, data, quick=quick)
         notes[arch]["build_seconds"] = time.perf_counter() - started
         timings = _round_robin_latency(
             [v.onnx_bytes for v in variants], x_test, rounds=rounds, repeats=repeats
@@ -208,9 +200,8 @@ def run(*, quick: bool, latency_budget_us: float) -> dict[str, Any]:
         best = recommend_variant(
             variants=model_rows,
             latency_budget_us=latency_budget_us,
-            min_accuracy=None,
-            max_accuracy_drop=0.01,
-            reference_accuracy=base["accuracy"],
+            reference=base["accuracy"],
+            max_drop=0.01,
         )
         for row in model_rows:
             row["recommended"] = row is best
@@ -269,10 +260,10 @@ def _print_table(result: dict[str, Any]) -> None:
     print("latencies are medians over round-robin rounds, ORT CPU, 1 thread.")
     for arch, note in result["notes"].items():
         print(
-            f"\n{arch}: export parity max|diff| {note['parity_max_abs_diff']:.2e}; raw export "
-            f"{note['raw_export_bytes']} B (fp32 row is the same graph with names/doc strings "
-            f"stripped); unstructured sparsity {note['unstructured_sparsity']:.2f}; structured "
-            f"widths {note['structured_widths']}; built in {note['build_seconds']:.1f} s"
+            f"\n{arch}: bundle parity (program vs ONNX) max|diff| {note['parity_max_abs_diff']:.2e}; "
+            f"raw export {note['raw_export_bytes']} B (fp32 row is the same graph with names/doc "
+            f"strings stripped); unstructured sparsity {note['unstructured_sparsity']:.2f}; "
+            f"built in {note['build_seconds']:.1f} s"
         )
         print("  int8 static per-operator choice (calibration split, p50 us):")
         for c in note["static_candidates"]:

@@ -3,10 +3,11 @@
 An upload arrives as a file Django spooled to disk. The registry hashes it in place,
 checks it (safetensors: the header with offsets against the file size, then every
 tensor's finiteness, memory-mapped one tensor at a time; ONNX: parse, checker, ONNX
-Runtime load), signs the digest and copies it into the store. The baseline,
-measured in the same run, is the least any store must do: hash the uploaded file and
-copy it. A naive validator that also loads the whole safetensors file into memory is shown for
-comparison.
+Runtime load; a whole bundle: both, plus the program read without pickle, loaded with
+the weights and run against the ONNX graph on sample inputs), signs the digest and
+copies it into the store. The baseline, measured in the same run, is the least any
+store must do: hash the uploaded files and copy them. A naive validator that also loads
+the whole safetensors file into memory is shown for comparison.
 
     python -m benchmarks.registry_upload [--quick] [--json]
 """
@@ -89,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         _configure_django(tmp)
         from safetensors.numpy import load as st_load
 
+        from devices_agent.family import FamilySpec
         from models_registry.signing import sign_digest
-        from models_registry.validation import spool, validate_onnx, validate_safetensors
+        from models_registry.validation import spool, validate_onnx, validate_program, validate_safetensors
 
         rows: list[dict[str, Any]] = []
         target = tmp / "stored.bin"
@@ -111,10 +113,10 @@ def main(argv: list[str] | None = None) -> int:
                     digest.update(block)
             shutil.copyfile(upload, target)
 
-        def registry_path(data: bytes, arch: str, kind: str) -> None:
+        def registry_path(data: bytes, kind: str) -> None:
             with spool(OnDiskUpload(), field=kind, max_bytes=1 << 34) as spooled:
                 if kind == "weights":
-                    validate_safetensors(spooled.path, size=spooled.size, arch=arch)
+                    validate_safetensors(spooled.path, size=spooled.size)
                 else:
                     validate_onnx(spooled.path, input_shape=[64])
                 sign_digest(spooled.sha256)
@@ -130,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             times = _interleaved_ms(
                 {
                     "baseline": partial(baseline, data),
-                    "registry": partial(registry_path, data, "custom", "weights"),
+                    "registry": partial(registry_path, data, "weights"),
                     "full": partial(naive, data),
                 },
                 repeats,
@@ -148,15 +150,13 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
 
-        from config.demo.nets import initial_weights
-        from models_registry.ml.export import export_onnx
+        from config.demo.nets import bundle
 
-        weights = initial_weights("mlp", seed=0)
-        sample = np.random.default_rng(0).random((8, 64), dtype=np.float32)
-        onnx = export_onnx(arch="mlp", weights=weights, sample_inputs=sample).onnx_bytes
+        made = bundle("mlp")
+        onnx = made.onnx
         upload.write_bytes(onnx)
         times = _interleaved_ms(
-            {"baseline": partial(baseline, onnx), "registry": partial(registry_path, onnx, "mlp", "onnx")},
+            {"baseline": partial(baseline, onnx), "registry": partial(registry_path, onnx, "onnx")},
             repeats * 3,
         )
         base, ours = times["baseline"], times["registry"]
@@ -172,8 +172,49 @@ def main(argv: list[str] | None = None) -> int:
             }
         )
 
+        spec = FamilySpec(task="classification", input_shape=(64,), num_classes=10)
+        files = {"program": made.program, "weights": made.weights, "onnx": made.onnx}
+        paths = {kind: tmp / f"bundle-{kind}.bin" for kind in files}
+        for kind, data in files.items():
+            paths[kind].write_bytes(data)
+
+        def bundle_baseline() -> None:
+            for path in paths.values():
+                hashlib.sha256(path.read_bytes()).hexdigest()
+                shutil.copyfile(path, target)
+
+        def bundle_registry() -> None:
+            with (
+                spool(paths["weights"].read_bytes(), field="weights", max_bytes=1 << 34) as weights,
+                spool(paths["onnx"].read_bytes(), field="onnx", max_bytes=1 << 34) as graph,
+                spool(paths["program"].read_bytes(), field="program", max_bytes=1 << 34) as program,
+            ):
+                validate_safetensors(weights.path, size=weights.size)
+                validate_onnx(graph.path, input_shape=[64])
+                validate_program(
+                    program.path, weights=weights.path, onnx=graph.path, spec=spec, head=made.head
+                )
+                for spooled in (weights, graph, program):
+                    sign_digest(spooled.sha256)
+                    shutil.copyfile(spooled.path, target)
+
+        times = _interleaved_ms({"baseline": bundle_baseline, "registry": bundle_registry}, repeats)
+        base, ours = times["baseline"], times["registry"]
+        rows.append(
+            {
+                "artifact": "bundle digits MLP",
+                "bytes": sum(len(data) for data in files.values()),
+                "baseline_ms": base,
+                "registry_ms": ours,
+                "ratio": ours / base,
+                "full_load_ms": None,
+                "full_load_ratio": None,
+            }
+        )
+
     print("Registry upload path (hash + validate + sign + store) vs hash + store baseline")
     print(f"median of {repeats} runs (ONNX: {repeats * 3}); ratio = registry / baseline")
+    print("bundle: program + weights + ONNX, with the program run against the graph on sample inputs")
     header = (
         f"{'artifact':<22} {'bytes':>11} {'baseline ms':>12} {'registry ms':>12} {'ratio':>7} "
         f"{'full-load ms':>13} {'ratio':>7}"

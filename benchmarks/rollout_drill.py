@@ -137,10 +137,9 @@ def _accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _register_versions(log: Timeline, *, target_extra_ms: float) -> dict[str, Any]:
-    from devices_agent.codecs import encode_tensors
+    from config.demo.nets import bundle
     from devices_agent.data import load_digits_split
     from models_registry import services
-    from models_registry.ml.export import export_onnx
 
     _, _, x_test, y_test = load_digits_split(seed=0)
     family = services.family_create(name="drill-digits", arch=ARCH, input_shape=[64], num_classes=10)
@@ -148,11 +147,14 @@ def _register_versions(log: Timeline, *, target_extra_ms: float) -> dict[str, An
     exported: dict[str, bytes] = {}
     for key, examples in (("v1", 150), ("v2", 1000)):
         weights = _train(examples, seed=0)
-        exported[key] = export_onnx(arch=ARCH, weights=weights, sample_inputs=x_test[:64]).onnx_bytes
+        made = bundle(ARCH, weights)
+        exported[key] = made.onnx
         version = services.version_create(
             family=family,
-            weights=encode_tensors(weights, metadata={"arch": ARCH}),
-            onnx=exported[key],
+            weights=made.weights,
+            onnx=made.onnx,
+            program=made.program,
+            head=made.head,
             notes=f"drill: trained on {examples} examples",
         )
         out[key] = version

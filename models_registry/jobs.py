@@ -1,42 +1,55 @@
 """Long-running registry work: evaluating, exporting and optimising versions.
 
 Each piece of work is a :class:`~models_registry.models.ModelJob` row. ``job_enqueue``
-creates the row and hands its id to Celery once the transaction commits; the task calls
-``job_run``, which claims the row with a conditional update (a duplicate delivery finds
-it taken and does nothing), does the work while appending to the row's log, and records
-success or a clear failure. ML work runs outside database transactions: only the short
-writes at the end take locks.
+checks the parameters and what the work needs (weights, a program, the family's data
+sets), creates the row and hands its id to Celery once the transaction commits; the task
+calls ``job_run``, which claims the row with a conditional update (a duplicate delivery
+finds it taken and does nothing), does the work while appending to the row's log, and
+records success or a clear failure. ML work runs outside database transactions: only
+the short writes at the end take locks.
 
-Optimised variants become new versions (``source=optimised``, ``parent`` = the version
-they came from, ``variant`` = the kind) and are evaluated on the same data set as their
-parent. A variant that loses more accuracy than allowed is kept for the record with
-``metrics.rejected = true`` and the numbers, and like every new version starts in
-``draft``: nothing here ever promotes a version.
+- ``evaluate``: the version on its family's newest test set (or the one named), through
+  :func:`models_registry.evaluation.version_evaluate`. A family without a test set is
+  evaluated on the boards instead (federated evaluation): 400 ``no_dataset``.
+- ``export``: a version with weights and a program but no ONNX graph gets one, its
+  weights written into the nearest ancestor's graph and checked against the program
+  (:func:`models_registry.evaluation.graph_from_ancestor`).
+- ``optimise``: a variant (:data:`OPTIMISE_KINDS`) becomes a new version
+  (``source=optimised``, ``parent`` = the version it came from, ``variant`` = the kind)
+  and is evaluated on the same test set as its parent. Quality is the family's primary
+  metric (accuracy, or mae for regression); a variant more than ``max_metric_drop``
+  (alias ``max_accuracy_drop``) worse than its parent is kept for the record with
+  ``metrics.rejected = true`` and the numbers, and like every new version starts in
+  ``draft``: nothing here ever promotes a version.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import traceback
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from django.conf import settings
-from django.core.files.storage import default_storage
 from django.db import transaction
 from django.db.models import F, Q
 from django.utils import timezone
 
-from core.api import ServiceError
+from core.api import ConflictError, ServiceError
 from core.audit.services import audit_record
 from core.dispatch import enqueue_on_commit, send_now
 from core.leases import Lease
-from devices_agent.codecs import WireError, decode_tensors
 from models_registry import datasets, selectors, services
+from models_registry.evaluation import (
+    evaluation_dataset,
+    graph_from_ancestor,
+    jsonable,
+    no_test_set,
+    version_evaluate,
+    version_graph,
+    version_state,
+)
 from models_registry.models import (
     Artifact,
     EvaluationDataset,
@@ -57,7 +70,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 OPTIMISE_KINDS = ("int8_dynamic", "int8_static", "fp16", "prune_unstructured", "prune_structured", "distil")
-DEFAULT_MAX_ACCURACY_DROP = 0.01
+# Kinds that train or calibrate on the family's train set.
+_NEEDS_TRAIN = ("int8_static", "prune_unstructured", "distil")
+DEFAULT_MAX_METRIC_DROP = 0.01
 _LOG_LIMIT = 20_000
 
 # Parameters each kind accepts, with their types: anything else is refused up front
@@ -65,19 +80,21 @@ _LOG_LIMIT = 20_000
 _NUMBER = (int, float)
 _PARAMS: dict[str, dict[str, tuple[type, ...]]] = {
     ModelJob.Kind.EVALUATE: {"dataset": (str,), "latency_repeats": (int,)},
-    ModelJob.Kind.EXPORT: {"dataset": (str,), "opset": (int,), "atol": _NUMBER, "rtol": _NUMBER},
+    ModelJob.Kind.EXPORT: {"atol": _NUMBER, "rtol": _NUMBER},
     ModelJob.Kind.OPTIMISE: {
         "kind": (str,),
         "dataset": (str,),
         "train_dataset": (str,),
+        "max_metric_drop": _NUMBER,
         "max_accuracy_drop": _NUMBER,
         "latency_repeats": (int,),
         "per_channel": (bool,),
         "amount": _NUMBER,
         "finetune_epochs": (int,),
         "quantise": (bool,),
-        "student_arch": (str,),
+        "student_version": (int,),
         "epochs": (int,),
+        "batch_size": (int,),
         "temperature": _NUMBER,
         "alpha": _NUMBER,
         "lr": _NUMBER,
@@ -89,42 +106,144 @@ _PARAMS: dict[str, dict[str, tuple[type, ...]]] = {
 # --------------------------------------------------------------------------- enqueue
 
 
+def _invalid(message: str, **details: Any) -> ServiceError:
+    return ServiceError(message, code="invalid_params", details=details)
+
+
+def max_metric_drop(params: dict[str, Any]) -> float:
+    """The allowed worsening of the primary metric: ``max_metric_drop`` or its alias ``max_accuracy_drop``."""
+    for key in ("max_metric_drop", "max_accuracy_drop"):
+        if key in params:
+            return float(params[key])
+    return float(getattr(settings, "MODEL_OPTIMISE_MAX_ACCURACY_DROP", DEFAULT_MAX_METRIC_DROP))
+
+
+def _has(version: ModelVersion, kind: str) -> bool:
+    return version.artifacts.filter(kind=kind).exists()
+
+
+def _needs_program(version: ModelVersion, what: str) -> None:
+    if not _has(version, Artifact.Kind.WEIGHTS):
+        raise ServiceError(f"{what} needs the weights of {version.label}.", code="no_weights")
+    if not _has(version, Artifact.Kind.PROGRAM):
+        raise ServiceError(
+            f"{what} trains or rebuilds {version.label} from its program, and it has none "
+            "(versions made by quantisation or fp16 keep only their graph).",
+            code="no_program",
+        )
+
+
+def _test_set(version: ModelVersion, name: str | None) -> EvaluationDataset:
+    dataset = evaluation_dataset(family=version.family, name=name)
+    if dataset is None:
+        raise no_test_set(version.family)
+    return dataset
+
+
+def _train_set(version: ModelVersion, name: str | None, kind: str) -> EvaluationDataset:
+    family = version.family
+    dataset = datasets.family_dataset(family=family, split=EvaluationDataset.Split.TRAIN, name=name)
+    if dataset is None:
+        raise ServiceError(
+            f"{kind} calibrates or trains on the family's training data, and family {family.name} has no "
+            "train data set; register one with split=train (POST /api/v1/datasets/).",
+            code="no_dataset",
+            details={"family": family.pk, "split": "train"},
+        )
+    return dataset
+
+
+def _student(version: ModelVersion, params: dict[str, Any]) -> ModelVersion:
+    if "student_version" not in params:
+        raise ServiceError(
+            "distil needs student_version: the id of a version of the same family whose program "
+            "(a smaller model, say) the teacher is distilled into.",
+            code="no_student",
+        )
+    student = ModelVersion.objects.select_related("family").filter(pk=params["student_version"]).first()
+    if student is None:
+        raise ServiceError(f"No version {params['student_version']} to distil into.", code="invalid_student")
+    if student.family_id != version.family_id:
+        raise ServiceError(
+            f"The student {student.label} belongs to another family than {version.label}.",
+            code="invalid_student",
+        )
+    missing = [k for k in (Artifact.Kind.PROGRAM, Artifact.Kind.WEIGHTS) if not _has(student, k)]
+    if missing:
+        raise ServiceError(
+            f"The student {student.label} lacks its {' and '.join(missing)}; "
+            "distillation trains its program.",
+            code="invalid_student",
+        )
+    return student
+
+
 def _check_params(kind: str, params: dict[str, Any], version: ModelVersion) -> dict[str, Any]:
     allowed = _PARAMS[kind]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ServiceError(
-            f"Unknown parameters for {kind}: {unknown}.",
-            code="invalid_params",
-            details={"allowed": sorted(allowed)},
-        )
+        raise _invalid(f"Unknown parameters for {kind}: {unknown}.", allowed=sorted(allowed))
     for key, value in params.items():
         types = allowed[key]
         if isinstance(value, bool) and bool not in types or not isinstance(value, types):
-            raise ServiceError(f"Parameter {key} has the wrong type.", code="invalid_params")
-    if kind == ModelJob.Kind.OPTIMISE:
-        optimisation = params.get("kind")
-        if optimisation not in OPTIMISE_KINDS:
-            raise ServiceError(
-                f"kind must be one of {', '.join(OPTIMISE_KINDS)}.",
-                code="invalid_params",
-                details={"kinds": list(OPTIMISE_KINDS)},
-            )
-        drop = params.get("max_accuracy_drop", DEFAULT_MAX_ACCURACY_DROP)
-        if not 0 <= float(drop) <= 1:
-            raise ServiceError("max_accuracy_drop must lie in [0, 1].", code="invalid_params")
-        if "amount" in params and not 0 <= float(params["amount"]) < 1:
-            raise ServiceError("amount must lie in [0, 1).", code="invalid_params")
-        if (
-            optimisation in ("prune_unstructured", "prune_structured", "distil")
-            and not version.artifacts.filter(kind=Artifact.Kind.WEIGHTS).exists()
-        ):
-            raise ServiceError(f"{optimisation} needs the version's weights artifact.", code="no_weights")
-    if kind == ModelJob.Kind.EXPORT and not version.artifacts.filter(kind=Artifact.Kind.WEIGHTS).exists():
-        raise ServiceError("Export needs the version's weights artifact.", code="no_weights")
+            raise _invalid(f"Parameter {key} has the wrong type.")
     if "latency_repeats" in params and not 1 <= int(params["latency_repeats"]) <= 10_000:
-        raise ServiceError("latency_repeats must lie in [1, 10000].", code="invalid_params")
+        raise _invalid("latency_repeats must lie in [1, 10000].")
+    if kind == ModelJob.Kind.EVALUATE:
+        _test_set(version, params.get("dataset"))
+    elif kind == ModelJob.Kind.EXPORT:
+        _needs_program(version, "Export")
+        for key in ("atol", "rtol"):
+            if key in params and not 0 <= float(params[key]) <= 1:
+                raise _invalid(f"{key} must lie in [0, 1].")
+    elif kind == ModelJob.Kind.OPTIMISE:
+        _check_optimise(params, version)
     return params
+
+
+def _check_optimise(params: dict[str, Any], version: ModelVersion) -> None:
+    optimisation = params.get("kind")
+    if optimisation not in OPTIMISE_KINDS:
+        raise _invalid(f"kind must be one of {', '.join(OPTIMISE_KINDS)}.", kinds=list(OPTIMISE_KINDS))
+    if optimisation == "prune_structured":
+        raise ServiceError(
+            "prune_structured removes neurons or channels, which changes layer widths; a version's program "
+            "fixes every shape, so the registry cannot derive a narrower model from it. Use "
+            "prune_unstructured, or distil into a smaller student version you upload.",
+            code="not_supported",
+        )
+    drops = {k: float(params[k]) for k in ("max_metric_drop", "max_accuracy_drop") if k in params}
+    if len(set(drops.values())) > 1:
+        raise _invalid("max_metric_drop and its alias max_accuracy_drop disagree; give one.")
+    drop = max_metric_drop(params)
+    spec = version.family.spec
+    if drop < 0 or (spec.higher_is_better and drop > 1):
+        bound = "[0, 1]" if spec.higher_is_better else "[0, inf)"
+        raise _invalid(
+            f"max_metric_drop (the allowed worsening of {spec.primary_metric}) must lie in {bound}."
+        )
+    if "amount" in params and not 0 <= float(params["amount"]) < 1:
+        raise _invalid("amount must lie in [0, 1).")
+    for key, low in (("epochs", 1), ("finetune_epochs", 0), ("batch_size", 1)):
+        if key in params and not low <= int(params[key]) <= 10_000:
+            raise _invalid(f"{key} must lie in [{low}, 10000].")
+    if "temperature" in params and not float(params["temperature"]) > 0:
+        raise _invalid("temperature must be positive.")
+    if "alpha" in params and not 0 <= float(params["alpha"]) <= 1:
+        raise _invalid("alpha must lie in [0, 1].")
+    if "lr" in params and not 0 < float(params["lr"]) <= 10:
+        raise _invalid("lr must lie in (0, 10].")
+    if optimisation == "prune_unstructured":
+        _needs_program(version, "prune_unstructured")
+    if optimisation == "distil":
+        _student(version, params)
+    elif "student_version" in params:
+        raise _invalid("student_version applies to distil only.")
+    if not _has(version, Artifact.Kind.ONNX) and not _has(version, Artifact.Kind.PROGRAM):
+        raise ServiceError(f"{version.label} has no ONNX graph to optimise.", code="no_artifacts")
+    _test_set(version, params.get("dataset"))
+    if optimisation in _NEEDS_TRAIN:
+        _train_set(version, params.get("train_dataset"), str(optimisation))
 
 
 # The Celery task that runs each kind of job (all three call ``job_run``).
@@ -141,8 +260,12 @@ def job_enqueue(
     """Create a queued job for ``version`` and start its task once the transaction commits.
 
     ``kind`` is ``evaluate``, ``export`` or ``optimise`` (``params["kind"]`` then names
-    the optimisation: one of :data:`OPTIMISE_KINDS`). Bad parameters are a 400
-    ``invalid_params``.
+    the optimisation: one of :data:`OPTIMISE_KINDS`). Refused with a 400: bad parameters
+    (``invalid_params``), an optimisation the registry cannot express
+    (``not_supported``), missing weights or program (``no_weights``, ``no_program``),
+    a missing or unfitting data set (``no_dataset``, ``wrong_split``,
+    ``dataset_mismatch``), a missing or unfit distillation student (``no_student``,
+    ``invalid_student``).
     """
     if kind not in ModelJob.Kind.values:
         raise ServiceError(f"Unknown job kind {kind!r}.", code="invalid_kind")
@@ -229,23 +352,12 @@ class _Progress:
         self.job.log = text
 
 
-def _jsonable(value: Any) -> Any:
-    def fallback(item: Any) -> Any:
-        if isinstance(item, np.generic):
-            return item.item()
-        if isinstance(item, np.ndarray):
-            return item.tolist()
-        return str(item)
-
-    return json.loads(json.dumps(value, default=fallback))
-
-
 def _finish(
     job: ModelJob, *, status: str, result: dict[str, Any], error: str = "", result_version: Any = None
 ) -> None:
     ModelJob.objects.filter(pk=job.pk).update(
         status=status,
-        result=_jsonable(result),
+        result=jsonable(result),
         error=error,
         result_version=result_version,
         progress=1.0 if status == ModelJob.Status.SUCCEEDED else F("progress"),
@@ -285,7 +397,11 @@ def job_run(*, job_id: int) -> str:
         _finish(
             job,
             status=ModelJob.Status.FAILED,
-            result={"error_type": type(exc).__name__, **details},
+            result={
+                "error_type": type(exc).__name__,
+                **({"code": exc.code} if isinstance(exc, ServiceError) else {}),
+                **details,
+            },
             error=message,
         )
         return ModelJob.Status.FAILED
@@ -301,111 +417,18 @@ def _failure_message(exc: Exception) -> str:
     return text if isinstance(exc, ValueError) else f"{type(exc).__name__}: {text}"
 
 
-# --------------------------------------------------------------------------- inputs
-
-
-def _read(artifact: Artifact) -> bytes:
-    with default_storage.open(artifact.file.name, "rb") as handle:
-        data: bytes = handle.read()
-    import hashlib
-
-    if hashlib.sha256(data).hexdigest() != artifact.sha256:
-        raise ServiceError(
-            f"Stored {artifact.kind} artifact of {artifact.version_id} does not match its digest."
-        )
-    return data
-
-
-def _weights(version: ModelVersion) -> dict[str, npt.NDArray[np.float32]] | None:
-    artifact = selectors.artifact_for_version(version.pk, Artifact.Kind.WEIGHTS)
-    if artifact is None:
-        return None
-    try:
-        tensors, _ = decode_tensors(_read(artifact))
-    except WireError as exc:
-        raise ServiceError(f"The weights of {version.label} are unreadable: {exc}") from None
-    return {name: np.asarray(t, dtype=np.float32) for name, t in tensors.items()}
-
-
-def _sample_inputs(version: ModelVersion) -> npt.NDArray[np.float32]:
-    shape = [int(d) for d in version.family.input_shape or []]
-    return np.random.default_rng(0).random((64, *shape), dtype=np.float32)
-
-
-def _export(
-    *,
-    arch: str,
-    weights: dict[str, npt.NDArray[np.float32]],
-    sample: npt.NDArray[np.float32],
-    opset: int,
-    atol: float,
-    rtol: float,
-) -> Any:
-    from models_registry.ml.export import export_onnx
-
-    return export_onnx(arch=arch, weights=weights, sample_inputs=sample, opset=opset, atol=atol, rtol=rtol)
-
-
-def _onnx_of(version: ModelVersion, progress: _Progress) -> bytes:
-    artifact = selectors.artifact_for_version(version.pk, Artifact.Kind.ONNX)
-    if artifact is not None:
-        return _read(artifact)
-    weights = _weights(version)
-    if weights is None:
-        raise ServiceError(f"{version.label} has neither an ONNX model nor weights.", code="no_artifacts")
-    progress(f"{version.label} has no ONNX artifact: exporting its weights in memory")
-    exported = _export(
-        arch=version.effective_arch,
-        weights=weights,
-        sample=_sample_inputs(version),
-        opset=17,
-        atol=1e-4,
-        rtol=1e-3,
-    )
-    return bytes(exported.onnx_bytes)
-
-
-def _dataset(version: ModelVersion, name: str | None, *, split: str) -> EvaluationDataset:
-    default = datasets.DIGITS_TEST if split == EvaluationDataset.Split.TEST else datasets.DIGITS_TRAIN
-    wanted = name or default
-    dataset = datasets.dataset_get(wanted)
-    if dataset is None and wanted == datasets.DIGITS_TEST:
-        dataset = datasets.dataset_register_digits_test()
-    elif dataset is None and wanted == datasets.DIGITS_TRAIN:
-        dataset = datasets.dataset_register_digits_train()
-    if dataset is None:
-        raise ServiceError(f"No data set named {wanted!r} is registered.", code="no_dataset")
-    if dataset.split != split:
-        raise ServiceError(
-            f"Data set {dataset.name} is a {dataset.split} set; this step needs a {split} set."
-        )
-    family = version.family
-    if list(dataset.input_shape) != list(family.input_shape) or dataset.num_classes != family.num_classes:
-        raise ServiceError(
-            f"Data set {dataset.name} has examples of shape {dataset.input_shape} and "
-            f"{dataset.num_classes} classes; family {family.name} expects shape {family.input_shape} "
-            f"and {family.num_classes} classes.",
-            code="dataset_mismatch",
-        )
-    return dataset
-
-
 # --------------------------------------------------------------------------- evaluate
 
 
 def _evaluate(
     version: ModelVersion, dataset: EvaluationDataset, *, latency_repeats: int, progress: _Progress
 ) -> tuple[EvaluationReport, dict[str, Any]]:
-    from models_registry.evaluation import version_evaluate
-
-    onnx_bytes = _onnx_of(version, progress)
     progress(f"evaluating {version.label} on {dataset.name} ({dataset.num_examples} examples)")
-    evaluation = version_evaluate(
-        version=version, dataset=dataset, latency_repeats=latency_repeats, onnx_bytes=onnx_bytes
-    )
+    evaluation = version_evaluate(version=version, dataset=dataset, latency_repeats=latency_repeats)
     headline = evaluation.headline
+    metric = version.family.spec.primary_metric
     progress(
-        f"accuracy {headline['accuracy']:.4f}, size {headline['size_bytes']} bytes, "
+        f"{metric} {headline[metric]:.4f}, size {headline['size_bytes']} bytes, "
         f"p50 batch-1 {headline['p50_batch1_us']:.1f} us"
     )
     return evaluation.report, headline
@@ -413,7 +436,7 @@ def _evaluate(
 
 def _run_evaluate(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], ModelVersion | None]:
     params = job.params
-    dataset = _dataset(job.version, params.get("dataset"), split=EvaluationDataset.Split.TEST)
+    dataset = _test_set(job.version, params.get("dataset"))
     report, headline = _evaluate(
         job.version, dataset, latency_repeats=int(params.get("latency_repeats", 200)), progress=progress
     )
@@ -425,46 +448,51 @@ def _run_evaluate(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], M
 
 def _run_export(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], ModelVersion | None]:
     version, params = job.version, job.params
-    weights = _weights(version)
-    if weights is None:
-        raise ServiceError(f"{version.label} has no weights artifact to export.", code="no_weights")
-    sample = _sample_inputs(version)
-    try:
-        dataset = _dataset(version, params.get("dataset"), split=EvaluationDataset.Split.TEST)
-        sample = datasets.dataset_load(dataset)[0][:64]
-    except ServiceError as exc:
-        if params.get("dataset"):
-            raise
-        progress(f"no matching data set for the parity check ({exc.message}); using random inputs")
-    opset, atol, rtol = (
-        int(params.get("opset", 17)),
-        float(params.get("atol", 1e-4)),
-        float(params.get("rtol", 1e-3)),
-    )
-    progress(f"exporting {version.effective_arch} to ONNX opset {opset}", 0.2)
-    exported = _export(
-        arch=version.effective_arch, weights=weights, sample=sample, opset=opset, atol=atol, rtol=rtol
-    )
-    progress(f"parity with torch on {len(sample)} inputs: max |diff| {exported.max_abs_diff:.3g}", 0.7)
-    result: dict[str, Any] = {
-        "opset": exported.opset,
-        "max_abs_diff": exported.max_abs_diff,
-        "parity_ok": exported.parity_ok,
-        "exporter": exported.exporter,
-        "atol": atol,
-        "rtol": rtol,
-    }
     existing = selectors.artifact_for_version(version.pk, Artifact.Kind.ONNX)
     if existing is not None:
         progress("the version already has an ONNX artifact; it is kept (artifacts never change)")
-        return {**result, "onnx_sha256": existing.sha256, "attached": False}, None
-    artifact = services.artifact_add(
-        version=version, kind=Artifact.Kind.ONNX, data=exported.onnx_bytes, opset=exported.opset
+        return {"onnx_sha256": existing.sha256, "attached": False}, None
+    atol, rtol = float(params.get("atol", 1e-4)), float(params.get("rtol", 1e-3))
+    progress(f"writing the weights of {version.label} into its nearest ancestor's ONNX graph", 0.2)
+    made = graph_from_ancestor(version, atol=atol, rtol=rtol)
+    progress(
+        f"the graph of {made.ancestor.label} with these weights matches the program on sample inputs: "
+        f"max |diff| {made.max_abs_diff:.3g}",
+        0.7,
     )
-    return {**result, "onnx_sha256": artifact.sha256, "attached": True}, None
+    result: dict[str, Any] = {
+        "ancestor": made.ancestor.pk,
+        "ancestor_label": made.ancestor.label,
+        "max_abs_diff": made.max_abs_diff,
+        "parity_ok": True,
+        "atol": atol,
+        "rtol": rtol,
+    }
+    try:
+        artifact = services.artifact_add(version=version, kind=Artifact.Kind.ONNX, data=made.onnx)
+    except ConflictError:
+        # Attached meanwhile by another delivery of the same job: that one is kept.
+        existing = selectors.artifact_for_version(version.pk, Artifact.Kind.ONNX)
+        assert existing is not None
+        return {**result, "onnx_sha256": existing.sha256, "attached": False}, None
+    return {**result, "onnx_sha256": artifact.sha256, "opset": artifact.opset, "attached": True}, None
 
 
 # --------------------------------------------------------------------------- optimise
+
+
+def _program_of(version: ModelVersion) -> bytes:
+    program = selectors.version_program(version=version)
+    if program is None:
+        raise ServiceError(f"{version.label} has no program.", code="no_program")
+    return program
+
+
+def _state_of(version: ModelVersion) -> dict[str, Any]:
+    state = version_state(version)
+    if state is None:
+        raise ServiceError(f"{version.label} has no weights.", code="no_weights")
+    return state
 
 
 def _make_variant(
@@ -472,70 +500,106 @@ def _make_variant(
     *,
     version: ModelVersion,
     params: dict[str, Any],
-    onnx_bytes: bytes,
-    train: tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]],
+    train: tuple[Any, Any] | None,
     max_drop: float,
+    progress: _Progress,
 ) -> Any:
     from models_registry.ml import optimise
 
-    x_train, y_train = train
+    spec = version.family.spec
     seed = int(params.get("seed", 0))
+    graph = version_graph(version)
     if kind == "int8_dynamic":
-        return optimise.quantize_dynamic_int8(onnx_bytes, per_channel=bool(params.get("per_channel", True)))
+        return optimise.quantize_dynamic_int8(graph, per_channel=bool(params.get("per_channel", True)))
+    if kind == "fp16":
+        return optimise.convert_fp16(graph)
+    assert train is not None
+    x_train, y_train = train
     if kind == "int8_static":
         return optimise.quantize_static_int8(
-            onnx_bytes,
+            graph,
             x_train,
             calibration_y=y_train,
-            max_accuracy_drop=max_drop,
+            spec=spec,
+            max_metric_drop=max_drop,
             latency_repeats=int(params.get("latency_repeats", 40)),
         )
-    if kind == "fp16":
-        return optimise.convert_fp16(onnx_bytes)
-    weights = _weights(version)
-    if weights is None:
-        raise ServiceError(f"{kind} needs the weights of {version.label}.", code="no_weights")
-    if kind in ("prune_unstructured", "prune_structured"):
-        pruned = optimise.prune_magnitude(
-            arch=version.effective_arch,
-            weights=weights,
+    if kind == "prune_unstructured":
+        return optimise.prune_unstructured(
+            program=_program_of(version),
+            state=_state_of(version),
+            onnx_bytes=graph,
+            spec=spec,
             x=x_train,
             y=y_train,
             amount=float(params.get("amount", 0.5)),
-            structured=kind == "prune_structured",
             finetune_epochs=int(params.get("finetune_epochs", 5)),
             lr=float(params.get("lr", 0.005)),
             seed=seed,
+            batch_size=int(params.get("batch_size", 32)),
+            quantise=bool(params.get("quantise", False)),
         )
-        return pruned.int8 if params.get("quantise") else pruned.fp32
-    return optimise.distil(
-        teacher_arch=version.effective_arch,
-        teacher_weights=weights,
-        student_arch=str(params.get("student_arch", "mlp_small")),
-        x=x_train,
-        y=y_train,
-        epochs=int(params.get("epochs", 30)),
-        temperature=float(params.get("temperature", 4.0)),
-        alpha=float(params.get("alpha", 0.7)),
-        lr=float(params.get("lr", 0.01)),
-        seed=seed,
-    )
+    if kind == "distil":
+        student = _student(version, params)
+        progress(f"distilling {version.label} into the program of {student.label}")
+        return optimise.distil(
+            teacher_onnx=graph,
+            student_program=_program_of(student),
+            student_state=_state_of(student),
+            student_onnx=version_graph(student),
+            spec=spec,
+            x=x_train,
+            y=y_train,
+            epochs=int(params.get("epochs", 30)),
+            temperature=float(params.get("temperature", 4.0)),
+            alpha=float(params.get("alpha", 0.7)),
+            lr=float(params.get("lr", 0.01)),
+            seed=seed,
+            batch_size=int(params.get("batch_size", 32)),
+        )
+    raise ServiceError(f"{kind} is not an optimisation the registry can run.", code="not_supported")
+
+
+def _verdict(*, metric: str, higher: bool, parent: float, value: float, max_drop: float) -> dict[str, Any]:
+    from models_registry.ml.optimise import metric_drop
+
+    drop = metric_drop(parent, value, higher_is_better=higher)
+    rejected = drop > max_drop + 1e-12
+    verdict: dict[str, Any] = {
+        "rejected": rejected,
+        "metric": metric,
+        "parent_metric": parent,
+        "metric_drop": drop,
+        "max_metric_drop": max_drop,
+    }
+    if metric == "accuracy":
+        # The names of the classification-only days, kept for the clients that read them.
+        verdict.update({"parent_accuracy": parent, "accuracy_drop": drop, "max_accuracy_drop": max_drop})
+    if rejected:
+        side = "below" if higher else "above"
+        verdict["rejection_reason"] = (
+            f"{metric} {value:.4f} is {drop:.4f} {side} the parent's {parent:.4f}; "
+            f"at most {max_drop:.4f} worse is allowed"
+        )
+    return verdict
 
 
 def _run_optimise(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], ModelVersion | None]:
     version, params = job.version, job.params
     kind = str(params["kind"])
-    max_drop = float(
-        params.get("max_accuracy_drop", getattr(settings, "MODEL_OPTIMISE_MAX_ACCURACY_DROP", 0.01))
-    )
+    spec = version.family.spec
+    metric = spec.primary_metric
+    max_drop = max_metric_drop(params)
     repeats = int(params.get("latency_repeats", 100))
-    test_set = _dataset(version, params.get("dataset"), split=EvaluationDataset.Split.TEST)
-    train_set = _dataset(version, params.get("train_dataset"), split=EvaluationDataset.Split.TRAIN)
+    if kind == "prune_structured":
+        _check_optimise(params, version)  # raises not_supported
+    test_set = _test_set(version, params.get("dataset"))
+    train_set = _train_set(version, params.get("train_dataset"), kind) if kind in _NEEDS_TRAIN else None
 
-    if version.metrics.get("dataset") != test_set.name or "accuracy" not in version.metrics:
-        progress(f"evaluating the parent {version.label} first, for the accuracy to compare with", 0.05)
+    if version.metrics.get("dataset") != test_set.name or metric not in version.metrics:
+        progress(f"evaluating the parent {version.label} first, for the {metric} to compare with", 0.05)
         _evaluate(version, test_set, latency_repeats=repeats, progress=progress)
-    parent_accuracy = float(version.metrics["accuracy"])
+    parent_value = float(version.metrics[metric])
 
     # A redelivered job finds the version it created before the crash instead of making
     # a second one.
@@ -552,24 +616,29 @@ def _run_optimise(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], M
             kind,
             version=version,
             params=params,
-            onnx_bytes=_onnx_of(version, progress),
-            train=datasets.dataset_load(train_set),
+            train=datasets.dataset_load(train_set) if train_set is not None else None,
             max_drop=max_drop,
+            progress=progress,
         )
         progress(f"{variant.description}: {variant.size_bytes} bytes", 0.6)
-        arch = variant.arch or version.arch
+        student = _student(version, params) if kind == "distil" else None
+        source = student or version
+        arch = source.arch
         derived = services.version_create(
             family=version.family,
             weights=variant.weights_safetensors,
             onnx=variant.onnx_bytes,
+            program=variant.program,
+            head=list(source.head or []) if variant.program is not None else None,
             parent=version,
             source=ModelVersion.Source.OPTIMISED,
-            source_detail=_jsonable(
+            source_detail=jsonable(
                 {
                     "job": job.pk,
                     "optimisation": kind,
                     "description": variant.description,
-                    "train_dataset": train_set.name,
+                    "train_dataset": train_set.name if train_set is not None else None,
+                    "student_version": student.pk if student is not None else None,
                     "details": variant.details,
                 }
             ),
@@ -577,22 +646,20 @@ def _run_optimise(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], M
             arch="" if arch == version.family.arch else arch,
             notes=f"{variant.description} (from {version.label}, job {job.pk}).",
             actor=job.created_by,
+            # Trained variants are their parent's (or student's) checked graph with new
+            # weights written in by name: the tensors are checked, the graph is not run again.
+            derived=variant.program is not None,
         )
         progress(f"registered {derived.label} ({derived.variant}, draft)", 0.7)
     _, headline = _evaluate(derived, test_set, latency_repeats=repeats, progress=progress)
-    drop = parent_accuracy - float(headline["accuracy"])
-    rejected = drop > max_drop + 1e-12
-    verdict: dict[str, Any] = {
-        "rejected": rejected,
-        "parent_accuracy": parent_accuracy,
-        "accuracy_drop": drop,
-        "max_accuracy_drop": max_drop,
-    }
-    if rejected:
-        verdict["rejection_reason"] = (
-            f"accuracy {headline['accuracy']:.4f} is {drop:.4f} below the parent's {parent_accuracy:.4f}; "
-            f"at most {max_drop:.4f} is allowed"
-        )
+    verdict = _verdict(
+        metric=metric,
+        higher=spec.higher_is_better,
+        parent=parent_value,
+        value=float(headline[metric]),
+        max_drop=max_drop,
+    )
+    if verdict["rejected"]:
         progress(f"rejected: {verdict['rejection_reason']}")
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().get(pk=derived.pk)
@@ -602,7 +669,7 @@ def _run_optimise(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], M
         "version_id": derived.pk,
         "label": derived.label,
         "variant": derived.variant,
-        "accuracy": headline["accuracy"],
+        metric: headline[metric],
         "size_bytes": headline["size_bytes"],
         "p50_batch1_us": headline["p50_batch1_us"],
         **verdict,

@@ -145,15 +145,19 @@ class EvaluationReport(models.Model):
 
 
 class EvaluationDataset(models.Model):
-    """A registered labelled data set stored as safetensors (``x`` float32, ``y`` int64).
+    """A registered labelled data set of a family, stored as safetensors (``x`` and ``y``).
 
-    ``split`` says what it may be used for: ``test`` sets measure versions; ``train``
-    sets calibrate quantisation and fine-tune pruned or distilled variants, never measure.
+    ``x`` holds examples of the family's input shape and dtype; ``y`` int64 class labels
+    or float32 regression targets. ``split`` says what it may be used for: ``test`` sets
+    measure versions; ``train`` sets calibrate quantisation and fine-tune pruned or
+    distilled variants, never measure; ``reference`` sets (or, without one, the newest
+    ``train`` set) are what the boards' inputs are compared with for drift.
     """
 
     class Split(models.TextChoices):
         TEST = "test"
         TRAIN = "train"
+        REFERENCE = "reference"
 
     name = models.SlugField(max_length=100, unique=True)
     description = models.TextField(blank=True)

@@ -217,24 +217,33 @@ def _ratio(value: Any, base: Any) -> float | None:
 
 
 def family_comparison(family: ModelFamily, *, include_archived: bool = False) -> list[dict[str, Any]]:
-    """One row per evaluated version of the family: accuracy, size, latency and ratios to fp32.
+    """One row per evaluated version of the family: its metric, size, latency and ratios to fp32.
 
-    Numbers come from each version's headline metrics (copied from its latest
+    The metric is the family's primary metric (``metric``: ``accuracy``, or ``mae`` for
+    regression), in ``metric_value``; ``metric_delta`` is the value minus the baseline's
+    and ``metric_drop`` how much worse it is (positive when worse, whichever direction is
+    better). Numbers come from each version's headline metrics (copied from its latest
     evaluation), so this is one query. Ratios (``size_ratio``, ``latency_ratio_b1``,
-    ``latency_ratio_b64``, ``accuracy_delta``) compare a variant with its baseline: the
-    nearest fp32 ancestor that is not itself an optimised variant.
+    ``latency_ratio_b64``) compare a variant with its baseline: the nearest fp32 ancestor
+    that is not itself an optimised variant. ``accuracy``/``accuracy_delta`` (and ``mae``)
+    are there as well when measured.
     """
+    spec = family.spec
+    metric = spec.primary_metric
     versions = list(ModelVersion.objects.filter(family=family).order_by("number"))
     by_id = {v.pk: v for v in versions}
     rows = []
     for version in versions:
         metrics = version.metrics or {}
-        if "accuracy" not in metrics:
+        if not isinstance(metrics.get(metric), int | float):
             continue
         if version.stage == ModelVersion.Stage.ARCHIVED and not include_archived:
             continue
         base = _baseline_of(version, by_id)
         base_metrics = base.metrics or {}
+        value = float(metrics[metric])
+        base_value = base_metrics.get(metric)
+        delta = value - float(base_value) if isinstance(base_value, int | float) else None
         rows.append(
             {
                 "version_id": version.pk,
@@ -247,7 +256,12 @@ def family_comparison(family: ModelFamily, *, include_archived: bool = False) ->
                 "parent_id": version.parent_id,
                 "baseline_id": base.pk,
                 "dataset": metrics.get("dataset"),
+                "metric": metric,
+                "metric_value": value,
+                "metric_delta": delta,
+                "metric_drop": None if delta is None else (-delta if spec.higher_is_better else delta),
                 "accuracy": metrics.get("accuracy"),
+                "mae": metrics.get("mae"),
                 "size_bytes": metrics.get("size_bytes"),
                 "compressed_size_bytes": metrics.get("compressed_size_bytes"),
                 "p50_batch1_us": metrics.get("p50_batch1_us"),
@@ -260,7 +274,8 @@ def family_comparison(family: ModelFamily, *, include_archived: bool = False) ->
                 ),
                 "accuracy_delta": (
                     float(metrics["accuracy"]) - float(base_metrics["accuracy"])
-                    if "accuracy" in base_metrics
+                    if isinstance(metrics.get("accuracy"), int | float)
+                    and isinstance(base_metrics.get("accuracy"), int | float)
                     else None
                 ),
                 "rejected": bool(metrics.get("rejected", False)),
@@ -276,6 +291,7 @@ def family_recommend(
     latency_budget_us: float,
     max_accuracy_drop: float = 0.01,
     min_accuracy: float | None = None,
+    max_mae: float | None = None,
     base_version_id: int | None = None,
     fleet_latency: Mapping[int, tuple[float, int]] | None = None,
     min_samples: int = 50,
@@ -286,8 +302,11 @@ def family_recommend(
     archived); the base is ``base_version_id`` or else the newest fp32 production version
     with an evaluation, or else the newest evaluated fp32 version. Variants rejected at
     optimisation are never recommended. Uses ``models_registry.ml.recommend``: the
-    smallest variant within budget and within ``max_accuracy_drop`` of the base wins.
-    Returns ``{"base", "recommended", "variants"}`` (every row annotated with its
+    smallest variant within budget and at most ``max_accuracy_drop`` worse than the base
+    on the family's primary metric wins: accuracy for classification (with an optional
+    floor ``min_accuracy``), mean absolute error for regression (``max_accuracy_drop``
+    then bounds the mae increase, with an optional ceiling ``max_mae``). Returns
+    ``{"base", "recommended", "variants", "metric"}`` (every row annotated with its
     ``decision`` and ``reason``); raises ``ValueError`` for bad arguments or no base.
 
     ``fleet_latency`` (``version_id -> (p50_ms, n)``, measured on boards of one hardware
@@ -297,6 +316,7 @@ def family_recommend(
     """
     from models_registry.ml.recommend import apply_fleet_latency, recommend_variant
 
+    spec = family.spec
     rows = family_comparison(family)
     bases = [r for r in rows if r["version_id"] == r["baseline_id"]]
     if base_version_id is not None:
@@ -319,8 +339,10 @@ def family_recommend(
     best = recommend_variant(
         variants=measurable,
         latency_budget_us=latency_budget_us,
-        min_accuracy=min_accuracy,
-        max_accuracy_drop=max_accuracy_drop,
-        reference_accuracy=float(base["accuracy"]),
+        reference=float(base["metric_value"]),
+        max_drop=max_accuracy_drop,
+        metric=spec.primary_metric,
+        higher_is_better=spec.higher_is_better,
+        limit=min_accuracy if spec.higher_is_better else max_mae,
     )
-    return {"base": base, "recommended": best, "variants": candidates}
+    return {"base": base, "recommended": best, "variants": candidates, "metric": spec.primary_metric}

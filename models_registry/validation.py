@@ -287,6 +287,14 @@ def validate_program(
     )
 
     raw = path.read_bytes()
+    if raw[:1] == b"\x80" or _zip_without_program(raw):
+        raise _invalid(
+            "pickle_rejected",
+            f"{field} is a Python pickle or a zip of pickled members (torch.save output, or a "
+            "torch.export.save archive without its models/model.json), which the registry never loads; "
+            "upload the program's JSON (devices_agent.program.make_bundle writes it).",
+            field,
+        )
     try:
         program = program_json_from(raw)
         info = inspect_program(program)
@@ -325,6 +333,13 @@ def validate_program(
             )
         except ProgramError as exc:
             raise ServiceError(exc.message, code=exc.code, details={"field": field, **exc.details}) from None
+        except Exception as exc:  # noqa: BLE001 - the graph's own assertions (e.g. a fixed batch size)
+            raise _invalid(
+                "invalid_program",
+                f"the program does not run on a batch of sample inputs: {type(exc).__name__}: {exc}"[:2000]
+                + " (export it with a dynamic batch dimension, as make_bundle does)",
+                field,
+            ) from None
         if outputs != spec.outputs:
             raise ServiceError(
                 f"the model returns {outputs} values per example; the family's task needs {spec.outputs}.",
@@ -338,6 +353,20 @@ def validate_program(
         "max_abs_diff": diff,
         "program_bytes": program,
     }
+
+
+def _zip_without_program(raw: bytes) -> bool:
+    """A zip archive (torch.save, or torch.export.save stripped of its JSON) with no program in it."""
+    if raw[:4] != b"PK\x03\x04":
+        return False
+    import io
+
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            names = archive.namelist()
+    except zipfile.BadZipFile:
+        return False
+    return not any(n.endswith("models/model.json") for n in names)
 
 
 def validate_onnx(path: Path, *, input_shape: list[int] | None, field: str = "onnx") -> dict[str, Any]:

@@ -119,6 +119,8 @@ LOGOUT_REDIRECT_URL = "/login/"
 DATA_UPLOAD_MAX_MEMORY_SIZE = env.int("DATA_UPLOAD_MAX_MEMORY_SIZE", default=2 * 1024 * 1024)
 FILE_UPLOAD_MAX_MEMORY_SIZE = 2 * 1024 * 1024
 MODEL_UPLOAD_MAX_BYTES = env.int("MODEL_UPLOAD_MAX_BYTES", default=512 * 1024 * 1024)
+# Data set uploads (/api/v1/datasets/): the file, and the arrays unpacked from it.
+DATASET_MAX_BYTES = env.int("DATASET_MAX_BYTES", default=256 * 1024 * 1024)
 AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=1024 * 1024)
 ROUND_UPDATE_MAX_BYTES = env.int("ROUND_UPDATE_MAX_BYTES", default=64 * 1024 * 1024)
 # A round's aggregation lease: renewed at every checkpoint; a round whose worker stopped

@@ -236,31 +236,48 @@ class ModelJobSerializer(serializers.ModelSerializer[ModelJob]):
 
 
 class ModelEvaluateInput(serializers.Serializer[Any]):
-    dataset = serializers.CharField(required=False, help_text="data set name (default digits-test)")
+    dataset = serializers.CharField(
+        required=False, help_text="a test data set of the family (default: the family's newest)"
+    )
     latency_repeats = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
 
 
 class ModelExportInput(serializers.Serializer[Any]):
-    dataset = serializers.CharField(required=False, help_text="inputs for the parity check")
-    opset = serializers.IntegerField(required=False, min_value=7, max_value=23)
-    atol = serializers.FloatField(required=False, min_value=0)
-    rtol = serializers.FloatField(required=False, min_value=0)
+    atol = serializers.FloatField(
+        required=False, min_value=0, max_value=1, help_text="absolute tolerance of the check (1e-4)"
+    )
+    rtol = serializers.FloatField(
+        required=False, min_value=0, max_value=1, help_text="relative tolerance of the check (1e-3)"
+    )
 
 
 class ModelOptimiseInput(serializers.Serializer[Any]):
     kind = serializers.ChoiceField(
-        choices=["int8_dynamic", "int8_static", "fp16", "prune_unstructured", "prune_structured", "distil"]
+        choices=["int8_dynamic", "int8_static", "fp16", "prune_unstructured", "prune_structured", "distil"],
+        help_text="prune_structured is refused (not_supported): a program fixes every layer width.",
     )
-    dataset = serializers.CharField(required=False)
-    train_dataset = serializers.CharField(required=False)
-    max_accuracy_drop = serializers.FloatField(required=False, min_value=0, max_value=1)
+    dataset = serializers.CharField(required=False, help_text="test set (default: the family's newest)")
+    train_dataset = serializers.CharField(
+        required=False, help_text="train set for int8_static, pruning, distil (default: the family's newest)"
+    )
+    max_metric_drop = serializers.FloatField(
+        required=False,
+        min_value=0,
+        help_text="allowed worsening of the family's primary metric (accuracy, or mae for regression)",
+    )
+    max_accuracy_drop = serializers.FloatField(
+        required=False, min_value=0, help_text="the former name of max_metric_drop (same meaning)"
+    )
     latency_repeats = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
     per_channel = serializers.BooleanField(required=False)
     amount = serializers.FloatField(required=False, min_value=0, max_value=0.99)
     finetune_epochs = serializers.IntegerField(required=False, min_value=0, max_value=200)
     quantise = serializers.BooleanField(required=False)
-    student_arch = serializers.CharField(required=False)
+    student_version = serializers.IntegerField(
+        required=False, help_text="distil: the version of the same family whose program is trained"
+    )
     epochs = serializers.IntegerField(required=False, min_value=1, max_value=500)
+    batch_size = serializers.IntegerField(required=False, min_value=1, max_value=10_000)
     temperature = serializers.FloatField(required=False, min_value=0.01)
     alpha = serializers.FloatField(required=False, min_value=0, max_value=1)
     lr = serializers.FloatField(required=False, min_value=0)
@@ -274,7 +291,12 @@ class ModelComparisonRowSerializer(serializers.Serializer[Any]):
     source = serializers.CharField()  # type: ignore[assignment]
     stage = serializers.CharField()
     baseline_id = serializers.IntegerField()
+    metric = serializers.CharField(help_text="the family's primary metric: accuracy, or mae for regression")
+    metric_value = serializers.FloatField(allow_null=True)
+    metric_delta = serializers.FloatField(allow_null=True, help_text="value minus the baseline's")
+    metric_drop = serializers.FloatField(allow_null=True, help_text="how much worse than the baseline")
     accuracy = serializers.FloatField(allow_null=True)
+    mae = serializers.FloatField(allow_null=True, required=False)
     size_bytes = serializers.IntegerField(allow_null=True)
     p50_batch1_us = serializers.FloatField(allow_null=True)
     p50_batch64_us = serializers.FloatField(allow_null=True)
@@ -295,9 +317,17 @@ class ModelRecommendRowSerializer(ModelComparisonRowSerializer):
 
 class ModelRecommendQuery(serializers.Serializer[Any]):
     latency_budget_us = serializers.FloatField(min_value=0.001)
-    max_accuracy_drop = serializers.FloatField(required=False, min_value=0, max_value=1, default=0.01)
+    max_accuracy_drop = serializers.FloatField(
+        required=False,
+        min_value=0,
+        default=0.01,
+        help_text="allowed worsening of the primary metric (accuracy drop, or mae increase for regression)",
+    )
     min_accuracy = serializers.FloatField(
         required=False, min_value=0, max_value=1, allow_null=True, default=None
+    )
+    max_mae = serializers.FloatField(
+        required=False, min_value=0, allow_null=True, default=None, help_text="regression: a ceiling on mae"
     )
     base = serializers.IntegerField(required=False, allow_null=True, default=None)
     device = serializers.UUIDField(
@@ -321,6 +351,7 @@ class ModelRecommendQuery(serializers.Serializer[Any]):
 
 
 class ModelRecommendOutput(serializers.Serializer[Any]):
+    metric = serializers.CharField(required=False)
     base = ModelComparisonRowSerializer()
     recommended = ModelRecommendRowSerializer(allow_null=True)
     variants = ModelRecommendRowSerializer(many=True)
@@ -328,12 +359,16 @@ class ModelRecommendOutput(serializers.Serializer[Any]):
 
 
 class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]):
+    family_name = serializers.CharField(source="family.name", read_only=True, default=None)
+
     class Meta:
         model = EvaluationDataset
         fields = [
             "id",
             "name",
             "description",
+            "family",
+            "family_name",
             "split",
             "input_shape",
             "num_classes",
@@ -342,3 +377,38 @@ class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]
             "size",
             "created_at",
         ]
+
+
+class FamilyField(serializers.Field[ModelFamily, Any, Any, Any]):
+    """A family by id or by name."""
+
+    default_error_messages = {"missing": "No model family {value!r}."}
+
+    def to_internal_value(self, data: Any) -> ModelFamily:
+        text = str(data).strip()
+        family = None
+        if text.isdigit():
+            family = ModelFamily.objects.filter(pk=int(text)).first()
+        family = family or ModelFamily.objects.filter(name=text).first()
+        if family is None:
+            self.fail("missing", value=text[:100])
+        assert family is not None
+        return family
+
+    def to_representation(self, value: ModelFamily) -> Any:
+        return value.pk
+
+
+class DatasetUploadSerializer(serializers.Serializer[Any]):
+    family = FamilyField(help_text="the family (id or name) whose contract the data must fit")
+    name = serializers.SlugField(max_length=100)
+    split = serializers.ChoiceField(choices=EvaluationDataset.Split.choices, default="test")
+    description = serializers.CharField(required=False, allow_blank=True, default="")
+    file = serializers.FileField(
+        allow_empty_file=True,
+        use_url=False,
+        help_text=(
+            ".npz with arrays x and y; or CSV/Parquet with one example per row: the flattened input "
+            "values, then a label column named y or label (regression: the last output_size columns)."
+        ),
+    )

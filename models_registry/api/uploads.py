@@ -23,11 +23,16 @@ _FORM_OVERHEAD = 64 * 1024
 
 
 class SizeLimitUploadHandler(FileUploadHandler):
-    """Refuses any file over ``MODEL_UPLOAD_MAX_BYTES`` with RequestDataTooBig (413)."""
+    """Refuses any file over ``limit`` (default ``MODEL_UPLOAD_MAX_BYTES``) with RequestDataTooBig (413).
 
-    def __init__(self, request: Any = None) -> None:
+    A body announcing more than ``files`` such files (plus form overhead) is refused
+    before it is read.
+    """
+
+    def __init__(self, request: Any = None, *, limit: int | None = None, files: int = 3) -> None:
         super().__init__(request)
-        self.limit = int(settings.MODEL_UPLOAD_MAX_BYTES)
+        self.limit = int(settings.MODEL_UPLOAD_MAX_BYTES) if limit is None else int(limit)
+        self.files = files
         self.received = 0
 
     def handle_raw_input(
@@ -38,8 +43,7 @@ class SizeLimitUploadHandler(FileUploadHandler):
         boundary: Any,
         encoding: str | None = None,
     ) -> None:
-        # Two files (weights and ONNX) may each be up to the limit.
-        if content_length and content_length > 2 * self.limit + _FORM_OVERHEAD:
+        if content_length and content_length > self.files * self.limit + _FORM_OVERHEAD:
             raise RequestDataTooBig(f"Upload of {content_length} bytes exceeds the limit.")
         return None
 
@@ -61,6 +65,17 @@ def artifact_upload_handlers(request: Any) -> list[FileUploadHandler]:
     """The handler chain for artifact uploads: size limit, then memory or temporary file."""
     return [
         SizeLimitUploadHandler(request),
+        MemoryFileUploadHandler(request),
+        TemporaryFileUploadHandler(request),
+    ]
+
+
+def dataset_upload_handlers(request: Any) -> list[FileUploadHandler]:
+    """The handler chain for data set uploads: one file of at most ``DATASET_MAX_BYTES``."""
+    from models_registry.datasets import dataset_max_bytes
+
+    return [
+        SizeLimitUploadHandler(request, limit=dataset_max_bytes(), files=1),
         MemoryFileUploadHandler(request),
         TemporaryFileUploadHandler(request),
     ]

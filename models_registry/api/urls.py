@@ -12,6 +12,8 @@ router.include_root_view = False
 router.register("models", views.ModelFamilyViewSet, basename="model-family")
 router.register("model-versions", views.ModelVersionViewSet, basename="model-version")
 router.register("model-jobs", views.ModelJobViewSet, basename="model-job")
+router.register("datasets", views.DatasetViewSet, basename="dataset")
+# The former route, kept as a read-only alias.
 router.register("evaluation-datasets", views.EvaluationDatasetViewSet, basename="evaluation-dataset")
 
 urlpatterns: list[Any] = [

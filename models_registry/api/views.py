@@ -1,8 +1,8 @@
-"""Operator API of the model registry: families, versions, uploads, promotion, downloads.
+"""Operator API of the model registry: families, versions, uploads, promotion, downloads, data sets.
 
 Roles: viewers read everything and download artifacts; operators create families, upload
-versions and move versions between draft, staging and archived; promoting a version to
-production needs an admin.
+versions and data sets, and move versions between draft, staging and archived; promoting
+a version to production needs an admin.
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from rest_framework.views import APIView
 from core.api import ConflictError, NotFoundError, client_ip
 from core.audit.services import audit_record
 from core.roles import ADMIN, has_role
-from models_registry import jobs, selectors, services
+from models_registry import datasets, jobs, selectors, services
 from models_registry.api import serializers as s
-from models_registry.api.uploads import artifact_upload_handlers
+from models_registry.api.uploads import artifact_upload_handlers, dataset_upload_handlers
 from models_registry.models import Artifact, EvaluationDataset, ModelFamily, ModelJob, ModelVersion
 
 
@@ -205,7 +205,7 @@ class ModelVersionViewSet(
         artifact = selectors.artifact_for_version(version.pk, kind)
         if artifact is None:
             raise NotFoundError(f"{version.label} has no {kind} artifact.", code="not_found")
-        extension = "safetensors" if kind == Artifact.Kind.WEIGHTS else "onnx"
+        extension = {"weights": "safetensors", "program": "json"}.get(kind, "onnx")
         response = StreamingHttpResponse(
             selectors.artifact_chunks(artifact), content_type="application/octet-stream"
         )
@@ -228,19 +228,30 @@ class ModelVersionViewSet(
     @extend_schema(request=s.ModelEvaluateInput, responses={202: s.ModelJobSerializer})
     @action(detail=True, methods=["post"])
     def evaluate(self, request: Request, pk: str | None = None) -> Response:
-        """Queue an evaluation on a registered test set (default digits-test)."""
+        """Queue an evaluation on the family's newest test set (or the one named).
+
+        A family without a test set is evaluated on the boards (federated): 400 ``no_dataset``.
+        """
         return self._enqueue(request, ModelJob.Kind.EVALUATE, s.ModelEvaluateInput)
 
     @extend_schema(request=s.ModelExportInput, responses={202: s.ModelJobSerializer})
     @action(detail=True, methods=["post"])
     def export(self, request: Request, pk: str | None = None) -> Response:
-        """Queue an ONNX export of the version's weights, checked against torch."""
+        """Queue an ONNX graph for a version with weights and a program but no ONNX.
+
+        The weights are written into the nearest ancestor's graph by name and checked
+        against the program on sample inputs (the numbers are in a failure).
+        """
         return self._enqueue(request, ModelJob.Kind.EXPORT, s.ModelExportInput)
 
     @extend_schema(request=s.ModelOptimiseInput, responses={202: s.ModelJobSerializer})
     @action(detail=True, methods=["post"])
     def optimise(self, request: Request, pk: str | None = None) -> Response:
-        """Queue an optimised variant (int8, fp16, pruned, distilled), registered and evaluated."""
+        """Queue an optimised variant (int8, fp16, pruned, distilled), registered and evaluated.
+
+        A variant more than ``max_metric_drop`` worse on the family's primary metric
+        (accuracy, or mae for regression) than its parent is kept, marked rejected.
+        """
         return self._enqueue(request, ModelJob.Kind.OPTIMISE, s.ModelOptimiseInput)
 
     @extend_schema(responses=s.ModelVersionLineageSerializer)
@@ -267,14 +278,73 @@ class ModelJobViewSet(viewsets.ReadOnlyModelViewSet[ModelJob]):
         return ModelJob.objects.select_related("version", "version__family").order_by("-created_at", "-id")
 
 
+class DatasetFilter(filters.FilterSet):
+    family_name = filters.CharFilter(field_name="family__name")
+
+    class Meta:
+        model = EvaluationDataset
+        fields = ["split", "family"]
+
+
 class EvaluationDatasetViewSet(viewsets.ReadOnlyModelViewSet[EvaluationDataset]):
-    """Registered evaluation (test) and calibration (train) data sets."""
+    """Registered data sets (test, train, reference), read-only: the former route of ``datasets/``."""
 
     serializer_class = s.EvaluationDatasetSerializer
-    filterset_fields = ["split"]
+    filterset_class = DatasetFilter
 
     def get_queryset(self):
-        return EvaluationDataset.objects.order_by("name")
+        return EvaluationDataset.objects.select_related("family").order_by("name")
+
+
+class DatasetViewSet(mixins.CreateModelMixin, EvaluationDatasetViewSet):
+    """A family's data sets: ``test`` sets evaluate versions, ``train`` sets calibrate and
+    fine-tune variants, ``reference`` sets (else the newest ``train`` set) are what drift is
+    measured against."""
+
+    parser_classes = [MultiPartParser, FormParser]
+
+    def initialize_request(self, request: Any, *args: Any, **kwargs: Any) -> Request:
+        # Upload handlers must be in place before anything reads the body.
+        if request.method == "POST":
+            request.upload_handlers = dataset_upload_handlers(request)
+        return super().initialize_request(request, *args, **kwargs)
+
+    @extend_schema(
+        request={"multipart/form-data": s.DatasetUploadSerializer},
+        responses={
+            201: s.EvaluationDatasetSerializer,
+            400: OpenApiResponse(
+                description=(
+                    "invalid_dataset, wrong_shape, non_finite, label_out_of_range, invalid_label, "
+                    "pickle_rejected, invalid_split, validation_error"
+                )
+            ),
+            409: OpenApiResponse(description="dataset_exists"),
+            413: OpenApiResponse(description="too_large (DATASET_MAX_BYTES)"),
+        },
+        description=(
+            "Register a data set of a family from an `.npz` (arrays `x` and `y`), CSV or Parquet file "
+            "(one example per row: the flattened input values, then a label column named `y` or "
+            "`label`; for regression the last `output_size` columns are the targets; CSV needs a "
+            "header row). Checked against the family's contract: input shape and dtype, finite "
+            "values, labels in range or targets of the right width. Pickle is never loaded."
+        ),
+    )
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = s.DatasetUploadSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        v = data.validated_data
+        upload = v["file"]
+        dataset = datasets.dataset_upload(
+            family=v["family"],
+            name=v["name"],
+            split=v["split"],
+            description=v.get("description", ""),
+            file=upload,
+            filename=getattr(upload, "name", "") or "",
+            actor=request.user,
+        )
+        return Response(s.EvaluationDatasetSerializer(dataset).data, status=status.HTTP_201_CREATED)
 
 
 class SigningKeyOutput(s.serializers.Serializer[Any]):

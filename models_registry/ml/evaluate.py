@@ -21,7 +21,9 @@ __all__ = [
     "evaluate_onnx",
     "evaluate_regression_onnx",
     "measure_latency",
+    "model_inputs",
     "ort_session",
+    "run_onnx",
 ]
 
 # ROC curves are stored for charts; 50 points per class draw a smooth curve.
@@ -50,7 +52,24 @@ def ort_session(onnx_bytes: bytes, *, threads: int = 1) -> Any:
         raise EvaluationInputError(f"ONNX Runtime cannot load the model: {exc}") from exc
 
 
-def _batch_of(x: npt.NDArray[np.float32], batch: int) -> npt.NDArray[np.float32]:
+def model_inputs(x: npt.ArrayLike) -> npt.NDArray[Any]:
+    """``x`` as a model input: floats as float32, integer inputs (token ids, pixels) as they are."""
+    array = np.asarray(x)
+    if np.issubdtype(array.dtype, np.integer):
+        return np.ascontiguousarray(array)
+    return np.ascontiguousarray(array, dtype=np.float32)
+
+
+def run_onnx(
+    onnx_bytes: bytes, x: npt.ArrayLike, *, threads: int = 1, session: Any = None
+) -> npt.NDArray[Any]:
+    """Run a model in ONNX Runtime (CPU) on a batch and return its first output as float32."""
+    sess = session if session is not None else ort_session(onnx_bytes, threads=threads)
+    out = sess.run(None, {sess.get_inputs()[0].name: model_inputs(x)})[0]
+    return np.asarray(out, dtype=np.float32)
+
+
+def _batch_of(x: npt.NDArray[Any], batch: int) -> npt.NDArray[Any]:
     # Repeat the data when it holds fewer rows than the batch, so any data set can time
     # any batch size.
     reps = -(-batch // len(x))
@@ -74,7 +93,7 @@ def measure_latency(
     """
     if repeats < 1 or batch < 1:
         raise ValueError("repeats and batch must be positive")
-    xs = np.ascontiguousarray(x, dtype=np.float32)
+    xs = model_inputs(x)
     sess = session if session is not None else ort_session(onnx_bytes, threads=threads)
     name = sess.get_inputs()[0].name
     feed = {name: _batch_of(xs, batch)}
@@ -156,7 +175,7 @@ def evaluate_regression_onnx(
     if not np.all(np.isfinite(ys)) or not np.all(np.isfinite(xs)):
         raise EvaluationInputError("x and y must be finite numbers")
     sess = ort_session(onnx_bytes, threads=threads)
-    xs = np.ascontiguousarray(xs, dtype=np.float32) if xs.dtype.kind == "f" else np.ascontiguousarray(xs)
+    xs = model_inputs(xs)
     out = np.asarray(sess.run(None, {sess.get_inputs()[0].name: xs})[0], dtype=np.float64).reshape(
         len(xs), -1
     )
@@ -231,7 +250,7 @@ def evaluate_onnx(
         )
     if not np.issubdtype(xs.dtype, np.number) or not np.all(np.isfinite(xs)):
         raise EvaluationInputError("x must be finite numbers")
-    xs = np.ascontiguousarray(xs, dtype=np.float32)
+    xs = model_inputs(xs)
     ys = ys.astype(np.int64)
 
     logits = np.asarray(sess.run(None, {sess.get_inputs()[0].name: xs})[0], dtype=np.float64)

@@ -1,13 +1,23 @@
 """Derived model variants: int8 (dynamic and static), fp16, pruned, distilled.
 
-Each function takes an exported fp32 model (ONNX bytes) or the weights of a named
-architecture and returns a :class:`Variant`: the ONNX bytes, a one-line description, the
-measurements behind any choice it made, and, for variants produced by training in torch,
-the new weights (also as safetensors bytes, the registry's weights format).
+Nothing here knows an architecture. Quantisation and fp16 take any ONNX graph. Pruning
+and distillation take a version's *program* (``torch.export`` JSON, loaded without
+pickle by :mod:`devices_agent.program`) and weights, train it in PyTorch, and write the
+new weights into the version's ONNX graph by parameter name
+(:func:`models_registry.ml.onnx_weights.onnx_with_weights`), so the variant keeps the
+program and can be trained further on the boards. Each function returns a
+:class:`Variant`: the ONNX bytes, a one-line description, the measurements behind any
+choice it made and, for trained variants, the program and the new weights (safetensors).
 
-ONNX graphs are compacted before they are returned (:func:`compact_onnx`): doc strings,
-node names and long intermediate tensor names are protobuf overhead that, for models
-this small, weighs as much as a third of the int8 weights.
+Graphs that are not trained further (quantised, fp16) are compacted before they are
+returned (:func:`compact_onnx`): doc strings, node names and long intermediate tensor
+names are protobuf overhead that, for models this small, weighs as much as a third of
+the int8 weights. Graphs of trained variants keep their names: boards write weights
+into them by name.
+
+Quality is the family's primary metric (:mod:`devices_agent.family`): accuracy for
+classification (higher is better), mean absolute error for regression (lower is better);
+a *metric drop* is how much worse a variant is on it.
 """
 
 from __future__ import annotations
@@ -15,32 +25,29 @@ from __future__ import annotations
 import logging
 import tempfile
 import zlib
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from devices_agent.codecs import encode_tensors
-
-if TYPE_CHECKING:
-    import torch
+from devices_agent.family import FamilySpec, outputs_metrics, probabilities
 
 __all__ = [
-    "PruneResult",
     "Variant",
     "compact_onnx",
     "convert_fp16",
     "distil",
-    "prune_magnitude",
+    "metric_drop",
+    "prune_unstructured",
     "quantize_dynamic_int8",
     "quantize_static_int8",
 ]
 
-Weights = dict[str, npt.NDArray[np.float32]]
+Weights = dict[str, npt.NDArray[Any]]
 log = logging.getLogger(__name__)
 
 # Operator groups the static quantiser chooses between; Gemm and MatMul are one group
@@ -55,9 +62,10 @@ class Variant:
     name: str
     onnx_bytes: bytes
     description: str
-    arch: str | None = None
     weights: Weights | None = None
     weights_safetensors: bytes | None = None
+    # The trainable program the weights belong to (trained variants keep one).
+    program: bytes | None = None
     details: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -69,17 +77,6 @@ class Variant:
     def compressed_size_bytes(self) -> int:
         """Size after zlib level 9: what a compressed download carries (zeros shrink here)."""
         return len(zlib.compress(self.onnx_bytes, 9))
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    """A pruned model as fp32 ONNX and as dynamic-int8 ONNX, with its weights."""
-
-    fp32: Variant
-    int8: Variant
-    weights: Weights
-    sparsity: float
-    widths: tuple[int, ...]
 
 
 # --------------------------------------------------------------------------- helpers
@@ -159,14 +156,25 @@ def _with_node_names(onnx_bytes: bytes) -> bytes:
     return bytes(model.SerializeToString())
 
 
-def _fp32_predictions(onnx_bytes: bytes, x: npt.NDArray[np.float32]) -> npt.NDArray[np.int64]:
-    from models_registry.ml.export import run_onnx
+def _outputs(onnx_bytes: bytes, x: npt.NDArray[Any], batch: int = 4096) -> npt.NDArray[np.float64]:
+    from models_registry.ml.evaluate import ort_session, run_onnx
 
-    return np.asarray(run_onnx(onnx_bytes, x).argmax(axis=1), dtype=np.int64)
+    session = ort_session(onnx_bytes)
+    parts = [run_onnx(b"", x[i : i + batch], session=session) for i in range(0, len(x), batch)]
+    return np.concatenate(parts).astype(np.float64).reshape(len(x), -1)
 
 
-def _accuracy(onnx_bytes: bytes, x: npt.NDArray[np.float32], y: npt.NDArray[np.int64]) -> float:
-    return float(np.mean(_fp32_predictions(onnx_bytes, x) == y))
+def metric_drop(reference: float, value: float, *, higher_is_better: bool) -> float:
+    """How much worse ``value`` is than ``reference`` on a metric (negative when it is better)."""
+    return reference - value if higher_is_better else value - reference
+
+
+def _quality(onnx_bytes: bytes, x: npt.NDArray[Any], y: npt.NDArray[Any], spec: FamilySpec | None) -> float:
+    """The primary metric of the model on ``(x, y)`` (accuracy when no family is given)."""
+    outputs = _outputs(onnx_bytes, x)
+    if spec is None:
+        return float(np.mean(outputs.argmax(axis=1) == np.asarray(y)))
+    return float(outputs_metrics(spec, outputs, y)[spec.primary_metric])
 
 
 def _op_types(onnx_bytes: bytes) -> set[str]:
@@ -175,8 +183,8 @@ def _op_types(onnx_bytes: bytes) -> set[str]:
     return {node.op_type for node in onnx.load_from_string(onnx_bytes).graph.node}
 
 
-def _session_ok(onnx_bytes: bytes, x: npt.NDArray[np.float32]) -> str | None:
-    from models_registry.ml.export import run_onnx
+def _session_ok(onnx_bytes: bytes, x: npt.NDArray[Any]) -> str | None:
+    from models_registry.ml.evaluate import run_onnx
 
     try:
         out = run_onnx(onnx_bytes, x[:2])
@@ -185,12 +193,27 @@ def _session_ok(onnx_bytes: bytes, x: npt.NDArray[np.float32]) -> str | None:
     return None if np.all(np.isfinite(out)) else "non-finite outputs"
 
 
-def _probe_inputs(onnx_bytes: bytes) -> npt.NDArray[np.float32]:
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(int64)": np.int64, "tensor(uint8)": np.uint8}
+
+
+def _input_of(onnx_bytes: bytes) -> tuple[str, Any]:
+    """The name and numpy dtype of the model's first input."""
+    from models_registry.ml.evaluate import ort_session
+
+    first = ort_session(onnx_bytes).get_inputs()[0]
+    return first.name, _ORT_DTYPES.get(first.type, np.float32)
+
+
+def _probe_inputs(onnx_bytes: bytes) -> npt.NDArray[Any]:
     import onnx
 
     dims = onnx.load_from_string(onnx_bytes).graph.input[0].type.tensor_type.shape.dim
     features = [d.dim_value if d.dim_value > 0 else 1 for d in dims[1:]]
-    return np.random.default_rng(0).random((2, *features), dtype=np.float32)
+    _, dtype = _input_of(onnx_bytes)
+    rng = np.random.default_rng(0)
+    if dtype == np.float32:
+        return rng.random((2, *features), dtype=np.float32)
+    return rng.integers(0, 2, size=(2, *features)).astype(dtype)
 
 
 # --------------------------------------------------------------------------- int8 dynamic
@@ -252,7 +275,7 @@ def quantize_dynamic_int8(onnx_bytes: bytes, *, per_channel: bool = True) -> Var
 
 
 def _interleaved_timing(
-    models: Sequence[bytes], x: npt.NDArray[np.float32], *, repeats: int, rounds: int = 5
+    models: Sequence[bytes], x: npt.NDArray[Any], *, repeats: int, rounds: int = 5
 ) -> list[dict[str, float]]:
     """p50 latency at batch 1 and 64 for each model, measured round-robin.
 
@@ -287,14 +310,14 @@ def _interleaved_timing(
 class _Batches:
     """ORT calibration reader over fixed batches of the calibration data."""
 
-    def __init__(self, name: str, x: npt.NDArray[np.float32], batch: int = 32) -> None:
+    def __init__(self, name: str, x: npt.NDArray[Any], batch: int = 32) -> None:
         self._items = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
 
-    def get_next(self) -> dict[str, npt.NDArray[np.float32]] | None:
+    def get_next(self) -> dict[str, npt.NDArray[Any]] | None:
         return next(self._items, None)
 
 
-def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[np.float32], ops: Sequence[str]) -> bytes:
+def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[Any], ops: Sequence[str]) -> bytes:
     from onnxruntime.quantization import (
         CalibrationDataReader,
         QuantFormat,
@@ -305,8 +328,7 @@ def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[np.float32], ops: Sequenc
     class Reader(_Batches, CalibrationDataReader):
         pass
 
-    from models_registry.ml.export import INPUT_NAME
-
+    input_name, _ = _input_of(onnx_bytes)
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "fp32.onnx", Path(tmp) / "int8.onnx"
         src.write_bytes(_with_node_names(onnx_bytes))
@@ -314,7 +336,7 @@ def _static_quantise(onnx_bytes: bytes, x: npt.NDArray[np.float32], ops: Sequenc
             quantize_static(
                 src,
                 dst,
-                Reader(INPUT_NAME, x),
+                Reader(input_name, x),
                 quant_format=QuantFormat.QDQ,
                 op_types_to_quantize=list(ops),
                 per_channel=True,
@@ -331,7 +353,8 @@ def quantize_static_int8(
     *,
     op_types: Sequence[str] | None = None,
     calibration_y: npt.ArrayLike | None = None,
-    max_accuracy_drop: float = 0.01,
+    spec: FamilySpec | None = None,
+    max_metric_drop: float = 0.01,
     latency_repeats: int = 40,
 ) -> Variant:
     """Static int8 quantisation in QDQ format, calibrated (min/max) on ``calibration_x``.
@@ -339,22 +362,28 @@ def quantize_static_int8(
     With ``op_types`` given, exactly those operator types are quantised. Otherwise the
     operator groups present in the model (convolutions; Gemm/MatMul) are tried alone and
     together, each candidate is timed in ONNX Runtime on this CPU (single thread, p50 at
-    batch 1 and 64) and scored on the calibration data (against ``calibration_y``, or
-    against the fp32 model's own predictions when no labels are given); the fastest
-    candidate at batch 1 that loses at most ``max_accuracy_drop`` accuracy is kept. Every
-    measurement, including the fp32 reference, is in ``details["candidates"]``.
+    batch 1 and 64) and scored on the calibration data with the family's primary metric
+    (``spec``; accuracy without one) against ``calibration_y``, or against the fp32
+    model's own outputs when no labels are given. The fastest candidate at batch 1 whose
+    metric is at most ``max_metric_drop`` worse than fp32's is kept. Every measurement,
+    including the fp32 reference, is in ``details["candidates"]``.
     """
+    from models_registry.ml.evaluate import model_inputs
+
     _quiet_ort()
-    x = np.ascontiguousarray(calibration_x, dtype=np.float32)
+    x = model_inputs(calibration_x)
     if x.ndim < 2 or len(x) == 0:
         raise ValueError(f"calibration_x must be a non-empty batch, got shape {x.shape}")
-    y = (
-        _fp32_predictions(onnx_bytes, x)
-        if calibration_y is None
-        else np.asarray(calibration_y, dtype=np.int64)
-    )
-    if y.shape != (len(x),):
-        raise ValueError(f"calibration_y must have shape ({len(x)},), got {y.shape}")
+    higher = spec is None or spec.higher_is_better
+    metric = "accuracy" if spec is None else spec.primary_metric
+    if calibration_y is not None:
+        y = np.asarray(calibration_y)
+    elif spec is None or spec.task == "classification":
+        y = _outputs(onnx_bytes, x).argmax(axis=1)
+    else:
+        y = _outputs(onnx_bytes, x).astype(np.float32)
+    if len(y) != len(x):
+        raise ValueError(f"calibration_y must hold {len(x)} labels, got {len(y)}")
     present = _op_types(onnx_bytes)
     if op_types is not None:
         candidates = [tuple(op_types)]
@@ -368,8 +397,8 @@ def quantize_static_int8(
     if not candidates:
         raise ValueError(f"no quantisable operators in the model (ops: {sorted(present)})")
 
-    reference_accuracy = _accuracy(onnx_bytes, x, y)
-    measured: list[dict[str, Any]] = [{"op_types": [], "accuracy": reference_accuracy, "fp32": True}]
+    reference = _quality(onnx_bytes, x, y, spec)
+    measured: list[dict[str, Any]] = [{"op_types": [], metric: reference, "fp32": True}]
     models: list[bytes] = [onnx_bytes]
     built: list[tuple[dict[str, Any], bytes]] = []
     for ops in candidates:
@@ -379,15 +408,17 @@ def quantize_static_int8(
         if error is not None:
             row["error"] = error
         else:
-            row["accuracy"] = _accuracy(model, x, y)
-            row["accuracy_ok"] = reference_accuracy - row["accuracy"] <= max_accuracy_drop
+            row[metric] = _quality(model, x, y, spec)
+            row["metric_ok"] = (
+                metric_drop(reference, row[metric], higher_is_better=higher) <= max_metric_drop + 1e-12
+            )
             built.append((row, model))
             models.append(model)
         measured.append(row)
     timed = [row for row in measured if "error" not in row]
     for row, timing in zip(timed, _interleaved_timing(models, x, repeats=latency_repeats), strict=True):
         row.update(timing)
-    usable = [(row, model) for row, model in built if row["accuracy_ok"]] or built
+    usable = [(row, model) for row, model in built if row["metric_ok"]] or built
     if not usable:
         raise ValueError(f"static quantisation produced no runnable model: {measured}")
     best_row, best = min(usable, key=lambda item: item[0]["p50_batch1_us"])
@@ -399,7 +430,8 @@ def quantize_static_int8(
         details={
             "candidates": measured,
             "op_types": best_row["op_types"],
-            "max_accuracy_drop": max_accuracy_drop,
+            "metric": metric,
+            "max_metric_drop": max_metric_drop,
         },
     )
 
@@ -451,230 +483,148 @@ def convert_fp16(onnx_bytes: bytes) -> Variant:
     )
 
 
-# --------------------------------------------------------------------------- torch helpers
+# --------------------------------------------------------------------------- trained variants
 
 
-def _fit(
-    model: torch.nn.Module,
-    *,
-    x: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
-    epochs: int,
-    lr: float,
-    seed: int,
-    batch_size: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    num_threads: int | None,
-) -> None:
-    """Adam over shuffled mini-batches; ``loss_fn(logits, y, batch_index)``."""
-    from devices_agent.local_train import torch_threads
+def _training_data(
+    spec: FamilySpec, x: npt.ArrayLike, y: npt.ArrayLike
+) -> tuple[npt.NDArray[Any], npt.NDArray[Any]]:
+    """``(x, y)`` as the family's inputs and labels, or ``ValueError`` saying why not."""
+    from devices_agent.family import SpecError
 
-    with torch_threads(num_threads):
-        _fit_loop(model, x=x, y=y, epochs=epochs, lr=lr, seed=seed, batch_size=batch_size, loss_fn=loss_fn)
-
-
-def _fit_loop(
-    model: torch.nn.Module,
-    *,
-    x: npt.NDArray[np.float32],
-    y: npt.NDArray[np.int64],
-    epochs: int,
-    lr: float,
-    seed: int,
-    batch_size: int,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-) -> None:
-    import torch
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y)
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        model.train()
-        order = torch.randperm(len(y), generator=generator)
-        for start in range(0, len(y), batch_size):
-            batch = order[start : start + batch_size]
-            opt.zero_grad()
-            loss = loss_fn(model(x_t[batch]), y_t[batch], batch)
-            loss.backward()
-            opt.step()
-    model.eval()
-
-
-def _check_xy(x: npt.ArrayLike, y: npt.ArrayLike) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
-    xs = np.ascontiguousarray(x, dtype=np.float32)
-    ys = np.asarray(y, dtype=np.int64)
-    if xs.ndim != 2 or ys.shape != (len(xs),) or len(xs) == 0:
-        raise ValueError(f"need x (N, F) and y (N,), got {xs.shape} and {ys.shape}")
+    try:
+        xs = spec.inputs(x)
+        ys = spec.labels(y, count=len(xs))
+    except SpecError as exc:
+        raise ValueError(f"the training data does not fit the family: {exc.message}") from None
     return xs, ys
 
 
-def _variant_from_weights(
+def _weights_file(state: Mapping[str, npt.ArrayLike], variant: str) -> bytes:
+    from devices_agent.codecs import encode_tensors
+
+    arrays = {name: np.ascontiguousarray(value) for name, value in state.items()}
+    return encode_tensors(arrays, metadata={"format": "flotilla-weights/1", "variant": variant})
+
+
+def _magnitude_mask(weight: npt.NDArray[Any], amount: float) -> npt.NDArray[np.bool_]:
+    """Keep-mask zeroing exactly ``round(amount * size)`` entries of smallest magnitude (ties by position)."""
+    flat = np.abs(np.asarray(weight, dtype=np.float64)).ravel()
+    drop = int(round(amount * flat.size))
+    keep = np.ones(flat.size, dtype=bool)
+    if drop:
+        keep[np.argsort(flat, kind="stable")[:drop]] = False
+    return keep.reshape(np.shape(weight))
+
+
+def prune_unstructured(
     *,
-    name: str,
-    arch: str,
-    weights: Weights,
-    sample: npt.NDArray[np.float32],
-    description: str,
-    details: dict[str, Any],
-) -> Variant:
-    from models_registry.ml.export import export_onnx
-
-    exported = export_onnx(arch=arch, weights=weights, sample_inputs=sample[:64])
-    return Variant(
-        name=name,
-        onnx_bytes=compact_onnx(exported.onnx_bytes),
-        description=description,
-        arch=arch,
-        weights=weights,
-        weights_safetensors=encode_tensors(weights, metadata={"arch": arch, "variant": name}),
-        details={**details, "export_max_abs_diff": exported.max_abs_diff},
-    )
-
-
-# --------------------------------------------------------------------------- pruning
-
-
-# How each prunable layer's outputs feed the next layer: (layer, consumer, inputs of the
-# consumer per output of the layer). The CNN's conv2 feeds the linear head through a
-# 4x4 flatten, so each of its channels owns 16 consecutive head inputs.
-_CHAINS: dict[str, tuple[tuple[str, str, int], ...]] = {
-    "mlp": (("fc1", "fc2", 1), ("fc2", "fc3", 1)),
-    "mlp_small": (("fc1", "fc2", 1),),
-    "cnn": (("conv1", "conv2", 1), ("conv2", "fc", 16)),
-}
-
-
-def _compact(arch: str, state: Weights) -> Weights:
-    """Physically remove neurons/channels whose weights and bias are all zero."""
-    out = {k: v.copy() for k, v in state.items()}
-    for layer, consumer, group in _CHAINS[arch]:
-        weight, bias = out[f"{layer}.weight"], out[f"{layer}.bias"]
-        rows = weight.reshape(weight.shape[0], -1)
-        alive = np.flatnonzero(np.any(rows != 0, axis=1) | (bias != 0))
-        if len(alive) == 0:
-            alive = np.array([0])  # keep one (zero) unit so the graph stays valid
-        out[f"{layer}.weight"] = weight[alive]
-        out[f"{layer}.bias"] = bias[alive]
-        nxt = out[f"{consumer}.weight"]
-        # A zero unit outputs relu(0) = 0, so dropping its input column is exact.
-        split = nxt.reshape(nxt.shape[0], -1, group, *nxt.shape[2:])
-        out[f"{consumer}.weight"] = np.ascontiguousarray(
-            split[:, alive].reshape(nxt.shape[0], len(alive) * group, *nxt.shape[2:])
-        )
-    return out
-
-
-def prune_magnitude(
-    *,
-    arch: str,
-    weights: Mapping[str, npt.ArrayLike],
+    program: bytes,
+    state: Mapping[str, npt.ArrayLike],
+    onnx_bytes: bytes,
+    spec: FamilySpec,
     x: npt.ArrayLike,
     y: npt.ArrayLike,
     amount: float,
-    structured: bool,
     finetune_epochs: int,
     lr: float,
     seed: int,
     batch_size: int = 32,
+    quantise: bool = False,
     num_threads: int | None = 1,
-) -> PruneResult:
-    """Magnitude pruning with ``torch.nn.utils.prune``, fine-tuning, and real size reduction.
+) -> Variant:
+    """Magnitude pruning of a program's weight tensors, fine-tuned, written into its ONNX graph.
 
-    Unstructured: each layer's weights lose the ``amount`` fraction with the smallest
-    absolute value (L1). Zeros stored densely take as much room as any value, so the
-    size win comes from the int8 variant and from compression (``compressed_size_bytes``).
-
-    Structured: each hidden layer (``ARCHS[arch]["prunable"]``) loses the ``amount``
-    fraction of its output neurons/channels with the smallest L2 norm, their biases
-    included; after fine-tuning the dead units are removed from the weights, so the model
-    is genuinely narrower (``widths``) and its fp32 artifact smaller.
-
-    Masks stay applied while fine-tuning for ``finetune_epochs`` (Adam, ``lr``) on
-    ``(x, y)`` and are then made permanent.
+    Every trainable parameter with two or more dimensions (linear weights, convolution
+    kernels; not biases or norms) loses the ``amount`` fraction of its entries with the
+    smallest absolute value. Fine-tuning then trains all trainable parameters on
+    ``(x, y)`` for ``finetune_epochs`` epochs with the boards' own trainer
+    (``TorchBackend``, Adam, the task's loss, one epoch at a time with the mask applied
+    again after each), so the pruned entries stay exactly zero. The variant keeps the
+    program; its graph is ``onnx_bytes`` with the new weights replaced by name. Zeros
+    stored densely take as much room as any value: the size win comes from compression
+    (``compressed_size_bytes``) and from ``quantise=True``, which returns the dynamic
+    int8 graph of the pruned model instead (the weights then travel without a program:
+    the quantised graph no longer holds them by name).
     """
-    import torch
-    from torch.nn.utils import prune
-
-    from config.demo.nets import ARCHS, build_model_for_state, state_to_numpy, widths_of_state
+    from devices_agent.backends import TrainConfig
+    from devices_agent.backends.torch_backend import TorchBackend
+    from devices_agent.program import inspect_program
+    from models_registry.ml.onnx_weights import onnx_with_weights
 
     if not 0.0 <= amount < 1.0:
         raise ValueError("amount must be in [0, 1)")
-    xs, ys = _check_xy(x, y)
-    model = build_model_for_state(arch, weights)
-    modules = dict(model.named_modules())
-    pruned: list[tuple[torch.nn.Module, str]] = []
-    if structured:
-        for name in ARCHS[arch]["prunable"]:
-            module = modules[name]
-            prune.ln_structured(module, "weight", amount=amount, n=2, dim=0)
-            mask = module.weight_mask.reshape(module.weight_mask.shape[0], -1).any(dim=1)
-            prune.custom_from_mask(module, "bias", mask.float())
-            pruned += [(module, "weight"), (module, "bias")]
-    else:
-        for module in modules.values():
-            if isinstance(module, torch.nn.Linear | torch.nn.Conv2d):
-                prune.l1_unstructured(module, "weight", amount=amount)
-                pruned.append((module, "weight"))
-    _fit(
-        model,
-        x=xs,
-        y=ys,
-        epochs=finetune_epochs,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        loss_fn=lambda logits, target, _: torch.nn.functional.cross_entropy(logits, target),
-        num_threads=num_threads,
-    )
-    for module, param in pruned:
-        prune.remove(module, param)
-    state = state_to_numpy(model)
-    weight_names = [n for n in state if n.endswith(".weight")]
-    total = sum(state[n].size for n in weight_names)
-    sparsity = float(sum(int(np.sum(state[n] == 0)) for n in weight_names) / total)
-    if structured:
-        state = _compact(arch, state)
-    kind = "structured L2 (units removed)" if structured else "unstructured L1"
-    widths = widths_of_state(arch, state)
-    details = {
+    if finetune_epochs < 0:
+        raise ValueError("finetune_epochs must not be negative")
+    info = inspect_program(program)
+    xs, ys = _training_data(spec, x, y)
+    current: Weights = {name: np.array(value, copy=True) for name, value in state.items()}
+    prunable = [name for name, shape in info.parameters.items() if len(shape) >= 2]
+    if not prunable:
+        raise ValueError("the program has no weight matrices or kernels to prune")
+    masks = {name: _magnitude_mask(current[name], amount) for name in prunable}
+
+    def apply_masks() -> None:
+        for name, keep in masks.items():
+            current[name] = np.where(keep, current[name], 0).astype(np.float32)
+
+    apply_masks()
+    backend = TorchBackend(num_threads=num_threads)
+    trainable = list(info.parameters)
+    losses: list[float] = []
+    for epoch in range(finetune_epochs):
+        result = backend.train(
+            program=program,
+            state=current,
+            spec=spec,
+            x=xs,
+            y=ys,
+            config=TrainConfig(epochs=1, batch_size=batch_size, lr=lr, optimizer="adam", seed=seed + epoch),
+            trainable=trainable,
+        )
+        for name, delta in result.delta.items():
+            current[name] = (current[name].astype(np.float32) + delta).astype(np.float32)
+        apply_masks()
+        losses.append(float(result.metrics["train_loss"]))
+    total = sum(int(current[n].size) for n in prunable)
+    sparsity = float(sum(int(np.sum(current[n] == 0)) for n in prunable) / total)
+    onnx = onnx_with_weights(onnx_bytes, {name: current[name] for name in trainable})
+    details: dict[str, Any] = {
         "amount": amount,
-        "structured": structured,
         "sparsity": sparsity,
-        "widths": list(widths),
+        "pruned": prunable,
         "finetune_epochs": finetune_epochs,
+        "train_losses": losses,
     }
-    name = "pruned_structured" if structured else "pruned_unstructured"
-    fp32 = _variant_from_weights(
-        name=name,
-        arch=arch,
-        weights=state,
-        sample=xs,
-        description=f"{kind} pruning {amount:.0%}, fine-tuned, fp32",
+    description = f"unstructured magnitude pruning {amount:.0%}, fine-tuned {finetune_epochs} epochs"
+    if quantise:
+        quantised = quantize_dynamic_int8(onnx)
+        return Variant(
+            name="pruned_unstructured_int8",
+            onnx_bytes=quantised.onnx_bytes,
+            description=f"{description}, int8 dynamic",
+            weights=current,
+            weights_safetensors=_weights_file(current, "pruned_unstructured"),
+            details={**details, **quantised.details},
+        )
+    return Variant(
+        name="pruned_unstructured",
+        onnx_bytes=onnx,
+        description=f"{description}, fp32",
+        weights=current,
+        weights_safetensors=_weights_file(current, "pruned_unstructured"),
+        program=program,
         details=details,
     )
-    quantised = quantize_dynamic_int8(fp32.onnx_bytes)
-    int8 = Variant(
-        name=f"{name}_int8",
-        onnx_bytes=quantised.onnx_bytes,
-        description=f"{kind} pruning {amount:.0%}, fine-tuned, int8 dynamic",
-        arch=arch,
-        weights=state,
-        weights_safetensors=fp32.weights_safetensors,
-        details={**details, **quantised.details},
-    )
-    return PruneResult(fp32=fp32, int8=int8, weights=state, sparsity=sparsity, widths=widths)
-
-
-# --------------------------------------------------------------------------- distillation
 
 
 def distil(
     *,
-    teacher_arch: str,
-    teacher_weights: Mapping[str, npt.ArrayLike],
-    student_arch: str,
+    teacher_onnx: bytes,
+    student_program: bytes,
+    student_state: Mapping[str, npt.ArrayLike],
+    student_onnx: bytes,
+    spec: FamilySpec,
     x: npt.ArrayLike,
     y: npt.ArrayLike,
     epochs: int,
@@ -685,61 +635,96 @@ def distil(
     batch_size: int = 32,
     num_threads: int | None = 1,
 ) -> Variant:
-    """Knowledge distillation (Hinton et al.) of a teacher into a fresh ``student_arch``.
+    """Knowledge distillation of a teacher (any ONNX graph) into a student's program.
 
-    Loss per batch: ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) +
-    (1 - alpha) * CE(student, y)``. The ``T^2`` factor keeps the soft-target gradients on
-    the same scale as the hard-label ones whatever the temperature. The teacher's logits
-    are computed once, up front.
+    The student starts from ``student_state`` and trains all its trainable parameters
+    with Adam on shuffled mini-batches (seeded). Classification (Hinton et al.): per
+    batch ``alpha * T^2 * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha)
+    * CE(student, y)``; the ``T^2`` keeps the soft-target gradients on the scale of the
+    hard-label ones whatever the temperature. Regression: ``alpha * MSE(student,
+    teacher) + (1 - alpha) * MSE(student, y)`` (the temperature does not apply). The
+    teacher's outputs are computed once, up front, in ONNX Runtime. The variant keeps the
+    student's program; its graph is ``student_onnx`` with the new weights by name.
     """
     import torch
     import torch.nn.functional as F  # noqa: N812 - the conventional alias
 
-    from config.demo.nets import (
-        build_model_for_state,
-        initial_weights,
-        parameter_count,
-        state_to_numpy,
-    )
+    from devices_agent.backends.torch_backend import torch_threads
+    from devices_agent.program import inspect_program, load_program
+    from models_registry.ml.evaluate import _parameter_count
+    from models_registry.ml.onnx_weights import onnx_with_weights
 
     if not temperature > 0 or not 0.0 <= alpha <= 1.0:
         raise ValueError("temperature must be positive and alpha in [0, 1]")
-    xs, ys = _check_xy(x, y)
-    teacher = build_model_for_state(teacher_arch, teacher_weights).eval()
-    with torch.no_grad():
-        soft = F.log_softmax(teacher(torch.from_numpy(xs)) / temperature, dim=1)
-    student = build_model_for_state(student_arch, initial_weights(student_arch, seed=seed))
-
-    def loss_fn(logits: torch.Tensor, target: torch.Tensor, batch: torch.Tensor) -> torch.Tensor:
-        log_student = F.log_softmax(logits / temperature, dim=1)
-        kd = F.kl_div(log_student, soft[batch], reduction="batchmean", log_target=True)
-        return alpha * temperature**2 * kd + (1 - alpha) * F.cross_entropy(logits, target)
-
-    _fit(
-        student,
-        x=xs,
-        y=ys,
-        epochs=epochs,
-        lr=lr,
-        seed=seed,
-        batch_size=batch_size,
-        loss_fn=loss_fn,
-        num_threads=num_threads,
-    )
-    state = state_to_numpy(student)
+    if epochs < 1:
+        raise ValueError("epochs must be at least 1")
+    xs, ys = _training_data(spec, x, y)
+    teacher = _outputs(teacher_onnx, xs)
+    if teacher.shape[1] != spec.outputs:
+        raise ValueError(
+            f"the teacher returns {teacher.shape[1]} values per example, the family needs {spec.outputs}"
+        )
+    classification = spec.task == "classification"
+    info = inspect_program(student_program)
+    names = list(info.parameters)
+    losses: list[float] = []
+    with torch_threads(num_threads):
+        student = load_program(
+            student_program, student_state, input_shape=spec.input_shape, input_dtype=spec.input_dtype
+        )
+        named = dict(student.named_parameters())
+        params = [named[n] for n in names]
+        for param in params:
+            param.requires_grad_(True)
+        opt = torch.optim.Adam(params, lr=lr)
+        x_t = torch.from_numpy(np.ascontiguousarray(xs))
+        if classification:
+            # Log-probabilities: a teacher whose graph ends in a softmax distils the same way.
+            logits = torch.from_numpy(np.log(np.clip(probabilities(teacher), 1e-12, 1.0))).float()
+            soft = F.log_softmax(logits / temperature, dim=1)
+            y_t = torch.from_numpy(np.asarray(ys, dtype=np.int64))
+        else:
+            soft = torch.from_numpy(teacher.astype(np.float32))
+            y_t = torch.from_numpy(np.asarray(ys, dtype=np.float32).reshape(len(ys), -1))
+        generator = torch.Generator().manual_seed(int(seed))
+        for _ in range(epochs):
+            order = torch.randperm(len(y_t), generator=generator)
+            total = 0.0
+            for start in range(0, len(y_t), batch_size):
+                batch = order[start : start + batch_size]
+                opt.zero_grad()
+                out = student(x_t[batch])
+                if classification:
+                    log_student = F.log_softmax(out / temperature, dim=1)
+                    kd = F.kl_div(log_student, soft[batch], reduction="batchmean", log_target=True)
+                    loss = alpha * temperature**2 * kd + (1 - alpha) * F.cross_entropy(out, y_t[batch])
+                else:
+                    out = out.reshape(len(batch), -1)
+                    loss = alpha * F.mse_loss(out, soft[batch]) + (1 - alpha) * F.mse_loss(out, y_t[batch])
+                if not torch.isfinite(loss):
+                    raise ValueError(f"distillation diverged (loss {loss.item()}); try a smaller lr")
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(batch)
+            losses.append(total / len(y_t))
+        new = {n: named[n].detach().numpy().astype(np.float32, copy=True) for n in names}
+    state: Weights = {**{k: np.asarray(v) for k, v in student_state.items()}, **new}
+    onnx = onnx_with_weights(student_onnx, new)
     details = {
-        "teacher_arch": teacher_arch,
-        "teacher_params": parameter_count(dict(teacher_weights)),
-        "student_params": parameter_count(state),
+        "teacher_params": _parameter_count(teacher_onnx),
+        "student_params": int(sum(int(np.prod(s, dtype=np.int64)) for s in info.parameters.values())),
         "temperature": temperature,
         "alpha": alpha,
         "epochs": epochs,
+        "losses": losses,
     }
-    return _variant_from_weights(
-        name=f"distilled_{student_arch}",
-        arch=student_arch,
+    what = f"T={temperature}, alpha={alpha}" if classification else f"alpha={alpha}"
+    return Variant(
+        name="distilled",
+        onnx_bytes=onnx,
+        description=f"distilled into the student's program ({what}, {epochs} epochs)",
         weights=state,
-        sample=xs,
-        description=f"{student_arch} distilled from {teacher_arch} (T={temperature}, alpha={alpha})",
+        weights_safetensors=_weights_file(state, "distilled"),
+        program=student_program,
         details=details,
     )

@@ -1,4 +1,4 @@
-"""Pick the variant of a model version to ship to boards under a latency budget."""
+"""Pick the variant of a model version to ship to boards under a latency budget and a metric drop."""
 
 from __future__ import annotations
 
@@ -45,40 +45,51 @@ def recommend_variant(
     *,
     variants: list[dict[str, Any]],
     latency_budget_us: float,
-    min_accuracy: float | None,
-    max_accuracy_drop: float = 0.01,
-    reference_accuracy: float,
+    reference: float,
+    max_drop: float = 0.01,
+    metric: str = "accuracy",
+    higher_is_better: bool = True,
+    limit: float | None = None,
 ) -> dict[str, Any] | None:
-    """Return the smallest variant that is fast enough and accurate enough, or ``None``.
+    """Return the smallest variant that is fast enough and good enough, or ``None``.
 
-    Each variant dict needs ``accuracy``, ``size_bytes`` and ``p50_batch1_us``: the budget
-    is checked against the median single-example latency, because boards classify one
-    input at a time and the median is what a steady stream of requests sees (the p95 is
-    reported alongside for gates that care about tails). A variant is eligible when
-    ``p50_batch1_us <= latency_budget_us``, ``accuracy >= reference_accuracy -
-    max_accuracy_drop`` and, if given, ``accuracy >= min_accuracy``. Among eligible
-    variants the one with the fewest bytes wins; ties go to the faster one.
+    Each variant dict needs ``metric`` (the family's primary metric: ``accuracy``, higher
+    is better, or ``mae``, lower is better), ``size_bytes`` and ``p50_batch1_us``: the
+    budget is checked against the median single-example latency, because boards answer
+    one input at a time and the median is what a steady stream of requests sees (the p95
+    is reported alongside for gates that care about tails). A variant is eligible when
+    ``p50_batch1_us <= latency_budget_us`` and its metric is at most ``max_drop`` worse
+    than ``reference`` (the base version's) and, if given, no worse than ``limit`` (a
+    minimum accuracy, or a maximum mae). Among eligible variants the one with the fewest
+    bytes wins; ties go to the faster one.
 
     Every dict in ``variants`` is annotated in place: ``decision`` is ``"recommended"``,
     ``"eligible"`` or ``"rejected"``, and ``reason`` says why (with the numbers).
     """
     if not latency_budget_us > 0:
         raise ValueError("latency_budget_us must be positive")
-    if max_accuracy_drop < 0:
-        raise ValueError("max_accuracy_drop must not be negative")
-    floor = reference_accuracy - max_accuracy_drop
-    if min_accuracy is not None:
-        floor = max(floor, min_accuracy)
+    if max_drop < 0:
+        raise ValueError("the allowed metric drop must not be negative")
+    if higher_is_better:
+        bound = reference - max_drop if limit is None else max(reference - max_drop, limit)
+    else:
+        bound = reference + max_drop if limit is None else min(reference + max_drop, limit)
+    side, word = ("below", "drop") if higher_is_better else ("above", "increase")
     eligible: list[dict[str, Any]] = []
     for variant in variants:
-        accuracy = float(variant["accuracy"])
+        value = float(variant[metric]) if variant.get(metric) is not None else math.nan
         latency = float(variant["p50_batch1_us"])
         reasons = []
-        if not math.isfinite(accuracy) or accuracy < floor:
+        worse = value < bound if higher_is_better else value > bound
+        if not math.isfinite(value) or worse:
             reasons.append(
-                f"accuracy {accuracy:.4f} below {floor:.4f} "
-                f"(reference {reference_accuracy:.4f}, allowed drop {max_accuracy_drop:.4f}"
-                + (f", minimum {min_accuracy:.4f})" if min_accuracy is not None else ")")
+                f"{metric} {value:.4f} {side} {bound:.4f} "
+                f"(reference {reference:.4f}, allowed {word} {max_drop:.4f}"
+                + (
+                    f", {'minimum' if higher_is_better else 'maximum'} {limit:.4f})"
+                    if limit is not None
+                    else ")"
+                )
             )
         if not math.isfinite(latency) or latency > latency_budget_us:
             reasons.append(f"p50 batch-1 latency {latency:.1f} us over budget {latency_budget_us:.1f} us")
@@ -87,15 +98,16 @@ def recommend_variant(
             variant["reason"] = "; ".join(reasons)
         else:
             variant["decision"] = "eligible"
-            variant["reason"] = f"meets budget ({latency:.1f} us) and accuracy ({accuracy:.4f})"
+            variant["reason"] = f"meets budget ({latency:.1f} us) and {metric} ({value:.4f})"
             eligible.append(variant)
     if not eligible:
         return None
     best = min(eligible, key=lambda v: (int(v["size_bytes"]), float(v["p50_batch1_us"])))
     best["decision"] = "recommended"
+    relation = ">=" if higher_is_better else "<="
     best["reason"] = (
         f"smallest eligible ({int(best['size_bytes'])} bytes); "
         f"p50 {float(best['p50_batch1_us']):.1f} us <= {latency_budget_us:.1f} us, "
-        f"accuracy {float(best['accuracy']):.4f} >= {floor:.4f}"
+        f"{metric} {float(best[metric]):.4f} {relation} {bound:.4f}"
     )
     return best

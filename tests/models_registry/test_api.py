@@ -184,3 +184,28 @@ def test_large_upload_spooled_to_disk_by_django_is_hashed_in_place(
     assert response.json()["artifacts"][0]["sha256"] == digest
     download = operator_client.get(f"/api/v1/model-versions/{response.json()['id']}/artifacts/weights/")
     assert b"".join(download.streaming_content) == mlp_safetensors
+
+
+def test_bundle_uploads_and_their_refusals(
+    operator_client: Any, family: Any, mlp_bundle: Any, stored_files: Any
+) -> None:
+    import json
+
+    files = {"weights": mlp_bundle.weights, "onnx": mlp_bundle.onnx}
+    guarded = json.dumps({**json.loads(mlp_bundle.program), "guards_code": "x"}).encode()
+    for program, code in (
+        (pickle.dumps({"graph": 1}), "pickle_rejected"),
+        (b"{}", "invalid_program"),
+        (guarded, "unsafe_program"),
+    ):
+        response = _upload(operator_client, family.pk, program=program, **files)
+        assert response.status_code == 400 and response.json()["error"]["code"] == code
+    assert not ModelVersion.objects.exists() and not Artifact.objects.exists() and stored_files() == set()
+    created = _upload(
+        operator_client, family.pk, program=mlp_bundle.program, head="fc3.weight,fc3.bias", **files
+    )
+    assert created.status_code == 201, created.content
+    assert created.json()["head"] == ["fc3.weight", "fc3.bias"]
+    program = operator_client.get(f"/api/v1/model-versions/{created.json()['id']}/artifacts/program/")
+    assert program.status_code == 200 and program["Content-Disposition"].endswith('.json"')
+    assert json.loads(b"".join(program.streaming_content))["graph_module"]

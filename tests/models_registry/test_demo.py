@@ -12,7 +12,7 @@ pytestmark = pytest.mark.django_db
 def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
     from config.demo.__main__ import main
     from devices_agent.data import load_digits_split
-    from models_registry.ml.export import run_onnx
+    from models_registry.ml.evaluate import run_onnx
     from models_registry.selectors import artifact_for_version
 
     assert main(["seed"]) == 0
@@ -45,4 +45,12 @@ def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
     from models_registry.models import EvaluationDataset
 
     splits = dict(EvaluationDataset.objects.values_list("name", "split"))
-    assert splits == {"digits-test": "test", "digits-train-public": "train"}
+    assert splits == {
+        "digits-mlp-test": "test",
+        "digits-mlp-train": "train",
+        "digits-cnn-test": "test",
+        "digits-cnn-train": "train",
+    }
+    # Each family's data sets belong to it and fit its contract.
+    owners = dict(EvaluationDataset.objects.values_list("name", "family__name"))
+    assert owners["digits-cnn-test"] == "digits-cnn" and owners["digits-mlp-train"] == "digits-mlp"

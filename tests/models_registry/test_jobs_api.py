@@ -89,5 +89,40 @@ def test_schema_has_job_paths(client: Any) -> None:
         "/api/v1/models/{id}/comparison/",
         "/api/v1/models/{id}/recommend/",
         "/api/v1/evaluation-datasets/",
+        "/api/v1/datasets/",
+        "/api/v1/datasets/{id}/",
     ):
         assert path in paths, path
+
+
+def test_refusals_are_400_with_their_codes(
+    operator_client: Any,
+    trained_version: Any,
+    family: Any,
+    mlp_bundle: Any,
+    django_capture_on_commit_callbacks: Any,
+) -> None:
+    from models_registry.services import family_create, version_create
+
+    url = f"/api/v1/model-versions/{trained_version.pk}"
+    cases: list[tuple[str, dict[str, Any], str]] = [
+        ("optimise", {"kind": "prune_structured"}, "not_supported"),
+        ("optimise", {"kind": "distil"}, "no_student"),
+        ("optimise", {"kind": "fp16", "max_metric_drop": 0.1, "max_accuracy_drop": 0.2}, "invalid_params"),
+        ("evaluate", {"dataset": "digits-mlp-train"}, "wrong_split"),
+    ]
+    for action, body, code in cases:
+        response = _post(operator_client, f"{url}/{action}/", body, django_capture_on_commit_callbacks)
+        assert response.status_code == 400, response.content
+        assert response.json()["error"]["code"] == code
+    other = family_create(name="no-data", input_shape=[64], num_classes=10)
+    lonely = version_create(family=other, weights=mlp_bundle.weights, onnx=mlp_bundle.onnx)
+    response = _post(
+        operator_client,
+        f"/api/v1/model-versions/{lonely.pk}/evaluate/",
+        {},
+        django_capture_on_commit_callbacks,
+    )
+    assert response.status_code == 400 and response.json()["error"]["code"] == "no_dataset"
+    assert "federated" in response.json()["error"]["message"]
+    assert not ModelJob.objects.exists()

@@ -33,20 +33,38 @@ def _wait_job(client: httpx.Client, job_id: int, stack: Any, timeout: float = 18
 
 
 def test_upload_then_optimise_through_web_and_worker(
-    live_stack: Any, transactional_db: Any, demo_artifacts: tuple[bytes, bytes]
+    live_stack: Any, transactional_db: Any, trained_bundle: Any, digits: Any
 ) -> None:
-    weights, onnx = demo_artifacts
+    import io
+
+    import numpy as np
+
     headers = {"Authorization": f"Token {_token('admin')}"}
+    onnx = trained_bundle.onnx
     with httpx.Client(base_url=live_stack.url, headers=headers, timeout=60) as client:
         family = client.post(
             "/api/v1/models/",
             json={"name": "live-mlp", "arch": "mlp", "input_shape": [64], "num_classes": 10},
         )
         assert family.status_code == 201, family.text
+        _, _, x_test, y_test = digits
+        archive = io.BytesIO()
+        np.savez(archive, x=x_test, y=y_test)
+        dataset = client.post(
+            "/api/v1/datasets/",
+            data={"family": "live-mlp", "name": "live-mlp-test", "split": "test"},
+            files={"file": ("test.npz", archive.getvalue())},
+        )
+        assert dataset.status_code == 201, dataset.text
+        assert dataset.json()["num_examples"] == len(x_test)
         uploaded = client.post(
             "/api/v1/model-versions/",
             data={"family": str(family.json()["id"]), "onnx_sha256": hashlib.sha256(onnx).hexdigest()},
-            files={"weights": ("w.safetensors", weights), "onnx": ("m.onnx", onnx)},
+            files={
+                "weights": ("w.safetensors", trained_bundle.weights),
+                "onnx": ("m.onnx", onnx),
+                "program": ("program.json", trained_bundle.program),
+            },
         )
         assert uploaded.status_code == 201, uploaded.text
         version_id = uploaded.json()["id"]
@@ -61,6 +79,7 @@ def test_upload_then_optimise_through_web_and_worker(
         variant = client.get(f"/api/v1/model-versions/{job['result_version']}/").json()
         assert variant["parent"] == version_id and variant["variant"] == "int8_dynamic"
         assert variant["stage"] == "draft" and variant["metrics"]["rejected"] is False
+        assert variant["metrics"]["dataset"] == "live-mlp-test"
 
         download = client.get(f"/api/v1/model-versions/{version_id}/artifacts/onnx/")
         assert download.status_code == 200 and download.content == onnx

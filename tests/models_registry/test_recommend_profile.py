@@ -127,3 +127,38 @@ def test_unknown_device_and_bad_profile(viewer_client: Any, family: ModelFamily)
     assert bad.json()["error"]["code"] == "invalid_profile"
     both = _recommend(viewer_client, family, f"&profile=aarch64:4:&device={uuid.uuid4()}")
     assert both.status_code == 400
+
+
+def test_regression_families_are_recommended_by_mae(viewer_client: Any) -> None:
+    from models_registry.selectors import family_comparison, family_recommend
+
+    family = ModelFamily.objects.create(
+        name="profile-regress", task="regression", input_shape=[4], output_size=2
+    )
+    base = ModelVersion.objects.create(
+        family=family,
+        number=1,
+        stage=ModelVersion.Stage.PRODUCTION,
+        metrics={"mae": 0.20, "size_bytes": 4000, "p50_batch1_us": 100.0},
+    )
+    for number, variant, mae, size in ((2, "int8_dynamic", 0.205, 1200), (3, "fp16", 0.5, 2000)):
+        ModelVersion.objects.create(
+            family=family,
+            number=number,
+            parent=base,
+            source=ModelVersion.Source.OPTIMISED,
+            variant=variant,
+            metrics={"mae": mae, "size_bytes": size, "p50_batch1_us": 80.0},
+        )
+    rows = {r["variant"]: r for r in family_comparison(family)}
+    assert rows["fp16"]["metric"] == "mae" and rows["fp16"]["metric_drop"] == pytest.approx(0.3)
+    assert rows["fp16"]["accuracy"] is None
+    answer = family_recommend(family, latency_budget_us=BUDGET_US, max_accuracy_drop=0.01)
+    assert answer["metric"] == "mae" and answer["recommended"]["variant"] == "int8_dynamic"
+    assert "mae 0.5000 above 0.2100" in {r["variant"]: r for r in answer["variants"]}["fp16"]["reason"]
+    capped = family_recommend(family, latency_budget_us=BUDGET_US, max_accuracy_drop=0.01, max_mae=0.201)
+    assert capped["recommended"]["variant"] == "fp32"
+    # Through the API, a drop above 1 is fine for mae.
+    response = _recommend(viewer_client, family, "&max_accuracy_drop=0.5")
+    assert response.status_code == 200, response.content
+    assert response.json()["recommended"]["variant"] == "int8_dynamic"

@@ -13,6 +13,7 @@ from devices_agent.codecs import encode_tensors
 from models_registry import selectors, services
 from models_registry.models import Artifact, ModelVersion
 from models_registry.signing import signing_public_key_b64, verify_digest
+from tests.bundles import digits_bundle
 
 pytestmark = pytest.mark.django_db
 
@@ -142,7 +143,6 @@ def test_invalid_files_are_refused(family: Any, mlp_safetensors: bytes, mlp_onnx
         ({"weights": b"\x00" * 4}, "invalid_safetensors"),
         ({"weights": mlp_safetensors[:-10]}, "invalid_safetensors"),
         ({"weights": mlp_safetensors + b"junk"}, "invalid_safetensors"),
-        ({"weights": encode_tensors({"fc1.weight": np.zeros((64, 64), dtype=np.int32)})}, "invalid_weights"),
     ]
     for kwargs, code in cases:
         with pytest.raises(ServiceError) as caught:
@@ -161,22 +161,151 @@ def test_non_finite_weights_are_refused(family: Any, mlp_weights: dict[str, np.n
     assert not ModelVersion.objects.exists()
 
 
-def test_weights_must_fit_the_architecture(family: Any, mlp_weights: dict[str, np.ndarray]) -> None:
+def _refused(family: Any, code: str, stored_files: Any, **files: Any) -> ServiceError:
+    with pytest.raises(ServiceError) as caught:
+        services.version_create(family=family, **files)
+    assert caught.value.code == code, (caught.value.code, caught.value.message)
+    assert caught.value.status_code == 400
+    # Nothing is half-written: no version, no artifact row, no stored file.
+    assert not ModelVersion.objects.exists() and not Artifact.objects.exists()
+    assert stored_files() == set()
+    return caught.value
+
+
+def test_a_full_bundle_is_accepted_with_its_head(family: Any, mlp_bundle: Any, stored_files: Any) -> None:
+    version = services.version_create(
+        family=family, weights=mlp_bundle.weights, onnx=mlp_bundle.onnx, program=mlp_bundle.program
+    )
+    assert set(version.artifacts.values_list("kind", flat=True)) == {"weights", "onnx", "program"}
+    assert version.head == ["fc3.weight", "fc3.bias"]  # the default head: the last layer
+    assert len(stored_files()) == 3
+
+
+def test_weights_must_fit_the_program(
+    family: Any, mlp_weights: dict[str, np.ndarray], mlp_onnx: bytes, mlp_program: bytes, stored_files: Any
+) -> None:
     wrong_shape = dict(mlp_weights)
     wrong_shape["fc3.weight"] = np.zeros((5, 64), dtype=np.float32)
     missing = {k: v for k, v in mlp_weights.items() if k != "fc3.bias"}
     extra = {**mlp_weights, "fc4.weight": np.zeros((2, 2), dtype=np.float32)}
-    for bad in (wrong_shape, missing, extra):
-        with pytest.raises(ServiceError) as caught:
-            services.version_create(family=family, weights=encode_tensors(bad))
-        assert caught.value.code == "shape_mismatch"
-    # A structurally pruned (narrower) model of the same architecture is fine.
-    narrow = dict(mlp_weights)
-    narrow["fc1.weight"] = mlp_weights["fc1.weight"][:40]
-    narrow["fc1.bias"] = mlp_weights["fc1.bias"][:40]
-    narrow["fc2.weight"] = mlp_weights["fc2.weight"][:, :40]
-    version = services.version_create(family=family, weights=encode_tensors(narrow), variant="pruned")
-    assert version.number == 1
+    for bad, needle in ((wrong_shape, "fc3.weight is (5, 64)"), (missing, "missing"), (extra, "fc4.weight")):
+        error = _refused(
+            family,
+            "shape_mismatch",
+            stored_files,
+            weights=encode_tensors(bad),
+            onnx=mlp_onnx,
+            program=mlp_program,
+        )
+        assert needle in error.message
+    as_float64 = {**mlp_weights, "fc1.weight": mlp_weights["fc1.weight"].astype(np.float64)}
+    error = _refused(
+        family,
+        "invalid_weights",
+        stored_files,
+        weights=encode_tensors(as_float64),
+        onnx=mlp_onnx,
+        program=mlp_program,
+    )
+    assert "float32" in error.message and "fc1.weight" in error.message
+
+
+def test_programs_that_do_not_load_or_need_pickle_are_refused(
+    family: Any,
+    mlp_weights: dict[str, np.ndarray],
+    mlp_safetensors: bytes,
+    mlp_onnx: bytes,
+    stored_files: Any,
+) -> None:
+    import torch
+
+    from config.demo.nets import build_model
+
+    files = {"weights": mlp_safetensors, "onnx": mlp_onnx}
+    _refused(family, "invalid_program", stored_files, program=b'{"not": "a program"}', **files)
+    _refused(family, "invalid_program", stored_files, program=b"\x00\x01 binary junk", **files)
+    # torch.save output: a zip of pickled members.
+    _refused(family, "pickle_rejected", stored_files, program=_torch_save_bytes(mlp_weights), **files)
+    _refused(family, "pickle_rejected", stored_files, program=pickle.dumps({"graph": 1}), **files)
+    # A program exported for a fixed batch of two does not run on other batches.
+    fixed = torch.export.export(build_model("mlp").eval(), (torch.zeros(2, 64),), strict=False)
+    fixed_json = io.BytesIO()
+    torch.export.save(fixed, fixed_json)
+    error = _refused(family, "invalid_program", stored_files, program=fixed_json.getvalue(), **files)
+    assert "dynamic batch" in error.message
+    # A torch.export.save archive whose JSON was taken out: only pickled tensors remain.
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    model = build_model("mlp").eval()
+    exported = torch.export.export(model, (torch.zeros(2, 64),), dynamic_shapes=({0: batch},), strict=False)
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    stripped = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(buffer.getvalue())) as source, zipfile.ZipFile(stripped, "w") as out:
+        for name in source.namelist():
+            if not name.endswith(".json"):
+                out.writestr(name, source.read(name))
+    error = _refused(family, "pickle_rejected", stored_files, program=stripped.getvalue(), **files)
+    assert "never loads" in error.message
+    # The whole archive is fine: only its JSON is read (and stored).
+    state = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    with pytest.raises(ServiceError) as other_weights:
+        services.version_create(
+            family=family, program=buffer.getvalue(), weights=encode_tensors(state), onnx=mlp_onnx
+        )
+    assert other_weights.value.code == "onnx_mismatch"  # the ONNX holds the bundle's weights
+    version = services.version_create(
+        family=family, program=buffer.getvalue(), weights=encode_tensors(mlp_weights), onnx=mlp_onnx
+    )
+    assert version.artifacts.get(kind="program").size < len(buffer.getvalue())
+
+
+def test_programs_with_guard_code_or_foreign_operators_are_refused(
+    family: Any, mlp_safetensors: bytes, mlp_onnx: bytes, mlp_program: bytes, stored_files: Any
+) -> None:
+    import json
+
+    files = {"weights": mlp_safetensors, "onnx": mlp_onnx}
+    doc = json.loads(mlp_program)
+    guarded = dict(doc, guards_code="def guard(L): return __import__('os').system('true')")
+    error = _refused(family, "unsafe_program", stored_files, program=json.dumps(guarded).encode(), **files)
+    assert "guard code" in error.message
+    foreign = json.loads(mlp_program)
+    foreign["graph_module"]["graph"]["nodes"][0]["target"] = "builtins.eval"
+    error = _refused(family, "unsafe_program", stored_files, program=json.dumps(foreign).encode(), **files)
+    assert "builtins.eval" in error.message
+
+
+def test_an_onnx_that_disagrees_with_its_program_is_refused_with_the_numbers(
+    family: Any, mlp_bundle: Any, stored_files: Any
+) -> None:
+    other = digits_bundle("mlp", seed=1)
+    error = _refused(
+        family,
+        "onnx_mismatch",
+        stored_files,
+        weights=mlp_bundle.weights,
+        onnx=other.onnx,
+        program=mlp_bundle.program,
+    )
+    assert "max |diff|" in error.message
+    assert error.details["max_abs_diff"] > 1e-3 and error.details["atol"] == 1e-4
+
+
+def test_an_onnx_without_named_initializers_is_refused(
+    family: Any, mlp_bundle: Any, stored_files: Any
+) -> None:
+    from models_registry.ml.optimise import compact_onnx
+
+    renamed = compact_onnx(mlp_bundle.onnx)  # same computation, initializers renamed t0, t1, ...
+    error = _refused(
+        family,
+        "onnx_mismatch",
+        stored_files,
+        weights=mlp_bundle.weights,
+        onnx=renamed,
+        program=mlp_bundle.program,
+    )
+    assert "fc1.weight" in error.message and "do_constant_folding=False" in error.message
 
 
 def test_onnx_input_shape_must_match_the_family(db: Any, mlp_onnx: bytes) -> None:

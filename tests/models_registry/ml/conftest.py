@@ -1,42 +1,25 @@
 from __future__ import annotations
 
-import numpy as np
+from typing import Any
+
 import pytest
-from devices_agent.local_train import apply_delta, train_local
 
-from config.demo.nets import initial_weights
-from devices_agent.data import load_digits_split
-
-Digits = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+from tests.bundles import digits_bundle
 
 
 @pytest.fixture(scope="session")
-def digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    return load_digits_split(seed=0)
-
-
-def _train(arch: str, digits: Digits, epochs: int) -> dict[str, np.ndarray]:
-    x, y, _, _ = digits
-    start = initial_weights(arch, seed=0)
-    result = train_local(
-        arch=arch,
-        global_weights=start,
-        x=x,
-        y=y,
-        epochs=epochs,
-        batch_size=32,
-        lr=0.005,
-        optimizer="adam",
-        seed=0,
-    )
-    return apply_delta(start, result.delta)
+def mlp(trained_bundle: Any) -> Any:
+    """The trained digits MLP bundle (program, weights, ONNX)."""
+    return trained_bundle
 
 
 @pytest.fixture(scope="session")
-def trained_mlp(digits: Digits) -> dict[str, np.ndarray]:
-    return _train("mlp", digits, epochs=8)
+def cnn() -> Any:
+    """The trained digits CNN bundle."""
+    return digits_bundle("cnn", trained=True)
 
 
 @pytest.fixture(scope="session")
-def trained_cnn(digits: Digits) -> dict[str, np.ndarray]:
-    return _train("cnn", digits, epochs=4)
+def small() -> Any:
+    """The small digits MLP with initial weights: a distillation student."""
+    return digits_bundle("mlp_small")

@@ -5,9 +5,8 @@ import sys
 
 MODULES = [
     "devices_agent.data",
-    "devices_agent.nets",
-    "devices_agent.local_train",
-    "models_registry.ml.export",
+    "devices_agent.program",
+    "models_registry.ml.onnx_weights",
     "models_registry.ml.optimise",
     "models_registry.ml.evaluate",
     "models_registry.ml.recommend",

@@ -18,9 +18,7 @@ def _variants() -> list[dict[str, Any]]:
 
 def test_smallest_variant_within_budget_and_accuracy_wins() -> None:
     variants = _variants()
-    best = recommend_variant(
-        variants=variants, latency_budget_us=20.0, min_accuracy=None, reference_accuracy=0.975
-    )
+    best = recommend_variant(variants=variants, latency_budget_us=20.0, reference=0.975)
     assert best is not None and best["variant"] == "int8"
     decisions = {v["variant"]: v["decision"] for v in variants}
     assert decisions == {"fp32": "eligible", "int8": "recommended", "tiny": "rejected", "fp16": "eligible"}
@@ -29,26 +27,45 @@ def test_smallest_variant_within_budget_and_accuracy_wins() -> None:
 
 def test_latency_budget_excludes_slow_variants() -> None:
     variants = _variants()
-    best = recommend_variant(
-        variants=variants, latency_budget_us=10.0, min_accuracy=None, reference_accuracy=0.975
-    )
+    best = recommend_variant(variants=variants, latency_budget_us=10.0, reference=0.975)
     assert best is not None and best["variant"] == "fp16"
     assert "over budget" in variants[1]["reason"]
 
 
 def test_min_accuracy_and_impossible_budget() -> None:
-    best = recommend_variant(
-        variants=_variants(), latency_budget_us=20.0, min_accuracy=0.974, reference_accuracy=0.975
-    )
+    best = recommend_variant(variants=_variants(), latency_budget_us=20.0, reference=0.975, limit=0.974)
     assert best is not None and best["variant"] == "fp16"
-    assert (
-        recommend_variant(
-            variants=_variants(), latency_budget_us=1.0, min_accuracy=None, reference_accuracy=0.975
-        )
-        is None
-    )
+    assert recommend_variant(variants=_variants(), latency_budget_us=1.0, reference=0.975) is None
     with pytest.raises(ValueError):
-        recommend_variant(variants=[], latency_budget_us=0.0, min_accuracy=None, reference_accuracy=1.0)
+        recommend_variant(variants=[], latency_budget_us=0.0, reference=1.0)
+
+
+def test_lower_is_better_metrics_bound_the_increase() -> None:
+    variants = [
+        {"variant": "fp32", "mae": 0.20, "size_bytes": 36000, "p50_batch1_us": 8.0},
+        {"variant": "int8", "mae": 0.205, "size_bytes": 11000, "p50_batch1_us": 9.0},
+        {"variant": "tiny", "mae": 0.40, "size_bytes": 3000, "p50_batch1_us": 5.0},
+    ]
+    best = recommend_variant(
+        variants=variants,
+        latency_budget_us=20.0,
+        reference=0.20,
+        max_drop=0.01,
+        metric="mae",
+        higher_is_better=False,
+    )
+    assert best is not None and best["variant"] == "int8"
+    assert "mae 0.4000 above 0.2100" in variants[2]["reason"] and "allowed increase" in variants[2]["reason"]
+    capped = recommend_variant(
+        variants=variants,
+        latency_budget_us=20.0,
+        reference=0.20,
+        max_drop=0.01,
+        metric="mae",
+        higher_is_better=False,
+        limit=0.202,
+    )
+    assert capped is not None and capped["variant"] == "fp32"
 
 
 def test_apply_fleet_latency_uses_enough_on_device_samples_only() -> None:
