@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from models_registry.models import (
@@ -379,6 +381,7 @@ class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]
         ]
 
 
+@extend_schema_field(OpenApiTypes.STR)
 class FamilyField(serializers.Field[ModelFamily, Any, Any, Any]):
     """A family by id or by name."""
 
