@@ -109,7 +109,7 @@ def make_version(db: Any) -> Any:
     def make(*, onnx: bytes = b"onnx-bytes-" * 100, weights: bytes | None = None) -> ModelVersion:
         counter["n"] += 1
         family, _ = ModelFamily.objects.get_or_create(
-            name="digits", defaults={"arch": "mlp", "input_shape": [64]}
+            name="digits", defaults={"arch": "mlp", "input_shape": [64], "num_classes": 10}
         )
         version = ModelVersion.objects.create(family=family, number=counter["n"])
         for kind, content in (("onnx", onnx), ("weights", weights)):
