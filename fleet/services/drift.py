@@ -182,6 +182,11 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
                 continue
             version.metrics = {**version.metrics, "flagged": flag}
             version.save(update_fields=["metrics"])
-            emit("model.flagged", {"version_id": version.pk, **flag})
+            # The documented payload names accuracy; a regression flag leaves those keys empty
+            # and carries its numbers as metric / value / reference (and mae / reference_mae).
+            emit(
+                "model.flagged",
+                {"version_id": version.pk, "accuracy": None, "reference_accuracy": None, **flag},
+            )
             flagged.append(version.pk)
     return flagged
