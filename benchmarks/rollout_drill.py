@@ -9,8 +9,9 @@ worker and Celery beat as real processes (`config.stack`), with short ticks
 Dirichlet share of scikit-learn's digits, 8 labelled inferences per heartbeat, no slow
 hardware profile so latency differences come from the models). Three versions of the
 digits MLP are registered: v1 trained on 150 examples and v2 on 1,000 (more accurate),
-each a full bundle (program, weights, ONNX), and v3, only an ONNX graph: v2's with a chain of extra 1024x1024 MatMuls whose result is multiplied
-by zero and added to the output (same predictions, several milliseconds slower).
+each a full bundle (program, weights, ONNX), and v3, only an ONNX graph: v2's with a
+chain of extra 1024x1024 MatMuls whose result is multiplied by zero and added to the
+output (same predictions, several milliseconds slower).
 
 0. **baseline**: v1 to every device in one wave with no soak (a plain "update all").
 1. **good**: v2 in waves 2% / 10% / 50% / 100% with soaks, a latency gate
