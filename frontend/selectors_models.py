@@ -12,7 +12,7 @@ from models_registry.models import Artifact, EvaluationReport, ModelFamily, Mode
 from models_registry.selectors import family_list, version_list
 
 # What each artifact is for, as the version page says it.
-ARTIFACT_ROLES = {
+ARTIFACT_ROLES: dict[str, str] = {
     Artifact.Kind.ONNX: "inference graph: what boards install and serve",
     Artifact.Kind.WEIGHTS: "weights by parameter name (safetensors)",
     Artifact.Kind.PROGRAM: "trainable program (torch.export JSON): what boards train and personalise",
@@ -117,7 +117,7 @@ def _at(values: Any, index: int) -> Any:
 
 def version_artifacts(version: ModelVersion) -> list[dict[str, Any]]:
     """The version's artifacts in a fixed order (ONNX, weights, program) with what each is for."""
-    order = {Artifact.Kind.ONNX: 0, Artifact.Kind.WEIGHTS: 1, Artifact.Kind.PROGRAM: 2}
+    order: dict[str, int] = {Artifact.Kind.ONNX: 0, Artifact.Kind.WEIGHTS: 1, Artifact.Kind.PROGRAM: 2}
     artifacts = sorted(version.artifacts.all(), key=lambda a: (order.get(a.kind, 9), a.kind))
     return [{"artifact": a, "role": ARTIFACT_ROLES.get(a.kind, a.kind)} for a in artifacts]
 

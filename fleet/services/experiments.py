@@ -51,19 +51,19 @@ logger = logging.getLogger(__name__)
 
 ORIGIN = "experiment"
 # Per primary metric: the raw samples compared, whether lower is better, the name people read.
-PRIMARY_SAMPLES = {
+PRIMARY_SAMPLES: dict[str, str] = {
     Experiment.PrimaryMetric.ACCURACY: "correct",
     Experiment.PrimaryMetric.MAE: "abs_error",
     Experiment.PrimaryMetric.LATENCY: "latency_ms",
 }
-LOWER_IS_BETTER = frozenset({Experiment.PrimaryMetric.MAE, Experiment.PrimaryMetric.LATENCY})
-PRIMARY_LABELS = {
+LOWER_IS_BETTER: frozenset[str] = frozenset({Experiment.PrimaryMetric.MAE, Experiment.PrimaryMetric.LATENCY})
+PRIMARY_LABELS: dict[str, str] = {
     Experiment.PrimaryMetric.ACCURACY: "accuracy",
     Experiment.PrimaryMetric.MAE: "mean absolute error",
     Experiment.PrimaryMetric.LATENCY: "mean latency (ms)",
 }
 # The primary metrics that read a task's feedback fit only that task; latency fits any.
-PRIMARY_TASKS = {
+PRIMARY_TASKS: dict[str, str] = {
     Experiment.PrimaryMetric.ACCURACY: "classification",
     Experiment.PrimaryMetric.MAE: "regression",
 }
@@ -358,7 +358,7 @@ def _transition(
 
 
 def _primary_arrays(experiment: Experiment, samples: dict[str, np.ndarray]) -> np.ndarray:
-    name = PRIMARY_SAMPLES[Experiment.PrimaryMetric(experiment.primary_metric)]
+    name = PRIMARY_SAMPLES[str(experiment.primary_metric)]
     return np.asarray(samples.get(name, np.empty(0)), dtype=np.float64)
 
 
@@ -494,7 +494,7 @@ def _winner(
     experiment: Experiment, arm: int, comparison: dict[str, Any], *, control_wins: bool
 ) -> dict[str, Any]:
     name = experiment.arms[arm]["name"]
-    metric = PRIMARY_LABELS[Experiment.PrimaryMetric(experiment.primary_metric)]
+    metric = PRIMARY_LABELS[str(experiment.primary_metric)]
     other = experiment.arms[comparison["arm"]]["name"]
     confidence = 1.0 - comparison["alpha"]
     summary = (
