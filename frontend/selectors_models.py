@@ -13,9 +13,9 @@ from models_registry.selectors import family_list, version_list
 
 # What each artifact is for, as the version page says it.
 ARTIFACT_ROLES: dict[str, str] = {
-    Artifact.Kind.ONNX: "inference graph: what boards install and serve",
-    Artifact.Kind.WEIGHTS: "weights by parameter name (safetensors)",
-    Artifact.Kind.PROGRAM: "trainable program (torch.export JSON): what boards train and personalise",
+    Artifact.Kind.ONNX: "served on boards",
+    Artifact.Kind.WEIGHTS: "by parameter name",
+    Artifact.Kind.PROGRAM: "trained on boards",
 }
 
 
@@ -38,6 +38,11 @@ def family_contract(family: ModelFamily) -> dict[str, Any]:
         "input_dtype": family.input_dtype or "float32",
         "outputs": outputs,
         "outputs_label": "outputs" if regression else "classes",
+        "outputs_text": (
+            f"{outputs} output{'' if outputs == 1 else 's'}" if regression else f"{outputs} classes"
+        )
+        if outputs
+        else "",
         "metric": family_metric(family),
         "better": "lower" if regression else "higher",
         "feedback": "abs_error" if regression else "correct",

@@ -165,7 +165,7 @@ def test_version_page_shows_program_head_and_the_federated_spread(
     body = response.content.decode()
     artifacts = body.split('id="version-artifacts"')[1].split('id="version-evaluation"')[0]
     assert [row["artifact"].kind for row in response.context["artifacts"]] == ["onnx", "weights", "program"]
-    assert "trainable program" in artifacts and "serve, train and personalise" in artifacts
+    assert "trained on boards" in artifacts and "serve, train and personalise" in artifacts
     assert "out.weight, out.bias" in artifacts
     evaluation = body.split('id="version-evaluation"')[1].split("</dl>")[0]
     assert "federated, on the boards' holdouts" in evaluation
