@@ -4,15 +4,18 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('fleet', '0005_drift'),
+        ("fleet", "0005_drift"),
     ]
 
     operations = [
         migrations.AlterField(
-            model_name='experiment',
-            name='primary_metric',
-            field=models.CharField(choices=[('accuracy', 'Accuracy'), ('mae', 'Mae'), ('latency', 'Latency')], default='accuracy', max_length=20),
+            model_name="experiment",
+            name="primary_metric",
+            field=models.CharField(
+                choices=[("accuracy", "Accuracy"), ("mae", "Mae"), ("latency", "Latency")],
+                default="accuracy",
+                max_length=20,
+            ),
         ),
     ]
