@@ -6,12 +6,16 @@ What it does, in one process:
 
 1. a fresh data directory with a SQLite database (or ``DATABASE_URL`` when set), migrated,
    using the demo settings (DEBUG off);
-2. seeds a small fleet first (``--devices`` / 10), and measures the query count of each
-   page on it;
-3. grows the fleet to ``--devices`` devices (bulk_create in batches) with
-   ``--samples`` metric samples (most devices ~100 samples, the device the detail page
-   shows a full day: 5,000 per metric), deployments, commands, and a federated job of
-   50 rounds with 20 client updates each;
+2. registers five versions of a digits family the way a user would (program, weights
+   and ONNX each, through the registry; ``config.demo.seed.digits_version``), seeds a
+   small fleet first (``--devices`` / 10), and measures the query count of each page on
+   it;
+3. grows the fleet to ``--devices`` devices (bulk_create in batches, each board with its
+   example counts and training backends) with ``--samples`` metric samples (most
+   devices ~100 samples, the device the detail page shows a full day: 5,000 per
+   metric), deployments, commands, and a federated job of 50 rounds judged by accuracy
+   with 20 client updates each (backend and holdout numbers) and a final evaluation
+   round on the boards;
 4. measures each page through Django's test client in this process (the whole
    middleware stack, session authentication, template rendering; no network): warm-up
    requests, then ``--repeats`` timed requests; p50 and p95 of the wall time, and the
@@ -67,16 +71,19 @@ def _setup() -> None:
 def _seed_base() -> dict[str, Any]:
     from django.contrib.auth.models import Group, User
 
+    from config.demo.seed import digits_version
     from fleet.models import DeviceGroup
-    from models_registry.models import ModelFamily, ModelVersion
+    from models_registry.models import ModelVersion
 
     viewer = User.objects.create_user(username="bench-viewer")  # signed in with force_login
     viewer.groups.add(Group.objects.get(name="viewer"))
-    family = ModelFamily.objects.create(name="digits", arch="mlp", input_shape=[64], num_classes=10)
-    versions = [
-        ModelVersion.objects.create(family=family, number=n, stage="production", metrics={"accuracy": 0.9})
-        for n in range(1, 6)
-    ]
+    versions = [digits_version(seed=n, family_name="digits")[0] for n in range(1, 6)]
+    ModelVersion.objects.filter(pk__in=[v.pk for v in versions]).update(
+        stage="production", metrics={"accuracy": 0.9, "loss": 0.35, "evaluation": "central"}
+    )
+    for version in versions:
+        version.refresh_from_db()
+    family = versions[0].family
     groups = [DeviceGroup.objects.create(name=f"site-{i}") for i in range(10)]
     return {"viewer": viewer, "family": family, "versions": versions, "groups": groups}
 
@@ -103,6 +110,12 @@ def _add_devices(base: dict[str, Any], *, start: int, count: int) -> list[Any]:
                 running_version=rng.choice(base["versions"]),
                 desired_version=base["versions"][-1],
                 deployment_state=rng.choice(["active", "active", "downloading", "failed", ""]),
+                state={
+                    "local_examples": rng.randint(20, 200),
+                    "holdout_examples": rng.randint(5, 50),
+                    "training_backends": rng.choice([["torch"], ["torch", "ort"], ["ort"], []]),
+                },
+                hardware={"python": "3.11.2"},
             )
             for i in range(offset, min(offset + BATCH, count))
         ]
@@ -183,20 +196,30 @@ def _add_job(base: dict[str, Any], devices: list[Any]) -> Any:
         current_round=50,
     )
     rng = random.Random(3)
-    for number in range(1, 51):
+    for number in range(1, 52):
         selected = devices[number : number + 25]
+        evaluation_round = number == 51
+        value = 0.5 + min(number, 50) / 120
+        spread = {"metric": "accuracy", "value": value, "devices": 20, "examples": 600}
         rnd = FederatedRound.objects.create(
             job=job,
             number=number,
+            kind="evaluate" if evaluation_round else "train",
             base_version=base["versions"][0],
             status="done",
             selected=[str(d.pk) for d in selected],
             participants=20,
             dropped=5,
-            bytes_in=20 * 40_000,
+            bytes_in=0 if evaluation_round else 20 * 40_000,
             bytes_out=25 * 80_000,
-            accuracy=0.5 + number / 120,
-            loss=1.5 - number / 50,
+            accuracy=value,
+            loss=None if evaluation_round else 1.5 - number / 50,
+            metric_name="accuracy",
+            metric=value,
+            evaluation="federated" if evaluation_round else "central",
+            evaluation_detail={**spread, "min": value - 0.1, "max": value + 0.05, "std": 0.04}
+            if evaluation_round
+            else {},
         )
         ClientUpdate.objects.bulk_create(
             [
@@ -207,6 +230,11 @@ def _add_job(base: dict[str, Any], devices: list[Any]) -> Any:
                     num_examples=rng.randint(20, 200),
                     bytes=40_000,
                     norm=1.0,
+                    metrics={
+                        "holdout_accuracy": rng.random(),
+                        "holdout_examples": 30,
+                        f"backend_{rng.choice(['torch', 'ort'])}": 1.0,
+                    },
                 )
                 for d in selected[:20]
             ]
@@ -309,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
         "device list, filtered": f"/devices/?status=online&tag=camera&group={base['groups'][3].pk}",
         "device detail": f"/devices/{focus.pk}/",
         "federated job": f"/federated/{job.pk}/",
+        "model family": f"/models/{base['family'].pk}/",
+        "model version": f"/versions/{base['versions'][0].pk}/",
     }
     with transaction.atomic():
         _add_samples(base, small, total=min(samples_total, 60_000), focus=focus)

@@ -8,9 +8,10 @@ worker and Celery beat as real processes (`config.stack`), with short ticks
 `python -m devices_agent simulate` in a subprocess (`--devices` agents, each with its own
 Dirichlet share of scikit-learn's digits, 8 labelled inferences per heartbeat, no slow
 hardware profile so latency differences come from the models). Three versions of the
-digits MLP are registered: v1 trained on 150 examples, v2 on 1,000 (more accurate), and
-v3 = v2's ONNX graph with a chain of extra 1024x1024 MatMuls whose result is multiplied
-by zero and added to the output (same predictions, several milliseconds slower).
+digits MLP are registered: v1 trained on 150 examples and v2 on 1,000 (more accurate),
+each a full bundle (program, weights, ONNX), and v3, only an ONNX graph: v2's with a
+chain of extra 1024x1024 MatMuls whose result is multiplied by zero and added to the
+output (same predictions, several milliseconds slower).
 
 0. **baseline**: v1 to every device in one wave with no soak (a plain "update all").
 1. **good**: v2 in waves 2% / 10% / 50% / 100% with soaks, a latency gate
@@ -137,27 +138,29 @@ def _accuracy(onnx_bytes: bytes, x: np.ndarray, y: np.ndarray) -> float:
 
 
 def _register_versions(log: Timeline, *, target_extra_ms: float) -> dict[str, Any]:
-    from config.demo.nets import bundle
+    """v1 and v2 as any team registers its model: a bundle (program, weights, ONNX) of the
+    demo's digits MLP, so boards could also train and personalise them; v3 is only an
+    ONNX graph, all a rollout needs."""
+    from config.demo.nets import bundle, spec_fields
     from devices_agent.data import load_digits_split
     from models_registry import services
 
     _, _, x_test, y_test = load_digits_split(seed=0)
-    family = services.family_create(name="drill-digits", arch=ARCH, input_shape=[64], num_classes=10)
+    family = services.family_create(name="drill-digits", arch=ARCH, **spec_fields(ARCH))
     out: dict[str, Any] = {}
     exported: dict[str, bytes] = {}
     for key, examples in (("v1", 150), ("v2", 1000)):
-        weights = _train(examples, seed=0)
-        made = bundle(ARCH, weights)
+        made = bundle(ARCH, _train(examples, seed=0))
         exported[key] = made.onnx
-        version = services.version_create(
+        out[key] = services.version_create(
             family=family,
             weights=made.weights,
             onnx=made.onnx,
             program=made.program,
             head=made.head,
+            arch=ARCH,
             notes=f"drill: trained on {examples} examples",
         )
-        out[key] = version
     # Calibrate the slowdown on this machine: enough layers for ~target_extra_ms.
     base = _latency_ms(exported["v2"], x_test)
     probe = _latency_ms(_slowed(exported["v2"], layers=4), x_test)

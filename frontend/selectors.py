@@ -24,9 +24,12 @@ FAILED_STATES = ("failed", "rolled_back")
 DEVICE_CHARTS: tuple[tuple[str, tuple[str, ...], str], ...] = (
     ("Inference latency", ("latency_ms",), "ms"),
     ("Accuracy on labelled feedback", ("correct", "personal_accuracy", "global_accuracy"), "accuracy"),
+    ("Error on labelled feedback", ("abs_error", "personal_mae", "global_mae"), "absolute error"),
     ("Confidence", ("confidence",), "top-1 probability"),
     ("Resource use", ("cpu_percent", "ram_mb"), "cpu % / RAM MB"),
 )
+# State keys the device page shows as its learning facts rather than in the raw list.
+LEARNING_STATE_KEYS = ("local_examples", "holdout_examples", "training_backends")
 CHART_BUCKETS = 120
 CHART_WINDOW = timedelta(hours=24)
 # Without SQL bucketing (databases other than SQLite and PostgreSQL), a chart averages at
@@ -197,25 +200,45 @@ def _bucketed(
     return out
 
 
-def active_jobs(*, limit: int = 8) -> list[Any]:
-    """Federated jobs that are running or paused, newest first."""
+def active_jobs(*, limit: int = 8) -> list[dict[str, Any]]:
+    """Federated jobs that are running or paused, newest first, with their best primary metric."""
+    from frontend.selectors_training import job_rows
     from training.models import FederatedJob
 
-    return list(
-        FederatedJob.objects.filter(status__in=[FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED])
-        .select_related("family", "target_group")
-        .order_by("-id")[:limit]
+    return job_rows(
+        list(
+            FederatedJob.objects.filter(status__in=[FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED])
+            .select_related("family", "target_group")
+            .order_by("-id")[:limit]
+        )
     )
 
 
 def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
-    """Versions flagged for an accuracy drop on feedback, newest first, with the numbers."""
+    """Versions flagged for drift on feedback (accuracy dropped, mae rose), newest first.
+
+    Each row names the metric and has its live ``value`` and evaluated ``reference``
+    (flags from before the metric was named are accuracy flags).
+    """
     versions = (
         ModelVersion.objects.filter(metrics__has_key="flagged")
         .select_related("family")
         .order_by("-id")[:limit]
     )
-    return [{"version": v, **v.metrics["flagged"]} for v in versions]
+    rows = []
+    for v in versions:
+        flag = v.metrics["flagged"] if isinstance(v.metrics.get("flagged"), dict) else {}
+        metric = flag.get("metric") or "accuracy"
+        rows.append(
+            {
+                "version": v,
+                **flag,
+                "metric": metric,
+                "value": flag.get("value", flag.get(metric)),
+                "reference": flag.get("reference", flag.get(f"reference_{metric}")),
+            }
+        )
+    return rows
 
 
 def overview_drift() -> dict[str, Any]:
@@ -232,12 +255,19 @@ def overview_drift() -> dict[str, Any]:
 
 
 def device_drift(*, device: Device) -> dict[str, Any]:
-    """The device's latest drift report and its latest personal vs global accuracy."""
+    """The device's latest drift report and its latest personal vs global primary metric.
+
+    The metric is the one of the family the device runs (accuracy, or mae); the gain is
+    positive when the personal head is better.
+    """
     from fleet.models import DriftReport
+    from fleet.selectors.personalisation import personal_gain
 
     report = DriftReport.objects.filter(device=device).order_by("-window_end", "-id").first()
+    running = device.running_version
+    metric = "mae" if running is not None and running.family.task == "regression" else "accuracy"
     personal = (
-        MetricSample.objects.filter(device=device, name="personal_accuracy", version__isnull=False)
+        MetricSample.objects.filter(device=device, name=f"personal_{metric}", version__isnull=False)
         .order_by("-ts", "-id")
         .first()
     )
@@ -245,7 +275,9 @@ def device_drift(*, device: Device) -> dict[str, Any]:
     if personal is not None:
         # Both numbers are measured on the same held-out split for the same version.
         global_value = (
-            MetricSample.objects.filter(device=device, name="global_accuracy", version_id=personal.version_id)
+            MetricSample.objects.filter(
+                device=device, name=f"global_{metric}", version_id=personal.version_id
+            )
             .order_by("-ts", "-id")
             .values_list("value", flat=True)
             .first()
@@ -253,11 +285,35 @@ def device_drift(*, device: Device) -> dict[str, Any]:
         if global_value is not None:
             pair = {
                 "version_id": personal.version_id,
+                "metric": metric,
                 "personal": personal.value,
                 "global": global_value,
-                "gain": personal.value - global_value,
+                "gain": personal_gain(
+                    metric=metric, global_value=global_value, personal_value=personal.value
+                ),
             }
     return {"drift_report": report, "personal": pair}
+
+
+def device_learning(*, device: Device) -> dict[str, Any]:
+    """What a board holds to learn from and what it can train with, as it last reported.
+
+    ``state.local_examples`` / ``state.holdout_examples`` (labelled examples it trains on
+    and the fixed holdout it evaluates on), the training backends from ``state`` or, for
+    boards that report them only at enrollment, from ``hardware``.
+    """
+    state = device.state if isinstance(device.state, dict) else {}
+    hardware = device.hardware if isinstance(device.hardware, dict) else {}
+    backends = state.get("training_backends")
+    if not isinstance(backends, list):
+        backends = hardware.get("training_backends")
+    return {
+        "local_examples": state.get("local_examples"),
+        "holdout_examples": state.get("holdout_examples"),
+        "training_backends": [str(b) for b in backends] if isinstance(backends, list) else None,
+        "python": hardware.get("python"),
+        "other_state": {k: v for k, v in state.items() if k not in LEARNING_STATE_KEYS},
+    }
 
 
 def overview_data() -> dict[str, Any]:

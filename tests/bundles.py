@@ -60,3 +60,55 @@ def digits_version(
         arch=arch,
         **fields,
     )
+
+
+# A small regression model: 8 sensor readings -> one value (8 -> 16 -> 1 with ReLU).
+REGRESSION_INPUT = 8
+
+
+@functools.cache
+def regression_bundle(*, seed: int = 0) -> Any:
+    """The bundle of a small regression net with seeded initial weights."""
+    import torch
+
+    from devices_agent.program import make_bundle
+
+    class Regressor(torch.nn.Module):  # type: ignore[misc, unused-ignore]
+        def __init__(self) -> None:
+            super().__init__()
+            self.hidden = torch.nn.Linear(REGRESSION_INPUT, 16)
+            self.out = torch.nn.Linear(16, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.out(torch.relu(self.hidden(x)))  # type: ignore[no-any-return, unused-ignore]
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Regressor()
+    return make_bundle(model, torch.zeros((2, REGRESSION_INPUT)), head=["out.weight", "out.bias"])
+
+
+def regression_family(name: str = "sensor-regression") -> Any:
+    """A regression family (8 float inputs, one output), created once per test database."""
+    from models_registry.models import ModelFamily
+    from models_registry.services import family_create
+
+    return ModelFamily.objects.filter(name=name).first() or family_create(
+        name=name, arch="mlp", task="regression", input_shape=[REGRESSION_INPUT], output_size=1
+    )
+
+
+def regression_version(family: Any = None, *, seed: int = 0, **fields: Any) -> Any:
+    """A registered version of the regression net with all three artifacts (in ``draft``)."""
+    from models_registry.services import version_create
+
+    made = regression_bundle(seed=seed)
+    return version_create(
+        family=family or regression_family(),
+        weights=made.weights,
+        onnx=made.onnx,
+        program=made.program,
+        head=made.head,
+        arch="mlp",
+        **fields,
+    )

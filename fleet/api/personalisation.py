@@ -1,4 +1,4 @@
-"""Operator view of on-device personalisation: the accuracy gain of personal heads."""
+"""Operator view of on-device personalisation: the gain of personal heads on the family's metric."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from fleet.selectors.personalisation import personalisation_summary
 
 
 class PersonalisationView(APIView):
-    """`GET /api/v1/personalisation/?group=<id|name>`: per-device gains and per-group means."""
+    """`GET /api/v1/personalisation/?group=<id|name>`: per-device gains and per-group means.
+
+    The gain is on the family's primary metric, named in each row (``metric``: ``accuracy``
+    or ``mae``) and oriented so that positive is better: ``personal_accuracy -
+    global_accuracy``, or ``global_mae - personal_mae``.
+    """
 
     @extend_schema(
         parameters=[

@@ -21,8 +21,9 @@ class Experiment(models.Model):
         PROMOTED = "promoted"
 
     class PrimaryMetric(models.TextChoices):
-        ACCURACY = "accuracy"
-        LATENCY = "latency"
+        ACCURACY = "accuracy"  # mean of `correct`, classification families
+        MAE = "mae"  # mean of `abs_error`, regression families; lower is better
+        LATENCY = "latency"  # mean of `latency_ms`, any family; lower is better
 
     name = models.CharField(max_length=150)
     target_group = models.ForeignKey(
@@ -36,7 +37,7 @@ class Experiment(models.Model):
     min_samples_per_arm = models.PositiveIntegerField(default=200)
     alpha = models.FloatField(default=0.05)
     # The scale of differences the sequential test is tuned to (accuracy points, or a
-    # fraction of control latency); valid for any value, most powerful near it.
+    # fraction of control latency or mae); valid for any value, most powerful near it.
     effect_scale = models.FloatField(default=0.05)
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True)
     result = models.JSONField(default=dict, blank=True)

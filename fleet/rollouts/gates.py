@@ -5,7 +5,12 @@ A gate is `{"metric": name, ...thresholds, "min_samples": n}` with metric one of
 - `latency_p95_ms`: 95th percentile of `latency_ms` samples;
 - `error_rate`: failed inferences over all inferences, sum(error) / (len(latency_ms) + sum(error))
   (a successful inference reports a latency, a failed one an `error` of 1.0);
-- `accuracy`: mean of `correct` (labelled feedback, 1.0 or 0.0).
+- `accuracy`: mean of `correct` (labelled feedback, 1.0 or 0.0), for classification families;
+- `mae`: mean of `abs_error` (the absolute error of a prediction that received its target),
+  for regression families; like latency, lower is better.
+
+`latency_p95_ms` and `error_rate` fit every family; `accuracy` and `mae` only the task
+whose feedback they read (:func:`gates_for_task`).
 
 Thresholds, any combination: `max` / `min` (absolute), `max_increase_pct` /
 `max_decrease_pct` (relative to the version being replaced over the same window).
@@ -26,13 +31,16 @@ from typing import Any, Literal
 import numpy as np
 import numpy.typing as npt
 
-GATE_METRICS: tuple[str, ...] = ("latency_p95_ms", "error_rate", "accuracy")
+GATE_METRICS: tuple[str, ...] = ("latency_p95_ms", "error_rate", "accuracy", "mae")
 # The raw metric names each gate metric is computed from.
 RAW_METRICS: dict[str, tuple[str, ...]] = {
     "latency_p95_ms": ("latency_ms",),
     "error_rate": ("latency_ms", "error"),
     "accuracy": ("correct",),
+    "mae": ("abs_error",),
 }
+# Gate metrics that read a task's feedback fit only that task; the others fit any family.
+GATE_TASKS: dict[str, str] = {"accuracy": "classification", "mae": "regression"}
 THRESHOLD_KEYS = ("max", "min", "max_increase_pct", "max_decrease_pct")
 OPTION_KEYS = ("abs_tolerance",)
 DEFAULT_MIN_SAMPLES = 30
@@ -59,12 +67,28 @@ def metric_value(*, metric: str, samples: Samples) -> tuple[float | None, int]:
         if n == 0:
             return None, 0
         return failures / n, n
-    if metric == "accuracy":
-        correct = np.asarray(samples.get("correct", empty), dtype=np.float64)
-        if correct.size == 0:
+    if metric in ("accuracy", "mae"):
+        values = np.asarray(samples.get(RAW_METRICS[metric][0], empty), dtype=np.float64)
+        if values.size == 0:
             return None, 0
-        return float(correct.mean()), int(correct.size)
+        return float(values.mean()), int(values.size)
     raise ValueError(f"unknown gate metric {metric!r}")
+
+
+def gates_for_task(task: str) -> tuple[str, ...]:
+    """The gate metrics that fit a family of ``task`` (``classification`` or ``regression``)."""
+    return tuple(m for m in GATE_METRICS if GATE_TASKS.get(m, task) == task)
+
+
+def gates_not_for_task(*, gates: Sequence[Mapping[str, Any]], task: str) -> list[str]:
+    """The metrics of ``gates`` that do not fit a family of ``task``, in order, once each."""
+    fits = gates_for_task(task)
+    return list(dict.fromkeys(str(g["metric"]) for g in gates if g["metric"] not in fits))
+
+
+def raw_metrics_for(gates: Sequence[Mapping[str, Any]]) -> list[str]:
+    """The raw metric names ``gates`` are computed from."""
+    return sorted({name for g in gates for name in RAW_METRICS.get(str(g["metric"]), ())})
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,13 @@
 """Personalisation reads: how much each board's personal head beats the global model.
 
-Boards report two numbers per active version (``global_accuracy`` and
-``personal_accuracy``, both on the same local held-out split); the gain is their
-difference. Only the latest value of each per (device, version) counts, and a device's
-row is its most recent version that has both numbers.
+Boards report two numbers per active version, both on the same local held-out split and
+on the family's primary metric: ``global_accuracy`` and ``personal_accuracy`` for a
+classification family, ``global_mae`` and ``personal_mae`` for a regression one. The gain
+is oriented so that positive is always better: ``personal_accuracy - global_accuracy``,
+or ``global_mae - personal_mae``. Only the latest value of each per (device, version)
+counts, and a device's row is its most recent version that has both numbers of its
+family's metric. Rows and group means name the metric they are in; a group whose devices
+run families of both tasks has one mean per metric.
 """
 
 from __future__ import annotations
@@ -12,11 +16,29 @@ from typing import Any
 
 from fleet.models import Device, MetricSample
 
-PERSONAL_METRICS = ("global_accuracy", "personal_accuracy")
+PERSONAL_METRICS = ("global_accuracy", "personal_accuracy", "global_mae", "personal_mae")
+# The primary metric of each task, and whether a larger value of it is better.
+TASK_METRIC = {"classification": "accuracy", "regression": "mae"}
+HIGHER_IS_BETTER = {"accuracy": True, "mae": False}
+
+
+def personal_gain(*, metric: str, global_value: float, personal_value: float) -> float:
+    """How much better the personal head is than the global model (positive: better)."""
+    if HIGHER_IS_BETTER[metric]:
+        return personal_value - global_value
+    return global_value - personal_value
+
+
+def _version_metrics(version_ids: set[int]) -> dict[int, str]:
+    """Version id -> its family's primary metric (one query)."""
+    from models_registry.models import ModelVersion
+
+    rows = ModelVersion.objects.filter(pk__in=version_ids).values_list("pk", "family__task")
+    return {pk: TASK_METRIC.get(str(task), "accuracy") for pk, task in rows}
 
 
 def _latest_pairs(*, device_ids: list[Any]) -> dict[Any, dict[str, Any]]:
-    """Per device: the newest version with both accuracies, and their latest values."""
+    """Per device: the newest version with both numbers of its metric, and their latest values."""
     samples = (
         MetricSample.objects.filter(
             device_id__in=device_ids, name__in=PERSONAL_METRICS, version__isnull=False
@@ -30,10 +52,13 @@ def _latest_pairs(*, device_ids: list[Any]) -> dict[Any, dict[str, Any]]:
         entry = latest.setdefault((device_id, version_id), {"version_id": version_id, "ts": ts})
         entry[name] = value
         entry["ts"] = max(entry["ts"], ts)
+    metrics = _version_metrics({version_id for _, version_id in latest})
     best: dict[Any, dict[str, Any]] = {}
-    for (device_id, _), entry in latest.items():
-        if not all(name in entry for name in PERSONAL_METRICS):
+    for (device_id, version_id), entry in latest.items():
+        metric = metrics.get(version_id)
+        if metric is None or f"global_{metric}" not in entry or f"personal_{metric}" not in entry:
             continue
+        entry["metric"] = metric
         current = best.get(device_id)
         if current is None or entry["ts"] > current["ts"]:
             best[device_id] = entry
@@ -41,10 +66,13 @@ def _latest_pairs(*, device_ids: list[Any]) -> dict[Any, dict[str, Any]]:
 
 
 def personalisation_summary(*, group_id: int | None = None, group_name: str | None = None) -> dict[str, Any]:
-    """Per-device rows (global, personal, gain) and per-group means of the gain.
+    """Per-device rows (metric, global, personal, gain) and per-group means of the gain.
 
     ``group_id`` or ``group_name`` restricts both lists to the devices of that group.
     Decommissioned devices are left out. A device in several groups counts in each.
+    A device row carries ``metric`` (``accuracy`` or ``mae``), ``global``, ``personal``
+    and ``gain``, and the two numbers under their own names (``global_accuracy``, ...);
+    a group row carries its ``metric``, ``devices`` and ``mean_gain``.
     """
     devices = Device.objects.exclude(status="decommissioned")
     if group_id is not None:
@@ -62,25 +90,32 @@ def personalisation_summary(*, group_id: int | None = None, group_name: str | No
         memberships.setdefault(device_id, []).append((gid, gname))
     pairs = _latest_pairs(device_ids=list(names))
     rows: list[dict[str, Any]] = []
-    groups: dict[int | None, dict[str, Any]] = {}
+    groups: dict[tuple[int | None, str], dict[str, Any]] = {}
     for device_id, entry in pairs.items():
-        gain = entry["personal_accuracy"] - entry["global_accuracy"]
+        metric = entry["metric"]
+        global_value, personal_value = entry[f"global_{metric}"], entry[f"personal_{metric}"]
+        gain = personal_gain(metric=metric, global_value=global_value, personal_value=personal_value)
         rows.append(
             {
                 "device_id": str(device_id),
                 "name": names[device_id],
                 "version_id": entry["version_id"],
-                "global_accuracy": entry["global_accuracy"],
-                "personal_accuracy": entry["personal_accuracy"],
+                "metric": metric,
+                "global": global_value,
+                "personal": personal_value,
+                f"global_{metric}": global_value,
+                f"personal_{metric}": personal_value,
                 "gain": gain,
             }
         )
         for gid, gname in memberships[device_id]:  # gid is None for devices in no group
-            group = groups.setdefault(gid, {"group_id": gid, "group": gname, "devices": 0, "gains": []})
+            group = groups.setdefault(
+                (gid, metric), {"group_id": gid, "group": gname, "metric": metric, "devices": 0, "gains": []}
+            )
             group["devices"] += 1
             group["gains"].append(gain)
     summary = []
-    for group in sorted(groups.values(), key=lambda g: (g["group"] is None, g["group"] or "")):
+    for group in sorted(groups.values(), key=lambda g: (g["group"] is None, g["group"] or "", g["metric"])):
         gains = group.pop("gains")
         group["mean_gain"] = sum(gains) / len(gains)
         summary.append(group)
@@ -88,4 +123,4 @@ def personalisation_summary(*, group_id: int | None = None, group_name: str | No
     return {"devices": rows, "groups": summary}
 
 
-__all__ = ["PERSONAL_METRICS", "personalisation_summary"]
+__all__ = ["PERSONAL_METRICS", "personal_gain", "personalisation_summary"]

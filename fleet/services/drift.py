@@ -1,32 +1,56 @@
-"""Drift: storing and scoring device sketches, and flagging versions whose accuracy drops."""
+"""Drift: storing and scoring device sketches, and flagging versions whose primary metric
+on labelled feedback falls behind their evaluation (accuracy drops, mae rises)."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime, timedelta
 from typing import Any
 
+import numpy as np
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Avg, Count
 from django.utils import timezone
 
 from core.events import emit
+from devices_agent.drift import drift_features
 from fleet.drift import drift_score
 from fleet.models import Device, DriftReport, MetricSample
 
+# The feedback metric of each task, and the task it belongs to.
+FEEDBACK_METRICS = {"correct": "classification", "abs_error": "regression"}
+# How far (relative) a regression version's mae on feedback may rise above its evaluated
+# mae before it is flagged, unless settings.DRIFT_MAE_RISE says otherwise.
+DEFAULT_MAE_RISE = 0.25
 
-def _reference_for(*, version_id: int) -> dict[str, Any] | None:
-    from models_registry.drift_reference import drift_reference_compute
-    from models_registry.models import ModelVersion
 
-    metrics = ModelVersion.objects.filter(pk=version_id).values_list("metrics", flat=True).first()
-    if metrics is None:
+# A reference's drift reports are scored only when a sketch follows as many features as the
+# version's family yields (devices_agent.drift.drift_features, what boards sketch).
+@functools.lru_cache(maxsize=256)
+def _feature_count(input_shape: tuple[int, ...]) -> int:
+    example = np.zeros((1, *input_shape), dtype=np.float32)
+    return int(drift_features(example, input_shape).shape[1])
+
+
+def family_feature_count(*, input_shape: list[int] | tuple[int, ...]) -> int | None:
+    """The number of features a drift sketch of a family with ``input_shape`` follows."""
+    shape = tuple(int(d) for d in input_shape or ())
+    if not shape or any(d < 1 for d in shape):
         return None
-    reference = metrics.get("drift_reference")
+    return _feature_count(shape)
+
+
+def _reference_for(*, version: Any) -> dict[str, Any] | None:
+    """The version's drift reference, computed once; None when its family has none."""
+    from models_registry.drift_reference import drift_reference_compute
+
+    reference = (version.metrics or {}).get("drift_reference")
     if reference is None:
-        # Computed once per version, the first time a device reports for it.
-        reference = drift_reference_compute(version_id=version_id)
-    return dict(reference)
+        # Computed once per version, the first time a device reports for it; a family
+        # without a registered data set has no reference (None).
+        reference = drift_reference_compute(version_id=version.pk)
+    return dict(reference) if isinstance(reference, dict) else None
 
 
 def drift_report_ingest(
@@ -37,10 +61,27 @@ def drift_report_ingest(
     window_start: datetime | None,
     window_end: datetime,
 ) -> DriftReport:
-    """Store one window's sketch, scored against its version's reference when there is one."""
-    reference = _reference_for(version_id=version_id) if version_id is not None else None
+    """Store one window's sketch, scored against its version's reference when there is one.
+
+    A report gets no score (and no alert) when its version is unknown, its family has no
+    reference, or the sketch does not follow as many features as the family's inputs give;
+    the PSI part of the score is left out when the reference has no confidence histogram
+    (regression models have no confidence).
+    """
+    from models_registry.models import ModelVersion
+
+    version = (
+        ModelVersion.objects.select_related("family").filter(pk=version_id).first()
+        if version_id is not None
+        else None
+    )
+    reference = None
+    if version is not None and family_feature_count(input_shape=version.family.input_shape) == len(
+        sketch["mean"]
+    ):
+        reference = _reference_for(version=version)
     score = None
-    if reference is not None and len(reference["mean"]) == len(sketch["mean"]):
+    if reference is not None and len(reference.get("mean") or []) == len(sketch["mean"]):
         score = drift_score(
             sketch=sketch,
             reference=reference,
@@ -50,7 +91,7 @@ def drift_report_ingest(
     with transaction.atomic():
         return DriftReport.objects.create(
             device=device,
-            version_id=version_id if reference is not None else None,
+            version_id=version.pk if version is not None else None,
             window_start=window_start,
             window_end=window_end,
             sketch=sketch,
@@ -62,11 +103,47 @@ def drift_report_ingest(
         )
 
 
-def drift_check(*, now: datetime | None = None) -> list[int]:
-    """Flag versions whose accuracy on feedback over the last hour fell below their evaluation.
+def _flag_for(*, version: Any, name: str, mean: float, samples: int, now: datetime) -> dict[str, Any] | None:
+    """The flag a version earns from its feedback mean over the hour, or None."""
+    evaluated = version.metrics or {}
+    if name == "correct":
+        reference = evaluated.get("accuracy")
+        if not isinstance(reference, int | float) or reference - mean <= float(settings.DRIFT_ACCURACY_DROP):
+            return None
+        return {
+            "reason": "accuracy_drop",
+            "metric": "accuracy",
+            "value": round(mean, 4),
+            "reference": float(reference),
+            "accuracy": round(mean, 4),
+            "reference_accuracy": float(reference),
+            "samples": samples,
+            "at": now.isoformat(),
+        }
+    reference = evaluated.get("mae")
+    rise = float(getattr(settings, "DRIFT_MAE_RISE", DEFAULT_MAE_RISE))
+    if not isinstance(reference, int | float) or mean - reference <= rise * abs(reference):
+        return None
+    return {
+        "reason": "mae_rise",
+        "metric": "mae",
+        "value": round(mean, 6),
+        "reference": float(reference),
+        "mae": round(mean, 6),
+        "reference_mae": float(reference),
+        "samples": samples,
+        "at": now.isoformat(),
+    }
 
-    A version is flagged when it has at least `DRIFT_MIN_SAMPLES` `correct` samples in the
-    hour and their mean is more than `DRIFT_ACCURACY_DROP` below `metrics["accuracy"]`.
+
+def drift_check(*, now: datetime | None = None) -> list[int]:
+    """Flag versions whose primary metric on feedback over the last hour fell behind their evaluation.
+
+    A classification version is flagged when it has at least `DRIFT_MIN_SAMPLES` `correct`
+    samples in the hour and their mean is more than `DRIFT_ACCURACY_DROP` below
+    `metrics["accuracy"]`; a regression version when it has that many `abs_error` samples
+    and their mean is more than `DRIFT_MAE_RISE` (relative: 0.25 is 25 %) above
+    `metrics["mae"]`. Each version is judged on its family's feedback metric only.
     Versions already flagged are left alone, so running this again changes nothing.
     Each flag is announced as the public event ``model.flagged`` (webhooks, the dashboard;
     with ``DRIFT_AUTO_RETRAIN`` training subscribes and starts a short federated job).
@@ -76,30 +153,40 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
 
     now = now or timezone.now()
     rows = (
-        MetricSample.objects.filter(name="correct", ts__gte=now - timedelta(hours=1), version__isnull=False)
-        .values("version_id")
-        .annotate(accuracy=Avg("value"), samples=Count("id"))
+        MetricSample.objects.filter(
+            name__in=FEEDBACK_METRICS, ts__gte=now - timedelta(hours=1), version__isnull=False
+        )
+        .values("version_id", "name")
+        .annotate(mean=Avg("value"), samples=Count("id"))
         .filter(samples__gte=int(settings.DRIFT_MIN_SAMPLES))
+        .order_by("version_id", "name")
     )
     flagged: list[int] = []
     for row in rows:
         with transaction.atomic():
-            version = ModelVersion.objects.select_for_update().get(pk=row["version_id"])
-            reference_accuracy = version.metrics.get("accuracy")
-            if "flagged" in version.metrics or not isinstance(reference_accuracy, int | float):
+            version = (
+                ModelVersion.objects.select_for_update().select_related("family").get(pk=row["version_id"])
+            )
+            if "flagged" in (version.metrics or {}):
                 continue
-            accuracy = float(row["accuracy"])
-            if reference_accuracy - accuracy <= float(settings.DRIFT_ACCURACY_DROP):
+            if FEEDBACK_METRICS[row["name"]] != version.family.task:
+                continue  # another task's feedback says nothing about this version
+            flag = _flag_for(
+                version=version,
+                name=row["name"],
+                mean=float(row["mean"]),
+                samples=int(row["samples"]),
+                now=now,
+            )
+            if flag is None:
                 continue
-            flag = {
-                "reason": "accuracy_drop",
-                "accuracy": round(accuracy, 4),
-                "reference_accuracy": float(reference_accuracy),
-                "samples": int(row["samples"]),
-                "at": now.isoformat(),
-            }
             version.metrics = {**version.metrics, "flagged": flag}
             version.save(update_fields=["metrics"])
-            emit("model.flagged", {"version_id": version.pk, **flag})
+            # The documented payload names accuracy; a regression flag leaves those keys empty
+            # and carries its numbers as metric / value / reference (and mae / reference_mae).
+            emit(
+                "model.flagged",
+                {"version_id": version.pk, "accuracy": None, "reference_accuracy": None, **flag},
+            )
             flagged.append(version.pk)
     return flagged

@@ -9,12 +9,13 @@ Evaluation (`experiment_evaluate`, run by `fleet.experiments_evaluate`):
 1. guardrails (absolute gate limits, e.g. `{"metric": "error_rate", "max": 0.05}`) are
    checked on every arm with enough samples; a breach stops the experiment and sends
    every device back to the version it ran before;
-2. the primary metric (`accuracy`: mean of `correct`; `latency`: mean of `latency_ms`,
-   lower is better) of each arm is compared with arm 0 (control) by the always-valid
-   mSPRT (`fleet.rollouts.stats.msprt`), whose p-value may be checked on every tick
-   without inflating false positives; with several treatment arms alpha is split
-   between them (Bonferroni). The fixed-horizon test (two-proportion z or Welch's t)
-   is reported next to it for reference;
+2. the primary metric (`accuracy`: mean of `correct`, for classification families;
+   `mae`: mean of `abs_error`, for regression families, lower is better; `latency`: mean
+   of `latency_ms`, lower is better) of each arm is compared with arm 0 (control) by the
+   always-valid mSPRT (`fleet.rollouts.stats.msprt`), whose p-value may be checked on
+   every tick without inflating false positives; with several treatment arms alpha is
+   split between them (Bonferroni). The fixed-horizon test (two-proportion z for
+   accuracy, Welch's t for mae and latency) is reported next to it for reference;
 3. once every compared arm has `min_samples_per_arm` samples and the always-valid
    p-value is below alpha, the better arm wins: status `completed`, `result` holds the
    winner, the effect (difference with control), its always-valid confidence interval,
@@ -43,12 +44,34 @@ from fleet.selectors.devices import group_members
 from fleet.selectors.experiments import experiment_arm_samples
 from fleet.selectors.rollouts import devices_in_active_rollouts
 from fleet.services.deployments import deployment_open
-from fleet.services.rollouts import rollout_create, rollout_start
+from fleet.services.rollouts import check_gates_fit, rollout_create, rollout_start
 from fleet.services.transitions import Step, transition
 
 logger = logging.getLogger(__name__)
 
 ORIGIN = "experiment"
+# Per primary metric: the raw samples compared, whether lower is better, the name people read.
+PRIMARY_SAMPLES: dict[str, str] = {
+    Experiment.PrimaryMetric.ACCURACY: "correct",
+    Experiment.PrimaryMetric.MAE: "abs_error",
+    Experiment.PrimaryMetric.LATENCY: "latency_ms",
+}
+LOWER_IS_BETTER: frozenset[str] = frozenset({Experiment.PrimaryMetric.MAE, Experiment.PrimaryMetric.LATENCY})
+PRIMARY_LABELS: dict[str, str] = {
+    Experiment.PrimaryMetric.ACCURACY: "accuracy",
+    Experiment.PrimaryMetric.MAE: "mean absolute error",
+    Experiment.PrimaryMetric.LATENCY: "mean latency (ms)",
+}
+# The primary metrics that read a task's feedback fit only that task; latency fits any.
+PRIMARY_TASKS: dict[str, str] = {
+    Experiment.PrimaryMetric.ACCURACY: "classification",
+    Experiment.PrimaryMetric.MAE: "regression",
+}
+
+
+def primary_metrics_for_task(task: str) -> list[str]:
+    """The primary metrics an experiment on versions of a ``task`` family may compare."""
+    return [m for m in Experiment.PrimaryMetric.values if PRIMARY_TASKS.get(m, task) == task]
 
 
 def _decide(
@@ -81,8 +104,13 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
     """Validate and save a draft experiment.
 
     `data`: `name`, `target_group` (id), `arms` (`[{"name", "version_id", "share"}]`, 2+,
-    shares summing to 1, arm 0 is the control), `primary_metric` (accuracy | latency),
-    `guardrails`, `min_samples_per_arm`, `alpha`, `effect_scale`.
+    shares summing to 1, arm 0 is the control; every arm a version of one family),
+    `primary_metric` (accuracy for classification, mae for regression, or latency; by
+    default the family's primary metric), `guardrails`, `min_samples_per_arm`, `alpha`,
+    `effect_scale`. Refused with 400 `mixed_families` (arms of different families),
+    `metric_not_for_task` (a primary metric of the other task), `gate_not_for_task` (a
+    guardrail of the other task), `unknown_metric`, `no_compatible_artifact`,
+    `empty_target` or `validation_error`.
     """
     from models_registry.models import Artifact, ModelVersion
 
@@ -97,14 +125,16 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
     if not isinstance(arms, list) or len(arms) < 2:
         raise ServiceError("An experiment needs at least two arms.", code="validation_error")
     clean_arms: list[dict[str, Any]] = []
+    families: dict[int, Any] = {}
     for i, arm in enumerate(arms):
         try:
             version_id, share = int(arm["version_id"]), float(arm["share"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ServiceError(f"arm {i} needs version_id and share.", code="validation_error") from exc
-        version = ModelVersion.objects.filter(pk=version_id).first()
+        version = ModelVersion.objects.select_related("family").filter(pk=version_id).first()
         if version is None:
             raise ServiceError(f"arm {i}: unknown version {version_id}.", code="validation_error")
+        families.setdefault(version.family_id, version.family)
         if not Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).exists():
             raise ServiceError(
                 f"{version.label} has no ONNX artifact.",
@@ -118,6 +148,15 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
         )
     if abs(sum(a["share"] for a in clean_arms) - 1.0) > 1e-6:
         raise ServiceError("Arm shares must sum to 1.", code="validation_error")
+    if len(families) > 1:
+        names = sorted(f.name for f in families.values())
+        raise ServiceError(
+            f"Every arm must be a version of one family; these are of {', '.join(names)}.",
+            code="mixed_families",
+            details={"families": names},
+        )
+    family = next(iter(families.values()))
+    task = str(family.task)
     try:
         guardrails = validate_gates(gates=data.get("guardrails") or [])
     except KeyError as exc:
@@ -128,14 +167,25 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
         ) from exc
     except ValueError as exc:
         raise ServiceError(str(exc), code="validation_error") from exc
+    check_gates_fit(gates=guardrails, task=task, what="guardrail")
     if any(
         g.get("max_increase_pct") is not None or g.get("max_decrease_pct") is not None for g in guardrails
     ):
         raise ServiceError("Guardrails take absolute limits (max, min).", code="validation_error")
-    primary = data.get("primary_metric") or Experiment.PrimaryMetric.ACCURACY
+    primary = data.get("primary_metric") or ("mae" if task == "regression" else "accuracy")
+    fits = primary_metrics_for_task(task)
     if primary not in Experiment.PrimaryMetric.values:
         raise ServiceError(
-            "primary_metric must be accuracy or latency.", code="unknown_metric", details={"metric": primary}
+            f"primary_metric must be one of {', '.join(Experiment.PrimaryMetric.values)}.",
+            code="unknown_metric",
+            details={"metric": primary, "known": list(Experiment.PrimaryMetric.values)},
+        )
+    if primary not in fits:
+        raise ServiceError(
+            f"The primary metric {primary!r} does not fit {family.name}, a {task} family; "
+            f"primary metrics for {task}: {', '.join(fits)}.",
+            code="metric_not_for_task",
+            details={"task": task, "metric": primary, "fits": fits},
         )
     members = [
         str(pk)
@@ -308,7 +358,7 @@ def _transition(
 
 
 def _primary_arrays(experiment: Experiment, samples: dict[str, np.ndarray]) -> np.ndarray:
-    name = "correct" if experiment.primary_metric == Experiment.PrimaryMetric.ACCURACY else "latency_ms"
+    name = PRIMARY_SAMPLES[str(experiment.primary_metric)]
     return np.asarray(samples.get(name, np.empty(0)), dtype=np.float64)
 
 
@@ -364,7 +414,7 @@ def _compare(experiment: Experiment, arm_samples: dict[int, dict[str, np.ndarray
     """Each treatment arm against control with the mSPRT (running-min p) and a fixed test."""
     previous = {c["arm"]: c for c in (experiment.result or {}).get("comparisons", [])}
     control = _primary_arrays(experiment, arm_samples.get(0, {}))
-    lower_is_better = experiment.primary_metric == Experiment.PrimaryMetric.LATENCY
+    lower_is_better = experiment.primary_metric in LOWER_IS_BETTER
     k = len(experiment.arms) - 1
     alpha = experiment.alpha / k
     arms_summary = []
@@ -444,9 +494,7 @@ def _winner(
     experiment: Experiment, arm: int, comparison: dict[str, Any], *, control_wins: bool
 ) -> dict[str, Any]:
     name = experiment.arms[arm]["name"]
-    metric = (
-        "accuracy" if experiment.primary_metric == Experiment.PrimaryMetric.ACCURACY else "mean latency (ms)"
-    )
+    metric = PRIMARY_LABELS[str(experiment.primary_metric)]
     other = experiment.arms[comparison["arm"]]["name"]
     confidence = 1.0 - comparison["alpha"]
     summary = (

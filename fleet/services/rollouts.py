@@ -50,7 +50,14 @@ from fleet.models import (
     RolloutDecision,
     RolloutDevice,
 )
-from fleet.rollouts.gates import evaluate_gates, validate_gates
+from fleet.rollouts.gates import (
+    GATE_METRICS,
+    evaluate_gates,
+    gates_for_task,
+    gates_not_for_task,
+    raw_metrics_for,
+    validate_gates,
+)
 from fleet.rollouts.policy import in_maintenance_window
 from fleet.rollouts.waves import cumulative_size, ordered_devices, validate_waves
 from fleet.selectors.devices import device_effective_policy
@@ -141,18 +148,36 @@ def _check_overlap(*, device_ids: list[str], rollout_id: int | None) -> None:
         )
 
 
+def check_gates_fit(*, gates: list[dict[str, Any]], task: str, what: str = "gate") -> None:
+    """Refuse gates that read another task's feedback (400 ``gate_not_for_task``)."""
+    unfit = gates_not_for_task(gates=gates, task=task)
+    if unfit:
+        fits = list(gates_for_task(task))
+        raise ServiceError(
+            f"The {what} metric {', '.join(repr(m) for m in unfit)} does not fit a {task} family; "
+            f"{what}s for {task}: {', '.join(fits)}.",
+            code="gate_not_for_task",
+            details={"task": task, "metrics": unfit, "fits": fits},
+        )
+
+
 def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None = None) -> Rollout:
     """Validate and save a draft rollout.
 
     `data`: `version` (id), a target (`target_group` id, `target_tags`, `target_device_ids`;
     their union), `waves`, optional `gates` and the tuning fields of `Rollout`. Refused with
-    400 `empty_target`, `no_compatible_artifact`, `unknown_metric`, `validation_error`, or
-    409 `overlapping_rollout`.
+    400 `empty_target`, `no_compatible_artifact`, `unknown_metric`, `gate_not_for_task` (an
+    `accuracy` gate on a regression family, an `mae` gate on a classification one),
+    `validation_error`, or 409 `overlapping_rollout`.
     """
     from models_registry.models import ModelVersion
 
     version_id = str(data.get("version", ""))
-    version = ModelVersion.objects.filter(pk=int(version_id)).first() if version_id.isdigit() else None
+    version = (
+        ModelVersion.objects.select_related("family").filter(pk=int(version_id)).first()
+        if version_id.isdigit()
+        else None
+    )
     if version is None:
         raise ServiceError(
             "Unknown model version.", code="validation_error", details={"version": data.get("version")}
@@ -173,10 +198,11 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
         raise ServiceError(
             f"Unknown gate metric {exc.args[0]!r}.",
             code="unknown_metric",
-            details={"metric": exc.args[0], "known": ["latency_p95_ms", "error_rate", "accuracy"]},
+            details={"metric": exc.args[0], "known": list(GATE_METRICS)},
         ) from exc
     except ValueError as exc:
         raise ServiceError(str(exc), code="validation_error", details={"gates": str(exc)}) from exc
+    check_gates_fit(gates=gates, task=version.family.task)
 
     group = None
     if data.get("target_group") is not None:
@@ -428,12 +454,17 @@ def _gate_samples(rollout: Rollout, now: datetime) -> tuple[dict[str, Any], dict
     replaced = {
         v for v in members.values_list("previous_version_id", flat=True) if v and v != rollout.version_id
     }
+    names = raw_metrics_for(rollout.gates)
     candidate = metric_arrays(
-        version_ids=[rollout.version_id], since=start, until=now + timedelta(seconds=1), device_ids=device_ids
+        version_ids=[rollout.version_id],
+        since=start,
+        until=now + timedelta(seconds=1),
+        device_ids=device_ids,
+        names=names,
     )
     span = max(now - start, timedelta(seconds=float(rollout.waves[rollout.current_wave].get("soak_s", 0))))
     baseline = (
-        metric_arrays(version_ids=replaced, since=start - span, until=now + timedelta(seconds=1))
+        metric_arrays(version_ids=replaced, since=start - span, until=now + timedelta(seconds=1), names=names)
         if replaced
         else {}
     )

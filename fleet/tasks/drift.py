@@ -1,4 +1,4 @@
-"""Drift tasks: flag model versions whose accuracy on labelled feedback dropped."""
+"""Drift tasks: flag model versions whose primary metric on labelled feedback fell behind."""
 
 from __future__ import annotations
 

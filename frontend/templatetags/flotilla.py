@@ -49,6 +49,25 @@ def num(value: Any, digits: int = 2) -> str:
 
 
 @register.filter
+def metric(value: Any, name: Any = "accuracy") -> str:
+    """A primary metric as people read it: accuracy as a percentage, anything else (mae) as is."""
+    if value is None or value == "":
+        return "—"
+    if name in ("accuracy", "", None):
+        return pct(value)
+    return f"{float(value):.4g}"
+
+
+@register.filter
+def signed(value: Any, name: Any = "accuracy") -> str:
+    """A gain with its sign, in the metric's unit: '+1.5%' for accuracy, '+0.032' for mae."""
+    if value is None or value == "":
+        return "—"
+    text = metric(value, name)
+    return text if float(value) < 0 else f"+{text}"
+
+
+@register.filter
 def ago(value: datetime | None) -> str:
     """A short age: '12 s ago', '3 min ago', '2 h ago', '4 d ago'."""
     if not value:

@@ -76,6 +76,7 @@ def device(request: HttpRequest, device_id: Any) -> HttpResponse:
         commands=selectors.device_commands(device=found),
         charts=selectors.device_metric_charts(device=found),
         **selectors.device_drift(device=found),
+        learning=selectors.device_learning(device=found),
         command_kinds=COMMAND_KINDS,
         device_topic=topic_for("device", found.pk.hex),
     )

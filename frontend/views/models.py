@@ -45,6 +45,7 @@ def family(request: HttpRequest, family_id: int) -> HttpResponse:
         section="models",
         title=f"Model {found.name}",
         family=found,
+        contract=selectors_models.family_contract(found),
         rows=selectors_models.variant_rows(versions=versions, reports=reports),
     )
 
@@ -67,7 +68,10 @@ def version(request: HttpRequest, version_id: int) -> HttpResponse:
         version=found,
         lineage=version_lineage(found),
         children=list(version_children(found)),
-        artifacts=list(found.artifacts.all()),
+        artifacts=selectors_models.version_artifacts(found),
+        learning=selectors_models.version_learning(found),
+        contract=selectors_models.family_contract(found.family),
+        judged=selectors_models.evaluation_of(found),
         evaluation=selectors_models.report_view(report),
         next_stages=sorted(STAGE_TRANSITIONS.get(found.stage, ())),
         jobs=jobs,

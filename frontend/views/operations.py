@@ -35,6 +35,8 @@ GATE_FIELDS = (
     ("gate_error_rate_max", "error_rate", "max"),
     ("gate_accuracy_min", "accuracy", "min"),
     ("gate_accuracy_max_decrease_pct", "accuracy", "max_decrease_pct"),
+    ("gate_mae_max", "mae", "max"),
+    ("gate_mae_max_increase_pct", "mae", "max_increase_pct"),
 )
 
 
@@ -184,8 +186,10 @@ def experiment_new(request: HttpRequest) -> HttpResponse:
             {"name": "control", "version_id": post.get("control_version"), "share": round(1 - share, 6)},
             {"name": "candidate", "version_id": post.get("candidate_version"), "share": round(share, 6)},
         ],
-        "primary_metric": post.get("primary_metric") or Experiment.PrimaryMetric.ACCURACY,
     }
+    # Empty: the arms' family's primary metric (accuracy, or mae for regression).
+    if post.get("primary_metric"):
+        data["primary_metric"] = post["primary_metric"]
     if (min_samples := int_or_none(post.get("min_samples_per_arm"))) is not None:
         data["min_samples_per_arm"] = min_samples
     try:

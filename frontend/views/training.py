@@ -32,7 +32,7 @@ def jobs(request: HttpRequest) -> HttpResponse:
         "frontend/jobs.html",
         section="federated",
         title="Federated training",
-        jobs=selectors_training.jobs(),
+        jobs=selectors_training.job_rows(selectors_training.jobs()),
         groups=DeviceGroup.objects.order_by("name"),
         versions=ModelVersion.objects.select_related("family").order_by("family__name", "-number")[:200],
     )

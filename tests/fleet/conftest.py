@@ -95,23 +95,34 @@ def enroll(make_token: Any, client: Any) -> Any:
     return do
 
 
+_REAL = object()
+
+
 @pytest.fixture
 def make_version(db: Any) -> Any:
-    """A model version with an ONNX (and optionally weights) artifact stored and signed."""
+    """A model version of the classification family ``digits``.
+
+    By default a registered digits MLP with all three artifacts (``tests.bundles``); given
+    ``onnx`` and/or ``weights`` bytes (None: no such artifact), a bare row with those
+    artifacts stored and signed (ONNX bytes of its own unless ``onnx`` says otherwise), for
+    tests about the files themselves.
+    """
     from django.core.files.base import ContentFile
     from django.core.files.storage import default_storage
 
-    from models_registry.models import Artifact, ModelFamily, ModelVersion
+    from models_registry.models import Artifact, ModelVersion
     from models_registry.signing import sign_digest
+    from tests.bundles import digits_family, digits_version
 
-    counter = {"n": 0}
-
-    def make(*, onnx: bytes = b"onnx-bytes-" * 100, weights: bytes | None = None) -> ModelVersion:
-        counter["n"] += 1
-        family, _ = ModelFamily.objects.get_or_create(
-            name="digits", defaults={"arch": "mlp", "input_shape": [64]}
-        )
-        version = ModelVersion.objects.create(family=family, number=counter["n"])
+    def make(*, onnx: Any = _REAL, weights: Any = _REAL) -> ModelVersion:
+        family = digits_family("digits")
+        if onnx is _REAL and weights is _REAL:
+            return digits_version(family)
+        # A bare row: ONNX bytes unless told otherwise, weights only when given.
+        onnx = b"onnx-bytes-" * 100 if onnx is _REAL else onnx
+        weights = None if weights is _REAL else weights
+        number = (family.versions.order_by("-number").values_list("number", flat=True).first() or 0) + 1
+        version = ModelVersion.objects.create(family=family, number=number)
         for kind, content in (("onnx", onnx), ("weights", weights)):
             if content is None:
                 continue
@@ -126,5 +137,16 @@ def make_version(db: Any) -> Any:
                 signature=sign_digest(digest),
             )
         return version
+
+    return make
+
+
+@pytest.fixture
+def make_regression_version(db: Any) -> Any:
+    """A registered version of the regression family (``tests.bundles.regression_version``)."""
+    from tests.bundles import regression_version
+
+    def make(**fields: Any) -> Any:
+        return regression_version(**fields)
 
     return make

@@ -30,21 +30,92 @@ def test_pure_psi_is_zero_for_equal_and_large_for_moved_histograms() -> None:
     assert psi(observed=[70, 20, 10], expected=[10, 20, 70]) > 1.0
 
 
-def test_unshifted_inputs_do_not_alert_and_shifted_ones_do(enroll: Any, make_version: Any) -> None:
+@pytest.fixture
+def references(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """The registry's reference computation, faked: a sketch of the digits train split
+    without confidences, or None for a version listed in ``none`` (a family without data)."""
+    from models_registry import drift_reference
+    from models_registry.models import ModelVersion
+
+    state: dict[str, Any] = {"calls": [], "none": set()}
+
+    def compute(*, version_id: int) -> dict[str, Any] | None:
+        state["calls"].append(version_id)
+        if version_id in state["none"]:
+            return None
+        reference = _sketch(load_digits_split()[0], confidence=np.zeros(0))
+        version = ModelVersion.objects.get(pk=version_id)
+        version.metrics = {**version.metrics, "drift_reference": reference}
+        version.save(update_fields=["metrics"])
+        return reference
+
+    monkeypatch.setattr(drift_reference, "drift_reference_compute", compute)
+    return state
+
+
+def test_unshifted_inputs_do_not_alert_and_shifted_ones_do(
+    enroll: Any, make_version: Any, references: dict[str, Any]
+) -> None:
     agent = enroll()
     version = make_version()
     _, _, x_test, _ = load_digits_split()
     plain = agent.post("drift", {**_sketch(x_test[:200]), "version_id": version.pk})
     assert plain.status_code == 200, plain.content
     assert plain.json()["alert"] is False
-    version.refresh_from_db()
-    assert version.metrics["drift_reference"]["count"] > 1000  # computed lazily, on the train split
-
     shifted = np.clip(x_test[:200] + 0.3, 0.0, 1.0)
     moved = agent.post("drift", {**_sketch(shifted), "version_id": version.pk})
     assert moved.status_code == 200 and moved.json()["alert"] is True
     report = DriftReport.objects.get(pk=moved.json()["id"])
-    assert report.z_max > 4.0 and report.device_id == agent.device.pk
+    assert report.z_max > 4.0 and report.device_id == agent.device.pk and report.version_id == version.pk
+    assert report.psi is None  # the reference has no confidence histogram
+    assert references["calls"] == [version.pk]  # computed once, on the first report
+
+
+def test_family_without_reference_gets_no_score(
+    enroll: Any, make_regression_version: Any, references: dict[str, Any]
+) -> None:
+    agent = enroll()
+    version = make_regression_version()
+    references["none"].add(version.pk)
+    rng = np.random.default_rng(0)
+    response = agent.post("drift", {**_sketch(rng.normal(size=(50, 8))), "version_id": version.pk})
+    assert response.status_code == 200, response.content
+    assert response.json()["alert"] is False and response.json()["score"] is None
+    report = DriftReport.objects.get(pk=response.json()["id"])
+    assert report.version_id == version.pk and report.score is None and report.psi is None
+
+
+def test_regression_reference_without_confidence_scores_by_the_mean_shift(
+    enroll: Any, make_regression_version: Any
+) -> None:
+    agent = enroll()
+    version = make_regression_version()
+    rng = np.random.default_rng(1)
+    reference = _sketch(rng.normal(size=(2000, 8)), confidence=np.zeros(0))
+    del reference["confidence_hist"]  # a regression reference has no histogram at all
+    version.metrics = {"drift_reference": reference}
+    version.save()
+    no_confidence = np.zeros(0)
+    same = agent.post(
+        "drift", {**_sketch(rng.normal(size=(200, 8)), no_confidence), "version_id": version.pk}
+    )
+    assert same.status_code == 200, same.content
+    assert same.json()["alert"] is False and same.json()["score"] is not None
+    moved_inputs = rng.normal(loc=1.0, size=(200, 8))
+    moved = agent.post("drift", {**_sketch(moved_inputs, no_confidence), "version_id": version.pk}).json()
+    assert moved["alert"] is True
+    assert DriftReport.objects.get(pk=moved["id"]).psi is None
+
+
+def test_sketch_of_another_input_size_is_stored_unscored(
+    enroll: Any, make_version: Any, references: dict[str, Any]
+) -> None:
+    agent = enroll()
+    version = make_version()  # digits: 64 features
+    response = agent.post("drift", {**_sketch(np.zeros((5, 10))), "version_id": version.pk})
+    assert response.status_code == 200, response.content
+    assert response.json()["score"] is None
+    assert references["calls"] == []  # no reference is computed for a sketch that cannot match it
 
 
 def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any) -> None:
@@ -153,14 +224,42 @@ def test_old_feedback_does_not_count(enroll: Any, make_version: Any) -> None:
     assert drift_check(now=timezone.now() + timedelta(hours=2)) == []
 
 
-def test_reference_runs_the_onnx_artifact_for_the_confidence_histogram(make_version: Any) -> None:
-    from models_registry.drift_reference import drift_reference_compute
-    from tests.devices_agent.agent_helpers import linear_onnx
+def _abs_errors(device: Any, version: Any, values: Any) -> None:
+    now = timezone.now()
+    MetricSample.objects.bulk_create(
+        MetricSample(device=device, version=version, name="abs_error", value=float(v), ts=now) for v in values
+    )
 
-    version = make_version(onnx=linear_onnx())
-    reference = drift_reference_compute(version_id=version.pk)
-    x_train = load_digits_split()[0]
-    assert reference["count"] == len(x_train) and sum(reference["confidence_hist"]) == len(x_train)
-    np.testing.assert_allclose(reference["mean"], x_train.mean(axis=0), atol=1e-4)
-    version.refresh_from_db()
-    assert version.metrics["drift_reference"] == reference
+
+def test_drift_check_flags_a_regression_version_whose_mae_rises(
+    enroll: Any, make_regression_version: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    device = enroll().device
+    steady, risen = make_regression_version(), make_regression_version()
+    for version in (steady, risen):
+        version.metrics = {"mae": 0.4, "rmse": 0.5, "evaluation": "federated"}
+        version.save()
+    _abs_errors(device, steady, [0.48] * 300)  # +20 %: within the default 25 %
+    _abs_errors(device, risen, [0.6] * 300)  # +50 %
+    # Classification feedback says nothing about a regression version.
+    _feedback(device, steady, n=300, correct=0)
+    with django_capture_on_commit_callbacks(execute=False) as emitted:
+        assert drift_check() == [risen.pk]
+    assert len(emitted) == 1
+    risen.refresh_from_db()
+    flag = risen.metrics["flagged"]
+    assert flag["reason"] == "mae_rise" and flag["metric"] == "mae"
+    assert flag["mae"] == pytest.approx(0.6) and flag["reference_mae"] == pytest.approx(0.4)
+    assert flag["value"] == pytest.approx(0.6) and flag["samples"] == 300
+    steady.refresh_from_db()
+    assert "flagged" not in steady.metrics
+
+
+def test_mae_rise_threshold_is_a_setting(enroll: Any, make_regression_version: Any, settings: Any) -> None:
+    settings.DRIFT_MAE_RISE = 0.1
+    device = enroll().device
+    version = make_regression_version()
+    version.metrics = {"mae": 0.4}
+    version.save()
+    _abs_errors(device, version, [0.48] * 300)
+    assert drift_check() == [version.pk]

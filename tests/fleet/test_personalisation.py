@@ -85,3 +85,41 @@ def test_anonymous_is_refused(anon_client: Any) -> None:
     response = anon_client.get("/api/v1/personalisation/")
     assert response.status_code in (401, 403)
     assert "error" in response.json()
+
+
+def test_gain_on_mae_is_global_minus_personal_and_named(
+    enroll: Any, make_version: Any, make_regression_version: Any, viewer_client: Any
+) -> None:
+    digits, sensor = make_version(), make_regression_version()
+    lab = DeviceGroup.objects.create(name="lab")
+    a, b, c = (enroll().device for _ in range(3))
+    for device in (a, b, c):
+        device.groups.add(lab)
+    # a, b: regression boards; the personal head's error is lower, so the gain is positive.
+    _sample(a, sensor, "global_mae", 0.50, 5)
+    _sample(a, sensor, "personal_mae", 0.30, 5)
+    _sample(b, sensor, "global_mae", 0.40, 5)
+    _sample(b, sensor, "personal_mae", 0.45, 5)
+    # Accuracy names on a regression version are not its metric: they are ignored.
+    _sample(b, sensor, "global_accuracy", 0.1, 1)
+    _sample(b, sensor, "personal_accuracy", 0.9, 1)
+    # c: a classification board in the same group.
+    _sample(c, digits, "global_accuracy", 0.7, 5)
+    _sample(c, digits, "personal_accuracy", 0.8, 5)
+    summary = personalisation_summary()
+    rows = {row["device_id"]: row for row in summary["devices"]}
+    ra, rb, rc = rows[str(a.pk)], rows[str(b.pk)], rows[str(c.pk)]
+    assert ra["metric"] == "mae" and ra["gain"] == pytest.approx(0.2)
+    assert ra["global"] == pytest.approx(0.5) and ra["personal_mae"] == pytest.approx(0.3)
+    assert rb["metric"] == "mae" and rb["gain"] == pytest.approx(-0.05)
+    assert rc["metric"] == "accuracy" and rc["gain"] == pytest.approx(0.1)
+    groups = {(g["group"], g["metric"]): g for g in summary["groups"]}
+    assert set(groups) == {("lab", "accuracy"), ("lab", "mae")}
+    assert groups[("lab", "mae")]["devices"] == 2
+    assert groups[("lab", "mae")]["mean_gain"] == pytest.approx(0.075)
+    assert groups[("lab", "accuracy")]["mean_gain"] == pytest.approx(0.1)
+    body = viewer_client.get("/api/v1/personalisation/?group=lab").json()
+    assert {(g["metric"], round(g["mean_gain"], 4)) for g in body["groups"]} == {
+        ("accuracy", 0.1),
+        ("mae", 0.075),
+    }

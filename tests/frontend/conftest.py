@@ -68,20 +68,16 @@ def make_devices(*, count: int, group: Any = None, version: Any = None, prefix: 
     return rows
 
 
-def make_version(*, family: Any, number: int, parent: Any = None, stage: str = "production") -> Any:
-    from models_registry.models import Artifact, ModelVersion
+def make_version(*, family: Any, parent: Any = None, stage: str = "production", **metrics: Any) -> Any:
+    """A registered version of ``family`` (a digits net, or the regression net of a regression
+    family) with all three artifacts, in ``stage``, its headline metrics set to ``metrics``."""
+    from models_registry.models import ModelVersion
+    from tests.bundles import digits_version, regression_version
 
-    version = ModelVersion.objects.create(
-        family=family, number=number, parent=parent, stage=stage, metrics={"accuracy": 0.9}
-    )
-    Artifact.objects.create(
-        version=version,
-        kind="onnx",
-        file=f"artifacts/test/{number}.onnx",
-        sha256=f"{number:064d}",
-        size=1234,
-        signature="c2ln",
-    )
+    make = regression_version if family.task == "regression" else digits_version
+    version = make(family, parent=parent, metrics=metrics or {"accuracy": 0.9})
+    ModelVersion.objects.filter(pk=version.pk).update(stage=stage)
+    version.stage = stage
     return version
 
 
@@ -103,13 +99,14 @@ def fleet(db: Any) -> Fleet:
         RolloutDevice,
     )
     from fleet.services.enrollment import enrollment_token_create
-    from models_registry.models import EvaluationReport, ModelFamily
+    from models_registry.models import EvaluationReport
+    from tests.bundles import digits_family
     from training.models import ClientUpdate, FederatedJob, FederatedRound
 
     now = timezone.now()
-    family = ModelFamily.objects.create(name="digits", arch="mlp", input_shape=[64], num_classes=3)
-    version = make_version(family=family, number=1)
-    candidate = make_version(family=family, number=2, parent=version, stage="staging")
+    family = digits_family("digits")
+    version = make_version(family=family)
+    candidate = make_version(family=family, parent=version, stage="staging")
     EvaluationReport.objects.create(
         version=candidate,
         dataset="digits-test",

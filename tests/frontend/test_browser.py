@@ -103,22 +103,40 @@ def make_operator() -> Any:
 
 
 def make_release() -> tuple[Any, Any, Any]:
-    """A family with a running version and a candidate that has an ONNX artifact row."""
-    from models_registry.models import Artifact, ModelFamily, ModelVersion
+    """A digits family with a running version and a candidate, registered with all three artifacts."""
+    from models_registry.models import ModelVersion
+    from tests.bundles import digits_family, digits_version
 
-    family = ModelFamily.objects.create(name="digits", arch="mlp", input_shape=[64], num_classes=10)
-    base = ModelVersion.objects.create(family=family, number=1, stage="production")
-    candidate = ModelVersion.objects.create(family=family, number=2, parent=base, stage="staging")
-    for version in (base, candidate):
-        Artifact.objects.create(
-            version=version,
-            kind="onnx",
-            file=f"artifacts/browser/{version.number}.onnx",
-            sha256=f"{version.number:064d}",
-            size=100,
-            signature="c2ln",
-        )
+    family = digits_family("digits")
+    base = digits_version(family)
+    candidate = digits_version(family, parent=base)
+    ModelVersion.objects.filter(pk=base.pk).update(stage="production")
+    ModelVersion.objects.filter(pk=candidate.pk).update(stage="staging")
+    base.refresh_from_db()
+    candidate.refresh_from_db()
     return family, base, candidate
+
+
+def make_regression_release() -> tuple[Any, Any]:
+    """A regression family with a version judged on the boards' holdouts."""
+    from models_registry.models import ModelVersion
+    from tests.bundles import regression_family, regression_version
+
+    family = regression_family()
+    version = regression_version(family)
+    spread = {
+        "metric": "mae",
+        "value": 0.4,
+        "devices": 3,
+        "examples": 60,
+        "min": 0.3,
+        "max": 0.5,
+        "std": 0.08,
+    }
+    ModelVersion.objects.filter(pk=version.pk).update(
+        metrics={"mae": 0.4, "evaluation": "federated", "federated_evaluation": spread}
+    )
+    return family, version
 
 
 def test_devices_appear_as_agents_enroll(live_stack: Any, transactional_db: Any, browser: Any) -> None:
@@ -259,13 +277,20 @@ def test_federated_round_arrives_live(live_stack: Any, transactional_db: Any, br
 
 
 def test_pages_render_without_console_errors(live_stack: Any, transactional_db: Any, browser: Any) -> None:
-    off_loop(lambda: (make_operator(), make_release()))
+    def setup() -> tuple[Any, Any]:
+        make_operator()
+        make_release()
+        return make_regression_release()
+
+    family, version = off_loop(setup)
     session = Session(browser, live_stack.url)
     session.login("ops")
     for path in (
         "/",
         "/devices/",
         "/models/",
+        f"/models/{family.pk}/",
+        f"/versions/{version.pk}/",
         "/rollouts/",
         "/experiments/",
         "/federated/",

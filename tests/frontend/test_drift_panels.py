@@ -40,7 +40,7 @@ def test_overview_shows_drift_shares_flagged_versions_and_personal_gain(
 
 def test_overview_panels_are_empty_without_reports(page_client: Any, fleet: Fleet) -> None:
     html = page_client("viewer").get(reverse("frontend:overview")).content.decode()
-    assert "No drift reports yet." in html and "No device reports personal accuracy." in html
+    assert "No drift reports yet." in html and "No device reports a personal head's numbers." in html
 
 
 def test_device_page_shows_the_latest_drift_report_and_personal_accuracy(

@@ -195,7 +195,7 @@ def test_job_page_lists_rounds_participants_and_dropped_devices(page_client: Any
     response = client.get(reverse("frontend:job", args=[fleet.job.pk]))
     participants = response.context["participants"]
     assert participants["round"].number == 2
-    assert [u.status for u in participants["updates"]] == ["accepted", "rejected"]
+    assert [u["update"].status for u in participants["updates"]] == ["accepted", "rejected"]
     assert [d.pk for d in participants["dropped"]] == [fleet.devices[2].pk]
     assert response.context["charts"][0]["spec"]["labels"] == ["1", "2"]
     assert "non_finite" in response.content.decode()

@@ -40,12 +40,17 @@ class Fleet:
 
 
 @pytest.fixture
-def fleet(db: Any, make_version: Any) -> Any:
-    """Returns make(n): n online devices in group "edge", all running v1; v2 is new."""
+def fleet(db: Any, make_version: Any, make_regression_version: Any) -> Any:
+    """Returns make(n): n online devices in group "edge", all running v1; v2 is new.
+
+    The versions are of the classification family ``digits``, or with ``regression=True``
+    of the regression family of ``tests.bundles``.
+    """
     from fleet.models import DeviceGroup
 
-    def make(n: int = 20) -> Fleet:
-        v1, v2 = make_version(), make_version()
+    def make(n: int = 20, *, regression: bool = False) -> Fleet:
+        versions = make_regression_version if regression else make_version
+        v1, v2 = versions(), versions()
         group = DeviceGroup.objects.create(name="edge")
         f = Fleet(group=group, devices=[], v1=v1, v2=v2)
         f.add(n, prefix="board")

@@ -30,6 +30,31 @@ def test_create_errors_use_the_one_error_shape(fleet: Any, operator_client: Any,
     assert r.status_code == 400 and r.json()["error"]["code"] == "unknown_metric"
 
 
+def test_accuracy_gate_on_a_regression_family_is_a_400_naming_the_fitting_gates(
+    fleet: Any, operator_client: Any
+) -> None:
+    f = fleet(4, regression=True)
+    body = {
+        "version": f.v2.pk,
+        "target_group": f.group.pk,
+        "waves": [{"percent": 100}],
+        "gates": [{"metric": "accuracy", "max_decrease_pct": 2}],
+    }
+    r = operator_client.post("/api/v1/rollouts/", body, format="json")
+    assert r.status_code == 400, r.content
+    error = r.json()["error"]
+    assert error["code"] == "gate_not_for_task"
+    assert error["details"] == {
+        "task": "regression",
+        "metrics": ["accuracy"],
+        "fits": ["latency_p95_ms", "error_rate", "mae"],
+    }
+    body["gates"] = [{"metric": "mae", "max_increase_pct": 10}]
+    created = operator_client.post("/api/v1/rollouts/", body, format="json")
+    assert created.status_code == 201, created.content
+    assert created.json()["gates"][0]["metric"] == "mae"
+
+
 def test_rollout_lifecycle_over_http(fleet: Any, operator_client: Any, viewer_client: Any) -> None:
     f = fleet(10)
     body = {

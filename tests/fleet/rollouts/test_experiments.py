@@ -133,3 +133,67 @@ def test_guardrail_breach_stops_and_restores(fleet: Any) -> None:
     assert decision.metrics["arm"] == 1 and decision.metrics["value"] == pytest.approx(3 / 13)
     for row in ExperimentAssignment.objects.filter(experiment=experiment, arm=1):
         assert Device.objects.get(pk=row.device_id).desired_version_id == f.v1.pk
+
+
+def test_regression_experiment_names_the_arm_with_the_lower_mae(fleet: Any) -> None:
+    f = fleet(40, regression=True)
+    experiment = make_experiment(f, primary_metric=None, min_samples_per_arm=200, effect_scale=0.1)
+    assert experiment.primary_metric == "mae"  # the family's primary metric by default
+    experiment_start(experiment_id=experiment.pk, actor=None)
+    experiment.refresh_from_db()
+    rng = np.random.default_rng(4)
+    ts = (experiment.started_at or timezone.now()) + timedelta(seconds=1)
+    for row in ExperimentAssignment.objects.filter(experiment=experiment).select_related("device"):
+        version, centre = (f.v1, 0.5) if row.arm == 0 else (f.v2, 0.4)
+        add_metrics(row.device, version, "abs_error", np.abs(rng.normal(centre, 0.1, 40)), ts=ts)
+    result = experiment_evaluate(experiment_id=experiment.pk, now=timezone.now() + timedelta(seconds=5))
+    assert result["primary_metric"] == "mae"
+    winner = result["winner"]
+    assert winner["arm"] == 1 and winner["name"] == "candidate"
+    assert winner["effect"] < 0 and winner["ci"][1] < 0  # lower error is better
+    assert "mean absolute error" in winner["summary"]
+    comparison = result["comparisons"][0]
+    assert comparison["direction"] == "better" and comparison["fixed_test"]["method"] == "welch_t"
+    arms = {a["arm"]: a for a in result["arms"]}
+    assert arms[0]["mean"] == pytest.approx(0.5, abs=0.03) and arms[1]["mean"] == pytest.approx(0.4, abs=0.03)
+
+
+@pytest.mark.parametrize(
+    ("regression", "metric", "fits"),
+    [(True, "accuracy", ["mae", "latency"]), (False, "mae", ["accuracy", "latency"])],
+)
+def test_primary_metric_of_the_other_task_is_refused(
+    fleet: Any, regression: bool, metric: str, fits: list[str]
+) -> None:
+    f = fleet(4, regression=regression)
+    with pytest.raises(ServiceError) as err:
+        make_experiment(f, primary_metric=metric)
+    assert err.value.code == "metric_not_for_task"
+    assert err.value.details == {
+        "task": "regression" if regression else "classification",
+        "metric": metric,
+        "fits": fits,
+    }
+    assert make_experiment(f, primary_metric="latency").primary_metric == "latency"
+
+
+def test_guardrail_of_the_other_task_is_refused(fleet: Any) -> None:
+    f = fleet(4, regression=True)
+    with pytest.raises(ServiceError) as err:
+        make_experiment(f, primary_metric="mae", guardrails=[{"metric": "accuracy", "min": 0.5}])
+    assert err.value.code == "gate_not_for_task"
+
+
+def test_arms_must_be_of_one_family(fleet: Any, make_regression_version: Any) -> None:
+    f = fleet(4)
+    other = make_regression_version()
+    with pytest.raises(ServiceError) as err:
+        make_experiment(
+            f,
+            arms=[
+                {"name": "a", "version_id": f.v1.pk, "share": 0.5},
+                {"name": "b", "version_id": other.pk, "share": 0.5},
+            ],
+        )
+    assert err.value.code == "mixed_families"
+    assert err.value.details == {"families": sorted([f.v1.family.name, other.family.name])}

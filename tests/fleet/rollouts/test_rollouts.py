@@ -317,6 +317,69 @@ def test_gates_wait_for_samples_then_pass(fleet: Any) -> None:
     assert RolloutDecision.objects.filter(rollout=rollout, action="waiting_for_samples").count() == 1
 
 
+def test_mae_gate_stops_a_regression_rollout(fleet: Any) -> None:
+    f = fleet(20, regression=True)
+    gates = [{"metric": "mae", "max_increase_pct": 10, "abs_tolerance": 0.01, "min_samples": 50}]
+    rollout = create(f, gates=gates, on_gate_failure="rollback")
+    t0 = timezone.now()
+    rollout_start(rollout_id=rollout.pk, actor=None, now=t0)
+    activate_all_in_progress(rollout)
+    rng = np.random.default_rng(5)
+    exposed = {m.device_id for m in members(rollout)}
+    for d in f.devices:
+        if d.pk in exposed:
+            add_metrics(d, f.v2, "abs_error", np.abs(rng.normal(0.6, 0.05, 60)), ts=t0 + timedelta(seconds=5))
+        else:
+            add_metrics(d, f.v1, "abs_error", np.abs(rng.normal(0.4, 0.05, 20)), ts=t0 + timedelta(seconds=5))
+    result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=20))
+    assert result.action == "rolled_back"
+    decision = RolloutDecision.objects.get(rollout=rollout, action="rolled_back")
+    (gate,) = decision.metrics["gates"]
+    assert gate["metric"] == "mae" and gate["outcome"] == "failed"
+    assert gate["value"] == pytest.approx(0.6, abs=0.03) and gate["baseline_value"] == pytest.approx(
+        0.4, abs=0.03
+    )
+    assert gate["samples"] == 120 and gate["baseline_samples"] == 360
+    assert "mae" in decision.reason
+    for m in members(rollout):
+        assert Device.objects.get(pk=m.device_id).desired_version_id == f.v1.pk
+
+
+def test_mae_gate_passes_within_its_tolerance(fleet: Any) -> None:
+    f = fleet(20, regression=True)
+    gates = [{"metric": "mae", "max_increase_pct": 10, "abs_tolerance": 0.05, "min_samples": 50}]
+    rollout = create(f, gates=gates)
+    t0 = timezone.now()
+    rollout_start(rollout_id=rollout.pk, actor=None, now=t0)
+    activate_all_in_progress(rollout)
+    exposed = {m.device_id for m in members(rollout)}
+    for d in f.devices:
+        version, value = (f.v2, 0.43) if d.pk in exposed else (f.v1, 0.40)
+        add_metrics(d, version, "abs_error", [value] * 60, ts=t0 + timedelta(seconds=5))
+    # +7.5 %, and 0.03 is within the tolerance anyway.
+    assert rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=61)).action == "wave_passed"
+
+
+@pytest.mark.parametrize(
+    ("regression", "metric", "fits"),
+    [
+        (True, "accuracy", ["latency_p95_ms", "error_rate", "mae"]),
+        (False, "mae", ["latency_p95_ms", "error_rate", "accuracy"]),
+    ],
+)
+def test_gate_of_the_other_task_is_refused(
+    fleet: Any, regression: bool, metric: str, fits: list[str]
+) -> None:
+    f = fleet(3, regression=regression)
+    task = "regression" if regression else "classification"
+    with pytest.raises(ServiceError) as err:
+        create(f, gates=[{"metric": "latency_p95_ms", "max": 50}, {"metric": metric, "min": 0.5}])
+    assert err.value.code == "gate_not_for_task"
+    assert err.value.details == {"task": task, "metrics": [metric], "fits": fits}
+    assert task in err.value.message and "error_rate" in err.value.message
+    assert not Rollout.objects.exists()
+
+
 def test_late_joiners_slot_in_at_the_next_advance(fleet: Any) -> None:
     f = fleet(20)
     rollout = create(f, waves=[{"percent": 50, "soak_s": 60}, {"percent": 100, "soak_s": 0}])
