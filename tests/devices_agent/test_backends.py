@@ -6,14 +6,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch  # noqa: E402, TID253 - these tests train: torch is required, never skipped
 
 from devices_agent.backends import TrainConfig, available_backends, get_backend
 from devices_agent.codecs import decode_tensors, l2_norm
 from devices_agent.data import load_digits_split
 from devices_agent.family import FamilySpec, SpecError
 from devices_agent.program import make_bundle
-
-torch = pytest.importorskip("torch")
 
 DIGITS = FamilySpec(task="classification", input_shape=(64,), num_classes=10)
 

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch  # noqa: E402, TID253 - these tests train: torch is required, never skipped
 
 from devices_agent.codecs import decode_tensors
 from devices_agent.data import load_digits_split
@@ -17,8 +18,6 @@ from devices_agent.family import FamilySpec
 from devices_agent.learning import LocalData, ModelRuntime, NotEnoughData, Personaliser
 from devices_agent.samples import SampleStore
 from devices_agent.state import AgentState
-
-torch = pytest.importorskip("torch")
 
 DIGITS = FamilySpec(task="classification", input_shape=(64,), num_classes=10)
 

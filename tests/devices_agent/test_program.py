@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch  # noqa: E402, TID253 - these tests train: torch is required, never skipped
 
 from devices_agent.codecs import decode_tensors
 from devices_agent.program import (
@@ -23,10 +24,8 @@ from devices_agent.program import (
     program_json_from,
 )
 
-torch = pytest.importorskip("torch")
 
-
-class ConvNet(torch.nn.Module):  # type: ignore[misc]
+class ConvNet(torch.nn.Module):
     """A model the agent has never seen: 1-D conv with BatchNorm, two linear layers."""
 
     def __init__(self) -> None:

@@ -104,8 +104,8 @@ class SecureNormal:
         u1, u2 = self._uniform(pairs), self._uniform(pairs)
         radius = np.sqrt(-2.0 * np.log(u1))
         angle = 2.0 * np.pi * u2
-        values = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])[:count]
-        return values.reshape(shape)
+        values: npt.NDArray[np.float64] = np.concatenate([radius * np.cos(angle), radius * np.sin(angle)])
+        return values[:count].reshape(shape)
 
     def normal(self, loc: float, scale: float, size: int | tuple[int, ...]) -> npt.NDArray[np.float64]:
         return loc + scale * self.standard_normal(size)

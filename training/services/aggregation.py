@@ -139,6 +139,7 @@ def _noise_key(*, rnd: FederatedRound, job: FederatedJob) -> bytes | None:
         return None
     FederatedRound.objects.filter(pk=rnd.pk, noise_key__isnull=True).update(noise_key=secrets.token_bytes(32))
     key = FederatedRound.objects.filter(pk=rnd.pk).values_list("noise_key", flat=True).get()
+    assert key is not None  # set just above, by this call or an earlier one
     return bytes(key)
 
 

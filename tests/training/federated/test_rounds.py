@@ -35,7 +35,8 @@ def _train_and_upload(
     client = Client(HTTP_AUTHORIZATION=f"Device {fleet.secrets[index]}")
     task = client.get(f"/api/agent/v1/rounds/{rnd.pk}/task").json()
     tensors, _ = decode_tensors(client.get(task["weights_url"]).content)
-    program = b"".join(client.get(task["program"]["url"]).streaming_content)
+    response: Any = client.get(task["program"]["url"])
+    program = b"".join(response.streaming_content)
     x, y = client_dataset(client_index=index, n_clients=len(fleet.devices), alpha=0.5, seed=0)
     result = get_backend("torch").train(
         program=program,
@@ -145,7 +146,7 @@ def test_fedavg_round_improves_accuracy_and_exports_onnx(db: Any) -> None:
 
     _, _, x_test, y_test = load_digits_split(seed=0)
     before = get_backend("torch").evaluate(
-        program=version_program(version=fleet.version),
+        program=version_program(version=fleet.version) or b"",
         state=_round_weights(fleet.version),
         spec=fleet.family.spec,
         x=x_test,
@@ -342,10 +343,10 @@ def test_dp_noise_is_secret_per_round_and_the_same_after_a_crash(db: Any, settin
             FederatedRound.objects.filter(pk=rnd.pk).update(
                 lease_expires_at=timezone.now() - timedelta(seconds=1)
             )
-            key_before = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key)
+            key_before = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key or b"")
         done = services.round_aggregate(round_id=rnd.pk)
         assert done is not None and done.status == "done"
-        key = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key)
+        key = bytes(FederatedRound.objects.get(pk=rnd.pk).noise_key or b"")
         if crash:
             assert key == key_before  # the resumed worker draws the same noise
         return _round_weights(done.version), key
