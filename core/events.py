@@ -88,8 +88,8 @@ EVENT_TYPES: dict[str, EventType] = {
         ),
         EventType(
             "model.flagged",
-            "A model version's accuracy on labelled feedback fell below its evaluation.",
-            ("version_id", "reason", "accuracy", "reference_accuracy", "samples", "at"),
+            "A model version's quality on labelled feedback fell below its evaluation.",
+            ("version_id", "reason", "metric", "value", "reference", "samples", "at"),
         ),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
         EventType("device.enrolled", "A board enrolled.", ("device",), public=False),

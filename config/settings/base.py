@@ -246,6 +246,8 @@ HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
 DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
+# A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
+DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)
 DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)

@@ -22,7 +22,6 @@ from fleet.models import Device, DriftReport, MetricSample
 FEEDBACK_METRICS = {"correct": "classification", "abs_error": "regression"}
 # How far (relative) a regression version's mae on feedback may rise above its evaluated
 # mae before it is flagged, unless settings.DRIFT_MAE_RISE says otherwise.
-DEFAULT_MAE_RISE = 0.25
 
 
 # A reference's drift reports are scored only when a sketch follows as many features as the
@@ -121,7 +120,7 @@ def _flag_for(*, version: Any, name: str, mean: float, samples: int, now: dateti
             "at": now.isoformat(),
         }
     reference = evaluated.get("mae")
-    rise = float(getattr(settings, "DRIFT_MAE_RISE", DEFAULT_MAE_RISE))
+    rise = float(settings.DRIFT_MAE_RISE)
     if not isinstance(reference, int | float) or mean - reference <= rise * abs(reference):
         return None
     return {
@@ -182,11 +181,6 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
                 continue
             version.metrics = {**version.metrics, "flagged": flag}
             version.save(update_fields=["metrics"])
-            # The documented payload names accuracy; a regression flag leaves those keys empty
-            # and carries its numbers as metric / value / reference (and mae / reference_mae).
-            emit(
-                "model.flagged",
-                {"version_id": version.pk, "accuracy": None, "reference_accuracy": None, **flag},
-            )
+            emit("model.flagged", {"version_id": version.pk, **flag})
             flagged.append(version.pk)
     return flagged
