@@ -20,8 +20,6 @@ from fleet.models import Device, DriftReport, MetricSample
 
 # The feedback metric of each task, and the task it belongs to.
 FEEDBACK_METRICS = {"correct": "classification", "abs_error": "regression"}
-# How far (relative) a regression version's mae on feedback may rise above its evaluated
-# mae before it is flagged, unless settings.DRIFT_MAE_RISE says otherwise.
 
 
 # A reference's drift reports are scored only when a sketch follows as many features as the
