@@ -25,11 +25,14 @@ class ServiceError(Exception):
         code: str = "invalid",
         status_code: int | None = None,
         details: dict[str, Any] | None = None,
+        retry_after_s: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.code = code
         self.details = details or {}
+        # Sent as Retry-After (a 429 or 503 that a client should come back from).
+        self.retry_after_s = retry_after_s
         if status_code is not None:
             self.status_code = status_code
 
@@ -65,9 +68,12 @@ def _first_message(detail: Any) -> str:
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Map every error raised in a DRF view to the one error shape."""
     if isinstance(exc, ServiceError):
-        return Response(
+        response = Response(
             error_body(code=exc.code, message=exc.message, details=exc.details), status=exc.status_code
         )
+        if exc.retry_after_s is not None:
+            response["Retry-After"] = str(exc.retry_after_s)
+        return response
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(
             detail=exc.message_dict if hasattr(exc, "error_dict") else exc.messages

@@ -57,6 +57,26 @@ METRIC_NAMES: tuple[str, ...] = (
     "dropped",  # samples the agent's full outbox discarded since the last report
 )
 
+# What each metric's value may be: (lowest, highest, whole numbers only). The server
+# refuses a batch holding anything else, so a device cannot move a fleet decision with
+# an impossible number (an accuracy of -1e12, an error count of a million).
+METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
+    "latency_ms": (0.0, 600_000.0, False),
+    "confidence": (0.0, 1.0, False),
+    "correct": (0.0, 1.0, True),
+    "abs_error": (0.0, 1e9, False),
+    "error": (0.0, 1.0, True),
+    "cpu_percent": (0.0, 100.0 * 1024, False),
+    "ram_mb": (0.0, 16.0 * 1024 * 1024, False),
+    "personal_accuracy": (0.0, 1.0, False),
+    "global_accuracy": (0.0, 1.0, False),
+    "personal_mae": (0.0, 1e9, False),
+    "global_mae": (0.0, 1e9, False),
+    "samples_evicted": (0.0, 1e9, True),
+    "drift_score": (0.0, 1e9, False),
+    "dropped": (0.0, 1e9, True),
+}
+
 
 class Hardware(TypedDict, total=False):
     arch: str

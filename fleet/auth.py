@@ -153,6 +153,8 @@ def error(exc: ServiceError) -> HttpResponse:
     )
     if exc.status_code == 401:
         response["WWW-Authenticate"] = AUTH_SCHEME
+    if exc.retry_after_s is not None:
+        response["Retry-After"] = str(exc.retry_after_s)
     return response
 
 

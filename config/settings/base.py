@@ -252,6 +252,11 @@ DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
 
+# A device's metrics (fleet.services.metrics): at most this many samples an hour, and
+# only for versions it runs, was given, ran before or was deployed in this many days.
+METRICS_MAX_SAMPLES_PER_HOUR = env.int("METRICS_MAX_SAMPLES_PER_HOUR", default=200_000)
+METRICS_VERSION_WINDOW_DAYS = env.float("METRICS_VERSION_WINDOW_DAYS", default=7.0)
+
 # Webhooks go only to public addresses; these hosts, addresses or CIDR networks are
 # trusted internal receivers (fleet.outbound).
 WEBHOOK_ALLOWED_HOSTS: list[str] = env.list("WEBHOOK_ALLOWED_HOSTS", default=[])

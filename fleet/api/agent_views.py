@@ -30,6 +30,7 @@ from devices_agent.wire import (
     MAX_BATCH_ID_LENGTH,
     MAX_METRIC_SAMPLES_PER_BATCH,
     METRIC_NAMES,
+    METRIC_RANGES,
     TRAINING_BACKENDS,
 )
 from fleet.auth import device_endpoint
@@ -233,10 +234,19 @@ def metrics(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[
         if ts > latest:
             raise _invalid(f"{where}.ts is in the future.", f"{where}.ts")
         version_id = item.get("version_id")
+        value = _finite(item.get("value"), f"{where}.value")
+        low, high, whole = METRIC_RANGES[name]
+        if not low <= value <= high or (whole and value != int(value)):
+            kind = "a whole number " if whole else ""
+            raise ServiceError(
+                f"{where}.value {value!r}: {name} must be {kind}in [{low:g}, {high:g}].",
+                code="metric_out_of_range",
+                details={"field": f"{where}.value", "metric": name, "min": low, "max": high},
+            )
         samples.append(
             Sample(
                 name=name,
-                value=_finite(item.get("value"), f"{where}.value"),
+                value=value,
                 ts=ts,
                 version_id=None if version_id is None else _int(version_id, f"{where}.version_id", minimum=1),
             )

@@ -89,6 +89,7 @@ def test_decommissioned_device_is_refused(enroll: Any) -> None:
 def test_metrics_batch_is_stored_once(enroll: Any, make_version: Any) -> None:
     agent = enroll()
     version = make_version()
+    Device.objects.filter(pk=agent.device.pk).update(running_version=version)
     body = {
         "batch_id": "batch-1",
         "samples": [_sample(), _sample(name="correct", value=1, version_id=version.pk)],
@@ -112,7 +113,6 @@ def test_metrics_batch_is_stored_once(enroll: Any, make_version: Any) -> None:
         [_sample(value=True)],
         [_sample(ts="2026-01-01T00:00:00")],  # no zone
         [_sample(ts=(timezone.now() + timedelta(days=2)).isoformat())],
-        [_sample(version_id=999_999)],
         [_sample(), "not an object"],
     ],
 )
@@ -123,6 +123,78 @@ def test_bad_metric_batches_are_rejected_whole(enroll: Any, samples: list[Any]) 
     assert response.status_code == 400, response.content
     assert response.json()["error"]["code"] == "validation_error"
     assert MetricBatch.objects.count() == 0 and MetricSample.objects.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("correct", -1e12),
+        ("correct", 0.5),
+        ("correct", 2),
+        ("error", 1e6),
+        ("error", -1),
+        ("confidence", 1.5),
+        ("latency_ms", -3),
+        ("latency_ms", 1e12),
+        ("abs_error", -0.1),
+        ("global_accuracy", 7),
+        ("cpu_percent", 1e9),
+        ("dropped", 0.5),
+    ],
+)
+def test_impossible_metric_values_are_refused_whole(
+    enroll: Any, make_version: Any, name: str, value: float
+) -> None:
+    """A device cannot flag, roll back or hide failures with a number no board can measure."""
+    agent = enroll()
+    version = make_version()
+    Device.objects.filter(pk=agent.device.pk).update(running_version=version)
+    body = {"batch_id": "b1", "samples": [_sample(), _sample(name=name, value=value, version_id=version.pk)]}
+    response = agent.post("metrics", body)
+    assert response.status_code == 400, response.content
+    error = response.json()["error"]
+    assert error["code"] == "metric_out_of_range" and error["details"]["metric"] == name
+    assert MetricBatch.objects.count() == 0 and MetricSample.objects.count() == 0
+
+
+def test_a_device_reports_only_for_its_own_versions(enroll: Any, make_version: Any) -> None:
+    """Metrics for a version the device never had (someone's production version) are refused."""
+    from fleet.models import Deployment
+
+    agent, other = enroll(), enroll()
+    mine, theirs, earlier, unknown_id = make_version(), make_version(), make_version(), 999_999
+    Device.objects.filter(pk=agent.device.pk).update(running_version=mine)
+    Device.objects.filter(pk=other.device.pk).update(running_version=theirs)
+    for i, version_id in enumerate((theirs.pk, unknown_id)):
+        response = agent.post(
+            "metrics",
+            {"batch_id": f"x{i}", "samples": [_sample(name="correct", value=0, version_id=version_id)]},
+        )
+        assert response.status_code == 400 and response.json()["error"]["code"] == "version_not_yours"
+    assert MetricSample.objects.count() == 0
+    # A version deployed to it recently still counts (an offline board's buffered samples).
+    Deployment.objects.create(device=agent.device, version=earlier, state="rolled_back")
+    response = agent.post(
+        "metrics", {"batch_id": "ok", "samples": [_sample(name="correct", value=1, version_id=earlier.pk)]}
+    )
+    assert response.status_code == 200, response.content
+
+
+def test_a_device_over_its_hourly_cap_is_told_to_come_back(enroll: Any, settings: Any) -> None:
+    from django.core.cache import cache
+
+    cache.clear()
+    settings.METRICS_MAX_SAMPLES_PER_HOUR = 5
+    agent = enroll()
+    first = agent.post("metrics", {"batch_id": "a", "samples": [_sample()] * 4})
+    assert first.status_code == 200
+    over = agent.post("metrics", {"batch_id": "b", "samples": [_sample()] * 2})
+    assert over.status_code == 429 and over.json()["error"]["code"] == "rate_limited"
+    assert 0 < int(over["Retry-After"]) <= 3601
+    # A resend of a stored batch is still answered, and another device has its own budget.
+    assert agent.post("metrics", {"batch_id": "a", "samples": [_sample()] * 4}).json()["duplicate"]
+    assert enroll().post("metrics", {"batch_id": "b", "samples": [_sample()] * 2}).status_code == 200
+    assert MetricSample.objects.count() == 6
 
 
 def test_batch_id_longer_than_64_is_rejected(enroll: Any) -> None:
