@@ -68,12 +68,12 @@ def _first_message(detail: Any) -> str:
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     """Map every error raised in a DRF view to the one error shape."""
     if isinstance(exc, ServiceError):
-        response = Response(
+        refused = Response(
             error_body(code=exc.code, message=exc.message, details=exc.details), status=exc.status_code
         )
         if exc.retry_after_s is not None:
-            response["Retry-After"] = str(exc.retry_after_s)
-        return response
+            refused["Retry-After"] = str(exc.retry_after_s)
+        return refused
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(
             detail=exc.message_dict if hasattr(exc, "error_dict") else exc.messages
