@@ -292,7 +292,11 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
     policy = UpdatePolicy.objects.create(name="drill", health_latency_budget_ms=250.0)
     group = DeviceGroup.objects.create(name="drill", tag_selector=["simulated"], policy=policy)
     _, token = enrollment_token_create(
-        actor=None, name="drill", max_uses=devices, expires_at=timezone.now() + timedelta(hours=2)
+        actor=None,
+        name="drill",
+        max_uses=devices,
+        expires_at=timezone.now() + timedelta(hours=2),
+        device_tags_allowed=["simulated", "profile-*"],
     )
 
     result: dict[str, Any] = {"devices": devices, "quick": quick, "soak_s": soak}

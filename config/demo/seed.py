@@ -204,13 +204,18 @@ def registry_seed_demo_cnn(*, examples: int = 300, seed: int = 0, actor: Any = N
 # --------------------------------------------------------------------------- the demo fleet
 
 
+# The tags `flotilla-agent simulate` gives its boards (and lets a slow profile select a group).
+SIMULATED_DEVICE_TAGS = ["simulated", "profile-*"]
+
+
 def enrollment_token(*, max_uses: int, name: str = "benchmark", actor: Any = None, **fields: Any) -> str:
-    """A fresh enrollment token for ``max_uses`` devices, valid two hours; returns its secret."""
+    """A fresh token for ``max_uses`` simulated devices, valid two hours; returns its secret."""
     from django.utils import timezone
 
     from fleet.services.enrollment import enrollment_token_create
 
     fields.setdefault("expires_at", timezone.now() + timedelta(hours=2))
+    fields.setdefault("device_tags_allowed", SIMULATED_DEVICE_TAGS)
     _, secret = enrollment_token_create(actor=actor, name=name, max_uses=max_uses, **fields)
     return str(secret)
 

@@ -281,6 +281,7 @@ class EnrollmentTokenSerializer(serializers.ModelSerializer):
             "prefix",
             "group",
             "tags",
+            "device_tags_allowed",
             "max_uses",
             "uses",
             "expires_at",
@@ -308,11 +309,22 @@ class EnrollmentTokenCreateSerializer(serializers.Serializer):
         queryset=DeviceGroup.objects.all(), required=False, allow_null=True
     )
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
+    device_tags_allowed = serializers.ListField(
+        child=serializers.CharField(max_length=64),
+        required=False,
+        default=list,
+        help_text="fnmatch patterns of tags a device may add for itself (e.g. profile-*)",
+    )
     max_uses = serializers.IntegerField(min_value=1, max_value=100_000, default=1)
     expires_at = serializers.DateTimeField(required=False, allow_null=True)
 
     def validate_tags(self, value: Any) -> list[str]:
         return tags_validate(tags=value)
+
+    def validate_device_tags_allowed(self, value: Any) -> list[str]:
+        if len(value) > 50:
+            raise serializers.ValidationError("At most 50 patterns.")
+        return [str(v).strip() for v in value if str(v).strip()]
 
 
 class EnrollmentTokenCreatedSerializer(EnrollmentTokenSerializer):
@@ -341,6 +353,7 @@ class EnrollmentTokenViewSet(
             name=values["name"],
             group=values.get("group"),
             tags=values["tags"],
+            device_tags_allowed=values["device_tags_allowed"],
             max_uses=values["max_uses"],
             expires_at=values.get("expires_at"),
             remote_addr=client_ip(request),

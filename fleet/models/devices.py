@@ -109,6 +109,11 @@ class EnrollmentToken(models.Model):
         DeviceGroup, null=True, blank=True, on_delete=models.SET_NULL, related_name="enrollment_tokens"
     )
     tags = models.JSONField(default=list, blank=True, help_text="Tags given to devices enrolled with it.")
+    # Tags select groups, so a device may add its own only where the token allows it:
+    # fnmatch patterns (e.g. "profile-*"); any other tag in an enrollment is refused.
+    device_tags_allowed = models.JSONField(
+        default=list, blank=True, help_text="Patterns of tags a device may add for itself at enrollment."
+    )
     max_uses = models.PositiveIntegerField(default=1)
     use_count = models.PositiveIntegerField(default=0)
     expires_at = models.DateTimeField()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import fnmatch
+
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -32,6 +34,7 @@ def enrollment_token_create(
     name: str = "",
     group: DeviceGroup | None = None,
     tags: list[str] | None = None,
+    device_tags_allowed: list[str] | None = None,
     max_uses: int = 1,
     expires_at: datetime | None = None,
     remote_addr: str | None = None,
@@ -50,6 +53,7 @@ def enrollment_token_create(
             prefix=secret[:TOKEN_PREFIX_LENGTH],
             group=group,
             tags=_clean_tags(tags or []),
+            device_tags_allowed=_clean_tags(device_tags_allowed or []),
             max_uses=max_uses,
             expires_at=expires,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -113,6 +117,20 @@ def device_enroll(
         row = EnrollmentToken.objects.filter(token_hash=hash_secret(token)).first() if token else None
         if row is None:
             raise _token_error(None, now)
+        # Checked before the use is claimed: a refused enrollment costs the token nothing.
+        refused = [
+            t
+            for t in _clean_tags(tags or [])
+            if t not in row.tags and not any(fnmatch.fnmatchcase(t, p) for p in row.device_tags_allowed)
+        ]
+        if refused:
+            raise ServiceError(
+                f"This token does not let a device add the tags {refused}; tags select groups, so "
+                "they come from the token (or its device_tags_allowed patterns).",
+                code="tags_not_allowed",
+                status_code=status.HTTP_403_FORBIDDEN,
+                details={"tags": refused, "allowed": row.device_tags_allowed},
+            )
         claimed = EnrollmentToken.objects.filter(
             pk=row.pk, use_count__lt=F("max_uses"), revoked_at__isnull=True, expires_at__gt=now
         ).update(use_count=F("use_count") + 1)

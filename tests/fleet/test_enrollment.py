@@ -29,7 +29,7 @@ def _enroll(client: Any, token: str, **extra: Any) -> Any:
 
 def test_enroll_creates_device_with_token_tags_group_and_hashed_secret(client: Any, make_token: Any) -> None:
     group = DeviceGroup.objects.create(name="lab")
-    row, token = make_token(group=group, tags=["site-a"], max_uses=2)
+    row, token = make_token(group=group, tags=["site-a"], device_tags_allowed=["cam*"], max_uses=2)
     response = _enroll(client, token, tags=["camera", "site-a"])
     assert response.status_code == 200
     body = response.json()
@@ -121,3 +121,19 @@ def test_concurrent_enrollments_never_exceed_max_uses(make_token: Any) -> None:
     assert sorted(statuses) == [200, 200, 200, 403, 403, 403, 403, 403]
     assert Device.objects.count() == 3
     assert EnrollmentToken.objects.get().use_count == 3
+
+
+def test_a_device_cannot_tag_itself_into_a_group(client: Any, make_token: Any) -> None:
+    """Tags select groups (and so policies, rollouts and rounds): only the token gives them."""
+    DeviceGroup.objects.create(name="prod", tag_selector=["production"])
+    row, token = make_token(tags=["site-a"], device_tags_allowed=["profile-*"], max_uses=2)
+    refused = _enroll(client, token, tags=["production", "profile-slow"])
+    assert refused.status_code == 403
+    error = refused.json()["error"]
+    assert error["code"] == "tags_not_allowed" and error["details"]["tags"] == ["production"]
+    row.refresh_from_db()
+    assert row.use_count == 0 and not Device.objects.exists()  # the refusal cost the token nothing
+    allowed = _enroll(client, token, tags=["profile-slow", "site-a"])
+    assert allowed.status_code == 200
+    assert Device.objects.get().tags == ["site-a", "profile-slow"]
+    assert not Device.objects.filter(groups__name="prod").exists()

@@ -175,7 +175,7 @@ def test_registered_task_provider_feeds_tasks(enroll: Any) -> None:
 
 def test_tag_selected_group_policy_applies_and_edits_reach_devices(enroll: Any, settings: Any) -> None:
     settings.HEARTBEAT_CACHE_TTL_S = 0  # every heartbeat reads the policy afresh
-    agent = enroll(tags=["outdoor"])
+    agent = enroll(tags=["outdoor"], device_tags_allowed=["outdoor"])
     policy = UpdatePolicy.objects.create(name="outdoor-policy", heartbeat_interval_s=120)
     DeviceGroup.objects.create(name="outdoor", tag_selector=["outdoor"], policy=policy)
     DeviceGroup.objects.create(
