@@ -40,6 +40,9 @@ class FederatedJob(models.Model):
     min_clients = models.PositiveIntegerField(default=2)
     require_online = models.BooleanField(default=True)
     min_local_examples = models.PositiveIntegerField(default=0)
+    # No update weighs more than this many examples, whatever its board reported: one
+    # board's count cannot outvote the round.
+    max_examples_per_update = models.PositiveIntegerField(default=100_000)
     # Local training on the device.
     local_epochs = models.PositiveIntegerField(default=1)
     batch_size = models.PositiveIntegerField(default=32)
@@ -115,6 +118,9 @@ class FederatedRound(models.Model):
     weights_sha256 = models.CharField(max_length=64, blank=True)
     weights_size = models.BigIntegerField(default=0)
     selected = models.JSONField(default=list, blank=True, help_text="Device ids chosen for this round.")
+    # What each chosen device reported when it was chosen: {device id: [training examples,
+    # holdout examples]}. An update's weight is capped by it, so a board cannot claim more.
+    selected_examples = models.JSONField(default=dict, blank=True)
     deadline = models.DateTimeField(null=True, blank=True)
     opened_at = models.DateTimeField(null=True, blank=True)
     closed_at = models.DateTimeField(null=True, blank=True)

@@ -155,6 +155,18 @@ def round_selection(
     return chosen, funnel
 
 
+def reported_examples(*, device_ids: list[str]) -> dict[str, list[int]]:
+    """``{device id: [training examples, holdout examples]}`` as the devices last reported."""
+    out: dict[str, list[int]] = {}
+    for pk, state in Device.objects.filter(pk__in=device_ids).values_list("pk", "state"):
+        state = state or {}
+        out[str(pk)] = [
+            max(0, int(state.get("local_examples", 0) or 0)),
+            max(0, int(state.get("holdout_examples", 0) or 0)),
+        ]
+    return out
+
+
 def round_answered(*, rnd: FederatedRound) -> int:
     """How many of the round's selected devices sent an update (accepted or rejected)."""
     return ClientUpdate.objects.filter(round_id=rnd.pk, device_id__in=rnd.selected).count()

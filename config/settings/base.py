@@ -123,6 +123,9 @@ MODEL_UPLOAD_MAX_BYTES = env.int("MODEL_UPLOAD_MAX_BYTES", default=512 * 1024 * 
 DATASET_MAX_BYTES = env.int("DATASET_MAX_BYTES", default=256 * 1024 * 1024)
 AGENT_MAX_BODY_BYTES = env.int("AGENT_MAX_BODY_BYTES", default=1024 * 1024)
 ROUND_UPDATE_MAX_BYTES = env.int("ROUND_UPDATE_MAX_BYTES", default=64 * 1024 * 1024)
+# An update of a job without its own norm bound may not be larger (L2) than this many
+# times the global model it updates.
+ROUND_MAX_UPDATE_NORM_RATIO = env.float("ROUND_MAX_UPDATE_NORM_RATIO", default=10.0)
 # A round's aggregation lease: renewed at every checkpoint; a round whose worker stopped
 # renewing it for this long is claimed again by the next tick.
 ROUND_AGGREGATION_LEASE_S = env.float("ROUND_AGGREGATION_LEASE_S", default=60.0)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-
 from datetime import datetime, timedelta
 from typing import Any
 

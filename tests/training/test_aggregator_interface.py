@@ -176,3 +176,27 @@ def test_privacy_checks_its_numbers() -> None:
         Privacy(clip_norm=1.0, noise_multiplier=-1.0)
     with pytest.raises(ValueError, match="privacy must be a Privacy"):
         make_aggregator("fedavg", global_weights=model(), privacy={"clip_norm": 1.0})
+
+
+@pytest.mark.parametrize(
+    ("name", "params"), [("median", {}), ("trimmed_mean", {"beta": 0.2}), ("krum", {"f": 1})]
+)
+def test_robust_strategies_hold_against_a_poisoned_update_with_a_huge_weight(
+    name: str, params: dict[str, Any]
+) -> None:
+    """Nine honest boards and one that sends a wild delta claiming two billion examples."""
+    g = model()
+    rng = np.random.default_rng(5)
+    honest = [
+        {k: (0.01 + 0.001 * rng.standard_normal(v.shape)).astype(np.float32) for k, v in g.items()}
+        for _ in range(9)
+    ]
+    poisoned = {k: np.full(v.shape, 100.0, np.float32) for k, v in g.items()}
+    agg = make_aggregator(name, global_weights=g, **params)
+    for i, u in enumerate(honest):
+        agg.accept(u, weight=40, update_id=f"h{i}")
+    agg.accept(poisoned, weight=2_000_000_000, update_id="poisoned")
+    out = agg.finalize()
+    for k in g:
+        moved = out[k].astype(np.float64) - g[k]
+        assert np.all(np.abs(moved - 0.01) < 0.01), (name, k, float(np.abs(moved).max()))

@@ -43,6 +43,7 @@ JOB_FIELDS = (
     "min_clients",
     "require_online",
     "min_local_examples",
+    "max_examples_per_update",
     "local_epochs",
     "batch_size",
     "optimizer",
@@ -132,6 +133,8 @@ def _validate_job(job: FederatedJob) -> None:
         errors["noise_multiplier"] = "noise needs clip_norm (the sensitivity of each update)"
     if not 0 < job.dp_delta < 1:
         errors["dp_delta"] = "must be in (0, 1)"
+    if job.max_examples_per_update < 1:
+        errors["max_examples_per_update"] = "must be at least 1"
     if job.norm_slack < 1:
         errors["norm_slack"] = "must be >= 1"
     if job.max_update_norm is not None and not job.max_update_norm > 0:

@@ -129,6 +129,7 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     rnd.failure_reason = ""
     rnd.eligible = funnel["eligible"]
     rnd.funnel = funnel
+    rnd.selected_examples = selectors.reported_examples(device_ids=chosen)
     rnd.save()
     emit("federated_round.status", {"job": job.pk, "round": rnd.number, "status": rnd.status})
     emit(

@@ -72,6 +72,29 @@ def _parse_metrics(raw: str | None) -> dict[str, float]:
     return out
 
 
+def _capped(
+    *, rnd: FederatedRound, device: Device, examples: int, metrics: dict[str, float]
+) -> tuple[int, dict[str, float]]:
+    """The update's weight and holdout count, capped by what the board reported when chosen.
+
+    A claim above it (``X-Num-Examples: 2000000000``) counts as the reported number, and
+    never above the job's ``max_examples_per_update``; the claim is kept in the metrics.
+    """
+    reported = (rnd.selected_examples or {}).get(str(device.pk))
+    cap = int(rnd.job.max_examples_per_update)
+    if reported is not None:
+        cap = min(cap, max(int(reported[0]), 1))
+    out = dict(metrics)
+    if examples > cap:
+        out["claimed_examples"] = float(examples)
+        examples = cap
+    holdout = out.get("holdout_examples")
+    if holdout is not None and reported is not None and holdout > max(int(reported[1]), 1):
+        out["claimed_holdout_examples"] = holdout
+        out["holdout_examples"] = float(max(int(reported[1]), 1))
+    return examples, out
+
+
 def update_receive(
     *,
     round_id: int,
@@ -152,6 +175,7 @@ def update_receive(
         raise _reject(
             rnd=rnd, device=device, code="bad_metrics", message=str(exc), status_code=400, nbytes=nbytes
         ) from None
+    examples, local_metrics = _capped(rnd=rnd, device=device, examples=examples, metrics=local_metrics)
     global_weights = selectors.round_weights(rnd=rnd)
     expected = {name: (tuple(t.shape), "float32") for name, t in global_weights.items()}
     try:
@@ -163,7 +187,11 @@ def update_receive(
         ) from None
     norm = l2_norm(delta)
     bound = job.max_update_norm or (job.clip_norm * job.norm_slack if job.clip_norm else None)
-    if bound is not None and norm > bound:
+    if bound is None:
+        # Without a bound of the job's own, an update may not move the model by more than
+        # ROUND_MAX_UPDATE_NORM_RATIO times its own size: past that it is not training.
+        bound = float(settings.ROUND_MAX_UPDATE_NORM_RATIO) * max(l2_norm(global_weights), 1.0)
+    if norm > bound:
         raise _reject(
             rnd=rnd,
             device=device,

@@ -201,3 +201,53 @@ def test_heartbeat_carries_the_training_task(fleet: Fleet) -> None:
     assert [(t["kind"], t["round_id"], t["task_url"]) for t in tasks] == [
         ("train", rnd.pk, f"/api/agent/v1/rounds/{rnd.pk}/task")
     ]
+
+
+def test_a_claimed_weight_is_capped_by_what_the_board_reported(fleet: Fleet) -> None:
+    """``X-Num-Examples: 2000000000`` counts as the examples the board reported when chosen."""
+    from training.models import ClientUpdate
+
+    rnd = _open_round(fleet, max_examples_per_update=45)
+    reported = rnd.selected_examples[str(fleet.devices[0].pk)]
+    assert reported == [50, 10]  # the fleet's boards report 50 training and 10 holdout examples
+    poisoned = _post(
+        _client(fleet.secrets[0]),
+        rnd.pk,
+        encode_delta(_delta(), codec="none").data,
+        examples="2000000000",
+        metrics=json.dumps({"holdout_examples": 1e9, "holdout_accuracy": 0.9}),
+    )
+    assert poisoned.status_code == 201, poisoned.content
+    update = ClientUpdate.objects.get(round=rnd, device=fleet.devices[0])
+    assert update.num_examples == 45  # the job's cap is below the board's 50
+    assert update.metrics["claimed_examples"] == 2e9
+    assert update.metrics["holdout_examples"] == 10 and update.metrics["claimed_holdout_examples"] == 1e9
+    honest = _post(
+        _client(fleet.secrets[1]), rnd.pk, encode_delta(_delta(seed=3), codec="none").data, examples="7"
+    )
+    assert honest.status_code == 201
+    assert ClientUpdate.objects.get(round=rnd, device=fleet.devices[1]).num_examples == 7
+
+
+def test_without_a_job_bound_an_update_may_not_dwarf_the_model(fleet: Fleet) -> None:
+    from tests.bundles import digits_weights
+
+    rnd = _open_round(fleet)  # no clip_norm, no max_update_norm
+    model_norm = float(
+        np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in digits_weights("mlp").values()))
+    )
+    delta = _delta(scale=1.0)
+    norm = float(np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in delta.values())))
+    huge = {k: v * (20 * model_norm / norm) for k, v in delta.items()}
+    response = _post(_client(fleet.secrets[0]), rnd.pk, encode_delta(huge, codec="none").data)
+    assert response.status_code == 422 and response.json()["error"]["code"] == "norm_too_large"
+    fine = _post(_client(fleet.secrets[1]), rnd.pk, encode_delta(_delta(), codec="none").data)
+    assert fine.status_code == 201
+
+
+def test_job_refuses_a_nonsense_example_cap(fleet: Fleet) -> None:
+    from core.api import ServiceError
+
+    with pytest.raises(ServiceError) as refused:
+        make_job(fleet, max_examples_per_update=0)
+    assert "max_examples_per_update" in refused.value.details
