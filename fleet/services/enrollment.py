@@ -124,8 +124,8 @@ def device_enroll(
         ]
         if refused:
             raise ServiceError(
-                f"This token does not let a device add the tags {refused}; tags select groups, so "
-                "they come from the token (or its device_tags_allowed patterns).",
+                f"This token does not let a device add the tags {refused}. Tags decide a device's "
+                "groups, so they come from the token or match its device_tags_allowed patterns.",
                 code="tags_not_allowed",
                 status_code=status.HTTP_403_FORBIDDEN,
                 details={"tags": refused, "allowed": row.device_tags_allowed},
