@@ -54,10 +54,10 @@ What it does, in one run on this machine:
    holdout example or two; the largest weight difference of the last version is shown.
 
 Boards, rounds and the rest of the defaults fit this 2-core machine: with 12 boards and 5
-rounds a run took about 2.6 minutes here (while other jobs shared the machine), of which
-the first round took about one minute: each board imports torch and loads its first
-program then (some 4.6 CPU seconds per board); later rounds took 2 to 4 seconds. Twelve
-agent processes that have trained hold about 430 MB each.
+rounds, two runs took 2.6 and 3.0 minutes here (while other jobs shared the machine). The
+first round took about a minute: each board imports torch and loads its first program
+then (50 to 56 CPU seconds for the twelve); later rounds took 2 to 9 seconds (about 2.5
+CPU seconds for the twelve). An agent process that has trained holds about 425 MB.
 
 With ``--json`` the last line is one JSON object with ``family``, ``task``, ``boards``,
 ``boards_as_processes``, ``final_metric``, ``reference_metric``, ``predict_p50_ms``,
