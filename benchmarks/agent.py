@@ -5,24 +5,32 @@
 What it does, in one run on this machine:
 
 1. starts the server stack (uvicorn with the production settings, SQLite or
-   ``DATABASE_URL``, embedded Redis) and registers a digits MLP version (ONNX export);
+   ``DATABASE_URL``, embedded Redis) and registers a digits MLP version (a bundle:
+   program, weights, ONNX);
 2. starts the agent in a **separate process** (``python -m benchmarks.agent --child``),
    which enrolls, heartbeats a few times and reports its resident memory (RSS) with no
    model loaded, and whether ``torch`` is in ``sys.modules`` (it must not be);
 3. assigns the version to the device; the agent downloads, verifies, health-checks and
-   activates it, serves inference on the digits test split, and reports its RSS again;
+   activates it and opens its local API socket; this process then plays the application
+   beside it: predictions on the digits test split through the socket
+   (``devices_agent.local_client.AgentClient``), each followed by its right answer
+   (``feedback``); the agent reports its RSS again. Personalisation is off in this agent
+   (fine-tuning a head is what loads torch on a board, and ``benchmarks.board_learning``
+   measures a learning board): this is the footprint of serving;
 4. measures the heartbeat's bytes on the wire: request line, headers and body both ways,
    of real heartbeats to the real server (TCP/IP overhead excluded), times the number of
    heartbeats a day at the default 60 s interval; and, separately, a full heartbeat cycle
    (heartbeat plus the metrics batch it flushes);
 5. in this process, times single-sample and batch-64 inference in ONNX Runtime (one
-   intra-op thread, as on a board) next to torch eager (one thread) on the same weights.
+   intra-op thread, as on a board) next to torch eager (one thread) on the same weights,
+   and a single prediction through the agent's local API next to them.
 
 Baselines in the same run: a bare ``python -c "import numpy"`` process for RSS, torch
 eager for latency. Medians over many runs; ratios printed.
 
 With ``--json`` the last line is one JSON object with ``idle_rss_mb``, ``serving_rss_mb``,
-``ort_batch1_us``, ``torch_batch1_us``, ``heartbeat_bytes_per_day`` and more.
+``ort_batch1_us``, ``torch_batch1_us``, ``local_api_predict_us``,
+``heartbeat_bytes_per_day`` and more.
 """
 
 from __future__ import annotations
@@ -64,6 +72,8 @@ def _child(args: argparse.Namespace) -> None:
         name="bench-agent",
         websocket=False,
         health_check_runs=10,
+        personalise=False,
+        local_api_socket=str(Path(args.state_dir) / "agent.sock"),
     )
     agent = Agent(config=config, rng=random.Random(0))
     agent.enroll()
@@ -107,27 +117,42 @@ def _child(args: argparse.Namespace) -> None:
         outcome = agent.step().outcome
         if outcome is not None and outcome.action in ("active", "current"):
             break
-    predictor = agent.load_predictor()
-    assert predictor is not None, "the model did not become active"
-    import numpy as np
+    assert agent.runtime.active() is not None, "the model did not become active"
+    server = agent.start_local_api()
+    assert server is not None and server.socket_path is not None
+    print(json.dumps({"phase": "ready", "socket": str(server.socket_path)}), flush=True)
 
-    # The parent saved the digits test split: importing scikit-learn here would count
-    # its 100 MB against the agent.
-    with np.load(args.data) as data:
-        x_test, y_test = data["x"], data["y"]
-    n = 500 if args.quick else 2000
-    for i in range(n):
-        predictor.predict(x_test[i % len(x_test)], label=int(y_test[i % len(y_test)]))
+    sys.stdin.readline()  # the application beside the agent is done
     agent.flush_metrics()
     gc.collect()
     serving = {
         "phase": "serving",
         "rss_mb": _rss_mb(),
         "torch_loaded": "torch" in sys.modules,
-        "predictions": n,
+        "examples": agent.samples.counts().examples,
     }
     print(json.dumps(serving), flush=True)
     agent.close()
+
+
+def _application(socket_path: str, *, n: int) -> list[float]:
+    """The application beside the agent: predictions with feedback over the local API.
+
+    Returns the wall time of each ``predict`` call in microseconds.
+    """
+    from devices_agent.data import load_digits_split
+    from devices_agent.local_client import AgentClient
+
+    _, _, x_test, y_test = load_digits_split(seed=0)
+    times = []
+    with AgentClient(socket_path) as client:
+        for i in range(n):
+            x = x_test[i % len(x_test)]
+            started = time.perf_counter_ns()
+            answer = client.predict(x)
+            times.append((time.perf_counter_ns() - started) / 1000.0)
+            client.feedback(answer["prediction_id"], int(y_test[i % len(y_test)]))
+    return times
 
 
 def _bare_python_rss() -> float:
@@ -182,8 +207,6 @@ def _latencies(onnx_bytes: bytes, module: Any, *, quick: bool) -> dict[str, floa
 
 
 def run(*, quick: bool) -> dict[str, Any]:
-    import numpy as np
-
     from config.stack import Stack
 
     with Stack.scratch("flotilla-agent-bench-", production=True, heartbeat_interval_s=60) as stack:
@@ -196,11 +219,6 @@ def run(*, quick: bool) -> dict[str, Any]:
         version, module = digits_version(seed=0)
         onnx_bytes = version.artifacts.get(kind="onnx").file.read()
         state_dir = Path(tempfile.mkdtemp(prefix="flotilla-agent-state-"))
-        from devices_agent.data import load_digits_split
-
-        _, _, x_test, y_test = load_digits_split(seed=0)
-        data_path = state_dir.parent / f"{state_dir.name}-digits.npz"
-        np.savez(data_path, x=x_test, y=y_test)
         child = subprocess.Popen(
             [
                 sys.executable,
@@ -213,8 +231,6 @@ def run(*, quick: bool) -> dict[str, Any]:
                 token,
                 "--state-dir",
                 str(state_dir),
-                "--data",
-                str(data_path),
                 *(["--quick"] if quick else []),
             ],
             stdin=subprocess.PIPE,
@@ -228,6 +244,11 @@ def run(*, quick: bool) -> dict[str, Any]:
 
             device_assign_version(actor=None, device_id=idle["device_id"], version_id=version.pk)
             child.stdin.write("go\n")
+            child.stdin.flush()
+            ready = json.loads(child.stdout.readline())
+            predictions = 500 if quick else 2000
+            api_times = _application(ready["socket"], n=predictions)
+            child.stdin.write("done\n")
             child.stdin.flush()
             serving = json.loads(child.stdout.readline())
             child.wait(timeout=120)
@@ -244,6 +265,10 @@ def run(*, quick: bool) -> dict[str, Any]:
         "bare_python_rss_mb": round(bare_rss, 1),
         "torch_loaded_idle": idle["torch_loaded"],
         "torch_loaded_serving": serving["torch_loaded"],
+        "predictions": predictions,
+        "examples_kept": serving["examples"],
+        # The first calls open the connection and warm the agent's caches.
+        "local_api_predict_us": round(float(statistics.median(api_times[20:])), 2),
         "heartbeat_bytes": round(idle["heartbeat_bytes"], 1),
         "heartbeat_sent_bytes": round(idle["heartbeat_sent_bytes"], 1),
         "heartbeat_response_body_bytes": round(idle["heartbeat_response_body_bytes"], 1),
@@ -265,7 +290,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--server", help=argparse.SUPPRESS)
     parser.add_argument("--token", help=argparse.SUPPRESS)
     parser.add_argument("--state-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--data", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         _child(args)
@@ -294,7 +318,15 @@ def main(argv: list[str] | None = None) -> None:
         f"{'speed-up torch/ort':<30}{r['torch_batch1_us'] / r['ort_batch1_us']:>11.2f}x"
         f"{r['torch_batch64_us'] / r['ort_batch64_us']:>12.2f}x"
     )
+    print(
+        f"{'agent local API predict (UDS)':<30}{r['local_api_predict_us']:>12.1f}"
+        f"{'':>13}   {r['local_api_predict_us'] / r['ort_batch1_us']:.2f}x onnxruntime"
+    )
     print(f"max |ort - torch| on the batch: {r['max_abs_diff']:.2e}")
+    print(
+        f"{r['predictions']} predictions with feedback through the local API; "
+        f"the agent kept {r['examples_kept']} labelled examples"
+    )
     print()
     header = f"{'traffic at the 60 s default interval':<44}{'bytes':>10}{'per day':>12}{'goal':>10}"
     print(header)

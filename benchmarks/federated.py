@@ -4,23 +4,30 @@
 
 Setup (one run, this machine): scikit-learn's digits split 80/20 stratified (seed 0),
 the training part spread over ``--devices`` devices (default 20) with a Dirichlet(0.5)
-label split (seed 0); MLP 64-64-10 (``mlp``), 5 local epochs, batch 32, SGD lr 0.05,
-``--rounds`` rounds (default 30; 5 with ``--quick``), every device in every round,
-FedAvg weighted by local examples, codec ``none``.
+label split (seed 0); MLP 64-64-10 (``mlp`` of ``config.demo.nets``, seed 0 initial
+weights), registered as a bundle (program, weights, ONNX) in a family with the digits
+data sets, so every round's version is evaluated centrally on the 20% test split;
+5 local epochs, batch 32, SGD lr 0.05, ``--rounds`` rounds (default 30; 5 with
+``--quick``), every device in every round, FedAvg weighted by local examples, codec
+``none``.
 
 1. **system**: a fresh SQLite database and embedded Redis-protocol server, the ASGI web
    server (uvicorn, 2 processes, production settings) and one Celery worker as real
    processes; the job is created and started through ``training.services``; each
-   device is a thread in this process running ``devices_agent.federated`` (long poll of
-   ``GET rounds/?wait=5``, woken over Redis pub/sub when a round opens and carrying the
-   task body; weights download, local training, upload over real HTTP). Rounds close
-   as soon as every device answered; the worker aggregates, evaluates on the 20% test
-   split and registers a version per round (ONNX export per round is switched off:
-   it is a registry cost, not a round-loop cost). An untimed one-round job warms the
-   processes up first; wall time is from ``job_start`` to the job's ``succeeded``.
-2. **reference**: the same rounds as a plain loop in one thread: the same
-   ``local_train.train_local`` calls with the same seeds, a float64 weighted average,
-   the same evaluation. Overhead per round = (system wall - reference wall) / rounds.
+   device is a thread in this process running ``devices_agent.federated``'s
+   ``FederatedTrainer`` over its share (``FixedData``), with the server's pinned signing
+   key (long poll of ``GET rounds/?wait=5``, woken over Redis pub/sub when a round
+   opens and carrying the task body; signed program and weights download, training
+   with the torch backend, upload over real HTTP). Rounds close as soon as every
+   device answered; the worker aggregates, registers a version per round (its ONNX
+   graph is the base graph with the new weights written in) and evaluates it on the
+   test split. An untimed one-round job warms the processes up first; wall time is
+   from ``job_start`` to the job's ``succeeded``.
+2. **reference**: the same rounds as a plain loop in one thread on the program and
+   weights the server stored: the same backend code (``TorchBackend.train``, one
+   thread) with the same seeds (``local_seed`` of the round task's seed and the device
+   index), a float64 weighted average, ``TorchBackend.evaluate`` on the test split.
+   Overhead per round = (system wall - reference wall) / rounds.
 3. **codecs**: the reference loop again with each codec applied to the deltas
    (encode on the device side, ``decode_delta`` on the server side, top-k with
    per-device error feedback), run through the plain loop, not the full stack, to keep
@@ -70,38 +77,47 @@ def _data(devices: int) -> tuple[list[tuple[np.ndarray, np.ndarray]], np.ndarray
     return parts, x_test, y_test
 
 
-def _seed_rows(devices: int) -> tuple[Any, Any, Any, list[str], Any]:
-    """Family, initial version (seed 0 weights), a group of online devices, a draft job."""
-    from django.core.files.base import ContentFile
-
-    from config.demo.nets import initial_weights
-    from devices_agent.codecs import encode_tensors
+def _seed_rows(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[Any, Any, Any, list[str], Any]:
+    """Family (with the digits data sets), first version, a group of online devices."""
+    from config.demo.nets import bundle, initial_weights, spec_fields
+    from config.demo.seed import digits_datasets
     from fleet.auth import hash_secret, new_secret
     from fleet.models import Device, DeviceGroup
-    from models_registry.models import Artifact, ModelFamily, ModelVersion
-    from models_registry.signing import sign_digest
+    from models_registry.services import family_create, version_create
     from training import services
-    from training.storage import sha256_hex
 
-    family = ModelFamily.objects.create(name="bench-digits", arch=ARCH, input_shape=[64], num_classes=10)
-    version = ModelVersion.objects.create(family=family, number=1)
-    data = encode_tensors(initial_weights(ARCH, seed=0))
-    digest = sha256_hex(data)
-    artifact = Artifact(
-        version=version, kind="weights", sha256=digest, size=len(data), signature=sign_digest(digest)
+    family = family_create(name="bench-digits", arch=ARCH, **spec_fields(ARCH))
+    digits_datasets(family=family, seed=0)
+    made = bundle(ARCH, initial_weights(ARCH, seed=0))
+    version = version_create(
+        family=family, weights=made.weights, onnx=made.onnx, program=made.program, head=made.head, arch=ARCH
     )
-    artifact.file.save("bench-digits-v1.safetensors", ContentFile(data), save=False)
-    artifact.save()
     group = DeviceGroup.objects.create(name="bench-fleet")
     secrets = []
-    for i in range(devices):
+    for i, (x, _) in enumerate(parts):
         secret = new_secret()
         device = Device.objects.create(
-            name=f"bench-{i:03d}", secret_hash=hash_secret(secret), status=Device.Status.ONLINE
+            name=f"bench-{i:03d}",
+            secret_hash=hash_secret(secret),
+            status=Device.Status.ONLINE,
+            # What a board's heartbeat would say: rounds select boards holding examples.
+            state={"local_examples": len(x), "training_backends": ["torch"]},
         )
         device.groups.add(group)
         secrets.append(secret)
     return family, version, group, secrets, services
+
+
+def _stored_model(version: Any) -> tuple[bytes, dict[str, np.ndarray]]:
+    """The program and the weights of ``version`` as the server stored them."""
+    from devices_agent.codecs import decode_tensors
+    from models_registry.selectors import version_program
+
+    program = version_program(version=version)
+    assert program is not None
+    with version.artifacts.get(kind="weights").file.open("rb") as handle:
+        tensors, _ = decode_tensors(handle.read())
+    return program, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
 def _run_job(services: Any, job_id: int, *, timeout: float, stack: Any) -> str:
@@ -134,11 +150,17 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     )
     stack.migrate()
     stack.setup_django()
+    import base64
+
     from devices_agent.client import AgentClient, WireCounter
-    from devices_agent.federated import FederatedTrainer, run_rounds
+    from devices_agent.federated import FederatedTrainer, FixedData, run_rounds
+    from models_registry.signing import signing_public_key_b64
     from training.models import FederatedRound
 
-    family, version, group, secrets, services = _seed_rows(devices)
+    parts, _, _ = _data(devices)
+    family, version, group, secrets, services = _seed_rows(parts)
+    program, initial = _stored_model(version)
+    public_key = base64.b64decode(signing_public_key_b64())
 
     def make(name: str, n_rounds: int) -> Any:
         return services.job_create(
@@ -163,7 +185,6 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     # on first use, which a long-running deployment pays once, not per round.
     warmup = make("warm-up", 1)
     job = make("benchmark", rounds)
-    parts, _, _ = _data(devices)
     stop = threading.Event()
     counters = [WireCounter() for _ in range(devices)]
     threads: list[threading.Thread] = []
@@ -175,8 +196,8 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
             trainer = FederatedTrainer(
                 client=AgentClient(server_url=stack.url, secret=secret, counter=counters[i]),
                 state_dir=work / "agents" / f"dev{i}",
-                x=parts[i][0],
-                y=parts[i][1],
+                data=FixedData(parts[i][0], parts[i][1]),
+                public_key=public_key,
                 device_seed=i,
                 should_stop=stop.is_set,
             )
@@ -200,6 +221,9 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
         raise RuntimeError(f"job ended {status}: {stack.log('worker')[-3000:]}")
     done = list(FederatedRound.objects.filter(job_id=job.pk).order_by("number"))
     return {
+        "program": program,
+        "initial": initial,
+        "job_seed": int(job.seed),
         "wall_s": wall,
         "accuracy_per_round": [float(r.accuracy or 0.0) for r in done],
         "bytes_in": sum(r.bytes_in for r in done),
@@ -217,35 +241,55 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
 
 
 def run_reference(
-    *, devices: int, rounds: int, codec: str = "none", topk_fraction: float = 0.1
+    *,
+    program: bytes,
+    initial: dict[str, np.ndarray],
+    job_seed: int,
+    devices: int,
+    rounds: int,
+    codec: str = "none",
+    topk_fraction: float = 0.1,
 ) -> dict[str, Any]:
-    """The plain loop: same local training and seeds, float64 weighted average."""
-    from devices_agent.local_train import evaluate_numpy, train_local
-
-    from config.demo.nets import initial_weights
+    """The plain loop: the same backend code and seeds, a float64 weighted average."""
+    from config.demo.nets import spec_fields
+    from devices_agent.backends import TrainConfig, get_backend
     from devices_agent.codecs import decode_delta, encode_delta
+    from devices_agent.family import FamilySpec
     from devices_agent.federated import local_seed
+    from devices_agent.program import trainable_names
 
+    fields = spec_fields(ARCH)
+    spec = FamilySpec(
+        task=fields["task"], input_shape=tuple(fields["input_shape"]), num_classes=fields["num_classes"]
+    )
+    backend = get_backend("torch", num_threads=1)
+    names = trainable_names(program)
     parts, x_test, y_test = _data(devices)
-    weights = initial_weights(ARCH, seed=0)
-    expected = {k: (tuple(v.shape), "float32") for k, v in weights.items()}
+    state = {k: np.asarray(v, np.float32) for k, v in initial.items()}
+    expected = {k: (tuple(state[k].shape), "float32") for k in names}
     residuals: list[Any] = [None] * devices
     accuracies: list[float] = []
     sent = 0
     started = time.perf_counter()
     for number in range(1, rounds + 1):
-        sums = {k: np.zeros(v.shape, np.float64) for k, v in weights.items()}
+        # What the round task says: training.selectors.round_task.
+        task_seed = job_seed * 100_003 + number
+        sums = {k: np.zeros(state[k].shape, np.float64) for k in names}
         total = 0.0
         for i, (x, y) in enumerate(parts):
-            result = train_local(
-                arch=ARCH,
-                global_weights=weights,
+            result = backend.train(
+                program=program,
+                state=state,
+                spec=spec,
                 x=x,
                 y=y,
-                epochs=EPOCHS,
-                batch_size=BATCH,
-                lr=LR,
-                seed=local_seed(task_seed=number, device_seed=i),
+                config=TrainConfig(
+                    epochs=EPOCHS,
+                    batch_size=BATCH,
+                    lr=LR,
+                    seed=local_seed(task_seed=task_seed, device_seed=i),
+                ),
+                trainable=names,
             )
             delta = result.delta
             if codec != "none":
@@ -258,9 +302,12 @@ def run_reference(
             for k in sums:
                 sums[k] += result.num_examples * delta[k].astype(np.float64)
             total += result.num_examples
-        weights = {k: (weights[k].astype(np.float64) + sums[k] / total).astype(np.float32) for k in weights}
-        _, accuracy = evaluate_numpy(arch=ARCH, weights=weights, x=x_test, y=y_test)
-        accuracies.append(float(accuracy))
+        state = {
+            **state,
+            **{k: (state[k].astype(np.float64) + sums[k] / total).astype(np.float32) for k in names},
+        }
+        measured = backend.evaluate(program=program, state=state, spec=spec, x=x_test, y=y_test)
+        accuracies.append(float(measured["accuracy"]))
     return {
         "wall_s": time.perf_counter() - started,
         "accuracy_per_round": accuracies,
@@ -284,7 +331,8 @@ def main(argv: list[str] | None = None) -> None:
     # The machine may be shared: the load says how much of it this run had.
     load_before = os.getloadavg()[0]
     system = run_system(devices=devices, rounds=rounds)
-    reference = run_reference(devices=devices, rounds=rounds)
+    model = {"program": system["program"], "initial": system["initial"], "job_seed": system["job_seed"]}
+    reference = run_reference(devices=devices, rounds=rounds, **model)
     overhead = (system["wall_s"] - reference["wall_s"]) / rounds
     final = system["accuracy_per_round"][-1]
     ref_final = reference["accuracy_per_round"][-1]
@@ -334,7 +382,9 @@ def main(argv: list[str] | None = None) -> None:
         if codec == "none":
             result = reference
         else:
-            result = run_reference(devices=devices, rounds=rounds, codec=codec, topk_fraction=fraction)
+            result = run_reference(
+                devices=devices, rounds=rounds, codec=codec, topk_fraction=fraction, **model
+            )
         label = f"topk {fraction:g}" if codec == "topk" else codec
         rows.append(
             {

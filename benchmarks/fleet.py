@@ -43,7 +43,11 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from devices_agent.agent import Agent
+    from devices_agent.simulate import SimDevice
 
 
 def _wait(predicate: Any, *, timeout: float, poll: float = 0.5) -> float:
@@ -58,6 +62,12 @@ def _wait(predicate: Any, *, timeout: float, poll: float = 0.5) -> float:
 
 def _progress(message: str) -> None:
     print(f"[fleet] {message}", file=sys.stderr, flush=True)
+
+
+def _agent(device: SimDevice) -> Agent:
+    """The agent of an in-process simulated board (a board run as a process has none here)."""
+    assert device.agent is not None, "the fleet runs its agents in this process"
+    return device.agent
 
 
 def run(*, devices: int, interval: float, threads: int, quick: bool) -> dict[str, Any]:
@@ -143,12 +153,12 @@ def run(*, devices: int, interval: float, threads: int, quick: bool) -> dict[str
                 return done >= total
 
             version_s = _wait(progress, timeout=300 + devices * 0.5, poll=0.25)
-            failed = sum(1 for d in fleet.devices if d.agent.state.current_version_id() != version.pk)
+            failed = sum(1 for d in fleet.devices if _agent(d).state.current_version_id() != version.pk)
             _progress(f"version everywhere after {version_s:.1f} s ({failed} not active)")
         finally:
             fleet.stop()
         artifact_size = version.artifacts.get(kind="onnx").size
-        seqs = [d.agent.state.load().get("seq", 0) for d in fleet.devices]
+        seqs = [_agent(d).state.load().get("seq", 0) for d in fleet.devices]
         result = {
             "devices": devices,
             "interval_s": interval,
