@@ -261,10 +261,16 @@ def test_htmx_region_refresh_returns_the_same_page(page_client: Any, fleet: Flee
 def test_operator_queues_a_registry_job(page_client: Any, fleet: Fleet) -> None:
     from models_registry.models import ModelJob
 
+    from config.demo.seed import digits_datasets
+
     client = page_client("operator")
     url = reverse("frontend:version-job", args=[fleet.candidate.pk])
     client.post(url, {"kind": "optimise", "optimisation": "no-such-thing"})
     assert not ModelJob.objects.exists()
+    # Without a test set to judge the variant on, the page says so and queues nothing.
+    refused = client.post(url, {"kind": "optimise", "optimisation": "int8_dynamic"}, follow=True)
+    assert not ModelJob.objects.exists() and "test set" in refused.content.decode()
+    digits_datasets(family=fleet.candidate.family)
     client.post(url, {"kind": "optimise", "optimisation": "int8_dynamic"})
     job = ModelJob.objects.get()
     assert job.kind == "optimise" and job.params["kind"] == "int8_dynamic"
