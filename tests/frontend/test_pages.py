@@ -259,9 +259,8 @@ def test_htmx_region_refresh_returns_the_same_page(page_client: Any, fleet: Flee
 
 
 def test_operator_queues_a_registry_job(page_client: Any, fleet: Fleet) -> None:
-    from models_registry.models import ModelJob
-
     from config.demo.seed import digits_datasets
+    from models_registry.models import ModelJob
 
     client = page_client("operator")
     url = reverse("frontend:version-job", args=[fleet.candidate.pk])
