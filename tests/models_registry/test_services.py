@@ -395,3 +395,83 @@ def test_version_list_is_two_queries(
     with django_assert_num_queries(2):
         refs = [selectors.artifact_ref(v, "weights") for v in selectors.version_list({"stage": "draft"})]
     assert len(refs) == 3 and all(refs)
+
+
+def _onnx_with(mlp_onnx: bytes, change: Any) -> bytes:
+    import onnx
+
+    model = onnx.load_model_from_string(mlp_onnx)
+    change(model)
+    return bytes(model.SerializeToString())
+
+
+def test_onnx_reaching_outside_the_file_is_refused_before_any_load(
+    family: Any, mlp_onnx: bytes, tmp_path: Any
+) -> None:
+    """External data would make the server read a file of its own choosing; sparse tensors too."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    secret = tmp_path / "server-secret.bin"
+    secret.write_bytes(b"\x00" * 4096)
+
+    def external(model: Any) -> None:
+        tensor = model.graph.initializer[0]
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, value in (("location", str(secret)), ("offset", "0"), ("length", "4096")):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+
+    def sparse(model: Any) -> None:
+        values = numpy_helper.from_array(np.ones(1, np.float32), name="sp")
+        indices = numpy_helper.from_array(np.zeros(1, np.int64), name="sp_idx")
+        model.graph.sparse_initializer.append(helper.make_sparse_tensor(values, indices, [4]))
+
+    for change in (external, sparse):
+        with pytest.raises(ServiceError) as caught:
+            services.version_create(family=family, onnx=_onnx_with(mlp_onnx, change))
+        assert caught.value.code == "invalid_onnx" and "outside the file" in caught.value.message
+    assert not ModelVersion.objects.exists()
+
+
+def test_a_safetensors_header_cannot_claim_what_the_file_does_not_hold(family: Any) -> None:
+    """A zero-size dimension or a shape beyond the bytes is refused before anything is allocated."""
+    import json
+    import struct
+
+    def file_with(header: dict[str, Any], data: bytes) -> bytes:
+        raw = json.dumps(header).encode()
+        return struct.pack("<Q", len(raw)) + raw + data
+
+    cases = [
+        {"w": {"dtype": "F32", "shape": [0, 10**12], "data_offsets": [0, 0]}},
+        {"w": {"dtype": "F32", "shape": [10**6, 10**6], "data_offsets": [0, 16]}},
+        {
+            "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]},
+            "v": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]},
+        },
+    ]
+    for header in cases:
+        with pytest.raises(ServiceError) as caught:
+            services.version_create(family=family, weights=file_with(header, b"\x00" * 16))
+        assert caught.value.code == "invalid_safetensors", header
+    assert not ModelVersion.objects.exists()
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"task": "classification", "input_shape": [10**5, 10**5], "num_classes": 10},
+        {"task": "classification", "input_shape": [0], "num_classes": 10},
+        {"task": "classification", "input_shape": [64], "num_classes": 10**9},
+        {"task": "regression", "input_shape": [64], "output_size": 10**9},
+        {"task": "classification", "input_shape": [64], "num_classes": 10, "input_dtype": "float64"},
+    ],
+)
+def test_family_contracts_are_bounded(db: Any, fields: dict[str, Any]) -> None:
+    from models_registry.models import ModelFamily
+
+    with pytest.raises(ServiceError):
+        services.family_create(name="too-big", actor=None, **fields)
+    assert not ModelFamily.objects.exists()
