@@ -259,13 +259,15 @@ def evaluation_receive(
     except ValueError as exc:
         raise ServiceError(f"{exc}; an evaluation carries {list(wanted)}", code="bad_metrics") from None
     examples = clean["holdout_examples"]
-    reported = int((device.state or {}).get("holdout_examples", 0) or 0)
-    if not 1 <= examples <= max(reported, 1) or examples != int(examples):
-        # A board's weight in the mean is what it said it holds, no more.
-        raise ServiceError(
-            f"holdout_examples must be a whole number from 1 to the {reported} this board reported",
-            code="bad_metrics",
-        )
+    if examples < 1 or examples != int(examples):
+        raise ServiceError("holdout_examples must be a whole number of at least 1", code="bad_metrics")
+    # A board's weight in the mean is what it said it holds when chosen (or since: its
+    # holdout grows with its data), no more; a larger claim is kept beside the capped one.
+    chosen = (rnd.selected_examples or {}).get(str(device.pk)) or [0, 0]
+    reported = max(int((device.state or {}).get("holdout_examples", 0) or 0), int(chosen[1]), 1)
+    if examples > reported:
+        clean["claimed_holdout_examples"] = examples
+        clean["holdout_examples"] = examples = float(reported)
     if spec.primary_metric == "accuracy" and not 0.0 <= clean["holdout_accuracy"] <= 1.0:
         raise ServiceError("holdout_accuracy must lie in [0, 1]", code="bad_metrics")
     if clean["holdout_loss"] < 0 or clean.get(f"holdout_{spec.primary_metric}", 0.0) < 0:

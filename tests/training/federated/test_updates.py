@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -251,3 +252,84 @@ def test_job_refuses_a_nonsense_example_cap(fleet: Fleet) -> None:
     with pytest.raises(ServiceError) as refused:
         make_job(fleet, max_examples_per_update=0)
     assert "max_examples_per_update" in refused.value.details
+
+
+def _evaluation_round(fleet: Fleet) -> Any:
+    """An evaluation round that selected the fleet's first two boards (as round_open leaves it)."""
+    from django.utils import timezone
+
+    from training import services
+    from training.models import FederatedRound
+
+    job = make_job(fleet)
+    services.job_start(job_id=job.pk, actor=None)
+    chosen = [str(fleet.devices[0].pk), str(fleet.devices[1].pk)]
+    return FederatedRound.objects.create(
+        job=job,
+        number=1,
+        kind=FederatedRound.Kind.EVALUATE,
+        status=FederatedRound.Status.COLLECTING,
+        base_version=fleet.version,
+        selected=chosen,
+        selected_examples={c: [50, 10] for c in chosen},
+        opened_at=timezone.now(),
+        deadline=timezone.now() + timedelta(minutes=5),
+    )
+
+
+def _evaluate(client: Client, round_id: int, metrics: Any) -> Any:
+    return client.post(
+        f"/api/agent/v1/rounds/{round_id}/evaluation",
+        data=json.dumps({"metrics": metrics}),
+        content_type="application/json",
+    )
+
+
+def test_an_evaluation_is_stored_once_and_its_weight_is_what_the_board_holds(fleet: Fleet) -> None:
+    from training.models import ClientUpdate
+
+    rnd = _evaluation_round(fleet)
+    good = {"holdout_accuracy": 0.8, "holdout_loss": 0.5, "holdout_examples": 8}
+    first = _evaluate(_client(fleet.secrets[0]), rnd.pk, good)
+    assert first.status_code == 201, first.content
+    assert _evaluate(_client(fleet.secrets[0]), rnd.pk, good).json()["duplicate"] is True
+    changed = _evaluate(_client(fleet.secrets[0]), rnd.pk, {**good, "holdout_accuracy": 0.9})
+    assert changed.status_code == 409 and changed.json()["error"]["code"] == "duplicate_update"
+    # A claim beyond the holdout the board reported weighs only what it reported.
+    inflated = _evaluate(_client(fleet.secrets[1]), rnd.pk, {**good, "holdout_examples": 10**9})
+    assert inflated.status_code == 201
+    row = ClientUpdate.objects.get(round=rnd, device=fleet.devices[1])
+    assert row.num_examples == 10 and row.metrics["claimed_holdout_examples"] == 10**9
+
+
+@pytest.mark.parametrize(
+    ("metrics", "status_code", "code"),
+    [
+        ({"holdout_accuracy": 1.5, "holdout_loss": 0.5, "holdout_examples": 8}, 400, "bad_metrics"),
+        ({"holdout_accuracy": 0.5, "holdout_loss": -1, "holdout_examples": 8}, 400, "bad_metrics"),
+        ({"holdout_accuracy": 0.5, "holdout_loss": 0.5, "holdout_examples": 2.5}, 400, "bad_metrics"),
+        ({"holdout_accuracy": 0.5, "holdout_loss": 0.5, "holdout_examples": 0}, 400, "bad_metrics"),
+        ({"holdout_accuracy": 0.5, "holdout_examples": 8}, 400, "bad_metrics"),
+        ({"holdout_accuracy": "NaN", "holdout_loss": 0.5, "holdout_examples": 8}, 400, "bad_metrics"),
+        ("not an object", 400, "bad_metrics"),
+    ],
+)
+def test_bad_evaluations_are_refused_and_store_nothing(
+    fleet: Fleet, metrics: Any, status_code: int, code: str
+) -> None:
+    from training.models import ClientUpdate
+
+    rnd = _evaluation_round(fleet)
+    response = _evaluate(_client(fleet.secrets[0]), rnd.pk, metrics)
+    assert response.status_code == status_code and response.json()["error"]["code"] == code
+    assert not ClientUpdate.objects.filter(round=rnd).exists()
+
+
+def test_evaluations_only_from_chosen_boards_and_only_for_evaluation_rounds(fleet: Fleet) -> None:
+    good = {"holdout_accuracy": 0.8, "holdout_loss": 0.5, "holdout_examples": 8}
+    rnd = _evaluation_round(fleet)
+    outsider = _evaluate(_client(fleet.secrets[2]), rnd.pk, good)
+    assert outsider.status_code == 403 and outsider.json()["error"]["code"] == "not_selected"
+    training = _open_round(fleet)
+    wrong = _evaluate(_client(fleet.secrets[0]), training.pk, good)
+    assert wrong.status_code == 409 and wrong.json()["error"]["code"] == "not_an_evaluation"
