@@ -1,12 +1,13 @@
 """A torch-less board on this machine: a virtualenv with only what such a board installs.
 
 For tests, benchmarks and trying the agent by hand: ONNX Runtime's training build (the
-``board-ort`` extra, which also serves inference) and the agent's runtime dependencies
-at the project's pins, in an environment created once and cached between runs under
-``$FLOTILLA_CACHE_DIR`` (default ``~/.cache/flotilla``), named by those pins. The agent
-itself is installed per use from the same bundle provisioning uploads to boards
-(:func:`fleet.services.provisioning.agent_bundle`), into a directory of its own, so the
-cached environment never holds one checkout's agent code for another.
+``board-ort`` extra, which also serves inference, without its declared dependencies) and
+the agent's runtime dependencies at the project's pins, in an environment created once
+and cached between runs under ``$FLOTILLA_CACHE_DIR`` (default ``~/.cache/flotilla``),
+named by those pins. The agent itself is installed per use from the same bundle
+provisioning uploads to boards (:func:`fleet.services.provisioning.agent_bundle`), into a
+directory of its own, so the cached environment never holds one checkout's agent code for
+another.
 
 Nothing of the project's own environment is visible there: no torch, no Django.
 """
@@ -38,16 +39,21 @@ def cache_root() -> Path:
     return Path(os.environ.get("FLOTILLA_CACHE_DIR") or Path.home() / ".cache" / "flotilla")
 
 
-def board_requirements() -> list[str]:
-    """A torch-less board's packages: the ``board-ort`` extra and the agent's runtime pins."""
-    return [*extra_requirements("board-ort"), *pinned(*AGENT_RUNTIME)]
+def board_requirements() -> tuple[list[str], list[str]]:
+    """A torch-less board's packages: the agent's runtime pins, and the ``board-ort`` extra.
+
+    The training build is installed without its declared dependencies (onnx, sympy, h5py,
+    cerberus: for ORTModule and for making artifacts, neither of which a board does), so
+    the board carries ONNX Runtime and numpy and nothing else of the kind.
+    """
+    return pinned(*AGENT_RUNTIME), extra_requirements("board-ort")
 
 
 def board_python(root: Path | None = None, *, log: Log | None = None) -> Path:
     """The Python of the cached torch-less board environment (created on first use)."""
-    requirements = board_requirements()
-    folder = env_dir((root or cache_root()) / "board-ort", requirements)
-    return ensure_venv(folder, requirements, log=log)
+    requirements, bare = board_requirements()
+    folder = env_dir((root or cache_root()) / "board-ort", requirements + bare)
+    return ensure_venv(folder, requirements, without_deps=bare, log=log)
 
 
 def install_agent(python: Path, target: Path) -> Path:

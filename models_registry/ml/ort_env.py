@@ -103,7 +103,7 @@ def builder_requirements() -> list[str]:
 
 def env_dir(root: Path, requirements: list[str]) -> Path:
     """Where an environment of ``requirements`` lives under ``root``: named by them and Python."""
-    key = hashlib.sha256(json.dumps(sorted(requirements)).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(sorted(requirements) + ["v2"]).encode()).hexdigest()[:12]
     return root / f"py{sys.version_info.major}{sys.version_info.minor}-{key}"
 
 
@@ -123,16 +123,27 @@ def _python_of(folder: Path) -> Path:
 
 
 def ensure_venv(
-    folder: Path, requirements: list[str], *, log: Log | None = None, timeout_s: float = 1800
+    folder: Path,
+    requirements: list[str],
+    *,
+    without_deps: list[str] | None = None,
+    log: Log | None = None,
+    timeout_s: float = 1800,
 ) -> Path:
     """The Python of a virtualenv at ``folder`` holding exactly ``requirements``, created if needed.
 
-    A finished environment carries a marker with its requirements; one without it (an
-    interrupted creation) or with other requirements is made again from scratch.
+    ``without_deps`` are installed after the others and without their declared
+    dependencies. A finished environment carries a marker with its requirements; one
+    without it (an interrupted creation) or with other requirements is made again.
     """
     folder = Path(folder)
     marker = folder / MARKER
-    wanted = {"requirements": sorted(requirements), "python": list(sys.version_info[:2])}
+    bare = list(without_deps or [])
+    wanted = {
+        "requirements": sorted(requirements),
+        "without_deps": sorted(bare),
+        "python": list(sys.version_info[:2]),
+    }
 
     def ready() -> bool:
         try:
@@ -151,27 +162,15 @@ def ensure_venv(
             log(f"creating the environment {folder} with {' '.join(requirements)}")
         base = getattr(sys, "_base_executable", sys.executable) or sys.executable
         subprocess.run([base, "-m", "venv", str(folder)], check=True, timeout=timeout_s)
+        pip = [str(_python_of(folder)), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
         try:
-            subprocess.run(
-                [
-                    str(_python_of(folder)),
-                    "-m",
-                    "pip",
-                    "install",
-                    "--quiet",
-                    "--disable-pip-version-check",
-                    "--no-input",
-                    *requirements,
-                ],
-                check=True,
-                timeout=timeout_s,
-                capture_output=True,
-                text=True,
-            )
+            for command in ([*pip, *requirements], [*pip, "--no-deps", *bare] if bare else None):
+                if command:
+                    subprocess.run(command, check=True, timeout=timeout_s, capture_output=True, text=True)
         except subprocess.CalledProcessError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             tail = "\n".join((exc.stderr or exc.stdout or "").strip().splitlines()[-10:])
-            raise RuntimeError(f"pip could not install {requirements}: {tail}") from None
+            raise RuntimeError(f"pip could not install {requirements + bare}: {tail}") from None
         marker.write_text(json.dumps(wanted))
     return _python_of(folder)
 
