@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -47,11 +48,8 @@ def main() -> int:
         print(json.dumps({"code": getattr(exc, "code", "value_error"), "message": str(exc)}), file=sys.stderr)
         return 3
     assert "torch" not in sys.modules
-    np.savez(
-        out_path,
-        metrics=json.dumps(result.metrics),
-        **{f"d/{name}": value for name, value in result.delta.items()},
-    )
+    arrays: dict[str, Any] = {f"d/{name}": value for name, value in result.delta.items()}
+    np.savez(out_path, metrics=json.dumps(result.metrics), **arrays)
     return 0
 
 

@@ -55,7 +55,8 @@ def run_ort(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Train (or evaluate) with the ort backend in the board's environment: ``(delta, metrics)``."""
     folder.mkdir(parents=True, exist_ok=True)
-    np.savez(folder / "in.npz", x=x, y=y, **{f"w/{k}": v for k, v in state.items()})
+    arrays: dict[str, Any] = {"x": x, "y": y, **{f"w/{k}": v for k, v in state.items()}}
+    np.savez(folder / "in.npz", **arrays)
     (folder / "archive.tar.gz").write_bytes(archive)
     request = {"spec": spec.to_dict(), "config": asdict(config) if config else {}, "trainable": trainable}
     (folder / "request.json").write_text(json.dumps(request))

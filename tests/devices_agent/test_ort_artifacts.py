@@ -7,6 +7,7 @@ import gzip
 import io
 import json
 import tarfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ def _folder(tmp_path: Path) -> Path:
     return folder
 
 
-def _tar(members: list[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
+def _tar(members: Sequence[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     buffer = io.BytesIO()
     with (
         gzip.GzipFile(fileobj=buffer, mode="wb") as compressed,
@@ -108,7 +109,7 @@ def test_a_hostile_archive_is_refused_and_nothing_is_written_outside(
 def test_a_manifest_that_is_not_the_format_is_refused(tmp_path: Path) -> None:
     folder = _folder(tmp_path)
     with pytest.raises(ArchiveError, match="format"):
-        pack(folder, {**MANIFEST, "format": "something/2"})  # type: ignore[typeddict-item]
+        pack(folder, {**MANIFEST, "format": "something/2"})
     bad = [
         _member(info.name, b"{not json" if info.name == "manifest.json" else (data or b""))
         for info, data in _good_members()

@@ -55,11 +55,12 @@ def _case(name: str) -> tuple[Any, Any, np.ndarray, np.ndarray]:
     spec = FamilySpec(
         task=fields["task"], input_shape=tuple(fields["input_shape"]), num_classes=fields["num_classes"]
     )
-    if name == "mlp":
-        x, y = client_dataset(client_index=0, n_clients=3, alpha=0.5, seed=0)
-    else:
-        x, y = activity_windows(user=0, n=200, seed=0)
-    return _bundle(name), spec, np.asarray(x, np.float32), np.asarray(y)
+    examples = (
+        client_dataset(client_index=0, n_clients=3, alpha=0.5, seed=0)
+        if name == "mlp"
+        else activity_windows(user=0, n=200, seed=0)
+    )
+    return _bundle(name), spec, np.asarray(examples[0], np.float32), np.asarray(examples[1])
 
 
 @functools.cache

@@ -16,9 +16,10 @@ import pytest
 from django.test import Client
 
 from devices_agent.codecs import encode_delta
+from devices_agent.ort_artifacts import Manifest
 from tests.training.federated.conftest import Fleet, make_fleet, make_job
 
-MANIFEST: dict[str, Any] = {
+MANIFEST: Manifest = {
     "format": "flotilla-ort-training/1",
     "loss": "cross_entropy",
     "trainable": ["fc1.weight"],
@@ -109,7 +110,7 @@ def test_a_ready_version_takes_ort_boards_and_its_task_carries_the_signed_archiv
     assert ref["kind"] == "ort_training" and ref["sha256"] == artifact.sha256 and ref["signature"]
     assert task["failure_url"] == f"/api/agent/v1/rounds/{rnd.pk}/failure"
     # A selected board may download it (the round entitles it), and it is what was signed.
-    body = b"".join(client.get(ref["url"]).streaming_content)
+    body = b"".join(client.get(ref["url"]).streaming_content)  # type: ignore[attr-defined]
     assert read_manifest(body)["trainable"] == ["fc1.weight"]
     from models_registry.signing import signing_public_key_b64, verify_digest
 
