@@ -17,8 +17,8 @@ as a subprocess and reads one JSON line from its standard output.
 - ``no_gradient``: an operator has no gradient (or one that fails when run); ``op`` and
   ``node`` name it.
 
-Every attempt (generating the graphs, then two training steps with different batch sizes
-and an evaluation step, for each optimizer) runs in a child process: some gradient gaps
+Every attempt (generating the graphs, then training steps with batches of 3, 2 and 1
+examples and evaluation steps, for each optimizer) runs in a child process: some gradient gaps
 do not raise but crash the process (AveragePool's gradient divides by zero with a
 variable batch). When the whole graph fails and the error does not name the operator,
 the builder probes sub-graphs (each node with its ancestors, squared-mean loss) and
@@ -114,7 +114,7 @@ def _loss_block(task: str) -> Any:
 
 
 def _attempt(args: argparse.Namespace) -> int:
-    """Child: generate the full artifacts into --out and train two steps with each optimizer."""
+    """Child: generate the full artifacts into --out and train a few steps with each optimizer."""
     import onnx
 
     _training_package()
@@ -144,7 +144,8 @@ def _smoke(out: Path, *, optimizer: str, task: str, shape: list[int], outputs: i
     state = api.CheckpointState.load_checkpoint(str(out / "checkpoint"))
     module = api.Module(str(out / "training_model.onnx"), state, str(out / "eval_model.onnx"))
     opt = api.Optimizer(str(out / f"optimizer_{optimizer}.onnx"), module)
-    for batch in (3, 2):
+    # Varying batch sizes, down to one (an epoch's last batch can be that small).
+    for batch in (3, 2, 1):
         x = _inputs(rng, batch, shape, dtype)
         labels = (
             rng.integers(0, outputs, size=batch).astype(np.int64)
