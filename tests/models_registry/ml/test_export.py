@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from devices_agent.local_train import evaluate_numpy
 
+from devices_agent.local_train import evaluate_numpy
 from models_registry.ml.export import (
     ExportParityError,
     export_module,

@@ -2,9 +2,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from devices_agent.local_train import evaluate_numpy
 
 from devices_agent.codecs import decode_tensors
+from devices_agent.local_train import evaluate_numpy
 from models_registry.ml.export import export_onnx, run_onnx
 from models_registry.ml.optimise import (
     compact_onnx,
