@@ -7,6 +7,7 @@ WORKDIR /app
 RUN apt-get update && apt-get install -y --no-install-recommends openssh-client && rm -rf /var/lib/apt/lists/*
 
 COPY pyproject.toml README.md ./
+COPY core ./core
 COPY config ./config
 COPY fleet ./fleet
 COPY models_registry ./models_registry
@@ -20,6 +21,10 @@ COPY manage.py ./
 ARG PIP_EXTRA_INDEX_URL=""
 RUN pip install --no-cache-dir -e . \
     && python manage.py collectstatic --noinput --settings=config.settings.demo
+# The builder of ONNX Runtime training artifacts, a virtualenv of its own at the pins of
+# pyproject.toml: its onnxruntime build must never replace the server's.
+RUN PIP_NO_CACHE_DIR=1 python -m models_registry.ml.ort_env /opt/ort-builder
+ENV ORT_BUILDER_PYTHON=/opt/ort-builder/bin/python
 
 RUN useradd --create-home flotilla && mkdir -p /data && chown flotilla /data
 USER flotilla

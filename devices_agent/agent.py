@@ -195,16 +195,18 @@ class Agent:
             if self.config.train
             else []
         )
+        # Personal heads are fine-tuned from the program with PyTorch: ONNX Runtime's
+        # training artifacts come with a round, and a round trains every parameter.
         self.personaliser = (
             Personaliser(
                 state_dir=self.state.root,
                 data=self.data,
                 record=self.record,
-                backend=self.backends[0],
+                backend="torch",
                 epochs=self.config.personalise_epochs,
                 min_examples=self.config.personalise_min_examples,
             )
-            if self.config.personalise and self.backends
+            if self.config.personalise and "torch" in self.backends
             else None
         )
         self.runtime = ModelRuntime(

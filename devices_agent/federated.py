@@ -9,6 +9,13 @@ clips when the job asks, encodes the delta of the trainable parameters with the 
 codec and uploads it with retries. A board with no backend the job accepts, or no
 examples, skips the round and says why.
 
+The backend is the first of the board's that the job accepts and whose artifact the task
+carries: the program for ``torch``, the version's ONNX Runtime training artifacts
+(``ort_training``) for ``ort``. An artifact whose digest or signature does not match, or
+artifacts that do not fit the round's weights, end the board's part in the round: it
+reports the failure (``POST rounds/<id>/failure``, a code and a message), so the server
+records why and the round goes on without waiting for it.
+
 Everything in between lives in ``<state_dir>/federated/round_<id>/``, so an agent that is
 killed resumes where it stopped: downloaded weights are reused, and a delta that was
 encoded but not acknowledged is uploaded again byte for byte (the server answers 200 for
@@ -38,6 +45,7 @@ from devices_agent.client import AgentClient, Backoff, ServerError, raise_for_re
 from devices_agent.codecs import decode_tensors, encode_delta, encode_tensors
 from devices_agent.family import FamilySpec, SpecError
 from devices_agent.learning import fetch_artifact
+from devices_agent.updater import DownloadError, VerificationError
 from devices_agent.wire import AUTH_SCHEME, ArtifactRef
 
 __all__ = [
@@ -87,7 +95,8 @@ def local_seed(*, task_seed: int, device_seed: int) -> int:
 
 @dataclass
 class RoundOutcome:
-    """What happened to one task: ``status`` is uploaded, duplicate, rejected or skipped."""
+    """What happened to one task: ``status`` is uploaded, duplicate, rejected, skipped or failed
+    (reported to the server, which records why)."""
 
     round_id: int
     status: str
@@ -102,6 +111,23 @@ class _Skip(Exception):  # noqa: N818  (a reason not to take part, not an error)
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+class _Failed(Exception):  # noqa: N818  (reported to the server, not raised further)
+    def __init__(self, code: str, message: str, backend: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.backend = backend
+
+
+def _failure_code(exc: ValueError) -> str:
+    """The code a board reports for a failure that retrying cannot fix."""
+    if isinstance(exc, VerificationError):
+        return "artifact_unverified"
+    if isinstance(exc, DownloadError):
+        return "artifact_unavailable"
+    code = getattr(exc, "code", "")
+    return str(code) if isinstance(code, str) and code else "training_failed"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -198,13 +224,32 @@ class FederatedTrainer:
         )
         return path.read_bytes()
 
-    def _backend(self, accepted: list[str]) -> Backend | None:
+    def _backend(self, task: Mapping[str, Any]) -> Backend | None:
+        """The first of the board's backends that the job accepts and the task has artifacts for."""
+        accepted = list(task.get("backends") or ["torch"])
         for name in self.backends:
-            if name in accepted:
-                if name not in self._backends:
-                    self._backends[name] = get_backend(name, num_threads=self.num_threads)
-                return self._backends[name]
+            if name not in accepted:
+                continue
+            if name not in self._backends:
+                options: dict[str, Any] = {"num_threads": self.num_threads}
+                if name == "ort":
+                    options["cache_dir"] = self.root.parent / "ort"
+                self._backends[name] = get_backend(name, **options)
+            backend = self._backends[name]
+            if task.get(backend.artifact):
+                return backend
         return None
+
+    def _no_backend(self, task: Mapping[str, Any]) -> _Skip:
+        accepted = task.get("backends")
+        usable = [b for b in self.backends if b in (accepted or ["torch"])]
+        if usable:
+            return _Skip(
+                "no_artifacts",
+                f"the round carries no artifacts for this board's backends {usable} "
+                "(a version not trainable with ONNX Runtime, or its artifacts not built yet)",
+            )
+        return _Skip("no_backend", f"this board trains with {self.backends}; the job accepts {accepted}")
 
     def _prepare_upload(self, task: Mapping[str, Any], folder: Path) -> tuple[bytes, dict[str, Any], int]:
         """The encoded delta and its headers, trained now or recovered from an earlier try."""
@@ -213,45 +258,49 @@ class FederatedTrainer:
         if payload_path.exists() and meta_path.exists():
             return payload_path.read_bytes(), json.loads(meta_path.read_text()), 0
         spec = FamilySpec.from_dict(task["spec"])
-        backend = self._backend(list(task.get("backends") or ["torch"]))
+        backend = self._backend(task)
         if backend is None:
-            raise _Skip(
-                "no_backend",
-                f"this board trains with {self.backends}; the job accepts {task.get('backends')}",
-            )
+            raise self._no_backend(task)
         data = self.data.training_set(spec)
         if data is None or len(data[0]) == 0:
             raise _Skip("no_data", "this board holds no labelled examples for the family")
-        program = self._program(task["program"])
-        weights, downloaded = self._weights(task, folder)
-        metrics: dict[str, float] = {}
-        holdout = self.data.holdout_set(spec)
-        if holdout is not None and len(holdout[0]):
-            # The global model on data no model was trained on: the round's base version,
-            # evaluated where the data lives.
-            measured = backend.evaluate(program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1])
-            metrics[f"holdout_{spec.primary_metric}"] = float(measured[spec.primary_metric])
-            metrics["holdout_loss"] = float(measured["loss"])
-            metrics["holdout_examples"] = float(len(holdout[0]))
-        train = task["train"]
-        result = backend.train(
-            program=program,
-            state=weights,
-            spec=spec,
-            x=data[0],
-            y=data[1],
-            config=TrainConfig(
-                epochs=int(train["epochs"]),
-                batch_size=int(train["batch_size"]),
-                lr=float(train["lr"]),
-                optimizer=str(train.get("optimizer", "sgd")),
-                prox_mu=float(train.get("prox_mu", 0.0)),
-                clip_norm=float(task["clip_norm"]) if task.get("clip_norm") else None,
-                seed=local_seed(task_seed=int(task["seed"]), device_seed=self.device_seed),
-            ),
-            trainable=list(task.get("trainable") or []) or None,
-            should_stop=self.should_stop,
-        )
+        try:
+            program = self._program(task[backend.artifact])
+            weights, downloaded = self._weights(task, folder)
+            metrics: dict[str, float] = {}
+            holdout = self.data.holdout_set(spec)
+            if holdout is not None and len(holdout[0]):
+                # The global model on data no model was trained on: the round's base
+                # version, evaluated where the data lives.
+                measured = backend.evaluate(
+                    program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1]
+                )
+                metrics[f"holdout_{spec.primary_metric}"] = float(measured[spec.primary_metric])
+                metrics["holdout_loss"] = float(measured["loss"])
+                metrics["holdout_examples"] = float(len(holdout[0]))
+            train = task["train"]
+            result = backend.train(
+                program=program,
+                state=weights,
+                spec=spec,
+                x=data[0],
+                y=data[1],
+                config=TrainConfig(
+                    epochs=int(train["epochs"]),
+                    batch_size=int(train["batch_size"]),
+                    lr=float(train["lr"]),
+                    optimizer=str(train.get("optimizer", "sgd")),
+                    prox_mu=float(train.get("prox_mu", 0.0)),
+                    clip_norm=float(task["clip_norm"]) if task.get("clip_norm") else None,
+                    seed=local_seed(task_seed=int(task["seed"]), device_seed=self.device_seed),
+                ),
+                trainable=list(task.get("trainable") or []) or None,
+                should_stop=self.should_stop,
+            )
+        except SpecError:
+            raise
+        except ValueError as exc:
+            raise _Failed(_failure_code(exc), str(exc), backend.name) from exc
         if result.metrics.get("stopped"):
             raise InterruptedError("local training was stopped")
         metrics.update(result.metrics)
@@ -263,7 +312,7 @@ class FederatedTrainer:
         )
         if encoded.residual is not None:
             _atomic_write(folder / "residual.safetensors", encode_tensors(encoded.residual))
-        meta = {"num_examples": result.num_examples, "metrics": metrics}
+        meta = {"num_examples": result.num_examples, "metrics": metrics, "backend": backend.name}
         _atomic_write(payload_path, encoded.data)
         _atomic_write(meta_path, json.dumps(meta).encode())
         return encoded.data, meta, downloaded
@@ -300,11 +349,14 @@ class FederatedTrainer:
             shutil.rmtree(folder, ignore_errors=True)
             code = exc.code if isinstance(exc, _Skip | SpecError) else "skipped"
             return RoundOutcome(round_id, "skipped", code=code, message=str(exc))
+        except _Failed as exc:
+            return self._report_failure(config, folder, exc)
         headers = self._headers(
             {
                 "Content-Type": "application/octet-stream",
                 "X-Num-Examples": str(int(meta["num_examples"])),
                 "X-Metrics": json.dumps(meta["metrics"]),
+                "X-Backend": str(meta.get("backend", "")),
             }
         )
         url = self.client.url(str(config["update_url"]))
@@ -337,21 +389,45 @@ class FederatedTrainer:
         self._commit(folder)
         return RoundOutcome(round_id, "uploaded", bytes_up=len(data), bytes_down=downloaded, metrics=metrics)
 
+    def _report_failure(self, task: Mapping[str, Any], folder: Path, failure: _Failed) -> RoundOutcome:
+        """Tell the server why this board cannot take part (``POST rounds/<id>/failure``)."""
+        round_id = int(task["round_id"])
+        shutil.rmtree(folder, ignore_errors=True)
+        body = {"code": failure.code[:40], "message": str(failure)[:2000], "backend": failure.backend}
+        url = str(task.get("failure_url") or f"rounds/{round_id}/failure")
+        try:
+            self._retry(lambda: self.client.request("POST", url, json_body=body))
+        except ServerError as exc:
+            if exc.retryable:
+                raise
+        return RoundOutcome(round_id, "failed", code=failure.code, message=str(failure))
+
     def _evaluate_task(self, task: Mapping[str, Any], folder: Path) -> RoundOutcome:
         """An evaluation round: the global model on this board's holdout, and only the numbers sent."""
         round_id = int(task["round_id"])
         try:
             spec = FamilySpec.from_dict(task["spec"])
-            backend = self._backend(list(task.get("backends") or ["torch"]))
+            backend = self._backend(task)
+            if backend is None:
+                raise self._no_backend(task)
             holdout = self.data.holdout_set(spec)
-            if backend is None or holdout is None or not len(holdout[0]):
-                raise _Skip("no_holdout" if backend else "no_backend", "nothing to evaluate on this board")
-            program = self._program(task["program"])
-            weights, downloaded = self._weights(task, folder)
-            measured = backend.evaluate(program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1])
-        except _Skip as exc:
+            if holdout is None or not len(holdout[0]):
+                raise _Skip("no_holdout", "nothing to evaluate on this board")
+            try:
+                program = self._program(task[backend.artifact])
+                weights, downloaded = self._weights(task, folder)
+                measured = backend.evaluate(
+                    program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1]
+                )
+            except SpecError:
+                raise
+            except ValueError as exc:
+                raise _Failed(_failure_code(exc), str(exc), backend.name) from exc
+        except (_Skip, SpecError) as exc:
             shutil.rmtree(folder, ignore_errors=True)
             return RoundOutcome(round_id, "skipped", code=exc.code, message=str(exc))
+        except _Failed as exc:
+            return self._report_failure(task, folder, exc)
         metrics = {
             f"holdout_{spec.primary_metric}": float(measured[spec.primary_metric]),
             "holdout_loss": float(measured["loss"]),

@@ -76,10 +76,10 @@ def _inference() -> dict[str, Any]:
     return {"ok": ok, "latency_ms": round(elapsed, 3), "reason": "" if ok else "wrong outputs"}
 
 
-def _training() -> dict[str, Any]:
+def _torch_training() -> dict[str, Any]:
     import torch
 
-    from devices_agent.backends import TrainConfig, available_backends, get_backend
+    from devices_agent.backends import TrainConfig, get_backend
     from devices_agent.codecs import decode_tensors
     from devices_agent.family import FamilySpec
     from devices_agent.program import make_bundle
@@ -92,15 +92,35 @@ def _training() -> dict[str, Any]:
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 4)).astype(np.float32)
     y = rng.integers(0, 3, size=16)
+    result = get_backend("torch").train(
+        program=bundle.program, state=state, spec=spec, x=x, y=y, config=TrainConfig(epochs=1, lr=0.1)
+    )
+    return {"ok": result.metrics["delta_norm"] > 0, "steps": result.metrics["steps"]}
+
+
+def _ort_training() -> dict[str, Any]:
+    # Training graphs are built by the server for each version (the board has no onnx
+    # package to build them); here the training API must load.
+    import onnxruntime
+
+    from devices_agent.backends.ort_backend import training_api
+
+    api = training_api()
+    return {
+        "ok": hasattr(api, "Module"),
+        "onnxruntime": onnxruntime.__version__,
+        "trains_from": "ort_training",
+    }
+
+
+def _training() -> dict[str, Any]:
+    from devices_agent.backends import available_backends
+
+    checks = {"torch": _torch_training, "ort": _ort_training}
     results: dict[str, dict[str, Any]] = {}
     for name in available_backends():
         try:
-            backend = get_backend(name)
-            result = backend.train(
-                program=bundle.program, state=state, spec=spec, x=x, y=y, config=TrainConfig(epochs=1, lr=0.1)
-            )
-            moved = result.metrics["delta_norm"] > 0
-            results[name] = {"ok": moved, "steps": result.metrics["steps"]}
+            results[name] = checks[name]()
         except Exception as exc:  # noqa: BLE001 - reported, that is the point
             results[name] = {"ok": False, "reason": f"{type(exc).__name__}: {exc}"[:500]}
     return {"ok": bool(results) and all(r["ok"] for r in results.values()), "backends": results}
@@ -111,7 +131,7 @@ def selftest(*, train: bool = False) -> dict[str, Any]:
     import importlib.metadata
 
     report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
-    for package in ("numpy", "onnxruntime", "torch"):
+    for package in ("numpy", "onnxruntime", "onnxruntime-training-cpu", "torch"):
         try:
             report[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

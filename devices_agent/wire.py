@@ -219,6 +219,18 @@ class RoundTask(TypedDict):
     topk_fraction: float
     max_update_bytes: int
     backends: list[str]  # the training backends the job accepts
+    # The version's ONNX Runtime training artifacts (devices_agent.ort_artifacts), signed
+    # like every artifact, for boards that train with "ort"; None when there are none.
+    ort_training: NotRequired[ArtifactRef | None]
+    failure_url: NotRequired[str]  # where a board reports why it cannot take part
+
+
+class RoundFailure(TypedDict):
+    """``POST rounds/<id>/failure``: why a selected board ends its part in a round."""
+
+    code: str  # e.g. artifact_unverified, artifacts_mismatch, fedprox_unsupported, training_failed
+    message: str
+    backend: NotRequired[str]
 
 
 class Command(TypedDict):

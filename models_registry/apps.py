@@ -9,7 +9,7 @@ class ModelsRegistryConfig(AppConfig):
     def ready(self) -> None:
         from core import dispatch
 
-        for task in ("evaluate_version", "export_version", "optimise_version"):
+        for task in ("evaluate_version", "export_version", "optimise_version", "build_ort_training"):
             dispatch.recoverable(
                 f"models_registry.{task}",
                 by="models_registry.jobs_resume",

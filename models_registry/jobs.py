@@ -1,4 +1,5 @@
-"""Long-running registry work: evaluating, exporting and optimising versions.
+"""Long-running registry work: evaluating, exporting and optimising versions, and building
+their ONNX Runtime training artifacts.
 
 Each piece of work is a :class:`~models_registry.models.ModelJob` row. ``job_enqueue``
 checks the parameters and what the work needs (weights, a program, the family's data
@@ -100,6 +101,8 @@ _PARAMS: dict[str, dict[str, tuple[type, ...]]] = {
         "lr": _NUMBER,
         "seed": (int,),
     },
+    # Built from the version's own graph and program; nothing to choose.
+    ModelJob.Kind.ORT_TRAINING: {},
 }
 
 
@@ -246,11 +249,12 @@ def _check_optimise(params: dict[str, Any], version: ModelVersion) -> None:
         _train_set(version, params.get("train_dataset"), str(optimisation))
 
 
-# The Celery task that runs each kind of job (all three call ``job_run``).
+# The Celery task that runs each kind of job (all of them call ``job_run``).
 TASKS: dict[str, str] = {
     ModelJob.Kind.EVALUATE: "models_registry.evaluate_version",
     ModelJob.Kind.EXPORT: "models_registry.export_version",
     ModelJob.Kind.OPTIMISE: "models_registry.optimise_version",
+    ModelJob.Kind.ORT_TRAINING: "models_registry.build_ort_training",
 }
 
 
@@ -259,8 +263,9 @@ def job_enqueue(
 ) -> ModelJob:
     """Create a queued job for ``version`` and start its task once the transaction commits.
 
-    ``kind`` is ``evaluate``, ``export`` or ``optimise`` (``params["kind"]`` then names
-    the optimisation: one of :data:`OPTIMISE_KINDS`). Refused with a 400: bad parameters
+    ``kind`` is ``evaluate``, ``export``, ``optimise`` (``params["kind"]`` then names
+    the optimisation: one of :data:`OPTIMISE_KINDS`) or ``ort_training`` (see
+    :mod:`models_registry.ort_training`). Refused with a 400: bad parameters
     (``invalid_params``), an optimisation the registry cannot express
     (``not_supported``), missing weights or program (``no_weights``, ``no_program``),
     a missing or unfitting data set (``no_dataset``, ``wrong_split``,
@@ -380,6 +385,7 @@ def job_run(*, job_id: int) -> str:
         ModelJob.Kind.EVALUATE: _run_evaluate,
         ModelJob.Kind.EXPORT: _run_export,
         ModelJob.Kind.OPTIMISE: _run_optimise,
+        ModelJob.Kind.ORT_TRAINING: _run_ort_training,
     }
     try:
         progress(f"{job.kind} of {job.version.label} started (attempt {job.attempts + 1})", 0.0)
@@ -408,6 +414,12 @@ def job_run(*, job_id: int) -> str:
     progress("succeeded", 1.0)
     _finish(job, status=ModelJob.Status.SUCCEEDED, result=result, result_version=result_version)
     return ModelJob.Status.SUCCEEDED
+
+
+def _run_ort_training(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], ModelVersion | None]:
+    from models_registry.ort_training import ort_training_build
+
+    return ort_training_build(version=job.version, log=progress), None
 
 
 def _failure_message(exc: Exception) -> str:

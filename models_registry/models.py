@@ -82,6 +82,12 @@ class ModelVersion(models.Model):
     arch = models.CharField(max_length=50, blank=True)
     # The parameters of the program's last layer, which boards personalise.
     head = models.JSONField(default=list, blank=True)
+    # Whether boards without PyTorch can train this version with ONNX Runtime
+    # (models_registry.ort_training): {"status": pending | ready | not_trainable | failed,
+    # "reason", "op" and "node" (an operator without a gradient), "from_version" (whose
+    # ort_training artifact serves it: itself, or the version a federated one descends from)}.
+    # Empty: never asked.
+    ort_training = models.JSONField(default=dict, blank=True)
     stage = models.CharField(max_length=20, choices=Stage.choices, default=Stage.DRAFT, db_index=True)
     # Headline numbers copied from the latest evaluation, for lists and gates.
     metrics = models.JSONField(default=dict, blank=True)
@@ -108,12 +114,14 @@ class ModelVersion(models.Model):
 
 
 class Artifact(models.Model):
-    """A file belonging to a version: weights (safetensors) or an inference model (ONNX)."""
+    """A file belonging to a version: weights (safetensors), an inference model (ONNX), the
+    trainable program, or the ONNX Runtime training artifacts built from its graph."""
 
     class Kind(models.TextChoices):
         WEIGHTS = "weights", "Weights by parameter name (safetensors)"
         ONNX = "onnx", "ONNX model"
         PROGRAM = "program", "Trainable program (torch.export JSON)"
+        ORT_TRAINING = "ort_training", "ONNX Runtime training artifacts (tar.gz)"
 
     version = models.ForeignKey(ModelVersion, on_delete=models.CASCADE, related_name="artifacts")
     kind = models.CharField(max_length=20, choices=Kind.choices)
@@ -183,7 +191,7 @@ class EvaluationDataset(models.Model):
 
 
 class ModelJob(models.Model):
-    """One evaluation, export or optimisation of a version: a row with a lifecycle.
+    """One evaluation, export, optimisation or ORT artifact build of a version: a row with a lifecycle.
 
     The Celery task only carries the id; everything the dashboard shows (status,
     progress, log, error, result) lives here.
@@ -193,6 +201,7 @@ class ModelJob(models.Model):
         EVALUATE = "evaluate"
         EXPORT = "export"
         OPTIMISE = "optimise"
+        ORT_TRAINING = "ort_training", "ORT training artifacts"
 
     class Status(models.TextChoices):
         QUEUED = "queued"

@@ -28,6 +28,7 @@ from models_registry.validation import Spooled, spool, validate_onnx, validate_p
 __all__ = [
     "STAGE_TRANSITIONS",
     "artifact_add",
+    "artifact_extension",
     "artifact_storage_name",
     "family_create",
     "version_archive",
@@ -47,7 +48,17 @@ STAGE_TRANSITIONS: dict[str, frozenset[str]] = {
     Stage.ARCHIVED: frozenset({Stage.STAGING}),
 }
 
-_EXTENSIONS: dict[str, str] = {"weights": "safetensors", "onnx": "onnx", "program": "json"}
+_EXTENSIONS: dict[str, str] = {
+    "weights": "safetensors",
+    "onnx": "onnx",
+    "program": "json",
+    "ort_training": "tar.gz",
+}
+
+
+def artifact_extension(kind: str) -> str:
+    """The file extension of an artifact kind (``onnx``, ``safetensors``, ``json``, ``tar.gz``)."""
+    return _EXTENSIONS.get(kind, "bin")
 
 
 def artifact_storage_name(*, sha256: str, kind: str) -> str:
@@ -280,6 +291,11 @@ def version_create(
                         "artifacts": {kind: spooled.sha256 for kind, spooled, _ in checked},
                     },
                 )
+                if program is not None and onnx is not None and not derived and settings.ORT_TRAINING_AUTO:
+                    # Boards without PyTorch train from artifacts built from the graph.
+                    from models_registry.ort_training import ort_training_request
+
+                    ort_training_request(version=version, actor=actor)
         except BaseException:
             _discard(created)
             raise
@@ -338,7 +354,8 @@ def version_archive(*, version: ModelVersion, actor: Any = None) -> ModelVersion
 def artifact_add(
     *, version: ModelVersion, kind: str, data: bytes, opset: int | None = None, actor: Any = None
 ) -> Artifact:
-    """Attach an artifact of a kind the version lacks (e.g. the ONNX export of its weights).
+    """Attach an artifact of a kind the version lacks (the ONNX export of its weights, its
+    ONNX Runtime training artifacts).
 
     The bytes are validated like an upload; a version that already has an artifact of
     ``kind`` is a 409 ``artifact_exists`` (artifacts never change once stored).
@@ -355,6 +372,13 @@ def artifact_add(
         if kind == Artifact.Kind.ONNX:
             info = validate_onnx(spooled.path, input_shape=list(version.family.input_shape or []))
             opset = opset or info.get("opset")
+        elif kind == Artifact.Kind.ORT_TRAINING:
+            from devices_agent.ort_artifacts import ArchiveError, read_manifest
+
+            try:
+                opset = read_manifest(spooled.path.read_bytes())["opset"]
+            except ArchiveError as exc:
+                raise ServiceError(exc.message, code=exc.code) from None
         else:
             validate_safetensors(spooled.path, size=spooled.size)
         try:
@@ -370,7 +394,7 @@ def artifact_add(
                     sha256=spooled.sha256,
                     size=spooled.size,
                     signature=sign_digest(spooled.sha256),
-                    opset=opset if kind == Artifact.Kind.ONNX else None,
+                    opset=opset if kind in (Artifact.Kind.ONNX, Artifact.Kind.ORT_TRAINING) else None,
                 )
                 artifact.file.name = _store(spooled, kind=kind, created=created)
                 artifact.save()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-__all__ = ["evaluate_version", "export_version", "jobs_resume", "optimise_version"]
+__all__ = ["build_ort_training", "evaluate_version", "export_version", "jobs_resume", "optimise_version"]
 
 
 @shared_task(name="models_registry.evaluate_version", ignore_result=True)
@@ -26,6 +26,14 @@ def export_version(job_id: int) -> str:
 @shared_task(name="models_registry.optimise_version", ignore_result=True)
 def optimise_version(job_id: int) -> str:
     """Build, register and evaluate an optimised variant of a version (ModelJob ``job_id``)."""
+    from models_registry.jobs import job_run
+
+    return job_run(job_id=job_id)
+
+
+@shared_task(name="models_registry.build_ort_training", ignore_result=True)
+def build_ort_training(job_id: int) -> str:
+    """Build a version's ONNX Runtime training artifacts (ModelJob ``job_id``, kind ort_training)."""
     from models_registry.jobs import job_run
 
     return job_run(job_id=job_id)

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import json
+import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -86,3 +90,53 @@ def live_stack(
             stack.start_web()
             stack.start_worker()
         yield stack
+
+
+@dataclass(frozen=True)
+class TorchlessBoard:
+    """A torch-less board's environment: its Python, the installed agent, the process environment."""
+
+    python: Path
+    agent_dir: Path
+    env: dict[str, str]
+
+    def run(self, *args: str, cwd: Path, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(self.python), *args], cwd=cwd, env=self.env, capture_output=True, text=True, **kwargs
+        )
+
+
+@pytest.fixture(scope="session")
+def ort_builder_python() -> Path:
+    """The pinned builder of ORT training artifacts (created once, cached between runs)."""
+    from django.conf import settings
+
+    from models_registry.ml.ort_env import builder_python
+
+    return builder_python(Path(settings.ORT_BUILDER_DIR))
+
+
+@pytest.fixture(scope="session")
+def torchless_board(tmp_path_factory: pytest.TempPathFactory) -> TorchlessBoard:
+    """A virtualenv with only the agent, ONNX Runtime's training build and the agent's
+    dependencies (cached between runs; the agent is installed from this checkout's bundle
+    for the session). Proves that torch and the server are not importable there."""
+    from config.board_env import board_environ, board_python, install_agent
+
+    python = board_python()
+    agent_dir = install_agent(python, tmp_path_factory.mktemp("torchless-agent"))
+    board = TorchlessBoard(python=python, agent_dir=agent_dir, env=board_environ(agent_dir))
+    cwd = tmp_path_factory.mktemp("torchless-cwd")
+    for module in ("torch", "django", "models_registry"):
+        refused = board.run("-c", f"import {module}", cwd=cwd)
+        assert refused.returncode != 0 and f"No module named '{module}'" in refused.stderr, refused.stderr
+    probe = board.run(
+        "-c",
+        "import json, sys, devices_agent; from devices_agent.backends import available_backends; "
+        "print(json.dumps([devices_agent.__file__, available_backends(), 'torch' in sys.modules]))",
+        cwd=cwd,
+    )
+    assert probe.returncode == 0, probe.stderr
+    where, backends, torch_loaded = json.loads(probe.stdout)
+    assert where.startswith(str(agent_dir)) and backends == ["ort"] and not torch_loaded, probe.stdout
+    return board

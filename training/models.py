@@ -189,7 +189,8 @@ class FederatedRound(models.Model):
 
 
 class ClientUpdate(models.Model):
-    """One device's upload for a round, accepted or rejected with its reason."""
+    """One device's upload for a round, accepted or rejected with its reason (a refusal by
+    the server, or a failure the device reported)."""
 
     class Status(models.TextChoices):
         ACCEPTED = "accepted"
@@ -207,6 +208,8 @@ class ClientUpdate(models.Model):
     # Storage name of the decoded dense float32 delta (safetensors).
     path = models.CharField(max_length=300, blank=True)
     metrics = models.JSONField(default=dict, blank=True)
+    # The training runtime the device used ("torch", "ort"); empty when it did not say.
+    backend = models.CharField(max_length=20, blank=True)
     received_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

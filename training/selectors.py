@@ -16,7 +16,9 @@ from core.api import ConflictError, NotFoundError, ServiceError
 from devices_agent.codecs import decode_tensors
 from devices_agent.wire import API_PREFIX, TRAINING_BACKENDS, TrainingTask
 from fleet.models import Device, DeviceGroup
-from models_registry.models import Artifact
+from models_registry.models import Artifact, ModelVersion
+from models_registry.ort_training import NOT_TRAINABLE as ORT_NOT_TRAINABLE
+from models_registry.ort_training import READY, ort_training_artifact, ort_training_ref, ort_training_status
 from models_registry.selectors import artifact_ref, version_trainable
 from training import storage
 from training.models import ClientUpdate, FederatedJob, FederatedRound
@@ -60,7 +62,10 @@ def _training_allowed(device: Device, group: DeviceGroup) -> bool:
     return not (rules.get("require_idle") and not state.get("idle", False))
 
 
-# Why a device of the job's group was left out of a round, in the order checked.
+# Why a device of the job's group was left out of a round, in the order checked. The
+# ort_* reasons leave out boards whose only usable backend is ONNX Runtime: the round's
+# version is not trainable with it (an operator without a gradient), its training
+# artifacts are not built (yet), or the job is FedProx, which ORT does not train.
 FUNNEL_REASONS = (
     "decommissioned",
     "offline",
@@ -68,23 +73,48 @@ FUNNEL_REASONS = (
     "too_few_examples",
     "no_holdout",
     "no_backend",
+    "ort_not_trainable",
+    "ort_no_artifacts",
+    "ort_no_fedprox",
 )
 
 
-def eligibility(*, job: FederatedJob, evaluate: bool = False) -> tuple[list[Device], dict[str, int]]:
+def job_prox_mu(job: FederatedJob) -> float:
+    """The proximal term's weight the job's boards train with (0 unless FedProx)."""
+    return float(job.prox_mu) if job.strategy == "fedprox" or job.prox_mu > 0 else 0.0
+
+
+def ort_unusable(*, job: FederatedJob, version: ModelVersion) -> str | None:
+    """Why boards cannot train ``version`` for ``job`` with ONNX Runtime (a funnel reason), or None."""
+    if job_prox_mu(job) > 0:
+        return "ort_no_fedprox"
+    status = ort_training_status(version)
+    if status == ORT_NOT_TRAINABLE:
+        return "ort_not_trainable"
+    if status != READY or ort_training_artifact(version) is None:
+        return "ort_no_artifacts"
+    return None
+
+
+def eligibility(
+    *, job: FederatedJob, evaluate: bool = False, version: ModelVersion | None = None
+) -> tuple[list[Device], dict[str, int]]:
     """Devices of the job's group that may take part now (sorted by id), and the funnel.
 
     The funnel counts the group's devices (``group``), those left out by the first
     reason that applies (:data:`FUNNEL_REASONS`) and those ``eligible``: it is how an
     operator sees why a round waits or why a board is never chosen. With ``evaluate``
-    (an evaluation round) a device also needs a local holdout to judge on.
+    (an evaluation round) a device also needs a local holdout to judge on. ``version``
+    is the round's base version (default: the job's), which decides whether boards that
+    train only with ONNX Runtime can take part.
     """
     out: list[Device] = []
     funnel = dict.fromkeys(("group", *FUNNEL_REASONS, "eligible"), 0)
     accepted = set(job.backends or TRAINING_BACKENDS)
+    ort_reason = ort_unusable(job=job, version=version or job.base_version) if "ort" in accepted else None
     for device in group_devices(group=job.target_group):
         funnel["group"] += 1
-        reason = _left_out(device, job=job, evaluate=evaluate, accepted=accepted)
+        reason = _left_out(device, job=job, evaluate=evaluate, accepted=accepted, ort_reason=ort_reason)
         if reason is not None:
             funnel[reason] += 1
             continue
@@ -93,7 +123,9 @@ def eligibility(*, job: FederatedJob, evaluate: bool = False) -> tuple[list[Devi
     return out, funnel
 
 
-def _left_out(device: Device, *, job: FederatedJob, evaluate: bool, accepted: set[str]) -> str | None:
+def _left_out(
+    device: Device, *, job: FederatedJob, evaluate: bool, accepted: set[str], ort_reason: str | None
+) -> str | None:
     if device.status == Device.Status.DECOMMISSIONED:
         return "decommissioned"
     if job.require_online and device.status != Device.Status.ONLINE:
@@ -107,15 +139,21 @@ def _left_out(device: Device, *, job: FederatedJob, evaluate: bool, accepted: se
         return "too_few_examples"
     if evaluate and int(state.get("holdout_examples", 0) or 0) < 1:
         return "no_holdout"
-    # Never a task the board cannot run: it must have one of the job's backends.
-    if not set(device_backends(device)) & accepted:
+    # Never a task the board cannot run: it must have one of the job's backends, and one
+    # it can train this round's version with.
+    usable = set(device_backends(device)) & accepted
+    if not usable:
         return "no_backend"
+    if usable == {"ort"} and ort_reason is not None:
+        return ort_reason
     return None
 
 
-def eligible_devices(*, job: FederatedJob, evaluate: bool = False) -> list[Device]:
+def eligible_devices(
+    *, job: FederatedJob, evaluate: bool = False, version: ModelVersion | None = None
+) -> list[Device]:
     """Devices of the job's group that may train now, sorted by id (selection is seeded)."""
-    return eligibility(job=job, evaluate=evaluate)[0]
+    return eligibility(job=job, evaluate=evaluate, version=version)[0]
 
 
 def device_backends(device: Device) -> list[str]:
@@ -138,14 +176,14 @@ def selection_size(*, job: FederatedJob, eligible: int) -> int:
 
 
 def round_selection(
-    *, job: FederatedJob, number: int, evaluate: bool = False
+    *, job: FederatedJob, number: int, evaluate: bool = False, version: ModelVersion | None = None
 ) -> tuple[list[str], dict[str, int]]:
     """``(chosen device ids, funnel)`` for round ``number`` of ``job`` (see :func:`eligibility`).
 
     Deterministic for (job seed, round number): a retried ``round_open`` chooses the
     same devices. No devices are chosen while too few are eligible.
     """
-    eligible, funnel = eligibility(job=job, evaluate=evaluate)
+    eligible, funnel = eligibility(job=job, evaluate=evaluate, version=version)
     k = selection_size(job=job, eligible=len(eligible))
     if k == 0:
         return [], funnel
@@ -165,6 +203,29 @@ def reported_examples(*, device_ids: list[str]) -> dict[str, list[int]]:
             max(0, int(state.get("holdout_examples", 0) or 0)),
         ]
     return out
+
+
+def round_backends(*, round_ids: list[int]) -> dict[int, dict[str, int]]:
+    """Accepted updates per round and training backend (``{"torch": 3, "ort": 1}``), one query."""
+    out: dict[int, dict[str, int]] = {rid: {} for rid in round_ids}
+    rows = (
+        ClientUpdate.objects.filter(round_id__in=round_ids, status=ClientUpdate.Status.ACCEPTED)
+        .values_list("round_id", "backend")
+        .order_by()
+    )
+    for round_id, backend in rows:
+        key = backend or "unknown"
+        out[round_id][key] = out[round_id].get(key, 0) + 1
+    return out
+
+
+def round_updates(*, job_id: int, number: int) -> QuerySet[ClientUpdate]:
+    """The updates of round ``number`` of a job, accepted and rejected, with their devices."""
+    return (
+        ClientUpdate.objects.filter(round__job_id=job_id, round__number=number)
+        .select_related("device")
+        .order_by("id")
+    )
 
 
 def round_answered(*, rnd: FederatedRound) -> int:
@@ -241,6 +302,19 @@ def round_artifact_for_device(device: Device, sha256: str) -> tuple[str, int] | 
     if not bases:
         return None
     found = Artifact.objects.filter(sha256=sha256, version_id__in=bases).values_list("file", "size").first()
+    if found is None:
+        # The ONNX Runtime training artifacts a base version trains from may be its
+        # ancestor's (the same graph).
+        sources = [
+            record.get("from_version")
+            for record in ModelVersion.objects.filter(pk__in=bases).values_list("ort_training", flat=True)
+            if isinstance(record, dict) and record.get("status") == READY
+        ]
+        found = (
+            Artifact.objects.filter(sha256=sha256, kind=Artifact.Kind.ORT_TRAINING, version_id__in=sources)
+            .values_list("file", "size")
+            .first()
+        )
     return (str(found[0]), int(found[1])) if found else None
 
 
@@ -279,6 +353,9 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
         "program": program,
         "trainable": round_trainable(rnd=rnd),
         "backends": list(job.backends or TRAINING_BACKENDS),
+        # For boards that train with ONNX Runtime (None: they are not selected).
+        "ort_training": ort_training_ref(base),
+        "failure_url": f"{API_PREFIX}rounds/{rnd.pk}/failure",
         # An evaluation round: measure the global model on the holdout, train nothing.
         "evaluate_only": rnd.kind == FederatedRound.Kind.EVALUATE,
         "evaluation_url": f"{API_PREFIX}rounds/{rnd.pk}/evaluation",
@@ -293,7 +370,7 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
             "batch_size": job.batch_size,
             "optimizer": job.optimizer,
             "lr": job.lr,
-            "prox_mu": job.prox_mu if job.strategy == "fedprox" or job.prox_mu > 0 else 0.0,
+            "prox_mu": job_prox_mu(job),
         },
         "clip_norm": job.clip_norm,
         "codec": job.codec,

@@ -133,6 +133,15 @@ ROUND_CHECKPOINT_EVERY = env.int("ROUND_CHECKPOINT_EVERY", default=8)
 # Test hook: a pause after each aggregated update, to kill a worker mid-aggregation.
 ROUND_AGGREGATE_DELAY_S = env.float("ROUND_AGGREGATE_DELAY_S", default=0.0)
 
+# ONNX Runtime training artifacts (models_registry.ort_training): built for every registered
+# version with a program, and for federated jobs that accept boards without PyTorch, in a
+# virtualenv of their own: ORT_BUILDER_PYTHON when an image provides one, else one created
+# under ORT_BUILDER_DIR on first use (pip, from the package index).
+ORT_TRAINING_AUTO = env.bool("ORT_TRAINING_AUTO", default=True)
+ORT_BUILDER_PYTHON = env.str("ORT_BUILDER_PYTHON", default="")
+ORT_BUILDER_DIR = Path(env.str("ORT_BUILDER_DIR", default=str(DATA_DIR / "ort-builder")))
+ORT_BUILDER_TIMEOUT_S = env.float("ORT_BUILDER_TIMEOUT_S", default=900.0)
+
 REDIS_URL = env.str("REDIS_URL", default="redis://127.0.0.1:6379/0")
 
 CACHES = {

@@ -39,3 +39,10 @@ WEBHOOK_ALLOWED_HOSTS = ["127.0.0.1"]
 # Static files come straight from the apps' folders; no collectstatic in tests.
 WHITENOISE_USE_FINDERS = True
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # noqa: F405
+
+# Tests ask for ORT training artifacts where they test them, not on every registration, and
+# share one builder environment between runs (it takes a minute and ~300 MB to create).
+ORT_TRAINING_AUTO = env.bool("ORT_TRAINING_AUTO", default=False)
+ORT_BUILDER_DIR = Path(
+    env.str("ORT_BUILDER_DIR", default=str(Path.home() / ".cache" / "flotilla" / "ort-builder"))
+)

@@ -53,6 +53,7 @@ class TorchBackend:
     """Trains and evaluates programs with PyTorch (see the module docstring)."""
 
     name = "torch"
+    artifact = "program"
 
     def __init__(self, *, num_threads: int | None = 1) -> None:
         self.num_threads = num_threads

@@ -121,6 +121,8 @@ class ModelVersionSerializer(serializers.ModelSerializer[ModelVersion]):
             "head",
             "stage",
             "metrics",
+            # Whether boards without PyTorch can train it (models_registry.ort_training).
+            "ort_training",
             "notes",
             "created_at",
             "artifacts",

@@ -205,7 +205,7 @@ class ModelVersionViewSet(
         artifact = selectors.artifact_for_version(version.pk, kind)
         if artifact is None:
             raise NotFoundError(f"{version.label} has no {kind} artifact.", code="not_found")
-        extension = {"weights": "safetensors", "program": "json"}.get(kind, "onnx")
+        extension = services.artifact_extension(kind)
         response = StreamingHttpResponse(
             selectors.artifact_chunks(artifact), content_type="application/octet-stream"
         )
@@ -253,6 +253,22 @@ class ModelVersionViewSet(
         (accuracy, or mae for regression) than its parent is kept, marked rejected.
         """
         return self._enqueue(request, ModelJob.Kind.OPTIMISE, s.ModelOptimiseInput)
+
+    @extend_schema(request=None, responses={202: s.ModelJobSerializer, 200: s.ModelVersionSerializer})
+    @action(detail=True, methods=["post"], url_path="ort-training")
+    def ort_training(self, request: Request, pk: str | None = None) -> Response:
+        """Build the version's ONNX Runtime training artifacts, for boards without PyTorch.
+
+        202 with the queued (or running) job; 200 with the version when its artifacts are
+        built or its graph is known not to be trainable (``ort_training`` says which).
+        """
+        from models_registry.ort_training import ort_training_request
+
+        version = self.get_object()
+        job = ort_training_request(version=version, actor=request.user)
+        if job is None:
+            return Response(s.ModelVersionSerializer(selectors.version_get(version.pk)).data)
+        return Response(s.ModelJobSerializer(job).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(responses=s.ModelVersionLineageSerializer)
     @action(detail=True, methods=["get"])

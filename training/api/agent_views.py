@@ -1,5 +1,5 @@
 """Device API of federated rounds: open tasks (long poll), the round task, global weights,
-updates.
+updates, and the failures devices report.
 
 Plain Django views, like the fleet's device API: every device calls these every round,
 and DRF's request wrapping, negotiation and parsers cost more than the work. Devices
@@ -101,7 +101,8 @@ def round_update(request: HttpRequest, device: Device, body: None, round_id: int
     """``POST rounds/<id>/update``: the device's encoded delta (body: safetensors bytes).
 
     ``num_examples`` and ``metrics`` (a JSON object of numbers) come as headers
-    ``X-Num-Examples`` / ``X-Metrics`` or as query parameters. 201 when stored, 200 when
+    ``X-Num-Examples`` / ``X-Metrics`` or as query parameters; ``X-Backend`` names the
+    training runtime (``torch``, ``ort``). 201 when stored, 200 when
     the same bytes were already accepted (a retried upload), 409 ``duplicate_update``
     for different bytes; any other refusal is a 4xx whose code says why.
     """
@@ -121,6 +122,7 @@ def round_update(request: HttpRequest, device: Device, body: None, round_id: int
         num_examples=request.META.get("HTTP_X_NUM_EXAMPLES") or request.GET.get("num_examples"),
         metrics=request.META.get("HTTP_X_METRICS") or request.GET.get("metrics"),
         declared_size=oversize,
+        backend=request.META.get("HTTP_X_BACKEND"),
     )
     return JsonResponse(
         {"id": update.pk, "status": update.status, "duplicate": not created, "norm": update.norm},
@@ -142,3 +144,23 @@ def round_evaluation(
         raise ServiceError("metrics must be an object.", code="bad_metrics")
     update, created = services.evaluation_receive(round_id=round_id, device=device, metrics=metrics)
     return JsonResponse({"id": update.pk, "duplicate": not created}, status=201 if created else 200)
+
+
+@device_endpoint(methods=("POST",))
+def round_failure(
+    request: HttpRequest, device: Device, body: dict[str, Any], round_id: int
+) -> HttpResponseBase:
+    """``POST rounds/<id>/failure``: why the device cannot take part (``wire.RoundFailure``).
+
+    201 when recorded, 200 for the same report again; the round stops waiting for the device.
+    """
+    update, created = services.update_failure_receive(
+        round_id=round_id,
+        device=device,
+        code=body.get("code"),
+        message=body.get("message"),
+        backend=body.get("backend"),
+    )
+    return JsonResponse(
+        {"id": update.pk, "status": update.status, "duplicate": not created}, status=201 if created else 200
+    )

@@ -14,7 +14,7 @@ from core.api import client_ip
 from fleet.models import DeviceGroup
 from models_registry.models import ModelFamily, ModelVersion
 from training import selectors, services
-from training.models import FederatedJob, FederatedRound
+from training.models import ClientUpdate, FederatedJob, FederatedRound
 
 
 class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
@@ -25,6 +25,9 @@ class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
     # The group's devices at selection and how many each reason left out.
     funnel = serializers.DictField(child=serializers.IntegerField(), read_only=True)
     evaluation_detail = serializers.DictField(read_only=True)
+    # Accepted updates per training backend, e.g. {"torch": 3, "ort": 1} (from the view's
+    # context: one query per page).
+    backends = serializers.SerializerMethodField()
 
     class Meta:
         model = FederatedRound
@@ -58,14 +61,43 @@ class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
             "version",
             "version_label",
             "failure_reason",
+            "backends",
         ]
         read_only_fields = fields
+
+    def get_backends(self, obj: FederatedRound) -> dict[str, int]:
+        by_round: dict[int, dict[str, int]] = self.context.get("backends") or {}
+        if obj.pk in by_round:
+            return by_round[obj.pk]
+        return selectors.round_backends(round_ids=[obj.pk])[obj.pk]
 
     def get_selected_count(self, obj: FederatedRound) -> int:
         return len(obj.selected or [])
 
     def get_version_label(self, obj: FederatedRound) -> str | None:
         return obj.version.label if obj.version_id and obj.version else None
+
+
+class UpdateSerializer(serializers.ModelSerializer[ClientUpdate]):
+    device_name = serializers.CharField(source="device.name", read_only=True)
+
+    class Meta:
+        model = ClientUpdate
+        fields = [
+            "id",
+            "device",
+            "device_name",
+            "status",
+            "backend",
+            "reason_code",
+            "reason_message",
+            "num_examples",
+            "bytes",
+            "norm",
+            "metrics",
+            "received_at",
+        ]
+        read_only_fields = fields
 
 
 class JobSerializer(serializers.ModelSerializer[FederatedJob]):
@@ -163,5 +195,16 @@ class FederatedJobViewSet(
     def rounds(self, request: Request, pk: str) -> Response:
         self.get_object()
         page = self.paginate_queryset(selectors.job_rounds(job_id=int(pk)))
-        data = RoundSerializer(page, many=True).data
+        rows = list(page or [])
+        backends = selectors.round_backends(round_ids=[r.pk for r in rows])
+        data = RoundSerializer(rows, many=True, context={"backends": backends}).data
         return self.get_paginated_response(data)
+
+    @extend_schema(responses=UpdateSerializer(many=True))
+    @action(detail=True, methods=["get"], url_path=r"rounds/(?P<number>[0-9]+)/updates")
+    def round_updates(self, request: Request, pk: str, number: str) -> Response:
+        """Every device's answer to one round: accepted or rejected (with the reason, also for
+        failures the device reported) and the training backend it used."""
+        self.get_object()
+        page = self.paginate_queryset(selectors.round_updates(job_id=int(pk), number=int(number)))
+        return self.get_paginated_response(UpdateSerializer(page, many=True).data)

@@ -4,7 +4,8 @@
   a job ends, the retraining job a drift flag starts;
 - :mod:`~training.services.rounds`: opening and closing rounds, the periodic tick that
   recovers every training task;
-- :mod:`~training.services.updates`: devices' updates and their refusals;
+- :mod:`~training.services.updates`: devices' updates, their refusals and the failures
+  devices report;
 - :mod:`~training.services.aggregation`: aggregating a closed round under its lease,
   checkpoints, registering and evaluating the new version.
 
@@ -33,7 +34,13 @@ from training.services.jobs import (
     job_succeed,
 )
 from training.services.rounds import round_close, round_open, round_weights_served, rounds_tick
-from training.services.updates import MAX_METRICS_JSON, UpdateRejected, evaluation_receive, update_receive
+from training.services.updates import (
+    MAX_METRICS_JSON,
+    UpdateRejected,
+    evaluation_receive,
+    update_failure_receive,
+    update_receive,
+)
 
 __all__ = [
     "AGGREGATION_LEASE",
@@ -59,5 +66,6 @@ __all__ = [
     "round_open",
     "round_weights_served",
     "rounds_tick",
+    "update_failure_receive",
     "update_receive",
 ]

@@ -41,6 +41,7 @@ from devices_agent.codecs import decode_tensors, encode_tensors
 from models_registry.evaluation import Evaluation, evaluation_dataset, version_evaluate
 from models_registry.ml.onnx_weights import onnx_with_weights
 from models_registry.models import EvaluationDataset, ModelVersion
+from models_registry.ort_training import ort_training_inherit
 from models_registry.selectors import version_latest_evaluation, version_onnx, version_program
 from models_registry.services import version_create
 from training import selectors, storage
@@ -266,6 +267,8 @@ def _register(
             # version made by changing weights is checked for its tensors, not run again.
             derived=True,
         )
+        # The same graph: boards without PyTorch train it from the base's ORT artifacts.
+        ort_training_inherit(version=version, parent=base)
         # The lease check makes the version creation happen once: a worker that lost
         # the lease rolls the version back here.
         claim.renew(version=version)

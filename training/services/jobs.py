@@ -12,6 +12,7 @@ import math
 from typing import Any
 
 import numpy as np
+from django.conf import settings
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -159,10 +160,22 @@ def _validate_job(job: FederatedJob) -> None:
             )
     if not isinstance(job.backends, list) or not all(b in TRAINING_BACKENDS for b in job.backends):
         errors["backends"] = f"must be a list of {list(TRAINING_BACKENDS)}"
+    elif job.backends == ["ort"] and job.prox_mu > 0:
+        # ORT boards train the graph they were given; FedProx's proximal term is not in it.
+        errors["backends"] = "FedProx (prox_mu > 0) is trained by torch boards only; accept torch too"
     _validate_strategy(job, errors)
     if errors:
         field, message = next(iter(errors.items()))
         raise ServiceError(f"{field}: {message}", code="validation_error", details=errors)
+
+
+def _request_ort_artifacts(*, job: FederatedJob, actor: Any) -> None:
+    """Boards without PyTorch need the base version's ORT artifacts: ask for them unless they
+    are built, being built, or known not to be possible (a failed build is tried again)."""
+    from models_registry import ort_training
+
+    if ort_training.ort_training_status(job.base_version) in ("", ort_training.FAILED):
+        ort_training.ort_training_request(version=job.base_version, actor=actor)
 
 
 @transaction.atomic
@@ -190,6 +203,8 @@ def job_create(
         job.name = f"{family.name} federated"
     _validate_job(job)
     job.save()
+    if settings.ORT_TRAINING_AUTO and "ort" in (job.backends or TRAINING_BACKENDS):
+        _request_ort_artifacts(job=job, actor=actor)
     audit_record(
         actor=actor,
         action="federated_job.create",

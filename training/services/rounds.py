@@ -107,7 +107,7 @@ def round_open(*, job_id: int) -> FederatedRound | None:
         rnd = created
 
     chosen, funnel = selectors.round_selection(
-        job=job, number=rnd.number, evaluate=rnd.kind == rnd.Kind.EVALUATE
+        job=job, number=rnd.number, evaluate=rnd.kind == rnd.Kind.EVALUATE, version=rnd.base_version
     )
     if not chosen:
         reason = f"waiting for devices: {funnel['eligible']} eligible, need {max(1, job.min_clients)}"

@@ -1,5 +1,6 @@
-"""Devices' updates: validating and storing one delta per device and round, and recording
-every refusal with its reason.
+"""Devices' updates: validating and storing one delta per device and round, recording every
+refusal with its reason, and the failures devices report (artifacts they could not verify
+or train with).
 
 The last answer a round waits for sends ``training.round_close``, so a round whose
 devices all answered closes without waiting for its deadline.
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+from typing import Any
 
 from django.conf import settings
 from django.db import IntegrityError, transaction
@@ -17,6 +20,7 @@ from django.db.models import F
 from core.api import ConflictError, NotFoundError, ServiceError
 from core.dispatch import enqueue_on_commit
 from devices_agent.codecs import WireError, decode_delta, encode_tensors, l2_norm
+from devices_agent.wire import TRAINING_BACKENDS
 from fleet.models import Device
 from training import selectors, storage
 from training.models import ClientUpdate, FederatedRound
@@ -30,8 +34,23 @@ class UpdateRejected(ServiceError):
     status_code = 422
 
 
+def _backend_of(declared: str | None, metrics: dict[str, float]) -> str:
+    """The backend an update names (``X-Backend``), else the one its ``backend_<name>`` metric says."""
+    if declared in TRAINING_BACKENDS:
+        return str(declared)
+    named = [b for b in TRAINING_BACKENDS if metrics.get(f"backend_{b}") == 1.0]
+    return named[0] if len(named) == 1 else ""
+
+
 def _reject(
-    *, rnd: FederatedRound, device: Device, code: str, message: str, status_code: int, nbytes: int
+    *,
+    rnd: FederatedRound,
+    device: Device,
+    code: str,
+    message: str,
+    status_code: int,
+    nbytes: int,
+    backend: str = "",
 ) -> UpdateRejected:
     try:
         with transaction.atomic():
@@ -42,6 +61,7 @@ def _reject(
                 reason_code=code,
                 reason_message=message[:2000],
                 bytes=nbytes,
+                backend=backend,
             )
             FederatedRound.objects.filter(id=rnd.pk).update(rejected=F("rejected") + 1)
             _maybe_close_when_complete(rnd=rnd)
@@ -103,6 +123,7 @@ def update_receive(
     num_examples: str | None,
     metrics: str | None,
     declared_size: int | None = None,
+    backend: str | None = None,
 ) -> tuple[ClientUpdate, bool]:
     """Validate and record one device's delta for a round.
 
@@ -111,7 +132,8 @@ def update_receive(
     ``duplicate_update``. Every other refusal is recorded as a rejected update with its
     reason and raised as a 4xx :class:`ServiceError` whose code is the reason.
     ``declared_size`` is set (and ``body`` empty) when the request announced a body over
-    the limit, which is then refused without being read.
+    the limit, which is then refused without being read. ``backend`` is the training
+    runtime the device names (``X-Backend``), recorded with the update.
     """
     rnd = FederatedRound.objects.select_related("job").filter(id=round_id).first()
     if rnd is None:
@@ -218,6 +240,7 @@ def update_receive(
                 norm=norm,
                 path=name,
                 metrics=local_metrics,
+                backend=_backend_of(backend, local_metrics),
             )
             # Counted only while the round still collects: an update racing the close
             # is stored but the round's counters stay those the aggregation used.
@@ -298,4 +321,60 @@ def evaluation_receive(
         raise ConflictError(
             "This device already sent its evaluation for the round.", code="duplicate_update"
         ) from None
+    return update, True
+
+
+FAILURE_CODE = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+def update_failure_receive(
+    *, round_id: int, device: Device, code: Any, message: Any, backend: Any = None
+) -> tuple[ClientUpdate, bool]:
+    """Record that a selected device cannot take part in a round, and why.
+
+    The board found the round's artifacts unverifiable, or not matching the weights, or
+    its training failed: it says so with a ``code`` (a lower-case slug) and a ``message``,
+    recorded as a rejected update, so the round stops waiting for it and closes as soon as
+    every other device answered. The same report again answers the stored row
+    (``created=False``); a device that already sent an update is a 409
+    ``duplicate_update``. Refusals: ``not_found`` (404), ``not_selected`` (403),
+    ``round_closed`` (409), ``bad_failure`` (400).
+    """
+    rnd = FederatedRound.objects.filter(id=round_id).first()
+    if rnd is None:
+        raise NotFoundError("No such round.", code="not_found")
+    if str(device.pk) not in (rnd.selected or []):
+        raise ServiceError(
+            "This device was not selected for the round.", code="not_selected", status_code=403
+        )
+    if not isinstance(code, str) or not FAILURE_CODE.match(code):
+        raise ServiceError("code must be a lower-case slug of at most 40 characters.", code="bad_failure")
+    if not isinstance(message, str) or not message.strip():
+        raise ServiceError("message must say what failed.", code="bad_failure")
+    named = str(backend) if backend in TRAINING_BACKENDS else ""
+    existing = ClientUpdate.objects.filter(round=rnd, device=device).first()
+    if existing is not None:
+        if existing.status == ClientUpdate.Status.REJECTED and existing.reason_code == code:
+            return existing, False
+        raise ConflictError(
+            "This device already answered the round.",
+            code="duplicate_update",
+            details={"status": existing.status},
+        )
+    if rnd.status != FederatedRound.Status.COLLECTING:
+        raise ConflictError(f"Round is {rnd.status}, not collecting.", code="round_closed")
+    try:
+        with transaction.atomic():
+            update = ClientUpdate.objects.create(
+                round=rnd,
+                device=device,
+                status=ClientUpdate.Status.REJECTED,
+                reason_code=code,
+                reason_message=message.strip()[:2000],
+                backend=named,
+            )
+            FederatedRound.objects.filter(id=rnd.pk).update(rejected=F("rejected") + 1)
+            _maybe_close_when_complete(rnd=rnd)
+    except IntegrityError:
+        raise ConflictError("This device already answered the round.", code="duplicate_update") from None
     return update, True
