@@ -92,6 +92,12 @@ EVENT_TYPES: dict[str, EventType] = {
             ("version_id", "reason", "metric", "value", "reference", "samples", "at"),
         ),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
+        EventType(
+            "model_version.created",
+            "A model version was registered.",
+            ("version_id", "family_id", "source", "trainable_graph"),
+            public=False,
+        ),
         EventType("device.enrolled", "A board enrolled.", ("device",), public=False),
         EventType(
             "device.changed", "A device's status or update state changed.", ("device", "change"), public=False

@@ -7,8 +7,10 @@ class ModelsRegistryConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
-        from core import dispatch
+        from core import dispatch, events
+        from models_registry import subscribers
 
+        events.subscribe(subscribers.version_created, names=["model_version.created"])
         for task in ("evaluate_version", "export_version", "optimise_version", "build_ort_training"):
             dispatch.recoverable(
                 f"models_registry.{task}",

@@ -58,6 +58,15 @@ from models_registry.models import (
     ModelJob,
     ModelVersion,
 )
+from models_registry.ort_training import (
+    NOT_TRAINABLE,
+    PENDING,
+    READY,
+    graph_chain,
+    graph_root,
+    ort_training_status,
+    status_record,
+)
 
 __all__ = [
     "OPTIMISE_KINDS",
@@ -686,3 +695,36 @@ def _run_optimise(job: ModelJob, progress: _Progress) -> tuple[dict[str, Any], M
         "p50_batch1_us": headline["p50_batch1_us"],
         **verdict,
     }, derived
+
+
+def ort_training_request(*, version: ModelVersion, actor: Any = None) -> ModelJob | None:
+    """Queue the build of the version's ORT training artifacts unless it is done or under way.
+
+    For a federated version the build is of the version its graph comes from. Returns the
+    queued (or running) job, or None when the artifacts exist or the graph is known not
+    to be trainable. A version without a program and an ONNX graph is a 400 ``no_program``.
+    """
+    root = graph_root(version)
+    kinds = set(root.artifacts.values_list("kind", flat=True))
+    if not {Artifact.Kind.PROGRAM, Artifact.Kind.ONNX} <= kinds:
+        raise ServiceError(
+            f"{root.label} has no program and ONNX graph to build training artifacts from.", code="no_program"
+        )
+    with transaction.atomic():
+        locked = ModelVersion.objects.select_for_update().get(pk=root.pk)
+        status = ort_training_status(locked)
+        chain = graph_chain(version, root)
+        if status in (READY, NOT_TRAINABLE):
+            status_record(root_id=root.pk, record=dict(locked.ort_training), also=chain)
+            return None
+        running = ModelJob.objects.filter(
+            version=root,
+            kind=ModelJob.Kind.ORT_TRAINING,
+            status__in=(ModelJob.Status.QUEUED, ModelJob.Status.RUNNING),
+        ).first()
+        if running is not None:
+            status_record(root_id=root.pk, record={"status": PENDING, "job": running.pk}, also=chain)
+            return running
+        job = job_enqueue(kind=ModelJob.Kind.ORT_TRAINING, version=root, actor=actor)
+        status_record(root_id=root.pk, record={"status": PENDING, "job": job.pk}, also=chain)
+    return job

@@ -31,11 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from django.conf import settings
-from django.db import transaction
 
 from core.api import ServiceError
 from devices_agent import wire
-from models_registry.models import Artifact, ModelJob, ModelVersion
+from models_registry.models import Artifact, ModelVersion
 
 __all__ = [
     "FAILED",
@@ -46,7 +45,6 @@ __all__ = [
     "ort_training_build",
     "ort_training_inherit",
     "ort_training_ref",
-    "ort_training_request",
     "ort_training_status",
 ]
 
@@ -60,7 +58,7 @@ FAILED = "failed"
 Log = Callable[[str], None]
 
 
-def _root(version: ModelVersion) -> ModelVersion:
+def graph_root(version: ModelVersion) -> ModelVersion:
     """The version whose graph ``version`` has: itself, or the first ancestor it was not
     derived from by a federated round."""
     current = version
@@ -76,7 +74,7 @@ def _root(version: ModelVersion) -> ModelVersion:
     return current
 
 
-def _chain(version: ModelVersion, root: ModelVersion) -> list[int]:
+def graph_chain(version: ModelVersion, root: ModelVersion) -> list[int]:
     ids = [version.pk]
     current = version
     while current.pk != root.pk and current.parent_id:
@@ -85,7 +83,7 @@ def _chain(version: ModelVersion, root: ModelVersion) -> list[int]:
     return ids
 
 
-def _record(*, root_id: int, record: dict[str, Any], also: list[int] | None = None) -> None:
+def status_record(*, root_id: int, record: dict[str, Any], also: list[int] | None = None) -> None:
     """Write ``record`` on the root and on every version whose artifact comes from it."""
     value = {**record, "from_version": root_id}
     ModelVersion.objects.filter(pk__in=[root_id, *(also or [])]).update(ort_training=value)
@@ -95,41 +93,6 @@ def _record(*, root_id: int, record: dict[str, Any], also: list[int] | None = No
 def ort_training_status(version: ModelVersion) -> str:
     """``pending``, ``ready``, ``not_trainable``, ``failed``, or ``""`` (never requested)."""
     return str((version.ort_training or {}).get("status", ""))
-
-
-def ort_training_request(*, version: ModelVersion, actor: Any = None) -> ModelJob | None:
-    """Queue the build of the version's ORT training artifacts unless it is done or under way.
-
-    For a federated version the build is of the version its graph comes from. Returns the
-    queued (or running) job, or None when the artifacts exist or the graph is known not
-    to be trainable. A version without a program and an ONNX graph is a 400 ``no_program``.
-    """
-    from models_registry import jobs
-
-    root = _root(version)
-    kinds = set(root.artifacts.values_list("kind", flat=True))
-    if not {Artifact.Kind.PROGRAM, Artifact.Kind.ONNX} <= kinds:
-        raise ServiceError(
-            f"{root.label} has no program and ONNX graph to build training artifacts from.", code="no_program"
-        )
-    with transaction.atomic():
-        locked = ModelVersion.objects.select_for_update().get(pk=root.pk)
-        status = ort_training_status(locked)
-        chain = _chain(version, root)
-        if status in (READY, NOT_TRAINABLE):
-            _record(root_id=root.pk, record=dict(locked.ort_training), also=chain)
-            return None
-        running = ModelJob.objects.filter(
-            version=root,
-            kind=ModelJob.Kind.ORT_TRAINING,
-            status__in=(ModelJob.Status.QUEUED, ModelJob.Status.RUNNING),
-        ).first()
-        if running is not None:
-            _record(root_id=root.pk, record={"status": PENDING, "job": running.pk}, also=chain)
-            return running
-        job = jobs.job_enqueue(kind=ModelJob.Kind.ORT_TRAINING, version=root, actor=actor)
-        _record(root_id=root.pk, record={"status": PENDING, "job": job.pk}, also=chain)
-    return job
 
 
 def ort_training_inherit(*, version: ModelVersion, parent: ModelVersion) -> None:
@@ -215,7 +178,7 @@ def ort_training_build(*, version: ModelVersion, log: Log | None = None) -> dict
             )
             archive = pack(folder, answer["manifest"]) if answer.get("ok") else None
     except (RuntimeError, OSError, LookupError) as exc:
-        _record(root_id=version.pk, record={"status": FAILED, "reason": str(exc)[:2000]})
+        status_record(root_id=version.pk, record={"status": FAILED, "reason": str(exc)[:2000]})
         raise ServiceError(f"the ORT artifact builder could not run: {exc}", code="builder_failed") from None
     if archive is None:
         record = {
@@ -224,7 +187,7 @@ def ort_training_build(*, version: ModelVersion, log: Log | None = None) -> dict
             "reason": str(answer.get("reason", ""))[:2000],
             **({"op": str(answer["op"]), "node": str(answer.get("node", ""))} if answer.get("op") else {}),
         }
-        _record(root_id=version.pk, record=record)
+        status_record(root_id=version.pk, record=record)
         say(f"{version.label} is not trainable with ONNX Runtime: {record['reason']}")
         return {"trainable": False, **record}
     existing = Artifact.objects.filter(version=version, kind=Artifact.Kind.ORT_TRAINING).first()
@@ -232,6 +195,6 @@ def ort_training_build(*, version: ModelVersion, log: Log | None = None) -> dict
         version=version, kind=Artifact.Kind.ORT_TRAINING, data=archive
     )
     builder = dict(answer["manifest"].get("builder", {}))
-    _record(root_id=version.pk, record={"status": READY, "sha256": artifact.sha256, "builder": builder})
+    status_record(root_id=version.pk, record={"status": READY, "sha256": artifact.sha256, "builder": builder})
     say(f"ORT training artifacts of {version.label}: {artifact.size} bytes, sha256 {artifact.sha256[:12]}")
     return {"trainable": True, "sha256": artifact.sha256, "size": artifact.size, "builder": builder}

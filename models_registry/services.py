@@ -19,6 +19,7 @@ from django.db.models import Max
 
 from core.api import ConflictError, ServiceError
 from core.audit.services import audit_record
+from core.events import emit
 from devices_agent.family import FamilySpec, SpecError
 from devices_agent.program import default_head
 from models_registry.models import Artifact, ModelFamily, ModelVersion
@@ -291,11 +292,17 @@ def version_create(
                         "artifacts": {kind: spooled.sha256 for kind, spooled, _ in checked},
                     },
                 )
-                if program is not None and onnx is not None and not derived and settings.ORT_TRAINING_AUTO:
-                    # Boards without PyTorch train from artifacts built from the graph.
-                    from models_registry.ort_training import ort_training_request
-
-                    ort_training_request(version=version, actor=actor)
+                emit(
+                    "model_version.created",
+                    {
+                        "version_id": version.pk,
+                        "family_id": family.pk,
+                        "source": source,
+                        # A graph of its own that boards could train from (not a federated
+                        # descendant, which trains from its ancestor's artifacts).
+                        "trainable_graph": program is not None and onnx is not None and not derived,
+                    },
+                )
         except BaseException:
             _discard(created)
             raise

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from devices_agent.backends import LocalResult, TrainConfig, Weights
+from devices_agent.backends.base import LocalResult, TrainConfig, Weights
 from devices_agent.backends.order import epoch_orders
 from devices_agent.codecs import clip_by_norm, l2_norm
 from devices_agent.family import FamilySpec, outputs_metrics

@@ -262,7 +262,7 @@ class ModelVersionViewSet(
         202 with the queued (or running) job; 200 with the version when its artifacts are
         built or its graph is known not to be trainable (``ort_training`` says which).
         """
-        from models_registry.ort_training import ort_training_request
+        from models_registry.jobs import ort_training_request
 
         version = self.get_object()
         job = ort_training_request(version=version, actor=request.user)

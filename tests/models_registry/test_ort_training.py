@@ -25,9 +25,8 @@ def _register(family: Any, module: Any, example: Any) -> Any:
 
 
 def _build(version: Any) -> Any:
-    from models_registry.jobs import job_run
+    from models_registry.jobs import job_run, ort_training_request
     from models_registry.models import ModelJob
-    from models_registry.ort_training import ort_training_request
 
     job = ort_training_request(version=version)
     assert job is not None and job.kind == "ort_training" and job.status == "queued"
@@ -46,8 +45,8 @@ def test_a_version_gets_signed_training_artifacts_that_the_api_shows(
     db: Any, ort_builder_python: Path, operator_client: Any
 ) -> None:
     from devices_agent.ort_artifacts import read_manifest
+    from models_registry.jobs import ort_training_request
     from models_registry.models import Artifact
-    from models_registry.ort_training import ort_training_request
     from models_registry.signing import signing_public_key_b64, verify_digest
     from tests.bundles import digits_version
 

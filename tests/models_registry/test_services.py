@@ -475,3 +475,24 @@ def test_family_contracts_are_bounded(db: Any, fields: dict[str, Any]) -> None:
     with pytest.raises(ServiceError):
         services.family_create(name="too-big", actor=None, **fields)
     assert not ModelFamily.objects.exists()
+
+
+def test_registering_a_trainable_graph_queues_its_ort_build_after_commit(
+    family: Any, mlp_bundle: Any, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
+    """The registry hears its own ``model_version.created`` and queues the training artifacts."""
+    from models_registry.models import ModelJob
+
+    settings.ORT_TRAINING_AUTO = True
+    with django_capture_on_commit_callbacks(execute=True):
+        version = services.version_create(
+            family=family, weights=mlp_bundle.weights, onnx=mlp_bundle.onnx, program=mlp_bundle.program
+        )
+    job = ModelJob.objects.get(version=version)
+    assert job.kind == "ort_training" and job.status == "queued"
+    version.refresh_from_db()
+    assert version.ort_training["status"] == "pending"
+    # A graph without a program (nothing to train from) queues nothing.
+    with django_capture_on_commit_callbacks(execute=True):
+        services.version_create(family=family, onnx=mlp_bundle.onnx)
+    assert ModelJob.objects.count() == 1

@@ -173,9 +173,10 @@ def _request_ort_artifacts(*, job: FederatedJob, actor: Any) -> None:
     """Boards without PyTorch need the base version's ORT artifacts: ask for them unless they
     are built, being built, or known not to be possible (a failed build is tried again)."""
     from models_registry import ort_training
+    from models_registry.jobs import ort_training_request
 
     if ort_training.ort_training_status(job.base_version) in ("", ort_training.FAILED):
-        ort_training.ort_training_request(version=job.base_version, actor=actor)
+        ort_training_request(version=job.base_version, actor=actor)
 
 
 @transaction.atomic
