@@ -234,7 +234,9 @@ def test_the_rounds_api_shows_each_updates_backend(db: Any, operator_client: Any
     ]
 
 
-def test_registration_and_jobs_that_accept_ort_ask_for_the_artifacts(db: Any, settings: Any) -> None:
+def test_registration_and_jobs_that_accept_ort_ask_for_the_artifacts(
+    db: Any, settings: Any, django_capture_on_commit_callbacks: Any
+) -> None:
     from models_registry.models import ModelJob
     from tests.bundles import digits_version
 
@@ -253,7 +255,8 @@ def test_registration_and_jobs_that_accept_ort_ask_for_the_artifacts(db: Any, se
     }
     make_job(fleet, backends=["ort", "torch"])
     assert ModelJob.objects.filter(kind="ort_training").count() == 1  # one build per version
-    uploaded = digits_version(fleet.family, seed=3)
+    with django_capture_on_commit_callbacks(execute=True):  # the build is asked for after commit
+        uploaded = digits_version(fleet.family, seed=3)
     assert ModelJob.objects.filter(kind="ort_training", version=uploaded).count() == 1
     uploaded.refresh_from_db()
     assert uploaded.ort_training["status"] == "pending"
