@@ -36,6 +36,7 @@ def _agents(fleet: Fleet, url: str, state_root: Path) -> Iterator[list[Any]]:
     from devices_agent.client import AgentClient
     from devices_agent.data import client_dataset
     from devices_agent.federated import FederatedTrainer, FixedData, run_rounds
+    from fleet.models import Device
     from models_registry.signing import signing_public_key_b64
 
     key = base64.b64decode(signing_public_key_b64())
@@ -45,6 +46,10 @@ def _agents(fleet: Fleet, url: str, state_root: Path) -> Iterator[list[Any]]:
     threads = []
     for i, secret in enumerate(fleet.secrets):
         x, y = client_dataset(client_index=i, n_clients=len(fleet.secrets), alpha=0.5, seed=0)
+        # What a real agent reports in its heartbeat: rounds weigh an update by it, no more.
+        Device.objects.filter(pk=fleet.devices[i].pk).update(
+            state={**(fleet.devices[i].state or {}), "local_examples": len(x)}
+        )
         trainer = FederatedTrainer(
             client=AgentClient(server_url=url, secret=secret),
             state_dir=state_root / f"dev{i}",
