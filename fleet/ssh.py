@@ -203,12 +203,18 @@ class SshTransport:
         return _host_key(transport.get_remote_server_key())
 
     def run(
-        self, command: str, *, timeout: float = 60.0, on_line: Callable[[str], None] | None = None
+        self,
+        command: str,
+        *,
+        timeout: float = 60.0,
+        on_line: Callable[[str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
     ) -> tuple[int, str, str]:
         """Run a shell command; returns (exit code, stdout, stderr). Raises SshError on timeout.
 
         ``on_line`` is called with each line of stdout as it arrives (long commands such as
-        pip show their progress through it).
+        pip show their progress through it), ``on_idle`` whenever no output is waiting (a
+        caller that batches lines flushes them there, so a line is not held back by silence).
         """
         transport = self._require().get_transport()
         if transport is None or not transport.is_active():
@@ -250,6 +256,8 @@ class SshTransport:
                         code="command_timeout",
                     )
                 if not progressed:
+                    if on_idle is not None:
+                        on_idle()
                     time.sleep(0.02)
             code = channel.recv_exit_status()
             channel.close()

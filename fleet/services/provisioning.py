@@ -775,7 +775,7 @@ def _upload_wheelhouse(job: ProvisioningJob, ssh: SshTransport, *, remote: str, 
 
 
 class _ProgressLog:
-    """Lines of a long command (pip) into the job's step log as they come, a few at a time.
+    """Lines of a long command (pip) into the job's step log as they come, at most once a second.
 
     Each write also renews the job's lease, so a long install is not taken for a dead worker.
     A job cancelled meanwhile stops the logging; the command itself runs to its end.
@@ -801,7 +801,10 @@ class _ProgressLog:
         if self.count > self.MAX_LINES:
             return
         self.pending.append(_step_entry(self.step, "progress", text[:300]))
-        if time.monotonic() - self.last >= self.every_s:
+        self.idle()
+
+    def idle(self) -> None:
+        if self.pending and time.monotonic() - self.last >= self.every_s:
             self.flush()
 
     def flush(self) -> None:
@@ -1008,6 +1011,7 @@ def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
             ),
             timeout=float(_setting("PROVISIONING_INSTALL_TIMEOUT_S", 1500)),
             on_line=progress.line,
+            on_idle=progress.idle,
         )
         progress.close()
         if code == EXIT_PIP_FAILED:
