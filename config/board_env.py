@@ -19,19 +19,17 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from models_registry.ml.ort_env import Log, ensure_venv, env_dir, extra_requirements, pinned
+from fleet.board_packages import WITHOUT_DEPS
+from fleet.board_packages import board_requirements as board_set
+from models_registry.ml.ort_env import Log, ensure_venv, env_dir
 
 __all__ = [
-    "AGENT_RUNTIME",
     "board_environ",
     "board_python",
     "board_requirements",
     "cache_root",
     "install_agent",
 ]
-
-# What the agent imports at run time besides ONNX Runtime (devices_agent/deploy/install.sh).
-AGENT_RUNTIME = ("numpy", "httpx", "safetensors", "cryptography", "psutil", "websockets")
 
 
 def cache_root() -> Path:
@@ -40,13 +38,15 @@ def cache_root() -> Path:
 
 
 def board_requirements() -> tuple[list[str], list[str]]:
-    """A torch-less board's packages: the agent's runtime pins, and the ``board-ort`` extra.
+    """A torch-less board's packages, as provisioning installs them (``training=onnxruntime``).
 
-    The training build is installed without its declared dependencies (onnx, sympy, h5py,
-    cerberus: for ORTModule and for making artifacts, neither of which a board does), so
-    the board carries ONNX Runtime and numpy and nothing else of the kind.
+    ``(with their dependencies, without them)``: the training build is installed bare
+    (:data:`fleet.board_packages.WITHOUT_DEPS`), so the board carries ONNX Runtime and
+    numpy and nothing else of the kind.
     """
-    return pinned(*AGENT_RUNTIME), extra_requirements("board-ort")
+    lines = board_set("onnxruntime")
+    bare = [line for line in lines if line.partition("==")[0] in WITHOUT_DEPS]
+    return [line for line in lines if line not in bare], bare
 
 
 def board_python(root: Path | None = None, *, log: Log | None = None) -> Path:

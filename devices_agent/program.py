@@ -48,6 +48,7 @@ __all__ = [
     "Bundle",
     "ProgramError",
     "ProgramInfo",
+    "capture_program",
     "inspect_program",
     "load_program",
     "make_bundle",
@@ -410,6 +411,39 @@ class Bundle:
         )
 
 
+def capture_program(
+    model: torch.nn.Module, example_input: torch.Tensor, *, max_batch: int = 4096
+) -> tuple[bytes, dict[str, npt.NDArray[Any]]]:
+    """The program (``torch.export`` of ``model`` in eval mode, dynamic batch) and its state.
+
+    Needs torch alone: a board proves it can train a program without the ``onnx`` package,
+    which only :func:`make_bundle`'s ONNX export uses.
+    """
+    import torch
+
+    model = model.eval()
+    example = example_input.detach()
+    if example.dim() < 1 or example.shape[0] < 1:
+        raise ProgramError("example_input must be a batch: shape (batch, ...)")
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    try:
+        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
+    except Exception as exc:  # noqa: BLE001
+        raise ProgramError(
+            f"torch.export could not capture the model with a dynamic batch dimension: {exc}"[:2000]
+        ) from None
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    program = program_json_from(buffer.getvalue())
+    info = inspect_program(program)
+    state: dict[str, npt.NDArray[Any]] = {}
+    for name, value in {**exported.state_dict, **exported.constants}.items():
+        if isinstance(value, torch.Tensor):
+            state[name] = value.detach().cpu().contiguous().numpy().copy()
+    check_state(info, state)
+    return program, state
+
+
 def make_bundle(
     model: torch.nn.Module,
     example_input: torch.Tensor,
@@ -437,24 +471,8 @@ def make_bundle(
 
     model = model.eval()
     example = example_input.detach()
-    if example.dim() < 1 or example.shape[0] < 1:
-        raise ProgramError("example_input must be a batch: shape (batch, ...)")
-    batch = torch.export.Dim("batch", min=1, max=max_batch)
-    try:
-        exported = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False)
-    except Exception as exc:  # noqa: BLE001
-        raise ProgramError(
-            f"torch.export could not capture the model with a dynamic batch dimension: {exc}"[:2000]
-        ) from None
-    buffer = io.BytesIO()
-    torch.export.save(exported, buffer)
-    program = program_json_from(buffer.getvalue())
+    program, state = capture_program(model, example, max_batch=max_batch)
     info = inspect_program(program)
-    state: dict[str, npt.NDArray[Any]] = {}
-    for name, value in {**exported.state_dict, **exported.constants}.items():
-        if isinstance(value, torch.Tensor):
-            state[name] = value.detach().cpu().contiguous().numpy().copy()
-    check_state(info, state)
     onnx_buffer = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is the one that keeps parameter names as initializer

@@ -18,6 +18,13 @@ import numpy as np
 
 __all__ = ["selftest", "tiny_onnx"]
 
+# The distributions that may provide each module: ONNX Runtime's builds have names of their own.
+_DISTRIBUTIONS = {
+    "numpy": ("numpy",),
+    "onnxruntime": ("onnxruntime", "onnxruntime-training-cpu", "onnxruntime-training", "onnxruntime-gpu"),
+    "torch": ("torch",),
+}
+
 
 def _varint(value: int) -> bytes:
     out = bytearray()
@@ -80,20 +87,22 @@ def _torch_training() -> dict[str, Any]:
     import torch
 
     from devices_agent.backends import TrainConfig, get_backend
-    from devices_agent.codecs import decode_tensors
+    from devices_agent.codecs import decode_tensors, encode_tensors
     from devices_agent.family import FamilySpec
-    from devices_agent.program import make_bundle
+    from devices_agent.program import capture_program
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
-    bundle = make_bundle(model, torch.randn(4, 4))
-    state, _ = decode_tensors(bundle.weights)
+    # The program and weights as a round brings them; no ONNX export, which needs the onnx
+    # package that boards do not get (they train programs, they never export them).
+    program, captured = capture_program(model, torch.randn(4, 4))
+    state, _ = decode_tensors(encode_tensors(captured))
     spec = FamilySpec(task="classification", input_shape=(4,), num_classes=3)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((16, 4)).astype(np.float32)
     y = rng.integers(0, 3, size=16)
     result = get_backend("torch").train(
-        program=bundle.program, state=state, spec=spec, x=x, y=y, config=TrainConfig(epochs=1, lr=0.1)
+        program=program, state=state, spec=spec, x=x, y=y, config=TrainConfig(epochs=1, lr=0.1)
     )
     return {"ok": result.metrics["delta_norm"] > 0, "steps": result.metrics["steps"]}
 
@@ -131,11 +140,14 @@ def selftest(*, train: bool = False) -> dict[str, Any]:
     import importlib.metadata
 
     report: dict[str, Any] = {"python": platform.python_version(), "machine": platform.machine()}
-    for package in ("numpy", "onnxruntime", "onnxruntime-training-cpu", "torch"):
-        try:
-            report[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            report[package] = None
+    for package, distributions in _DISTRIBUTIONS.items():
+        report[package] = None
+        for distribution in distributions:
+            try:
+                report[package] = importlib.metadata.version(distribution)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                continue
     try:
         report["inference"] = _inference()
     except Exception as exc:  # noqa: BLE001

@@ -11,8 +11,12 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import shutil
+import stat
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import paramiko
@@ -198,8 +202,20 @@ class SshTransport:
         assert transport is not None
         return _host_key(transport.get_remote_server_key())
 
-    def run(self, command: str, *, timeout: float = 60.0) -> tuple[int, str, str]:
-        """Run a shell command; returns (exit code, stdout, stderr). Raises SshError on timeout."""
+    def run(
+        self,
+        command: str,
+        *,
+        timeout: float = 60.0,
+        on_line: Callable[[str], None] | None = None,
+        on_idle: Callable[[], None] | None = None,
+    ) -> tuple[int, str, str]:
+        """Run a shell command; returns (exit code, stdout, stderr). Raises SshError on timeout.
+
+        ``on_line`` is called with each line of stdout as it arrives (long commands such as
+        pip show their progress through it), ``on_idle`` whenever no output is waiting (a
+        caller that batches lines flushes them there, so a line is not held back by silence).
+        """
         transport = self._require().get_transport()
         if transport is None or not transport.is_active():
             raise SshError("The SSH connection was lost.", permanent=False, code="connection_lost")
@@ -207,14 +223,21 @@ class SshTransport:
             channel = transport.open_session(timeout=self.timeout)
             channel.settimeout(1.0)
             channel.exec_command(command)
-            out, err = bytearray(), bytearray()
+            out, err, partial = bytearray(), bytearray(), bytearray()
             deadline = time.monotonic() + timeout
             # Read both streams as they come: a command that fills one pipe while we
             # wait on the other would otherwise block forever.
             while True:
                 progressed = False
                 if channel.recv_ready():
-                    out += channel.recv(_READ_CHUNK)[: max(0, _MAX_OUTPUT - len(out))]
+                    chunk = channel.recv(_READ_CHUNK)
+                    out += chunk[: max(0, _MAX_OUTPUT - len(out))]
+                    if on_line is not None:
+                        partial += chunk
+                        *lines, rest = partial.split(b"\n")
+                        partial = bytearray(rest)
+                        for line in lines:
+                            on_line(line.decode(errors="replace").rstrip("\r"))
                     progressed = True
                 if channel.recv_stderr_ready():
                     err += channel.recv_stderr(_READ_CHUNK)[: max(0, _MAX_OUTPUT - len(err))]
@@ -233,11 +256,15 @@ class SshTransport:
                         code="command_timeout",
                     )
                 if not progressed:
+                    if on_idle is not None:
+                        on_idle()
                     time.sleep(0.02)
             code = channel.recv_exit_status()
             channel.close()
         except (OSError, paramiko.SSHException, EOFError) as exc:
             raise SshError(f"SSH command failed: {exc}", permanent=False, code="connection_lost") from exc
+        if on_line is not None and partial:
+            on_line(partial.decode(errors="replace").rstrip("\r"))
         return code, out.decode(errors="replace"), err.decode(errors="replace")
 
     def upload(self, *, data: bytes, remote_path: str, mode: int = 0o644) -> None:
@@ -253,6 +280,43 @@ class SshTransport:
             raise SshError(
                 f"Upload to {remote_path} failed: {exc}", permanent=False, code="upload_failed"
             ) from exc
+
+    def upload_file(self, *, local_path: Path, remote_path: str, mode: int = 0o644) -> None:
+        """Copy a local file to `remote_path` in chunks (wheels run to hundreds of MB).
+
+        It is written under a temporary name and renamed, so an interrupted upload never
+        leaves a truncated file under the real name.
+        """
+        partial = f"{remote_path}.part"
+        try:
+            sftp = self._sftp_client()
+            with local_path.open("rb") as source, sftp.open(partial, "wb") as handle:
+                handle.chmod(mode)
+                handle.set_pipelined(True)
+                shutil.copyfileobj(source, handle, 1024 * 1024)
+            sftp.posix_rename(partial, remote_path)
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(
+                f"Upload of {local_path.name} to {remote_path} failed: {exc}",
+                permanent=False,
+                code="upload_failed",
+            ) from exc
+
+    def file_sizes(self, remote_dir: str) -> dict[str, int]:
+        """Names and sizes of the regular files in `remote_dir` (empty when it does not exist)."""
+        try:
+            entries = self._sftp_client().listdir_attr(remote_dir)
+        except FileNotFoundError:
+            return {}
+        except (OSError, paramiko.SSHException, EOFError) as exc:
+            raise SshError(
+                f"Listing {remote_dir} failed: {exc}", permanent=False, code="connection_lost"
+            ) from exc
+        return {
+            entry.filename: int(entry.st_size or 0)
+            for entry in entries
+            if entry.st_mode is not None and stat.S_ISREG(entry.st_mode)
+        }
 
     def close(self) -> None:
         """Close the SFTP session and the connection (safe to call twice)."""

@@ -289,6 +289,14 @@ ARTIFACT_SIGNING_KEY_FILE = Path(
 )
 # Fernet key that encrypts provisioning credentials at rest.
 PROVISIONING_KEY = env.str("PROVISIONING_KEY", default="")
+# Where provisioned boards get the agent's packages. packages=index: pip's default index (or
+# the board's pip.conf) unless an index is set here; extra indexes and find-links (paths or
+# URLs as the board sees them) are passed to pip as they are.
+PROVISIONING_PIP_INDEX_URL = env.str("PROVISIONING_PIP_INDEX_URL", default="")
+PROVISIONING_PIP_EXTRA_INDEX_URLS = env.list("PROVISIONING_PIP_EXTRA_INDEX_URLS", default=[])
+PROVISIONING_PIP_FIND_LINKS = env.list("PROVISIONING_PIP_FIND_LINKS", default=[])
+# packages=wheelhouse: a directory of wheels on the server, uploaded to boards without internet.
+PROVISIONING_WHEELHOUSE = env.str("PROVISIONING_WHEELHOUSE", default="")
 PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
 
 LOGGING = {

@@ -17,6 +17,7 @@ from rest_framework.response import Response
 
 from core.api import client_ip
 from core.roles import ADMIN
+from fleet.board_packages import PACKAGE_SOURCES, TRAINING_CHOICES
 from fleet.models import DeviceGroup, KnownHost, ProvisioningJob
 from fleet.services.provisioning import (
     known_host_forget,
@@ -96,10 +97,39 @@ class ProvisioningJobCreateInput(_CredentialInput):
     )
     tags = serializers.ListField(child=serializers.CharField(max_length=50), required=False, default=list)
     enrollment_timeout_s = serializers.IntegerField(min_value=10, max_value=86400, required=False)
+    packages = serializers.ChoiceField(
+        choices=PACKAGE_SOURCES,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="Where the agent's pinned packages come from: index (default), wheelhouse, or "
+        "system (already on the board: checked, not installed).",
+    )
+    training = serializers.ChoiceField(
+        choices=TRAINING_CHOICES,
+        required=False,
+        default="",
+        allow_blank=True,
+        help_text="Training runtime to install: none (default), torch, onnxruntime (x86_64 Linux, "
+        "Python <= 3.12), or auto.",
+    )
+    wheelhouse = serializers.CharField(
+        max_length=255,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="With packages=wheelhouse: a directory of wheels already on the board "
+        "(else the server's PROVISIONING_WHEELHOUSE is uploaded).",
+    )
 
     def validate_install_dir(self, value: str) -> str:
         if value and not (value.startswith("/") or value == "~" or value.startswith("~/")):
             raise serializers.ValidationError("Use an absolute path or one starting with ~/.")
+        return value
+
+    def validate_wheelhouse(self, value: str) -> str:
+        if value and not value.startswith("/"):
+            raise serializers.ValidationError("Give the wheelhouse's absolute path on the board.")
         return value
 
 

@@ -8,6 +8,11 @@ returns when to run again (retry backoff, enrollment polling) instead of sleepin
 
 The SSH credential is Fernet-encrypted at rest and wiped once the SSH work ends, whether it
 succeeded or failed; a retry needs the credential again.
+
+On the board the agent gets a venv with its dependencies at the server's pinned versions
+(`fleet.board_packages`), from a package index, a wheelhouse, or the board's own Python
+(`packages`), optionally with a training runtime (`training`), and is proven by its
+selftest (a real inference, and a training step when it trains) before it is started.
 """
 
 from __future__ import annotations
@@ -18,11 +23,14 @@ import json
 import logging
 import os
 import shlex
+import signal
 import tarfile
 import tempfile
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
@@ -37,6 +45,18 @@ from core.dispatch import enqueue_on_commit
 from core.events import emit
 from core.leases import Lease
 from fleet.auth import hash_secret, new_secret
+from fleet.board_packages import (
+    PACKAGE_SOURCES,
+    TRAINING_BACKENDS,
+    TRAINING_CHOICES,
+    BoardPackagesError,
+    bare_requirements_file,
+    board_requirements,
+    constraints,
+    ort_training_supported,
+    requirements_file,
+    training_choice,
+)
 from fleet.models import Device, DeviceGroup, EnrollmentToken, KnownHost, ProvisioningJob
 from fleet.ssh import HostKey, SshError, SshTransport, UnknownHostKeyError
 
@@ -48,7 +68,21 @@ AGENT_PACKAGE_DIR = Path(__file__).resolve().parent.parent.parent / "devices_age
 DEPLOY_DIR = AGENT_PACKAGE_DIR / "deploy"
 DEFAULT_INSTALL_DIR = "~/.flotilla"
 BUNDLE_NAME = "flotilla-agent.tar.gz"
+REQUIREMENTS_NAME = "requirements.txt"
+# Read by install.sh beside the requirement file: packages installed with --no-deps.
+BARE_REQUIREMENTS_NAME = "requirements-bare.txt"
+CONSTRAINTS_NAME = "constraints.txt"
+WHEELHOUSE_NAME = "wheelhouse"
 MIN_PYTHON = (3, 11)
+# A board with internet installs the pinned packages from the index; one without needs a
+# wheelhouse or a prepared image, and says so.
+DEFAULT_PACKAGES = "index"
+# Training is opt-in: PyTorch alone is a few hundred MB to download and about 1 GB on
+# disk, and a board serves models without it.
+DEFAULT_TRAINING = "none"
+# install.sh's exit codes for the two ways the packages step fails.
+EXIT_PIP_FAILED = 10
+EXIT_PACKAGES_MISSING = 11
 
 
 def _setting(name: str, default: Any) -> Any:
@@ -68,6 +102,12 @@ def retry_delay(attempt: int) -> float:
 
 def enrollment_poll_s() -> float:
     return float(_setting("PROVISIONING_POLL_INTERVAL_S", 3.0))
+
+
+def task_time_limit_s() -> int:
+    """How long one run of the provisioning task may take: installing PyTorch on a slow
+    board takes minutes, far longer than the default limit of Celery tasks."""
+    return int(_setting("PROVISIONING_TASK_TIME_LIMIT_S", 1800))
 
 
 # --- credentials at rest ----------------------------------------------------------------
@@ -180,8 +220,14 @@ def agent_bundle() -> bytes:
     return buffer.getvalue()
 
 
-def agent_config_toml(*, server_url: str, token: str, state_dir: str, name: str) -> str:
-    """The agent's config file. JSON string literals are valid TOML basic strings."""
+def agent_config_toml(
+    *, server_url: str, token: str, state_dir: str, name: str, training_backends: list[str] | None = None
+) -> str:
+    """The agent's config file. JSON string and array literals are valid TOML.
+
+    ``training_backends`` are the backends the board was given packages for; none (or an
+    empty list) turns training off, so the agent never picks up a runtime it happens to see.
+    """
     lines = [
         "# Written by Flotilla provisioning. The token is single-use and expires.",
         f"server_url = {json.dumps(server_url)}",
@@ -190,6 +236,11 @@ def agent_config_toml(*, server_url: str, token: str, state_dir: str, name: str)
     ]
     if name:
         lines.append(f"name = {json.dumps(name)}")
+    if training_backends:
+        lines.append("train = true")
+        lines.append(f"training_backends = {json.dumps(training_backends)}")
+    else:
+        lines.append("train = false")
     return "\n".join(lines) + "\n"
 
 
@@ -224,6 +275,40 @@ def _step_entry(step: str, status: str, message: str = "") -> dict[str, str]:
     return {"ts": timezone.now().isoformat(), "step": step, "status": status, "message": message}
 
 
+def _package_options(*, packages: str, training: str, wheelhouse: str) -> dict[str, str]:
+    """Check where the board's packages come from and which training set it gets."""
+    packages = packages or DEFAULT_PACKAGES
+    training = training or DEFAULT_TRAINING
+    if packages not in PACKAGE_SOURCES:
+        raise ServiceError(
+            f"Unknown packages {packages!r}; use one of: {', '.join(PACKAGE_SOURCES)}.",
+            code="validation_error",
+        )
+    if training not in TRAINING_CHOICES:
+        raise ServiceError(
+            f"Unknown training {training!r}; use one of: {', '.join(TRAINING_CHOICES)}.",
+            code="validation_error",
+        )
+    if wheelhouse and packages != "wheelhouse":
+        raise ServiceError("A wheelhouse is only used with packages=wheelhouse.", code="validation_error")
+    if wheelhouse and not wheelhouse.startswith("/"):
+        raise ServiceError(
+            "wheelhouse is a directory on the board: give an absolute path.", code="validation_error"
+        )
+    if packages == "wheelhouse" and not wheelhouse:
+        local = str(_setting("PROVISIONING_WHEELHOUSE", "") or "")
+        if not local or not Path(local).is_dir():
+            raise ServiceError(
+                "packages=wheelhouse needs a wheelhouse: set PROVISIONING_WHEELHOUSE to a directory of "
+                "wheels on the server (it is uploaded), or give wheelhouse, a directory on the board.",
+                code="wheelhouse_missing",
+            )
+    options = {"packages": packages, "training": training}
+    if wheelhouse:
+        options["wheelhouse"] = wheelhouse
+    return options
+
+
 def provisioning_job_create(
     *,
     actor: Any,
@@ -239,9 +324,18 @@ def provisioning_job_create(
     group: DeviceGroup | None = None,
     tags: list[str] | None = None,
     enrollment_timeout_s: int | None = None,
+    packages: str = "",
+    training: str = "",
+    wheelhouse: str = "",
     remote_addr: str | None = None,
 ) -> ProvisioningJob:
-    """Queue the installation of the agent on `username@host:port`."""
+    """Queue the installation of the agent on `username@host:port`.
+
+    ``packages`` (index, wheelhouse or system) says where the agent's dependencies come
+    from, ``training`` (none, torch, onnxruntime or auto) which training runtime is added,
+    ``wheelhouse`` a directory of wheels already on the board (else PROVISIONING_WHEELHOUSE
+    is uploaded).
+    """
     auth_method, secret = _credential(private_key, password)
     options: dict[str, Any] = {
         "python": python or "python3",
@@ -249,6 +343,7 @@ def provisioning_job_create(
         "server_url": server_url or settings.PUBLIC_BASE_URL,
         "name": name,
         "enrollment_timeout_s": enrollment_timeout_s or int(_setting("PROVISIONING_ENROLL_TIMEOUT_S", 300)),
+        **_package_options(packages=packages, training=training, wheelhouse=wheelhouse),
     }
     with transaction.atomic():
         job = ProvisioningJob.objects.create(
@@ -433,7 +528,7 @@ def _advance(job: ProvisioningJob, new_status: str, message: str = "") -> None:
 def _lease_s() -> float:
     # Longer than the task's hard time limit: a job in a running state past its lease
     # belongs to a worker that died, and a redelivered task may take it over.
-    return float(int(_setting("CELERY_TASK_TIME_LIMIT", 660)) + 60)
+    return float(task_time_limit_s() + 120)
 
 
 LEASE = Lease(ProvisioningJob, "locked_until", _lease_s)
@@ -520,8 +615,60 @@ def _checked(ssh: SshTransport, command: str, *, step: str, timeout: float = 60.
     return out
 
 
+def _exit_said(code: int) -> str:
+    if code > 128:
+        try:
+            name = signal.Signals(code - 128).name
+        except ValueError:
+            name = f"signal {code - 128}"
+        return f"killed by {name}"
+    return f"exit {code}"
+
+
+def _tail(text: str, lines: int = 12, chars: int = 1500) -> str:
+    kept = [line for line in text.strip().splitlines() if line.strip()][-lines:]
+    return "\n".join(kept)[-chars:]
+
+
+# Imports whose outcome decides what the board gets; each runs in its own interpreter, since
+# a broken native library can kill the process (an illegal instruction on an old ARM core).
+_PROBED_MODULES = ("numpy", "onnxruntime", "torch")
+_PROBE = (
+    "import importlib.util, json, {module}; "
+    "print(json.dumps({{'version': str(getattr({module}, '__version__', '') or 'unknown'), "
+    "'training': importlib.util.find_spec('{module}.training') is not None}}))"
+)
+
+
+def _probe_imports(ssh: SshTransport, *, python: str) -> dict[str, Any]:
+    importable: dict[str, str | None] = {}
+    errors: dict[str, str] = {}
+    ort_training = False
+    for module in _PROBED_MODULES:
+        probe = shlex.quote(_PROBE.format(module=module))
+        # `|| exit $?` keeps the shell from exec'ing Python, so a crash is an exit code (128 + signal).
+        code, out, err = ssh.run(f"{shlex.quote(python)} -c {probe} || exit $?", timeout=180)
+        importable[module] = None
+        if code == 0:
+            try:
+                found = json.loads(out.strip().splitlines()[-1])
+            except (ValueError, IndexError):
+                errors[module] = f"unreadable answer: {out.strip()[-200:]}"
+                continue
+            importable[module] = str(found["version"])
+            if module == "onnxruntime":
+                ort_training = bool(found["training"])
+        elif code > 128:
+            # The shell's own "Bus error" line names the command, not the fault.
+            errors[module] = _exit_said(code)
+        elif f"No module named '{module}'" not in err:
+            errors[module] = _tail(err or out, lines=1, chars=300) or _exit_said(code)
+    return {"importable": importable, "import_errors": errors, "onnxruntime_training": ort_training}
+
+
 def _check_host(ssh: SshTransport, *, python: str, remote_dir: str) -> dict[str, Any]:
     arch = _checked(ssh, "uname -m", step="check_host").strip()
+    system = _checked(ssh, "uname -s", step="check_host").strip()
     code, out, err = ssh.run(
         f"{shlex.quote(python)} -c 'import sys; print(\"%d.%d.%d\" % sys.version_info[:3])'", timeout=30
     )
@@ -552,7 +699,217 @@ def _check_host(ssh: SshTransport, *, python: str, remote_dir: str) -> dict[str,
         "then echo systemd; else echo nohup; fi",
         timeout=30,
     )
-    return {"arch": arch, "python": version, "free_mb": free_mb, "service": out.strip() or "nohup"}
+    return {
+        "arch": arch,
+        "os": system,
+        "python": version,
+        "free_mb": free_mb,
+        "service": out.strip() or "nohup",
+        **_probe_imports(ssh, python=python),
+    }
+
+
+def _redacted(url: str) -> str:
+    """A URL without its user and password (index URLs may carry a token)."""
+    parts = urlsplit(url)
+    if not (parts.username or parts.password):
+        return url
+    host = parts.hostname or ""
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _pip_options(*, source: str, wheelhouse: str, constraints_path: str) -> tuple[list[str], str]:
+    """pip's options for the board, and where the packages come from, said without secrets."""
+    options = ["-c", constraints_path]
+    sources: list[str] = []
+    if source == "wheelhouse":
+        options += ["--no-index", "--find-links", wheelhouse]
+        sources.append(f"the wheelhouse {wheelhouse}")
+    else:
+        index = str(_setting("PROVISIONING_PIP_INDEX_URL", "") or "")
+        if index:
+            options += ["--index-url", index]
+        sources.append(_redacted(index) if index else "pip's default index")
+        for url in _setting("PROVISIONING_PIP_EXTRA_INDEX_URLS", []) or []:
+            options += ["--extra-index-url", str(url)]
+            sources.append(_redacted(str(url)))
+    for link in _setting("PROVISIONING_PIP_FIND_LINKS", []) or []:
+        options += ["--find-links", str(link)]
+        sources.append(_redacted(str(link)))
+    return options, ", ".join(sources)
+
+
+def wheel_fits(filename: str, arch: str) -> bool:
+    """Whether a wheelhouse file may be of use on a board of `arch` (judged by its name)."""
+    if not filename.endswith(".whl"):
+        return filename.endswith((".tar.gz", ".zip"))  # a source distribution builds anywhere
+    platforms = filename[: -len(".whl")].split("-")[-1].split(".")
+    return any(tag == "any" or tag.endswith(arch) for tag in platforms)
+
+
+def _upload_wheelhouse(job: ProvisioningJob, ssh: SshTransport, *, remote: str, arch: str) -> None:
+    local = Path(str(_setting("PROVISIONING_WHEELHOUSE", "") or ""))
+    if not str(local) or not local.is_dir():
+        raise SshError(
+            f"The server's wheelhouse {str(local)!r} (PROVISIONING_WHEELHOUSE) is not a directory.",
+            permanent=True,
+            code="wheelhouse_missing",
+        )
+    _checked(ssh, f"mkdir -p {shlex.quote(remote)}", step="upload")
+    present = ssh.file_sizes(remote)
+    files = sorted(p for p in local.iterdir() if p.is_file() and wheel_fits(p.name, arch))
+    sent = sent_bytes = 0
+    for path in files:
+        size = path.stat().st_size
+        # A file of the same name and size is the same wheel: re-provisioning sends nothing.
+        if present.get(path.name) == size:
+            continue
+        ssh.upload_file(local_path=path, remote_path=f"{remote}/{path.name}")
+        sent += 1
+        sent_bytes += size
+    _log(
+        job,
+        "upload",
+        "ok",
+        f"wheelhouse for {arch}: {len(files)} files, {sent} sent ({sent_bytes / 1e6:.0f} MB), "
+        f"{len(files) - sent} already on the board",
+    )
+
+
+class _ProgressLog:
+    """Lines of a long command (pip) into the job's step log as they come, at most once a second.
+
+    Each write also renews the job's lease, so a long install is not taken for a dead worker.
+    A job cancelled meanwhile stops the logging; the command itself runs to its end.
+    """
+
+    MAX_LINES = 300
+
+    def __init__(self, job: ProvisioningJob, step: str, *, every_s: float = 1.0) -> None:
+        self.job = job
+        self.step = step
+        self.every_s = every_s
+        self.pending: list[dict[str, str]] = []
+        self.count = 0
+        self.stopped = False
+        self.last = time.monotonic()
+
+    def line(self, text: str) -> None:
+        text = text.strip()
+        # pip fetches each candidate's metadata before the wheel: noise in a step log.
+        if not text or ".metadata (" in text or self.stopped:
+            return
+        self.count += 1
+        if self.count > self.MAX_LINES:
+            return
+        self.pending.append(_step_entry(self.step, "progress", text[:300]))
+        self.idle()
+
+    def idle(self) -> None:
+        if self.pending and time.monotonic() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> None:
+        self.last = time.monotonic()
+        if not self.pending or self.stopped:
+            return
+        try:
+            _update(
+                self.job,
+                expect=self.job.status,
+                steps=[*self.job.steps, *self.pending],
+                locked_until=LEASE.until(),
+            )
+        except _Stopped:
+            self.stopped = True
+        self.pending = []
+
+    def close(self) -> None:
+        if self.count > self.MAX_LINES:
+            self.pending.append(
+                _step_entry(self.step, "progress", f"… {self.count - self.MAX_LINES} more lines not shown")
+            )
+        self.flush()
+        if self.stopped:
+            raise _Stopped
+
+
+def _selftest_summary(report: dict[str, Any]) -> str:
+    versions = ", ".join(f"{name} {report[name]}" for name in _PROBED_MODULES if report.get(name))
+    inference = report.get("inference") or {}
+    parts = [
+        f"inference {'ok' if inference.get('ok') else 'FAILED'}"
+        + (f" ({inference['latency_ms']} ms)" if inference.get("ok") else f": {inference.get('reason', '')}"),
+        versions,
+    ]
+    training = report.get("training")
+    if training is not None:
+        backends = training.get("backends") or {}
+        said = "; ".join(
+            f"{name} {'ok' if result.get('ok') else 'FAILED: ' + str(result.get('reason', ''))}"
+            for name, result in backends.items()
+        )
+        parts.append(f"training {said or training.get('reason') or 'no backend'}")
+    return "; ".join(p for p in parts if p)
+
+
+def _selftest(job: ProvisioningJob, ssh: SshTransport, *, remote_dir: str, train: bool) -> dict[str, Any]:
+    """Run the agent's selftest in its venv; a failing one fails the job with its report."""
+    q = shlex.quote
+    _log(job, "selftest", "started", "inference and a training step" if train else "inference")
+    code, out, err = ssh.run(
+        f"sh {q(remote_dir + '/install.sh')} selftest {q(remote_dir)}" + (" --train" if train else ""),
+        timeout=float(_setting("PROVISIONING_SELFTEST_TIMEOUT_S", 600)),
+    )
+    report: dict[str, Any] | None = None
+    try:
+        parsed = json.loads(out.strip().splitlines()[-1])
+        report = parsed if isinstance(parsed, dict) else None
+    except (ValueError, IndexError):
+        pass
+    if code != 0 or report is None or not report.get("ok"):
+        said = _selftest_summary(report) if report is not None else _tail(out, lines=5) or "no report"
+        stderr = _tail(err, lines=8)
+        if report is not None:
+            _update(job, expect=job.status, host_facts={**job.host_facts, "selftest": report})
+        raise SshError(
+            f"The agent's selftest failed on the board ({_exit_said(code)}): {said}"
+            + (f"\n{stderr}" if stderr else ""),
+            permanent=True,
+            code="selftest_failed",
+        )
+    _update(job, expect=job.status, host_facts={**job.host_facts, "selftest": report})
+    _log(job, "selftest", "ok", _selftest_summary(report))
+    return report
+
+
+def _package_plan(job: ProvisioningJob, facts: dict[str, Any]) -> dict[str, Any]:
+    """Which training set and requirement lines this board gets, from the job and the facts."""
+    options = job.options
+    source = str(options.get("packages") or "system")
+    requested = str(options.get("training") or "none")
+    training, why = training_choice(requested, facts=facts, packages=source)
+    if training == "onnxruntime" and source != "system" and not ort_training_supported(facts):
+        raise SshError(
+            "ONNX Runtime training (onnxruntime-training-cpu) has wheels only for x86_64 Linux with "
+            f"Python 3.10 to 3.12; this board is {facts.get('arch')} {facts.get('os')} with Python "
+            f"{facts.get('python')}. Use training=torch.",
+            permanent=True,
+            code="training_unsupported",
+        )
+    try:
+        requirements = board_requirements(training)
+        pins = constraints(training)
+    except BoardPackagesError as exc:
+        raise ServiceError(str(exc), code="pins_unreadable") from exc
+    return {
+        "packages": source,
+        "training": training,
+        "training_reason": why,
+        "requirements": requirements,
+        "constraints": pins,
+    }
 
 
 def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
@@ -590,12 +947,18 @@ def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
         facts = _check_host(ssh, python=python, remote_dir=remote_dir)
         facts["install_dir"] = remote_dir
         _update(job, expect=job.status, host_facts=facts)
+        found = ", ".join(f"{m} {v}" for m, v in facts["importable"].items() if v) or "none"
+        broken = "".join(f"; {m} is broken: {e}" for m, e in facts["import_errors"].items())
         _log(
             job,
             "check_host",
             "ok",
-            f"{facts['arch']}, Python {facts['python']}, {facts['free_mb']} MB free, {facts['service']}",
+            f"{facts['arch']} {facts['os']}, Python {facts['python']}, {facts['free_mb']} MB free, "
+            f"{facts['service']}; imports {found}{broken}",
         )
+        plan = _package_plan(job, facts)
+        facts.update(plan)
+        _update(job, expect=job.status, host_facts=facts)
 
         _advance(job, Status.UPLOADING)
         bundle = agent_bundle()
@@ -608,17 +971,82 @@ def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
             data=(DEPLOY_DIR / "flotilla-agent.service.in").read_bytes(),
             remote_path=f"{remote_dir}/flotilla-agent.service.in",
         )
-        _log(job, "upload", "ok", f"{BUNDLE_NAME} ({len(bundle)} bytes), install.sh")
+        ssh.upload(
+            data=requirements_file(plan["training"]).encode(), remote_path=f"{remote_dir}/{REQUIREMENTS_NAME}"
+        )
+        bare = bare_requirements_file(plan["training"])
+        bare_path = f"{remote_dir}/{BARE_REQUIREMENTS_NAME}"
+        if bare:
+            ssh.upload(data=bare.encode(), remote_path=bare_path)
+        else:
+            ssh.run(f"rm -f {shlex.quote(bare_path)}", timeout=30)  # an earlier run's choice
+        ssh.upload(
+            data="".join(f"{line}\n" for line in plan["constraints"]).encode(),
+            remote_path=f"{remote_dir}/{CONSTRAINTS_NAME}",
+        )
+        _log(job, "upload", "ok", f"{BUNDLE_NAME} ({len(bundle)} bytes), install.sh, {REQUIREMENTS_NAME}")
+        source = plan["packages"]
+        wheelhouse = str(options.get("wheelhouse") or "")
+        if source == "wheelhouse" and not wheelhouse:
+            wheelhouse = f"{remote_dir}/{WHEELHOUSE_NAME}"
+            _upload_wheelhouse(job, ssh, remote=wheelhouse, arch=facts["arch"])
 
         _advance(job, Status.CONFIGURING)
-        out = _checked(
-            ssh,
-            f"sh {q(remote_dir + '/install.sh')} install {q(remote_dir)} "
-            f"{q(remote_dir + '/' + BUNDLE_NAME)} {q(python)}",
-            step="install",
-            timeout=600,
+        pip_options, said = _pip_options(
+            source=source, wheelhouse=wheelhouse, constraints_path=f"{remote_dir}/{CONSTRAINTS_NAME}"
         )
-        _log(job, "install", "ok", out.strip()[-300:])
+        _log(
+            job,
+            "packages",
+            "started",
+            ("checking the board's own packages: " if source == "system" else f"from {said}: ")
+            + ", ".join(plan["requirements"])
+            + f"; training {plan['training']} ({plan['training_reason']})",
+        )
+        progress = _ProgressLog(job, "packages")
+        code, out, err = ssh.run(
+            " ".join(
+                [
+                    "sh",
+                    q(f"{remote_dir}/install.sh"),
+                    "install",
+                    q(remote_dir),
+                    q(f"{remote_dir}/{BUNDLE_NAME}"),
+                    q(python),
+                    q(source),
+                    q(f"{remote_dir}/{REQUIREMENTS_NAME}"),
+                    *(q(option) for option in pip_options),
+                ]
+            ),
+            timeout=float(_setting("PROVISIONING_INSTALL_TIMEOUT_S", 1500)),
+            on_line=progress.line,
+            on_idle=progress.idle,
+        )
+        progress.close()
+        if code == EXIT_PIP_FAILED:
+            raise SshError(
+                f"pip could not install the agent's packages from {said}:\n{_tail(err or out)}",
+                permanent=True,
+                code="packages_failed",
+            )
+        if code == EXIT_PACKAGES_MISSING:
+            raise SshError(
+                f"The board's Python {python} lacks packages the agent needs (packages=system installs "
+                f"nothing; use index or wheelhouse):\n{_tail(err or out)}",
+                permanent=True,
+                code="packages_missing",
+            )
+        if code != 0:
+            raise SshError(
+                f"install failed (exit {code}): {_tail(err or out)}", permanent=True, code="install_failed"
+            )
+        _log(job, "install", "ok", _tail(out, lines=1, chars=300))
+
+        backends = TRAINING_BACKENDS[plan["training"]]
+        # --train trains with every backend the agent has; ONNX Runtime training is not one
+        # of them, so a board given onnxruntime-training proves inference only.
+        _selftest(job, ssh, remote_dir=remote_dir, train="torch" in backends)
+
         # A fresh single-use token per run: an earlier run's token may sit in an old config.
         _revoke_token(job)
         timeout_s = int(options.get("enrollment_timeout_s") or 300)
@@ -629,9 +1057,15 @@ def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
             token=token_secret,
             state_dir=f"{remote_dir}/state",
             name=str(options.get("name") or ""),
+            training_backends=backends,
         )
         ssh.upload(data=config.encode(), remote_path=f"{remote_dir}/agent.toml", mode=0o600)
-        _log(job, "config", "ok", f"{remote_dir}/agent.toml (token {token.prefix}…)")
+        _log(
+            job,
+            "config",
+            "ok",
+            f"{remote_dir}/agent.toml (token {token.prefix}…, training {', '.join(backends) or 'off'})",
+        )
 
         _advance(job, Status.STARTING)
         out = _checked(

@@ -278,6 +278,8 @@ def provisioning_new(request: HttpRequest) -> HttpResponse:
             name=post.get("name", "").strip(),
             group=group,
             tags=[t for t in post.get("tags", "").replace(",", " ").split() if t],
+            packages=post.get("packages", ""),
+            training=post.get("training", ""),
             remote_addr=remote_addr(request),
         )
     except ServiceError as exc:

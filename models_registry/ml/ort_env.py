@@ -14,7 +14,7 @@ checks models with. So it only ever lives in environments of its own:
 
 An environment is created once under a directory named by its pins and Python version
 and reused while they stay the same; creation holds a file lock, so concurrent workers
-(and concurrent test runs) build it once. Pure standard library.
+(and concurrent test runs) build it once. Pins come from :mod:`core.pins`.
 
     python -m models_registry.ml.ort_env /opt/ort-builder   # the builder, at a fixed place
 """
@@ -24,17 +24,16 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import importlib.metadata
 import json
-import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import tomllib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from core.pins import pin, project_pins
 
 __all__ = [
     "BUILDER_SCRIPT",
@@ -47,53 +46,20 @@ __all__ = [
 ]
 
 BUILDER_SCRIPT = Path(__file__).resolve().parent / "ort_builder.py"
-PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 BUILDER_EXTRA = "ort-builder"
 MARKER = ".flotilla-env.json"
 
 Log = Callable[[str], None]
 
 
-def _project() -> tuple[list[str], dict[str, list[str]]]:
-    """The project's dependencies and optional extras: from the checkout's pyproject.toml,
-    else from the installed distribution's metadata."""
-    if PYPROJECT.exists():
-        project = tomllib.loads(PYPROJECT.read_text())["project"]
-        return list(project["dependencies"]), {
-            k: list(v) for k, v in project["optional-dependencies"].items()
-        }
-    deps: list[str] = []
-    extras: dict[str, list[str]] = {}
-    for line in importlib.metadata.requires("flotilla") or []:
-        requirement, _, marker = (part.strip() for part in line.partition(";"))
-        found = re.search(r"""extra\s*==\s*["']([^"']+)["']""", marker)
-        if found:
-            extras.setdefault(found.group(1), []).append(requirement)
-        else:
-            deps.append(requirement)
-    return deps, extras
-
-
-def _name(requirement: str) -> str:
-    return re.split(r"[\s\[=<>!~;]", requirement, maxsplit=1)[0].lower().replace("_", "-")
-
-
 def pinned(*names: str) -> list[str]:
     """The project's own pins of ``names`` (e.g. ``numpy==2.3.3``)."""
-    deps, _ = _project()
-    by_name = {_name(d): d for d in deps}
-    missing = [n for n in names if n.lower() not in by_name]
-    if missing:
-        raise LookupError(f"pyproject.toml pins none of {missing}")
-    return [by_name[n.lower()] for n in names]
+    return [pin(name) for name in names]
 
 
 def extra_requirements(extra: str) -> list[str]:
     """The requirements of the project's optional extra ``extra``."""
-    _, extras = _project()
-    if extra not in extras:
-        raise LookupError(f"pyproject.toml has no extra {extra!r}")
-    return list(extras[extra])
+    return list(project_pins(extra).values())
 
 
 def builder_requirements() -> list[str]:

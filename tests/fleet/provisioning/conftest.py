@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import getpass
+import hashlib
 import os
+import platform
+import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -187,3 +191,87 @@ def accepted_board(board: Board, db: Any) -> Board:
         defaults={"key_b64": board.host_key_b64, "fingerprint": board.host_key_fingerprint},
     )
     return board
+
+
+# --- the board's Python and its packages --------------------------------------------------
+
+# Downloaded wheels outlive a test run (and a fresh clone in CI): each set of pins is
+# fetched once, then provisioning tests install from disk.
+CACHE_DIR = Path(os.environ.get("FLOTILLA_CACHE_DIR") or Path.home() / ".cache" / "flotilla")
+# A CPU build of torch lies here on some machines (see the Makefile); from the index,
+# torch==<pin> on Linux is a multi-GB CUDA build.
+LOCAL_WHEELS = Path("/opt/wheels")
+
+
+def cached_wheelhouse(training: str) -> Path:
+    """A wheelhouse with the board packages of `training` for this interpreter, built once.
+
+    `pip download` with the server's pins as constraints resolves exactly what a board of
+    this platform installs from it; the directory is named after its inputs, so new pins
+    get a new wheelhouse.
+    """
+    from fleet.board_packages import board_requirements, constraints
+
+    requirements, pins = board_requirements(training), constraints(training)
+    key = hashlib.sha256(
+        "\n".join([*requirements, *pins, sys.version, platform.machine()]).encode()
+    ).hexdigest()[:16]
+    target = CACHE_DIR / "wheelhouses" / f"{training}-{key}"
+    if (target / ".complete").exists():
+        return target
+    building = target.with_name(target.name + ".building")
+    shutil.rmtree(building, ignore_errors=True)
+    building.mkdir(parents=True)
+    (building / "requirements.in").write_text("\n".join(requirements) + "\n")
+    (building / "constraints.in").write_text("\n".join(pins) + "\n")
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--disable-pip-version-check",
+        "--progress-bar",
+        "off",
+        "-d",
+        str(building),
+        "-r",
+        str(building / "requirements.in"),
+        "-c",
+        str(building / "constraints.in"),
+    ]
+    if LOCAL_WHEELS.is_dir():
+        command += ["--find-links", str(LOCAL_WHEELS)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        pytest.fail(f"could not build the {training} wheelhouse with pip download:\n{done.stderr[-3000:]}")
+    for made in ("requirements.in", "constraints.in"):
+        (building / made).unlink()
+    (building / ".complete").touch()
+    # Wheelhouses of earlier pins are of no further use.
+    for stale in target.parent.glob(f"{training}-*"):
+        if stale != building:
+            shutil.rmtree(stale, ignore_errors=True)
+    building.rename(target)
+    return target
+
+
+def base_python() -> str:
+    """The interpreter this test run's virtualenv was made from."""
+    return str(Path(sys.base_prefix) / "bin" / f"python{sys.version_info[0]}.{sys.version_info[1]}")
+
+
+def make_board_python(path: Path) -> str:
+    """A fresh virtualenv: a board Python that has nothing but pip."""
+    subprocess.run([base_python(), "-m", "venv", str(path)], check=True, timeout=120)
+    return str(path / "bin" / "python")
+
+
+@pytest.fixture(scope="session")
+def bare_python(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A board Python without numpy, onnxruntime or any other package of the agent."""
+    return make_board_python(tmp_path_factory.mktemp("bare-python") / "venv")
+
+
+@pytest.fixture(scope="session")
+def runtime_wheelhouse() -> Path:
+    return cached_wheelhouse("none")

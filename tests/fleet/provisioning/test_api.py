@@ -41,6 +41,7 @@ def test_operator_creates_a_job_and_no_response_or_audit_holds_the_key(
     job = ProvisioningJob.objects.get(pk=body["id"])
     assert job.created_by == operator_client.user
     assert job.options["python"] == "python3" and job.options["install_dir"] == "~/.flotilla"
+    assert (job.options["packages"], job.options["training"]) == ("index", "none")
 
     for client in (operator_client, viewer_client):
         listed = client.get(URL).json()["results"]
@@ -68,6 +69,52 @@ def test_viewer_cannot_create_and_bad_input_is_refused(
 
     relative = operator_client.post(URL, _body(board, install_dir="relative/dir"), format="json")
     assert relative.status_code == 400
+
+
+def test_package_and_training_options_are_checked(
+    board: Board, operator_client: Any, settings: Any, tmp_path: Any
+) -> None:
+    from fleet.models import ProvisioningJob
+
+    def create(**options: Any) -> Any:
+        return operator_client.post(URL, _body(board, **options), format="json")
+
+    for field, value in (("packages", "pip"), ("training", "tensorflow"), ("training", "ort")):
+        refused = create(**{field: value})
+        assert refused.status_code == 400, refused.content
+        assert f'"{value}" is not a valid choice' in str(refused.json()), refused.json()
+
+    settings.PROVISIONING_WHEELHOUSE = ""
+    no_wheelhouse = create(packages="wheelhouse")
+    assert no_wheelhouse.status_code == 400
+    assert no_wheelhouse.json()["error"]["code"] == "wheelhouse_missing"
+    assert "PROVISIONING_WHEELHOUSE" in no_wheelhouse.json()["error"]["message"]
+    assert create(packages="wheelhouse", wheelhouse="wheels").status_code == 400
+    unused = create(packages="index", wheelhouse="/opt/wheels")
+    assert unused.status_code == 400 and "only used with packages=wheelhouse" in str(unused.json())
+    assert not ProvisioningJob.objects.exists()
+
+    on_board = create(packages="wheelhouse", wheelhouse="/opt/wheels", training="auto")
+    assert on_board.status_code == 201, on_board.content
+    assert on_board.json()["options"]["wheelhouse"] == "/opt/wheels"
+    settings.PROVISIONING_WHEELHOUSE = str(tmp_path)
+    uploaded = create(packages="wheelhouse", training="onnxruntime")
+    assert uploaded.status_code == 201, uploaded.content
+    assert uploaded.json()["options"]["training"] == "onnxruntime"
+    assert "wheelhouse" not in uploaded.json()["options"]
+
+
+def test_the_service_refuses_unknown_options_without_the_api(board: Board, db: Any) -> None:
+    from core.api import ServiceError
+    from fleet.services.provisioning import provisioning_job_create
+
+    unknown: list[dict[str, Any]] = [{"packages": "conda"}, {"training": "jax"}]
+    for options in unknown:
+        with pytest.raises(ServiceError) as refused:
+            provisioning_job_create(
+                actor=None, host=board.host, username=board.username, private_key=board.private_key, **options
+            )
+        assert refused.value.code == "validation_error" and "use one of" in refused.value.message
 
 
 def _awaiting_job(board: Board) -> Any:

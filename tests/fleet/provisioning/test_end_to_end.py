@@ -80,8 +80,11 @@ def test_board_is_provisioned_and_its_agent_enrolls(
             "username": board.username,
             "private_key": board.private_key,
             # The board's Python is this test run's interpreter: its packages are the
-            # agent's dependencies, installed offline as on a board with a prepared image.
+            # agent's dependencies, already there as on a board with a prepared image;
+            # it imports torch, so training=auto trains with it.
             "python": sys.executable,
+            "packages": "system",
+            "training": "auto",
             "install_dir": str(install_dir),
             "server_url": live_stack.url,
             "name": "provisioned-board",
@@ -121,10 +124,14 @@ def test_board_is_provisioned_and_its_agent_enrolls(
     assert job.credential_encrypted == ""
     assert job.enrollment_token is not None and job.enrollment_token.use_count == 1
     done = [s["step"] for s in job.steps if s["status"] == "ok"]
-    for step in ("connect", "check_host", "upload", "install", "config", "start", "enrolled"):
+    for step in ("connect", "check_host", "upload", "install", "selftest", "config", "start", "enrolled"):
         assert step in done, done
-    assert job.host_facts["service"] == "nohup"
-    assert job.host_facts["install_dir"] == str(install_dir)
+    facts = job.host_facts
+    assert facts["service"] == "nohup"
+    assert facts["install_dir"] == str(install_dir)
+    assert facts["importable"]["torch"] and facts["training"] == "torch"
+    # The selftest trained a step with the board's torch before the agent was started.
+    assert facts["selftest"]["ok"] and facts["selftest"]["training"]["backends"]["torch"]["ok"]
 
     # What is on the board: the bundle, a private config holding the token, a live agent.
     assert (install_dir / "flotilla-agent.tar.gz").stat().st_size > 1000
@@ -134,12 +141,15 @@ def test_board_is_provisioned_and_its_agent_enrolls(
     text = config.read_text()
     assert f'server_url = "{live_stack.url}"' in text
     assert f'enrollment_token = "{job.enrollment_token.prefix}' in text
+    assert 'train = true\ntraining_backends = ["torch"]' in text
     pid = int((install_dir / "agent.pid").read_text())
     os.kill(pid, 0)  # raises if the agent is not running
 
-    # The agent keeps talking to the server after enrolling.
+    # The agent keeps talking to the server after enrolling, ready to train with torch.
     _wait_for(
-        lambda: Device.objects.filter(pk=device.pk, last_seen__isnull=False).exists(),
+        lambda: Device.objects.filter(
+            pk=device.pk, last_seen__isnull=False, state__training_backends=["torch"]
+        ).exists(),
         timeout=60,
         what="a heartbeat from the provisioned agent",
         diagnostics=diagnostics,
@@ -159,6 +169,7 @@ def test_board_is_provisioned_and_its_agent_enrolls(
             "username": board.username,
             "private_key": board.private_key,
             "python": sys.executable,
+            "packages": "system",
             "install_dir": str(install_dir),
             "server_url": live_stack.url,
             "name": "provisioned-board-2",
@@ -179,5 +190,8 @@ def test_board_is_provisioned_and_its_agent_enrolls(
     assert second.device_id != device.pk
     assert not [s for s in second.steps if s["step"] == "host_key"], "an accepted key needs no new acceptance"
     assert list(install_dir.glob("state.replaced-*"))
+    # Training is off unless asked for, even on a board that has torch.
+    assert second.host_facts["training"] == "none"
+    assert "train = false" in config.read_text()
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)

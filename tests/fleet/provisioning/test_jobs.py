@@ -301,3 +301,32 @@ def test_an_invalid_provisioning_key_is_a_clear_error(settings: Any) -> None:
     settings.PROVISIONING_KEY = "not-a-fernet-key"
     with pytest.raises(ServiceError, match="not a valid Fernet key"):
         credential_encrypt("secret")
+
+
+def test_only_wheels_for_the_boards_architecture_are_uploaded() -> None:
+    from fleet.services.provisioning import wheel_fits
+
+    arm = "numpy-2.3.3-cp311-cp311-manylinux_2_27_aarch64.manylinux_2_28_aarch64.whl"
+    x86 = "numpy-2.3.3-cp311-cp311-manylinux_2_27_x86_64.manylinux_2_28_x86_64.whl"
+    assert wheel_fits(arm, "aarch64") and not wheel_fits(arm, "x86_64")
+    assert wheel_fits(x86, "x86_64") and not wheel_fits(x86, "aarch64")
+    assert wheel_fits("httpx-0.28.1-py3-none-any.whl", "armv7l")
+    assert wheel_fits("psutil-7.1.0-cp36-abi3-linux_armv7l.whl", "armv7l")
+    assert wheel_fits("cerberus-1.3.5.tar.gz", "aarch64"), "a source distribution builds anywhere"
+    assert not wheel_fits("README.txt", "x86_64")
+
+
+def test_the_agent_config_turns_training_on_only_with_the_backends_it_got() -> None:
+    import tomllib
+
+    from devices_agent.config import config_from_mapping
+    from fleet.services.provisioning import agent_config_toml
+
+    common: dict[str, Any] = {"server_url": "https://fleet.example", "token": "et_x", "state_dir": "/s"}
+    trains = tomllib.loads(agent_config_toml(**common, name="b", training_backends=["ort"]))
+    assert (trains["train"], trains["training_backends"]) == (True, ["ort"])
+    serves = tomllib.loads(agent_config_toml(**common, name=""))
+    assert serves["train"] is False and "training_backends" not in serves
+    # The agent itself accepts both files.
+    assert config_from_mapping(trains).training_backends == ["ort"]
+    assert config_from_mapping(serves).train is False

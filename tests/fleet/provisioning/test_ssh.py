@@ -67,3 +67,37 @@ def test_bad_credentials_and_keys_are_permanent_errors(board: Board) -> None:
     with pytest.raises(SshError) as garbage:
         _transport(board, private_key="-----BEGIN OPENSSH PRIVATE KEY-----\nnope\n").connect()
     assert garbage.value.permanent and garbage.value.code == "invalid_private_key"
+
+
+def test_run_hands_over_stdout_lines_as_they_come(board: Board) -> None:
+    import time
+
+    seen: list[tuple[str, float]] = []
+    idle: list[float] = []
+    with _transport(board) as ssh:
+        code, out, err = ssh.run(
+            "printf 'one\\ntwo\\n'; sleep 1; printf 'three\\r\\nfour'; echo oops >&2",
+            on_line=lambda line: seen.append((line, time.monotonic())),
+            on_idle=lambda: idle.append(time.monotonic()),
+        )
+    assert (code, out, err) == (0, "one\ntwo\nthree\r\nfour", "oops\n")
+    assert [line for line, _ in seen] == ["one", "two", "three", "four"]
+    assert seen[2][1] - seen[1][1] > 0.5, "the first lines came before the command ended"
+    assert [t for t in idle if seen[1][1] < t < seen[2][1]], "the silence in between was reported"
+
+
+def test_files_are_uploaded_whole_and_listed_with_their_sizes(board: Board, tmp_path: object) -> None:
+    import os
+    from pathlib import Path
+
+    local = Path(str(tmp_path)) / "big.whl"
+    local.write_bytes(os.urandom(3 * 1024 * 1024 + 5))
+    remote = board.root / "uploads"
+    with _transport(board) as ssh:
+        assert ssh.file_sizes(str(remote)) == {}
+        remote.mkdir()
+        (remote / "sub").mkdir()
+        ssh.upload_file(local_path=local, remote_path=f"{remote}/big.whl")
+        assert ssh.file_sizes(str(remote)) == {"big.whl": local.stat().st_size}
+    assert (remote / "big.whl").read_bytes() == local.read_bytes()
+    assert stat.S_IMODE((remote / "big.whl").stat().st_mode) == 0o644
