@@ -45,6 +45,7 @@ from fleet.selectors.experiments import experiment_arm_samples
 from fleet.selectors.rollouts import devices_in_active_rollouts
 from fleet.services.deployments import deployment_open
 from fleet.services.rollouts import check_gates_fit, rollout_create, rollout_start
+from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,11 @@ def _event(experiment: Experiment, event_type: str, **extra: Any) -> None:
     )
 
 
+def _check_arm_stage(*, version: Any, group: DeviceGroup, index: int) -> None:
+    target = f"canary group {group.name}" if group.canary else f"group {group.name} (not a canary group)"
+    check_deployable(version=version, canary=group.canary, target=target, what=f"arm {index}: ")
+
+
 def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None = None) -> Experiment:
     """Validate and save a draft experiment.
 
@@ -110,7 +116,9 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
     `effect_scale`. Refused with 400 `mixed_families` (arms of different families),
     `metric_not_for_task` (a primary metric of the other task), `gate_not_for_task` (a
     guardrail of the other task), `unknown_metric`, `no_compatible_artifact`,
-    `empty_target` or `validation_error`.
+    `empty_target` or `validation_error`, and with 409 `version_stage_not_allowed` or
+    `version_rejected` for an arm whose version the group may not take (production
+    only, staging too on a canary group: `fleet.services.stages`).
     """
     from models_registry.models import Artifact, ModelVersion
 
@@ -135,6 +143,7 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
         if version is None:
             raise ServiceError(f"arm {i}: unknown version {version_id}.", code="validation_error")
         families.setdefault(version.family_id, version.family)
+        _check_arm_stage(version=version, group=group, index=i)
         if not Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).exists():
             raise ServiceError(
                 f"{version.label} has no ONNX artifact.",
@@ -272,6 +281,15 @@ def experiment_start(*, experiment_id: int, actor: Any, remote_addr: str | None 
     """Assign the group's devices to arms and ship each arm's version."""
 
     def step(experiment: Experiment) -> Step:
+        from models_registry.models import ModelVersion
+
+        # Checked again: a version may have been archived since the draft was saved.
+        group = experiment.target_group
+        versions = ModelVersion.objects.select_related("family").in_bulk(
+            [int(arm["version_id"]) for arm in experiment.arms]
+        )
+        for index, arm in enumerate(experiment.arms):
+            _check_arm_stage(version=versions[int(arm["version_id"])], group=group, index=index)
         members = [
             str(pk) for pk in group_members(group=experiment.target_group).values_list("pk", flat=True)
         ]

@@ -68,6 +68,7 @@ from fleet.selectors.rollouts import (
     target_devices,
 )
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
 ORIGIN = "rollout"
@@ -148,6 +149,30 @@ def _check_overlap(*, device_ids: list[str], rollout_id: int | None) -> None:
         )
 
 
+def target_stage_rule(
+    *, group: DeviceGroup | None, tags: list[str], device_ids: list[str]
+) -> tuple[bool, str]:
+    """Whether a rollout target may take staging versions, and its name for messages.
+
+    Only a target that is exactly one canary group may: tags or device ids added to it
+    could reach any device.
+    """
+    if group is not None and group.canary and not tags and not device_ids:
+        return True, f"canary group {group.name}"
+    if group is not None and group.canary:
+        return False, f"a target adding tags or devices to canary group {group.name}"
+    if group is not None:
+        return False, f"group {group.name} (not a canary group)"
+    return False, "a target of tags or devices (not a canary group)"
+
+
+def _check_version_stage(
+    *, version: Any, group: DeviceGroup | None, tags: list[str], device_ids: list[str]
+) -> None:
+    canary, label = target_stage_rule(group=group, tags=tags, device_ids=device_ids)
+    check_deployable(version=version, canary=canary, target=label)
+
+
 def check_gates_fit(*, gates: list[dict[str, Any]], task: str, what: str = "gate") -> None:
     """Refuse gates that read another task's feedback (400 ``gate_not_for_task``)."""
     unfit = gates_not_for_task(gates=gates, task=task)
@@ -168,7 +193,9 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
     their union), `waves`, optional `gates` and the tuning fields of `Rollout`. Refused with
     400 `empty_target`, `no_compatible_artifact`, `unknown_metric`, `gate_not_for_task` (an
     `accuracy` gate on a regression family, an `mae` gate on a classification one),
-    `validation_error`, or 409 `overlapping_rollout`.
+    `validation_error`, or 409 `overlapping_rollout`, `version_stage_not_allowed` (a
+    version not in production, unless it is in staging and the target is exactly one
+    canary group) or `version_rejected` (`fleet.services.stages`).
     """
     from models_registry.models import ModelVersion
 
@@ -221,6 +248,7 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
     ]
     if not devices:
         raise ServiceError("The target selects no devices.", code="empty_target")
+    _check_version_stage(version=version, group=group, tags=tags, device_ids=explicit)
 
     fields: dict[str, Any] = {k: data[k] for k in _EDITABLE if data.get(k) is not None}
     if fields.get("on_gate_failure", "pause") not in Rollout.OnGateFailure.values:
@@ -714,6 +742,14 @@ def rollout_start(
         target = rollout_target_ids(rollout=rollout)
         if not target:
             raise ServiceError("The target selects no devices.", code="empty_target")
+        # Checked again: the version may have been archived, or the group's canary flag
+        # cleared, since the draft was saved.
+        _check_version_stage(
+            version=rollout.version,
+            group=rollout.target_group,
+            tags=list(rollout.target_tags or []),
+            device_ids=list(rollout.target_device_ids or []),
+        )
         _check_overlap(device_ids=target, rollout_id=rollout.pk)
         rollout.status = Rollout.Status.RUNNING
         rollout.current_wave = 0

@@ -40,6 +40,20 @@ GATE_FIELDS = (
 )
 
 
+def _deployable_versions() -> list[ModelVersion]:
+    """Versions a rollout or experiment form offers: with ONNX, in production or staging
+    (staging only reaches canary groups; the services refuse the rest), not rejected."""
+    versions = (
+        ModelVersion.objects.filter(
+            artifacts__kind=Artifact.Kind.ONNX,
+            stage__in=[ModelVersion.Stage.PRODUCTION, ModelVersion.Stage.STAGING],
+        )
+        .select_related("family")
+        .order_by("family__name", "-number")[:200]
+    )
+    return [v for v in versions if not (v.metrics or {}).get("rejected")]
+
+
 def _float(value: Any) -> float | None:
     try:
         return float(value)
@@ -58,9 +72,7 @@ def rollouts(request: HttpRequest) -> HttpResponse:
         section="rollouts",
         title="Rollouts",
         rollouts=selectors_rollouts.rollouts(),
-        versions=ModelVersion.objects.filter(artifacts__kind=Artifact.Kind.ONNX)
-        .select_related("family")
-        .order_by("family__name", "-number")[:200],
+        versions=_deployable_versions(),
         groups=DeviceGroup.objects.order_by("name"),
     )
 
@@ -167,9 +179,7 @@ def experiments(request: HttpRequest) -> HttpResponse:
         section="experiments",
         title="Experiments",
         experiments=selectors_rollouts.experiments(),
-        versions=ModelVersion.objects.filter(artifacts__kind=Artifact.Kind.ONNX)
-        .select_related("family")
-        .order_by("family__name", "-number")[:200],
+        versions=_deployable_versions(),
         groups=DeviceGroup.objects.order_by("name"),
     )
 

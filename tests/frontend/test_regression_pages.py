@@ -57,7 +57,8 @@ def regression(db: Any) -> RegressionFleet:
             "parameter_count": 161,
         },
     )
-    group = DeviceGroup.objects.create(name="sensors")
+    # Canary: the staging version ``central`` may be tried on it.
+    group = DeviceGroup.objects.create(name="sensors", canary=True)
     devices = make_devices(count=4, group=group, version=federated, prefix="sensor")
     first = devices[0]
     Device.objects.filter(pk=first.pk).update(
