@@ -20,9 +20,10 @@ class DeviceGroup(models.Model):
     )
     # A canary group may take versions in staging (rollouts aimed at exactly this group,
     # experiments on it, manual assignment to its members); every other target takes
-    # production versions only (fleet.services.stages).
+    # production versions only (fleet.services.stages). The database default lets code
+    # that predates the column (a process still running during an upgrade) insert groups.
     canary = models.BooleanField(
-        default=False, help_text="May run versions in staging, not only production ones."
+        default=False, db_default=False, help_text="May run versions in staging, not only production ones."
     )
     created_at = models.DateTimeField(auto_now_add=True)
 

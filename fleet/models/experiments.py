@@ -39,8 +39,8 @@ class Experiment(models.Model):
     # it has `min_samples_per_device` samples of the primary metric, an arm is judged once
     # it has `min_devices_per_arm` such devices and `min_samples_per_arm` samples among them.
     min_samples_per_arm = models.PositiveIntegerField(default=200)
-    min_samples_per_device = models.PositiveIntegerField(default=20)
-    min_devices_per_arm = models.PositiveIntegerField(default=5)
+    min_samples_per_device = models.PositiveIntegerField(default=20, db_default=20)
+    min_devices_per_arm = models.PositiveIntegerField(default=5, db_default=5)
     alpha = models.FloatField(default=0.05)
     # The scale of differences the sequential test is tuned to (accuracy points, or a
     # fraction of control latency or mae); valid for any value, most powerful near it.

@@ -14,6 +14,9 @@ Differences are always arm B minus arm A (treatment minus control).
   confidence sequence (the set of differences the test would not reject) is valid at
   every look at once. The fixed-horizon tests are not: peeking at them repeatedly
   inflates false positives (see the tests).
+- `look_at_device_means`: what experiments run, the mSPRT and Welch's t on per-device
+  means (the device is the unit that is randomised; `fleet.rollouts.simulation` measures
+  the false-positive rate of this and of a per-sample analysis on a heterogeneous fleet).
 """
 
 from __future__ import annotations
@@ -195,3 +198,35 @@ def msprt_samples(*, a: npt.ArrayLike, b: npt.ArrayLike, tau: float, alpha: floa
         tau=tau,
         alpha=alpha,
     )
+
+
+@dataclass(frozen=True)
+class DeviceLook:
+    """One look at a treatment arm against control with each device one observation.
+
+    Devices are what an experiment randomises, so they are the unit of analysis: the
+    observations are the devices' own means, whose spread holds both the sampling noise
+    and how much devices differ from one another. Treating every inference as
+    independent instead counts a device's lasting quirks as evidence, and the more it
+    reports the more certain such a test becomes of a difference that is not there.
+    """
+
+    sequential: SequentialResult
+    fixed: Comparison
+    always_valid_p: float  # the running minimum over this look and the earlier ones
+
+    @property
+    def significant(self) -> bool:
+        return self.always_valid_p < self.sequential.alpha
+
+
+def look_at_device_means(
+    *, control: npt.ArrayLike, treatment: npt.ArrayLike, tau: float, alpha: float, previous_p: float = 1.0
+) -> DeviceLook:
+    """The mSPRT (always valid across looks) and Welch's t (fixed horizon, for reference)
+    on per-device means; ``previous_p`` is the always-valid p-value of the earlier looks."""
+    a = np.asarray(control, dtype=np.float64)
+    b = np.asarray(treatment, dtype=np.float64)
+    sequential = msprt_samples(a=a, b=b, tau=tau, alpha=alpha)
+    fixed = welch_ttest(a=a, b=b, alpha=alpha)
+    return DeviceLook(sequential, fixed, min(sequential.p_value, previous_p))

@@ -13,9 +13,11 @@ How a rollout moves (`rollout_advance`, run every few seconds by `fleet.rollouts
 3. Error threshold: more than `error_threshold_share` of the exposed devices failed, or
    `error_threshold_count` failed, whichever comes first -> the gate-failure action.
 4. Metric gates over the soak window (see `fleet.rollouts.gates`) are evaluated on every
-   tick once they have enough samples, so a bad version is stopped as soon as the
-   evidence is there; a failed gate -> `on_gate_failure` (pause, or roll every exposed
-   device back to the version it ran before).
+   tick once enough devices have enough samples, so a bad version is stopped as soon as
+   the evidence is there; each device casts one vote (its own p95, error rate, accuracy
+   or mae) and the gate reads the median, against a baseline from the rollout's own
+   devices on the replaced version; a failed gate -> `on_gate_failure` (pause, or roll
+   every exposed device back to the version it ran before).
 5. After `soak_s`, with at least `success_threshold` of the exposed devices active and
    every gate passed, the next wave opens; after the last one the rollout succeeded.
 
@@ -34,6 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
@@ -55,6 +58,7 @@ from fleet.rollouts.gates import (
     evaluate_gates,
     gates_for_task,
     gates_not_for_task,
+    percentile_metrics_for,
     raw_metrics_for,
     validate_gates,
 )
@@ -62,8 +66,8 @@ from fleet.rollouts.policy import in_maintenance_window
 from fleet.rollouts.waves import cumulative_size, ordered_devices, validate_waves
 from fleet.selectors.devices import device_effective_policy
 from fleet.selectors.rollouts import (
+    device_metric_stats,
     devices_in_active_rollouts,
-    metric_arrays,
     rollout_target_ids,
     target_devices,
 )
@@ -473,26 +477,49 @@ def _stats(rollout: Rollout) -> dict[str, Any]:
 
 
 def _gate_samples(rollout: Rollout, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Candidate: the new version on exposed devices since the wave started. Baseline: the
-    versions it replaces, on any device, over the same window and one as long before it
-    (so the last wave, when few devices still run the old version, still has a baseline)."""
+    """Per-device figures the gates judge.
+
+    Candidate: the new version on the rollout's members since the wave started. Baseline:
+    the versions it replaces (the members' previous versions and what the rest of the
+    target runs) on the rollout's own devices (its members and its target), over the same
+    window and one as long before it, so the last wave, when few devices still run the old
+    version, still has a baseline: its members' figures from before they switched. Metrics
+    a device outside the rollout reports for the replaced version never count.
+    """
     start = rollout.wave_started_at or now
     members = RolloutDevice.objects.filter(rollout=rollout)
-    device_ids = [str(d) for d in members.values_list("device_id", flat=True)]
+    target = target_devices(
+        group=rollout.target_group, tags=rollout.target_tags or [], device_ids=rollout.target_device_ids or []
+    )
     replaced = {
-        v for v in members.values_list("previous_version_id", flat=True) if v and v != rollout.version_id
+        v
+        for v in [
+            *members.values_list("previous_version_id", flat=True),
+            *target.order_by().values_list("running_version_id", flat=True).distinct(),
+        ]
+        if v and v != rollout.version_id
     }
     names = raw_metrics_for(rollout.gates)
-    candidate = metric_arrays(
+    p95_of = percentile_metrics_for(rollout.gates)
+    candidate = device_metric_stats(
         version_ids=[rollout.version_id],
         since=start,
         until=now + timedelta(seconds=1),
-        device_ids=device_ids,
+        devices=members.values("device_id"),
         names=names,
+        p95_of=p95_of,
     )
     span = max(now - start, timedelta(seconds=float(rollout.waves[rollout.current_wave].get("soak_s", 0))))
+    own = Device.objects.filter(Q(pk__in=members.values("device_id")) | Q(pk__in=target.values("pk")))
     baseline = (
-        metric_arrays(version_ids=replaced, since=start - span, until=now + timedelta(seconds=1), names=names)
+        device_metric_stats(
+            version_ids=replaced,
+            since=start - span,
+            until=now + timedelta(seconds=1),
+            devices=own.values("pk"),
+            names=names,
+            p95_of=p95_of,
+        )
         if replaced
         else {}
     )
