@@ -344,7 +344,7 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
 
         # Gates count devices: the first wave holds the three a gate needs to judge.
         first = max(2.0, float(np.ceil(100.0 * MIN_DEVICES / devices)))
-        waves = [
+        waves: list[dict[str, float]] = [
             {"percent": first, "soak_s": soak},
             {"percent": max(first, 20.0), "soak_s": soak},
             {"percent": 50, "soak_s": soak},

@@ -257,7 +257,7 @@ FLATTERY = {
     "accuracy": {"correct": np.ones(5000)},
     "mae": {"abs_error": np.zeros(5000)},
 }
-RELATIVE = {
+THRESHOLDS: dict[str, dict[str, float]] = {
     "latency_p95_ms": {"max_increase_pct": 20},
     "error_rate": {"max": 0.05},
     "accuracy": {"max_decrease_pct": 5},
@@ -278,7 +278,7 @@ def _honest(metric: str, *, bad: bool, rng: np.random.Generator) -> dict[str, np
 @pytest.mark.parametrize("metric", list(POISONS))
 def test_one_poisoned_device_among_20_can_neither_fail_nor_pass_a_gate(metric: str) -> None:
     rng = np.random.default_rng(7)
-    gate = {"metric": metric, **RELATIVE[metric], "min_samples": 30, "min_devices": 3}
+    gate = {"metric": metric, **THRESHOLDS[metric], "min_samples": 30, "min_devices": 3}
     baseline = fleet_of(20, lambda i: _honest(metric, bad=False, rng=rng), prefix="old")
     good = {f"d{i}": _honest(metric, bad=False, rng=rng) for i in range(19)}
     bad = {f"d{i}": _honest(metric, bad=True, rng=rng) for i in range(19)}
