@@ -323,6 +323,8 @@ def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
         "candidate_version": fleet.candidate.pk,
         "candidate_share": "0.3",
         "primary_metric": "latency",
+        "min_devices_per_arm": "4",
+        "min_samples_per_device": "25",
     }
     # The candidate is in staging: only a canary group may try it.
     refused = client.post(reverse("frontend:experiment-new"), form, follow=True)
@@ -334,6 +336,7 @@ def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
     assert response["Location"] == reverse("frontend:experiment", args=[created.pk])
     assert [a["share"] for a in created.arms] == [0.7, 0.3]
     assert created.primary_metric == "latency" and created.status == "draft"
+    assert (created.min_devices_per_arm, created.min_samples_per_device) == (4, 25)
 
 
 def test_operator_creates_a_group_with_the_api_validation(page_client: Any, fleet: Fleet) -> None:
