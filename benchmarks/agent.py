@@ -213,10 +213,11 @@ def run(*, quick: bool) -> dict[str, Any]:
         stack.migrate()
         stack.setup_django()
         stack.start_web(workers=1, timeout=90)
-        from config.demo.seed import digits_version, enrollment_token
+        from config.demo.seed import digits_version, enrollment_token, promote_to_production
 
         token = enrollment_token(max_uses=1)
         version, module = digits_version(seed=0)
+        version = promote_to_production(version=version)  # what a device outside a canary group takes
         onnx_bytes = version.artifacts.get(kind="onnx").file.read()
         state_dir = Path(tempfile.mkdtemp(prefix="flotilla-agent-state-"))
         child = subprocess.Popen(

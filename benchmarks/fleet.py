@@ -84,7 +84,7 @@ def run(*, devices: int, interval: float, threads: int, quick: bool) -> dict[str
         stack.start_web(workers=2, timeout=90)
         from django.db import connection
 
-        from config.demo.seed import digits_version, enrollment_token
+        from config.demo.seed import digits_version, enrollment_token, promote_to_production
         from fleet.models import Deployment, Device, UpdatePolicy
 
         token = enrollment_token(max_uses=devices)
@@ -132,6 +132,8 @@ def run(*, devices: int, interval: float, threads: int, quick: bool) -> dict[str
             # so wall-clock inference latency measures the machine, not the model.
             _progress(f"steady {steady:.1f}/s, burst {burst:.1f}/s; assigning a new version")
             version, _ = digits_version(seed=1)
+            # Released as a rollout's version must be before its final wave reaches everyone.
+            version = promote_to_production(version=version)
             policy = UpdatePolicy.objects.create(name="bench-fleet", health_latency_budget_ms=1000.0)
             live = Device.objects.exclude(status=Device.Status.DECOMMISSIONED)
             live.update(policy=policy)

@@ -14,16 +14,19 @@ chain of extra 1024x1024 MatMuls whose result is multiplied by zero and added to
 output (same predictions, several milliseconds slower).
 
 0. **baseline**: v1 to every device in one wave with no soak (a plain "update all").
-1. **good**: v2 in waves 2% / 10% / 50% / 100% with soaks, a latency gate
-   (p95 at most +50% and +5 ms over the replaced version, >= 30 samples), rollback on
-   failure, one retry per device. The group's update policy sets a 250 ms health-check
+1. **good**: v2 in waves 6% / 20% / 50% / 100% with soaks (the first wave is the three
+   devices a gate needs), a latency gate (the median device p95 at most +50% and +5 ms
+   over the replaced version's, each device voting once it has 20 samples), rollback on
+   failure, one retry per device. All three versions are promoted to production first:
+   the drill's group is no canary group. The group's update policy sets a 250 ms health-check
    latency budget, so the slow version passes the agents' health check and it is the
    rollout's metric gate that has to catch it.
 2. **bad**: v3 with the same waves and gate: it must be stopped in its first wave and
    rolled back; reported: how many devices ever reported it active.
 3. **experiment**: v1 (control) against v2, 50/50, primary metric accuracy on labelled
-   feedback, always-valid mSPRT, 200 samples per arm minimum: the winner must be the
-   version with the higher held-out test accuracy.
+   feedback, always-valid mSPRT on per-device accuracies (5 devices per arm with 20
+   samples each, 200 samples per arm minimum): the winner must be the version with the
+   higher held-out test accuracy.
 
 The table reports wall times (staged rollout against the one-wave baseline as a ratio)
 and on-device latency medians/p95 of the good and bad versions. With `--json` the last
@@ -45,6 +48,7 @@ from typing import Any
 import numpy as np
 
 ARCH = "mlp"
+MIN_DEVICES = 3  # devices a gate needs before it judges (the default)
 
 
 class Timeline:
@@ -279,6 +283,7 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
     torch.set_num_threads(1)
     from django.utils import timezone
 
+    from config.demo.seed import promote_to_production
     from fleet.models import Device, DeviceGroup, Experiment, UpdatePolicy
     from fleet.services.enrollment import enrollment_token_create
     from fleet.services.experiments import experiment_create, experiment_start
@@ -286,6 +291,9 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
 
     log(f"database {(stack.database_url or '').split('/')[-1]}, broker {stack.redis_url}, {devices} devices")
     models = _register_versions(log, target_extra_ms=8.0)
+    # The drill's group is no canary group: what it is given must be in production.
+    for key in ("v1", "v2", "v3"):
+        models[key] = promote_to_production(version=models[key])
     v1, v2, v3 = models["v1"], models["v2"], models["v3"]
     # The agents' health check times inference on cores shared with 50 simulated boards,
     # the server and the worker; a roomy budget keeps the drill about the metric gate.
@@ -334,18 +342,26 @@ def run(*, devices: int, quick: bool, quiet: bool, keep: bool = False) -> dict[s
             f"in {result['baseline_wall_s']:.1f}s"
         )
 
-        waves = [
-            {"percent": 2, "soak_s": soak},
-            {"percent": 10, "soak_s": soak},
+        # Gates count devices: the first wave holds the three a gate needs to judge.
+        first = max(2.0, float(np.ceil(100.0 * MIN_DEVICES / devices)))
+        waves: list[dict[str, float]] = [
+            {"percent": first, "soak_s": soak},
+            {"percent": max(first, 20.0), "soak_s": soak},
             {"percent": 50, "soak_s": soak},
             {"percent": 100, "soak_s": 0},
         ]
         gates = [
-            {"metric": "latency_p95_ms", "max_increase_pct": 50, "abs_tolerance": 5.0, "min_samples": 30}
+            {
+                "metric": "latency_p95_ms",
+                "max_increase_pct": 50,
+                "abs_tolerance": 5.0,
+                "min_samples": 20,
+                "min_devices": MIN_DEVICES,
+            }
         ]
 
         # 1. the good version.
-        log("scenario 1: good version v2 in waves 2/10/50/100%")
+        log("scenario 1: good version v2 in waves " + "/".join(f"{w['percent']:g}" for w in waves) + "%")
         good_since = timezone.now()
         started = time.perf_counter()
         good = rollout_create(

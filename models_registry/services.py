@@ -20,6 +20,7 @@ from django.db.models import Max
 from core.api import ConflictError, ServiceError
 from core.audit.services import audit_record
 from core.events import emit
+from core.roles import ADMIN, has_role
 from devices_agent.family import FamilySpec, SpecError
 from devices_agent.program import default_head
 from models_registry.models import Artifact, ModelFamily, ModelVersion
@@ -319,10 +320,18 @@ def version_promote(
     Several versions of a family may be in production at once (a rollout moves devices
     from one to the other); with ``exclusive=True`` promoting to production archives the
     family's other production versions in the same transaction.
+
+    Promoting to production needs the admin role (403 ``admin_required``) when a signed-in
+    user asks, whatever the way in (the API, the dashboard); ``actor=None`` is the system
+    (seeds, tests) and is not checked.
     """
     if stage not in Stage.values:
         raise ServiceError(
             f"Unknown stage {stage!r}; stages are {', '.join(Stage.values)}.", code="invalid_stage"
+        )
+    if stage == Stage.PRODUCTION and getattr(actor, "is_authenticated", False) and not has_role(actor, ADMIN):
+        raise ServiceError(
+            "Promoting a version to production needs the admin role.", code="admin_required", status_code=403
         )
     with transaction.atomic():
         locked = ModelVersion.objects.select_for_update().select_related("family").get(pk=version.pk)

@@ -8,8 +8,9 @@
   background once the simulated fleet is online, the seeded model pushed to it and the
   demo federated job started (`start_federated_job_when_online`, `demo_job_start`);
 - `seed_demo`: all of the above that `make demo` needs before the fleet starts;
-- for the benchmarks: an enrollment token (`enrollment_token`) and a registered digits
-  version from seeded initial weights (`digits_version`);
+- for the benchmarks: an enrollment token (`enrollment_token`), a registered digits
+  version from seeded initial weights (`digits_version`, a draft) and its promotion to
+  production, which every device outside a canary group needs (`promote_to_production`);
 - a scratch sample fleet for screenshots and manual checks (`seed_sample_fleet`).
 
 Seeding twice changes nothing, except `seed_sample_fleet` (scratch databases only) and
@@ -505,6 +506,24 @@ def digits_version(
     return version, build_model_for_state(arch, weights)
 
 
+def promote_to_production(*, version: ModelVersion, actor: Any = None) -> ModelVersion:
+    """Move a version through staging to production with the registry's own service, each
+    step audited as ``actor`` (an admin, or the system for None): only production versions
+    may be given to devices outside canary groups."""
+    from models_registry.models import ModelVersion
+    from models_registry.services import version_promote
+
+    path = {
+        ModelVersion.Stage.DRAFT: [ModelVersion.Stage.STAGING, ModelVersion.Stage.PRODUCTION],
+        ModelVersion.Stage.ARCHIVED: [ModelVersion.Stage.STAGING, ModelVersion.Stage.PRODUCTION],
+        ModelVersion.Stage.STAGING: [ModelVersion.Stage.PRODUCTION],
+        ModelVersion.Stage.PRODUCTION: [],
+    }[ModelVersion.Stage(version.stage)]
+    for stage in path:
+        version = version_promote(version=version, stage=stage, actor=actor)
+    return version
+
+
 # --------------------------------------------------------------------------- the sample fleet
 
 SAMPLE_DEVICES = 120
@@ -555,6 +574,8 @@ def seed_sample_fleet(*, admin_username: str, admin_password: str) -> dict[str, 
     admin = User.objects.create_user(username=admin_username, password=admin_password)
     admin.groups.add(Group.objects.get(name="admin"))
     base, variant = _sample_versions()
+    # The variant runs on every camera (the rollout below): an admin released it.
+    variant = promote_to_production(version=variant, actor=admin)
     rng = random.Random(1)
     now = timezone.now()
     groups = [DeviceGroup.objects.create(name=n) for n in ("line-1", "line-2", "warehouse")]

@@ -260,7 +260,12 @@ DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
 DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)
+# Flags count devices: each device's mean over the hour is one vote (once it has
+# DRIFT_MIN_SAMPLES_PER_DEVICE samples), the median decides, and only with at least
+# DRIFT_MIN_DEVICES votes and DRIFT_MIN_SAMPLES samples among them.
 DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
+DRIFT_MIN_SAMPLES_PER_DEVICE = env.int("DRIFT_MIN_SAMPLES_PER_DEVICE", default=20)
+DRIFT_MIN_DEVICES = env.int("DRIFT_MIN_DEVICES", default=3)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
 

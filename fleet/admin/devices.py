@@ -27,7 +27,8 @@ class DeviceAdmin(admin.ModelAdmin):
 
 @admin.register(DeviceGroup)
 class DeviceGroupAdmin(admin.ModelAdmin):
-    list_display = ["name", "policy", "created_at"]
+    list_display = ["name", "canary", "policy", "created_at"]
+    list_filter = ["canary"]
     search_fields = ["name"]
 
 

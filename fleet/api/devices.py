@@ -2,7 +2,8 @@
 
 Roles: viewers read; operators edit devices, groups and policies, queue commands,
 assign versions and create or revoke enrollment tokens; decommissioning a device needs
-an admin, since it cannot be undone (the device must enroll again).
+an admin, since it cannot be undone (the device must enroll again), and so does marking
+a group canary, since canary groups may be given versions in staging.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from django.db.models import QuerySet
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
 from rest_framework import mixins, serializers, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import AuditedWritesMixin, client_ip
-from core.roles import ADMIN
+from core.roles import ADMIN, has_role
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list, device_recent_deployments, group_members
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -241,10 +243,19 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
 class DeviceGroupSerializer(serializers.ModelSerializer):
     class Meta:
         model = DeviceGroup
-        fields = ["id", "name", "description", "tag_selector", "policy", "created_at"]
+        fields = ["id", "name", "description", "tag_selector", "policy", "canary", "created_at"]
 
     def validate_tag_selector(self, value: Any) -> list[str]:
         return tags_validate(tags=value)
+
+    def validate_canary(self, value: bool) -> bool:
+        # A canary group may be given staging versions; marking one is an admin's call,
+        # like promoting to production (the serializer's request context says who asks).
+        current = bool(self.instance.canary) if isinstance(self.instance, DeviceGroup) else False
+        request = self.context.get("request")
+        if value and not current and not has_role(getattr(request, "user", None), ADMIN):
+            raise PermissionDenied("Marking a group canary needs the admin role.")
+        return value
 
 
 class DeviceGroupViewSet(AuditedWritesMixin, viewsets.ModelViewSet):

@@ -95,7 +95,8 @@ class RolloutCreateInput(serializers.Serializer[Any]):
     gates = serializers.ListField(
         child=serializers.DictField(),
         required=False,
-        help_text='[{"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 100}, ...]',
+        help_text='[{"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 100, '
+        '"min_devices": 3}, ...]: min_samples per device; judged on the median over devices',
     )
     success_threshold = serializers.FloatField(required=False, min_value=0, max_value=1)
     error_threshold_share = serializers.FloatField(required=False, min_value=0, max_value=1)
@@ -266,6 +267,8 @@ class ExperimentSerializer(serializers.ModelSerializer[Experiment]):
             "primary_metric",
             "guardrails",
             "min_samples_per_arm",
+            "min_samples_per_device",
+            "min_devices_per_arm",
             "alpha",
             "effect_scale",
             "status",
@@ -292,6 +295,12 @@ class ExperimentCreateInput(serializers.Serializer[Any]):
     primary_metric = serializers.ChoiceField(choices=Experiment.PrimaryMetric.choices, required=False)
     guardrails = serializers.ListField(child=serializers.DictField(), required=False)
     min_samples_per_arm = serializers.IntegerField(required=False, min_value=2)
+    min_samples_per_device = serializers.IntegerField(
+        required=False, min_value=1, help_text="Samples a device needs before its mean counts (20)."
+    )
+    min_devices_per_arm = serializers.IntegerField(
+        required=False, min_value=2, help_text="Counted devices each arm needs before it is compared (5)."
+    )
     alpha = serializers.FloatField(required=False)
     effect_scale = serializers.FloatField(required=False, min_value=0.000001)
 

@@ -18,6 +18,13 @@ class DeviceGroup(models.Model):
     policy = models.ForeignKey(
         UpdatePolicy, null=True, blank=True, on_delete=models.SET_NULL, related_name="groups"
     )
+    # A canary group may take versions in staging (rollouts aimed at exactly this group,
+    # experiments on it, manual assignment to its members); every other target takes
+    # production versions only (fleet.services.stages). The database default lets code
+    # that predates the column (a process still running during an upgrade) insert groups.
+    canary = models.BooleanField(
+        default=False, db_default=False, help_text="May run versions in staging, not only production ones."
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:

@@ -9,8 +9,9 @@ from django.db import models
 class Experiment(models.Model):
     """Arms are `[{"name", "version_id", "share"}]` with shares summing to 1; arm 0 is control.
 
-    `guardrails` are gate-shaped absolute limits (`{"metric", "max"|"min", "min_samples"}`)
-    checked on every arm; `result` holds the latest evaluation.
+    `guardrails` are gate-shaped absolute limits (`{"metric", "max"|"min", "min_samples",
+    "min_devices"}`, judged on the median of the arm's per-device values) checked on every
+    arm; `result` holds the latest evaluation.
     """
 
     class Status(models.TextChoices):
@@ -34,7 +35,12 @@ class Experiment(models.Model):
         max_length=20, choices=PrimaryMetric.choices, default=PrimaryMetric.ACCURACY
     )
     guardrails = models.JSONField(default=list, blank=True)
+    # Devices are the unit of analysis (they are what is randomised): a device counts once
+    # it has `min_samples_per_device` samples of the primary metric, an arm is judged once
+    # it has `min_devices_per_arm` such devices and `min_samples_per_arm` samples among them.
     min_samples_per_arm = models.PositiveIntegerField(default=200)
+    min_samples_per_device = models.PositiveIntegerField(default=20, db_default=20)
+    min_devices_per_arm = models.PositiveIntegerField(default=5, db_default=5)
     alpha = models.FloatField(default=0.05)
     # The scale of differences the sequential test is tuned to (accuracy points, or a
     # fraction of control latency or mae); valid for any value, most powerful near it.

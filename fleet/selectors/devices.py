@@ -110,6 +110,22 @@ def device_effective_policy_id(
     return None
 
 
+def device_canary_groups(*, device: Device) -> list[str]:
+    """The names of the canary groups a device belongs to (static member or all selector tags)."""
+    canaries = list(
+        DeviceGroup.objects.filter(canary=True).order_by("name").values_list("pk", "name", "tag_selector")
+    )
+    if not canaries:
+        return []
+    static = device_static_group_ids(device_id=device.pk)
+    tags = {str(t).lower() for t in (device.tags or [])}
+    return [
+        name
+        for pk, name, selector in canaries
+        if pk in static or (selector and {str(t).lower() for t in selector} <= tags)
+    ]
+
+
 def device_effective_policy(*, device: Device) -> UpdatePolicy | None:
     """The policy that applies to the device (its own, else its first group's), or None."""
     policy_id = device_effective_policy_id(device=device)

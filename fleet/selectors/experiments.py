@@ -1,16 +1,16 @@
-"""Reads for A/B experiments: arm membership and the samples each arm produced."""
+"""Reads for A/B experiments: arm membership and what each arm's devices reported."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import datetime
 from typing import Any
 
-import numpy as np
-import numpy.typing as npt
 from django.db.models import QuerySet
 
 from fleet.models import Experiment, ExperimentAssignment, ExperimentDecision
-from fleet.selectors.rollouts import metric_arrays
+from fleet.rollouts.gates import DeviceSummary
+from fleet.selectors.rollouts import device_metric_stats
 
 
 def experiment_list() -> QuerySet[Experiment]:
@@ -27,19 +27,20 @@ def experiment_arm_devices(*, experiment: Experiment) -> dict[int, list[str]]:
     return arms
 
 
-def experiment_arm_samples(
-    *, experiment: Experiment, until: datetime
-) -> dict[int, dict[str, npt.NDArray[np.float64]]]:
-    """Per arm, the raw metric arrays its devices reported for its version since the start."""
+def experiment_arm_stats(
+    *, experiment: Experiment, until: datetime, p95_of: Iterable[str] = ()
+) -> dict[int, dict[str, dict[str, DeviceSummary]]]:
+    """Per arm, what each of its devices reported for the arm's version since the start
+    (count and sum per metric, aggregated in SQL: one query per arm)."""
     assert experiment.started_at is not None
-    devices = experiment_arm_devices(experiment=experiment)
-    out: dict[int, dict[str, npt.NDArray[np.float64]]] = {}
+    out: dict[int, dict[str, dict[str, DeviceSummary]]] = {}
     for index, arm in enumerate(experiment.arms):
-        out[index] = metric_arrays(
+        out[index] = device_metric_stats(
             version_ids=[int(arm["version_id"])],
             since=experiment.started_at,
             until=until,
-            device_ids=devices.get(index, []),
+            devices=ExperimentAssignment.objects.filter(experiment=experiment, arm=index).values("device_id"),
+            p95_of=p95_of,
         )
     return out
 

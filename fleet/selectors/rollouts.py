@@ -1,4 +1,4 @@
-"""Reads for rollouts: who is in a target, and the metric samples gates are judged on."""
+"""Reads for rollouts: who is in a target, and the per-device metric figures gates judge."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-from django.db.models import Count, Q, QuerySet
+from django.db import connection
+from django.db.models import Aggregate, Count, FloatField, Q, QuerySet, Sum
 
 from fleet.models import Device, DeviceGroup, MetricSample, Rollout, RolloutDecision, RolloutDevice
-from fleet.rollouts.gates import RAW_METRICS
+from fleet.rollouts.gates import RAW_METRICS, DeviceSummary
 from fleet.selectors.devices import group_members, tag_q
 
 
@@ -59,25 +59,72 @@ def devices_in_active_rollouts(*, exclude_rollout_id: int | None = None) -> dict
     return held
 
 
-def metric_arrays(
+class _Percentile95(Aggregate):
+    """PostgreSQL's continuous 95th percentile (linear interpolation, as numpy's default)."""
+
+    function = "PERCENTILE_CONT"
+    template = "%(function)s(0.95) WITHIN GROUP (ORDER BY %(expressions)s)"
+    output_field = FloatField()
+
+
+def device_metric_stats(
     *,
     version_ids: Iterable[int],
     since: datetime,
     until: datetime,
-    device_ids: Iterable[str] | None = None,
+    devices: Any = None,
     names: Iterable[str] | None = None,
-) -> dict[str, npt.NDArray[np.float64]]:
-    """Metric values by name for the given versions (and devices) with since <= ts < until."""
+    p95_of: Iterable[str] = (),
+) -> dict[str, dict[str, DeviceSummary]]:
+    """Per device and metric name, what the devices reported for the versions in
+    since <= ts < until: count, sum, and for the names in ``p95_of`` the 95th percentile.
+
+    ``devices`` limits the devices (ids, or a queryset of device ids to use as a subquery).
+    Aggregated in SQL (GROUP BY device, name): one query, plus on databases without a
+    percentile aggregate (SQLite) one more reading the ``p95_of`` values, whatever the
+    number of devices and samples.
+    """
     wanted = list(names) if names is not None else sorted({n for raw in RAW_METRICS.values() for n in raw})
+    percentiles = [n for n in p95_of if n in wanted]
     qs = MetricSample.objects.filter(
         version_id__in=list(version_ids), name__in=wanted, ts__gte=since, ts__lt=until
     )
-    if device_ids is not None:
-        qs = qs.filter(device_id__in=list(device_ids))
-    values: dict[str, list[float]] = {name: [] for name in wanted}
-    for name, value in qs.values_list("name", "value").iterator(chunk_size=5000):
-        values[name].append(value)
-    return {name: np.asarray(v, dtype=np.float64) for name, v in values.items()}
+    if devices is not None:
+        qs = qs.filter(device_id__in=devices if isinstance(devices, QuerySet) else list(devices))
+    in_sql = connection.vendor == "postgresql"
+    rows = qs.values("device_id", "name").annotate(n=Count("id"), total=Sum("value")).order_by()
+    if in_sql and percentiles:
+        rows = rows.annotate(p95=_Percentile95("value", filter=Q(name__in=percentiles)))
+    out: dict[str, dict[str, DeviceSummary]] = {}
+    for row in rows:
+        p95 = row.get("p95") if row["name"] in percentiles else None
+        out.setdefault(str(row["device_id"]), {})[row["name"]] = DeviceSummary(
+            n=int(row["n"]), total=float(row["total"] or 0.0), p95=None if p95 is None else float(p95)
+        )
+    if percentiles and not in_sql:
+        for (device_id, name), p95 in _percentiles_in_python(qs.filter(name__in=percentiles)).items():
+            found = out.get(device_id, {}).get(name)
+            if found is not None:
+                out[device_id][name] = DeviceSummary(n=found.n, total=found.total, p95=p95)
+    return out
+
+
+def _percentiles_in_python(qs: QuerySet[MetricSample]) -> dict[tuple[str, str], float]:
+    """(device id, name) -> 95th percentile of the values, read in one query."""
+    rows = list(qs.values_list("device_id", "name", "value").order_by().iterator(chunk_size=5000))
+    if not rows:
+        return {}
+    keys = np.array([f"{d}|{n}" for d, n, _ in rows])
+    values = np.fromiter((v for _, _, v in rows), dtype=np.float64, count=len(rows))
+    order = np.argsort(keys, kind="stable")
+    keys, values = keys[order], values[order]
+    unique, starts = np.unique(keys, return_index=True)
+    bounds = list(starts[1:]) + [len(keys)]
+    out: dict[tuple[str, str], float] = {}
+    for key, lo, hi in zip(unique, starts, bounds, strict=True):
+        device_id, name = str(key).split("|", 1)
+        out[(device_id, name)] = float(np.percentile(values[lo:hi], 95))
+    return out
 
 
 def rollout_list() -> QuerySet[Rollout]:

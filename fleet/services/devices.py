@@ -15,7 +15,9 @@ from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
 from core.events import emit
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
+from fleet.selectors.devices import device_canary_groups
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.stages import check_deployable
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
 
@@ -92,7 +94,11 @@ def device_assign_version(
 ) -> Deployment | None:
     """Make `version_id` the device's desired version (a manual update).
 
-    Opens a pending deployment unless the device already runs that version.
+    Opens a pending deployment unless the device already runs that version. A version
+    the device does not run must be one it may take (`fleet.services.stages`): in
+    production, or in staging when the device belongs to a canary group; else 409
+    `version_stage_not_allowed` or `version_rejected`. The version it runs is always
+    allowed: pinning it installs nothing and is how a pending update is called off.
     """
     from models_registry.models import ModelVersion
 
@@ -100,8 +106,17 @@ def device_assign_version(
         device = _get(device_id)
         if device.status == Device.Status.DECOMMISSIONED:
             raise ServiceError("The device is decommissioned.", code="device_decommissioned", status_code=409)
-        if not ModelVersion.objects.filter(pk=version_id).exists():
+        version = ModelVersion.objects.select_related("family").filter(pk=version_id).first()
+        if version is None:
             raise ServiceError(f"No model version {version_id}.", code="validation_error")
+        if device.running_version_id != version.pk:
+            canaries = device_canary_groups(device=device)
+            check_deployable(
+                version=version,
+                canary=bool(canaries),
+                target=f"device {device.name}"
+                + (f" (in canary group {canaries[0]})" if canaries else " (in no canary group)"),
+            )
         Device.objects.filter(pk=device.pk).update(desired_version_id=version_id)
         device.desired_version_id = version_id
         deployment = None

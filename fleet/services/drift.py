@@ -1,9 +1,11 @@
 """Drift: storing and scoring device sketches, and flagging versions whose primary metric
-on labelled feedback falls behind their evaluation (accuracy drops, mae rises)."""
+on labelled feedback falls behind their evaluation (accuracy drops, mae rises), judged on
+the median of the devices' own means."""
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -100,8 +102,11 @@ def drift_report_ingest(
         )
 
 
-def _flag_for(*, version: Any, name: str, mean: float, samples: int, now: datetime) -> dict[str, Any] | None:
-    """The flag a version earns from its feedback mean over the hour, or None."""
+def _flag_for(
+    *, version: Any, name: str, mean: float, samples: int, devices: int, now: datetime
+) -> dict[str, Any] | None:
+    """The flag a version earns from its feedback over the hour (``mean``: the median of the
+    devices' means), or None."""
     evaluated = version.metrics or {}
     if name == "correct":
         reference = evaluated.get("accuracy")
@@ -115,6 +120,7 @@ def _flag_for(*, version: Any, name: str, mean: float, samples: int, now: dateti
             "accuracy": round(mean, 4),
             "reference_accuracy": float(reference),
             "samples": samples,
+            "devices": devices,
             "at": now.isoformat(),
         }
     reference = evaluated.get("mae")
@@ -129,50 +135,79 @@ def _flag_for(*, version: Any, name: str, mean: float, samples: int, now: dateti
         "mae": round(mean, 6),
         "reference_mae": float(reference),
         "samples": samples,
+        "devices": devices,
         "at": now.isoformat(),
     }
+
+
+@dataclass(frozen=True)
+class FeedbackVote:
+    """A version's feedback metric over the hour, device by device."""
+
+    median: float  # the median of the devices' means
+    devices: int  # devices with DRIFT_MIN_SAMPLES_PER_DEVICE samples
+    samples: int  # the samples behind them
+
+
+def feedback_votes(*, since: datetime) -> dict[tuple[int, str], FeedbackVote]:
+    """(version id, feedback metric) -> the devices' verdict, for the versions with enough
+    devices and samples. One query (GROUP BY version, metric, device)."""
+    per_device = int(settings.DRIFT_MIN_SAMPLES_PER_DEVICE)
+    rows = (
+        MetricSample.objects.filter(name__in=FEEDBACK_METRICS, ts__gte=since, version__isnull=False)
+        .values("version_id", "name", "device_id")
+        .annotate(mean=Avg("value"), samples=Count("id"))
+        .filter(samples__gte=per_device)
+        .order_by()
+    )
+    means: dict[tuple[int, str], list[float]] = {}
+    counts: dict[tuple[int, str], int] = {}
+    for row in rows:
+        key = (int(row["version_id"]), str(row["name"]))
+        means.setdefault(key, []).append(float(row["mean"]))
+        counts[key] = counts.get(key, 0) + int(row["samples"])
+    votes: dict[tuple[int, str], FeedbackVote] = {}
+    for key, values in means.items():
+        if len(values) >= int(settings.DRIFT_MIN_DEVICES) and counts[key] >= int(settings.DRIFT_MIN_SAMPLES):
+            votes[key] = FeedbackVote(float(np.median(values)), len(values), counts[key])
+    return votes
 
 
 def drift_check(*, now: datetime | None = None) -> list[int]:
     """Flag versions whose primary metric on feedback over the last hour fell behind their evaluation.
 
-    A classification version is flagged when it has at least `DRIFT_MIN_SAMPLES` `correct`
-    samples in the hour and their mean is more than `DRIFT_ACCURACY_DROP` below
-    `metrics["accuracy"]`; a regression version when it has that many `abs_error` samples
-    and their mean is more than `DRIFT_MAE_RISE` (relative: 0.25 is 25 %) above
-    `metrics["mae"]`. Each version is judged on its family's feedback metric only.
-    Versions already flagged are left alone, so running this again changes nothing.
-    Each flag is announced as the public event ``model.flagged`` (webhooks, the dashboard;
-    with ``DRIFT_AUTO_RETRAIN`` training subscribes and starts a short federated job).
-    Returns the ids flagged by this call.
+    Devices vote, not samples: each device's mean over the hour of its family's feedback
+    metric (`correct` for classification, `abs_error` for regression) counts once it has
+    `DRIFT_MIN_SAMPLES_PER_DEVICE` samples, and the version is judged on the median of
+    those means, only with at least `DRIFT_MIN_DEVICES` devices and `DRIFT_MIN_SAMPLES`
+    samples among them. So one device reporting nothing but failures cannot flag a good
+    version, nor one reporting nothing but successes hide a bad one. A classification
+    version is flagged when that median is more than `DRIFT_ACCURACY_DROP` below
+    `metrics["accuracy"]`; a regression version when it is more than `DRIFT_MAE_RISE`
+    (relative: 0.25 is 25 %) above `metrics["mae"]`. Each version is judged on its
+    family's feedback metric only. Versions already flagged are left alone, so running
+    this again changes nothing. Each flag is announced as the public event
+    ``model.flagged`` (webhooks, the dashboard; with ``DRIFT_AUTO_RETRAIN`` training
+    subscribes and starts a short federated job). Returns the ids flagged by this call.
     """
     from models_registry.models import ModelVersion
 
     now = now or timezone.now()
-    rows = (
-        MetricSample.objects.filter(
-            name__in=FEEDBACK_METRICS, ts__gte=now - timedelta(hours=1), version__isnull=False
-        )
-        .values("version_id", "name")
-        .annotate(mean=Avg("value"), samples=Count("id"))
-        .filter(samples__gte=int(settings.DRIFT_MIN_SAMPLES))
-        .order_by("version_id", "name")
-    )
+    votes = feedback_votes(since=now - timedelta(hours=1))
     flagged: list[int] = []
-    for row in rows:
+    for (version_id, name), vote in sorted(votes.items()):
         with transaction.atomic():
-            version = (
-                ModelVersion.objects.select_for_update().select_related("family").get(pk=row["version_id"])
-            )
+            version = ModelVersion.objects.select_for_update().select_related("family").get(pk=version_id)
             if "flagged" in (version.metrics or {}):
                 continue
-            if FEEDBACK_METRICS[row["name"]] != version.family.task:
+            if FEEDBACK_METRICS[name] != version.family.task:
                 continue  # another task's feedback says nothing about this version
             flag = _flag_for(
                 version=version,
-                name=row["name"],
-                mean=float(row["mean"]),
-                samples=int(row["samples"]),
+                name=name,
+                mean=vote.median,
+                samples=vote.samples,
+                devices=vote.devices,
                 now=now,
             )
             if flag is None:

@@ -4,28 +4,35 @@ Assignment: `sha256(f"exp{id}:{device_id}")` mapped to [0, 1) and to arms by cum
 share, so a device keeps its arm for the life of the experiment, arms get their share of
 the group, and late joiners are assigned the same way on the next evaluation.
 
-Evaluation (`experiment_evaluate`, run by `fleet.experiments_evaluate`):
+Evaluation (`experiment_evaluate`, run by `fleet.experiments_evaluate`). Devices are what
+is randomised, so devices are the unit of analysis: each device's samples of a metric are
+reduced to its own figure (its mean, or for a latency guardrail its p95), and each device
+counts once, however much it reports.
 
 1. guardrails (absolute gate limits, e.g. `{"metric": "error_rate", "max": 0.05}`) are
-   checked on every arm with enough samples; a breach stops the experiment and sends
+   checked on every arm on the median over its devices, once `min_devices` of them have
+   `min_samples` samples (as rollout gates); a breach stops the experiment and sends
    every device back to the version it ran before;
 2. the primary metric (`accuracy`: mean of `correct`, for classification families;
    `mae`: mean of `abs_error`, for regression families, lower is better; `latency`: mean
-   of `latency_ms`, lower is better) of each arm is compared with arm 0 (control) by the
-   always-valid mSPRT (`fleet.rollouts.stats.msprt`), whose p-value may be checked on
-   every tick without inflating false positives; with several treatment arms alpha is
-   split between them (Bonferroni). The fixed-horizon test (two-proportion z for
-   accuracy, Welch's t for mae and latency) is reported next to it for reference;
-3. once every compared arm has `min_samples_per_arm` samples and the always-valid
-   p-value is below alpha, the better arm wins: status `completed`, `result` holds the
-   winner, the effect (difference with control), its always-valid confidence interval,
-   the p-value and e-value.
+   of `latency_ms`, lower is better) is taken per device; a device counts once it has
+   `min_samples_per_device` samples. Once both arms have `min_devices_per_arm` such
+   devices, each arm is compared with arm 0 (control) by the always-valid mSPRT on the
+   per-device means (`fleet.rollouts.stats.look_at_device_means`), whose p-value may be
+   checked on every tick without inflating false positives; with several treatment arms
+   alpha is split between them (Bonferroni). Welch's t-test on the same per-device means
+   (fixed horizon) is reported next to it for reference;
+3. once every compared arm also has `min_samples_per_arm` samples among its counted
+   devices and the always-valid p-value is below alpha, the better arm wins: status
+   `completed`, `result` holds the winner, the effect (difference of the mean device
+   figures with control), its always-valid confidence interval, the p-value and e-value.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -37,14 +44,15 @@ from core.api import ConflictError, ServiceError
 from core.audit.services import actor_label, audit_record
 from core.events import emit
 from fleet.models import Device, DeviceGroup, Experiment, ExperimentAssignment, ExperimentDecision, Rollout
-from fleet.rollouts.gates import evaluate_gate, validate_gates
-from fleet.rollouts.stats import msprt_samples, two_proportion_ztest, welch_ttest
+from fleet.rollouts.gates import DeviceSummary, evaluate_gate, percentile_metrics_for, validate_gates
+from fleet.rollouts.stats import look_at_device_means
 from fleet.rollouts.waves import assign_arm
 from fleet.selectors.devices import group_members
-from fleet.selectors.experiments import experiment_arm_samples
+from fleet.selectors.experiments import experiment_arm_stats
 from fleet.selectors.rollouts import devices_in_active_rollouts
 from fleet.services.deployments import deployment_open
 from fleet.services.rollouts import check_gates_fit, rollout_create, rollout_start
+from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
 logger = logging.getLogger(__name__)
@@ -100,17 +108,25 @@ def _event(experiment: Experiment, event_type: str, **extra: Any) -> None:
     )
 
 
+def _check_arm_stage(*, version: Any, group: DeviceGroup, index: int) -> None:
+    target = f"canary group {group.name}" if group.canary else f"group {group.name} (not a canary group)"
+    check_deployable(version=version, canary=group.canary, target=target, what=f"arm {index}: ")
+
+
 def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None = None) -> Experiment:
     """Validate and save a draft experiment.
 
     `data`: `name`, `target_group` (id), `arms` (`[{"name", "version_id", "share"}]`, 2+,
     shares summing to 1, arm 0 is the control; every arm a version of one family),
     `primary_metric` (accuracy for classification, mae for regression, or latency; by
-    default the family's primary metric), `guardrails`, `min_samples_per_arm`, `alpha`,
-    `effect_scale`. Refused with 400 `mixed_families` (arms of different families),
-    `metric_not_for_task` (a primary metric of the other task), `gate_not_for_task` (a
+    default the family's primary metric), `guardrails`, `min_samples_per_arm`,
+    `min_samples_per_device`, `min_devices_per_arm`, `alpha`, `effect_scale`. Refused
+    with 400 `mixed_families` (arms of different families), `metric_not_for_task` (a
+    primary metric of the other task), `gate_not_for_task` (a
     guardrail of the other task), `unknown_metric`, `no_compatible_artifact`,
-    `empty_target` or `validation_error`.
+    `empty_target` or `validation_error`, and with 409 `version_stage_not_allowed` or
+    `version_rejected` for an arm whose version the group may not take (production
+    only, staging too on a canary group: `fleet.services.stages`).
     """
     from models_registry.models import Artifact, ModelVersion
 
@@ -135,6 +151,7 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
         if version is None:
             raise ServiceError(f"arm {i}: unknown version {version_id}.", code="validation_error")
         families.setdefault(version.family_id, version.family)
+        _check_arm_stage(version=version, group=group, index=i)
         if not Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).exists():
             raise ServiceError(
                 f"{version.label} has no ONNX artifact.",
@@ -198,6 +215,13 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
     alpha = float(data.get("alpha", 0.05))
     if not 0 < alpha < 0.5:
         raise ServiceError("alpha must be in (0, 0.5).", code="validation_error")
+    min_samples_per_device = int(data.get("min_samples_per_device", 20))
+    min_devices_per_arm = int(data.get("min_devices_per_arm", 5))
+    if min_samples_per_device < 1:
+        raise ServiceError("min_samples_per_device must be >= 1.", code="validation_error")
+    if min_devices_per_arm < 2:
+        # A per-device comparison needs a spread on each side.
+        raise ServiceError("min_devices_per_arm must be >= 2.", code="validation_error")
     with transaction.atomic():
         experiment = Experiment.objects.create(
             name=str(data.get("name") or f"experiment on {group.name}"),
@@ -206,6 +230,8 @@ def experiment_create(*, actor: Any, data: dict[str, Any], remote_addr: str | No
             primary_metric=primary,
             guardrails=guardrails,
             min_samples_per_arm=int(data.get("min_samples_per_arm", 200)),
+            min_samples_per_device=min_samples_per_device,
+            min_devices_per_arm=min_devices_per_arm,
             alpha=alpha,
             effect_scale=float(data.get("effect_scale", 0.05)),
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
@@ -272,6 +298,15 @@ def experiment_start(*, experiment_id: int, actor: Any, remote_addr: str | None 
     """Assign the group's devices to arms and ship each arm's version."""
 
     def step(experiment: Experiment) -> Step:
+        from models_registry.models import ModelVersion
+
+        # Checked again: a version may have been archived since the draft was saved.
+        group = experiment.target_group
+        versions = ModelVersion.objects.select_related("family").in_bulk(
+            [int(arm["version_id"]) for arm in experiment.arms]
+        )
+        for index, arm in enumerate(experiment.arms):
+            _check_arm_stage(version=versions[int(arm["version_id"])], group=group, index=index)
         members = [
             str(pk) for pk in group_members(group=experiment.target_group).values_list("pk", flat=True)
         ]
@@ -357,9 +392,29 @@ def _transition(
     )
 
 
-def _primary_arrays(experiment: Experiment, samples: dict[str, np.ndarray]) -> np.ndarray:
+@dataclass(frozen=True)
+class _ArmMeans:
+    """The primary metric of one arm, device by device."""
+
+    means: np.ndarray  # one mean per device with enough samples
+    samples: int  # the samples behind them
+    short: int  # devices that reported fewer than min_samples_per_device
+
+
+def _arm_means(experiment: Experiment, stats: Mapping[str, Mapping[str, DeviceSummary]]) -> _ArmMeans:
     name = PRIMARY_SAMPLES[str(experiment.primary_metric)]
-    return np.asarray(samples.get(name, np.empty(0)), dtype=np.float64)
+    means: list[float] = []
+    samples = short = 0
+    for summaries in stats.values():
+        found = summaries.get(name)
+        if found is None or found.n == 0:
+            continue
+        if found.n < experiment.min_samples_per_device:
+            short += 1
+            continue
+        means.append(found.mean)
+        samples += found.n
+    return _ArmMeans(np.asarray(means, dtype=np.float64), samples, short)
 
 
 def experiment_evaluate(*, experiment_id: int, now: datetime | None = None) -> dict[str, Any]:
@@ -370,12 +425,15 @@ def experiment_evaluate(*, experiment_id: int, now: datetime | None = None) -> d
         if experiment is None or experiment.status != Experiment.Status.RUNNING:
             return {"status": experiment.status if experiment else "busy"}
         joined = _assign_new(experiment)
-        arm_samples = experiment_arm_samples(experiment=experiment, until=now)
+        arm_stats = experiment_arm_stats(
+            experiment=experiment, until=now, p95_of=percentile_metrics_for(experiment.guardrails)
+        )
 
         # Guardrails first: a harmful arm stops everything, whatever the primary metric says.
-        for index, samples in arm_samples.items():
+        # Like rollout gates they read the median over the arm's devices.
+        for index, stats in arm_stats.items():
             for guard in experiment.guardrails:
-                verdict = evaluate_gate(gate=guard, candidate=samples, baseline=None)
+                verdict = evaluate_gate(gate=guard, candidate=stats, baseline=None)
                 if verdict.outcome == "failed":
                     arm_name = experiment.arms[index]["name"]
                     why = f"guardrail breached on arm {arm_name}: {verdict.reason}"
@@ -393,7 +451,7 @@ def experiment_evaluate(*, experiment_id: int, now: datetime | None = None) -> d
                     _event(experiment, "experiment.stopped", reason=why)
                     return experiment.result
 
-        result = _compare(experiment, arm_samples)
+        result = _compare(experiment, arm_stats)
         result["late_joiners"] = joined
         result["evaluated_at"] = now.isoformat()
         winner = result.get("winner")
@@ -410,45 +468,65 @@ def experiment_evaluate(*, experiment_id: int, now: datetime | None = None) -> d
         return result
 
 
-def _compare(experiment: Experiment, arm_samples: dict[int, dict[str, np.ndarray]]) -> dict[str, Any]:
-    """Each treatment arm against control with the mSPRT (running-min p) and a fixed test."""
+def _compare(
+    experiment: Experiment, arm_stats: Mapping[int, Mapping[str, Mapping[str, DeviceSummary]]]
+) -> dict[str, Any]:
+    """Each treatment arm against control, device by device: the mSPRT on per-device means
+    (running-min p) and Welch's t on the same means for reference.
+
+    A look counts once both arms have `min_devices_per_arm` devices with
+    `min_samples_per_device` samples each; a difference is significant once the
+    always-valid p is below alpha and both arms have `min_samples_per_arm` samples.
+    """
     previous = {c["arm"]: c for c in (experiment.result or {}).get("comparisons", [])}
-    control = _primary_arrays(experiment, arm_samples.get(0, {}))
+    per_arm = {
+        index: _arm_means(experiment, arm_stats.get(index, {})) for index in range(len(experiment.arms))
+    }
+    control = per_arm[0]
     lower_is_better = experiment.primary_metric in LOWER_IS_BETTER
     k = len(experiment.arms) - 1
     alpha = experiment.alpha / k
+    min_devices = max(2, experiment.min_devices_per_arm)
     arms_summary = []
     for index, arm in enumerate(experiment.arms):
-        values = _primary_arrays(experiment, arm_samples.get(index, {}))
+        found = per_arm[index]
         arms_summary.append(
             {
                 "arm": index,
                 "name": arm["name"],
                 "version_id": arm["version_id"],
-                "n": int(values.size),
-                "mean": float(values.mean()) if values.size else None,
+                "devices": int(found.means.size),
+                "devices_short": found.short,
+                "n": found.samples,
+                # Each device one vote: the mean of the devices' means.
+                "mean": float(found.means.mean()) if found.means.size else None,
             }
         )
     comparisons: list[dict[str, Any]] = []
     for index in range(1, len(experiment.arms)):
-        treat = _primary_arrays(experiment, arm_samples.get(index, {}))
-        entry: dict[str, Any] = {"arm": index, "n_control": int(control.size), "n_arm": int(treat.size)}
-        if control.size >= 2 and treat.size >= 2:
+        treat = per_arm[index]
+        entry: dict[str, Any] = {
+            "arm": index,
+            "unit": "device",
+            "n_control": int(control.means.size),
+            "n_arm": int(treat.means.size),
+            "samples_control": control.samples,
+            "samples_arm": treat.samples,
+            "min_devices": min_devices,
+        }
+        if control.means.size >= min_devices and treat.means.size >= min_devices:
             if lower_is_better:
-                tau = experiment.effect_scale * max(float(control.mean()), 1e-9)
-                fixed = welch_ttest(a=control, b=treat, alpha=alpha)
+                tau = experiment.effect_scale * max(float(control.means.mean()), 1e-9)
             else:
                 tau = experiment.effect_scale
-                fixed = two_proportion_ztest(
-                    successes_a=int(control.sum()),
-                    n_a=int(control.size),
-                    successes_b=int(treat.sum()),
-                    n_b=int(treat.size),
-                    alpha=alpha,
-                )
-            seq = msprt_samples(a=control, b=treat, tau=tau, alpha=alpha)
-            # The always-valid p-value is the running minimum over all looks so far.
-            running_p = min(seq.p_value, float(previous.get(index, {}).get("always_valid_p", 1.0)))
+            look = look_at_device_means(
+                control=control.means,
+                treatment=treat.means,
+                tau=tau,
+                alpha=alpha,
+                previous_p=float(previous.get(index, {}).get("always_valid_p", 1.0)),
+            )
+            seq = look.sequential
             entry.update(
                 {
                     "diff": seq.diff,
@@ -456,18 +534,23 @@ def _compare(experiment: Experiment, arm_samples: dict[int, dict[str, np.ndarray
                     "ci_high": seq.ci_high,
                     "e_value": seq.e_value,
                     "p_value_look": seq.p_value,
-                    "always_valid_p": running_p,
+                    "always_valid_p": look.always_valid_p,
                     "alpha": alpha,
-                    "fixed_test": fixed.as_dict(),
-                    "enough_samples": bool(min(control.size, treat.size) >= experiment.min_samples_per_arm),
+                    "fixed_test": look.fixed.as_dict(),
+                    "enough_samples": bool(
+                        min(control.samples, treat.samples) >= experiment.min_samples_per_arm
+                    ),
                 }
             )
             is_better = seq.diff < 0 if lower_is_better else seq.diff > 0
-            entry["significant"] = bool(running_p < alpha and entry["enough_samples"])
+            entry["significant"] = bool(look.significant and entry["enough_samples"])
             entry["direction"] = "better" if is_better else "worse"
+        else:
+            entry["enough_samples"] = False
         comparisons.append(entry)
     result: dict[str, Any] = {
         "primary_metric": experiment.primary_metric,
+        "unit": "device",
         "arms": arms_summary,
         "comparisons": comparisons,
     }
@@ -501,7 +584,8 @@ def _winner(
         f"{name} wins on {metric}: difference {other} - control = {comparison['diff']:+.4g}, "
         f"{confidence:.0%} always-valid CI [{comparison['ci_low']:+.4g}, {comparison['ci_high']:+.4g}], "
         f"p = {comparison['always_valid_p']:.3g} (e-value {comparison['e_value']:.3g}), "
-        f"n = {comparison['n_control']} / {comparison['n_arm']}"
+        f"{comparison['n_control']} / {comparison['n_arm']} devices "
+        f"({comparison['samples_control']} / {comparison['samples_arm']} samples)"
     )
     return {
         "arm": arm,

@@ -13,9 +13,11 @@ How a rollout moves (`rollout_advance`, run every few seconds by `fleet.rollouts
 3. Error threshold: more than `error_threshold_share` of the exposed devices failed, or
    `error_threshold_count` failed, whichever comes first -> the gate-failure action.
 4. Metric gates over the soak window (see `fleet.rollouts.gates`) are evaluated on every
-   tick once they have enough samples, so a bad version is stopped as soon as the
-   evidence is there; a failed gate -> `on_gate_failure` (pause, or roll every exposed
-   device back to the version it ran before).
+   tick once enough devices have enough samples, so a bad version is stopped as soon as
+   the evidence is there; each device casts one vote (its own p95, error rate, accuracy
+   or mae) and the gate reads the median, against a baseline from the rollout's own
+   devices on the replaced version; a failed gate -> `on_gate_failure` (pause, or roll
+   every exposed device back to the version it ran before).
 5. After `soak_s`, with at least `success_threshold` of the exposed devices active and
    every gate passed, the next wave opens; after the last one the rollout succeeded.
 
@@ -34,6 +36,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from core.api import ConflictError, NotFoundError, ServiceError
@@ -55,6 +58,7 @@ from fleet.rollouts.gates import (
     evaluate_gates,
     gates_for_task,
     gates_not_for_task,
+    percentile_metrics_for,
     raw_metrics_for,
     validate_gates,
 )
@@ -62,12 +66,13 @@ from fleet.rollouts.policy import in_maintenance_window
 from fleet.rollouts.waves import cumulative_size, ordered_devices, validate_waves
 from fleet.selectors.devices import device_effective_policy
 from fleet.selectors.rollouts import (
+    device_metric_stats,
     devices_in_active_rollouts,
-    metric_arrays,
     rollout_target_ids,
     target_devices,
 )
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
 ORIGIN = "rollout"
@@ -148,6 +153,30 @@ def _check_overlap(*, device_ids: list[str], rollout_id: int | None) -> None:
         )
 
 
+def target_stage_rule(
+    *, group: DeviceGroup | None, tags: list[str], device_ids: list[str]
+) -> tuple[bool, str]:
+    """Whether a rollout target may take staging versions, and its name for messages.
+
+    Only a target that is exactly one canary group may: tags or device ids added to it
+    could reach any device.
+    """
+    if group is not None and group.canary and not tags and not device_ids:
+        return True, f"canary group {group.name}"
+    if group is not None and group.canary:
+        return False, f"a target adding tags or devices to canary group {group.name}"
+    if group is not None:
+        return False, f"group {group.name} (not a canary group)"
+    return False, "a target of tags or devices (not a canary group)"
+
+
+def _check_version_stage(
+    *, version: Any, group: DeviceGroup | None, tags: list[str], device_ids: list[str]
+) -> None:
+    canary, label = target_stage_rule(group=group, tags=tags, device_ids=device_ids)
+    check_deployable(version=version, canary=canary, target=label)
+
+
 def check_gates_fit(*, gates: list[dict[str, Any]], task: str, what: str = "gate") -> None:
     """Refuse gates that read another task's feedback (400 ``gate_not_for_task``)."""
     unfit = gates_not_for_task(gates=gates, task=task)
@@ -168,7 +197,9 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
     their union), `waves`, optional `gates` and the tuning fields of `Rollout`. Refused with
     400 `empty_target`, `no_compatible_artifact`, `unknown_metric`, `gate_not_for_task` (an
     `accuracy` gate on a regression family, an `mae` gate on a classification one),
-    `validation_error`, or 409 `overlapping_rollout`.
+    `validation_error`, or 409 `overlapping_rollout`, `version_stage_not_allowed` (a
+    version not in production, unless it is in staging and the target is exactly one
+    canary group) or `version_rejected` (`fleet.services.stages`).
     """
     from models_registry.models import ModelVersion
 
@@ -221,6 +252,7 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
     ]
     if not devices:
         raise ServiceError("The target selects no devices.", code="empty_target")
+    _check_version_stage(version=version, group=group, tags=tags, device_ids=explicit)
 
     fields: dict[str, Any] = {k: data[k] for k in _EDITABLE if data.get(k) is not None}
     if fields.get("on_gate_failure", "pause") not in Rollout.OnGateFailure.values:
@@ -445,26 +477,49 @@ def _stats(rollout: Rollout) -> dict[str, Any]:
 
 
 def _gate_samples(rollout: Rollout, now: datetime) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Candidate: the new version on exposed devices since the wave started. Baseline: the
-    versions it replaces, on any device, over the same window and one as long before it
-    (so the last wave, when few devices still run the old version, still has a baseline)."""
+    """Per-device figures the gates judge.
+
+    Candidate: the new version on the rollout's members since the wave started. Baseline:
+    the versions it replaces (the members' previous versions and what the rest of the
+    target runs) on the rollout's own devices (its members and its target), over the same
+    window and one as long before it, so the last wave, when few devices still run the old
+    version, still has a baseline: its members' figures from before they switched. Metrics
+    a device outside the rollout reports for the replaced version never count.
+    """
     start = rollout.wave_started_at or now
     members = RolloutDevice.objects.filter(rollout=rollout)
-    device_ids = [str(d) for d in members.values_list("device_id", flat=True)]
+    target = target_devices(
+        group=rollout.target_group, tags=rollout.target_tags or [], device_ids=rollout.target_device_ids or []
+    )
     replaced = {
-        v for v in members.values_list("previous_version_id", flat=True) if v and v != rollout.version_id
+        v
+        for v in [
+            *members.values_list("previous_version_id", flat=True),
+            *target.order_by().values_list("running_version_id", flat=True).distinct(),
+        ]
+        if v and v != rollout.version_id
     }
     names = raw_metrics_for(rollout.gates)
-    candidate = metric_arrays(
+    p95_of = percentile_metrics_for(rollout.gates)
+    candidate = device_metric_stats(
         version_ids=[rollout.version_id],
         since=start,
         until=now + timedelta(seconds=1),
-        device_ids=device_ids,
+        devices=members.values("device_id"),
         names=names,
+        p95_of=p95_of,
     )
     span = max(now - start, timedelta(seconds=float(rollout.waves[rollout.current_wave].get("soak_s", 0))))
+    own = Device.objects.filter(Q(pk__in=members.values("device_id")) | Q(pk__in=target.values("pk")))
     baseline = (
-        metric_arrays(version_ids=replaced, since=start - span, until=now + timedelta(seconds=1), names=names)
+        device_metric_stats(
+            version_ids=replaced,
+            since=start - span,
+            until=now + timedelta(seconds=1),
+            devices=own.values("pk"),
+            names=names,
+            p95_of=p95_of,
+        )
         if replaced
         else {}
     )
@@ -714,6 +769,14 @@ def rollout_start(
         target = rollout_target_ids(rollout=rollout)
         if not target:
             raise ServiceError("The target selects no devices.", code="empty_target")
+        # Checked again: the version may have been archived, or the group's canary flag
+        # cleared, since the draft was saved.
+        _check_version_stage(
+            version=rollout.version,
+            group=rollout.target_group,
+            tags=list(rollout.target_tags or []),
+            device_ids=list(rollout.target_device_ids or []),
+        )
         _check_overlap(device_ids=target, rollout_id=rollout.pk)
         rollout.status = Rollout.Status.RUNNING
         rollout.current_wave = 0

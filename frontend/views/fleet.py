@@ -8,14 +8,14 @@ from typing import Any
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
 
 from core.api import ServiceError
 from core.audit.selectors import audit_event_list
-from core.roles import ADMIN, OPERATOR
+from core.roles import ADMIN, OPERATOR, has_role
 from fleet.models import DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -204,8 +204,11 @@ def group_new(request: HttpRequest) -> HttpResponse:
         "description": request.POST.get("description", "").strip(),
         "tag_selector": [t for t in request.POST.get("tag_selector", "").replace(",", " ").split() if t],
         "policy": int_or_none(request.POST.get("policy")),
+        "canary": request.POST.get("canary") == "on",
     }
-    serializer = DeviceGroupSerializer(data=data)
+    if data["canary"] and not has_role(request.user, ADMIN):
+        return HttpResponseForbidden("Marking a group canary needs the admin role.")
+    serializer = DeviceGroupSerializer(data=data, context={"request": request})
     if not serializer.is_valid():
         field, errors = next(iter(serializer.errors.items()))
         messages.error(request, f"{field}: {errors[0]}")

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from django.contrib import messages
-from django.http import Http404, HttpRequest, HttpResponse
+from django.http import Http404, HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import redirect
 
 from core.api import ServiceError
-from core.roles import OPERATOR
+from core.roles import ADMIN, OPERATOR, has_role
 from frontend import selectors_models
 from frontend.views.base import action, page, render_page
 from models_registry.jobs import OPTIMISE_KINDS, job_enqueue
@@ -73,12 +73,24 @@ def version(request: HttpRequest, version_id: int) -> HttpResponse:
         contract=selectors_models.family_contract(found.family),
         judged=selectors_models.evaluation_of(found),
         evaluation=selectors_models.report_view(report),
-        next_stages=sorted(STAGE_TRANSITIONS.get(found.stage, ())),
+        next_stages=_next_stages(request, found),
+        production_needs_admin=(
+            ModelVersion.Stage.PRODUCTION in STAGE_TRANSITIONS.get(found.stage, ())
+            and not has_role(request.user, ADMIN)
+        ),
         jobs=jobs,
         # The registry's jobs publish no live events: the table polls while one is in flight.
         jobs_active=any(j.status in (ModelJob.Status.QUEUED, ModelJob.Status.RUNNING) for j in jobs),
         optimise_kinds=OPTIMISE_KINDS,
     )
+
+
+def _next_stages(request: HttpRequest, version: ModelVersion) -> list[str]:
+    """The stages the user may move the version to: production only for admins."""
+    stages = sorted(STAGE_TRANSITIONS.get(version.stage, ()))
+    if has_role(request.user, ADMIN):
+        return stages
+    return [s for s in stages if s != ModelVersion.Stage.PRODUCTION]
 
 
 @action(OPERATOR)
@@ -87,6 +99,9 @@ def version_stage(request: HttpRequest, version_id: int) -> HttpResponse:
     if found is None:
         raise Http404("No such model version.")
     stage = request.POST.get("stage", "")
+    if stage == ModelVersion.Stage.PRODUCTION and not has_role(request.user, ADMIN):
+        # As in the operator API: production is what every non-canary device may be given.
+        return HttpResponseForbidden("Promoting a version to production needs the admin role.")
     try:
         version_promote(version=found, stage=stage, actor=request.user)
     except ServiceError as exc:

@@ -40,6 +40,20 @@ GATE_FIELDS = (
 )
 
 
+def _deployable_versions() -> list[ModelVersion]:
+    """Versions a rollout or experiment form offers: with ONNX, in production or staging
+    (staging only reaches canary groups; the services refuse the rest), not rejected."""
+    versions = (
+        ModelVersion.objects.filter(
+            artifacts__kind=Artifact.Kind.ONNX,
+            stage__in=[ModelVersion.Stage.PRODUCTION, ModelVersion.Stage.STAGING],
+        )
+        .select_related("family")
+        .order_by("family__name", "-number")[:200]
+    )
+    return [v for v in versions if not (v.metrics or {}).get("rejected")]
+
+
 def _float(value: Any) -> float | None:
     try:
         return float(value)
@@ -58,9 +72,7 @@ def rollouts(request: HttpRequest) -> HttpResponse:
         section="rollouts",
         title="Rollouts",
         rollouts=selectors_rollouts.rollouts(),
-        versions=ModelVersion.objects.filter(artifacts__kind=Artifact.Kind.ONNX)
-        .select_related("family")
-        .order_by("family__name", "-number")[:200],
+        versions=_deployable_versions(),
         groups=DeviceGroup.objects.order_by("name"),
     )
 
@@ -82,6 +94,7 @@ def parse_gates(post: Any) -> list[dict[str, Any]]:
     """The create form's gate fields -> gates; one gate per metric with all its thresholds."""
     gates: dict[str, dict[str, Any]] = {}
     min_samples = int_or_none(post.get("gate_min_samples"))
+    min_devices = int_or_none(post.get("gate_min_devices"))
     for field, metric, key in GATE_FIELDS:
         value = _float(post.get(field))
         if value is None:
@@ -90,6 +103,8 @@ def parse_gates(post: Any) -> list[dict[str, Any]]:
         gate[key] = value
         if min_samples:
             gate["min_samples"] = min_samples
+        if min_devices:
+            gate["min_devices"] = min_devices
     return list(gates.values())
 
 
@@ -167,9 +182,7 @@ def experiments(request: HttpRequest) -> HttpResponse:
         section="experiments",
         title="Experiments",
         experiments=selectors_rollouts.experiments(),
-        versions=ModelVersion.objects.filter(artifacts__kind=Artifact.Kind.ONNX)
-        .select_related("family")
-        .order_by("family__name", "-number")[:200],
+        versions=_deployable_versions(),
         groups=DeviceGroup.objects.order_by("name"),
     )
 
@@ -190,8 +203,9 @@ def experiment_new(request: HttpRequest) -> HttpResponse:
     # Empty: the arms' family's primary metric (accuracy, or mae for regression).
     if post.get("primary_metric"):
         data["primary_metric"] = post["primary_metric"]
-    if (min_samples := int_or_none(post.get("min_samples_per_arm"))) is not None:
-        data["min_samples_per_arm"] = min_samples
+    for key in ("min_samples_per_arm", "min_devices_per_arm", "min_samples_per_device"):
+        if (minimum := int_or_none(post.get(key))) is not None:
+            data[key] = minimum
     try:
         created = experiment_services.experiment_create(
             actor=request.user, data=data, remote_addr=remote_addr(request)

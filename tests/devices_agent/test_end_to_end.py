@@ -28,21 +28,25 @@ def _stack(transactional_db: Any, live_stack: Any) -> Iterator[Any]:
     yield live_stack
 
 
-def _token(max_uses: int = 1) -> str:
+def _token(max_uses: int = 1, **fields: Any) -> str:
     from fleet.services.enrollment import enrollment_token_create
 
-    _, token = enrollment_token_create(actor=None, name="agent-e2e", max_uses=max_uses)
+    _, token = enrollment_token_create(actor=None, name="agent-e2e", max_uses=max_uses, **fields)
     return token
 
 
 def _version(onnx: bytes) -> Any:
+    """A version of the test family in production, as a device not in a canary group needs."""
     from models_registry.models import ModelFamily
-    from models_registry.services import version_create
+    from models_registry.services import version_create, version_promote
 
     family = ModelFamily.objects.filter(name="agent-e2e").first()
     if family is None:
         family = ModelFamily.objects.create(name="agent-e2e", input_shape=[64], num_classes=10)
-    return version_create(family=family, onnx=onnx)
+    version = version_create(family=family, onnx=onnx)
+    for stage in ("staging", "production"):
+        version = version_promote(version=version, stage=stage)
+    return version
 
 
 def _device_id(agent: Agent) -> str:
@@ -285,7 +289,8 @@ def test_simulated_fleet_enrolls_reports_metrics_and_updates(_stack: Any, tmp_pa
 
     fleet = Fleet(
         server_url=_stack.url,
-        token=_token(max_uses=4),
+        # The simulator's boards tag themselves with their profile (profile-slow, ...).
+        token=_token(max_uses=4, device_tags_allowed=["simulated", "profile-*"]),
         devices=4,
         state_root=tmp_path,
         heartbeat_interval_s=0.5,

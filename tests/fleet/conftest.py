@@ -98,9 +98,20 @@ def enroll(make_token: Any, client: Any) -> Any:
 _REAL = object()
 
 
+def promote(version: Any, stage: str) -> Any:
+    """Move a fresh (draft) version to ``stage`` the way the registry allows: through staging."""
+    from models_registry.services import version_promote
+
+    path = {"draft": [], "staging": ["staging"], "production": ["staging", "production"]}[stage]
+    for step in path:
+        version = version_promote(version=version, stage=step)
+    return version
+
+
 @pytest.fixture
 def make_version(db: Any) -> Any:
-    """A model version of the classification family ``digits``.
+    """A model version of the classification family ``digits``, promoted to ``stage``
+    (production by default: what every device may be given).
 
     By default a registered digits MLP with all three artifacts (``tests.bundles``); given
     ``onnx`` and/or ``weights`` bytes (None: no such artifact), a bare row with those
@@ -114,10 +125,10 @@ def make_version(db: Any) -> Any:
     from models_registry.signing import sign_digest
     from tests.bundles import digits_family, digits_version
 
-    def make(*, onnx: Any = _REAL, weights: Any = _REAL) -> ModelVersion:
+    def make(*, onnx: Any = _REAL, weights: Any = _REAL, stage: str = "production") -> ModelVersion:
         family = digits_family("digits")
         if onnx is _REAL and weights is _REAL:
-            return digits_version(family)
+            return promote(digits_version(family), stage)
         # A bare row: ONNX bytes unless told otherwise, weights only when given.
         onnx = b"onnx-bytes-" * 100 if onnx is _REAL else onnx
         weights = None if weights is _REAL else weights
@@ -136,17 +147,18 @@ def make_version(db: Any) -> Any:
                 size=len(content),
                 signature=sign_digest(digest),
             )
-        return version
+        return promote(version, stage)
 
     return make
 
 
 @pytest.fixture
 def make_regression_version(db: Any) -> Any:
-    """A registered version of the regression family (``tests.bundles.regression_version``)."""
+    """A registered version of the regression family (``tests.bundles.regression_version``),
+    promoted to ``stage`` (production by default)."""
     from tests.bundles import regression_version
 
-    def make(**fields: Any) -> Any:
-        return regression_version(**fields)
+    def make(*, stage: str = "production", **fields: Any) -> Any:
+        return promote(regression_version(**fields), stage)
 
     return make

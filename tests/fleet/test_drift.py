@@ -179,6 +179,12 @@ def test_group_summary_counts_devices_in_alert(enroll: Any, operator_client: Any
     assert entry["alert_devices"] == [str(agents[0].device.pk)]
 
 
+def _boards(n: int) -> list[Any]:
+    from fleet.models import Device
+
+    return [Device.objects.create(name=f"drift-board-{i}", status="online") for i in range(n)]
+
+
 def _feedback(device: Any, version: Any, *, n: int, correct: int) -> None:
     now = timezone.now()
     MetricSample.objects.bulk_create(
@@ -189,25 +195,28 @@ def _feedback(device: Any, version: Any, *, n: int, correct: int) -> None:
     )
 
 
-def test_drift_check_flags_only_real_drops_with_enough_samples(
-    enroll: Any, make_version: Any, django_capture_on_commit_callbacks: Any
+def test_drift_check_flags_only_real_drops_with_enough_devices_and_samples(
+    make_version: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    device = enroll().device
-    few, steady, dropped = make_version(), make_version(), make_version()
-    for version in (few, steady, dropped):
+    boards = _boards(4)
+    few, lonely, steady, dropped = make_version(), make_version(), make_version(), make_version()
+    for version in (few, lonely, steady, dropped):
         version.metrics = {"accuracy": 0.95}
         version.save()
-    _feedback(device, few, n=150, correct=50)  # a big drop, but too few samples
-    _feedback(device, steady, n=300, correct=276)  # 0.92: within 0.05
-    _feedback(device, dropped, n=300, correct=240)  # 0.80
+    for board in boards[:3]:
+        _feedback(board, few, n=50, correct=15)  # a big drop, but 150 samples in all
+        _feedback(board, steady, n=100, correct=92)  # 0.92: within 0.05
+        _feedback(board, dropped, n=100, correct=80)  # 0.80
+    _feedback(boards[3], lonely, n=3000, correct=0)  # one device, however many samples
     with django_capture_on_commit_callbacks(execute=False) as emitted:
         assert drift_check() == [dropped.pk]
     assert len(emitted) == 1  # the model.flagged webhook, created after commit
     dropped.refresh_from_db()
-    assert dropped.metrics["flagged"]["reason"] == "accuracy_drop"
-    assert dropped.metrics["flagged"]["accuracy"] == pytest.approx(0.8)
-    assert dropped.metrics["flagged"]["reference_accuracy"] == pytest.approx(0.95)
-    for version in (few, steady):
+    flag = dropped.metrics["flagged"]
+    assert flag["reason"] == "accuracy_drop" and flag["accuracy"] == pytest.approx(0.8)
+    assert flag["reference_accuracy"] == pytest.approx(0.95)
+    assert flag["devices"] == 3 and flag["samples"] == 300
+    for version in (few, lonely, steady):
         version.refresh_from_db()
         assert "flagged" not in version.metrics
     with django_capture_on_commit_callbacks(execute=False) as emitted:
@@ -215,13 +224,35 @@ def test_drift_check_flags_only_real_drops_with_enough_samples(
     assert emitted == []
 
 
-def test_old_feedback_does_not_count(enroll: Any, make_version: Any) -> None:
-    device = enroll().device
+def test_old_feedback_does_not_count(make_version: Any) -> None:
     version = make_version()
     version.metrics = {"accuracy": 0.95}
     version.save()
-    _feedback(device, version, n=300, correct=0)
+    for board in _boards(3):
+        _feedback(board, version, n=300, correct=0)
     assert drift_check(now=timezone.now() + timedelta(hours=2)) == []
+
+
+@pytest.mark.parametrize("liar_correct", [0, 4000], ids=["liar reports failures", "liar reports successes"])
+def test_one_poisoned_device_among_20_neither_raises_nor_hides_a_flag(
+    make_version: Any, liar_correct: int
+) -> None:
+    boards = _boards(20)
+    good, bad = make_version(), make_version()
+    for version in (good, bad):
+        version.metrics = {"accuracy": 0.95}
+        version.save()
+    for board in boards[:19]:
+        _feedback(board, good, n=60, correct=57)  # 0.95
+        _feedback(board, bad, n=60, correct=45)  # 0.75
+    # Thousands of samples from one device: pooled, they would be most of the evidence
+    # (0.95 would read 0.21 with the failures, 0.75 would read 0.94 with the successes).
+    for version in (good, bad):
+        _feedback(boards[19], version, n=4000, correct=liar_correct)
+    assert drift_check() == [bad.pk]
+    bad.refresh_from_db()
+    assert bad.metrics["flagged"]["accuracy"] == pytest.approx(0.75)
+    assert bad.metrics["flagged"]["devices"] == 20
 
 
 def _abs_errors(device: Any, version: Any, values: Any) -> None:
@@ -232,17 +263,18 @@ def _abs_errors(device: Any, version: Any, values: Any) -> None:
 
 
 def test_drift_check_flags_a_regression_version_whose_mae_rises(
-    enroll: Any, make_regression_version: Any, django_capture_on_commit_callbacks: Any
+    make_regression_version: Any, django_capture_on_commit_callbacks: Any
 ) -> None:
-    device = enroll().device
+    boards = _boards(3)
     steady, risen = make_regression_version(), make_regression_version()
     for version in (steady, risen):
         version.metrics = {"mae": 0.4, "rmse": 0.5, "evaluation": "federated"}
         version.save()
-    _abs_errors(device, steady, [0.48] * 300)  # +20 %: within the default 25 %
-    _abs_errors(device, risen, [0.6] * 300)  # +50 %
-    # Classification feedback says nothing about a regression version.
-    _feedback(device, steady, n=300, correct=0)
+    for board in boards:
+        _abs_errors(board, steady, [0.48] * 100)  # +20 %: within the default 25 %
+        _abs_errors(board, risen, [0.6] * 100)  # +50 %
+        # Classification feedback says nothing about a regression version.
+        _feedback(board, steady, n=100, correct=0)
     with django_capture_on_commit_callbacks(execute=False) as emitted:
         assert drift_check() == [risen.pk]
     assert len(emitted) == 1
@@ -250,16 +282,30 @@ def test_drift_check_flags_a_regression_version_whose_mae_rises(
     flag = risen.metrics["flagged"]
     assert flag["reason"] == "mae_rise" and flag["metric"] == "mae"
     assert flag["mae"] == pytest.approx(0.6) and flag["reference_mae"] == pytest.approx(0.4)
-    assert flag["value"] == pytest.approx(0.6) and flag["samples"] == 300
+    assert flag["value"] == pytest.approx(0.6) and flag["samples"] == 300 and flag["devices"] == 3
     steady.refresh_from_db()
     assert "flagged" not in steady.metrics
 
 
-def test_mae_rise_threshold_is_a_setting(enroll: Any, make_regression_version: Any, settings: Any) -> None:
+def test_mae_rise_threshold_is_a_setting(make_regression_version: Any, settings: Any) -> None:
     settings.DRIFT_MAE_RISE = 0.1
-    device = enroll().device
     version = make_regression_version()
     version.metrics = {"mae": 0.4}
     version.save()
-    _abs_errors(device, version, [0.48] * 300)
+    for board in _boards(3):
+        _abs_errors(board, version, [0.48] * 100)
+    assert drift_check() == [version.pk]
+
+
+def test_device_minimums_are_settings(make_version: Any, settings: Any) -> None:
+    settings.DRIFT_MIN_DEVICES = 1
+    settings.DRIFT_MIN_SAMPLES = 100
+    version = make_version()
+    version.metrics = {"accuracy": 0.95}
+    version.save()
+    (board,) = _boards(1)
+    _feedback(board, version, n=100, correct=50)
+    settings.DRIFT_MIN_SAMPLES_PER_DEVICE = 101
+    assert drift_check() == []
+    settings.DRIFT_MIN_SAMPLES_PER_DEVICE = 100
     assert drift_check() == [version.pk]

@@ -70,14 +70,16 @@ def make_devices(*, count: int, group: Any = None, version: Any = None, prefix: 
 
 def make_version(*, family: Any, parent: Any = None, stage: str = "production", **metrics: Any) -> Any:
     """A registered version of ``family`` (a digits net, or the regression net of a regression
-    family) with all three artifacts, in ``stage``, its headline metrics set to ``metrics``."""
-    from models_registry.models import ModelVersion
+    family) with all three artifacts, promoted through the registry's stages to ``stage``,
+    its headline metrics set to ``metrics``."""
+    from models_registry.services import version_promote
     from tests.bundles import digits_version, regression_version
 
     make = regression_version if family.task == "regression" else digits_version
     version = make(family, parent=parent, metrics=metrics or {"accuracy": 0.9})
-    ModelVersion.objects.filter(pk=version.pk).update(stage=stage)
-    version.stage = stage
+    path = {"draft": [], "staging": ["staging"], "production": ["staging", "production"]}
+    for step in path.get(stage, ["staging", stage]):
+        version = version_promote(version=version, stage=step)
     return version
 
 

@@ -103,17 +103,17 @@ def make_operator() -> Any:
 
 
 def make_release() -> tuple[Any, Any, Any]:
-    """A digits family with a running version and a candidate, registered with all three artifacts."""
-    from models_registry.models import ModelVersion
+    """A digits family with a running version (production) and a candidate (staging),
+    registered with all three artifacts and promoted through the registry."""
+    from models_registry.services import version_promote
     from tests.bundles import digits_family, digits_version
 
     family = digits_family("digits")
     base = digits_version(family)
     candidate = digits_version(family, parent=base)
-    ModelVersion.objects.filter(pk=base.pk).update(stage="production")
-    ModelVersion.objects.filter(pk=candidate.pk).update(stage="staging")
-    base.refresh_from_db()
-    candidate.refresh_from_db()
+    for stage in ("staging", "production"):
+        base = version_promote(version=base, stage=stage)
+    candidate = version_promote(version=candidate, stage="staging")
     return family, base, candidate
 
 
@@ -177,7 +177,8 @@ def _rollout_setup() -> Any:
 
     user = make_operator()
     _, base, candidate = make_release()
-    group = DeviceGroup.objects.create(name="browser-fleet")
+    # A canary group: the candidate is in staging.
+    group = DeviceGroup.objects.create(name="browser-fleet", canary=True)
     for i in range(2):
         device = Device.objects.create(
             name=f"rollout-cam-{i}", status="online", last_seen=timezone.now(), running_version=base

@@ -238,10 +238,37 @@ def test_operator_command_and_stage_change_go_through_services(page_client: Any,
     response = client.post(reverse("frontend:device-command", args=[device.pk]), {"kind": "format-disk"})
     assert response.status_code == 302
     assert not DeviceCommand.objects.filter(kind="format-disk").exists()
-    client.post(reverse("frontend:version-stage", args=[fleet.candidate.pk]), {"stage": "production"})
+    client.post(reverse("frontend:version-stage", args=[fleet.candidate.pk]), {"stage": "archived"})
+    fleet.candidate.refresh_from_db()
+    assert fleet.candidate.stage == "archived"
+    event = AuditEvent.objects.filter(action="model_version.promote").order_by("-id").first()
+    assert event is not None and event.data["to"] == "archived"
+
+
+def test_promotion_to_production_from_the_dashboard_is_for_admins(page_client: Any, fleet: Fleet) -> None:
+    from core.audit.models import AuditEvent
+
+    url = reverse("frontend:version-stage", args=[fleet.candidate.pk])
+    page = reverse("frontend:version", args=[fleet.candidate.pk])
+    operator = page_client("operator")
+    shown = operator.get(page).content.decode()
+    # The operator sees staging's other moves but no production button, and why.
+    assert 'value="production"' not in shown and 'value="archived"' in shown
+    assert 'id="production-needs-admin"' in shown
+    before = AuditEvent.objects.filter(action="model_version.promote").count()
+    refused = operator.post(url, {"stage": "production"})
+    assert refused.status_code == 403
+    fleet.candidate.refresh_from_db()
+    assert fleet.candidate.stage == "staging"
+    assert AuditEvent.objects.filter(action="model_version.promote").count() == before
+
+    admin = page_client("admin")
+    assert 'value="production"' in admin.get(page).content.decode()
+    assert admin.post(url, {"stage": "production"}).status_code == 302
     fleet.candidate.refresh_from_db()
     assert fleet.candidate.stage == "production"
-    assert AuditEvent.objects.filter(action="model_version.promote").exists()
+    event = AuditEvent.objects.filter(action="model_version.promote").order_by("-id").first()
+    assert event is not None and event.data["to"] == "production"
 
 
 def test_rollout_pause_from_the_dashboard(page_client: Any, fleet: Fleet) -> None:
@@ -286,24 +313,30 @@ def test_experiment_page_shows_intervals_and_the_winner(page_client: Any, fleet:
 
 
 def test_operator_creates_an_experiment(page_client: Any, fleet: Fleet) -> None:
-    from fleet.models import Experiment
+    from fleet.models import DeviceGroup, Experiment
 
     client = page_client("operator")
-    response = client.post(
-        reverse("frontend:experiment-new"),
-        {
-            "name": "v1 vs v2 again",
-            "target_group": fleet.group.pk,
-            "control_version": fleet.version.pk,
-            "candidate_version": fleet.candidate.pk,
-            "candidate_share": "0.3",
-            "primary_metric": "latency",
-        },
-    )
+    form = {
+        "name": "v1 vs v2 again",
+        "target_group": fleet.group.pk,
+        "control_version": fleet.version.pk,
+        "candidate_version": fleet.candidate.pk,
+        "candidate_share": "0.3",
+        "primary_metric": "latency",
+        "min_devices_per_arm": "4",
+        "min_samples_per_device": "25",
+    }
+    # The candidate is in staging: only a canary group may try it.
+    refused = client.post(reverse("frontend:experiment-new"), form, follow=True)
+    assert "takes versions in production only" in refused.content.decode()
+    assert not Experiment.objects.filter(name="v1 vs v2 again").exists()
+    DeviceGroup.objects.filter(pk=fleet.group.pk).update(canary=True)
+    response = client.post(reverse("frontend:experiment-new"), form)
     created = Experiment.objects.get(name="v1 vs v2 again")
     assert response["Location"] == reverse("frontend:experiment", args=[created.pk])
     assert [a["share"] for a in created.arms] == [0.7, 0.3]
     assert created.primary_metric == "latency" and created.status == "draft"
+    assert (created.min_devices_per_arm, created.min_samples_per_device) == (4, 25)
 
 
 def test_operator_creates_a_group_with_the_api_validation(page_client: Any, fleet: Fleet) -> None:
@@ -317,3 +350,19 @@ def test_operator_creates_a_group_with_the_api_validation(page_client: Any, flee
     assert AuditEvent.objects.filter(action="device_group.create", target_id=str(group.pk)).exists()
     client.post(reverse("frontend:group-new"), {"name": "not a slug!"})
     assert not DeviceGroup.objects.filter(name="not a slug!").exists()
+    assert not group.canary
+
+
+def test_only_admins_mark_a_group_canary_from_the_dashboard(page_client: Any, fleet: Fleet) -> None:
+    from fleet.models import DeviceGroup
+
+    operator = page_client("operator")
+    assert 'name="canary"' not in operator.get(reverse("frontend:enrollment")).content.decode()
+    refused = operator.post(reverse("frontend:group-new"), {"name": "canaries", "canary": "on"})
+    assert refused.status_code == 403 and not DeviceGroup.objects.filter(name="canaries").exists()
+    admin = page_client("admin")
+    assert 'name="canary"' in admin.get(reverse("frontend:enrollment")).content.decode()
+    admin.post(reverse("frontend:group-new"), {"name": "canaries", "canary": "on"})
+    assert DeviceGroup.objects.get(name="canaries").canary
+    listed = operator.get(reverse("frontend:enrollment")).content.decode()
+    assert "staging or production" in listed

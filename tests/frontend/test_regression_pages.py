@@ -57,7 +57,8 @@ def regression(db: Any) -> RegressionFleet:
             "parameter_count": 161,
         },
     )
-    group = DeviceGroup.objects.create(name="sensors")
+    # Canary: the staging version ``central`` may be tried on it.
+    group = DeviceGroup.objects.create(name="sensors", canary=True)
     devices = make_devices(count=4, group=group, version=federated, prefix="sensor")
     first = devices[0]
     Device.objects.filter(pk=first.pk).update(
@@ -290,7 +291,7 @@ def test_rollout_form_makes_an_mae_gate(page_client: Any, regression: Regression
     )
     assert response.status_code == 302
     rollout = Rollout.objects.get(version=regression.central)
-    assert rollout.gates == [{"metric": "mae", "max_increase_pct": 10.0, "min_samples": 40}]
+    assert rollout.gates == [{"metric": "mae", "max_increase_pct": 10.0, "min_samples": 40, "min_devices": 3}]
     refused = client.post(
         reverse("frontend:rollout-new"),
         {"version": regression.central.pk, "target_group": regression.group.pk, "gate_accuracy_min": "0.9"},

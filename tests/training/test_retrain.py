@@ -13,8 +13,9 @@ from tests.training.federated.conftest import Fleet, make_fleet
 pytestmark = pytest.mark.django_db
 
 
-def _feedback(fleet: Fleet, *, n: int = 300, correct: int = 240) -> None:
-    """Labelled feedback for the fleet's version: 0.80 accuracy against 0.95 evaluated."""
+def _feedback(fleet: Fleet, *, n: int = 100, correct: int = 80) -> None:
+    """Labelled feedback for the fleet's version from each of its devices (flags count
+    devices): 0.80 accuracy against 0.95 evaluated."""
     from fleet.models import MetricSample
 
     fleet.version.metrics = {"accuracy": 0.95}
@@ -22,12 +23,13 @@ def _feedback(fleet: Fleet, *, n: int = 300, correct: int = 240) -> None:
     now = timezone.now()
     MetricSample.objects.bulk_create(
         MetricSample(
-            device=fleet.devices[0],
+            device=device,
             version=fleet.version,
             name="correct",
             value=1.0 if i < correct else 0.0,
             ts=now,
         )
+        for device in fleet.devices
         for i in range(n)
     )
 

@@ -104,7 +104,7 @@ def test_winner_declared_with_interval_and_promoted(fleet: Any) -> None:
     assert winner["ci"][0] < winner["effect"] < winner["ci"][1]
     assert winner["ci"][0] > 0 and winner["p_value"] < 0.05
     comparison = result["comparisons"][0]
-    assert comparison["fixed_test"]["method"] == "two_proportion_z"
+    assert comparison["fixed_test"]["method"] == "welch_t" and comparison["unit"] == "device"
     experiment.refresh_from_db()
     assert experiment.status == "completed" and experiment.winner_arm == 1
     assert ExperimentDecision.objects.filter(experiment=experiment, action="winner").exists()
@@ -119,7 +119,7 @@ def test_winner_declared_with_interval_and_promoted(fleet: Any) -> None:
 
 def test_guardrail_breach_stops_and_restores(fleet: Any) -> None:
     f = fleet(20)
-    experiment = make_experiment(f, guardrails=[{"metric": "error_rate", "max": 0.05, "min_samples": 50}])
+    experiment = make_experiment(f, guardrails=[{"metric": "error_rate", "max": 0.05, "min_samples": 10}])
     experiment_start(experiment_id=experiment.pk, actor=None)
     experiment.refresh_from_db()
     ts = (experiment.started_at or timezone.now()) + timedelta(seconds=1)

@@ -4,12 +4,19 @@ from __future__ import annotations
 
 from collections import Counter
 from datetime import UTC, datetime
+from typing import Any
 from uuid import UUID, uuid5
 
 import numpy as np
 import pytest
 
-from fleet.rollouts.gates import evaluate_gate, evaluate_gates, metric_value, validate_gates
+from fleet.rollouts.gates import (
+    evaluate_gate,
+    evaluate_gates,
+    metric_value,
+    stats_from_samples,
+    validate_gates,
+)
 from fleet.rollouts.policy import in_maintenance_window, training_allowed
 from fleet.rollouts.waves import assign_arm, cumulative_size, ordered_devices, validate_waves, wave_members
 
@@ -149,18 +156,33 @@ def test_arm_assignment_stable_and_proportional() -> None:
 # --- gates ------------------------------------------------------------------------------
 
 
-def test_metric_values() -> None:
-    samples = {
-        "latency_ms": np.arange(1, 101, dtype=float),
-        "error": np.array([1.0, 1.0, 0.0]),
-        "correct": np.array([1.0, 0.0, 1.0, 1.0]),
-    }
-    p95, n = metric_value(metric="latency_p95_ms", samples=samples)
-    assert n == 100 and p95 == pytest.approx(95.05)
-    rate, n = metric_value(metric="error_rate", samples=samples)
-    assert n == 102 and rate == pytest.approx(2 / 102)
-    assert metric_value(metric="accuracy", samples=samples) == (0.75, 4)
-    assert metric_value(metric="accuracy", samples={}) == (None, 0)
+def fleet_of(n: int, make: Any, *, prefix: str = "d") -> Any:
+    """Per-device stats for ``n`` devices, ``make(i)`` giving device i's raw samples."""
+    return stats_from_samples({f"{prefix}{i}": make(i) for i in range(n)})
+
+
+def test_metric_values_are_medians_over_devices() -> None:
+    stats = stats_from_samples(
+        {
+            "a": {
+                "latency_ms": np.arange(1, 101, dtype=float),
+                "error": np.array([1.0, 1.0, 0.0]),
+                "correct": np.array([1.0, 0.0, 1.0, 1.0]),
+            },
+            "b": {"latency_ms": np.full(40, 10.0), "correct": np.ones(4)},
+            "c": {"latency_ms": np.full(40, 20.0), "correct": np.zeros(4)},
+        }
+    )
+    p95 = metric_value(metric="latency_p95_ms", stats=stats, min_samples=1)
+    # Device a's own p95 is 95.05; b's 10 and c's 20: the median device is c.
+    assert (p95.value, p95.devices, p95.samples) == (20.0, 3, 180)
+    rate = metric_value(metric="error_rate", stats=stats, min_samples=1)
+    assert rate.value == 0.0 and rate.devices == 3  # a's 2/102 is the one outlier
+    assert metric_value(metric="accuracy", stats=stats, min_samples=1).value == 0.75
+    # A device with fewer than min_samples samples does not vote.
+    few = metric_value(metric="accuracy", stats=stats, min_samples=5)
+    assert (few.value, few.devices, few.short) == (None, 0, 3)
+    assert metric_value(metric="accuracy", stats={}).value is None
 
 
 def test_unknown_gate_metric_is_refused() -> None:
@@ -168,25 +190,37 @@ def test_unknown_gate_metric_is_refused() -> None:
         validate_gates(gates=[{"metric": "vibes", "max": 1}])
     with pytest.raises(ValueError):
         validate_gates(gates=[{"metric": "accuracy"}])
+    with pytest.raises(ValueError):
+        validate_gates(gates=[{"metric": "accuracy", "min": 0.5, "min_devices": 0}])
+    (gate,) = validate_gates(gates=[{"metric": "accuracy", "min": 0.5}])
+    assert gate["min_samples"] == 30 and gate["min_devices"] == 3
 
 
 def test_relative_latency_gate() -> None:
     rng = np.random.default_rng(0)
-    baseline = {"latency_ms": rng.normal(10, 1, 200)}
-    slow = {"latency_ms": rng.normal(16, 1, 200)}
-    same = {"latency_ms": rng.normal(10, 1, 200)}
-    gate = {"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 50}
+    baseline = fleet_of(10, lambda i: {"latency_ms": rng.normal(10, 1, 200)}, prefix="old")
+    slow = fleet_of(5, lambda i: {"latency_ms": rng.normal(16, 1, 200)})
+    same = fleet_of(5, lambda i: {"latency_ms": rng.normal(10, 1, 200)})
+    gate = {"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 50, "min_devices": 3}
     failed = evaluate_gate(gate=gate, candidate=slow, baseline=baseline)
     assert failed.outcome == "failed" and failed.value is not None and failed.baseline_value is not None
     assert failed.value > failed.baseline_value * 1.2
+    assert (failed.devices, failed.baseline_devices, failed.samples) == (5, 10, 1000)
+    assert "median of 5 devices" in failed.reason
     assert evaluate_gate(gate=gate, candidate=same, baseline=baseline).outcome == "passed"
-    few = {"latency_ms": rng.normal(16, 1, 10)}
-    assert evaluate_gate(gate=gate, candidate=few, baseline=baseline).outcome == "waiting"
+    few = fleet_of(5, lambda i: {"latency_ms": rng.normal(16, 1, 10)})
+    waiting = evaluate_gate(gate=gate, candidate=few, baseline=baseline)
+    assert waiting.outcome == "waiting" and "5 more with fewer samples" in waiting.reason
+    two = fleet_of(2, lambda i: {"latency_ms": rng.normal(16, 1, 200)})
+    assert evaluate_gate(gate=gate, candidate=two, baseline=baseline).outcome == "waiting"
     assert evaluate_gate(gate=gate, candidate=slow, baseline={}).outcome == "waiting"
 
 
 def test_absolute_gates_and_combination() -> None:
-    candidate = {"latency_ms": np.full(100, 5.0), "error": np.full(20, 1.0), "correct": np.full(100, 1.0)}
+    candidate = fleet_of(
+        4,
+        lambda i: {"latency_ms": np.full(100, 5.0), "error": np.full(20, 1.0), "correct": np.full(100, 1.0)},
+    )
     gates = [
         {"metric": "accuracy", "min": 0.9, "min_samples": 50},
         {"metric": "error_rate", "max": 0.1, "min_samples": 50},
@@ -194,16 +228,74 @@ def test_absolute_gates_and_combination() -> None:
     verdict, results = evaluate_gates(gates=gates, candidate=candidate, baseline=None)
     assert verdict == "failed"
     assert [r.outcome for r in results] == ["passed", "failed"]
-    assert results[1].value == pytest.approx(20 / 120)
+    assert results[1].value == pytest.approx(20 / 120) and results[1].devices == 4
 
 
 def test_abs_tolerance_ignores_tiny_relative_changes() -> None:
-    baseline = {"latency_ms": np.full(100, 0.1)}
-    noisy = {"latency_ms": np.full(100, 0.5)}  # +400%, but 0.4 ms
-    slow = {"latency_ms": np.full(100, 12.0)}
+    baseline = fleet_of(3, lambda i: {"latency_ms": np.full(100, 0.1)}, prefix="old")
+    noisy = fleet_of(3, lambda i: {"latency_ms": np.full(100, 0.5)})  # +400%, but 0.4 ms
+    slow = fleet_of(3, lambda i: {"latency_ms": np.full(100, 12.0)})
     gate = validate_gates(
         gates=[{"metric": "latency_p95_ms", "max_increase_pct": 50, "abs_tolerance": 3, "min_samples": 10}]
     )[0]
     assert gate["abs_tolerance"] == 3.0
     assert evaluate_gate(gate=gate, candidate=noisy, baseline=baseline).outcome == "passed"
     assert evaluate_gate(gate=gate, candidate=slow, baseline=baseline).outcome == "failed"
+
+
+# One poisoned device among 20: thousands of extreme samples, all within the metric's range.
+POISONS = {
+    "latency_p95_ms": {"latency_ms": np.full(5000, 60_000.0)},
+    "error_rate": {"latency_ms": np.empty(0), "error": np.ones(5000)},
+    "accuracy": {"correct": np.zeros(5000)},
+    "mae": {"abs_error": np.full(5000, 1e3)},
+}
+# And one flattering device: perfect figures on thousands of samples.
+FLATTERY = {
+    "latency_p95_ms": {"latency_ms": np.full(5000, 0.1)},
+    "error_rate": {"latency_ms": np.full(5000, 1.0), "error": np.zeros(5000)},
+    "accuracy": {"correct": np.ones(5000)},
+    "mae": {"abs_error": np.zeros(5000)},
+}
+THRESHOLDS: dict[str, dict[str, float]] = {
+    "latency_p95_ms": {"max_increase_pct": 20},
+    "error_rate": {"max": 0.05},
+    "accuracy": {"max_decrease_pct": 5},
+    "mae": {"max_increase_pct": 10},
+}
+
+
+def _honest(metric: str, *, bad: bool, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    if metric == "latency_p95_ms":
+        return {"latency_ms": rng.normal(16.0 if bad else 10.0, 1.0, 60)}
+    if metric == "error_rate":
+        return {"latency_ms": np.full(60, 8.0), "error": np.ones(12 if bad else 0)}
+    if metric == "accuracy":
+        return {"correct": (rng.random(60) < (0.7 if bad else 0.92)).astype(float)}
+    return {"abs_error": np.abs(rng.normal(0.6 if bad else 0.4, 0.05, 60))}
+
+
+@pytest.mark.parametrize("metric", list(POISONS))
+def test_one_poisoned_device_among_20_can_neither_fail_nor_pass_a_gate(metric: str) -> None:
+    rng = np.random.default_rng(7)
+    gate = {"metric": metric, **THRESHOLDS[metric], "min_samples": 30, "min_devices": 3}
+    baseline = fleet_of(20, lambda i: _honest(metric, bad=False, rng=rng), prefix="old")
+    good = {f"d{i}": _honest(metric, bad=False, rng=rng) for i in range(19)}
+    bad = {f"d{i}": _honest(metric, bad=True, rng=rng) for i in range(19)}
+    assert evaluate_gate(gate=gate, candidate=stats_from_samples(good), baseline=baseline).outcome == "passed"
+    assert evaluate_gate(gate=gate, candidate=stats_from_samples(bad), baseline=baseline).outcome == "failed"
+    # A good version with one device reporting disaster still passes ...
+    poisoned = stats_from_samples({**good, "liar": POISONS[metric]})
+    assert evaluate_gate(gate=gate, candidate=poisoned, baseline=baseline).outcome == "passed"
+    # ... a bad one with one device reporting perfection still fails ...
+    flattered = stats_from_samples({**bad, "liar": FLATTERY[metric]})
+    assert evaluate_gate(gate=gate, candidate=flattered, baseline=baseline).outcome == "failed"
+    # ... and one baseline device cannot move the reference either way.
+    for liar in (POISONS[metric], FLATTERY[metric]):
+        moved = stats_from_samples(
+            {**{f"old{i}": _honest(metric, bad=False, rng=rng) for i in range(19)}, "x": liar}
+        )
+        assert (
+            evaluate_gate(gate=gate, candidate=stats_from_samples(good), baseline=moved).outcome == "passed"
+        )
+        assert evaluate_gate(gate=gate, candidate=stats_from_samples(bad), baseline=moved).outcome == "failed"

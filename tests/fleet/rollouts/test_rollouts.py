@@ -246,7 +246,7 @@ def test_abort_during_downloads(fleet: Any) -> None:
 
 
 def _latency_gate_setup(f: Any, on_failure: str) -> tuple[Rollout, Any]:
-    gates = [{"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 100}]
+    gates = [{"metric": "latency_p95_ms", "max_increase_pct": 20, "min_samples": 50, "min_devices": 3}]
     rollout = create(f, gates=gates, on_gate_failure=on_failure)
     t0 = timezone.now()
     rollout_start(rollout_id=rollout.pk, actor=None, now=t0)
@@ -257,12 +257,12 @@ def _latency_gate_setup(f: Any, on_failure: str) -> tuple[Rollout, Any]:
         if d.pk in exposed:
             add_metrics(d, f.v2, "latency_ms", rng.normal(15, 1, 100), ts=t0 + timedelta(seconds=5))
         else:
-            add_metrics(d, f.v1, "latency_ms", rng.normal(10, 1, 20), ts=t0 + timedelta(seconds=5))
+            add_metrics(d, f.v1, "latency_ms", rng.normal(10, 1, 60), ts=t0 + timedelta(seconds=5))
     return rollout, t0
 
 
 def test_gate_failure_pauses_with_the_numbers(fleet: Any) -> None:
-    f = fleet(20)
+    f = fleet(30)  # the first wave, 10 %, is 3 devices: a gate's minimum
     rollout, t0 = _latency_gate_setup(f, "pause")
     result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=20))
     assert result.action == "paused"
@@ -270,10 +270,11 @@ def test_gate_failure_pauses_with_the_numbers(fleet: Any) -> None:
     (gate,) = decision.metrics["gates"]
     assert gate["metric"] == "latency_p95_ms" and gate["outcome"] == "failed"
     assert gate["value"] > 1.2 * gate["baseline_value"]
-    assert gate["samples"] == 200 and gate["baseline_samples"] == 360
-    assert "latency_p95_ms" in decision.reason
+    assert gate["devices"] == 3 and gate["samples"] == 300
+    assert gate["baseline_devices"] == 27 and gate["baseline_samples"] == 27 * 60
+    assert "latency_p95_ms" in decision.reason and "median of 3 devices" in decision.reason
     # Devices stay where they are when pausing.
-    assert Device.objects.filter(running_version=f.v2).count() == 2
+    assert Device.objects.filter(running_version=f.v2).count() == 3
     # Resuming restarts the soak window, so old slow samples no longer count.
     rollout_resume(rollout_id=rollout.pk, actor=None)
     rollout.refresh_from_db()
@@ -281,14 +282,14 @@ def test_gate_failure_pauses_with_the_numbers(fleet: Any) -> None:
 
 
 def test_gate_failure_rolls_back_when_configured(fleet: Any) -> None:
-    f = fleet(20)
+    f = fleet(30)
     rollout, t0 = _latency_gate_setup(f, "rollback")
     result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=20))
     assert result.action == "rolled_back"
     rollout.refresh_from_db()
     assert rollout.status == "rolled_back"
     decision = RolloutDecision.objects.get(rollout=rollout, action="rolled_back")
-    assert decision.metrics["rolled_back_devices"] == 2
+    assert decision.metrics["rolled_back_devices"] == 3
     assert decision.metrics["gates"][0]["outcome"] == "failed"
     for m in members(rollout):
         device = Device.objects.get(pk=m.device_id)
@@ -302,7 +303,7 @@ def test_gate_failure_rolls_back_when_configured(fleet: Any) -> None:
 
 
 def test_gates_wait_for_samples_then_pass(fleet: Any) -> None:
-    f = fleet(20)
+    f = fleet(30)
     gates = [{"metric": "accuracy", "min": 0.8, "min_samples": 50}]
     rollout = create(f, gates=gates)
     t0 = timezone.now()
@@ -311,14 +312,20 @@ def test_gates_wait_for_samples_then_pass(fleet: Any) -> None:
     assert (
         rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=61)).action == "waiting_for_samples"
     )
+    # 90 samples in all, but no device has 50 of its own yet.
     for m in members(rollout):
         add_metrics(m.device, f.v2, "correct", [1.0] * 30, ts=t0 + timedelta(seconds=62))
-    assert rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=63)).action == "wave_passed"
+    result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=63))
+    assert result.action == "waiting_for_samples"
+    assert "0 of 3 devices with 50+ samples; 3 more with fewer samples" in result.stats["gates"][0]["reason"]
+    for m in members(rollout):
+        add_metrics(m.device, f.v2, "correct", [1.0] * 30, ts=t0 + timedelta(seconds=64))
+    assert rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=65)).action == "wave_passed"
     assert RolloutDecision.objects.filter(rollout=rollout, action="waiting_for_samples").count() == 1
 
 
 def test_mae_gate_stops_a_regression_rollout(fleet: Any) -> None:
-    f = fleet(20, regression=True)
+    f = fleet(30, regression=True)
     gates = [{"metric": "mae", "max_increase_pct": 10, "abs_tolerance": 0.01, "min_samples": 50}]
     rollout = create(f, gates=gates, on_gate_failure="rollback")
     t0 = timezone.now()
@@ -330,7 +337,7 @@ def test_mae_gate_stops_a_regression_rollout(fleet: Any) -> None:
         if d.pk in exposed:
             add_metrics(d, f.v2, "abs_error", np.abs(rng.normal(0.6, 0.05, 60)), ts=t0 + timedelta(seconds=5))
         else:
-            add_metrics(d, f.v1, "abs_error", np.abs(rng.normal(0.4, 0.05, 20)), ts=t0 + timedelta(seconds=5))
+            add_metrics(d, f.v1, "abs_error", np.abs(rng.normal(0.4, 0.05, 60)), ts=t0 + timedelta(seconds=5))
     result = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=20))
     assert result.action == "rolled_back"
     decision = RolloutDecision.objects.get(rollout=rollout, action="rolled_back")
@@ -339,14 +346,14 @@ def test_mae_gate_stops_a_regression_rollout(fleet: Any) -> None:
     assert gate["value"] == pytest.approx(0.6, abs=0.03) and gate["baseline_value"] == pytest.approx(
         0.4, abs=0.03
     )
-    assert gate["samples"] == 120 and gate["baseline_samples"] == 360
+    assert gate["samples"] == 180 and gate["baseline_samples"] == 27 * 60
     assert "mae" in decision.reason
     for m in members(rollout):
         assert Device.objects.get(pk=m.device_id).desired_version_id == f.v1.pk
 
 
 def test_mae_gate_passes_within_its_tolerance(fleet: Any) -> None:
-    f = fleet(20, regression=True)
+    f = fleet(30, regression=True)
     gates = [{"metric": "mae", "max_increase_pct": 10, "abs_tolerance": 0.05, "min_samples": 50}]
     rollout = create(f, gates=gates)
     t0 = timezone.now()

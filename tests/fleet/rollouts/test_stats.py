@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
+from fleet.rollouts.simulation import SimulatedFleet, simulate_experiments
 from fleet.rollouts.stats import msprt, two_proportion_ztest, welch_ttest
 
 
@@ -71,3 +72,34 @@ def test_msprt_finds_a_real_difference_and_its_interval_covers_it() -> None:
     # The always-valid interval is wider than the fixed-horizon one at the same n.
     fixed = two_proportion_ztest(successes_a=int(a.sum()), n_a=n, successes_b=int(b.sum()), n_b=n)
     assert (result.ci_high - result.ci_low) > (fixed.ci_high - fixed.ci_low)
+
+
+# --- per-device analysis on a heterogeneous fleet -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fleet",
+    [
+        SimulatedFleet(),
+        SimulatedFleet(devices=20, min_devices_per_arm=3, device_sd=0.12),
+        SimulatedFleet(devices=80, rate_sigma=2.0, samples_per_look=30),
+    ],
+    ids=["40 devices", "20 devices, wide spread", "80 devices, very unequal rates"],
+)
+def test_aa_false_positives_stay_at_alpha_when_devices_are_the_unit(fleet: SimulatedFleet) -> None:
+    """200 A/A experiments x 30 looks: devices differ, report unequally, are looked at often."""
+    result = simulate_experiments(fleet, seed=20261202)
+    # Treating each inference as independent calls most A/A experiments significant:
+    # a device's lasting quirks look like evidence, and more samples make it surer.
+    assert result.per_sample_msprt > 0.3 and result.per_sample_fixed_last_look > 0.3
+    # Each device one vote keeps the always-valid test at its nominal level over all the
+    # looks (alpha 0.05; the binomial sd at 200 experiments is 0.015).
+    assert result.per_device_msprt <= fleet.alpha + 0.02
+    # Peeking at a fixed-horizon test still inflates it, even per device.
+    assert result.per_device_fixed_every_look > result.per_device_msprt
+
+
+def test_per_device_analysis_still_finds_a_real_difference() -> None:
+    # 8 accuracy points on every device, 100 devices that differ by 8 points among themselves.
+    result = simulate_experiments(SimulatedFleet(effect=0.08, devices=100, experiments=100), seed=3)
+    assert result.per_device_msprt > 0.9
