@@ -1,7 +1,9 @@
 """Operator API routes: provisioning jobs and known SSH hosts."""
 
+from django.urls import path
 from rest_framework.routers import DefaultRouter
 
+from fleet.api.agent_package import AgentPackageView, AgentRequirementsView
 from fleet.api.provisioning import KnownHostViewSet, ProvisioningJobViewSet
 
 router = DefaultRouter(trailing_slash=True)
@@ -9,4 +11,8 @@ router.include_root_view = False
 router.register("provisioning-jobs", ProvisioningJobViewSet, basename="provisioning-job")
 router.register("known-hosts", KnownHostViewSet, basename="known-host")
 
-urlpatterns = router.urls
+urlpatterns = [
+    path("agent/package/", AgentPackageView.as_view(), name="agent-package"),
+    path("agent/requirements/", AgentRequirementsView.as_view(), name="agent-requirements"),
+    *router.urls,
+]
