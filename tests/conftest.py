@@ -23,7 +23,8 @@ def make_user(db: Any) -> Any:
             username=f"{role or 'nobody'}{counter['n']}", password="pw-Flotilla-1", **extra
         )
         if role:
-            user.groups.add(Group.objects.get(name=role))
+            # Transactional tests flush the tables, role groups included: recreate them.
+            user.groups.add(Group.objects.get_or_create(name=role)[0])
         return user
 
     return make

@@ -1043,9 +1043,9 @@ def _run_over_ssh(job: ProvisioningJob, secret: str) -> None:
         _log(job, "install", "ok", _tail(out, lines=1, chars=300))
 
         backends = TRAINING_BACKENDS[plan["training"]]
-        # --train trains with every backend the agent has; ONNX Runtime training is not one
-        # of them, so a board given onnxruntime-training proves inference only.
-        _selftest(job, ssh, remote_dir=remote_dir, train="torch" in backends)
+        # --train checks every backend the board has: a torch step, or that ONNX Runtime's
+        # training API loads (its graphs come from the server per version).
+        _selftest(job, ssh, remote_dir=remote_dir, train=bool(backends))
 
         # A fresh single-use token per run: an earlier run's token may sit in an old config.
         _revoke_token(job)
