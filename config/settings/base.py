@@ -253,6 +253,8 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
 # and keeps the heartbeat hot path cheap; a password hasher would cost milliseconds.
 DEVICE_SECRET_KEY = env.str("DEVICE_SECRET_KEY", default="")
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
+# Device ids per nudge fan-out message (one message reaches every websocket process).
+NUDGE_BATCH_DEVICES = env.int("NUDGE_BATCH_DEVICES", default=5000)
 # Drift: alert thresholds on a device's sketch (PSI of top-1 confidence, z of a feature's
 # mean shift) and the accuracy drop on labelled feedback that flags a model version.
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
