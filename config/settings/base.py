@@ -246,7 +246,22 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.drift_check",
         "schedule": timedelta(seconds=60),
     },
+    "fleet-metrics-rollup": {
+        "task": "fleet.metrics_rollup",
+        "schedule": timedelta(seconds=env.float("METRICS_ROLLUP_S", default=300.0)),
+    },
+    "fleet-prune": {
+        "task": "fleet.prune",
+        "schedule": timedelta(seconds=env.float("PRUNE_S", default=3600.0)),
+    },
 }
+# How long each growing table keeps its rows, in days (fleet/services/retention.py).
+METRICS_RAW_DAYS = env.float("METRICS_RAW_DAYS", default=14.0)
+METRICS_HOURLY_DAYS = env.float("METRICS_HOURLY_DAYS", default=90.0)
+METRICS_DAILY_DAYS = env.float("METRICS_DAILY_DAYS", default=730.0)
+DEPLOYMENT_EVENTS_DAYS = env.float("DEPLOYMENT_EVENTS_DAYS", default=90.0)
+WEBHOOK_DELIVERIES_DAYS = env.float("WEBHOOK_DELIVERIES_DAYS", default=30.0)
+DRIFT_REPORTS_DAYS = env.float("DRIFT_REPORTS_DAYS", default=90.0)
 
 # --- Flotilla ---------------------------------------------------------------------------
 # Device secrets are random 256-bit values, so a keyed fast hash (HMAC-SHA256) is enough
