@@ -222,7 +222,7 @@ class ModelJob(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     # Until when the worker running the job holds it (core.leases); past it, the job is
-    # taken over by a redelivery or re-sent by models_registry.jobs_resume.
+    # taken over by a redelivery or re-sent by the sweep (core.sweep, jobs_redrive).
     lease_expires_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
