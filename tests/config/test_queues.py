@@ -56,9 +56,15 @@ def test_the_kinds_of_work_go_where_they_belong() -> None:
 
 
 def test_local_workers_consume_every_queue() -> None:
+    """The stack's workers (tests, benchmarks, `make demo`) take every queue by default."""
+    import inspect
+
+    from config.stack import Stack
+
     assert set(ALL_QUEUES.split(",")) == set(QUEUES)
     command = worker_command()
     assert command[command.index("--queues") + 1] == ALL_QUEUES
+    assert inspect.signature(Stack.start_worker).parameters["queues"].default == ALL_QUEUES
 
 
 def test_compose_runs_one_worker_per_queue_and_redis_keeps_an_append_only_file() -> None:
