@@ -332,14 +332,18 @@ def jobs_redrive(*, now: datetime, grace: timedelta) -> list[int]:
 
     Jobs ``queued`` for longer than ``grace`` (their message was probably lost: a broker
     that lost its data), and jobs ``running`` past their lease (their worker died and no
-    redelivery took them over). A job under a live lease is never re-sent; a duplicate of
-    a queued job is harmless, the claim lets one delivery run it.
+    redelivery took them over). A job under a live lease is never re-sent, and a job is
+    re-sent at most once per ``grace`` (``redriven_at``); a duplicate of a queued job is
+    harmless, the claim lets one delivery run it.
     """
-    due = ModelJob.objects.filter(
-        Q(status=ModelJob.Status.QUEUED, created_at__lt=now - grace)
-        | Q(status=ModelJob.Status.RUNNING) & LEASE.expired(now)
-    ).values_list("pk", "kind")
-    return [job_id for job_id, kind in due.order_by("pk") if send_now(TASKS[kind], job_id)]
+    lost = Q(status=ModelJob.Status.QUEUED, created_at__lt=now - grace)
+    dead = Q(status=ModelJob.Status.RUNNING) & LEASE.expired(now)
+    # A job waiting behind busy workers is sent again at most once per grace.
+    not_lately = Q(redriven_at__isnull=True) | Q(redriven_at__lt=now - grace)
+    due = ModelJob.objects.filter((lost | dead) & not_lately).values_list("pk", "kind")
+    sent = [job_id for job_id, kind in due.order_by("pk") if send_now(TASKS[kind], job_id)]
+    ModelJob.objects.filter(pk__in=sent).update(redriven_at=now)
+    return sent
 
 
 class _Progress:

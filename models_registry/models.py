@@ -224,6 +224,8 @@ class ModelJob(models.Model):
     # Until when the worker running the job holds it (core.leases); past it, the job is
     # taken over by a redelivery or re-sent by the sweep (core.sweep, jobs_redrive).
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep last sent the job's task again (at most once per settings.SWEEP_GRACE_S).
+    redriven_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -475,3 +475,6 @@ def test_the_sweep_re_drives_lost_jobs_but_never_one_under_a_live_lease(
         ("models_registry.optimise_version", [dead.pk]),
     ]
     assert fresh.pk and held.pk  # too young, and held by a live worker: left alone
+    assert sweep()["models_registry.jobs"] == []  # re-sent at most once per grace
+    ModelJob.objects.filter(pk=lost.pk).update(redriven_at=timezone.now() - timedelta(seconds=61))
+    assert sweep()["models_registry.jobs"] == [lost.pk]

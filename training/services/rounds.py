@@ -243,16 +243,22 @@ def rounds_redrive(*, now: datetime, grace: timedelta) -> list[int]:
 
     That is a round whose lease expired (its worker died; a redelivery did not take it
     over) and a round nobody claimed within ``grace`` of closing (its message was lost).
-    A round under a live lease is never re-sent. A duplicate message is harmless: the
+    A round under a live lease is never re-sent, and a round is re-sent at most once per
+    ``grace`` (``redriven_at``). A duplicate message is harmless: the
     lease lets one worker through and the checkpoints keep every update counted once.
     Returns the ids of the rounds it sent (a refused send is retried by the next sweep).
     """
-    busy = FederatedRound.objects.filter(status__in=BUSY)
-    due = busy.filter(AGGREGATION_LEASE.expired(now)) | busy.filter(lease_expires_at__isnull=True).filter(
-        Q(closed_at__lt=now - grace) | Q(closed_at__isnull=True)
+    unclaimed = Q(lease_expires_at__isnull=True) & (Q(closed_at__lt=now - grace) | Q(closed_at__isnull=True))
+    # A round waiting behind a busy worker is sent again at most once per grace, not at
+    # every sweep: the duplicates would only queue up behind it.
+    not_lately = Q(redriven_at__isnull=True) | Q(redriven_at__lt=now - grace)
+    due = FederatedRound.objects.filter(
+        Q(status__in=BUSY) & (AGGREGATION_LEASE.expired(now) | unclaimed) & not_lately
     )
-    return [
+    sent = [
         rid
         for rid in due.order_by("id").values_list("id", flat=True)
         if send_now("training.round_aggregate", rid)
     ]
+    FederatedRound.objects.filter(id__in=sent).update(redriven_at=now)
+    return sent

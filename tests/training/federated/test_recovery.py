@@ -171,6 +171,11 @@ def test_lost_aggregate_message_is_re_driven_by_the_sweep_after_the_grace(
     FederatedRound.objects.filter(pk=rnd.pk).update(closed_at=timezone.now() - timedelta(seconds=31))
     assert _sweep()["training.rounds"] == [rnd.pk]
     assert sent == [("training.round_aggregate", (rnd.pk,))]
+    # Sent again at most once per grace: a round waiting behind a busy worker does not
+    # pile up a message per sweep.
+    assert _sweep()["training.rounds"] == []
+    FederatedRound.objects.filter(pk=rnd.pk).update(redriven_at=timezone.now() - timedelta(seconds=31))
+    assert _sweep()["training.rounds"] == [rnd.pk]
     _deliver(sent)
     rnd = FederatedRound.objects.get(pk=rnd.pk)
     assert rnd.status == "done" and rnd.version is not None and rnd.lease_expires_at is None
