@@ -89,6 +89,49 @@ class Signer:
         signature = Ed25519PrivateKey.from_private_bytes(self.seed).sign(digest)
         return digest.hex(), base64.b64encode(signature).decode()
 
+    def ref(
+        self,
+        data: bytes,
+        *,
+        version_id: int,
+        family: str = "digits",
+        number: int | None = None,
+        kind: str = "onnx",
+        expires_at: int | None = None,
+        rollback_for: tuple[int, str] | None = None,
+    ) -> dict[str, Any]:
+        """An ArtifactRef for ``data`` as the server serves it: a statement signed with this key.
+
+        ``number`` defaults to ``version_id`` (the registry's order of the family's versions).
+        """
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from devices_agent.wire import artifact_statement, statement_bytes
+
+        sha, digest_signature = self.sign(data)
+        statement = artifact_statement(
+            family=family,
+            family_id=1,
+            version_id=version_id,
+            number=version_id if number is None else number,
+            variant="fp32",
+            kind=kind,
+            sha256=sha,
+            size=len(data),
+            expires_at=expires_at,
+            rollback_for=rollback_for,
+        )
+        signature = Ed25519PrivateKey.from_private_bytes(self.seed).sign(statement_bytes(statement))
+        return {
+            "kind": kind,
+            "url": f"/api/agent/v1/artifacts/{sha}",
+            "sha256": sha,
+            "size": len(data),
+            "signature": digest_signature,
+            "statement": statement,
+            "statement_signature": base64.b64encode(signature).decode(),
+        }
+
 
 Route = Callable[["Handler", bytes], None]
 
