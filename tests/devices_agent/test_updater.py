@@ -169,9 +169,13 @@ def test_reconcile_installs_reports_each_state_and_rolls_back_a_bad_model(
 
 def test_latency_budget_failure_rolls_back(server: ScriptedServer, tmp_path: Path) -> None:
     updater = make_updater(server, tmp_path)
-    assert updater.reconcile(desired(1, 21, publish(server, linear_onnx(seed=3), version_id=1)), {}).action == "active"
+    assert (
+        updater.reconcile(desired(1, 21, publish(server, linear_onnx(seed=3), version_id=1)), {}).action
+        == "active"
+    )
     out = updater.reconcile(
-        desired(2, 22, publish(server, linear_onnx(seed=4), version_id=2)), {"health_latency_budget_ms": 0.0001}
+        desired(2, 22, publish(server, linear_onnx(seed=4), version_id=2)),
+        {"health_latency_budget_ms": 0.0001},
     )
     assert out.action == "rolled_back" and "exceeds the budget" in out.message
     assert updater.state.current_version_id() == 1
@@ -182,7 +186,10 @@ def test_bad_artifacts_are_rejected_and_the_old_model_kept(
     server: ScriptedServer, tmp_path: Path, kind: str
 ) -> None:
     updater = make_updater(server, tmp_path)
-    assert updater.reconcile(desired(1, 31, publish(server, linear_onnx(seed=5), version_id=1)), {}).action == "active"
+    assert (
+        updater.reconcile(desired(1, 31, publish(server, linear_onnx(seed=5), version_id=1)), {}).action
+        == "active"
+    )
     if kind == "corrupted":
         bad = publish(server, linear_onnx(seed=6), version_id=2, corrupt=True)
     else:
@@ -216,7 +223,10 @@ def test_policy_limits_and_maintenance_windows(server: ScriptedServer, tmp_path:
 
 def test_restart_during_health_check_swaps_back_first(server: ScriptedServer, tmp_path: Path) -> None:
     updater = make_updater(server, tmp_path)
-    assert updater.reconcile(desired(1, 51, publish(server, linear_onnx(seed=9), version_id=1)), {}).action == "active"
+    assert (
+        updater.reconcile(desired(1, 51, publish(server, linear_onnx(seed=9), version_id=1)), {}).action
+        == "active"
+    )
     state = updater.state
     src = state.downloads_dir / "new.part"
     src.write_bytes(linear_onnx(seed=10))
@@ -387,7 +397,7 @@ def test_an_install_from_before_statements_is_compared_by_its_label(
 ) -> None:
     updater = make_updater(server, tmp_path)
     _run_v2(server, updater)
-    meta = dict(updater.state.installed(2).meta)  # type: ignore[union-attr]
+    meta = dict(updater.state.installed(2).meta)
     del meta["number"]  # what an older agent recorded: the label only
     (updater.state.model_dir(2) / "meta.json").write_text(json.dumps(meta))
     out = updater.reconcile(desired(1, 90, publish(server, linear_onnx(seed=37), version_id=1)), {})
