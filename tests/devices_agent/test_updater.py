@@ -405,3 +405,27 @@ def test_an_install_from_before_statements_is_compared_by_its_label(
     # A newer version still installs.
     out = updater.reconcile(desired(3, 91, publish(server, linear_onnx(seed=38), version_id=3)), {})
     assert out.action == "active"
+
+
+def test_fetched_learning_artifacts_must_be_signed_for_their_version(
+    server: ScriptedServer, tmp_path: Path
+) -> None:
+    from devices_agent.learning import fetch_artifact
+    from devices_agent.updater import RefusedError
+
+    client = AgentClient(server_url=server.url, secret="s")
+    program = b'{"program": "bytes"}' * 10
+    ref = cast(ArtifactRef, publish(server, program, version_id=4, kind="program"))
+    # A round's task for base version 5 carrying version 4's program: refused, not fetched.
+    with pytest.raises(RefusedError, match="version_id 4, not 5"):
+        fetch_artifact(client=client, ref=ref, public_key=SIGNER.public_raw(), folder=tmp_path, version_id=5)
+    expired = cast(ArtifactRef, publish(server, program, version_id=5, kind="program", expires_at=1))
+    with pytest.raises(RefusedError, match="expired"):
+        fetch_artifact(
+            client=client, ref=expired, public_key=SIGNER.public_raw(), folder=tmp_path, version_id=5
+        )
+    assert not [r for r in server.requests if r[0] == "GET"]
+    path = fetch_artifact(
+        client=client, ref=ref, public_key=SIGNER.public_raw(), folder=tmp_path, version_id=4
+    )
+    assert path.read_bytes() == program
