@@ -434,7 +434,16 @@ class Updater:
             return str(exc)
         current = self.state.current()
         running = installed_number(current, statement["family"]) if current is not None else None
-        rollback = bool(desired.get("rollback")) and statement["rollback"]
+        # A rollback statement allows an older version only for the deployment and the
+        # device it was signed for (verify_statement compared them; here none may be missing).
+        rollback = (
+            bool(desired.get("rollback"))
+            and statement["rollback"]
+            and deployment_id is not None
+            and statement.get("deployment_id") == int(deployment_id)
+            and creds is not None
+            and statement.get("device_id") == creds.device_id
+        )
         if running is not None and statement["number"] < running and not rollback:
             return (
                 f"downgrade refused: {statement['family']} v{statement['number']} is older than "

@@ -386,6 +386,12 @@ def test_a_downgrade_is_refused_unless_a_signed_rollback(server: ScriptedServer,
     updater.reconcile(desired(1, 84, other_device, rollback=True), {})
     _refused(server, updater, 84, "device_id 'dev-2', not 'dev-1'")
 
+    # A desired state without a deployment id cannot use a rollback statement either.
+    unbound = publish(server, v1, version_id=1, rollback_for=(86, "dev-1"))
+    out = updater.reconcile({**desired(1, 0, unbound, rollback=True), "deployment_id": None}, {})
+    assert out.action == "failed" and "not a signed rollback" in out.message
+    assert updater.state.current_version_id() == 2
+
     # Signed for this deployment and device, and flagged in the desired state: back to v1.
     rollback = publish(server, v1, version_id=1, rollback_for=(85, "dev-1"))
     assert updater.reconcile(desired(1, 85, rollback, rollback=True), {}).action == "active"
