@@ -39,7 +39,7 @@ def test_upload_weights_and_onnx_stores_signed_content_addressed_artifacts(
             assert handle.read() == data
         assert verify_digest(artifact.sha256, artifact.signature, signing_public_key_b64())
     assert artifacts["onnx"].opset == 17
-    ref = dict(selectors.artifact_ref(selectors.version_get(version.pk)) or {})
+    ref: dict[str, Any] = dict(selectors.artifact_ref(selectors.version_get(version.pk)) or {})
     statement, statement_signature = ref.pop("statement"), ref.pop("statement_signature")
     assert ref == {
         "kind": "onnx",
