@@ -350,6 +350,10 @@ ARTIFACT_SIGNING_KEY = env.str("ARTIFACT_SIGNING_KEY", default="")
 ARTIFACT_SIGNING_KEY_FILE = Path(
     env.str("ARTIFACT_SIGNING_KEY_FILE", default=str(DATA_DIR / "signing-key.pem"))
 )
+# How long an artifact's signed statement is valid after the server serves it (seconds);
+# empty: statements never expire. Keep it well above the heartbeat interval plus the time a
+# download takes: a board refuses a statement that expired before it verified the artifact.
+ARTIFACT_STATEMENT_LIFETIME_S = env.int("ARTIFACT_STATEMENT_LIFETIME_S", default=None) or None
 # Fernet key that encrypts provisioning credentials at rest.
 PROVISIONING_KEY = env.str("PROVISIONING_KEY", default="")
 # Where provisioned boards get the agent's packages. packages=index: pip's default index (or
