@@ -234,6 +234,10 @@ def agent_config_toml(
         f"enrollment_token = {json.dumps(token)}",
         f"state_dir = {json.dumps(state_dir)}",
     ]
+    if server_url.startswith("http://") and str(settings.PUBLIC_BASE_URL).startswith("http://"):
+        # The agent refuses plain HTTP unless told; only a server that itself runs on
+        # plain HTTP (a lab, a test stack) tells its boards so.
+        lines.append("allow_insecure_http = true")
     if name:
         lines.append(f"name = {json.dumps(name)}")
     if training_backends:

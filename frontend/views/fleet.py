@@ -122,9 +122,11 @@ def enrollment(request: HttpRequest) -> HttpResponse:
 
 def agent_command(*, token: str, server_url: str) -> str:
     """The copy-paste line that starts a board's agent and enrolls it with a fresh token."""
+    # The agent refuses plain HTTP unless told; a server on plain HTTP (a lab) says so.
+    insecure = " --allow-insecure-http" if server_url.startswith("http://") else ""
     return (
         f"flotilla-agent run --server {shlex.quote(server_url)} --token {shlex.quote(token)} "
-        "--state-dir /var/lib/flotilla-agent"
+        f"--state-dir /var/lib/flotilla-agent{insecure}"
     )
 
 
