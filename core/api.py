@@ -110,8 +110,11 @@ class Pagination(pagination.PageNumberPagination):
 
 
 def client_ip(request: Any) -> str | None:
-    """The caller's address as the server saw it (a proxy in front sets REMOTE_ADDR)."""
-    return request.META.get("REMOTE_ADDR") or None
+    """The caller's address: the socket peer, or behind a trusted proxy the address it forwarded
+    (``core.ratelimit.client_address``, ``TRUSTED_PROXIES``). The audit log records this."""
+    from core.ratelimit import client_address  # it imports ServiceError from here
+
+    return client_address(request)
 
 
 class AuditedWritesMixin:

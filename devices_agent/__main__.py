@@ -320,7 +320,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-insecure-http", action="store_true", help="accept an http:// server (a lab or test server)"
     )
     run.add_argument("--server-cert-sha256", default=None, help="pin the server's certificate (SHA-256)")
-    run.add_argument("--ca-file", type=Path, default=None, help="trust this CA bundle instead of the system's")
+    run.add_argument(
+        "--ca-file", type=Path, default=None, help="trust this CA bundle instead of the system's"
+    )
     run.add_argument("--max-steps", type=int, default=None)
     run.set_defaults(func=_cmd_run)
 

@@ -43,7 +43,7 @@ class _PinnedSocket(ssl.SSLSocket):
     """An SSL socket that checks the peer's certificate against its context's pin after the handshake."""
 
     def do_handshake(self, block: bool = False) -> None:
-        super().do_handshake(block)  # type: ignore[call-arg]
+        super().do_handshake(block)
         pin = getattr(self.context, "pinned_sha256", None)
         if pin is None:
             return
@@ -66,14 +66,14 @@ def server_ssl_context(*, cert_sha256: str | None = None, ca_file: Path | str | 
     ``True`` (system CAs) when neither option is set; an :class:`ssl.SSLContext` otherwise.
     """
     if cert_sha256:
-        context = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        pinned = _PinnedContext(ssl.PROTOCOL_TLS_CLIENT)
+        pinned.minimum_version = ssl.TLSVersion.TLSv1_2
         # The pin replaces CA and host-name checks: it names the one certificate to accept.
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        context.pinned_sha256 = normalise_fingerprint(cert_sha256)
-        context.sslsocket_class = _PinnedSocket
-        return context
+        pinned.check_hostname = False
+        pinned.verify_mode = ssl.CERT_NONE
+        pinned.pinned_sha256 = normalise_fingerprint(cert_sha256)
+        pinned.sslsocket_class = _PinnedSocket
+        return pinned
     if ca_file:
         context = ssl.create_default_context(cafile=str(ca_file))
         context.minimum_version = ssl.TLSVersion.TLSv1_2

@@ -146,7 +146,7 @@ def test_a_pinned_certificate_is_accepted_and_a_wrong_pin_refused(
         pinned.step()
     finally:
         pinned.close()
-    device = Device.objects.get(pk=pinned.device_id)
+    device = Device.objects.get(pk=str(pinned.device_id))
     assert device.last_seen is not None
 
     by_ca = _agent(tmp_path / "by-ca", server.url, ca_file=cert.cert_path)
@@ -154,7 +154,7 @@ def test_a_pinned_certificate_is_accepted_and_a_wrong_pin_refused(
         by_ca.enroll()
     finally:
         by_ca.close()
-    assert Device.objects.filter(pk=by_ca.device_id).exists()
+    assert Device.objects.filter(pk=str(by_ca.device_id)).exists()
 
     wrong = _agent(tmp_path / "wrong", server.url, server_cert_sha256="00" * 32)
     try:
