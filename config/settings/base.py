@@ -319,6 +319,9 @@ RATE_LIMITS: dict[str, str] = {
     "api_user": env.str("RATE_LIMIT_API_USER", default="3000/min"),
     "api_anon": env.str("RATE_LIMIT_API_ANON", default="600/min"),
 }
+# The SHA-256 of this server's certificate when it is self-signed (`python -m config.tls`
+# logs it): enrollment commands and provisioned boards' agent.toml pin it.
+SERVER_CERT_SHA256 = env.str("SERVER_CERT_SHA256", default="")
 # Proxies whose X-Forwarded-For is believed (CIDRs, e.g. the compose network's nginx): the
 # client's address is then the right-most forwarded entry that is not one of them. Empty:
 # the socket peer is the client, whatever headers say.
