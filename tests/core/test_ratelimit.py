@@ -142,3 +142,14 @@ def test_the_operator_api_is_limited_per_user(operator_client: Any, viewer_clien
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
         assert int(refused["Retry-After"]) >= 1
         assert viewer_client.get("/api/v1/devices/").status_code == 200
+
+
+def test_wrong_api_tokens_are_limited_per_address(anon_client: Any, db: Any) -> None:
+    address = _fresh_address()
+    anon_client.credentials(HTTP_AUTHORIZATION="Token not-a-token")
+    with _limits(api_anon="2/d"):
+        for _ in range(2):
+            assert anon_client.get("/api/v1/devices/", REMOTE_ADDR=address).status_code == 401
+        refused = anon_client.get("/api/v1/devices/", REMOTE_ADDR=address)
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "rate_limited"
+        assert anon_client.get("/api/v1/devices/", REMOTE_ADDR=_fresh_address()).status_code == 401
