@@ -67,6 +67,9 @@ def _production_secrets() -> dict[str, str]:
         "PROVISIONING_KEY": Fernet.generate_key().decode(),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "DJANGO_SECURE_COOKIES": "0",
+        # The stack serves plain HTTP on loopback, with no TLS proxy in front.
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
+        "DJANGO_HSTS_SECONDS": "0",
     }
 
 

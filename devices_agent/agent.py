@@ -31,6 +31,7 @@ import logging
 import platform
 import random
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -253,6 +254,7 @@ class Agent:
             timeout_s=self.config.request_timeout_s,
             http=self.http,
             counter=self.counter,
+            verify=self.config.tls_verify,
         )
         self.updater = Updater(
             state=self.state,
@@ -316,6 +318,7 @@ class Agent:
             timeout_s=self.config.request_timeout_s,
             http=self.http,
             counter=self.counter,
+            verify=self.config.tls_verify,
         )
         body: EnrollRequest = {
             "token": self.config.enrollment_token,
@@ -867,6 +870,9 @@ def _nudge_loop(agent: Agent) -> None:
         agent.config.server_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/ws/agent/"
     )
     backoff = Backoff(base_s=2.0, cap_s=300.0, rng=random.Random())
+    verify = agent.config.tls_verify
+    # websockets takes a context (or none for the system's CAs); the same trust as the API.
+    tls = verify if isinstance(verify, ssl.SSLContext) else None
     while not agent.stopping.is_set():
         creds = agent.state.credentials()
         if creds is None:
@@ -878,6 +884,7 @@ def _nudge_loop(agent: Agent) -> None:
                 additional_headers={"Authorization": f"Device {creds.secret}"},
                 open_timeout=10,
                 close_timeout=2,
+                ssl=tls if url.startswith("wss://") else None,
             ) as socket:
                 backoff.reset()
                 while not agent.stopping.is_set():

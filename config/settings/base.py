@@ -181,6 +181,7 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
     ],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    "DEFAULT_THROTTLE_CLASSES": ["core.throttles.ApiRateThrottle"],
 }
 
 SPECTACULAR_SETTINGS = {
@@ -365,6 +366,28 @@ PROVISIONING_PIP_FIND_LINKS = env.list("PROVISIONING_PIP_FIND_LINKS", default=[]
 # packages=wheelhouse: a directory of wheels on the server, uploaded to boards without internet.
 PROVISIONING_WHEELHOUSE = env.str("PROVISIONING_WHEELHOUSE", default="")
 PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+
+# Rate limits (core.ratelimit): "<count>/<window>" with s, min, h or d ("" or "off": none),
+# counted in fixed windows in the shared cache. Per device for the device API (a board
+# heartbeats once a minute; a round or an update adds a few requests), per client address
+# for what comes before credentials (enrollment, logins, failed device credentials), per
+# user for the operator API. A 100,000-board fleet is ~1,700 heartbeats a second in all
+# but a few requests a minute per board, far from any of these.
+RATE_LIMITS: dict[str, str] = {
+    "device": env.str("RATE_LIMIT_DEVICE", default="1200/min"),
+    "device_auth_failure": env.str("RATE_LIMIT_DEVICE_AUTH_FAILURE", default="300/min"),
+    "enroll": env.str("RATE_LIMIT_ENROLL", default="1200/min"),
+    "login": env.str("RATE_LIMIT_LOGIN", default="30/min"),
+    "api_user": env.str("RATE_LIMIT_API_USER", default="3000/min"),
+    "api_anon": env.str("RATE_LIMIT_API_ANON", default="600/min"),
+}
+# The SHA-256 of this server's certificate when it is self-signed (`python -m config.tls`
+# logs it): enrollment commands and provisioned boards' agent.toml pin it.
+SERVER_CERT_SHA256 = env.str("SERVER_CERT_SHA256", default="")
+# Proxies whose X-Forwarded-For is believed (CIDRs, e.g. the compose network's nginx): the
+# client's address is then the right-most forwarded entry that is not one of them. Empty:
+# the socket peer is the client, whatever headers say.
+TRUSTED_PROXIES: list[str] = env.list("TRUSTED_PROXIES", default=[])
 
 LOGGING = {
     "version": 1,

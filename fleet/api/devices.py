@@ -23,6 +23,7 @@ from rest_framework.response import Response
 
 from core.api import AuditedWritesMixin, client_ip
 from core.roles import ADMIN, has_role
+from fleet.agent_setup import agent_run_command
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list, device_recent_deployments, group_members
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -374,7 +375,7 @@ class EnrollmentTokenViewSet(
         )
         body = dict(EnrollmentTokenSerializer(token).data)
         body["token"] = secret
-        body["agent_command"] = f"flotilla-agent run --server {settings.PUBLIC_BASE_URL} --token {secret}"
+        body["agent_command"] = agent_run_command(server_url=settings.PUBLIC_BASE_URL, token=secret)
         return Response(body, status=201)
 
     @extend_schema(request=None, responses=EnrollmentTokenSerializer)

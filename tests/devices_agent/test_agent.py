@@ -91,7 +91,12 @@ def fleet() -> Iterator[FakeFleet]:
 
 def make_agent(fleet: FakeFleet, root: Path, token: str = "good-token", **kw: Any) -> Agent:
     config = AgentConfig(
-        server_url=fleet.server.url, state_dir=root, enrollment_token=token, name="board-1", websocket=False
+        server_url=fleet.server.url,
+        state_dir=root,
+        enrollment_token=token,
+        name="board-1",
+        websocket=False,
+        allow_insecure_http=True,
     )
     return Agent(config=config, rng=random.Random(0), sleep=lambda s: None, **kw)
 
@@ -260,7 +265,7 @@ def test_config_files_and_the_cli(
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'server_url = "{fleet.server.url}"\nstate_dir = "{tmp_path / "st"}"\n'
-        'enrollment_token = "good-token"\nwebsocket = false\ntags = ["a"]\n'
+        'enrollment_token = "good-token"\nwebsocket = false\ntags = ["a"]\nallow_insecure_http = true\n'
     )
     config = load_config(cfg)
     assert config.tags == ["a"] and config.state_dir == tmp_path / "st"

@@ -82,6 +82,7 @@ def _agent(url: str, root: Path, token: str, **overrides: Any) -> Agent:
         name=root.name,
         websocket=False,
         health_check_runs=5,
+        allow_insecure_http=True,
         **overrides,
     )
     return Agent(config=config, rng=random.Random(1), sleep=lambda s: None)

@@ -71,6 +71,7 @@ class Boards:
             json.dumps(
                 {
                     "server_url": server_url,
+                    "allow_insecure_http": True,
                     "state_dir": str(self.root / name / "state"),
                     "enrollment_token": token,
                     "name": name,
