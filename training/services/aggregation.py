@@ -213,7 +213,7 @@ def _stream(
                 continue
             delta = reader.read(path)
             agg.accept(delta, weight=float(update.num_examples), update_id=uid)
-            del delta  # releases the file's memory map before the next one is mapped
+            del delta  # a view of the reader's buffer, which the next read overwrites
             since_checkpoint += 1
             if on_update is not None:
                 on_update(update.pk)
