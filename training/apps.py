@@ -14,6 +14,10 @@ RECOVERIES = {
         "sends again every round closed for aggregation whose lease expired, or that no worker "
         "claimed within one lease of closing"
     ),
+    "training.shard_aggregate": (
+        "sends the round again when its worker's lease expired; that worker sends the pending "
+        "shards again and sums any shard whose lease expired itself"
+    ),
 }
 
 

@@ -267,7 +267,7 @@ class UpdateFileReader:
         self._layout: list[tuple[str, tuple[int, ...], int, int]] = []
         self._data_start = 0
         self._data_end = 0
-        self._buffer = np.empty(0, dtype=np.uint8)
+        self._buffer = bytearray()
 
     def _parse(self, header_bytes: bytes, base: int, name_of: str) -> None:
         try:
@@ -308,8 +308,8 @@ class UpdateFileReader:
             if self._data_end > size:
                 raise ValueError(f"{name_of}: bad offsets, the file is truncated")
             nbytes = self._data_end - self._data_start
-            if self._buffer.size < nbytes:
-                self._buffer = np.empty(nbytes, dtype=np.uint8)
+            if len(self._buffer) < nbytes:
+                self._buffer = bytearray(nbytes)
             view = memoryview(self._buffer)[:nbytes]
             got = 0
             while got < nbytes:  # preadv may return short counts (signals, huge reads)

@@ -16,7 +16,12 @@ from tests.training.federated.conftest import Fleet, make_fleet, make_job, uploa
 
 pytestmark = pytest.mark.django_db
 
-TRAINING_TASKS = ("training.round_open", "training.round_close", "training.round_aggregate")
+TRAINING_TASKS = (
+    "training.round_open",
+    "training.round_close",
+    "training.round_aggregate",
+    "training.shard_aggregate",
+)
 
 
 @pytest.fixture
