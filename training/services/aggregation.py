@@ -47,7 +47,7 @@ from models_registry.services import version_create
 from training import selectors, storage
 from training.aggregation import Aggregator, SafetensorsFileSource, Weights, make_aggregator
 from training.aggregation.privacy import epsilon_for
-from training.models import ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
+from training.models import AggregationShard, ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
 from training.services.jobs import job_privacy, job_round_failed
 from training.services.shards import (
     shard_size_for,
@@ -174,6 +174,10 @@ def _aggregate(
     if job.server_state_path:
         agg.load_state(storage.read_bytes(name=job.server_state_path))
     size, why = shard_size_for(agg=agg, num_updates=len(updates))
+    existing = AggregationShard.objects.filter(round=rnd).values_list("update_ids", flat=True).first()
+    if existing is not None and agg.mergeable:
+        # A resumed round keeps the shards it was cut into, whatever the settings say now.
+        size, why = len(existing), "resuming its shards"
     if size:
         logger.info("round %s: %s", rnd.pk, why)
         shards = shards_prepare(rnd=rnd, update_ids=[u.pk for u in updates], size=size)
