@@ -29,6 +29,7 @@ at once) stay on one worker; the reason is logged.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Sequence
@@ -169,7 +170,7 @@ def shard_aggregate(
         shard_id,
         where=Q(status=AggregationShard.Status.PENDING, round__status=FederatedRound.Status.AGGREGATING),
         claims=F("claims") + 1,
-        worker=socket.gethostname()[:200],
+        worker=f"{socket.gethostname()}:{os.getpid()}"[:200],
     )
     if token is None:
         return None
