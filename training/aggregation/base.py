@@ -249,9 +249,9 @@ def _float32_offsets(path: str) -> dict[str, tuple[int, int]]:
 class UpdateFileReader:
     """Reads dense float32 safetensors update files one at a time into one reused buffer.
 
-    :meth:`read` copies the file's tensor bytes with one ``os.preadv`` straight into a
-    buffer the reader keeps (grown to the largest update, never shrunk) and returns
-    read-only float32 views of it. A streaming aggregator so goes through thousands of
+    :meth:`read` copies the file with one ``os.preadv`` straight into a buffer the
+    reader keeps (grown to the largest update, never shrunk) and returns read-only
+    float32 views of it. A streaming aggregator so goes through thousands of
     update files with no allocation, no memory map and no page fault per update: the
     copy out of the page cache costs less than mapping a file, faulting its pages in and
     unmapping it again. The views are valid until the next :meth:`read`, which reuses
@@ -259,7 +259,10 @@ class UpdateFileReader:
 
     Every update of a round has the same header (same names, shapes and offsets), so
     the parsed layout is cached and reused whenever the header bytes are identical;
-    for small models parsing JSON would otherwise cost as much as the arithmetic.
+    for small models parsing JSON would otherwise cost as much as the arithmetic. With a
+    cached layout the whole file is read at once and its header compared in the buffer;
+    any other file (first of a round, another layout, truncated or longer) goes through
+    the header first.
     """
 
     def __init__(self) -> None:
@@ -295,33 +298,55 @@ class UpdateFileReader:
         name_of = os.fspath(path)
         fd = os.open(name_of, os.O_RDONLY)
         try:
-            size = os.fstat(fd).st_size
-            head = os.pread(fd, 8, 0)
-            if len(head) != 8:
-                raise ValueError(f"{name_of}: not a safetensors file")
-            (header_len,) = struct.unpack("<Q", head)
-            if 8 + header_len > size:
-                raise ValueError(f"{name_of}: truncated header")
-            header_bytes = os.pread(fd, header_len, 8)
-            if header_bytes != self._header:
-                self._parse(header_bytes, 8 + header_len, name_of)
-            if self._data_end > size:
-                raise ValueError(f"{name_of}: bad offsets, the file is truncated")
-            nbytes = self._data_end - self._data_start
-            if len(self._buffer) < nbytes:
-                self._buffer = bytearray(nbytes)
-            view = memoryview(self._buffer)[:nbytes]
-            got = 0
-            while got < nbytes:  # preadv may return short counts (signals, huge reads)
-                step = os.preadv(fd, [view[got:]], self._data_start + got)
-                if step <= 0:
-                    raise ValueError(f"{name_of}: the file is truncated")
-                got += step
+            if not self._fast_read(fd):
+                self._slow_read(fd, name_of)
         finally:
             os.close(fd)
         out: Weights = {}
         for name, shape, _, offset in self._layout:
-            array = np.ndarray(shape, dtype=np.float32, buffer=self._buffer, offset=offset - self._data_start)
+            array = np.ndarray(shape, dtype=np.float32, buffer=self._buffer, offset=offset)
             array.flags.writeable = False
             out[name] = array
         return out
+
+    def _fast_read(self, fd: int) -> bool:
+        """One ``preadv`` of the whole file when it has the cached layout (the common case:
+        every update of a round has the same header); False when it may not."""
+        if not self._header:
+            return False
+        end = self._data_end
+        if len(self._buffer) < end + 1:
+            self._buffer = bytearray(end + 1)
+        # One byte more than the layout needs: a longer file is not taken on trust.
+        view = memoryview(self._buffer)[: end + 1]
+        got = os.preadv(fd, [view], 0)
+        header_len = len(self._header)
+        return (
+            got == end
+            and int.from_bytes(view[:8], "little") == header_len
+            and view[8 : 8 + header_len] == self._header
+        )
+
+    def _slow_read(self, fd: int, name_of: str) -> None:
+        """Read the header, parse it when it changed, then the tensor bytes."""
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8:
+            raise ValueError(f"{name_of}: not a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if 8 + header_len > size:
+            raise ValueError(f"{name_of}: truncated header")
+        header_bytes = os.pread(fd, header_len, 8)
+        if header_bytes != self._header:
+            self._parse(header_bytes, 8 + header_len, name_of)
+        if self._data_end > size:
+            raise ValueError(f"{name_of}: bad offsets, the file is truncated")
+        if len(self._buffer) < self._data_end + 1:
+            self._buffer = bytearray(self._data_end + 1)
+        view = memoryview(self._buffer)
+        got = self._data_start
+        while got < self._data_end:  # preadv may return short counts (signals, huge reads)
+            step = os.preadv(fd, [view[got : self._data_end]], got)
+            if step <= 0:
+                raise ValueError(f"{name_of}: the file is truncated")
+            got += step
