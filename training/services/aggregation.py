@@ -8,7 +8,9 @@ the round again. Both phases resume after a crash:
 ``aggregating``
     The accepted updates go through the job's strategy (:mod:`training.aggregation`).
     Mergeable strategies checkpoint their running sum every ``ROUND_CHECKPOINT_EVERY``
-    updates together with the ids in it, so the resumed task skips exactly those. The
+    updates together with the ids in it, so the resumed task skips exactly those; a large
+    round of one is summed in shards on any worker and merged here
+    (:mod:`training.services.shards`). The
     result (and the server optimiser state, for strategies that keep one) is written to
     storage, and the round moves to ``evaluating``.
 ``evaluating``
