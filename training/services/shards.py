@@ -60,9 +60,6 @@ class _ShardLost(Exception):
     """This worker's lease on a shard was taken over (the round's lease is another matter)."""
 
 
-SHARD_TASK = "training.shard_aggregate"
-
-
 def _setting(name: str, default: Any) -> Any:
     return getattr(settings, name, default)
 
@@ -137,7 +134,7 @@ def shards_prepare(*, rnd: FederatedRound, update_ids: list[int], size: int) -> 
         if covered != sorted(update_ids):
             raise ValueError("the round's shards do not hold exactly its accepted updates")
         pending = [[s.pk] for s in shards if s.status == AggregationShard.Status.PENDING]
-        enqueue_group_on_commit(SHARD_TASK, pending)
+        enqueue_group_on_commit("training.shard_aggregate", pending)
     logger.info("round %s: %d shard(s), %d pending", rnd.pk, len(shards), len(pending))
     return shards
 
