@@ -36,6 +36,7 @@ def _closed_round(fleet: Fleet, **fields: Any) -> Any:
     job = make_job(fleet, min_clients=N_DEVICES, quorum=N_DEVICES, rounds=1, **fields)
     services.job_start(job_id=job.pk, actor=None)
     rnd = services.round_open(job_id=job.pk)
+    assert rnd is not None
     weights = selectors.round_weights(rnd=rnd)
     rng = np.random.default_rng(7)
     devices = {str(d.pk): d for d in fleet.devices}
@@ -171,7 +172,12 @@ def test_shards_are_sent_as_one_group_after_the_commit(
     from training.models import AggregationShard
 
     groups: list[tuple[str, list[list[Any]]]] = []
-    monkeypatch.setattr(dispatch, "send_group_now", lambda name, lists: groups.append((name, lists)) or True)
+
+    def record(name: str, lists: list[list[Any]]) -> bool:
+        groups.append((name, lists))
+        return True
+
+    monkeypatch.setattr(dispatch, "send_group_now", record)
     fleet = make_fleet(n_devices=N_DEVICES, name="shard-group")
     rnd = _closed_round(fleet)
     with django_capture_on_commit_callbacks(execute=True):
