@@ -564,13 +564,14 @@ class Agent:
             self._done_tasks.append(key)
             del self._done_tasks[:-100]
 
-    def _artifact(self, ref: ArtifactRef) -> bytes:
+    def _artifact(self, ref: ArtifactRef, version_id: int) -> bytes:
         assert self.client is not None and self.updater is not None
         path = fetch_artifact(
             client=self.client,
             ref=ref,
             public_key=self.updater.public_key,
             folder=self.state.root / "artifacts",
+            version_id=version_id,
         )
         return path.read_bytes()
 
@@ -602,14 +603,14 @@ class Agent:
         if spec is None:
             return None
         try:
-            program = self._artifact(program_ref)
+            program = self._artifact(program_ref, version_id)
             weights = read_weights(self.state.root / "artifacts" / weights_ref["sha256"])
             result = self.personaliser.personalise(
                 version_id=version_id, spec=spec, program=program, global_state=weights, head=list(head)
             )
         except FileNotFoundError:
             try:
-                self._artifact(weights_ref)
+                self._artifact(weights_ref, version_id)
             except ServerError as exc:
                 log.warning("personalisation of v%s postponed: %s", version_id, exc)
             return None

@@ -138,6 +138,8 @@ class CommandSerializer(serializers.ModelSerializer):
 
 class AssignVersionSerializer(serializers.Serializer):
     version = serializers.IntegerField(min_value=1)
+    # An explicit rollback: the board may then install a version older than the one it runs.
+    rollback = serializers.BooleanField(required=False, default=False)
 
 
 # --- devices ---------------------------------------------------------------------------
@@ -227,6 +229,7 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             actor=request.user,
             device_id=device.pk,
             version_id=data.validated_data["version"],
+            rollback=data.validated_data["rollback"],
             remote_addr=client_ip(request),
         )
         return Response(

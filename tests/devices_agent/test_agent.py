@@ -269,7 +269,8 @@ def test_config_files_and_the_cli(
     with pytest.raises(ConfigError, match="heartbeat_intervall"):
         load_config(bad)
 
-    sha, signature = SIGNER.sign(model := linear_onnx())
+    ref = SIGNER.ref(model := linear_onnx(), version_id=5)
+    sha = ref["sha256"]
     fleet.server.routes[("GET", f"/api/agent/v1/artifacts/{sha}")] = lambda h, b: h.serve_bytes(
         model, etag=sha
     )
@@ -279,13 +280,7 @@ def test_config_files_and_the_cli(
         "family": "digits",
         "spec": {"task": "classification", "input_shape": [64], "input_dtype": "float32", "num_classes": 10},
         "deployment_id": 9,
-        "artifact": {
-            "kind": "onnx",
-            "url": f"/api/agent/v1/artifacts/{sha}",
-            "sha256": sha,
-            "size": len(model),
-            "signature": signature,
-        },
+        "artifact": ref,
         "weights": None,
     }
     assert main(["run", "--config", str(cfg), "--max-steps", "1"]) == 0

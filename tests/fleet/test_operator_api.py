@@ -118,6 +118,23 @@ def test_assign_version_opens_deployment(operator_client: Any, make_version: Any
     assert missing.status_code == 400
 
 
+def test_an_explicit_rollback_is_marked_on_the_deployment(operator_client: Any, make_version: Any) -> None:
+    (device,) = _devices(1)
+    old, new = make_version(), make_version()
+    Device.objects.filter(pk=device.pk).update(running_version=new, desired_version=new)
+    path = f"/api/v1/devices/{device.pk}/assign-version/"
+    response = operator_client.post(path, {"version": old.pk, "rollback": True}, format="json")
+    assert response.status_code == 200, response.content
+    deployment = Deployment.objects.get(pk=response.json()["deployment_id"])
+    assert deployment.rollback and deployment.version_id == old.pk
+    assert AuditEvent.objects.get(action="device.assign_version").data["rollback"] is True
+    # Without the flag a deployment is never a rollback (the board refuses a downgrade).
+    plain = operator_client.post(path, {"version": new.pk}, format="json")
+    assert plain.status_code == 200 and plain.json()["deployment_id"] is None  # it runs it already
+    bad = operator_client.post(path, {"version": old.pk, "rollback": "perhaps"}, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "validation_error"
+
+
 def test_decommission_needs_admin_and_revokes_the_secret(
     operator_client: Any, admin_client_api: Any, enroll: Any
 ) -> None:

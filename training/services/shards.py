@@ -19,7 +19,7 @@ a shard's result is committed once; a worker killed mid-shard leaves an expired 
 and a checkpoint, and the next worker to claim the shard resumes from it. The reduce
 runs under the round's lease (one worker) and reads only committed partial sums, so a
 reduce repeated after a crash gives the same result. A killed round worker is replaced
-through the round's own recovery (``training.rounds_tick``), and the new one sends the
+through the round's own recovery (the sweep, ``core.sweep``), and the new one sends the
 shards still pending again.
 
 Rules that cannot merge (order statistics: median, trimmed mean, Krum need every update

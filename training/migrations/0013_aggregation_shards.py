@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('training', '0011_update_backend'),
+        ('training', '0012_redriven_at_lost'),
     ]
 
     operations = [
