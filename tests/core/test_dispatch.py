@@ -88,7 +88,7 @@ def test_a_group_the_broker_refuses_is_logged_not_raised(
     with caplog.at_level(logging.WARNING, logger="core.dispatch"):
         dispatch.enqueue_group_on_commit("training.shard_aggregate", [[1], [2]])
     assert "group of 2 training.shard_aggregate" in caplog.text
-    assert "training.rounds_tick will recover it" in caplog.text
+    assert "core.sweep will recover it" in caplog.text
 
 
 def test_every_recovery_is_a_periodic_task_that_exists() -> None:
