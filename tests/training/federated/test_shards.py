@@ -211,3 +211,20 @@ def test_small_rounds_are_not_sharded(sharded: Any) -> None:
     done = services.round_aggregate(round_id=rnd.pk)
     assert done is not None and done.status == "done"
     assert not AggregationShard.objects.filter(round=rnd).exists()
+
+
+def test_a_shard_of_a_round_no_longer_aggregating_is_left_alone(sharded: Any) -> None:
+    from training import services
+    from training.models import AggregationShard, FederatedRound
+
+    fleet = make_fleet(n_devices=N_DEVICES, name="shard-late")
+    rnd = _closed_round(fleet)
+    done = services.round_aggregate(round_id=rnd.pk)
+    assert done is not None and done.status == "done"
+    # A late duplicate of a shard message, after the round moved on, claims nothing.
+    shard = AggregationShard.objects.filter(round=rnd).first()
+    assert shard is not None
+    AggregationShard.objects.filter(pk=shard.pk).update(status="pending", lease_expires_at=None)
+    assert FederatedRound.objects.get(pk=rnd.pk).status == "done"
+    assert services.shard_aggregate(shard_id=shard.pk) is None
+    assert AggregationShard.objects.get(pk=shard.pk).claims == 1
