@@ -16,8 +16,12 @@ RECOVERIES = {
         "sends again every aggregating or evaluating round whose lease expired, or that no worker "
         "claimed within SWEEP_GRACE_S of closing"
     ),
+    "training.shard_aggregate": (
+        "through the round: a round whose worker's lease expired is sent again, and its new worker "
+        "sends the pending shards again and sums any shard whose lease expired itself"
+    ),
 }
-RECOVERED_BY = {"training.round_aggregate": "core.sweep"}
+RECOVERED_BY = {"training.round_aggregate": "core.sweep", "training.shard_aggregate": "core.sweep"}
 
 
 def _rounds_redrive(*, now: datetime, grace: timedelta) -> list[int]:

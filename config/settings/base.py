@@ -132,6 +132,13 @@ ROUND_AGGREGATION_LEASE_S = env.float("ROUND_AGGREGATION_LEASE_S", default=60.0)
 ROUND_CHECKPOINT_EVERY = env.int("ROUND_CHECKPOINT_EVERY", default=8)
 # Test hook: a pause after each aggregated update, to kill a worker mid-aggregation.
 ROUND_AGGREGATE_DELAY_S = env.float("ROUND_AGGREGATE_DELAY_S", default=0.0)
+# Partial sums across workers: a round of a mergeable strategy with at least this many
+# accepted updates is split into shards of AGGREGATION_SHARD_SIZE updates, each summed by
+# its own task on any worker and merged by the round's worker.
+AGGREGATION_SHARD_MIN_UPDATES = env.int("AGGREGATION_SHARD_MIN_UPDATES", default=256)
+AGGREGATION_SHARD_SIZE = env.int("AGGREGATION_SHARD_SIZE", default=128)
+# A shard's lease: renewed at each of its checkpoints; an expired one is claimed again.
+AGGREGATION_SHARD_LEASE_S = env.float("AGGREGATION_SHARD_LEASE_S", default=60.0)
 
 # ONNX Runtime training artifacts (models_registry.ort_training): built for every registered
 # version with a program, and for federated jobs that accept boards without PyTorch, in a
@@ -247,6 +254,7 @@ TASK_QUEUES: dict[str, tuple[str, ...]] = {
         "models_registry.export_version",
         "models_registry.optimise_version",
         "training.round_aggregate",
+        "training.shard_aggregate",
     ),
     "io": (
         "fleet.provision_device",

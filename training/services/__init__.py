@@ -7,7 +7,9 @@
 - :mod:`~training.services.updates`: devices' updates, their refusals and the failures
   devices report;
 - :mod:`~training.services.aggregation`: aggregating a closed round under its lease,
-  checkpoints, registering and evaluating the new version.
+  checkpoints, registering and evaluating the new version;
+- :mod:`~training.services.shards`: a large round's partial sums, shard by shard on any
+  worker, and their reduce.
 
 Every transition is a conditional update on the row's status, so a task delivered twice
 (acks_late re-delivers after a crash) is a no-op the second time; tasks are sent and
@@ -40,6 +42,7 @@ from training.services.rounds import (
     rounds_redrive,
     rounds_tick,
 )
+from training.services.shards import SHARD_LEASE, shard_aggregate
 from training.services.updates import (
     MAX_METRICS_JSON,
     UpdateRejected,
@@ -54,6 +57,7 @@ __all__ = [
     "JOB_FIELDS",
     "MAX_METRICS_JSON",
     "OPTIMIZERS",
+    "SHARD_LEASE",
     "RETRAIN_ROUNDS",
     "LeaseLost",
     "UpdateRejected",
@@ -73,6 +77,7 @@ __all__ = [
     "round_weights_served",
     "rounds_redrive",
     "rounds_tick",
+    "shard_aggregate",
     "update_failure_receive",
     "update_receive",
 ]

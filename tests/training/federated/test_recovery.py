@@ -17,7 +17,12 @@ from tests.training.federated.conftest import Fleet, make_fleet, make_job, uploa
 
 pytestmark = pytest.mark.django_db
 
-TRAINING_TASKS = ("training.round_open", "training.round_close", "training.round_aggregate")
+TRAINING_TASKS = (
+    "training.round_open",
+    "training.round_close",
+    "training.round_aggregate",
+    "training.shard_aggregate",
+)
 
 
 @pytest.fixture
@@ -76,6 +81,7 @@ def test_every_training_task_is_recovered_by_the_tick_on_the_beat(settings: Any)
         "training.round_open": "training.rounds_tick",
         "training.round_close": "training.rounds_tick",
         "training.round_aggregate": "core.sweep",
+        "training.shard_aggregate": "core.sweep",
     }
     assert all(declared[name].how for name in names)
     scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
