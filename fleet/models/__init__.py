@@ -7,6 +7,7 @@ from fleet.models.devices import (
     DeviceCommand,
     DeviceGroup,
     EnrollmentToken,
+    GroupReleaseChange,
     MetricBatch,
     MetricSample,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "DeviceCommand",
     "DeviceGroup",
     "EnrollmentToken",
+    "GroupReleaseChange",
     "MetricBatch",
     "MetricSample",
     "UpdatePolicy",
