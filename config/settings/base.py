@@ -257,6 +257,13 @@ HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
 # mean shift) and the accuracy drop on labelled feedback that flags a model version.
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
 DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
+# A significant shift (z) alerts only when it is also large: at least this many reference
+# standard deviations (the effect size), or a per-feature PSI in the major band.
+DRIFT_EFFECT_SIZE_MIN = env.float("DRIFT_EFFECT_SIZE_MIN", default=0.5)
+# PSI bands of a feature's binned inputs against the reference: below MODERATE none,
+# MODERATE..MAJOR moderate, above MAJOR major.
+DRIFT_PSI_MODERATE = env.float("DRIFT_PSI_MODERATE", default=0.1)
+DRIFT_PSI_MAJOR = env.float("DRIFT_PSI_MAJOR", default=0.25)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
 DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)

@@ -624,9 +624,9 @@ def _next_wave(
             raise _LostRace
         rollout.refresh_from_db()
         # The version becomes the target group's release: what boards joining it get.
-        released = rollout_succeeded(rollout=rollout)
-        if released is not None and released.release_version_id == rollout.version_id:
-            numbers = {**numbers, "released_to_group": released.pk}
+        group = rollout_succeeded(rollout=rollout)
+        if group is not None and group.release_version_id == rollout.version_id:
+            numbers = {**numbers, "released_to_group": group.pk}
         _decide(rollout, action="succeeded", reason=reason, metrics=numbers, actor=actor)
         _event(rollout, "rollout.succeeded", metrics=numbers)
         return "succeeded"
