@@ -125,6 +125,7 @@ def drift_score(
     effect_min: float = 0.0,
     psi_moderate: float = 0.1,
     psi_major: float = 0.25,
+    psi_min_samples: int = 0,
 ) -> DriftScore:
     """Score one window against the reference (see `DriftScore` for the rule).
 
@@ -132,6 +133,11 @@ def drift_score(
     psi / psi_major)): at least 1 only when it is both significant and large (or its
     PSI major). The window's score is the largest of its features' and of the confidence
     PSI over ``psi_alert``; >= 1 is an alert. ``effect_min=0`` judges on z alone.
+
+    A feature's PSI decides only from a window of at least ``psi_min_samples`` inputs: PSI
+    over few inputs is inflated by sampling noise alone (about (bins - 1) / n per feature,
+    and the largest of many features more), so a short window's PSI is reported but the
+    window is judged on the effect size.
     """
     if int(sketch["count"]) > 0:
         z = mean_shift_z(sketch=sketch, reference=reference)
@@ -142,9 +148,10 @@ def drift_score(
     effect_feature = int(np.argmax(effect))
     per_psi = feature_psis(sketch=sketch, reference=reference) if int(sketch["count"]) > 0 else {}
     psi_of = np.zeros(len(z))
-    for feature, value in per_psi.items():
-        if feature < len(psi_of):
-            psi_of[feature] = value
+    if int(sketch["count"]) >= psi_min_samples:
+        for feature, value in per_psi.items():
+            if feature < len(psi_of):
+                psi_of[feature] = value
     size = effect / effect_min if effect_min > 0 else np.full(len(z), np.inf)
     matters = np.maximum(size, psi_of / psi_major if psi_major > 0 else 0.0)
     shift_scores = np.minimum(z / z_alert, matters)

@@ -64,8 +64,9 @@ def drift_report_ingest(
 
     An alert needs a shift that is both significant (z) and large: an effect size of at
     least ``DRIFT_EFFECT_SIZE_MIN`` reference standard deviations, or a major per-feature
-    PSI (above ``DRIFT_PSI_MAJOR``) when the sketch carries counts over the reference's
-    bins (`fleet.drift.drift_score`).
+    PSI (above ``DRIFT_PSI_MAJOR``, from a window of at least ``DRIFT_PSI_MIN_SAMPLES``
+    inputs) when the sketch carries counts over the reference's bins
+    (`fleet.drift.drift_score`).
 
     A report gets no score (and no alert) when its version is unknown, its family has no
     reference, or the sketch does not follow as many features as the family's inputs give;
@@ -94,6 +95,7 @@ def drift_report_ingest(
             effect_min=float(settings.DRIFT_EFFECT_SIZE_MIN),
             psi_moderate=float(settings.DRIFT_PSI_MODERATE),
             psi_major=float(settings.DRIFT_PSI_MAJOR),
+            psi_min_samples=int(settings.DRIFT_PSI_MIN_SAMPLES),
         )
     with transaction.atomic():
         return DriftReport.objects.create(

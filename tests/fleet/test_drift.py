@@ -48,7 +48,14 @@ def _moments(x: np.ndarray) -> dict[str, Any]:
     }
 
 
-SCORE = {"z_alert": 4.0, "psi_alert": 0.2, "effect_min": 0.5, "psi_moderate": 0.1, "psi_major": 0.25}
+SCORE = {
+    "z_alert": 4.0,
+    "psi_alert": 0.2,
+    "effect_min": 0.5,
+    "psi_moderate": 0.1,
+    "psi_major": 0.25,
+    "psi_min_samples": 500,
+}
 
 
 def test_a_large_window_with_a_tiny_shift_is_significant_but_no_alert() -> None:
@@ -95,6 +102,14 @@ def test_a_major_feature_psi_alerts_a_significant_shift_of_shape_without_a_large
     assert score.effect_size < 0.5 and score.z_max > 4.0
     assert score.feature_psi is not None and score.feature_psi > 0.25 and score.feature_psi_feature == 0
     assert score.psi_band == "major" and score.alert
+    # Eighty inputs of a squeeze: the PSI is shown, but too few inputs for it to decide.
+    short = DriftSketch(num_features=2, feature_bins=bins)
+    short_x = np.column_stack([rng.normal(loc=0.25, scale=0.3, size=80), rng.normal(size=80)])
+    short.update(inputs=short_x, confidence=np.zeros(0))
+    few = drift_score(sketch=short.to_dict(), reference=reference, **SCORE)
+    assert few.feature_psi is not None and few.feature_psi > 0.25 and few.z_max > 4.0
+    assert few.effect_size < 0.5 and not few.alert
+    assert drift_score(sketch=short.to_dict(), reference=reference, **{**SCORE, "psi_min_samples": 0}).alert
     # Counted over other bins (another etag), the counts are not compared.
     stale = drift_score(sketch={**window, "bins_etag": "other"}, reference=reference, **SCORE)
     assert stale.feature_psi is None and not stale.alert
