@@ -48,7 +48,7 @@ def _moments(x: np.ndarray) -> dict[str, Any]:
     }
 
 
-SCORE = {
+SCORE: dict[str, Any] = {
     "z_alert": 4.0,
     "psi_alert": 0.2,
     "effect_min": 0.5,
