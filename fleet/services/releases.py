@@ -12,6 +12,10 @@ the device's desired version through the deployment service manual assignment us
 (``deployment_open``, origin ``release`` and the group's id), with an audit entry and the
 device's ``deployment.opened`` event.
 
+Editing a group (its release, or a ``tag_selector`` that brings devices in) moves no
+device either: applied to a whole group at once, that would be a deployment without the
+waves and gates of a rollout.
+
 Precedence: an active rollout or a running experiment comes before a group release. A
 device in the target of a running or paused rollout, or assigned to an arm of a running
 experiment, is left alone (the rollout or experiment brings it where it should be). A
