@@ -129,6 +129,9 @@ class FederatedRound(models.Model):
     # checkpoint, cleared when the round ends. A round whose worker died is claimed
     # again once the expiry has passed.
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep (core.sweep) last sent the aggregation again because no live lease
+    # held the round: it sends again at most once per settings.SWEEP_GRACE_S.
+    redriven_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     participants = models.PositiveIntegerField(default=0)
     dropped = models.PositiveIntegerField(default=0)

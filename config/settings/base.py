@@ -213,6 +213,47 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=900)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The sweep (core.sweep, every SWEEP_INTERVAL_S) sends again leased work that no worker
+# holds: rounds aggregating or evaluating and model jobs running past their lease, and
+# work nobody claimed within SWEEP_GRACE_S of becoming due (its message was lost).
+SWEEP_INTERVAL_S = env.float("SWEEP_INTERVAL_S", default=30.0)
+SWEEP_GRACE_S = env.float("SWEEP_GRACE_S", default=120.0)
+# Three queues, so that no kind of work waits behind another: `control` (ticks, rollouts,
+# experiments, opening and closing rounds, the sweep: short database work that must run on
+# time), `ml` (aggregation, evaluation, export, optimisation, ORT training artifact builds:
+# minutes of CPU each) and `io` (webhooks, SSH provisioning: waiting on other machines).
+# Every task is routed here, by name; tests/config/test_queues.py holds that.
+CELERY_TASK_DEFAULT_QUEUE = "control"
+TASK_QUEUES: dict[str, tuple[str, ...]] = {
+    "control": (
+        "core.sweep",
+        "fleet.devices_mark_offline",
+        "fleet.drift_check",
+        "fleet.experiments_evaluate",
+        "fleet.metrics_rollup",
+        "fleet.provisioning_resume",
+        "fleet.prune",
+        "fleet.rollouts_advance",
+        "fleet.rollouts_advance_one",
+        "fleet.webhooks_retry_due",
+        "training.round_close",
+        "training.round_open",
+        "training.rounds_tick",
+    ),
+    "ml": (
+        "models_registry.build_ort_training",
+        "models_registry.evaluate_version",
+        "models_registry.export_version",
+        "models_registry.optimise_version",
+        "training.round_aggregate",
+    ),
+    "io": (
+        "fleet.provision_device",
+        "fleet.webhooks_deliver",
+    ),
+}
+CELERY_TASK_ROUTES = {task: {"queue": queue} for queue, tasks in TASK_QUEUES.items() for task in tasks}
+CELERY_IMPORTS = ("core.tasks",)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "fleet-mark-offline": {
         "task": "fleet.devices_mark_offline",
@@ -238,21 +279,38 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.webhooks_retry_due",
         "schedule": timedelta(seconds=10),
     },
-    "models-registry-jobs-resume": {
-        "task": "models_registry.jobs_resume",
-        "schedule": timedelta(seconds=300),
+    "core-sweep": {
+        "task": "core.sweep",
+        "schedule": timedelta(seconds=SWEEP_INTERVAL_S),
     },
     "fleet-drift-check": {
         "task": "fleet.drift_check",
         "schedule": timedelta(seconds=60),
     },
+    "fleet-metrics-rollup": {
+        "task": "fleet.metrics_rollup",
+        "schedule": timedelta(seconds=env.float("METRICS_ROLLUP_S", default=300.0)),
+    },
+    "fleet-prune": {
+        "task": "fleet.prune",
+        "schedule": timedelta(seconds=env.float("PRUNE_S", default=3600.0)),
+    },
 }
+# How long each growing table keeps its rows, in days (fleet/services/retention.py).
+METRICS_RAW_DAYS = env.float("METRICS_RAW_DAYS", default=14.0)
+METRICS_HOURLY_DAYS = env.float("METRICS_HOURLY_DAYS", default=90.0)
+METRICS_DAILY_DAYS = env.float("METRICS_DAILY_DAYS", default=730.0)
+DEPLOYMENT_EVENTS_DAYS = env.float("DEPLOYMENT_EVENTS_DAYS", default=90.0)
+WEBHOOK_DELIVERIES_DAYS = env.float("WEBHOOK_DELIVERIES_DAYS", default=30.0)
+DRIFT_REPORTS_DAYS = env.float("DRIFT_REPORTS_DAYS", default=90.0)
 
 # --- Flotilla ---------------------------------------------------------------------------
 # Device secrets are random 256-bit values, so a keyed fast hash (HMAC-SHA256) is enough
 # and keeps the heartbeat hot path cheap; a password hasher would cost milliseconds.
 DEVICE_SECRET_KEY = env.str("DEVICE_SECRET_KEY", default="")
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
+# Device ids per nudge fan-out message (one message reaches every websocket process).
+NUDGE_BATCH_DEVICES = env.int("NUDGE_BATCH_DEVICES", default=5000)
 # Drift: alert thresholds on a device's sketch (PSI of top-1 confidence, z of a feature's
 # mean shift) and the accuracy drop on labelled feedback that flags a model version.
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)

@@ -3,7 +3,7 @@
 - :mod:`~training.services.jobs`: validation, creation, the operator's transitions, how
   a job ends, the retraining job a drift flag starts;
 - :mod:`~training.services.rounds`: opening and closing rounds, the periodic tick that
-  recovers every training task;
+  recovers their lost messages, and the sweep's re-drive of lost aggregations;
 - :mod:`~training.services.updates`: devices' updates, their refusals and the failures
   devices report;
 - :mod:`~training.services.aggregation`: aggregating a closed round under its lease,
@@ -33,7 +33,13 @@ from training.services.jobs import (
     job_start,
     job_succeed,
 )
-from training.services.rounds import round_close, round_open, round_weights_served, rounds_tick
+from training.services.rounds import (
+    round_close,
+    round_open,
+    round_weights_served,
+    rounds_redrive,
+    rounds_tick,
+)
 from training.services.updates import (
     MAX_METRICS_JSON,
     UpdateRejected,
@@ -65,6 +71,7 @@ __all__ = [
     "round_close",
     "round_open",
     "round_weights_served",
+    "rounds_redrive",
     "rounds_tick",
     "update_failure_receive",
     "update_receive",

@@ -7,7 +7,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('fleet', '0008_canary_groups_and_device_minimums'),
+        ('fleet', '0009_metric_rollups'),
         ('models_registry', '0006_ort_training'),
     ]
 
