@@ -28,7 +28,8 @@ class DriftScore:
     deviations) and the feature's PSI over the reference's bins. A feature alerts when it
     is significant *and* (its effect size reaches ``effect_min`` or its PSI is major); a
     long window of a board whose inputs sit a hair off the reference is significant but
-    no alert. The confidence histogram's PSI alerts on its own, as before.
+    no alert. The confidence histogram's PSI alerts on its own, from windows long enough
+    for a PSI to mean something (``psi_min_samples``).
     """
 
     z_max: float  # largest per-feature z of the mean shift
@@ -134,10 +135,10 @@ def drift_score(
     PSI major). The window's score is the largest of its features' and of the confidence
     PSI over ``psi_alert``; >= 1 is an alert. ``effect_min=0`` judges on z alone.
 
-    A feature's PSI decides only from a window of at least ``psi_min_samples`` inputs: PSI
-    over few inputs is inflated by sampling noise alone (about (bins - 1) / n per feature,
-    and the largest of many features more), so a short window's PSI is reported but the
-    window is judged on the effect size.
+    A PSI (a feature's, or the confidence histogram's) decides only from a window of at
+    least ``psi_min_samples`` inputs: PSI over few inputs is inflated by sampling noise
+    alone (about (bins - 1) / n, and the largest of many features more), so a short
+    window's PSI is reported but the window is judged on the effect size.
     """
     if int(sketch["count"]) > 0:
         z = mean_shift_z(sketch=sketch, reference=reference)
@@ -167,7 +168,10 @@ def drift_score(
         and len(ref_hist) == len(sketch["confidence_hist"])
     ):
         psi_value = psi(observed=sketch["confidence_hist"], expected=ref_hist)
-    score = max(shift_score, (psi_value or 0.0) / psi_alert)
+    # The confidence PSI, like a feature's, decides only from a window long enough for it
+    # to be more than sampling noise.
+    confident = psi_value is not None and sum(sketch["confidence_hist"]) >= psi_min_samples
+    score = max(shift_score, (psi_value or 0.0) / psi_alert if confident else 0.0)
     top_psi = max(per_psi.items(), key=lambda kv: kv[1]) if per_psi else None
     return DriftScore(
         z_max=float(z[z_feature]),

@@ -323,7 +323,8 @@ DRIFT_EFFECT_SIZE_MIN = env.float("DRIFT_EFFECT_SIZE_MIN", default=0.5)
 DRIFT_PSI_MODERATE = env.float("DRIFT_PSI_MODERATE", default=0.1)
 DRIFT_PSI_MAJOR = env.float("DRIFT_PSI_MAJOR", default=0.25)
 # PSI over few inputs is inflated by sampling noise (about 9 / n per feature over 10 bins):
-# a feature's PSI decides an alert only from windows of at least this many inputs.
+# a PSI (a feature's or the confidence histogram's) decides an alert only from windows of
+# at least this many inputs.
 DRIFT_PSI_MIN_SAMPLES = env.int("DRIFT_PSI_MIN_SAMPLES", default=500)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).

@@ -203,7 +203,8 @@ def test_sketch_of_another_input_size_is_stored_unscored(
     assert references["calls"] == []  # no reference is computed for a sketch that cannot match it
 
 
-def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any) -> None:
+def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any, settings: Any) -> None:
+    settings.DRIFT_PSI_MIN_SAMPLES = 100  # windows of 100 inputs are long enough here
     agent = enroll()
     version = make_version()
     _, _, x_test, _ = load_digits_split()
@@ -216,6 +217,10 @@ def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any
     body = agent.post("drift", {**unsure, "version_id": version.pk}).json()
     assert body["alert"] is True
     assert DriftReport.objects.get(pk=body["id"]).psi > 0.2
+    # Too short a window for its PSI to decide: stored and shown, no alert on it alone.
+    settings.DRIFT_PSI_MIN_SAMPLES = 500
+    short = agent.post("drift", {**unsure, "version_id": version.pk}).json()
+    assert short["alert"] is False and DriftReport.objects.get(pk=short["id"]).psi > 0.2
 
 
 @pytest.mark.parametrize(
