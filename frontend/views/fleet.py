@@ -238,6 +238,7 @@ def group(request: HttpRequest, group_id: int) -> HttpResponse:
         "frontend/group.html",
         section="enrollment",
         title=f"Group {found['group'].name}",
+        group_topic=topic_for("group", found["group"].pk),
         **found,
     )
 

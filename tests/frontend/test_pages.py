@@ -383,6 +383,7 @@ def test_operator_sets_and_clears_a_group_release_from_the_group_page(page_clien
     assert group.release_version_id == fleet.version.pk and group.release_reason == "known good"
     assert group.release_set_by == client.get(reverse("frontend:overview")).context["user"].username
     page = client.get(reverse("frontend:group", args=[fleet.group.pk])).content.decode()
+    assert f'data-live="group-{fleet.group.pk}"' in page  # refreshed when the release changes
     release = page.split('id="group-release"')[1].split("</dl>")[0]
     assert fleet.version.label in release and "known good" in release
     assert AuditEvent.objects.filter(action="device_group.release_set").count() == 1
