@@ -46,6 +46,7 @@ from fleet.services.stages import check_deployable
 
 __all__ = [
     "ORIGIN",
+    "any_group_released",
     "device_release_apply",
     "group_release_set",
     "rollout_rolled_back",
@@ -217,6 +218,11 @@ def rollout_rolled_back(*, rollout: Any, actor: Any = None) -> list[DeviceGroup]
     return restored
 
 
+def any_group_released() -> bool:
+    """Whether any group has a release (most fleets' enrollments then skip the rest)."""
+    return DeviceGroup.objects.filter(release_version__isnull=False).exists()
+
+
 def _held(device: Device) -> str:
     """Why an active rollout or a running experiment holds the device, or ""."""
     from fleet.models import Experiment, ExperimentAssignment
@@ -245,7 +251,7 @@ def device_release_apply(
     is already headed for the release, or the release may not go to it (stages).
     Runs inside the caller's transaction.
     """
-    if device.status == Device.Status.DECOMMISSIONED:
+    if device.status == Device.Status.DECOMMISSIONED or not any_group_released():
         return None
     groups = device_group_ids(device=device)
     if joined_group_ids is not None:

@@ -251,3 +251,15 @@ def test_a_staging_release_for_a_plain_group_is_refused_by_the_service(make_vers
     version = promote(make_version(stage="draft"), "staging")
     with pytest.raises(ConflictError):
         group_release_set(actor=None, group_id=group.pk, version_id=version.pk)
+
+
+def test_an_operator_tag_change_through_the_api_gives_the_release(fleet: Any, operator_client: Any) -> None:
+    f = fleet(1)
+    group = DeviceGroup.objects.create(name="line-4", tag_selector=["line-4"])
+    group_release_set(actor=None, group_id=group.pk, version_id=f.v2.pk)
+    (board,) = f.add(1, prefix="api", in_group=False)
+    response = operator_client.patch(f"/api/v1/devices/{board.pk}/", {"tags": ["line-4"]}, format="json")
+    assert response.status_code == 200, response.content
+    assert response.json()["desired_version"]["id"] == f.v2.pk
+    bad = operator_client.patch(f"/api/v1/devices/{board.pk}/", {"tags": ["no spaces"]}, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "validation_error"
