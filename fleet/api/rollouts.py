@@ -66,6 +66,9 @@ class RolloutSerializer(serializers.ModelSerializer[Rollout]):
             "retry_backoff_s",
             "in_progress_timeout_s",
             "respect_maintenance_windows",
+            "control_percent",
+            "control_gates",
+            "held_back",
             "status",
             "status_reason",
             "current_wave",
@@ -107,6 +110,18 @@ class RolloutCreateInput(serializers.Serializer[Any]):
     retry_backoff_s = serializers.FloatField(required=False, min_value=0)
     in_progress_timeout_s = serializers.FloatField(required=False, min_value=1)
     respect_maintenance_windows = serializers.BooleanField(required=False)
+    control_percent = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=50,
+        help_text="Share of the target (seeded by the rollout) kept on the incumbent and judged against",
+    )
+    control_gates = serializers.ListField(
+        child=serializers.DictField(),
+        required=False,
+        help_text='[{"metric": "accuracy", "margin": 0.01, "alpha": 0.05, "min_devices": 5}]: '
+        "mSPRT on per-device values, candidate vs control over the same window",
+    )
 
 
 class ReasonInput(serializers.Serializer[Any]):

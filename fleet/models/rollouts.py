@@ -53,6 +53,13 @@ class Rollout(models.Model):
     retry_backoff_s = models.FloatField(default=30.0)
     in_progress_timeout_s = models.FloatField(default=900.0)
     respect_maintenance_windows = models.BooleanField(default=True)
+    # A seeded share of the target (percent) that stays on the incumbent while the rollout
+    # runs, judged against by `control_gates` and given the version when it succeeds
+    # (`fleet.rollouts.control`).
+    control_percent = models.FloatField(default=0.0)
+    control_gates = models.JSONField(default=list, blank=True)
+    # Target devices left out because they cannot run the version: {device id: reason}.
+    held_back = models.JSONField(default=dict, blank=True)
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True)
     current_wave = models.IntegerField(default=-1)

@@ -71,6 +71,12 @@ from fleet.selectors.rollouts import (
     rollout_target_ids,
     target_devices,
 )
+from fleet.services.control import (
+    control_judge,
+    control_release,
+    rollout_configure_control,
+    wave_target_ids,
+)
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
 from fleet.services.releases import rollout_rolled_back, rollout_succeeded
 from fleet.services.stages import check_deployable
@@ -271,13 +277,17 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
             waves=waves,
             gates=gates,
             origin=data.get("origin") or {},
+            held_back={str(k): str(v) for k, v in (data.get("held_back") or {}).items()},
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
             **fields,
         )
         if not rollout.name:
             rollout.name = f"{version.label} rollout {rollout.pk}"
             rollout.save(update_fields=["name"])
-        _decide(rollout, action="created", metrics={"target_devices": len(devices)}, actor=actor)
+        # A control cohort (optional) is seeded by the rollout's id, so it is chosen here.
+        control = rollout_configure_control(rollout=rollout, data=data, task=version.family.task)
+        created = {"target_devices": len(devices), "held_back": len(rollout.held_back or {})}
+        _decide(rollout, action="created", metrics={**created, **control}, actor=actor)
         audit_record(
             actor=actor, action="rollout.create", target=rollout, data={**data}, remote_addr=remote_addr
         )
@@ -302,7 +312,8 @@ def _require(rollout: Rollout, *statuses: str) -> None:
 
 def _open_wave(rollout: Rollout, now: datetime) -> dict[str, Any]:
     """Add the devices the current wave covers (late joiners included) as queued members."""
-    target = rollout_target_ids(rollout=rollout)
+    # Control and held-back devices never join a wave (`fleet.services.control`).
+    target = wave_target_ids(rollout=rollout, target=rollout_target_ids(rollout=rollout))
     order = ordered_devices(rollout_id=rollout.pk, device_ids=target)
     size = cumulative_size(wave=rollout.waves[rollout.current_wave], total=len(order))
     wanted = order[:size]
@@ -627,6 +638,9 @@ def _next_wave(
         rollout.refresh_from_db()
         # The version becomes the target group's release: what boards joining it get.
         group = rollout_succeeded(rollout=rollout)
+        # The control cohort stayed on the incumbent while the waves ran; it gets the version now.
+        if rollout.control_percent > 0:
+            numbers = {**numbers, "control_released": control_release(rollout=rollout, now=now)}
         if group is not None and group.release_version_id == rollout.version_id:
             numbers = {**numbers, "released_to_group": group.pk}
         _decide(rollout, action="succeeded", reason=reason, metrics=numbers, actor=actor)
@@ -719,6 +733,16 @@ def _advance_locked(rollout: Rollout, now: datetime) -> AdvanceResult:
             why = "metric gate failed: " + "; ".join(r.reason for r in failed)
             action = _fail_wave(rollout, now, why=why, numbers=stats)
             return AdvanceResult(rollout.pk, action, rollout.current_wave, stats)
+    control_verdict, control = control_judge(rollout=rollout, now=now)
+    if control:
+        stats["control"] = control
+        if control_verdict == "failed":
+            failed_gates = [g for g in control["gates"] if g["outcome"] == "failed"]
+            why = "worse than the control cohort: " + "; ".join(g["reason"] for g in failed_gates)
+            action = _fail_wave(rollout, now, why=why, numbers=stats)
+            return AdvanceResult(rollout.pk, action, rollout.current_wave, stats)
+        if control_verdict == "waiting" and gate_verdict == "passed":
+            gate_verdict = "waiting"
 
     soaked = rollout.wave_started_at is None or now >= rollout.wave_started_at + timedelta(
         seconds=float(wave.get("soak_s", 0))
