@@ -82,6 +82,20 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType("experiment.promoted", "An experiment's winner became a rollout.", _EXPERIMENT),
         EventType("federated_job.status", "A federated job changed status.", ("job", "status")),
         EventType(
+            "federated_job.shipped",
+            "A federated job's best version was shipped: a staged rollout with a control cohort started.",
+            (
+                "job",
+                "round",
+                "version_id",
+                "rollout_id",
+                "target_group",
+                "variant",
+                "held_back",
+                "control_devices",
+            ),
+        ),
+        EventType(
             "federated_round.status",
             "A federated round changed status (collecting, aggregating, done, failed).",
             ("job", "round", "status"),

@@ -224,10 +224,12 @@ def _side(values: Sequence[float], samples: int, short: int) -> Side:
 
 
 def judge_values(
-    *, gate: Mapping[str, Any], candidate: Sequence[float], control: Sequence[float]
+    *, gate: Mapping[str, Any], candidate: npt.ArrayLike, control: npt.ArrayLike
 ) -> ControlResult:
     """Judge per-device values of the candidate's devices against the control's (pure)."""
-    return _judge(gate=gate, cand=list(candidate), ctrl=list(control), cand_n=0, ctrl_n=0)
+    cand = [float(x) for x in np.asarray(candidate, dtype=np.float64).ravel()]
+    ctrl = [float(x) for x in np.asarray(control, dtype=np.float64).ravel()]
+    return _judge(gate=gate, cand=cand, ctrl=ctrl, cand_n=0, ctrl_n=0)
 
 
 def judge_against_control(
@@ -260,7 +262,7 @@ def _judge(
     higher = metric in HIGHER_IS_BETTER
     cand_side = _side(cand, cand_n, shorts[0])
     ctrl_side = _side(ctrl, ctrl_n, shorts[1])
-    common = {"margin": margin, "alpha": alpha, "higher_is_better": higher}
+    common: dict[str, Any] = {"margin": margin, "alpha": alpha, "higher_is_better": higher}
     if len(cand) < min_devices or len(ctrl) < min_devices:
         reason = (
             f"candidate {len(cand)}, control {len(ctrl)} of {min_devices} devices each "
@@ -279,7 +281,7 @@ def _judge(
         tau=tau,
         alpha=alpha,
     )
-    numbers = {
+    numbers: dict[str, Any] = {
         "diff": look.diff,
         "ci_low": look.ci_low,
         "ci_high": look.ci_high,

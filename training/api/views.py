@@ -11,10 +11,12 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from core.api import client_ip
+from fleet.api.rollouts import RolloutSerializer
 from fleet.models import DeviceGroup
 from models_registry.models import ModelFamily, ModelVersion
 from training import selectors, services
 from training.models import ClientUpdate, FederatedJob, FederatedRound
+from training.services.shipping import federated_job_ship
 
 
 class RoundSerializer(serializers.ModelSerializer[FederatedRound]):
@@ -140,6 +142,40 @@ class JobSerializer(serializers.ModelSerializer[FederatedJob]):
         extra_kwargs = {"name": {"required": False}}
 
 
+class ShipInput(serializers.Serializer[Any]):
+    """What a ship call may set; anything left out keeps the defaults of a shipped rollout."""
+
+    target_group = serializers.CharField(
+        required=False, help_text="Group id or name; default the job's group."
+    )
+    variant = serializers.ChoiceField(
+        choices=["as_trained", "recommended"], required=False, default="as_trained"
+    )
+    latency_budget_us = serializers.FloatField(
+        required=False, min_value=0.001, help_text="For variant 'recommended': median single-input latency."
+    )
+    max_accuracy_drop = serializers.FloatField(required=False, min_value=0)
+    control_percent = serializers.FloatField(
+        required=False,
+        min_value=0,
+        max_value=50,
+        help_text="Share kept on the incumbent (default 20; 0: none).",
+    )
+    force = serializers.BooleanField(
+        required=False, default=False, help_text="Ship from a job still running."
+    )
+    name = serializers.CharField(required=False, max_length=150)
+    waves = serializers.ListField(child=serializers.DictField(), required=False)
+    gates = serializers.ListField(child=serializers.DictField(), required=False)
+    control_gates = serializers.ListField(child=serializers.DictField(), required=False)
+    on_gate_failure = serializers.ChoiceField(choices=["pause", "rollback"], required=False)
+    success_threshold = serializers.FloatField(required=False, min_value=0, max_value=1)
+    error_threshold_share = serializers.FloatField(required=False, min_value=0, max_value=1)
+    error_threshold_count = serializers.IntegerField(required=False, min_value=1)
+    max_concurrent_downloads = serializers.IntegerField(required=False, min_value=1)
+    respect_maintenance_windows = serializers.BooleanField(required=False)
+
+
 class FederatedJobViewSet(
     mixins.CreateModelMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet[Any]
 ):
@@ -189,6 +225,20 @@ class FederatedJobViewSet(
     @action(detail=True, methods=["post"])
     def cancel(self, request: Request, pk: str) -> Response:
         return self._act(request, pk, services.job_cancel)
+
+    @extend_schema(request=ShipInput, responses={201: serializers.DictField()})
+    @action(detail=True, methods=["post"])
+    def ship(self, request: Request, pk: str) -> Response:
+        """Ship the job's best version: promote it as the stages require, leave out boards that
+        cannot run it, and start a staged rollout with a control cohort (one transaction)."""
+        body = ShipInput(data=request.data)
+        body.is_valid(raise_exception=True)
+        result = federated_job_ship(
+            job_id=int(pk), actor=request.user, data=dict(body.validated_data), remote_addr=client_ip(request)
+        )
+        return Response(
+            {**result.plan, "rollout": RolloutSerializer(result.rollout).data}, status=status.HTTP_201_CREATED
+        )
 
     @extend_schema(responses=RoundSerializer(many=True))
     @action(detail=True, methods=["get"])
