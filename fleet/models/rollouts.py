@@ -58,6 +58,8 @@ class Rollout(models.Model):
     # (`fleet.rollouts.control`).
     control_percent = models.FloatField(default=0.0)
     control_gates = models.JSONField(default=list, blank=True)
+    # The cohort, chosen once at create (seeded by the rollout's id): device ids.
+    control_device_ids = models.JSONField(default=list, blank=True)
     # Target devices left out because they cannot run the version: {device id: reason}.
     held_back = models.JSONField(default=dict, blank=True)
 

@@ -1,10 +1,11 @@
 """A control cohort: devices of a rollout's target that stay on the incumbent while it runs.
 
 With ``control_percent`` set, a deterministic, seeded share of the target is held back:
-a device is in the control cohort when its hash for the rollout (``control:<rollout id>``,
-see :func:`fleet.rollouts.waves.unit_interval`) falls below the share. The hash never
-changes, so a device is control or not for the rollout's whole life, and a device that
-joins the target later is sorted the same way.
+the target's devices are ranked by their hash for the rollout (``control:<rollout id>``,
+see :func:`fleet.rollouts.waves.rank_key`) and the first ``ceil(percent x target)`` are the
+control cohort (:func:`choose_control`). The cohort is chosen once, when the rollout is
+created, and kept on the rollout, so a device is control or not for the rollout's whole
+life; a device that joins the target later takes part in the waves.
 
 Control gates then compare the devices that got the version (the wave's devices) with the
 control devices **over the same time window**, each device one observation (its own value
@@ -33,7 +34,7 @@ import numpy.typing as npt
 
 from fleet.rollouts.gates import DEFAULT_MIN_SAMPLES, GATE_METRICS, DeviceStats, device_value
 from fleet.rollouts.stats import msprt
-from fleet.rollouts.waves import unit_interval
+from fleet.rollouts.waves import rank_key
 
 # Metrics where a larger value is better; for the others (latency, error rate, mae) lower is.
 HIGHER_IS_BETTER = frozenset({"accuracy"})
@@ -46,24 +47,26 @@ MAX_CONTROL_PERCENT = 50.0
 Outcome = Literal["passed", "failed", "waiting"]
 
 
-def is_control(*, rollout_id: int, device_id: str, percent: float) -> bool:
-    """Whether the device stays on the incumbent during the rollout (seeded by the rollout)."""
-    if percent <= 0:
-        return False
-    return unit_interval(salt=f"control:{rollout_id}", device_id=str(device_id)) < percent / 100.0
+def choose_control(*, rollout_id: int, device_ids: Sequence[str], percent: float) -> list[str]:
+    """The control cohort: the ``ceil(percent% x len(device_ids))`` devices ranked first by
+    their seeded hash for the rollout (none for a share of 0)."""
+    if percent <= 0 or not device_ids:
+        return []
+    ranked = sorted(
+        (str(d) for d in device_ids), key=lambda d: rank_key(salt=f"control:{rollout_id}", device_id=d)
+    )
+    # Round before ceil so 20% of 30 devices is 6, not 7 from 6.000000000000001.
+    size = math.ceil(round(percent * len(ranked) / 100.0, 9))
+    return ranked[:size]
 
 
 def split_control(
     *, rollout_id: int, device_ids: Sequence[str], percent: float
 ) -> tuple[list[str], list[str]]:
-    """``(treated, control)``: the target's devices that take part in the waves, and the rest."""
-    treated: list[str] = []
-    control: list[str] = []
-    for device_id in device_ids:
-        (
-            control if is_control(rollout_id=rollout_id, device_id=device_id, percent=percent) else treated
-        ).append(str(device_id))
-    return treated, control
+    """``(treated, control)``: the devices that take part in the waves, and the cohort."""
+    control = choose_control(rollout_id=rollout_id, device_ids=device_ids, percent=percent)
+    chosen = set(control)
+    return [str(d) for d in device_ids if str(d) not in chosen], control
 
 
 def validate_control_percent(value: Any) -> float:

@@ -90,28 +90,24 @@ def rollout_configure_control(*, rollout: Rollout, data: dict[str, Any], task: s
     plan = control_plan(rollout_id=rollout.pk, device_ids=target, percent=percent, gates=gates)
     rollout.control_percent = percent
     rollout.control_gates = gates
-    rollout.save(update_fields=["control_percent", "control_gates"])
+    rollout.control_device_ids = plan["control"]
+    rollout.save(update_fields=["control_percent", "control_gates", "control_device_ids"])
     return {k: v for k, v in plan.items() if k != "control"}
 
 
 def control_ids(*, rollout: Rollout, target: list[str] | None = None) -> list[str]:
-    """The control devices among the rollout's current target (held-back devices excluded)."""
-    if rollout.control_percent <= 0:
+    """The control devices still in the rollout's target (held-back devices excluded)."""
+    if rollout.control_percent <= 0 or not rollout.control_device_ids:
         return []
+    current = set(target if target is not None else rollout_target_ids(rollout=rollout))
     held = set(rollout.held_back or {})
-    ids = [
-        d for d in (target if target is not None else rollout_target_ids(rollout=rollout)) if d not in held
-    ]
-    return split_control(rollout_id=rollout.pk, device_ids=ids, percent=rollout.control_percent)[1]
+    return [d for d in rollout.control_device_ids if d in current and d not in held]
 
 
 def wave_target_ids(*, rollout: Rollout, target: list[str]) -> list[str]:
     """The devices the waves draw from: the target less held-back and control devices."""
-    held = set(rollout.held_back or {})
-    ids = [d for d in target if d not in held]
-    if rollout.control_percent <= 0:
-        return ids
-    return split_control(rollout_id=rollout.pk, device_ids=ids, percent=rollout.control_percent)[0]
+    out = set(rollout.held_back or {}) | set(rollout.control_device_ids or [])
+    return [d for d in target if d not in out]
 
 
 def control_judge(*, rollout: Rollout, now: datetime) -> tuple[str, dict[str, Any]]:
