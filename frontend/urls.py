@@ -40,6 +40,7 @@ urlpatterns: list[Any] = [
     path("federated/", training.jobs, name="jobs"),
     path("federated/new", training.job_new, name="job-new"),
     path("federated/<int:job_id>/", training.job, name="job"),
+    path("federated/<int:job_id>/ship", training.job_ship, name="job-ship"),
     path("federated/<int:job_id>/<str:verb>", training.job_action, name="job-action"),
     path("rollouts/", operations.rollouts, name="rollouts"),
     path("rollouts/new", operations.rollout_new, name="rollout-new"),

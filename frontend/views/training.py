@@ -11,11 +11,13 @@ from django.shortcuts import redirect
 from core.api import ServiceError
 from core.roles import OPERATOR
 from fleet.models import DeviceGroup
+from fleet.selectors.shipping import rollouts_shipped_from_job
 from frontend import selectors_training
 from frontend.events import topic_for
 from frontend.views.base import action, int_or_none, page, remote_addr, render_page
 from models_registry.models import ModelVersion
 from training import services as training_services
+from training.services.shipping import federated_job_ship
 
 JOB_VERBS = {
     "start": training_services.job_start,
@@ -50,6 +52,8 @@ def job(request: HttpRequest, job_id: int) -> HttpResponse:
         title=found.name,
         job=found,
         job_topic=topic_for("job", found.pk),
+        groups=DeviceGroup.objects.order_by("name"),
+        shipped=rollouts_shipped_from_job(job_id=found.pk),
         **selectors_training.job_page(job=found),
     )
 
@@ -111,3 +115,36 @@ def job_action(request: HttpRequest, job_id: int, verb: str) -> HttpResponse:
     else:
         messages.success(request, f"Job {verb}: done.")
     return redirect("frontend:job", job_id=job_id)
+
+
+@action(OPERATOR)
+def job_ship(request: HttpRequest, job_id: int) -> HttpResponse:
+    """The job page's Ship button: the same service as ``POST federated-jobs/<id>/ship/``."""
+    post = request.POST
+    data: dict[str, Any] = {
+        "variant": post.get("variant") or "as_trained",
+        "force": post.get("force") == "on",
+    }
+    if post.get("target_group"):
+        data["target_group"] = post["target_group"]
+    if (budget := _float(post.get("latency_budget_us"))) is not None:
+        data["latency_budget_us"] = budget
+    if (percent := _float(post.get("control_percent"))) is not None:
+        data["control_percent"] = percent
+    try:
+        result = federated_job_ship(
+            job_id=job_id, actor=request.user, data=data, remote_addr=remote_addr(request)
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+        return redirect("frontend:job", job_id=job_id)
+    plan = result.plan
+    held = plan["boards"]["held_back_count"]
+    messages.success(
+        request,
+        f"Shipping {plan['version']['label']} to {plan['target_group']['name']}: rollout started with "
+        f"{plan['control']['devices']} control devices"
+        + (f"; {held} board(s) left out that cannot run it" if held else "")
+        + ".",
+    )
+    return redirect("frontend:rollout", rollout_id=result.rollout.pk)

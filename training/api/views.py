@@ -12,7 +12,7 @@ from rest_framework.response import Response
 
 from core.api import client_ip
 from fleet.api.rollouts import RolloutSerializer
-from fleet.models import DeviceGroup
+from fleet.models import DeviceGroup, Rollout
 from models_registry.models import ModelFamily, ModelVersion
 from training import selectors, services
 from training.models import ClientUpdate, FederatedJob, FederatedRound
@@ -168,12 +168,30 @@ class ShipInput(serializers.Serializer[Any]):
     waves = serializers.ListField(child=serializers.DictField(), required=False)
     gates = serializers.ListField(child=serializers.DictField(), required=False)
     control_gates = serializers.ListField(child=serializers.DictField(), required=False)
-    on_gate_failure = serializers.ChoiceField(choices=["pause", "rollback"], required=False)
+    on_gate_failure = serializers.ChoiceField(choices=Rollout.OnGateFailure.choices, required=False)
     success_threshold = serializers.FloatField(required=False, min_value=0, max_value=1)
     error_threshold_share = serializers.FloatField(required=False, min_value=0, max_value=1)
     error_threshold_count = serializers.IntegerField(required=False, min_value=1)
     max_concurrent_downloads = serializers.IntegerField(required=False, min_value=1)
     respect_maintenance_windows = serializers.BooleanField(required=False)
+
+
+class ShipOutput(serializers.Serializer[Any]):
+    """The plan a ship call carried out, with the numbers behind each choice, and the rollout."""
+
+    job = serializers.IntegerField()
+    job_status = serializers.CharField()
+    forced = serializers.BooleanField()
+    round = serializers.IntegerField(allow_null=True)
+    evaluation = serializers.JSONField(help_text="kind (central or federated), metric, value, base value")
+    version = serializers.JSONField(help_text="id, label, stage, and the stages it was promoted through")
+    variant = serializers.JSONField(help_text="requested, chosen, and why")
+    target_group = serializers.JSONField()
+    boards = serializers.JSONField(help_text="boards, can_run, held_back_count, reasons with counts")
+    held_back = serializers.JSONField(help_text="[{device, reason}] (first 100)")
+    control = serializers.JSONField(help_text="percent, devices, treated_devices, minimum, gates")
+    steps = serializers.JSONField(help_text="shadow (skipped with a note), staged_rollout, promotion")
+    rollout = RolloutSerializer()
 
 
 class FederatedJobViewSet(
@@ -226,7 +244,7 @@ class FederatedJobViewSet(
     def cancel(self, request: Request, pk: str) -> Response:
         return self._act(request, pk, services.job_cancel)
 
-    @extend_schema(request=ShipInput, responses={201: serializers.DictField()})
+    @extend_schema(request=ShipInput, responses={201: ShipOutput})
     @action(detail=True, methods=["post"])
     def ship(self, request: Request, pk: str) -> Response:
         """Ship the job's best version: promote it as the stages require, leave out boards that

@@ -225,3 +225,26 @@ def test_recommended_variant_without_variants_ships_as_trained(big: Fleet, opera
     variant = response.json()["variant"]
     assert variant["requested"] == "recommended" and variant["chosen"] == job.best_version_id
     assert "as trained" in variant["note"]
+
+
+def test_dashboard_ship_button(big: Fleet, make_user: Any) -> None:
+    from django.test import Client
+
+    from fleet.models import Rollout
+
+    job = _finished(big)
+    operator, viewer = Client(), Client()
+    operator.force_login(make_user("operator"))
+    viewer.force_login(make_user("viewer"))
+    page = operator.get(f"/federated/{job.pk}/")
+    assert page.status_code == 200
+    assert f'action="/federated/{job.pk}/ship"' in page.content.decode()
+    assert viewer.post(f"/federated/{job.pk}/ship", {"control_percent": "20"}).status_code == 403
+    response = operator.post(f"/federated/{job.pk}/ship", {"control_percent": "20", "variant": "as_trained"})
+    rollout = Rollout.objects.get(origin__federated_job=job.pk)
+    assert response.status_code == 302 and response["Location"] == f"/rollouts/{rollout.pk}/"
+    assert rollout.status == "running" and len(rollout.control_device_ids) == 6
+    # The job page lists what it shipped; a refusal comes back as a message on the job page.
+    assert rollout.name in operator.get(f"/federated/{job.pk}/").content.decode()
+    again = operator.post(f"/federated/{job.pk}/ship", {"control_percent": "20"}, follow=True)
+    assert "overlapping" in again.content.decode() or "already in" in again.content.decode()
