@@ -105,6 +105,13 @@ def _best(job: FederatedJob) -> tuple[ModelVersion, FederatedRound | None]:
             code="not_evaluated",
             details={"job": job.pk},
         )
+    if best.pk == job.base_version_id:
+        raise ConflictError(
+            f"Job {job.pk}'s best version is its base, {best.label}: no round beat it by the family's "
+            "evaluation, so there is nothing new to ship.",
+            code="no_improvement",
+            details={"job": job.pk, "version": best.pk, "best_metric": job.best_metric},
+        )
     return best, FederatedRound.objects.filter(job=job, version=best).order_by("number").first()
 
 
@@ -209,9 +216,10 @@ def federated_job_ship(
     (``as_trained`` or ``recommended`` with ``latency_budget_us``), ``control_percent``
     (default 20; 0 for none), ``force`` (ship from a job still running), and rollout
     fields (:data:`POLICY_FIELDS`). Refusals: 404 unknown job; 409 ``job_not_finished``,
-    ``no_successful_round``, ``not_evaluated``, ``no_compatible_devices``, a stage or
-    overlap conflict of the rollout; 400 ``validation_error`` (unknown group, bad
-    values), ``control_too_small`` (with the minimum); 403 ``production_promotion_required``.
+    ``no_successful_round``, ``not_evaluated``, ``no_improvement`` (the best is the base),
+    ``no_compatible_devices``, a stage or overlap conflict of the rollout; 400
+    ``validation_error`` (unknown group, bad values), ``control_too_small`` (with the
+    minimum); 403 ``production_promotion_required``.
     Returns the plan and the numbers behind it, with the started rollout.
     """
     job = FederatedJob.objects.select_related("family", "target_group").filter(pk=job_id).first()

@@ -167,6 +167,15 @@ def test_job_without_a_successful_round_is_409(big: Fleet, operator_client: Any)
     assert response.json()["error"]["code"] == "no_successful_round"
 
 
+def test_job_whose_best_is_its_base_is_409(big: Fleet, operator_client: Any) -> None:
+    from training.models import FederatedJob
+
+    job = _finished(big)
+    FederatedJob.objects.filter(pk=job.pk).update(best_version=big.version)
+    response = _ship(operator_client, job)
+    assert response.status_code == 409 and response.json()["error"]["code"] == "no_improvement"
+
+
 def test_running_job_is_409_unless_forced(big: Fleet, operator_client: Any) -> None:
     job = _finished(big, status="running")
     refused = _ship(operator_client, job)
