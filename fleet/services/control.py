@@ -23,6 +23,7 @@ from fleet.rollouts.control import (
     validate_control_percent,
 )
 from fleet.rollouts.gates import GATE_METRICS, raw_metrics_for
+from fleet.rollouts.waves import cumulative_size
 from fleet.selectors.rollouts import device_metric_stats, rollout_target_ids
 from fleet.services.deployments import deployment_open
 
@@ -88,6 +89,15 @@ def rollout_configure_control(*, rollout: Rollout, data: dict[str, Any], task: s
     held = set(rollout.held_back or {})
     target = [d for d in rollout_target_ids(rollout=rollout) if d not in held]
     plan = control_plan(rollout_id=rollout.pk, device_ids=target, percent=percent, gates=gates)
+    first = cumulative_size(wave=rollout.waves[0], total=plan["treated_devices"])
+    if first < plan["minimum"]:
+        # The control gates would wait for ever: a wave is judged on its own devices.
+        raise ServiceError(
+            f"The first wave exposes {first} devices; the control gates need at least "
+            f"{plan['minimum']} on each side. Make it larger (a count or a higher percent).",
+            code="first_wave_too_small",
+            details={"first_wave_devices": first, "minimum": plan["minimum"]},
+        )
     rollout.control_percent = percent
     rollout.control_gates = gates
     rollout.control_device_ids = plan["control"]

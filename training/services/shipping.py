@@ -17,6 +17,7 @@ skipped with a note while the server has no shadow mode.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,6 +47,8 @@ DEFAULT_WAVES = [
     {"percent": 50, "soak_s": 600},
     {"percent": 100, "soak_s": 0},
 ]
+# A first wave smaller than this many devices could never be judged against control.
+DEFAULT_MIN_FIRST_WAVE = 5
 DEFAULT_CONTROL_PERCENT = 20.0
 # Rollout fields a ship call may set; the rest keep the rollout defaults.
 POLICY_FIELDS = (
@@ -207,6 +210,17 @@ def _promote(*, version: ModelVersion, canary: bool, group: str, actor: Any) -> 
     return [*steps, Stage.PRODUCTION]
 
 
+def _default_waves(*, boards: int, control_percent: float) -> list[dict[str, Any]]:
+    """10 % / 50 % / 100 %, the first wave at least big enough for the control gates."""
+    if control_percent <= 0:
+        return DEFAULT_WAVES
+    treated = boards - math.ceil(round(control_percent * boards / 100.0, 9))
+    first = math.ceil(round(0.1 * treated, 9))
+    if first >= DEFAULT_MIN_FIRST_WAVE:
+        return DEFAULT_WAVES
+    return [{"count": DEFAULT_MIN_FIRST_WAVE, "soak_s": 600}, *DEFAULT_WAVES[1:]]
+
+
 def federated_job_ship(
     *, job_id: int, actor: Any, data: dict[str, Any], remote_addr: str | None = None
 ) -> ShipResult:
@@ -279,7 +293,7 @@ def federated_job_ship(
         rollout_data: dict[str, Any] = {
             "version": version.pk,
             "target_group": group.pk,
-            "waves": DEFAULT_WAVES,
+            "waves": _default_waves(boards=boards["can_run"], control_percent=float(control_percent or 0)),
             "on_gate_failure": "rollback",
             "name": f"{version.label} from job {job.pk}",
             **{k: data[k] for k in POLICY_FIELDS if data.get(k) is not None},

@@ -200,6 +200,7 @@ def test_bad_control_settings_are_400(fleet: Any) -> None:
         ({"control_percent": 80}, "validation_error"),
         ({"control_gates": [{"metric": "happiness"}]}, "unknown_metric"),
         ({"control_gates": [{"metric": "accuracy", "min_devices": 1}]}, "validation_error"),
+        ({"waves": [{"count": 3, "soak_s": 0}, {"percent": 100}]}, "first_wave_too_small"),
     ):
         with pytest.raises(ServiceError) as err:
             _create(f, **extra)

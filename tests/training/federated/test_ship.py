@@ -253,6 +253,9 @@ def test_dashboard_ship_button(big: Fleet, make_user: Any) -> None:
     rollout = Rollout.objects.get(origin__federated_job=job.pk)
     assert response.status_code == 302 and response["Location"] == f"/rollouts/{rollout.pk}/"
     assert rollout.status == "running" and len(rollout.control_device_ids) == 6
+    # 10 % of the 24 other boards would be 2, too few to judge: the first wave is 5.
+    assert rollout.waves[0] == {"count": 5, "soak_s": 600.0}
+    assert rollout.members.count() == 5
     # The job page lists what it shipped; a refusal comes back as a message on the job page.
     assert rollout.name in operator.get(f"/federated/{job.pk}/").content.decode()
     again = operator.post(f"/federated/{job.pk}/ship", {"control_percent": "20"}, follow=True)
