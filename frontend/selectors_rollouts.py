@@ -109,6 +109,13 @@ def rollout_waves(*, rollout: Rollout) -> list[dict[str, Any]]:
     return waves
 
 
+def _control_rows(*, rollout: Rollout, decisions: list[Any]) -> list[dict[str, Any]]:
+    """Each control gate with its latest verdict (both sides' numbers), for the rollout page."""
+    latest = next((d.metrics["control"] for d in reversed(decisions) if (d.metrics or {}).get("control")), {})
+    results = {r.get("metric"): r for r in latest.get("gates", [])}
+    return [{"gate": g, "result": results.get(g["metric"])} for g in rollout.control_gates or []]
+
+
 def rollout_page(*, rollout: Rollout) -> dict[str, Any]:
     decisions = list(rollout_decisions(rollout=rollout))
     latest_gates: dict[str, Any] = next((d.metrics for d in reversed(decisions) if d.metrics), {})
@@ -116,6 +123,7 @@ def rollout_page(*, rollout: Rollout) -> dict[str, Any]:
         "waves": rollout_waves(rollout=rollout),
         "decisions": decisions[::-1],
         "latest_gates": latest_gates,
+        "control_rows": _control_rows(rollout=rollout, decisions=decisions),
         "members": list(
             RolloutDevice.objects.filter(rollout=rollout)
             .exclude(state__in=["queued"])
