@@ -111,7 +111,9 @@ def rollout_waves(*, rollout: Rollout) -> list[dict[str, Any]]:
 
 def _control_rows(*, rollout: Rollout, decisions: list[Any]) -> list[dict[str, Any]]:
     """Each control gate with its latest verdict (both sides' numbers), for the rollout page."""
-    latest = next((d.metrics["control"] for d in reversed(decisions) if (d.metrics or {}).get("control")), {})
+    latest: dict[str, Any] = next(
+        (d.metrics["control"] for d in reversed(decisions) if (d.metrics or {}).get("control")), {}
+    )
     results = {r.get("metric"): r for r in latest.get("gates", [])}
     return [{"gate": g, "result": results.get(g["metric"])} for g in rollout.control_gates or []]
 

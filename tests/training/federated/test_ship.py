@@ -257,8 +257,9 @@ def test_dashboard_ship_button(big: Fleet, make_user: Any) -> None:
     assert rollout.waves[0] == {"count": 5, "soak_s": 600.0}
     assert rollout.members.count() == 5
     # The rollout page shows the control cohort and where the rollout came from.
-    page = operator.get(f"/rollouts/{rollout.pk}/").content.decode()
-    assert "Against the control cohort" in page and f"federated job {job.pk}</a>, round 1" in page
+    rollout_page = operator.get(f"/rollouts/{rollout.pk}/").content.decode()
+    assert "Against the control cohort" in rollout_page
+    assert f"federated job {job.pk}</a>, round 1" in rollout_page
     # The job page lists what it shipped; a refusal comes back as a message on the job page.
     assert rollout.name in operator.get(f"/federated/{job.pk}/").content.decode()
     again = operator.post(f"/federated/{job.pk}/ship", {"control_percent": "20"}, follow=True)
