@@ -193,6 +193,14 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"DeviceStatusEnum": "fleet.models.devices.Device.Status"},
+    # The device API (plain Django views) is written out by its apps; then every
+    # operation gets the error answers it can give (core.openapi).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "fleet.api.agent_schema.add_device_api",
+        "training.api.agent_schema.add_round_api",
+        "core.openapi.add_error_responses",
+    ],
 }
 
 # --- Celery -----------------------------------------------------------------------------
