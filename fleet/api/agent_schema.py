@@ -191,7 +191,10 @@ SCHEMAS: dict[str, dict[str, Any]] = {
             "policy_etag": string(64),
             "desired_etag": string(64),
             "deployment": nullable(
-                obj({"id": integer(1), "state": {"type": "string", "enum": list(DEPLOYMENT_STATES)}}, ["id", "state"])
+                obj(
+                    {"id": integer(1), "state": {"type": "string", "enum": list(DEPLOYMENT_STATES)}},
+                    ["id", "state"],
+                )
             ),
             "state": obj(
                 {
@@ -280,7 +283,12 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     "DeviceDriftSketch": obj(
         {
             "count": integer(),
-            "mean": {"type": "array", "items": {"type": "number"}, "minItems": 1, "maxItems": DRIFT_MAX_FEATURES},
+            "mean": {
+                "type": "array",
+                "items": {"type": "number"},
+                "minItems": 1,
+                "maxItems": DRIFT_MAX_FEATURES,
+            },
             "m2": {
                 "type": "array",
                 "items": {"type": "number", "minimum": 0},
@@ -301,7 +309,11 @@ SCHEMAS: dict[str, dict[str, Any]] = {
         ["count", "mean", "m2", "confidence_hist"],
     ),
     "DeviceDriftResponse": obj(
-        {"id": {"type": "integer"}, "alert": {"type": "boolean"}, "score": {"type": "number", "nullable": True}},
+        {
+            "id": {"type": "integer"},
+            "alert": {"type": "boolean"},
+            "score": {"type": "number", "nullable": True},
+        },
         ["id", "alert", "score"],
     ),
     "DeviceDeploymentStatusRequest": obj(
@@ -352,7 +364,9 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "device_metrics",
                 "Send a batch of metric samples (stored once per batch_id).",
                 {
-                    "200": json_answer("Stored, or a repeat of a stored batch.", ref("DeviceMetricsResponse")),
+                    "200": json_answer(
+                        "Stored, or a repeat of a stored batch.", ref("DeviceMetricsResponse")
+                    ),
                     "429": error_response("429", "`rate_limited`: over the samples allowed an hour."),
                 },
                 body=json_body(ref("DeviceMetricsRequest")),
@@ -385,7 +399,12 @@ def _paths() -> dict[str, dict[str, Any]]:
                 parameters=[
                     {"name": "sha256", "in": "path", "required": True, "schema": {"type": "string"}},
                     {"name": "Range", "in": "header", "required": False, "schema": {"type": "string"}},
-                    {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "If-None-Match",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
                 ],
             )
         },
@@ -421,7 +440,9 @@ def add_paths(result: dict[str, Any], paths: dict[str, Any], schemas: dict[str, 
     result.setdefault("paths", {}).update(paths)
     tags = result.setdefault("tags", [])
     if not any(t.get("name") == TAG for t in tags):
-        tags.append({"name": TAG, "description": f"The device API ({API_PREFIX}), for the agent on each board."})
+        tags.append(
+            {"name": TAG, "description": f"The device API ({API_PREFIX}), for the agent on each board."}
+        )
 
 
 def add_device_api(result: dict[str, Any], **_: Any) -> dict[str, Any]:

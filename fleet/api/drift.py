@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ServiceError
+from core.api import int_param
 from devices_agent.wire import DRIFT_CONFIDENCE_BINS, DRIFT_MAX_FEATURES
 from fleet.api.agent_views import MAX_FUTURE_SKEW, _finite, _int, _invalid, _timestamp
 from fleet.auth import device_endpoint
@@ -69,13 +69,7 @@ class DriftSummaryView(APIView):
     )
     def get(self, request: Request) -> Response:
         """The drift summary, optionally for one group."""
-        raw = request.query_params.get("group")
-        group_id: int | None = None
-        if raw:
-            try:
-                group_id = int(raw)
-            except ValueError as exc:
-                raise ServiceError("group must be an integer.", code="validation_error") from exc
+        group_id = int_param(request.query_params, "group")
         return Response({"groups": drift_summary(group_id=group_id)})
 
 

@@ -135,7 +135,12 @@ def _paths() -> dict[str, dict[str, Any]]:
                 },
                 parameters=[
                     *ROUND,
-                    {"name": "If-None-Match", "in": "header", "required": False, "schema": {"type": "string"}},
+                    {
+                        "name": "If-None-Match",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string"},
+                    },
                 ],
             )
         },
@@ -144,15 +149,21 @@ def _paths() -> dict[str, dict[str, Any]]:
                 "device_round_update",
                 "Upload the device's encoded delta (safetensors bytes).",
                 {
-                    "200": json_answer("The same bytes were already accepted.", ref("DeviceRoundUpdateResponse")),
+                    "200": json_answer(
+                        "The same bytes were already accepted.", ref("DeviceRoundUpdateResponse")
+                    ),
                     "201": json_answer("Stored.", ref("DeviceRoundUpdateResponse")),
                     "403": NOT_SELECTED,
                     "409": CLOSED,
-                    "422": error_response("422", "`norm_too_large`: the delta's norm is past the job's bound."),
+                    "422": error_response(
+                        "422", "`norm_too_large`: the delta's norm is past the job's bound."
+                    ),
                 },
                 body={
                     "required": True,
-                    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+                    "content": {
+                        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+                    },
                 },
                 parameters=[
                     *ROUND,
