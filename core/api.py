@@ -147,7 +147,7 @@ class IdField(serializers.IntegerField):
         super().__init__(**kwargs)
 
 
-class PrimaryKeyRelatedField(serializers.PrimaryKeyRelatedField):  # type: ignore[type-arg]
+class PrimaryKeyRelatedField(serializers.PrimaryKeyRelatedField):
     """DRF's PrimaryKeyRelatedField that refuses integer ids no column can hold (as unknown)."""
 
     def to_internal_value(self, data: Any) -> Any:

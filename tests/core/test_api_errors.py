@@ -111,7 +111,9 @@ def test_schema_has_the_device_api_with_its_auth_and_binary_bodies(client: Any) 
     )
     assert all(op["tags"] == ["device"] for op in device_ops.values())
     scheme = schema["components"]["securitySchemes"]["deviceAuth"]
-    assert scheme["in"] == "header" and scheme["name"] == "Authorization" and "Device" in scheme["description"]
+    assert (
+        scheme["in"] == "header" and scheme["name"] == "Authorization" and "Device" in scheme["description"]
+    )
     assert device_ops[("/api/agent/v1/enroll", "post")]["security"] == []
     assert device_ops[("/api/agent/v1/heartbeat", "post")]["security"] == [{"deviceAuth": []}]
     upload = device_ops[("/api/agent/v1/rounds/{round_id}/update", "post")]["requestBody"]["content"]

@@ -6,11 +6,13 @@ the WSGI application on this test's own database (pytest-django rolls it back). 
 fails on any 5xx, on a response whose body does not match its schema, on an undocumented
 status code, and on a content type the schema does not declare. The seed is fixed
 (derandomized) and the examples per operation are bounded, so a run is the same every
-time and takes a minute or two.
+time and takes a minute or two; ``FLOTILLA_FUZZ_COVERAGE=1`` adds schemathesis' coverage
+phase (every boundary and wrong-type value of every parameter, about ten minutes).
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
@@ -27,7 +29,7 @@ from schemathesis.specs.openapi.checks import (
 
 pytestmark = pytest.mark.django_db
 
-MAX_EXAMPLES = 12
+MAX_EXAMPLES = 8
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 
 
@@ -77,18 +79,16 @@ def wsgi_app(credentials: dict[str, str]) -> Iterator[Any]:
 @pytest.fixture
 def api_schema(wsgi_app: Any) -> Any:
     loaded = schemathesis.openapi.from_wsgi("/api/schema/?format=json", wsgi_app)
-    import os
-
-    if os.environ.get("FUZZ_NO_COVERAGE"):
-        loaded.config.phases.coverage.enabled = False
-    if os.environ.get("FUZZ_NO_FUZZING"):
-        loaded.config.phases.fuzzing.enabled = False
+    # The coverage phase sends every boundary and wrong-type value of every parameter
+    # (about 9,000 requests, ten minutes here): on demand, not in every run.
+    loaded.config.phases.coverage.enabled = bool(os.environ.get("FLOTILLA_FUZZ_COVERAGE"))
     return loaded
 
 
 schema = schemathesis.pytest.from_fixture("api_schema")
 
 
+@pytest.mark.timeout(600)
 @schema.parametrize()
 @settings(
     max_examples=MAX_EXAMPLES,
@@ -98,12 +98,10 @@ schema = schemathesis.pytest.from_fixture("api_schema")
     suppress_health_check=list(HealthCheck),
 )
 def test_api_answers_as_its_schema_says(case: Any, credentials: dict[str, str]) -> None:
-    import time
-
-    t = time.perf_counter()
     who = "device" if case.path.startswith("/api/agent/") else "operator"
-    try:
-        case.call_and_validate(headers={"Authorization": credentials[who]}, checks=CHECKS)
-    finally:
-        with open("/tmp/fuzz_times.txt", "a") as fh:
-            fh.write(f"{case.method} {case.path} {time.perf_counter() - t:.4f}\n")
+    wait = (case.query or {}).get("wait")
+    if isinstance(wait, int | float) and not isinstance(wait, bool) and wait > 0:
+        # The long poll would hold each example up to 30 s: a short wait still goes
+        # through the listening path and answers the same shape.
+        case.query["wait"] = 0.01
+    case.call_and_validate(headers={"Authorization": credentials[who]}, checks=CHECKS)
