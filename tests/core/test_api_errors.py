@@ -143,3 +143,10 @@ def test_every_operation_documents_its_errors_in_the_one_shape(client: Any) -> N
                     assert response["content"]["application/json"]["schema"] == {
                         "$ref": "#/components/schemas/Error"
                     }, (method, path, code)
+
+
+def test_agent_requirements_refuses_a_bare_flag_that_is_not_a_boolean(operator_client: Any) -> None:
+    assert operator_client.get("/api/v1/agent/requirements/?bare=true").status_code == 200
+    assert _error(operator_client.get("/api/v1/agent/requirements/?bare=maybe"), 400)["code"] == (
+        "validation_error"
+    )
