@@ -192,6 +192,12 @@ class Pagination(pagination.PageNumberPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
 
+    def get_page_size(self, request: Any) -> int | None:
+        """``?page_size=`` a positive integer (at most 500 are sent), else a 400 (DRF would
+        quietly use the default)."""
+        size = int_param(request.query_params, self.page_size_query_param)
+        return self.page_size if size is None else min(size, self.max_page_size)
+
 
 def client_ip(request: Any) -> str | None:
     """The caller's address as the server saw it (a proxy in front sets REMOTE_ADDR)."""

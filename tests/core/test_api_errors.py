@@ -150,3 +150,18 @@ def test_agent_requirements_refuses_a_bare_flag_that_is_not_a_boolean(operator_c
     assert _error(operator_client.get("/api/v1/agent/requirements/?bare=maybe"), 400)["code"] == (
         "validation_error"
     )
+
+
+def test_page_size_must_be_a_positive_integer(operator_client: Any) -> None:
+    for bad in ("false", "0", "1.5", "-3"):
+        assert _error(operator_client.get(f"/api/v1/rollouts/?page_size={bad}"), 400)["code"] == (
+            "validation_error"
+        )
+    assert operator_client.get("/api/v1/rollouts/?page_size=100000").status_code == 200
+
+
+def test_operator_writes_take_json_only(operator_client: Any) -> None:
+    posted = operator_client.post(
+        "/api/v1/update-policies/", {"name": "p", "timezone": ""}, format="multipart"
+    )
+    assert _error(posted, 415)["code"] == "unsupported_media_type"
