@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from typing import Any
 
+import django_filters
+from django import forms
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
 from django.db.models import ProtectedError, RestrictedError
 from django.http import Http404, JsonResponse
+from django_filters.rest_framework import DjangoFilterBackend
 from rest_framework import exceptions, pagination, routers, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -174,6 +178,46 @@ def int_param(params: Any, name: str, *, minimum: int = 1, maximum: int = DB_ID_
             details={name: ["Not a valid integer in range."]},
         )
     return int(text)
+
+
+class IntegerFilter(django_filters.NumberFilter):
+    """A filter on an integer column: whole numbers in the column's range only (400 else)."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", -DB_ID_MAX)
+        kwargs.setdefault("max_value", DB_ID_MAX)
+        super().__init__(*args, **kwargs)
+
+
+class FilterSet(django_filters.FilterSet):
+    """django-filter's FilterSet whose integer columns filter by whole numbers (its
+    default takes decimals such as ``?port=0.5``)."""
+
+    FILTER_DEFAULTS = {
+        **django_filters.FilterSet.FILTER_DEFAULTS,
+        **{
+            field: {"filter_class": IntegerFilter}
+            for field in (
+                models.IntegerField,
+                models.SmallIntegerField,
+                models.BigIntegerField,
+                models.PositiveIntegerField,
+                models.PositiveSmallIntegerField,
+                models.PositiveBigIntegerField,
+                models.AutoField,
+                models.BigAutoField,
+                models.SmallAutoField,
+            )
+        },
+    }
+
+
+class FilterBackend(DjangoFilterBackend):
+    """The API's filter backend: `FilterSet` above for every ``filterset_fields``."""
+
+    filterset_base = FilterSet
 
 
 class Router(routers.DefaultRouter):

@@ -184,31 +184,33 @@ SCHEMAS: dict[str, dict[str, Any]] = {
     ),
     "DeviceHeartbeatRequest": obj(
         {
-            "seq": integer(),
-            "sent_at": TIMESTAMP,
-            "agent_version": string(50),
+            "seq": nullable(integer()),
+            "sent_at": nullable(TIMESTAMP),
+            "agent_version": nullable(string(50)),
             "running_version_id": nullable(integer()),
-            "policy_etag": string(64),
-            "desired_etag": string(64),
+            "policy_etag": nullable(string(64)),
+            "desired_etag": nullable(string(64)),
             "deployment": nullable(
                 obj(
                     {"id": integer(1), "state": {"type": "string", "enum": list(DEPLOYMENT_STATES)}},
                     ["id", "state"],
                 )
             ),
-            "state": obj(
-                {
-                    "charging": {"type": "boolean"},
-                    "idle": {"type": "boolean"},
-                    "battery_percent": {"type": "number"},
-                    "local_examples": integer(),
-                    "holdout_examples": integer(),
-                    "training_backends": BACKENDS,
-                    "cpu_percent": {"type": "number"},
-                    "ram_mb": {"type": "number"},
-                    "disk_free_mb": {"type": "number"},
-                },
-                description="Board facts; other plain-named keys may carry a string, a boolean or a number.",
+            "state": nullable(
+                obj(
+                    {
+                        "charging": {"type": "boolean"},
+                        "idle": {"type": "boolean"},
+                        "battery_percent": {"type": "number"},
+                        "local_examples": integer(),
+                        "holdout_examples": integer(),
+                        "training_backends": BACKENDS,
+                        "cpu_percent": {"type": "number"},
+                        "ram_mb": {"type": "number"},
+                        "disk_free_mb": {"type": "number"},
+                    },
+                    description="Board facts; other plain-named keys carry a string, a boolean or a number.",
+                )
             ),
         }
     ),
@@ -303,8 +305,8 @@ SCHEMAS: dict[str, dict[str, Any]] = {
                 "maxItems": DRIFT_CONFIDENCE_BINS,
             },
             "version_id": nullable(integer(1)),
-            "window_start": TIMESTAMP,
-            "window_end": TIMESTAMP,
+            "window_start": nullable(TIMESTAMP),
+            "window_end": nullable(TIMESTAMP),
         },
         ["count", "mean", "m2", "confidence_hist"],
     ),

@@ -48,8 +48,9 @@ def agent_drift(request: HttpRequest, device: Device, body: dict[str, Any]) -> d
     version_id = body.get("version_id")
     version_id = None if version_id is None else _int(version_id, "version_id", minimum=1)
     now = timezone.now()
-    window_end = _timestamp(body["window_end"], "window_end") if body.get("window_end") else now
-    window_start = _timestamp(body["window_start"], "window_start") if body.get("window_start") else None
+    end, start = body.get("window_end"), body.get("window_start")
+    window_end = now if end is None else _timestamp(end, "window_end")
+    window_start = None if start is None else _timestamp(start, "window_start")
     if window_end > now + MAX_FUTURE_SKEW:
         raise _invalid("window_end is in the future.", "window_end")
     if window_start is not None and window_start > window_end:

@@ -165,3 +165,12 @@ def test_operator_writes_take_json_only(operator_client: Any) -> None:
         "/api/v1/update-policies/", {"name": "p", "timezone": ""}, format="multipart"
     )
     assert _error(posted, 415)["code"] == "unsupported_media_type"
+
+
+def test_integer_column_filters_take_whole_numbers_only(operator_client: Any, admin_client_api: Any) -> None:
+    for bad in ("0.5", "x", HUGE):
+        assert _error(operator_client.get(f"/api/v1/known-hosts/?port={bad}"), 400)["code"] == (
+            "validation_error"
+        )
+    assert operator_client.get("/api/v1/known-hosts/?port=22").status_code == 200
+    assert admin_client_api.get("/api/v1/audit-events/?target_id=3").status_code == 200

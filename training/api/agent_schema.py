@@ -111,7 +111,8 @@ def _paths() -> dict[str, dict[str, Any]]:
                         "name": "wait",
                         "in": "query",
                         "required": False,
-                        "schema": {"type": "number", "minimum": 0, "maximum": 30},
+                        "schema": {"type": "number", "minimum": 0},
+                        "description": "Seconds to wait for a task (more than 30 counts as 30).",
                     }
                 ],
             )
