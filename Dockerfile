@@ -26,7 +26,8 @@ RUN pip install --no-cache-dir -e . \
 RUN PIP_NO_CACHE_DIR=1 python -m models_registry.ml.ort_env /opt/ort-builder
 ENV ORT_BUILDER_PYTHON=/opt/ort-builder/bin/python
 
-RUN useradd --create-home flotilla && mkdir -p /data && chown flotilla /data
+# /tls: the server certificate (a volume shared with the proxy; see python -m config.tls).
+RUN useradd --create-home flotilla && mkdir -p /data /tls && chown flotilla /data /tls
 USER flotilla
 ENV FLOTILLA_DATA_DIR=/data ARTIFACT_ROOT=/data/artifacts STATIC_ROOT=/app/var/static
 EXPOSE 8000

@@ -67,6 +67,7 @@ def _child(args: argparse.Namespace) -> None:
 
     config = AgentConfig(
         server_url=args.server,
+        allow_insecure_http=args.server.startswith("http://"),  # the benchmark's own local stack
         state_dir=Path(args.state_dir),
         enrollment_token=args.token,
         name="bench-agent",

@@ -5,8 +5,8 @@
 For each (devices, parameters) case every device's delta is written as a safetensors
 file in a temporary directory (plain files standing in for artifact storage). The
 streaming ``WeightedMeanAggregator`` then reads them back one at a time
-(``UpdateFileReader``: each file memory-mapped, its tensors used in place without a
-copy) and accepts each with its example-count weight. The baseline, measured in the
+(``UpdateFileReader``: each file's tensor bytes read with one ``preadv`` into a
+buffer reused for every file) and accepts each with its example-count weight. The baseline, measured in the
 same run, is the straightforward numpy loop ``acc[k] += w * u[k]`` (float64 sums)
 over the same arrays already in memory, so it pays for no I/O at all; it does allocate
 a temporary for ``w * u[k]`` per tensor, which costs it page faults on large tensors.
@@ -15,10 +15,10 @@ a temporary for ``w * u[k]`` per tensor, which costs it page faults on large ten
   ``runs`` runs each, alternated in one process; ``runs`` is ``--repeats``, tripled for
   cases under 200 MB of input, which last milliseconds), including the final division.
   The files were just written, so reads come from the page cache: this measures the
-  I/O path (mapping, page faults, header parsing), not the physical disk.
+  I/O path (reads out of the page cache, header parsing), not the physical disk.
 * ``extra_peak_mb``: RSS high-water mark minus RSS before aggregating, measured in a
   fresh subprocess during its first streaming run, before the baseline's arrays are
-  loaded (``VmHWM`` after a reset); it includes the mapped file pages, the float64
+  loaded (``VmHWM`` after a reset); it includes the reader's buffer, the float64
   sums and the float32 result.
 * ``limit_mb`` = 3 x model + 50 MB, the budget whatever the number of devices.
 * ``max_abs_diff``: largest difference between the two results (a correctness check;

@@ -169,6 +169,7 @@ def _spawn(root: Path, index: int, *, url: str, token: str) -> Board:
     socket = state / "agent.sock"
     config = {
         "server_url": url,
+        "allow_insecure_http": url.startswith("http://"),
         "state_dir": str(state),
         "enrollment_token": token,
         "name": f"wrist-{index:02d}",

@@ -90,7 +90,11 @@ def _enroll(n: int) -> list[str]:
     from fleet.services.enrollment import device_enroll, enrollment_token_create
 
     _, token = enrollment_token_create(
-        actor=None, name="benchmark", max_uses=n, expires_at=timezone.now() + timedelta(hours=2)
+        actor=None,
+        name="benchmark",
+        tags=["bench"],
+        max_uses=n,
+        expires_at=timezone.now() + timedelta(hours=2),
     )
     secrets = []
     for i in range(n):
@@ -98,7 +102,7 @@ def _enroll(n: int) -> list[str]:
             token=token,
             name=f"bench-{i:05d}",
             hardware={"arch": "aarch64", "cores": 4, "ram_mb": 2048, "agent_version": "1.0.0"},
-            tags=["bench"],
+            tags=[],
         )
         secrets.append(secret)
     connections.close_all()

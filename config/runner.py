@@ -78,7 +78,11 @@ def wsgi_command(*, port: int, host: str = "127.0.0.1", workers: int = 2, thread
     ]
 
 
-def worker_command(*, concurrency: int = 2, queues: str = "celery", name: str = "worker") -> list[str]:
+# Every queue the settings route tasks to (TASK_QUEUES): one local worker serves them all.
+ALL_QUEUES = "control,ml,io"
+
+
+def worker_command(*, concurrency: int = 2, queues: str = ALL_QUEUES, name: str = "worker") -> list[str]:
     return [
         sys.executable,
         "-m",

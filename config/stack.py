@@ -32,6 +32,7 @@ from typing import Any, Literal
 from config.embedded_redis import EmbeddedRedis
 from config.env import BASE_DIR
 from config.runner import (
+    ALL_QUEUES,
     Managed,
     ProcessGroup,
     beat_command,
@@ -66,6 +67,9 @@ def _production_secrets() -> dict[str, str]:
         "PROVISIONING_KEY": Fernet.generate_key().decode(),
         "DJANGO_ALLOWED_HOSTS": "127.0.0.1,localhost",
         "DJANGO_SECURE_COOKIES": "0",
+        # The stack serves plain HTTP on loopback, with no TLS proxy in front.
+        "DJANGO_SECURE_SSL_REDIRECT": "0",
+        "DJANGO_HSTS_SECONDS": "0",
     }
 
 
@@ -226,17 +230,20 @@ class Stack:
         name: str = "worker",
         *,
         concurrency: int = 2,
-        queues: str = "celery",
+        queues: str = ALL_QUEUES,
         extra_env: Mapping[str, str] | None = None,
     ) -> Managed:
-        """A Celery worker named ``name`` (its hostname is ``<name>@<host>``)."""
+        """A Celery worker named ``name`` (its hostname is ``<name>@<host>``), consuming
+        ``queues`` (every queue by default: ``control``, ``ml`` and ``io``)."""
         command = worker_command(concurrency=concurrency, queues=queues, name=name)
         return self.start(name, command, extra_env=extra_env)
 
-    def start_beat(self, *, schedule_file: Path | None = None) -> Managed:
+    def start_beat(
+        self, *, schedule_file: Path | None = None, extra_env: Mapping[str, str] | None = None
+    ) -> Managed:
         """Celery beat as ``beat``; its schedule file lives in the data directory."""
         schedule = schedule_file or self.data_dir / "celerybeat-schedule"
-        return self.start("beat", beat_command(schedule_file=schedule))
+        return self.start("beat", beat_command(schedule_file=schedule), extra_env=extra_env)
 
     def stop(self, name: str, *, timeout: float = 10.0) -> None:
         """SIGTERM one process, SIGKILL it if it is still up after ``timeout``."""

@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from config import health
 from core.api import Router
 from core.audit.api import AuditEventViewSet
+from core.logins import TokenLoginApi
 
 # Small resources that live outside the apps' own routers (the audit log).
 core_router = Router()
@@ -17,6 +18,7 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
     path("api/agent/v1/", include("fleet.api.agent_urls")),
     path("api/agent/v1/", include("training.api.agent_urls")),
+    path("api/v1/auth/token/", TokenLoginApi.as_view(), name="api-token-login"),
     path("api/v1/", include("fleet.api.urls")),
     path("api/v1/", include("models_registry.api.urls")),
     path("api/v1/", include("training.api.urls")),

@@ -116,6 +116,16 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
             error_body(code="too_large", message="Request body is too large."),
             status=status.HTTP_413_REQUEST_ENTITY_TOO_LARGE,
         )
+    if isinstance(exc, exceptions.AuthenticationFailed):
+        # A wrong API token is a guess at a credential: counted per client address like an
+        # anonymous request, so guessing is limited as signing in is.
+        from core.ratelimit import RateLimited, check
+
+        request = context.get("request")
+        try:
+            check("api_anon", (client_ip(request) if request is not None else None) or "")
+        except RateLimited as limited:
+            return exception_handler(limited, context)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
@@ -244,8 +254,11 @@ class Pagination(pagination.PageNumberPagination):
 
 
 def client_ip(request: Any) -> str | None:
-    """The caller's address as the server saw it (a proxy in front sets REMOTE_ADDR)."""
-    return request.META.get("REMOTE_ADDR") or None
+    """The caller's address: the socket peer, or behind a trusted proxy the address it forwarded
+    (``core.ratelimit.client_address``, ``TRUSTED_PROXIES``). The audit log records this."""
+    from core.ratelimit import client_address  # it imports ServiceError from here
+
+    return client_address(request)
 
 
 class AuditedWritesMixin:

@@ -26,7 +26,15 @@ from typing import Any
 
 from django.db import transaction
 
-__all__ = ["Recovery", "enqueue_on_commit", "recoverable", "recoveries", "send_now"]
+__all__ = [
+    "Recovery",
+    "enqueue_group_on_commit",
+    "enqueue_on_commit",
+    "recoverable",
+    "recoveries",
+    "send_group_now",
+    "send_now",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -94,3 +102,36 @@ def enqueue_on_commit(task_name: str, *args: Any, countdown: float | None = None
     """
     _check(task_name)
     transaction.on_commit(lambda: send_now(task_name, *args, countdown=countdown))
+
+
+def send_group_now(task_name: str, arg_lists: list[list[Any]]) -> bool:
+    """Send one Celery group of ``task_name``, once per argument list; False (logged) when
+    the broker refused it. The tasks run in parallel on any worker; nothing waits for them
+    here (there is no result backend): the rows they write say when they are done."""
+    _check(task_name)
+    if not arg_lists:
+        return True
+    from celery import current_app, group
+
+    try:
+        group(current_app.signature(task_name, args=list(args)) for args in arg_lists).apply_async()
+    except Exception as exc:  # noqa: BLE001 - the broker's errors differ by transport
+        logger.warning(
+            "could not send a group of %d %s (%s: %s); %s will recover it",
+            len(arg_lists),
+            task_name,
+            type(exc).__name__,
+            exc,
+            _recoveries[task_name].by,
+        )
+        return False
+    return True
+
+
+def enqueue_group_on_commit(task_name: str, arg_lists: list[list[Any]]) -> None:
+    """:func:`enqueue_on_commit` for a group: one message per argument list, sent together
+    once the current transaction commits, with the same rules (declared recovery, a refused
+    send logged and never raised)."""
+    _check(task_name)
+    lists = [list(args) for args in arg_lists]
+    transaction.on_commit(lambda: send_group_now(task_name, lists))

@@ -14,7 +14,7 @@ annotations on every view:
 - 409 for every operator write (a state conflict, a resource still referenced);
 - 413 when it takes a body (too large), and 415 for the operator API's (a media type
   it does not parse);
-- 429 when the view is throttled.
+- 429 when the view is throttled, and on every device API call (core.ratelimit).
 
 Codes an operation documents itself keep their description and get the error shape.
 """
@@ -100,7 +100,9 @@ def expected_errors(path: str, method: str, operation: dict[str, Any], *, thrott
     if has_body:
         # The device API reads its JSON whatever the Content-Type: no 415 there.
         codes += ["413", "415"] if operator_api else ["413"]
-    if throttled:
+    if throttled or not operator_api:
+        # Every device request is rate limited (per device, and failed credentials per
+        # address: fleet.auth); operator views by their DRF throttle.
         codes.append("429")
     return codes
 

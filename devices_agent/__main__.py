@@ -56,6 +56,9 @@ def _config_from_args(args: argparse.Namespace) -> AgentConfig:
         tags=list(args.tag or []),
         heartbeat_interval_s=args.interval,
         websocket=not args.no_websocket,
+        allow_insecure_http=args.allow_insecure_http,
+        server_cert_sha256=args.server_cert_sha256,
+        ca_file=args.ca_file,
     )
 
 
@@ -313,6 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tag", action="append")
     run.add_argument("--interval", type=float, default=None, help="override the server's heartbeat interval")
     run.add_argument("--no-websocket", action="store_true")
+    run.add_argument(
+        "--allow-insecure-http", action="store_true", help="accept an http:// server (a lab or test server)"
+    )
+    run.add_argument("--server-cert-sha256", default=None, help="pin the server's certificate (SHA-256)")
+    run.add_argument(
+        "--ca-file", type=Path, default=None, help="trust this CA bundle instead of the system's"
+    )
     run.add_argument("--max-steps", type=int, default=None)
     run.set_defaults(func=_cmd_run)
 

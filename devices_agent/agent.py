@@ -31,6 +31,7 @@ import logging
 import platform
 import random
 import shutil
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -253,6 +254,7 @@ class Agent:
             timeout_s=self.config.request_timeout_s,
             http=self.http,
             counter=self.counter,
+            verify=self.config.tls_verify,
         )
         self.updater = Updater(
             state=self.state,
@@ -316,6 +318,7 @@ class Agent:
             timeout_s=self.config.request_timeout_s,
             http=self.http,
             counter=self.counter,
+            verify=self.config.tls_verify,
         )
         body: EnrollRequest = {
             "token": self.config.enrollment_token,
@@ -564,13 +567,14 @@ class Agent:
             self._done_tasks.append(key)
             del self._done_tasks[:-100]
 
-    def _artifact(self, ref: ArtifactRef) -> bytes:
+    def _artifact(self, ref: ArtifactRef, version_id: int) -> bytes:
         assert self.client is not None and self.updater is not None
         path = fetch_artifact(
             client=self.client,
             ref=ref,
             public_key=self.updater.public_key,
             folder=self.state.root / "artifacts",
+            version_id=version_id,
         )
         return path.read_bytes()
 
@@ -602,14 +606,14 @@ class Agent:
         if spec is None:
             return None
         try:
-            program = self._artifact(program_ref)
+            program = self._artifact(program_ref, version_id)
             weights = read_weights(self.state.root / "artifacts" / weights_ref["sha256"])
             result = self.personaliser.personalise(
                 version_id=version_id, spec=spec, program=program, global_state=weights, head=list(head)
             )
         except FileNotFoundError:
             try:
-                self._artifact(weights_ref)
+                self._artifact(weights_ref, version_id)
             except ServerError as exc:
                 log.warning("personalisation of v%s postponed: %s", version_id, exc)
             return None
@@ -866,6 +870,9 @@ def _nudge_loop(agent: Agent) -> None:
         agent.config.server_url.replace("https://", "wss://", 1).replace("http://", "ws://", 1) + "/ws/agent/"
     )
     backoff = Backoff(base_s=2.0, cap_s=300.0, rng=random.Random())
+    verify = agent.config.tls_verify
+    # websockets takes a context (or none for the system's CAs); the same trust as the API.
+    tls = verify if isinstance(verify, ssl.SSLContext) else None
     while not agent.stopping.is_set():
         creds = agent.state.credentials()
         if creds is None:
@@ -877,6 +884,7 @@ def _nudge_loop(agent: Agent) -> None:
                 additional_headers={"Authorization": f"Device {creds.secret}"},
                 open_timeout=10,
                 close_timeout=2,
+                ssl=tls if url.startswith("wss://") else None,
             ) as socket:
                 backoff.reset()
                 while not agent.stopping.is_set():

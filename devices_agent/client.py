@@ -229,12 +229,15 @@ class AgentClient:
         timeout_s: float = 15.0,
         http: httpx.Client | None = None,
         counter: WireCounter | None = None,
+        verify: Any = True,
     ) -> None:
+        """``verify``: how to trust the server over HTTPS when this client makes its own pool
+        (``AgentConfig.tls_verify``: the system's CAs, a CA file or a pinned certificate)."""
         self.server_url = server_url.rstrip("/")
         self.secret = secret
         self.counter = counter
         self._owns_http = http is None
-        self.http = http or make_http_client(timeout_s=timeout_s)
+        self.http = http or make_http_client(timeout_s=timeout_s, verify=verify)
 
     def close(self) -> None:
         """Close the connection pool if this client created it."""

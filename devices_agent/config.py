@@ -3,6 +3,9 @@
 A board's config is a small TOML (or JSON) file written by provisioning or by hand::
 
     server_url = "https://flotilla.example.com"
+    server_cert_sha256 = "3f:9a:..."     # optional: pin the server's certificate (self-signed)
+    # ca_file = "/etc/flotilla/ca.pem"   # optional: trust this CA bundle instead of the system's
+    # allow_insecure_http = true         # only for a server_url of http:// (a lab, a test)
     enrollment_token = "et_..."          # used once; ignored after enrollment
     state_dir = "/var/lib/flotilla-agent"
     name = "line-3-camera"
@@ -27,6 +30,8 @@ import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from devices_agent.tls import normalise_fingerprint, server_ssl_context
 
 __all__ = ["AgentConfig", "ConfigError", "load_config"]
 
@@ -94,6 +99,12 @@ class AgentConfig:
     local_api_http: str | None = None
     local_api_max_batch: int = 1024
     log_file: Path | None = None
+    # TLS (devices_agent.tls): plain http:// is refused unless allowed here, because the
+    # device secret and the model artifacts' URLs would travel in the clear. A pinned
+    # certificate (SHA-256 of its DER bytes) or a CA file replace the system's CAs.
+    allow_insecure_http: bool = False
+    server_cert_sha256: str | None = None
+    ca_file: Path | None = None
 
     def __post_init__(self) -> None:
         self.state_dir = Path(self.state_dir).expanduser()
@@ -102,6 +113,21 @@ class AgentConfig:
             self.log_file = Path(self.log_file).expanduser()
         if not self.server_url.startswith(("http://", "https://")):
             raise ConfigError(f"server_url must start with http:// or https://, got {self.server_url!r}")
+        if self.server_url.startswith("http://") and not self.allow_insecure_http:
+            raise ConfigError(
+                f"server_url {self.server_url!r} is plain HTTP: the device secret would travel in the "
+                "clear. Use https://, or set allow_insecure_http = true in the agent config "
+                "(--allow-insecure-http on the command line) for a lab or test server."
+            )
+        if self.server_cert_sha256:
+            try:
+                self.server_cert_sha256 = normalise_fingerprint(self.server_cert_sha256)
+            except ValueError as exc:
+                raise ConfigError(f"server_cert_sha256: {exc}") from None
+        if self.ca_file is not None:
+            self.ca_file = Path(self.ca_file).expanduser()
+            if not self.ca_file.is_file():
+                raise ConfigError(f"ca_file {str(self.ca_file)!r} is not a readable file")
         if self.heartbeat_interval_s is not None and self.heartbeat_interval_s <= 0:
             raise ConfigError("heartbeat_interval_s must be positive")
         if self.outbox_max_samples < 1:
@@ -130,6 +156,11 @@ class AgentConfig:
         unknown = [b for b in self.training_backends if b not in ("torch", "ort")]
         if unknown:
             raise ConfigError(f"unknown training backends {unknown}; known: torch, ort")
+
+    @property
+    def tls_verify(self) -> Any:
+        """httpx's ``verify`` and websockets' ``ssl`` for the server (see devices_agent.tls)."""
+        return server_ssl_context(cert_sha256=self.server_cert_sha256, ca_file=self.ca_file)
 
     @property
     def local_api_socket_path(self) -> Path | None:

@@ -216,11 +216,15 @@ class FederatedTrainer:
             return None  # the model changed shape: start error feedback afresh
         return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
 
-    def _program(self, ref: ArtifactRef) -> bytes:
+    def _program(self, ref: ArtifactRef, version_id: int) -> bytes:
         if self.public_key is None:
             raise ServerError("no pinned signing key to check the program with", retryable=False)
         path = fetch_artifact(
-            client=self.client, ref=ref, public_key=self.public_key, folder=self.root.parent / "artifacts"
+            client=self.client,
+            ref=ref,
+            public_key=self.public_key,
+            folder=self.root.parent / "artifacts",
+            version_id=version_id,
         )
         return path.read_bytes()
 
@@ -265,7 +269,7 @@ class FederatedTrainer:
         if data is None or len(data[0]) == 0:
             raise _Skip("no_data", "this board holds no labelled examples for the family")
         try:
-            program = self._program(task[backend.artifact])
+            program = self._program(task[backend.artifact], int(task["base_version_id"]))
             weights, downloaded = self._weights(task, folder)
             metrics: dict[str, float] = {}
             holdout = self.data.holdout_set(spec)
@@ -414,7 +418,7 @@ class FederatedTrainer:
             if holdout is None or not len(holdout[0]):
                 raise _Skip("no_holdout", "nothing to evaluate on this board")
             try:
-                program = self._program(task[backend.artifact])
+                program = self._program(task[backend.artifact], int(task["base_version_id"]))
                 weights, downloaded = self._weights(task, folder)
                 measured = backend.evaluate(
                     program=program, state=weights, spec=spec, x=holdout[0], y=holdout[1]

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from devices_agent.family import FamilySpec, SpecError
 from devices_agent.local_api import ActiveModel
 from devices_agent.samples import SampleStore
 from devices_agent.state import AgentState, InstalledModel, atomic_write
-from devices_agent.updater import download_resumable, verify_artifact
+from devices_agent.updater import download_resumable, verify_artifact, verify_statement
 from devices_agent.wire import ArtifactRef
 
 __all__ = [
@@ -64,21 +65,30 @@ class NotEnoughData(Exception):  # noqa: N818  (a condition, not a failure)
 
 
 def fetch_artifact(
-    *, client: AgentClient, ref: ArtifactRef, public_key: bytes, folder: Path, keep: int = 4
+    *,
+    client: AgentClient,
+    ref: ArtifactRef,
+    public_key: bytes,
+    folder: Path,
+    version_id: int,
+    keep: int = 4,
 ) -> Path:
-    """Download an artifact (resumable), verify digest and signature, and return its path.
+    """Download an artifact (resumable), verify its signed statement and digest, return its path.
 
-    The verified file is kept as ``<folder>/<sha256>`` so a later call reads it from disk;
-    beyond ``keep`` files the least recently used go. Raises
-    :class:`devices_agent.updater.VerificationError` when the bytes do not match.
+    The statement must name ``version_id`` (the version the artifact is fetched for) and
+    the reference's kind, and must not have expired. The verified file is kept as
+    ``<folder>/<sha256>`` so a later call reads it from disk; beyond ``keep`` files the
+    least recently used go. Raises :class:`devices_agent.updater.VerificationError`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / ref["sha256"]
     if not final.exists():
         part = folder / f"{ref['sha256']}.part"
+        # The statement first: nothing is downloaded for a replayed or expired one.
+        verify_statement(ref, public_key=public_key, kind=ref["kind"], version_id=version_id, now=time.time())
         download_resumable(client=client, url=ref["url"], part=part, expected_size=int(ref["size"]))
         try:
-            verify_artifact(part, sha256=ref["sha256"], signature=ref["signature"], public_key=public_key)
+            verify_artifact(part, ref=ref, public_key=public_key, version_id=version_id)
         except ValueError:
             part.unlink(missing_ok=True)
             raise

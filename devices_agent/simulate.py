@@ -276,6 +276,8 @@ class Fleet:
                 train=train,
                 personalise_epochs=3,
                 device_seed=seed * 1_000_003 + index,
+                # A simulated fleet runs against a lab server, often plain HTTP on loopback.
+                allow_insecure_http=server_url.startswith("http://"),
             )
             rng = random.Random(seed * 1_000_003 + index)
             app = GeneratedApp(x=x, y=y, rng=rng)
@@ -331,6 +333,7 @@ class Fleet:
             "personalise_epochs": config.personalise_epochs,
             "device_seed": config.device_seed,
             "backoff_cap_s": config.backoff_cap_s,
+            "allow_insecure_http": config.allow_insecure_http,
         }
         path.write_text(json.dumps({k: v for k, v in values.items() if v is not None}))
         log_file = open(config.state_dir / "process.log", "ab")  # noqa: SIM115 - the child owns it

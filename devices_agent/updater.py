@@ -6,14 +6,18 @@ model version and reports every state to ``deployments/<id>/status``::
     pending -> downloading -> verifying -> installing -> health_check -> active
                                     \\-> failed        (bad digest/signature, too large)
                                                      \\-> rolled_back (health check failed)
+    pending -> failed                               (statement refused: replay, expired, downgrade)
 
 Guarantees:
 
 * the download resumes from ``downloads/<sha256>.part`` after a cut connection or an
   agent restart (HTTP ``Range`` with ``If-Range``; ``Content-Range`` is checked; a 200
   answer or a changed ETag restarts from zero);
-* nothing is installed before its SHA-256 matches and its Ed25519 signature verifies
-  under the key pinned at enrollment; a rejected file is deleted and the old model kept;
+* nothing is installed before its signed statement verifies under the key pinned at
+  enrollment, names the desired version, family, number and kind, has not expired, and
+  is not a downgrade (unless a rollback signed for this deployment), and the file's
+  SHA-256 is the digest it signs; a refused statement ends the deployment before any
+  download, a rejected file is deleted, and the old model is kept either way;
 * installation is a directory rename and activation one atomic pointer swap, so the
   model in use is never half written;
 * the last good version stays installed; a failed health check swaps back to it;
@@ -31,7 +35,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,14 +45,25 @@ from devices_agent.family import FamilySpec, SpecError
 from devices_agent.inference import health_check
 from devices_agent.outbox import utc_now_iso
 from devices_agent.state import AgentState, InstalledModel
-from devices_agent.wire import DeploymentStatusRequest, DesiredModel, Policy
+from devices_agent.wire import (
+    STATEMENT_FORMAT,
+    ArtifactRef,
+    ArtifactStatement,
+    DeploymentStatusRequest,
+    DesiredModel,
+    Policy,
+    statement_bytes,
+)
 
 __all__ = [
     "DownloadError",
+    "RefusedError",
     "Updater",
     "VerificationError",
     "download_resumable",
+    "installed_number",
     "verify_artifact",
+    "verify_statement",
 ]
 
 log = logging.getLogger("devices_agent.updater")
@@ -76,23 +91,105 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_artifact(path: Path, *, sha256: str, signature: str, public_key: bytes) -> None:
-    """Check the file's SHA-256 against ``sha256`` and the Ed25519 ``signature`` over that digest.
+class RefusedError(VerificationError):
+    """The artifact's signed statement does not allow installing it here (a replay, a downgrade)."""
 
-    The signature covers the 32 raw bytes of the digest, so checking the file against the
-    signed digest binds the bytes to the server's key. Raises :class:`VerificationError`.
+
+def verify_statement(
+    ref: ArtifactRef | Mapping[str, Any],
+    *,
+    public_key: bytes,
+    kind: str | None = None,
+    version_id: int | None = None,
+    family: str | None = None,
+    number: int | None = None,
+    deployment_id: int | None = None,
+    device_id: str | None = None,
+    now: float | None = None,
+) -> ArtifactStatement:
+    """Check the reference's signed statement and that it names what the caller expects.
+
+    The Ed25519 ``statement_signature`` must verify over ``wire.statement_bytes`` of the
+    statement under the pinned key; the statement must describe this reference (kind,
+    digest, size) and, for each expectation given, name the same ``kind``, ``version_id``,
+    ``family`` and ``number``; with ``now`` (unix seconds) it must not have expired. A
+    rollback statement must name ``deployment_id`` and ``device_id`` when they are given.
+    A reference without a statement (an old server) is refused: its digest signature alone
+    could be replayed. Returns the statement; raises :class:`VerificationError` for a bad
+    signature and :class:`RefusedError` for a valid one that names something else.
     """
     from cryptography.exceptions import InvalidSignature
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-    actual = sha256_file(path)
-    if actual != sha256.lower():
-        raise VerificationError(f"SHA-256 mismatch: expected {sha256}, got {actual}")
+    statement = ref.get("statement")
+    signature = ref.get("statement_signature")
+    if not isinstance(statement, dict) or not isinstance(signature, str):
+        raise VerificationError("the artifact carries no signed statement (a server too old for this agent)")
     try:
         raw_signature = base64.b64decode(signature, validate=True)
-        Ed25519PublicKey.from_public_bytes(public_key).verify(raw_signature, bytes.fromhex(actual))
-    except (InvalidSignature, ValueError) as exc:
-        raise VerificationError("Ed25519 signature does not verify under the pinned server key") from exc
+        Ed25519PublicKey.from_public_bytes(public_key).verify(raw_signature, statement_bytes(statement))
+    except (InvalidSignature, ValueError, TypeError) as exc:
+        raise VerificationError(
+            "Ed25519 signature of the artifact statement does not verify under the pinned server key"
+        ) from exc
+    if statement.get("format") != STATEMENT_FORMAT:
+        raise RefusedError(f"unknown statement format {statement.get('format')!r}")
+    checks: list[tuple[str, Any, Any]] = [
+        ("sha256", str(ref.get("sha256", "")).lower(), statement.get("sha256")),
+        ("size", ref.get("size"), statement.get("size")),
+        ("kind", ref.get("kind"), statement.get("kind")),
+    ]
+    expected = {"kind": kind, "version_id": version_id, "family": family, "number": number}
+    checks += [(name, want, statement.get(name)) for name, want in expected.items() if want is not None]
+    if statement.get("rollback"):
+        if deployment_id is not None:
+            checks.append(("deployment_id", deployment_id, statement.get("deployment_id")))
+        if device_id is not None:
+            checks.append(("device_id", device_id, statement.get("device_id")))
+    for name, want, signed in checks:
+        if want != signed:
+            raise RefusedError(f"the signed statement names {name} {signed!r}, not {want!r}")
+    expires_at = statement.get("expires_at")
+    if now is not None and expires_at is not None and float(expires_at) <= now:
+        raise RefusedError(f"the signed statement expired at {int(expires_at)} (now {int(now)})")
+    return statement  # type: ignore[return-value]
+
+
+def verify_artifact(
+    path: Path,
+    *,
+    ref: ArtifactRef | Mapping[str, Any],
+    public_key: bytes,
+    version_id: int | None = None,
+    now: float | None = None,
+) -> ArtifactStatement:
+    """Check the file against the reference's signed statement (:func:`verify_statement`).
+
+    The file's SHA-256 must be the digest the statement signs, so the bytes are bound to
+    the version, family and kind the server named. Raises :class:`VerificationError`.
+    """
+    statement = verify_statement(
+        ref, public_key=public_key, kind=str(ref.get("kind", "")), version_id=version_id, now=now
+    )
+    actual = sha256_file(path)
+    if actual != statement["sha256"]:
+        raise VerificationError(f"SHA-256 mismatch: expected {statement['sha256']}, got {actual}")
+    return statement
+
+
+def installed_number(model: InstalledModel, family: str) -> int | None:
+    """The registry number of an installed model of ``family``, or None when not known.
+
+    Models installed since statements exist record the signed number; older installs
+    have only their label (``<family>:v<number>``), which is read as a fallback.
+    """
+    if model.meta.get("family") != family:
+        return None
+    number = model.meta.get("number")
+    if isinstance(number, int):
+        return number
+    match = re.fullmatch(re.escape(family) + r":v(\d+)", str(model.meta.get("label", "")))
+    return int(match.group(1)) if match else None
 
 
 def _truncate(part: Path) -> None:
@@ -198,6 +295,7 @@ class Updater:
         health_runs: int = 20,
         inference_delay_ms: float = 0.0,
         keep_versions: int = 2,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.state = state
         self.client = client
@@ -209,6 +307,8 @@ class Updater:
         self.health_runs = health_runs
         self.inference_delay_ms = inference_delay_ms
         self.keep_versions = keep_versions
+        # Unix seconds, against which statements' expiry is checked (the board's clock).
+        self.clock = clock
 
     # --- reporting -------------------------------------------------------------------
     def last_report(self) -> dict[str, Any] | None:
@@ -307,11 +407,60 @@ class Updater:
             log.warning("deployment %s: will retry: %s", deployment_id, exc)
             return Outcome("retry", str(exc))
 
+    def _refusal(self, desired: DesiredModel) -> str | None:
+        """Why the desired model's signed statement does not allow installing it, or None.
+
+        The statement must verify and name the desired version, family, number and kind
+        (a replayed artifact of another version fails here), must not have expired, and
+        must not take the board to an older version of the family it runs unless it is a
+        rollback statement made for this deployment and this device.
+        """
+        deployment_id = desired.get("deployment_id")
+        creds = self.state.credentials()
+        number = desired.get("number")
+        try:
+            statement = verify_statement(
+                desired["artifact"],
+                public_key=self.public_key,
+                kind="onnx",
+                version_id=int(desired["version_id"]),
+                family=str(desired.get("family", "")),
+                number=int(number) if number is not None else None,
+                deployment_id=int(deployment_id) if deployment_id is not None else None,
+                device_id=creds.device_id if creds is not None else None,
+                now=self.clock(),
+            )
+        except VerificationError as exc:
+            return str(exc)
+        current = self.state.current()
+        running = installed_number(current, statement["family"]) if current is not None else None
+        # A rollback statement allows an older version only for the deployment and the
+        # device it was signed for (verify_statement compared them; here none may be missing).
+        rollback = (
+            bool(desired.get("rollback"))
+            and statement["rollback"]
+            and deployment_id is not None
+            and statement.get("deployment_id") == int(deployment_id)
+            and creds is not None
+            and statement.get("device_id") == creds.device_id
+        )
+        if running is not None and statement["number"] < running and not rollback:
+            return (
+                f"downgrade refused: {statement['family']} v{statement['number']} is older than "
+                f"the running v{running}, and the deployment is not a signed rollback"
+            )
+        return None
+
     def _apply(self, desired: DesiredModel, policy: Policy) -> Outcome:
         version_id = int(desired["version_id"])
         deployment_id = desired.get("deployment_id")
         artifact = desired["artifact"]
         sha256 = artifact["sha256"].lower()
+        # Before anything is downloaded (or an installed copy re-activated): a statement
+        # that does not allow this install ends the deployment; the board keeps its model.
+        refusal = self._refusal(desired)
+        if refusal is not None:
+            return self._fail(deployment_id, f"artifact refused: {refusal}", detail={"refused": True})
         dep = self.state.load().get("deployment")
         if not isinstance(dep, dict) or dep.get("id") != deployment_id or dep.get("version_id") != version_id:
             dep = {"id": deployment_id, "version_id": version_id, "sha256": sha256, "stage": "new"}
@@ -369,7 +518,7 @@ class Updater:
             return self._fail(deployment_id, f"artifact download refused: {exc}")
         self.report(deployment_id, "verifying")
         try:
-            verify_artifact(part, sha256=sha256, signature=artifact["signature"], public_key=self.public_key)
+            statement = verify_artifact(part, ref=artifact, public_key=self.public_key, version_id=version_id)
         except VerificationError as exc:
             part.unlink(missing_ok=True)
             part.with_name(part.name + ".etag").unlink(missing_ok=True)
@@ -379,6 +528,8 @@ class Updater:
             "version_id": version_id,
             "label": desired.get("label", ""),
             "family": desired.get("family", ""),
+            # The signed registry number: what a later update is compared with (downgrades).
+            "number": statement["number"],
             "sha256": sha256,
             "size": int(artifact["size"]),
             # The contract and the learning artifacts travel with the installed model, so

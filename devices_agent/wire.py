@@ -8,12 +8,15 @@ deployments, commands and rounds are integers; device ids are UUID strings.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Literal, NotRequired, TypedDict
 
 PROTOCOL_VERSION = 1
 API_PREFIX = "/api/agent/v1/"
 AUTH_SCHEME = "Device"  # Authorization: Device <secret>
-SIGNATURE_ALGORITHM = "ed25519"  # over the 32 raw bytes of the artifact's SHA-256 digest
+# Ed25519 over an artifact's signed statement (statement_bytes below): what the artifact
+# is (family, version, kind, digest) and until when, not just its digest.
+SIGNATURE_ALGORITHM = "ed25519"
 DIGEST_ALGORITHM = "sha256"
 
 MAX_METRIC_SAMPLES_PER_BATCH = 1000
@@ -137,12 +140,99 @@ class HeartbeatRequest(TypedDict, total=False):
     desired_etag: NotRequired[str]
 
 
+# The kinds of artifact a version has (models_registry.models.Artifact.Kind).
+ARTIFACT_KINDS: tuple[str, ...] = ("onnx", "weights", "program", "ort_training")
+STATEMENT_FORMAT = "flotilla-artifact/1"
+# Prefixed to the JSON before signing, so no other message signed with the key (should
+# there ever be one) can be taken for an artifact statement.
+STATEMENT_DOMAIN = b"flotilla artifact statement v1\n"
+
+
+class ArtifactStatement(TypedDict):
+    """What the server signs for an artifact it serves: every field is bound by the signature.
+
+    ``version_id`` is the version the artifact is served for (an ``ort_training`` archive
+    built from an ancestor's graph names the version that trains from it); ``number`` is
+    the registry's order of the family's versions (a higher number is newer). ``rollback``
+    is true only in a statement made for one rollback deployment (``deployment_id``) of one
+    device (``device_id``): the only kind that may take a board to an older version.
+    ``expires_at`` (unix seconds) or None: no expiry.
+    """
+
+    format: str  # STATEMENT_FORMAT
+    family: str
+    family_id: int
+    version_id: int
+    number: int
+    variant: str  # fp32, int8_dynamic, ...
+    kind: str  # one of ARTIFACT_KINDS
+    sha256: str
+    size: int
+    expires_at: int | None
+    rollback: bool
+    deployment_id: NotRequired[int]
+    device_id: NotRequired[str]
+
+
+def artifact_statement(
+    *,
+    family: str,
+    family_id: int,
+    version_id: int,
+    number: int,
+    variant: str,
+    kind: str,
+    sha256: str,
+    size: int,
+    expires_at: int | None = None,
+    rollback_for: tuple[int, str] | None = None,
+) -> ArtifactStatement:
+    """A statement with its fields normalised; ``rollback_for`` is ``(deployment_id, device_id)``."""
+    if kind not in ARTIFACT_KINDS:
+        raise ValueError(f"unknown artifact kind {kind!r}")
+    statement: ArtifactStatement = {
+        "format": STATEMENT_FORMAT,
+        "family": str(family),
+        "family_id": int(family_id),
+        "version_id": int(version_id),
+        "number": int(number),
+        "variant": str(variant),
+        "kind": kind,
+        "sha256": str(sha256).lower(),
+        "size": int(size),
+        "expires_at": None if expires_at is None else int(expires_at),
+        "rollback": rollback_for is not None,
+    }
+    if rollback_for is not None:
+        statement["deployment_id"] = int(rollback_for[0])
+        statement["device_id"] = str(rollback_for[1])
+    return statement
+
+
+def statement_bytes(statement: ArtifactStatement | dict[str, Any]) -> bytes:
+    """The one canonical encoding that is signed and verified.
+
+    :data:`STATEMENT_DOMAIN` followed by the statement as UTF-8 JSON with sorted keys, no
+    whitespace (``separators=(",", ":")``) and non-ASCII escaped (``ensure_ascii``); the
+    verifier re-encodes the statement it received, so key order or spacing on the wire
+    never matters, only the values.
+    """
+    body = json.dumps(statement, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return STATEMENT_DOMAIN + body.encode("ascii")
+
+
 class ArtifactRef(TypedDict):
-    kind: str  # "onnx" or "weights"
+    kind: str  # one of ARTIFACT_KINDS
     url: str  # absolute path under the server, e.g. /api/agent/v1/artifacts/<sha256>
     sha256: str
     size: int
-    signature: str  # base64 Ed25519 signature
+    # base64 Ed25519 over the 32 raw bytes of the digest: the registry's stored signature,
+    # kept for agents that predate statements. This agent ignores it: it proves the bytes
+    # came from the server, not which version they are, so it could be replayed.
+    signature: str
+    # What the artifact is, signed: base64 Ed25519 over statement_bytes(statement).
+    statement: NotRequired[ArtifactStatement]
+    statement_signature: NotRequired[str]
 
 
 class FamilySpec(TypedDict):
@@ -168,6 +258,14 @@ class DesiredModel(TypedDict):
     # for on-device personalisation; absent for versions registered without one.
     program: NotRequired[ArtifactRef | None]
     head: NotRequired[list[str]]
+    # The registry's order of the family's versions (higher is newer); the signed
+    # statement carries it too, and that is what the agent compares.
+    number: NotRequired[int]
+    # True only when the server sends the device back to a version it ran before (a
+    # rollout's rollback, an experiment's restore, an operator's explicit rollback); the
+    # artifact's statement is then signed for this deployment and device. Anything else
+    # that would take a board to an older version of its family is refused as a downgrade.
+    rollback: NotRequired[bool]
 
 
 class Policy(TypedDict, total=False):

@@ -19,31 +19,40 @@ import json
 import secrets
 from collections.abc import Callable
 from functools import wraps
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, close_old_connections, connections
 from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
+from core import ratelimit
 from core.api import ServiceError, error_response
+from core.ratelimit import client_address
 from devices_agent.wire import AUTH_SCHEME
 from fleet.models import Device
 
 __all__ = [
     "AgentView",
+    "DeviceAuthBeforeBody",
     "authenticate",
+    "authenticate_limited",
     "device_endpoint",
     "device_for_secret",
     "device_from_authorization",
     "hash_secret",
     "new_secret",
+    "requires_device",
 ]
 
+DEVICE_API_PATH = "/api/agent/"
 SECRET_BYTES = 32
 MAX_SECRET_LENGTH = 200
 
 AgentView = Callable[..., dict[str, Any] | HttpResponseBase]
+# Where DeviceAuthBeforeBody leaves the device it authenticated in the ASGI scope (a key a
+# client cannot set: the scope is built by the server).
+_SCOPE_DEVICE = "flotilla.device"
 
 
 def new_secret() -> str:
@@ -111,6 +120,9 @@ def device_from_authorization(header: str) -> Device | None:
 
 def authenticate(request: HttpRequest) -> Device:
     """The calling device; a 401 ``not_authenticated`` ServiceError otherwise."""
+    scope = getattr(request, "scope", None)  # under ASGI, DeviceAuthBeforeBody found it already
+    if scope is not None and isinstance(scope.get(_SCOPE_DEVICE), Device):
+        return cast(Device, scope[_SCOPE_DEVICE])
     device = device_from_authorization(request.META.get("HTTP_AUTHORIZATION", ""))
     if device is None:
         raise ServiceError(
@@ -118,6 +130,19 @@ def authenticate(request: HttpRequest) -> Device:
             code="not_authenticated",
             status_code=401,
         )
+    return device
+
+
+def authenticate_limited(request: HttpRequest) -> Device:
+    """:func:`authenticate` under the rate limits: failed credentials count per client address
+    (``device_auth_failure``: guessing secrets, or a fleet of revoked boards retrying), and a
+    device's requests count per device (``device``). 429 ``rate_limited`` past either."""
+    try:
+        device = authenticate(request)
+    except ServiceError:
+        ratelimit.check("device_auth_failure", client_address(request) or "")
+        raise
+    ratelimit.check("device", str(device.pk))
     return device
 
 
@@ -159,14 +184,19 @@ def error(exc: ServiceError) -> HttpResponse:
 
 
 def device_endpoint(
-    *, methods: tuple[str, ...] = ("POST",), auth: bool = True, json: bool = True
+    *,
+    methods: tuple[str, ...] = ("POST",),
+    auth: bool = True,
+    json: bool = True,
+    limit_scope: str = "enroll",
 ) -> Callable[[AgentView], Any]:
     """Wrap a device API view: method check, authentication, JSON body, errors.
 
     The view is called as ``view(request, device, body, **url_kwargs)``: ``device`` is None
     when ``auth=False`` (enrollment), ``body`` is the parsed JSON object of a POST when
     ``json=True`` and None otherwise (the view reads a raw body itself). It returns a dict
-    (sent as compact JSON) or a response.
+    (sent as compact JSON) or a response. Rate limits apply before the body is read: per
+    device, or with ``auth=False`` per client address under ``limit_scope``.
     """
 
     def decorate(view: AgentView) -> Any:
@@ -180,7 +210,12 @@ def device_endpoint(
                 response["Allow"] = ", ".join(methods)
                 return response
             try:
-                device = authenticate(request) if auth else None
+                if auth:
+                    device: Device | None = authenticate_limited(request)
+                else:
+                    # Before credentials (enrollment): per client address, before the body.
+                    ratelimit.check(limit_scope, client_address(request) or "")
+                    device = None
                 body = json_body(request) if json and request.method == "POST" else None
                 result = view(request, device, body, **kwargs)
             except ServiceError as exc:
@@ -191,6 +226,104 @@ def device_endpoint(
             # separators are a few percent of a device's daily traffic.
             return JsonResponse(result, json_dumps_params={"separators": (",", ":")})
 
+        # What DeviceAuthBeforeBody checks before an ASGI server reads the body.
+        wrapper.flotilla_device_auth = auth  # type: ignore[attr-defined]
+        wrapper.flotilla_max_body = "AGENT_MAX_BODY_BYTES" if json else None  # type: ignore[attr-defined]
         return wrapper
 
     return decorate
+
+
+def requires_device(view: Any) -> Any:
+    """Mark an async device view that authenticates itself (the long poll) for DeviceAuthBeforeBody."""
+    view.flotilla_device_auth = True
+    view.flotilla_max_body = None
+    return view
+
+
+class _PeerRequest:
+    """Just enough of a request for core.ratelimit.client_address, from an ASGI scope."""
+
+    def __init__(self, scope: dict[str, Any], headers: dict[bytes, bytes]) -> None:
+        client = scope.get("client") or ("", 0)
+        self.META = {
+            "REMOTE_ADDR": client[0] or "",
+            "HTTP_X_FORWARDED_FOR": headers.get(b"x-forwarded-for", b"").decode("latin-1"),
+        }
+
+
+class DeviceAuthBeforeBody:
+    """ASGI middleware: the device API's credentials (and declared size) checked before the body is read.
+
+    Django's ASGI handler reads a request's whole body before it calls a view, so under
+    the ASGI server a stranger could make the server wait for, and spool, a large or
+    slow body before ``device_endpoint`` ever looks at the ``Authorization`` header.
+    This runs first: for a device API view that needs credentials it looks the device up
+    from the headers alone and answers 401 (or 429 past ``device_auth_failure``) at once;
+    a JSON view's declared ``Content-Length`` over ``AGENT_MAX_BODY_BYTES`` is a 413. The
+    device it found rides in the scope, so the view does not look it up again.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not path.startswith(DEVICE_API_PATH):
+            return await self.app(scope, receive, send)
+        from asgiref.sync import sync_to_async
+        from django.urls import Resolver404, resolve
+
+        try:
+            view = resolve(path).func
+        except Resolver404:
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        refused: ServiceError | None = None
+        if getattr(view, "flotilla_device_auth", False):
+            header = headers.get(b"authorization", b"").decode("latin-1")
+            found = await sync_to_async(self._device, thread_sensitive=True)(header, scope, headers)
+            if isinstance(found, ServiceError):
+                refused = found
+            else:
+                scope = {**scope, _SCOPE_DEVICE: found}
+        max_body = getattr(view, "flotilla_max_body", None)
+        declared = headers.get(b"content-length", b"0")
+        if (
+            refused is None
+            and max_body
+            and declared.isdigit()
+            and int(declared) > getattr(settings, max_body)
+        ):
+            refused = ServiceError("Request body is too large.", code="too_large", status_code=413)
+        if refused is None:
+            return await self.app(scope, receive, send)
+        response = error(refused)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.items()]
+                + [(b"content-length", str(len(response.content)).encode()), (b"connection", b"close")],
+            }
+        )
+        await send({"type": "http.response.body", "body": response.content})
+
+    @staticmethod
+    def _device(header: str, scope: dict[str, Any], headers: dict[bytes, bytes]) -> Device | ServiceError:
+        try:
+            device = device_from_authorization(header)
+            if device is None:
+                ratelimit.check("device_auth_failure", client_address(_PeerRequest(scope, headers)) or "")
+                return ServiceError(
+                    "Unknown or revoked device credentials (Authorization: Device <secret>).",
+                    code="not_authenticated",
+                    status_code=401,
+                )
+            return device
+        except ServiceError as exc:
+            return exc
+        finally:
+            # This thread is Django's thread-sensitive one; give the connection back to its
+            # CONN_MAX_AGE handling like a request would.
+            close_old_connections()

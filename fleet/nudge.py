@@ -27,15 +27,21 @@ _REASONS = {
 def _send(device_ids: list[str], reason: str) -> None:
     from asgiref.sync import async_to_sync
     from channels.layers import get_channel_layer
+    from django.conf import settings
 
-    from fleet.consumers import device_group
+    from fleet.consumers import NUDGE_GROUP, nudge_messages
 
     layer = get_channel_layer()
     if layer is None:
         return
+    messages = nudge_messages(device_ids, reason, batch=settings.NUDGE_BATCH_DEVICES)
+
+    async def publish() -> None:
+        for message in messages:
+            await layer.group_send(NUDGE_GROUP, message)
+
     try:
-        for device_id in device_ids:
-            async_to_sync(layer.group_send)(device_group(device_id), {"type": "nudge", "reason": reason})
+        async_to_sync(publish)()
     except Exception as exc:  # a nudge is an optimisation: the heartbeat interval still applies
         log.warning("could not nudge %d devices: %s", len(device_ids), exc)
 

@@ -5,6 +5,7 @@ from typing import Any
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
+from core.logins import RateLimitedLoginView
 from frontend.views import fleet, models, operations, training
 
 app_name = "frontend"
@@ -12,7 +13,7 @@ app_name = "frontend"
 urlpatterns: list[Any] = [
     path(
         "login/",
-        auth_views.LoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
+        RateLimitedLoginView.as_view(template_name="frontend/login.html", redirect_authenticated_user=True),
         name="login",
     ),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),

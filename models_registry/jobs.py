@@ -29,7 +29,7 @@ from __future__ import annotations
 import logging
 import traceback
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.conf import settings
@@ -74,7 +74,7 @@ __all__ = [
     "job_claim",
     "job_enqueue",
     "job_run",
-    "jobs_resume",
+    "jobs_redrive",
 ]
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ def job_enqueue(
             actor=actor, action=f"model_job.{kind}", target=job, data={"version": version.pk, **checked}
         )
         # The worker must find the row: the message leaves only after the commit. A lost
-        # message leaves the job queued, and jobs_resume sends it again.
+        # message leaves the job queued, and the sweep (jobs_redrive) sends it again.
         enqueue_on_commit(TASKS[kind], job.pk)
     return job
 
@@ -310,9 +310,6 @@ def _lease_s() -> float:
 
 
 LEASE = Lease(ModelJob, "lease_expires_at", _lease_s)
-# A queued job this old was probably never delivered (a broker that lost its messages):
-# jobs_resume sends it again. A duplicate is harmless, the claim lets one run through.
-REDISPATCH_AFTER = timedelta(minutes=5)
 
 
 def job_claim(*, job_id: int) -> bool:
@@ -330,21 +327,22 @@ def job_claim(*, job_id: int) -> bool:
     return token is not None
 
 
-def jobs_resume(*, now: Any = None) -> list[int]:
-    """Periodic: send again the jobs whose message was lost; returns their ids.
+def jobs_redrive(*, now: datetime, grace: timedelta) -> list[int]:
+    """The sweep's re-drive of model jobs (``core.sweep``): send their task again; their ids.
 
-    Queued jobs older than :data:`REDISPATCH_AFTER`, and running jobs whose lease expired
-    (their worker died and no redelivery took them over).
+    Jobs ``queued`` for longer than ``grace`` (their message was probably lost: a broker
+    that lost its data), and jobs ``running`` past their lease (their worker died and no
+    redelivery took them over). A job under a live lease is never re-sent, and a job is
+    re-sent at most once per ``grace`` (``redriven_at``); a duplicate of a queued job is
+    harmless, the claim lets one delivery run it.
     """
-    now = now or timezone.now()
-    due = ModelJob.objects.filter(
-        Q(status=ModelJob.Status.QUEUED, created_at__lt=now - REDISPATCH_AFTER)
-        | Q(status=ModelJob.Status.RUNNING) & LEASE.expired(now)
-    ).values_list("pk", "kind")
-    sent = []
-    for job_id, kind in due:
-        if send_now(TASKS[kind], job_id):
-            sent.append(job_id)
+    lost = Q(status=ModelJob.Status.QUEUED, created_at__lt=now - grace)
+    dead = Q(status=ModelJob.Status.RUNNING) & LEASE.expired(now)
+    # A job waiting behind busy workers is sent again at most once per grace.
+    not_lately = Q(redriven_at__isnull=True) | Q(redriven_at__lt=now - grace)
+    due = ModelJob.objects.filter((lost | dead) & not_lately).values_list("pk", "kind")
+    sent = [job_id for job_id, kind in due.order_by("pk") if send_now(TASKS[kind], job_id)]
+    ModelJob.objects.filter(pk__in=sent).update(redriven_at=now)
     return sent
 
 

@@ -222,8 +222,10 @@ class ModelJob(models.Model):
     )
     attempts = models.PositiveIntegerField(default=0)
     # Until when the worker running the job holds it (core.leases); past it, the job is
-    # taken over by a redelivery or re-sent by models_registry.jobs_resume.
+    # taken over by a redelivery or re-sent by the sweep (core.sweep, jobs_redrive).
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep last sent the job's task again (at most once per settings.SWEEP_GRACE_S).
+    redriven_at = models.DateTimeField(null=True, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)

@@ -118,19 +118,23 @@ def ort_training_artifact(version: ModelVersion) -> Artifact | None:
 
 
 def ort_training_ref(version: ModelVersion) -> wire.ArtifactRef | None:
-    """The round task's reference to the version's ORT training artifacts, or None."""
-    from models_registry.selectors import artifact_url
+    """The round task's reference to the version's ORT training artifacts, or None.
+
+    Its statement names ``version`` (the one that trains from them), also when the archive
+    was built from an ancestor's graph.
+    """
+    from models_registry.selectors import served_ref
 
     artifact = ort_training_artifact(version)
     if artifact is None:
         return None
-    return {
-        "kind": artifact.kind,
-        "url": artifact_url(artifact.sha256),
-        "sha256": artifact.sha256,
-        "size": int(artifact.size),
-        "signature": artifact.signature,
-    }
+    return served_ref(
+        version=version,
+        kind=artifact.kind,
+        sha256=artifact.sha256,
+        size=int(artifact.size),
+        signature=artifact.signature,
+    )
 
 
 def _builder(say: Log) -> Path:

@@ -15,7 +15,7 @@ from django.db.models import Prefetch, QuerySet
 
 from devices_agent import wire
 from models_registry.models import Artifact, EvaluationReport, ModelFamily, ModelVersion
-from models_registry.signing import signing_public_key_b64
+from models_registry.signing import sign_statement, signing_public_key_b64, statement_expires_at
 
 __all__ = [
     "artifact_by_sha256",
@@ -27,6 +27,8 @@ __all__ = [
     "family_get",
     "family_list",
     "family_recommend",
+    "rollback_ref",
+    "served_ref",
     "signing_public_key_b64",
     "version_children",
     "version_get",
@@ -97,14 +99,76 @@ def artifact_url(sha256: str) -> str:
     return f"{ARTIFACT_URL_PREFIX}{sha256}"
 
 
-def _ref(artifact: Artifact) -> wire.ArtifactRef:
+def served_ref(
+    *, version: ModelVersion, kind: str, sha256: str, size: int, signature: str
+) -> wire.ArtifactRef:
+    """How devices are given an artifact of ``version``: its reference with a statement signed now.
+
+    The statement (``wire.ArtifactStatement``) names the family, the version, its number
+    and variant, the kind, digest and size, and expires after
+    ``ARTIFACT_STATEMENT_LIFETIME_S``. ``version`` is the version the artifact is served
+    for, and needs its family loaded. Signing here rather than at upload means artifacts
+    stored before statements existed are served exactly like new ones.
+    """
+    statement = wire.artifact_statement(
+        family=version.family.name,
+        family_id=version.family_id,
+        version_id=version.pk,
+        number=version.number,
+        variant=version.variant,
+        kind=kind,
+        sha256=sha256,
+        size=int(size),
+        expires_at=statement_expires_at(),
+    )
     return {
-        "kind": artifact.kind,
-        "url": artifact_url(artifact.sha256),
-        "sha256": artifact.sha256,
-        "size": int(artifact.size),
-        "signature": artifact.signature,
+        "kind": kind,
+        "url": artifact_url(sha256),
+        "sha256": sha256,
+        "size": int(size),
+        "signature": signature,
+        "statement": statement,
+        "statement_signature": sign_statement(statement),
     }
+
+
+def rollback_ref(ref: wire.ArtifactRef, *, deployment_id: int, device_id: str) -> wire.ArtifactRef:
+    """``ref`` re-signed for one rollback deployment of one device (same artifact, same expiry).
+
+    Only such a statement lets a board go back to an older version of its family; binding
+    the deployment and the device keeps it from being replayed as a downgrade elsewhere.
+    """
+    base = ref.get("statement")
+    if base is None:
+        raise ValueError("a reference without a statement cannot be re-signed")
+    statement = wire.artifact_statement(
+        **{key: base[key] for key in _STATEMENT_ARGS},  # type: ignore[literal-required]
+        rollback_for=(int(deployment_id), str(device_id)),
+    )
+    return {**ref, "statement": statement, "statement_signature": sign_statement(statement)}
+
+
+_STATEMENT_ARGS = (
+    "family",
+    "family_id",
+    "version_id",
+    "number",
+    "variant",
+    "kind",
+    "sha256",
+    "size",
+    "expires_at",
+)
+
+
+def _ref(artifact: Artifact, version: ModelVersion) -> wire.ArtifactRef:
+    return served_ref(
+        version=version,
+        kind=artifact.kind,
+        sha256=artifact.sha256,
+        size=int(artifact.size),
+        signature=artifact.signature,
+    )
 
 
 def artifact_ref(version: ModelVersion, kind: str = Artifact.Kind.ONNX) -> wire.ArtifactRef | None:
@@ -115,7 +179,7 @@ def artifact_ref(version: ModelVersion, kind: str = Artifact.Kind.ONNX) -> wire.
     """
     for artifact in version.artifacts.all():
         if artifact.kind == kind:
-            return _ref(artifact)
+            return _ref(artifact, version)
     return None
 
 

@@ -1,8 +1,18 @@
-"""Ed25519 signatures over artifact digests.
+"""Ed25519 signatures over artifact statements (and, stored, over artifact digests).
 
-The server signs the 32 raw bytes of every artifact's SHA-256 digest; agents pin the
-public key they received at enrollment and refuse any artifact whose signature does not
-verify. The private key comes from ``settings.ARTIFACT_SIGNING_KEY`` (base64 of the raw
+What agents verify is a *statement* the server signs when it serves an artifact
+(``devices_agent.wire.ArtifactStatement``, encoded by ``wire.statement_bytes``): the
+family, the version (id, number, variant), the kind, the digest and size, and an expiry
+(``ARTIFACT_STATEMENT_LIFETIME_S``). Signing at serve time means every artifact, however
+old, is served with a statement of the current format: nothing needs re-signing. Agents
+pin the public key they received at enrollment and refuse any statement that does not
+verify or does not name what they were asked to install.
+
+The registry also stores, per artifact, a signature over the 32 raw bytes of its SHA-256
+digest (``Artifact.signature``): the operator API shows it, and agents that predate
+statements check it. It binds only the bytes, not which version they are.
+
+The private key comes from ``settings.ARTIFACT_SIGNING_KEY`` (base64 of the raw
 32-byte seed) or, when that is empty, from the PKCS8 PEM file at
 ``settings.ARTIFACT_SIGNING_KEY_FILE``, generated on first use.
 
@@ -19,6 +29,7 @@ import binascii
 import os
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -26,9 +37,14 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from django.conf import settings
 
+from devices_agent import wire
+
 __all__ = [
     "SigningKeyError",
     "sign_digest",
+    "sign_statement",
+    "statement_expires_at",
+    "verify_statement",
     "signing_key",
     "signing_public_key_b64",
     "verify",
@@ -147,3 +163,38 @@ def signing_public_key_b64() -> str:
 def verify(*, public_key_b64: str, hex_sha256: str, signature_b64: str) -> bool:
     """Keyword form of :func:`verify_digest`."""
     return verify_digest(hex_sha256, signature_b64, public_key_b64)
+
+
+def statement_expires_at(*, now: float | None = None, lifetime_s: int | None = None) -> int | None:
+    """When a statement served now expires (unix seconds), or None with no lifetime set.
+
+    Rounded up to a step of a quarter of the lifetime, so every statement served within a
+    step is byte for byte the same (Ed25519 signatures are deterministic): the desired
+    state's etag changes once a step rather than on every heartbeat. A statement is valid
+    for at least the lifetime and at most a step more.
+    """
+    if lifetime_s is None:
+        lifetime_s = getattr(settings, "ARTIFACT_STATEMENT_LIFETIME_S", None)
+    if not lifetime_s:
+        return None
+    lifetime = int(lifetime_s)
+    step = max(1, lifetime // 4)
+    moment = int(time.time() if now is None else now)
+    return (moment // step + 1) * step + lifetime
+
+
+def sign_statement(statement: wire.ArtifactStatement) -> str:
+    """Sign ``wire.statement_bytes(statement)``; the signature as base64."""
+    signature = signing_key().sign(wire.statement_bytes(statement))
+    return base64.b64encode(signature).decode("ascii")
+
+
+def verify_statement(statement: wire.ArtifactStatement, signature_b64: str, public_key_b64: str) -> bool:
+    """Whether ``signature_b64`` signs the statement under the key (False for malformed input)."""
+    try:
+        signature = base64.b64decode(signature_b64, validate=True)
+        public = Ed25519PublicKey.from_public_bytes(base64.b64decode(public_key_b64, validate=True))
+        public.verify(signature, wire.statement_bytes(statement))
+    except (InvalidSignature, ValueError, TypeError, binascii.Error):
+        return False
+    return True

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from celery import shared_task
 
-__all__ = ["build_ort_training", "evaluate_version", "export_version", "jobs_resume", "optimise_version"]
+__all__ = ["build_ort_training", "evaluate_version", "export_version", "optimise_version"]
 
 
 @shared_task(name="models_registry.evaluate_version", ignore_result=True)
@@ -37,11 +37,3 @@ def build_ort_training(job_id: int) -> str:
     from models_registry.jobs import job_run
 
     return job_run(job_id=job_id)
-
-
-@shared_task(name="models_registry.jobs_resume", ignore_result=True)
-def jobs_resume() -> int:
-    """Periodic (beat): send again the jobs whose message was lost (see ``jobs_resume``)."""
-    from models_registry.jobs import jobs_resume as resume
-
-    return len(resume())

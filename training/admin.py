@@ -1,10 +1,10 @@
-"""Admin: federated jobs, rounds and client updates (read-mostly: writes go through services)."""
+"""Admin: federated jobs, rounds, client updates, aggregation shards (read-mostly: services write)."""
 
 from __future__ import annotations
 
 from django.contrib import admin
 
-from training.models import ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
+from training.models import AggregationShard, ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
 
 
 @admin.register(FederatedJob)
@@ -61,3 +61,11 @@ class ClientUpdateAdmin(admin.ModelAdmin):
 class PartialAggregateAdmin(admin.ModelAdmin):
     list_display = ["round", "path", "updated_at"]
     raw_id_fields = ["round"]
+
+
+@admin.register(AggregationShard)
+class AggregationShardAdmin(admin.ModelAdmin):
+    list_display = ["round", "index", "status", "claims", "worker", "aggregate_s", "updated_at"]
+    list_filter = ["status"]
+    raw_id_fields = ["round"]
+    readonly_fields = [f.name for f in AggregationShard._meta.fields]

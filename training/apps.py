@@ -1,7 +1,9 @@
+from datetime import datetime, timedelta
+
 from django.apps import AppConfig
 
-# How training.rounds_tick finds the work of each training task whose message was lost
-# (core.dispatch refuses to send a task without one).
+# How the work of each training task whose message was lost is found again, and by which
+# periodic task (core.dispatch refuses to send a task without one).
 RECOVERIES = {
     "training.round_open": (
         "opens the next round of every running job without a collecting, aggregating or "
@@ -11,10 +13,22 @@ RECOVERIES = {
         "closes every collecting round whose selected devices all answered or whose deadline passed"
     ),
     "training.round_aggregate": (
-        "sends again every round closed for aggregation whose lease expired, or that no worker "
-        "claimed within one lease of closing"
+        "sends again every aggregating or evaluating round whose lease expired, or that no worker "
+        "claimed within SWEEP_GRACE_S of closing"
+    ),
+    "training.shard_aggregate": (
+        "through the round: a round whose worker's lease expired is sent again, and its new worker "
+        "sends the pending shards again and sums any shard whose lease expired itself"
     ),
 }
+RECOVERED_BY = {"training.round_aggregate": "core.sweep", "training.shard_aggregate": "core.sweep"}
+
+
+def _rounds_redrive(*, now: datetime, grace: timedelta) -> list[int]:
+    # Imported when the sweep runs, not at start: the services pull the aggregation code.
+    from training.services import rounds_redrive
+
+    return rounds_redrive(now=now, grace=grace)
 
 
 class TrainingConfig(AppConfig):
@@ -23,6 +37,7 @@ class TrainingConfig(AppConfig):
     default_auto_field = "django.db.models.BigAutoField"
 
     def ready(self) -> None:
+        from core import sweep
         from core.dispatch import recoverable
         from core.events import subscribe
         from fleet.api.agent_views import register_artifact_entitlement
@@ -39,4 +54,5 @@ class TrainingConfig(AppConfig):
         subscribe(subscribers.round_opened, names=["federated_round.opened"])
         subscribe(subscribers.model_flagged, names=["model.flagged"])
         for task, how in RECOVERIES.items():
-            recoverable(task, by="training.rounds_tick", how=how)
+            recoverable(task, by=RECOVERED_BY.get(task, "training.rounds_tick"), how=how)
+        sweep.register("training.rounds", _rounds_redrive)

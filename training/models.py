@@ -129,6 +129,9 @@ class FederatedRound(models.Model):
     # checkpoint, cleared when the round ends. A round whose worker died is claimed
     # again once the expiry has passed.
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # When the sweep (core.sweep) last sent the aggregation again because no live lease
+    # held the round: it sends again at most once per settings.SWEEP_GRACE_S.
+    redriven_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
     participants = models.PositiveIntegerField(default=0)
     dropped = models.PositiveIntegerField(default=0)
@@ -228,3 +231,39 @@ class PartialAggregate(models.Model):
     path = models.CharField(max_length=300)
     accepted_ids = models.JSONField(default=list)
     updated_at = models.DateTimeField(auto_now=True)
+
+
+class AggregationShard(models.Model):
+    """One slice of a large round's accepted updates, aggregated into a partial sum by
+    its own task (``training.shard_aggregate``) on any worker.
+
+    ``update_ids`` is fixed when the shards are made. A worker takes the shard with the
+    lease on ``lease_expires_at``, checkpoints its running sum (``checkpoint_path`` with
+    ``accepted_ids``) and finishes by writing the partial sum to ``path`` and ``done``
+    in one conditional update under its lease: a shard's result is committed once, and
+    a killed worker's shard is resumed from its checkpoint by whichever worker claims
+    it next. The round's own worker merges the partial sums in shard order.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DONE = "done"
+
+    round = models.ForeignKey(FederatedRound, on_delete=models.CASCADE, related_name="shards")
+    index = models.PositiveIntegerField()
+    update_ids = models.JSONField(default=list)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.PENDING)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
+    checkpoint_path = models.CharField(max_length=300, blank=True)
+    accepted_ids = models.JSONField(default=list, blank=True)
+    # Storage name of the finished partial sum (a weighted-mean checkpoint).
+    path = models.CharField(max_length=300, blank=True)
+    # How many times a worker claimed the shard (more than one: a worker died on it).
+    claims = models.PositiveIntegerField(default=0)
+    worker = models.CharField(max_length=200, blank=True)
+    aggregate_s = models.FloatField(null=True, blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["round_id", "index"]
+        constraints = [models.UniqueConstraint(fields=["round", "index"], name="one_shard_per_index")]

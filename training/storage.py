@@ -1,7 +1,7 @@
 """Where round files live: global weights, client deltas, partial sums, optimiser state.
 
 Everything goes through Django's default storage (filesystem by default, S3-compatible
-when configured). Aggregation reads deltas from local files (memory-mapped), so for a
+when configured). Aggregation reads deltas from local files, so for a
 remote storage a file is copied to a local temporary first.
 """
 

@@ -30,6 +30,13 @@ def round_aggregate(round_id: int) -> str | None:
     return rnd.status if rnd is not None else None
 
 
+@shared_task(name="training.shard_aggregate")
+def shard_aggregate(shard_id: int) -> str | None:
+    """Sum one shard of a large round into its partial sum (resumes from its checkpoint)."""
+    shard = services.shard_aggregate(shard_id=shard_id)
+    return shard.status if shard is not None else None
+
+
 @shared_task(name="training.rounds_tick")
 def rounds_tick() -> dict[str, Any]:
     """Periodic: deadlines and pending selections, and the recovery of every training

@@ -94,7 +94,7 @@ def run_demo() -> None:
     seeded = seed_demo(admin_username=ADMIN_USER, admin_password=password, devices=DEVICES, say=say)
 
     stack.start_web(workers=1, wait=False)
-    stack.start_worker(concurrency=2)
+    stack.start_worker(concurrency=2)  # one worker on every queue (control, ml, io)
     stack.start_beat()
     stack.wait_web()
 

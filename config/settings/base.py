@@ -132,6 +132,13 @@ ROUND_AGGREGATION_LEASE_S = env.float("ROUND_AGGREGATION_LEASE_S", default=60.0)
 ROUND_CHECKPOINT_EVERY = env.int("ROUND_CHECKPOINT_EVERY", default=8)
 # Test hook: a pause after each aggregated update, to kill a worker mid-aggregation.
 ROUND_AGGREGATE_DELAY_S = env.float("ROUND_AGGREGATE_DELAY_S", default=0.0)
+# Partial sums across workers: a round of a mergeable strategy with at least this many
+# accepted updates is split into shards of AGGREGATION_SHARD_SIZE updates, each summed by
+# its own task on any worker and merged by the round's worker.
+AGGREGATION_SHARD_MIN_UPDATES = env.int("AGGREGATION_SHARD_MIN_UPDATES", default=256)
+AGGREGATION_SHARD_SIZE = env.int("AGGREGATION_SHARD_SIZE", default=128)
+# A shard's lease: renewed at each of its checkpoints; an expired one is claimed again.
+AGGREGATION_SHARD_LEASE_S = env.float("AGGREGATION_SHARD_LEASE_S", default=60.0)
 
 # ONNX Runtime training artifacts (models_registry.ort_training): built for every registered
 # version with a program, and for federated jobs that accept boards without PyTorch, in a
@@ -179,6 +186,7 @@ REST_FRAMEWORK = {
     # value as a string. The upload views declare their own multipart parsers.
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
+    "DEFAULT_THROTTLE_CLASSES": ["core.throttles.ApiRateThrottle"],
 }
 
 SPECTACULAR_SETTINGS = {
@@ -219,6 +227,48 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": env.int("CELERY_VISIBILITY_TIMEOUT", default=900)}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# The sweep (core.sweep, every SWEEP_INTERVAL_S) sends again leased work that no worker
+# holds: rounds aggregating or evaluating and model jobs running past their lease, and
+# work nobody claimed within SWEEP_GRACE_S of becoming due (its message was lost).
+SWEEP_INTERVAL_S = env.float("SWEEP_INTERVAL_S", default=30.0)
+SWEEP_GRACE_S = env.float("SWEEP_GRACE_S", default=120.0)
+# Three queues, so that no kind of work waits behind another: `control` (ticks, rollouts,
+# experiments, opening and closing rounds, the sweep: short database work that must run on
+# time), `ml` (aggregation, evaluation, export, optimisation, ORT training artifact builds:
+# minutes of CPU each) and `io` (webhooks, SSH provisioning: waiting on other machines).
+# Every task is routed here, by name; tests/config/test_queues.py holds that.
+CELERY_TASK_DEFAULT_QUEUE = "control"
+TASK_QUEUES: dict[str, tuple[str, ...]] = {
+    "control": (
+        "core.sweep",
+        "fleet.devices_mark_offline",
+        "fleet.drift_check",
+        "fleet.experiments_evaluate",
+        "fleet.metrics_rollup",
+        "fleet.provisioning_resume",
+        "fleet.prune",
+        "fleet.rollouts_advance",
+        "fleet.rollouts_advance_one",
+        "fleet.webhooks_retry_due",
+        "training.round_close",
+        "training.round_open",
+        "training.rounds_tick",
+    ),
+    "ml": (
+        "models_registry.build_ort_training",
+        "models_registry.evaluate_version",
+        "models_registry.export_version",
+        "models_registry.optimise_version",
+        "training.round_aggregate",
+        "training.shard_aggregate",
+    ),
+    "io": (
+        "fleet.provision_device",
+        "fleet.webhooks_deliver",
+    ),
+}
+CELERY_TASK_ROUTES = {task: {"queue": queue} for queue, tasks in TASK_QUEUES.items() for task in tasks}
+CELERY_IMPORTS = ("core.tasks",)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "fleet-mark-offline": {
         "task": "fleet.devices_mark_offline",
@@ -244,21 +294,38 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
         "task": "fleet.webhooks_retry_due",
         "schedule": timedelta(seconds=10),
     },
-    "models-registry-jobs-resume": {
-        "task": "models_registry.jobs_resume",
-        "schedule": timedelta(seconds=300),
+    "core-sweep": {
+        "task": "core.sweep",
+        "schedule": timedelta(seconds=SWEEP_INTERVAL_S),
     },
     "fleet-drift-check": {
         "task": "fleet.drift_check",
         "schedule": timedelta(seconds=60),
     },
+    "fleet-metrics-rollup": {
+        "task": "fleet.metrics_rollup",
+        "schedule": timedelta(seconds=env.float("METRICS_ROLLUP_S", default=300.0)),
+    },
+    "fleet-prune": {
+        "task": "fleet.prune",
+        "schedule": timedelta(seconds=env.float("PRUNE_S", default=3600.0)),
+    },
 }
+# How long each growing table keeps its rows, in days (fleet/services/retention.py).
+METRICS_RAW_DAYS = env.float("METRICS_RAW_DAYS", default=14.0)
+METRICS_HOURLY_DAYS = env.float("METRICS_HOURLY_DAYS", default=90.0)
+METRICS_DAILY_DAYS = env.float("METRICS_DAILY_DAYS", default=730.0)
+DEPLOYMENT_EVENTS_DAYS = env.float("DEPLOYMENT_EVENTS_DAYS", default=90.0)
+WEBHOOK_DELIVERIES_DAYS = env.float("WEBHOOK_DELIVERIES_DAYS", default=30.0)
+DRIFT_REPORTS_DAYS = env.float("DRIFT_REPORTS_DAYS", default=90.0)
 
 # --- Flotilla ---------------------------------------------------------------------------
 # Device secrets are random 256-bit values, so a keyed fast hash (HMAC-SHA256) is enough
 # and keeps the heartbeat hot path cheap; a password hasher would cost milliseconds.
 DEVICE_SECRET_KEY = env.str("DEVICE_SECRET_KEY", default="")
 HEARTBEAT_INTERVAL_S = env.int("HEARTBEAT_INTERVAL_S", default=60)
+# Device ids per nudge fan-out message (one message reaches every websocket process).
+NUDGE_BATCH_DEVICES = env.int("NUDGE_BATCH_DEVICES", default=5000)
 # Drift: alert thresholds on a device's sketch (PSI of top-1 confidence, z of a feature's
 # mean shift) and the accuracy drop on labelled feedback that flags a model version.
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
@@ -298,6 +365,10 @@ ARTIFACT_SIGNING_KEY = env.str("ARTIFACT_SIGNING_KEY", default="")
 ARTIFACT_SIGNING_KEY_FILE = Path(
     env.str("ARTIFACT_SIGNING_KEY_FILE", default=str(DATA_DIR / "signing-key.pem"))
 )
+# How long an artifact's signed statement is valid after the server serves it (seconds);
+# empty: statements never expire. Keep it well above the heartbeat interval plus the time a
+# download takes: a board refuses a statement that expired before it verified the artifact.
+ARTIFACT_STATEMENT_LIFETIME_S = env.int("ARTIFACT_STATEMENT_LIFETIME_S", default=None) or None
 # Fernet key that encrypts provisioning credentials at rest.
 PROVISIONING_KEY = env.str("PROVISIONING_KEY", default="")
 # Where provisioned boards get the agent's packages. packages=index: pip's default index (or
@@ -309,6 +380,28 @@ PROVISIONING_PIP_FIND_LINKS = env.list("PROVISIONING_PIP_FIND_LINKS", default=[]
 # packages=wheelhouse: a directory of wheels on the server, uploaded to boards without internet.
 PROVISIONING_WHEELHOUSE = env.str("PROVISIONING_WHEELHOUSE", default="")
 PUBLIC_BASE_URL = env.str("PUBLIC_BASE_URL", default="http://127.0.0.1:8000")
+
+# Rate limits (core.ratelimit): "<count>/<window>" with s, min, h or d ("" or "off": none),
+# counted in fixed windows in the shared cache. Per device for the device API (a board
+# heartbeats once a minute; a round or an update adds a few requests), per client address
+# for what comes before credentials (enrollment, logins, failed device credentials), per
+# user for the operator API. A 100,000-board fleet is ~1,700 heartbeats a second in all
+# but a few requests a minute per board, far from any of these.
+RATE_LIMITS: dict[str, str] = {
+    "device": env.str("RATE_LIMIT_DEVICE", default="1200/min"),
+    "device_auth_failure": env.str("RATE_LIMIT_DEVICE_AUTH_FAILURE", default="300/min"),
+    "enroll": env.str("RATE_LIMIT_ENROLL", default="1200/min"),
+    "login": env.str("RATE_LIMIT_LOGIN", default="30/min"),
+    "api_user": env.str("RATE_LIMIT_API_USER", default="3000/min"),
+    "api_anon": env.str("RATE_LIMIT_API_ANON", default="600/min"),
+}
+# The SHA-256 of this server's certificate when it is self-signed (`python -m config.tls`
+# logs it): enrollment commands and provisioned boards' agent.toml pin it.
+SERVER_CERT_SHA256 = env.str("SERVER_CERT_SHA256", default="")
+# Proxies whose X-Forwarded-For is believed (CIDRs, e.g. the compose network's nginx): the
+# client's address is then the right-most forwarded entry that is not one of them. Empty:
+# the socket peer is the client, whatever headers say.
+TRUSTED_PROXIES: list[str] = env.list("TRUSTED_PROXIES", default=[])
 
 LOGGING = {
     "version": 1,

@@ -23,6 +23,7 @@ from rest_framework.response import Response
 
 from core.api import AuditedWritesMixin, IdField, PrimaryKeyRelatedField, client_ip, int_param
 from core.roles import ADMIN, has_role
+from fleet.agent_setup import agent_run_command
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list, device_recent_deployments, group_members
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -138,6 +139,8 @@ class CommandSerializer(serializers.ModelSerializer):
 
 class AssignVersionSerializer(serializers.Serializer):
     version = IdField()
+    # An explicit rollback: the board may then install a version older than the one it runs.
+    rollback = serializers.BooleanField(required=False, default=False)
 
 
 # --- devices ---------------------------------------------------------------------------
@@ -232,6 +235,7 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
             actor=request.user,
             device_id=device.pk,
             version_id=data.validated_data["version"],
+            rollback=data.validated_data["rollback"],
             remote_addr=client_ip(request),
         )
         return Response(
@@ -374,7 +378,7 @@ class EnrollmentTokenViewSet(
         )
         body = dict(EnrollmentTokenSerializer(token).data)
         body["token"] = secret
-        body["agent_command"] = f"flotilla-agent run --server {settings.PUBLIC_BASE_URL} --token {secret}"
+        body["agent_command"] = agent_run_command(server_url=settings.PUBLIC_BASE_URL, token=secret)
         return Response(body, status=201)
 
     @extend_schema(request=None, responses=EnrollmentTokenSerializer)

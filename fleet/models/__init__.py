@@ -12,6 +12,7 @@ from fleet.models.devices import (
 )
 from fleet.models.drift import DriftReport  # noqa: F401
 from fleet.models.experiments import Experiment, ExperimentAssignment, ExperimentDecision  # noqa: F401
+from fleet.models.metrics import MetricRollup, MetricRollupState  # noqa: F401
 from fleet.models.policies import UpdatePolicy
 from fleet.models.provisioning import KnownHost, ProvisioningJob  # noqa: F401
 from fleet.models.rollouts import Rollout, RolloutDecision, RolloutDevice  # noqa: F401

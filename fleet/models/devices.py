@@ -161,6 +161,11 @@ class Deployment(models.Model):
     # Set by rollouts and experiments so their counts come from one indexed column.
     origin_type = models.CharField(max_length=20, blank=True)
     origin_id = models.BigIntegerField(null=True, blank=True)
+    # Sends the device back to a version it ran before (a rollout's rollback, an
+    # experiment's restore, an operator's explicit rollback). Only then does the desired
+    # state say `rollback` and the artifact's statement get signed for this deployment, so
+    # only then may the board install an older version of its family.
+    rollback = models.BooleanField(default=False)
     error = models.TextField(blank=True)
     detail = models.JSONField(default=dict, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)

@@ -40,12 +40,15 @@ def deployment_open(
     origin_type: str = "",
     origin_id: int | None = None,
     nudge: bool = True,
+    rollback: bool = False,
 ) -> Deployment:
     """The open deployment of `device` to `version_id`, created if missing.
 
     Open deployments to other versions are superseded: a device works on one at a time.
     A new deployment nudges the device's agent to heartbeat now (after commit), unless
-    the caller is the heartbeat itself, whose answer already carries it.
+    the caller is the heartbeat itself, whose answer already carries it. `rollback` marks
+    it as sending the device back to a version it ran before (rollbacks and restores
+    only): the one case in which the agent accepts an older version of the family.
     """
     with transaction.atomic():
         existing = (
@@ -54,6 +57,9 @@ def deployment_open(
             .first()
         )
         if existing is not None:
+            if rollback and not existing.rollback:
+                Deployment.objects.filter(pk=existing.pk).update(rollback=True)
+                existing.rollback = True
             return existing
         superseded = list(
             Deployment.objects.filter(device=device, state__in=OPEN_STATES).values_list("id", "state")
@@ -70,7 +76,11 @@ def deployment_open(
                     new_state=Deployment.State.SUPERSEDED,
                 )
         deployment = Deployment.objects.create(
-            device=device, version_id=version_id, origin_type=origin_type, origin_id=origin_id
+            device=device,
+            version_id=version_id,
+            origin_type=origin_type,
+            origin_id=origin_id,
+            rollback=rollback,
         )
         DeploymentEvent.objects.create(deployment=deployment, state=Deployment.State.PENDING)
         Device.objects.filter(pk=device.pk).update(deployment_state=Deployment.State.PENDING)

@@ -90,9 +90,17 @@ def device_update(
 
 
 def device_assign_version(
-    *, actor: Any, device_id: Any, version_id: int, remote_addr: str | None = None
+    *,
+    actor: Any,
+    device_id: Any,
+    version_id: int,
+    rollback: bool = False,
+    remote_addr: str | None = None,
 ) -> Deployment | None:
     """Make `version_id` the device's desired version (a manual update).
+
+    The agent refuses a version of its family older than the one it runs unless the
+    deployment is an explicit `rollback` (the operator going back on purpose).
 
     Opens a pending deployment unless the device already runs that version. A version
     the device does not run must be one it may take (`fleet.services.stages`): in
@@ -121,12 +129,18 @@ def device_assign_version(
         device.desired_version_id = version_id
         deployment = None
         if device.running_version_id != version_id:
-            deployment = deployment_open(device=device, version_id=version_id, origin_type="manual")
+            deployment = deployment_open(
+                device=device, version_id=version_id, origin_type="manual", rollback=rollback
+            )
         audit_record(
             actor=actor,
             action="device.assign_version",
             target=device,
-            data={"version": version_id, "deployment": deployment.pk if deployment else None},
+            data={
+                "version": version_id,
+                "deployment": deployment.pk if deployment else None,
+                "rollback": rollback,
+            },
             remote_addr=remote_addr,
         )
     return deployment

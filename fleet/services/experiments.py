@@ -289,7 +289,13 @@ def _restore(experiment: Experiment) -> int:
         Device.objects.filter(pk=device.pk).update(desired_version_id=previous)
         device.desired_version_id = previous
         if device.running_version_id != previous:
-            deployment_open(device=device, version_id=previous, origin_type=ORIGIN, origin_id=experiment.pk)
+            deployment_open(
+                device=device,
+                version_id=previous,
+                origin_type=ORIGIN,
+                origin_id=experiment.pk,
+                rollback=True,
+            )
         restored += 1
     return restored
 

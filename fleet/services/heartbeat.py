@@ -11,7 +11,9 @@ SELECT (authentication) in the common case:
   through small per-process caches with a short time-to-live
   (`HEARTBEAT_CACHE_TTL_S`, default 10 s): an operator's edit reaches devices within
   that time. Versions and their artifacts never change once created, so the only
-  staleness is an artifact added to an existing version;
+  staleness is an artifact added to an existing version. The artifact references carry
+  statements signed when they are loaded (`models_registry.selectors.served_ref`), so a
+  heartbeat signs nothing except a rollback deployment's statement;
 - pending commands are read only when the device row's `has_pending_commands` is set.
 """
 
@@ -94,6 +96,7 @@ class _TtlCache:
 class _VersionRefs:
     label: str
     family: str
+    number: int
     spec: dict[str, Any]
     head: list[str]
     onnx: ArtifactRef | None
@@ -137,6 +140,7 @@ def artifact_url(sha256: str) -> str:
 
 def _load_version_refs(version_id: int) -> _VersionRefs | None:
     from models_registry.models import Artifact, ModelVersion
+    from models_registry.selectors import served_ref
 
     version = ModelVersion.objects.select_related("family").filter(pk=version_id).first()
     if version is None:
@@ -145,16 +149,14 @@ def _load_version_refs(version_id: int) -> _VersionRefs | None:
     for kind, sha256, size, signature in Artifact.objects.filter(version_id=version_id).values_list(
         "kind", "sha256", "size", "signature"
     ):
-        refs[kind] = {
-            "kind": kind,
-            "url": artifact_url(sha256),
-            "sha256": sha256,
-            "size": int(size),
-            "signature": signature,
-        }
+        # Signed as served (models_registry.signing): cached with the rest for the TTL.
+        refs[kind] = served_ref(
+            version=version, kind=kind, sha256=sha256, size=int(size), signature=signature
+        )
     return _VersionRefs(
         label=version.label,
         family=version.family.name,
+        number=version.number,
         spec=version.family.spec.to_dict(),
         head=list(version.head or []),
         onnx=refs.get("onnx"),
@@ -189,25 +191,38 @@ def _desired(device: Device) -> DesiredModel | None:
         # Nothing a device could install yet (the ONNX export is still running).
         return None
     deployment_id: int | None = None
+    rollback = False
     if version_id != device.running_version_id:
-        deployment_id = (
+        found = (
             Deployment.objects.filter(device=device, version_id=version_id, state__in=OPEN_STATES)
             .order_by("-id")
-            .values_list("id", flat=True)
+            .values_list("id", "rollback")
             .first()
         )
-        if deployment_id is None:
+        if found is None:
             # Whoever set desired_version without opening a deployment (a bulk update).
             deployment_id = deployment_open(device=device, version_id=version_id, nudge=False).pk
+        else:
+            deployment_id, rollback = found
+    artifact = refs.onnx
+    if rollback and deployment_id is not None:
+        from models_registry.selectors import rollback_ref
+
+        # Only a rollback deployment's statement allows an older version, and it names this
+        # deployment and device, so it cannot be replayed as a downgrade anywhere else.
+        artifact = rollback_ref(artifact, deployment_id=deployment_id, device_id=str(device.pk))
     desired: DesiredModel = {
         "version_id": version_id,
         "label": refs.label,
         "family": refs.family,
+        "number": refs.number,
         "deployment_id": deployment_id,
-        "artifact": refs.onnx,
+        "artifact": artifact,
         "weights": refs.weights,
         "spec": refs.spec,  # type: ignore[typeddict-item]
     }
+    if rollback:
+        desired["rollback"] = True
     if refs.program is not None:
         desired["program"] = refs.program
         desired["head"] = refs.head

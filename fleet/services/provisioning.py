@@ -44,6 +44,7 @@ from core.audit.services import audit_record
 from core.dispatch import enqueue_on_commit
 from core.events import emit
 from core.leases import Lease
+from fleet.agent_setup import agent_tls_options
 from fleet.auth import hash_secret, new_secret
 from fleet.board_packages import (
     PACKAGE_SOURCES,
@@ -234,6 +235,9 @@ def agent_config_toml(
         f"enrollment_token = {json.dumps(token)}",
         f"state_dir = {json.dumps(state_dir)}",
     ]
+    # allow_insecure_http only when this server itself is on plain HTTP; a pin when set.
+    for key, value in agent_tls_options(server_url).items():
+        lines.append(f"{key} = {json.dumps(value)}")
     if name:
         lines.append(f"name = {json.dumps(name)}")
     if training_backends:

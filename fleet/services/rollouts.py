@@ -586,7 +586,9 @@ def _send_back(device: Device, version_id: int | None, rollout: Rollout, now: da
         _supersede_open(fresh, rollout.version_id)
     else:
         # deployment_open supersedes the open deployment to the new version.
-        deployment_open(device=fresh, version_id=version_id, origin_type=ORIGIN, origin_id=rollout.pk)
+        deployment_open(
+            device=fresh, version_id=version_id, origin_type=ORIGIN, origin_id=rollout.pk, rollback=True
+        )
 
 
 def _fail_wave(rollout: Rollout, now: datetime, *, why: str, numbers: dict[str, Any]) -> str:

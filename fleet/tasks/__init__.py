@@ -3,4 +3,5 @@
 from fleet.tasks.devices import *  # noqa: F403
 from fleet.tasks.drift import *  # noqa: F403
 from fleet.tasks.provisioning import *  # noqa: F403
+from fleet.tasks.retention import *  # noqa: F403
 from fleet.tasks.rollouts import *  # noqa: F403

@@ -12,6 +12,7 @@ from django.shortcuts import render
 from django.urls import reverse
 from django.views.decorators.http import require_POST
 
+from core.api import client_ip
 from core.roles import ADMIN, OPERATOR, VIEWER, has_role, user_role
 
 View = TypeVar("View", bound=Callable[..., HttpResponse])
@@ -87,7 +88,8 @@ def render_page(
 
 
 def remote_addr(request: HttpRequest) -> str | None:
-    return request.META.get("REMOTE_ADDR")
+    """The address the audit log records (behind a trusted proxy, the one it forwarded)."""
+    return client_ip(request)
 
 
 def int_or_none(value: Any) -> int | None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shlex
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +15,7 @@ from django.utils import timezone
 from core.api import ServiceError
 from core.audit.selectors import audit_event_list
 from core.roles import ADMIN, OPERATOR, has_role
+from fleet.agent_setup import agent_run_command
 from fleet.models import DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list
 from fleet.services.commands import COMMAND_KINDS, device_command_create
@@ -122,10 +122,7 @@ def enrollment(request: HttpRequest) -> HttpResponse:
 
 def agent_command(*, token: str, server_url: str) -> str:
     """The copy-paste line that starts a board's agent and enrolls it with a fresh token."""
-    return (
-        f"flotilla-agent run --server {shlex.quote(server_url)} --token {shlex.quote(token)} "
-        "--state-dir /var/lib/flotilla-agent"
-    )
+    return agent_run_command(server_url=server_url, token=token, state_dir="/var/lib/flotilla-agent")
 
 
 @action(OPERATOR)

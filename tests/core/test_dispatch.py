@@ -55,6 +55,40 @@ def test_a_broker_that_is_down_is_logged_not_raised(
 def test_a_task_without_a_recovery_cannot_be_enqueued() -> None:
     with pytest.raises(ValueError, match="no declared recovery"):
         dispatch.enqueue_on_commit("fleet.something_new", 1)
+    with pytest.raises(ValueError, match="no declared recovery"):
+        dispatch.enqueue_group_on_commit("fleet.something_new", [[1], [2]])
+
+
+def test_a_group_leaves_after_the_commit_as_one_message_per_argument_list(
+    transactional_db: Any, monkeypatch: Any
+) -> None:
+    from celery import canvas
+
+    groups: list[list[tuple[str, list[Any]]]] = []
+    monkeypatch.setattr(
+        canvas.group,
+        "apply_async",
+        lambda self, *a, **k: groups.append([(t.task, list(t.args)) for t in self.tasks]),
+    )
+    with transaction.atomic():
+        dispatch.enqueue_group_on_commit("training.shard_aggregate", [[4], [5], [6]])
+        assert groups == []
+    assert groups == [[("training.shard_aggregate", [i]) for i in (4, 5, 6)]]
+
+
+def test_a_group_the_broker_refuses_is_logged_not_raised(
+    transactional_db: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    from celery import canvas
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("connection refused")
+
+    monkeypatch.setattr(canvas.group, "apply_async", down)
+    with caplog.at_level(logging.WARNING, logger="core.dispatch"):
+        dispatch.enqueue_group_on_commit("training.shard_aggregate", [[1], [2]])
+    assert "group of 2 training.shard_aggregate" in caplog.text
+    assert "core.sweep will recover it" in caplog.text
 
 
 def test_every_recovery_is_a_periodic_task_that_exists() -> None:
@@ -75,7 +109,7 @@ def test_every_task_the_code_sends_has_a_recovery() -> None:
                 if (
                     isinstance(node, ast.Call)
                     and getattr(node.func, "id", getattr(node.func, "attr", ""))
-                    in ("enqueue_on_commit", "send_now")
+                    in ("enqueue_on_commit", "send_now", "enqueue_group_on_commit", "send_group_now")
                     and node.args
                     and isinstance(node.args[0], ast.Constant)
                 ):

@@ -121,3 +121,26 @@ def test_the_documented_event_list_is_the_emitted_one() -> None:
                 emitted.add(str(node.value.value))
     assert emitted - set(EVENT_TYPES) == set(), "emitted but not documented"
     assert set(EVENT_TYPES) - emitted == set(), "documented but never emitted"
+
+
+def test_every_documented_event_is_emitted_somewhere() -> None:
+    """`emit` refuses a name not in the list; here the other way: no listed name is dead.
+
+    Every name in EVENT_TYPES must appear as a string literal in product code other than
+    the list itself (services pass event names as literals, directly or to a helper).
+    """
+    import ast
+    from pathlib import Path
+
+    from core.events import EVENT_TYPES
+
+    root = Path(__file__).resolve().parents[2]
+    literals: set[str] = set()
+    for package in ("core", "fleet", "models_registry", "training", "frontend", "config"):
+        for path in (root / package).rglob("*.py"):
+            if "migrations" in path.parts or path == root / "core" / "events.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    literals.add(node.value)
+    assert sorted(set(EVENT_TYPES) - literals) == []

@@ -89,6 +89,49 @@ class Signer:
         signature = Ed25519PrivateKey.from_private_bytes(self.seed).sign(digest)
         return digest.hex(), base64.b64encode(signature).decode()
 
+    def ref(
+        self,
+        data: bytes,
+        *,
+        version_id: int,
+        family: str = "digits",
+        number: int | None = None,
+        kind: str = "onnx",
+        expires_at: int | None = None,
+        rollback_for: tuple[int, str] | None = None,
+    ) -> dict[str, Any]:
+        """An ArtifactRef for ``data`` as the server serves it: a statement signed with this key.
+
+        ``number`` defaults to ``version_id`` (the registry's order of the family's versions).
+        """
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+        from devices_agent.wire import artifact_statement, statement_bytes
+
+        sha, digest_signature = self.sign(data)
+        statement = artifact_statement(
+            family=family,
+            family_id=1,
+            version_id=version_id,
+            number=version_id if number is None else number,
+            variant="fp32",
+            kind=kind,
+            sha256=sha,
+            size=len(data),
+            expires_at=expires_at,
+            rollback_for=rollback_for,
+        )
+        signature = Ed25519PrivateKey.from_private_bytes(self.seed).sign(statement_bytes(statement))
+        return {
+            "kind": kind,
+            "url": f"/api/agent/v1/artifacts/{sha}",
+            "sha256": sha,
+            "size": len(data),
+            "signature": digest_signature,
+            "statement": statement,
+            "statement_signature": base64.b64encode(signature).decode(),
+        }
+
 
 Route = Callable[["Handler", bytes], None]
 
@@ -264,3 +307,70 @@ class CuttingProxy:
     def close(self) -> None:
         self._stop.set()
         self._sock.close()
+
+
+Rewrite = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class _RewritingHandler(BaseHTTPRequestHandler):
+    server: RewritingProxy
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def _forward(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length) if length else b""
+        skip = {"host", "content-length", "connection", "accept-encoding"}
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in skip}
+        upstream = self.server.http.request(self.command, self.path, headers=headers, content=body)
+        data = upstream.content
+        rewrite = self.server.rewrite
+        if self.path.endswith("/heartbeat") and upstream.status_code == 200:
+            answer = json.loads(data)
+            self.server.answers.append(answer)
+            if rewrite is not None:
+                answer = rewrite(answer)
+                data = json.dumps(answer).encode()
+        self.send_response(upstream.status_code)
+        drop = {"content-length", "transfer-encoding", "connection", "content-encoding"}
+        for key, value in upstream.headers.multi_items():
+            if key.lower() not in drop:
+                self.send_header(key, value)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = _forward
+    do_POST = _forward
+
+
+class RewritingProxy(ThreadingHTTPServer):
+    """A loopback HTTP proxy in front of a real server that may rewrite heartbeat answers.
+
+    It stands where an attacker on the path (or a compromised mirror) would: every
+    heartbeat answer is recorded in ``answers``; while ``rewrite`` is set, the JSON the
+    agent receives is ``rewrite(answer)``. Everything else passes through unchanged.
+    """
+
+    daemon_threads = True
+
+    def __init__(self, upstream: str) -> None:
+        import httpx
+
+        super().__init__(("127.0.0.1", 0), _RewritingHandler)
+        self.http = httpx.Client(base_url=upstream, timeout=30.0)
+        self.rewrite: Rewrite | None = None
+        self.answers: list[dict[str, Any]] = []
+        self.thread = threading.Thread(target=self.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+    def close(self) -> None:
+        self.shutdown()
+        self.server_close()
+        self.http.close()

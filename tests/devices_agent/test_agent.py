@@ -91,7 +91,12 @@ def fleet() -> Iterator[FakeFleet]:
 
 def make_agent(fleet: FakeFleet, root: Path, token: str = "good-token", **kw: Any) -> Agent:
     config = AgentConfig(
-        server_url=fleet.server.url, state_dir=root, enrollment_token=token, name="board-1", websocket=False
+        server_url=fleet.server.url,
+        state_dir=root,
+        enrollment_token=token,
+        name="board-1",
+        websocket=False,
+        allow_insecure_http=True,
     )
     return Agent(config=config, rng=random.Random(0), sleep=lambda s: None, **kw)
 
@@ -260,7 +265,7 @@ def test_config_files_and_the_cli(
     cfg = tmp_path / "agent.toml"
     cfg.write_text(
         f'server_url = "{fleet.server.url}"\nstate_dir = "{tmp_path / "st"}"\n'
-        'enrollment_token = "good-token"\nwebsocket = false\ntags = ["a"]\n'
+        'enrollment_token = "good-token"\nwebsocket = false\ntags = ["a"]\nallow_insecure_http = true\n'
     )
     config = load_config(cfg)
     assert config.tags == ["a"] and config.state_dir == tmp_path / "st"
@@ -269,7 +274,8 @@ def test_config_files_and_the_cli(
     with pytest.raises(ConfigError, match="heartbeat_intervall"):
         load_config(bad)
 
-    sha, signature = SIGNER.sign(model := linear_onnx())
+    ref = SIGNER.ref(model := linear_onnx(), version_id=5)
+    sha = ref["sha256"]
     fleet.server.routes[("GET", f"/api/agent/v1/artifacts/{sha}")] = lambda h, b: h.serve_bytes(
         model, etag=sha
     )
@@ -279,13 +285,7 @@ def test_config_files_and_the_cli(
         "family": "digits",
         "spec": {"task": "classification", "input_shape": [64], "input_dtype": "float32", "num_classes": 10},
         "deployment_id": 9,
-        "artifact": {
-            "kind": "onnx",
-            "url": f"/api/agent/v1/artifacts/{sha}",
-            "sha256": sha,
-            "size": len(model),
-            "signature": signature,
-        },
+        "artifact": ref,
         "weights": None,
     }
     assert main(["run", "--config", str(cfg), "--max-steps", "1"]) == 0

@@ -110,6 +110,7 @@ def boards(
             json.dumps(
                 {
                     "server_url": proxy.url,
+                    "allow_insecure_http": True,
                     "state_dir": str(state),
                     "enrollment_token": enrollment,
                     "name": f"wrist-{i}",

@@ -7,7 +7,6 @@ connections.
 
 from __future__ import annotations
 
-import base64
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +17,7 @@ import pytest
 
 from devices_agent.agent import Agent
 from devices_agent.config import AgentConfig
-from tests.devices_agent.agent_helpers import CuttingProxy, Signer, linear_onnx
+from tests.devices_agent.agent_helpers import CuttingProxy, RewritingProxy, Signer, linear_onnx
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +82,7 @@ def _agent(url: str, root: Path, token: str, **overrides: Any) -> Agent:
         name=root.name,
         websocket=False,
         health_check_runs=5,
+        allow_insecure_http=True,
         **overrides,
     )
     return Agent(config=config, rng=random.Random(1), sleep=lambda s: None)
@@ -188,20 +188,13 @@ def _corrupt_stored_file(version: Any) -> None:
     path.write_bytes(bytes(data))
 
 
-def _forge_signature(version: Any) -> None:
-    from models_registry.models import Artifact
-
-    artifact = version.artifacts.get(kind="onnx")
-    _, forged = Signer(seed=b"\x42" * 32).sign(b"whatever")
-    forged = base64.b64encode(base64.b64decode(forged)).decode()
-    Artifact.objects.filter(pk=artifact.pk).update(signature=forged)
-
-
 @pytest.mark.parametrize("damage", ["corrupted", "wrongly_signed"])
 def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path: Path, damage: str) -> None:
     from fleet.models import Device
 
-    agent = _agent(_stack.url, tmp_path / "board", _token())
+    # On the path between board and server: what it changes, the signature must catch.
+    proxy = RewritingProxy(_stack.url)
+    agent = _agent(proxy.url, tmp_path / "board", _token())
     agent.step()
     good = _version(linear_onnx(seed=13))
     _running(agent, good, _assign(agent, good))
@@ -210,7 +203,8 @@ def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path
     if damage == "corrupted":
         _corrupt_stored_file(bad)
     else:
-        _forge_signature(bad)  # before any heartbeat could cache the version's refs
+        _, forged = Signer(seed=b"\x42" * 32).sign(b"whatever")
+        proxy.rewrite = lambda answer: _with_artifact(answer, statement_signature=forged)
     deployment_id = _assign(agent, bad)
     outcome = agent.step().outcome
     assert outcome is not None and outcome.action == "failed"
@@ -224,6 +218,83 @@ def test_bad_artifacts_are_rejected_and_the_old_model_kept(_stack: Any, tmp_path
     # The server points the device back at what it runs; the next heartbeat is calm.
     assert agent.step().outcome.action == "current"
     agent.close()
+    proxy.close()
+
+
+def _with_artifact(answer: dict[str, Any], **changes: Any) -> dict[str, Any]:
+    desired = answer.get("desired")
+    if desired:
+        answer["desired"] = {**desired, "artifact": {**desired["artifact"], **changes}}
+    return answer
+
+
+def _served(proxy: RewritingProxy, version: Any) -> dict[str, Any]:
+    """The last desired state the server sent naming ``version``."""
+    for answer in reversed(proxy.answers):
+        desired = answer.get("desired")
+        if desired and desired["version_id"] == version.pk:
+            return dict(desired)
+    raise AssertionError(f"the server never sent {version.label}")
+
+
+def test_replayed_older_artifacts_are_refused_and_a_signed_rollback_is_taken(
+    _stack: Any, tmp_path: Path
+) -> None:
+    from fleet.models import Deployment, Device
+    from fleet.services.devices import device_assign_version
+
+    proxy = RewritingProxy(_stack.url)
+    agent = _agent(proxy.url, tmp_path / "board", _token())
+    agent.step()
+    v1, v2, v3 = (_version(linear_onnx(seed=seed)) for seed in (40, 41, 42))
+    _running(agent, v1, _assign(agent, v1))
+    old = _served(proxy, v1)  # validly signed, captured on the way
+    assert old["artifact"]["statement"]["version_id"] == v1.pk
+    _running(agent, v2, _assign(agent, v2))
+
+    # 1. v3 is wanted; v1's signed artifact is offered in its place: it names v1, not v3.
+    deployment_id = _assign(agent, v3)
+    proxy.rewrite = lambda answer: _with_artifact(answer, **old["artifact"])
+    outcome = agent.step().outcome
+    assert outcome is not None and outcome.action == "failed"
+    deployment = _deployment(deployment_id)
+    assert deployment.state == "failed"
+    assert "artifact refused" in deployment.error and f"version_id {v1.pk}, not {v3.pk}" in deployment.error
+    assert _events(deployment_id) == ["pending", "failed"]  # refused before any download
+    assert agent.state.current_version_id() == v2.pk
+
+    # 2. The whole old desired state replayed under the open deployment: a downgrade.
+    deployment_id = _assign(agent, v3)
+
+    def replay(answer: dict[str, Any]) -> dict[str, Any]:
+        if answer.get("desired"):
+            answer["desired"] = {**old, "deployment_id": answer["desired"]["deployment_id"]}
+        return answer
+
+    proxy.rewrite = replay
+    outcome = agent.step().outcome
+    assert outcome is not None and outcome.action == "failed"
+    assert "downgrade refused" in _deployment(deployment_id).error
+    assert agent.state.current_version_id() == v2.pk
+    proxy.rewrite = None
+
+    # 3. The server itself sends v1 without calling it a rollback: refused the same way.
+    deployment_id = _assign(agent, v1)
+    outcome = agent.step().outcome
+    assert outcome is not None and outcome.action == "failed"
+    assert "downgrade refused" in _deployment(deployment_id).error
+    device = Device.objects.get(pk=_device_id(agent))
+    assert device.running_version_id == v2.pk and agent.state.current_version_id() == v2.pk
+
+    # 4. An explicit rollback: signed for this deployment and this device, and taken.
+    rollback = device_assign_version(actor=None, device_id=device.pk, version_id=v1.pk, rollback=True)
+    assert rollback is not None and Deployment.objects.get(pk=rollback.pk).rollback
+    _running(agent, v1, rollback.pk)
+    statement = _served(proxy, v1)["artifact"]["statement"]
+    assert statement["rollback"] and statement["deployment_id"] == rollback.pk
+    assert statement["device_id"] == str(device.pk)
+    agent.close()
+    proxy.close()
 
 
 def test_failed_health_check_rolls_back_locally_and_reports_it(_stack: Any, tmp_path: Path) -> None:

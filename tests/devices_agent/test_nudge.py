@@ -16,7 +16,8 @@ from tests.devices_agent.agent_helpers import ScriptedServer, Signer
 
 
 def _agent(url: str, root: Path) -> Agent:
-    agent = Agent(config=AgentConfig(server_url=url, state_dir=root, websocket=True), rng=random.Random(0))
+    config = AgentConfig(server_url=url, state_dir=root, websocket=True, allow_insecure_http=True)
+    agent = Agent(config=config, rng=random.Random(0))
     agent.state.save_credentials(
         Credentials(
             device_id="d", secret="dev-secret", signing_public_key=Signer().public_b64(), server_url=url

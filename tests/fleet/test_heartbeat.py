@@ -15,7 +15,7 @@ from django.utils import timezone
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, UpdatePolicy
 from fleet.selectors.devices import in_maintenance_window, policy_etag
 from fleet.services import heartbeat as heartbeat_service
-from models_registry.signing import signing_public_key_b64, verify
+from models_registry.signing import signing_public_key_b64, verify, verify_statement
 
 # Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
@@ -74,14 +74,33 @@ def test_desired_state_carries_signed_artifact_refs_and_a_deployment(enroll: Any
     desired = body["desired"]
     onnx = version.artifacts.get(kind="onnx")
     assert desired["version_id"] == version.pk and desired["label"] == "digits:v1"
-    assert desired["artifact"] == {
+    artifact = dict(desired["artifact"])
+    statement, statement_signature = artifact.pop("statement"), artifact.pop("statement_signature")
+    assert artifact == {
         "kind": "onnx",
         "url": f"/api/agent/v1/artifacts/{onnx.sha256}",
         "sha256": onnx.sha256,
         "size": onnx.size,
         "signature": onnx.signature,
     }
+    # What the signature binds: the version as the registry has it, the kind and the bytes.
+    assert statement == {
+        "format": "flotilla-artifact/1",
+        "family": "digits",
+        "family_id": version.family_id,
+        "version_id": version.pk,
+        "number": 1,
+        "variant": "fp32",
+        "kind": "onnx",
+        "sha256": onnx.sha256,
+        "size": onnx.size,
+        "expires_at": None,
+        "rollback": False,
+    }
+    assert verify_statement(statement, statement_signature, signing_public_key_b64())
+    assert desired["number"] == 1 and "rollback" not in desired
     assert desired["weights"]["kind"] == "weights"
+    assert desired["weights"]["statement"]["kind"] == "weights"
     assert verify(
         public_key_b64=signing_public_key_b64(), hex_sha256=onnx.sha256, signature_b64=onnx.signature
     )
@@ -282,3 +301,30 @@ def test_hot_cache_reuses_a_value_until_it_expires() -> None:
     assert heartbeat_service.hot_cache(key="test.value", load=load, ttl_s=60) == 1
     assert heartbeat_service.hot_cache(key="test.other", load=load, ttl_s=0) == 2
     assert heartbeat_service.hot_cache(key="test.other", load=load, ttl_s=0) == 3
+
+
+def test_a_rollback_deployment_is_flagged_and_signed_for_its_device(
+    enroll: Any, make_version: Any, settings: Any
+) -> None:
+    from fleet.services.deployments import deployment_open
+
+    settings.ARTIFACT_STATEMENT_LIFETIME_S = 3600
+    agent = enroll()
+    v1, v2 = make_version(), make_version()
+    Device.objects.filter(pk=agent.device.pk).update(running_version=v2, desired_version=v1)
+    plain = agent.heartbeat(seq=1).json()["desired"]
+    assert "rollback" not in plain and plain["artifact"]["statement"]["rollback"] is False
+    expires_at = plain["artifact"]["statement"]["expires_at"]
+    assert timezone.now().timestamp() + 3600 <= expires_at <= timezone.now().timestamp() + 3600 + 901
+
+    heartbeat_service.heartbeat_caches_clear()
+    deployment = deployment_open(device=agent.refresh(), version_id=v1.pk, rollback=True)
+    assert deployment.pk == plain["deployment_id"]  # the open one, now marked a rollback
+    desired = agent.heartbeat(seq=2).json()["desired"]
+    assert desired["rollback"] is True and desired["number"] == v1.number < v2.number
+    statement = desired["artifact"]["statement"]
+    assert statement["rollback"] is True and statement["version_id"] == v1.pk
+    assert statement["deployment_id"] == deployment.pk and statement["device_id"] == str(agent.device.pk)
+    assert statement["expires_at"] == expires_at
+    assert verify_statement(statement, desired["artifact"]["statement_signature"], signing_public_key_b64())
+    assert desired["artifact"]["statement_signature"] != plain["artifact"]["statement_signature"]

@@ -54,3 +54,49 @@ def test_a_rolled_back_change_sends_no_nudge(live_stack: Any, enroll: Any) -> No
 def test_unknown_devices_are_refused(live_stack: Any, secret: str | None) -> None:
     with pytest.raises(InvalidStatus), _connect(live_stack, secret):
         pass
+
+
+def _round_opened(device_ids: list[Any]) -> None:
+    emit(
+        "federated_round.opened",
+        {"job": 1, "round": 1, "round_id": 1, "devices": [str(d) for d in device_ids]},
+    )
+
+
+def test_a_nudge_for_many_devices_reaches_each_of_its_sockets_once(
+    live_stack: Any, enroll: Any, settings: Any
+) -> None:
+    from fleet.consumers import nudge_messages
+
+    # Small batches, so the devices' ids arrive in several fan-out messages.
+    settings.NUDGE_BATCH_DEVICES = 2
+    chosen, other = [enroll() for _ in range(3)], enroll()
+    ids = ["00000000-0000-0000-0000-000000000000", *(a.device.pk for a in chosen)]
+    assert len(nudge_messages([str(i) for i in ids], "training_round", batch=2)) == 2
+
+    sockets = [_connect(live_stack, a.secret) for a in chosen]
+    # A device with two sockets open (an agent reconnecting) hears it on both.
+    sockets.append(_connect(live_stack, chosen[0].secret))
+    bystander = _connect(live_stack, other.secret)
+    try:
+        _round_opened(ids)
+        for socket in sockets:
+            assert json.loads(socket.recv(timeout=10)) == {"type": "nudge", "reason": "training_round"}
+            with pytest.raises(TimeoutError):
+                socket.recv(timeout=0.3)
+        with pytest.raises(TimeoutError):
+            bystander.recv(timeout=0.5)
+    finally:
+        for socket in [*sockets, bystander]:
+            socket.close()
+
+
+def test_a_closed_socket_is_forgotten_and_a_new_one_hears_the_next_nudge(
+    live_stack: Any, enroll: Any
+) -> None:
+    agent = enroll()
+    with _connect(live_stack, agent.secret):
+        pass
+    with _connect(live_stack, agent.secret) as socket:
+        _deployment_opened(agent.device.pk)
+        assert json.loads(socket.recv(timeout=10)) == {"type": "nudge", "reason": "desired_version"}

@@ -118,6 +118,23 @@ def test_assign_version_opens_deployment(operator_client: Any, make_version: Any
     assert missing.status_code == 400
 
 
+def test_an_explicit_rollback_is_marked_on_the_deployment(operator_client: Any, make_version: Any) -> None:
+    (device,) = _devices(1)
+    old, new = make_version(), make_version()
+    Device.objects.filter(pk=device.pk).update(running_version=new, desired_version=new)
+    path = f"/api/v1/devices/{device.pk}/assign-version/"
+    response = operator_client.post(path, {"version": old.pk, "rollback": True}, format="json")
+    assert response.status_code == 200, response.content
+    deployment = Deployment.objects.get(pk=response.json()["deployment_id"])
+    assert deployment.rollback and deployment.version_id == old.pk
+    assert AuditEvent.objects.get(action="device.assign_version").data["rollback"] is True
+    # Without the flag a deployment is never a rollback (the board refuses a downgrade).
+    plain = operator_client.post(path, {"version": new.pk}, format="json")
+    assert plain.status_code == 200 and plain.json()["deployment_id"] is None  # it runs it already
+    bad = operator_client.post(path, {"version": old.pk, "rollback": "perhaps"}, format="json")
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "validation_error"
+
+
 def test_decommission_needs_admin_and_revokes_the_secret(
     operator_client: Any, admin_client_api: Any, enroll: Any
 ) -> None:
@@ -145,9 +162,9 @@ def test_enrollment_token_shown_once_listed_by_prefix_and_revoked(operator_clien
     assert response.status_code == 201, response.content
     body = response.json()
     token = body["token"]
-    assert body["agent_command"].startswith("flotilla-agent run --server ") and body[
-        "agent_command"
-    ].endswith(token)
+    assert body["agent_command"].startswith("flotilla-agent run --server ")
+    # The test server is on plain HTTP, which the agent accepts only when told.
+    assert body["agent_command"].endswith(f"--token {token} --allow-insecure-http")
     assert body["prefix"] == token[:8] and body["status"] == "active"
     listed = operator_client.get("/api/v1/enrollment-tokens/").json()["results"]
     assert token not in str(listed) and listed[0]["uses"] == 0

@@ -438,6 +438,43 @@ def test_a_job_the_broker_refuses_stays_queued_and_is_sent_again(
     assert job.status == "queued" and job.error == ""  # the request stands; nothing is lost
 
     monkeypatch.setattr(current_app, "send_task", lambda name, args, **_: sent.append((name, args)))
-    assert jobs.jobs_resume() == []  # too young: its message may still be on its way
-    assert jobs.jobs_resume(now=timezone.now() + timedelta(minutes=6)) == [job.pk]
+    grace = timedelta(seconds=120)
+    assert jobs.jobs_redrive(now=timezone.now(), grace=grace) == []  # its message may be on its way
+    assert jobs.jobs_redrive(now=timezone.now() + timedelta(seconds=121), grace=grace) == [job.pk]
     assert sent == [("models_registry.evaluate_version", [job.pk])]
+
+
+def test_the_sweep_re_drives_lost_jobs_but_never_one_under_a_live_lease(
+    trained_version: Any, monkeypatch: Any, settings: Any
+) -> None:
+    """Queued past SWEEP_GRACE_S, or running past its lease: sent again; held: never."""
+    from datetime import timedelta
+
+    from celery import current_app
+    from django.utils import timezone
+
+    from core.sweep import sweep
+
+    settings.SWEEP_GRACE_S = 60
+    sent: list[tuple[str, list[Any]]] = []
+    monkeypatch.setattr(current_app, "send_task", lambda name, args, **_: sent.append((name, args)))
+    old = timezone.now() - timedelta(seconds=61)
+    fresh = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
+    lost = ModelJob.objects.create(kind="export", version=trained_version, params={})
+    held = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
+    dead = ModelJob.objects.create(kind="optimise", version=trained_version, params={"kind": "fp16"})
+    finished = ModelJob.objects.create(kind="evaluate", version=trained_version, params=FAST)
+    ModelJob.objects.filter(pk__in=[lost.pk, held.pk, dead.pk, finished.pk]).update(created_at=old)
+    assert jobs.job_claim(job_id=held.pk) and jobs.job_claim(job_id=dead.pk)
+    ModelJob.objects.filter(pk=dead.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    ModelJob.objects.filter(pk=finished.pk).update(status="succeeded")
+
+    assert sweep()["models_registry.jobs"] == [lost.pk, dead.pk]
+    assert sent == [
+        ("models_registry.export_version", [lost.pk]),
+        ("models_registry.optimise_version", [dead.pk]),
+    ]
+    assert fresh.pk and held.pk  # too young, and held by a live worker: left alone
+    assert sweep()["models_registry.jobs"] == []  # re-sent at most once per grace
+    ModelJob.objects.filter(pk=lost.pk).update(redriven_at=timezone.now() - timedelta(seconds=61))
+    assert sweep()["models_registry.jobs"] == [lost.pk]

@@ -12,7 +12,7 @@ from core.api import ConflictError, ServiceError
 from devices_agent.codecs import encode_tensors
 from models_registry import selectors, services
 from models_registry.models import Artifact, ModelVersion
-from models_registry.signing import signing_public_key_b64, verify_digest
+from models_registry.signing import signing_public_key_b64, verify_digest, verify_statement
 from tests.bundles import digits_bundle
 
 pytestmark = pytest.mark.django_db
@@ -39,7 +39,8 @@ def test_upload_weights_and_onnx_stores_signed_content_addressed_artifacts(
             assert handle.read() == data
         assert verify_digest(artifact.sha256, artifact.signature, signing_public_key_b64())
     assert artifacts["onnx"].opset == 17
-    ref = selectors.artifact_ref(selectors.version_get(version.pk))
+    ref: dict[str, Any] = dict(selectors.artifact_ref(selectors.version_get(version.pk)) or {})
+    statement, statement_signature = ref.pop("statement"), ref.pop("statement_signature")
     assert ref == {
         "kind": "onnx",
         "url": f"/api/agent/v1/artifacts/{artifacts['onnx'].sha256}",
@@ -47,6 +48,10 @@ def test_upload_weights_and_onnx_stores_signed_content_addressed_artifacts(
         "size": len(mlp_onnx),
         "signature": artifacts["onnx"].signature,
     }
+    # Served with a statement signed now, naming the version as the registry has it.
+    assert (statement["version_id"], statement["number"], statement["kind"]) == (version.pk, 1, "onnx")
+    assert statement["family"] == family.name and statement["sha256"] == artifacts["onnx"].sha256
+    assert verify_statement(statement, statement_signature, signing_public_key_b64())
     assert selectors.artifact_by_sha256(artifacts["weights"].sha256.upper()) == artifacts["weights"]
     assert b"".join(selectors.artifact_chunks(artifacts["onnx"])) == mlp_onnx
     assert b"".join(selectors.artifact_chunks(artifacts["onnx"], start=10, end=20)) == mlp_onnx[10:20]

@@ -8,6 +8,8 @@ import stat
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from models_registry import signing
 
 
@@ -84,3 +86,59 @@ def test_concurrent_processes_agree_on_one_key(tmp_path: Path) -> None:
         child.join(timeout=30)
     assert len(keys) == 1
     assert sorted(p.name for p in path.parent.iterdir()) == ["key.pem"]
+
+
+def _statement(**overrides: Any) -> Any:
+    from devices_agent import wire
+
+    fields: dict[str, Any] = {
+        "family": "digits",
+        "family_id": 1,
+        "version_id": 4,
+        "number": 2,
+        "variant": "fp32",
+        "kind": "onnx",
+        "sha256": _digest(b"model bytes"),
+        "size": 11,
+    }
+    return wire.artifact_statement(**{**fields, **overrides})
+
+
+def test_statements_signed_by_the_server_verify_on_the_agent(settings: Any, tmp_path: Path) -> None:
+    from devices_agent.updater import RefusedError, VerificationError, verify_statement
+
+    settings.ARTIFACT_SIGNING_KEY = ""
+    settings.ARTIFACT_SIGNING_KEY_FILE = tmp_path / "key.pem"
+    statement = _statement()
+    signature = signing.sign_statement(statement)
+    public = signing.signing_public_key_b64()
+    assert signing.verify_statement(statement, signature, public)
+    assert not signing.verify_statement(_statement(version_id=5), signature, public)
+    # The same bytes, the agent's side: the one encoding of devices_agent.wire.
+    ref = {"kind": "onnx", "sha256": statement["sha256"], "size": 11}
+    key = base64.b64decode(public)
+    ok = {**ref, "statement": statement, "statement_signature": signature}
+    assert verify_statement(ok, public_key=key, version_id=4, family="digits", number=2) == statement
+    with pytest.raises(RefusedError, match="version_id 4, not 5"):
+        verify_statement(ok, public_key=key, version_id=5)
+    tampered = {**ok, "statement": {**statement, "number": 3}}
+    with pytest.raises(VerificationError, match="does not verify"):
+        verify_statement(tampered, public_key=key)
+    # The stored digest signature is no statement signature.
+    digest_only = {**ok, "statement_signature": signing.sign_digest(statement["sha256"])}
+    with pytest.raises(VerificationError, match="does not verify"):
+        verify_statement(digest_only, public_key=key)
+
+
+def test_expiry_follows_the_lifetime_in_quarter_steps(settings: Any) -> None:
+    settings.ARTIFACT_STATEMENT_LIFETIME_S = None
+    assert signing.statement_expires_at(now=1000.0) is None
+    settings.ARTIFACT_STATEMENT_LIFETIME_S = 400
+    # Every moment of a 100 s step gives the same expiry, so the signature (and the desired
+    # state's etag) changes once a step; it is always at least the lifetime ahead.
+    assert {signing.statement_expires_at(now=t) for t in (1000.0, 1050.5, 1099.9)} == {1500}
+    assert signing.statement_expires_at(now=1100.0) == 1600
+    for now in range(1000, 1400, 7):
+        expires = signing.statement_expires_at(now=float(now))
+        assert expires is not None and now + 400 < expires <= now + 500
+    assert signing.statement_expires_at(now=1000.0, lifetime_s=8) == 1010

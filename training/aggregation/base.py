@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import struct
 from collections.abc import Iterator, Mapping, Sequence
@@ -248,26 +247,36 @@ def _float32_offsets(path: str) -> dict[str, tuple[int, int]]:
 
 
 class UpdateFileReader:
-    """Reads dense float32 safetensors update files one at a time, without copying.
+    """Reads dense float32 safetensors update files one at a time into one reused buffer.
 
-    Each file is memory-mapped read-only and :meth:`read` returns read-only float32
-    views of the mapping, so a streaming aggregator goes through thousands of update
-    files with no per-update allocation and no copy out of the page cache. The mapping
-    is released as soon as the returned arrays are dropped: accept each update, then
-    read the next, and at most one file is mapped at a time.
+    :meth:`read` copies the file with one ``os.preadv`` straight into a buffer the
+    reader keeps (grown to the largest update, never shrunk) and returns read-only
+    float32 views of it. A streaming aggregator so goes through thousands of
+    update files with no allocation, no memory map and no page fault per update: the
+    copy out of the page cache costs less than mapping a file, faulting its pages in and
+    unmapping it again. The views are valid until the next :meth:`read`, which reuses
+    the buffer: accept each update, then read the next.
 
     Every update of a round has the same header (same names, shapes and offsets), so
     the parsed layout is cached and reused whenever the header bytes are identical;
-    for small models parsing JSON would otherwise cost as much as the arithmetic.
+    for small models parsing JSON would otherwise cost as much as the arithmetic. With a
+    cached layout the whole file is read at once and its header compared in the buffer;
+    any other file (first of a round, another layout, truncated or longer) goes through
+    the header first.
     """
 
     def __init__(self) -> None:
         self._header = b""
         self._layout: list[tuple[str, tuple[int, ...], int, int]] = []
+        self._data_start = 0
         self._data_end = 0
+        self._buffer = bytearray()
 
     def _parse(self, header_bytes: bytes, base: int, name_of: str) -> None:
-        header: dict[str, Any] = json.loads(header_bytes)
+        try:
+            header: dict[str, Any] = json.loads(header_bytes)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError(f"{name_of}: not a safetensors file") from None
         header.pop("__metadata__", None)
         layout = []
         data_end = base
@@ -277,34 +286,67 @@ class UpdateFileReader:
             begin, end = (int(x) for x in info["data_offsets"])
             shape = tuple(int(d) for d in info["shape"])
             count = math.prod(shape)
-            if end - begin != 4 * count:
+            if end - begin != 4 * count or begin < 0:
                 raise ValueError(f"{name_of}: bad offsets for {name!r}")
             layout.append((name, shape, count, base + begin))
             data_end = max(data_end, base + end)
-        self._header, self._layout, self._data_end = header_bytes, layout, data_end
+        self._header, self._layout = header_bytes, layout
+        self._data_start, self._data_end = base, data_end
 
     def read(self, path: str | os.PathLike[str]) -> Weights:
-        """Tensors of the file at ``path`` as read-only views of a memory map."""
+        """Tensors of the file at ``path`` as read-only views of the reader's buffer."""
         name_of = os.fspath(path)
         fd = os.open(name_of, os.O_RDONLY)
         try:
-            mapped = mmap.mmap(fd, 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
-        except ValueError:  # an empty file cannot be mapped
-            raise ValueError(f"{name_of}: not a safetensors file") from None
+            if not self._fast_read(fd):
+                self._slow_read(fd, name_of)
         finally:
-            os.close(fd)  # the mapping keeps its own reference to the file
-        size = len(mapped)
-        if size < 8:
+            os.close(fd)
+        out: Weights = {}
+        for name, shape, _, offset in self._layout:
+            array = np.ndarray(shape, dtype=np.float32, buffer=self._buffer, offset=offset)
+            array.flags.writeable = False
+            out[name] = array
+        return out
+
+    def _fast_read(self, fd: int) -> bool:
+        """One ``preadv`` of the whole file when it has the cached layout (the common case:
+        every update of a round has the same header); False when it may not."""
+        if not self._header:
+            return False
+        end = self._data_end
+        if len(self._buffer) < end + 1:
+            self._buffer = bytearray(end + 1)
+        # One byte more than the layout needs: a longer file is not taken on trust.
+        view = memoryview(self._buffer)[: end + 1]
+        got = os.preadv(fd, [view], 0)
+        header_len = len(self._header)
+        return (
+            got == end
+            and int.from_bytes(view[:8], "little") == header_len
+            and view[8 : 8 + header_len] == self._header
+        )
+
+    def _slow_read(self, fd: int, name_of: str) -> None:
+        """Read the header, parse it when it changed, then the tensor bytes."""
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, 8, 0)
+        if len(head) != 8:
             raise ValueError(f"{name_of}: not a safetensors file")
-        (header_len,) = struct.unpack("<Q", mapped[:8])
+        (header_len,) = struct.unpack("<Q", head)
         if 8 + header_len > size:
             raise ValueError(f"{name_of}: truncated header")
-        header_bytes = mapped[8 : 8 + header_len]
+        header_bytes = os.pread(fd, header_len, 8)
         if header_bytes != self._header:
             self._parse(header_bytes, 8 + header_len, name_of)
         if self._data_end > size:
             raise ValueError(f"{name_of}: bad offsets, the file is truncated")
-        return {
-            name: np.ndarray(shape, dtype=np.float32, buffer=mapped, offset=offset)
-            for name, shape, _, offset in self._layout
-        }
+        if len(self._buffer) < self._data_end + 1:
+            self._buffer = bytearray(self._data_end + 1)
+        view = memoryview(self._buffer)
+        got = self._data_start
+        while got < self._data_end:  # preadv may return short counts (signals, huge reads)
+            step = os.preadv(fd, [view[got : self._data_end]], got)
+            if step <= 0:
+                raise ValueError(f"{name_of}: the file is truncated")
+            got += step

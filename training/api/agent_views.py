@@ -18,7 +18,7 @@ from django.http import HttpRequest, HttpResponse, HttpResponseBase, JsonRespons
 from django.views.decorators.csrf import csrf_exempt
 
 from core.api import ServiceError, error_response
-from fleet.auth import authenticate, device_endpoint
+from fleet.auth import authenticate_limited, device_endpoint, requires_device
 from fleet.auth import error as auth_error
 from fleet.models import Device
 from training import notify, selectors, services
@@ -39,6 +39,7 @@ def _tasks_with_config(device: Device) -> list[dict[str, Any]]:
     return out
 
 
+@requires_device
 @csrf_exempt
 async def rounds_open(request: HttpRequest) -> HttpResponseBase:
     """``GET rounds/?wait=<s>``: the calling device's open training tasks.
@@ -52,7 +53,7 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
     if request.method != "GET":
         return error_response(status_code=405, code="method_not_allowed", message="Use GET.")
     try:
-        device = await sync_to_async(authenticate)(request)
+        device = await sync_to_async(authenticate_limited)(request)
     except ServiceError as exc:
         return auth_error(exc)
     try:

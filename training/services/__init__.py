@@ -3,11 +3,13 @@
 - :mod:`~training.services.jobs`: validation, creation, the operator's transitions, how
   a job ends, the retraining job a drift flag starts;
 - :mod:`~training.services.rounds`: opening and closing rounds, the periodic tick that
-  recovers every training task;
+  recovers their lost messages, and the sweep's re-drive of lost aggregations;
 - :mod:`~training.services.updates`: devices' updates, their refusals and the failures
   devices report;
 - :mod:`~training.services.aggregation`: aggregating a closed round under its lease,
-  checkpoints, registering and evaluating the new version.
+  checkpoints, registering and evaluating the new version;
+- :mod:`~training.services.shards`: a large round's partial sums, shard by shard on any
+  worker, and their reduce.
 
 Every transition is a conditional update on the row's status, so a task delivered twice
 (acks_late re-delivers after a crash) is a no-op the second time; tasks are sent and
@@ -33,7 +35,14 @@ from training.services.jobs import (
     job_start,
     job_succeed,
 )
-from training.services.rounds import round_close, round_open, round_weights_served, rounds_tick
+from training.services.rounds import (
+    round_close,
+    round_open,
+    round_weights_served,
+    rounds_redrive,
+    rounds_tick,
+)
+from training.services.shards import SHARD_LEASE, shard_aggregate
 from training.services.updates import (
     MAX_METRICS_JSON,
     UpdateRejected,
@@ -48,6 +57,7 @@ __all__ = [
     "JOB_FIELDS",
     "MAX_METRICS_JSON",
     "OPTIMIZERS",
+    "SHARD_LEASE",
     "RETRAIN_ROUNDS",
     "LeaseLost",
     "UpdateRejected",
@@ -65,7 +75,9 @@ __all__ = [
     "round_close",
     "round_open",
     "round_weights_served",
+    "rounds_redrive",
     "rounds_tick",
+    "shard_aggregate",
     "update_failure_receive",
     "update_receive",
 ]

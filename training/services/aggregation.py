@@ -8,7 +8,9 @@ the round again. Both phases resume after a crash:
 ``aggregating``
     The accepted updates go through the job's strategy (:mod:`training.aggregation`).
     Mergeable strategies checkpoint their running sum every ``ROUND_CHECKPOINT_EVERY``
-    updates together with the ids in it, so the resumed task skips exactly those. The
+    updates together with the ids in it, so the resumed task skips exactly those; a large
+    round of one is summed in shards on any worker and merged here
+    (:mod:`training.services.shards`). The
     result (and the server optimiser state, for strategies that keep one) is written to
     storage, and the round moves to ``evaluating``.
 ``evaluating``
@@ -45,10 +47,18 @@ from models_registry.ort_training import ort_training_inherit
 from models_registry.selectors import version_latest_evaluation, version_onnx, version_program
 from models_registry.services import version_create
 from training import selectors, storage
-from training.aggregation import Aggregator, SafetensorsFileSource, UpdateFileReader, Weights, make_aggregator
+from training.aggregation import Aggregator, SafetensorsFileSource, Weights, make_aggregator
 from training.aggregation.privacy import epsilon_for
-from training.models import ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
+from training.models import AggregationShard, ClientUpdate, FederatedJob, FederatedRound, PartialAggregate
 from training.services.jobs import job_privacy, job_round_failed
+from training.services.shards import (
+    shard_size_for,
+    shards_cleanup,
+    shards_prepare,
+    shards_reduce,
+    shards_run,
+    stream_updates,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -165,10 +175,23 @@ def _aggregate(
     )
     if job.server_state_path:
         agg.load_state(storage.read_bytes(name=job.server_state_path))
-    if agg.mergeable:
+    size, why = shard_size_for(agg=agg, num_updates=len(updates))
+    existing = AggregationShard.objects.filter(round=rnd).values_list("update_ids", flat=True).first()
+    if existing is not None and agg.mergeable:
+        # A resumed round keeps the shards it was cut into, whatever the settings say now.
+        size, why = len(existing), "resuming its shards"
+    if size:
+        logger.info("round %s: %s", rnd.pk, why)
+        shards = shards_prepare(rnd=rnd, update_ids=[u.pk for u in updates], size=size)
+        done = shards_run(rnd=rnd, shards=shards, heartbeat=claim.renew, on_update=on_update)
+        shards_reduce(agg=agg, shards=done, global_weights=global_weights)
+        new_weights = agg.finalize()
+    elif agg.mergeable:
         _stream(rnd=rnd, agg=agg, updates=updates, claim=claim, on_update=on_update)
         new_weights = agg.finalize()
     else:
+        if len(updates) >= int(_setting("AGGREGATION_SHARD_MIN_UPDATES", 256)):
+            logger.info("round %s: one worker: %s", rnd.pk, why)
         with storage.local_paths(names=[u.path for u in updates]) as paths:
             new_weights = agg.finalize_source(SafetensorsFileSource(paths))
         if on_update is not None:
@@ -202,26 +225,12 @@ def _stream(
     partial = PartialAggregate.objects.filter(round=rnd).first()
     if partial is not None:
         agg.resume(storage.read_bytes(name=partial.path))
-    every = max(1, int(_setting("ROUND_CHECKPOINT_EVERY", 8)))
-    delay = float(_setting("ROUND_AGGREGATE_DELAY_S", 0.0))
-    since_checkpoint = 0
-    reader = UpdateFileReader()
-    with storage.local_paths(names=[u.path for u in updates]) as paths:
-        for update, path in zip(updates, paths, strict=True):
-            uid = str(update.pk)
-            if uid in agg.accepted_ids:
-                continue
-            delta = reader.read(path)
-            agg.accept(delta, weight=float(update.num_examples), update_id=uid)
-            del delta  # releases the file's memory map before the next one is mapped
-            since_checkpoint += 1
-            if on_update is not None:
-                on_update(update.pk)
-            if delay:
-                time.sleep(delay)
-            if since_checkpoint >= every:
-                _checkpoint(rnd=rnd, agg=agg, claim=claim)
-                since_checkpoint = 0
+    stream_updates(
+        agg=agg,
+        updates=updates,
+        checkpoint=lambda: _checkpoint(rnd=rnd, agg=agg, claim=claim),
+        on_update=on_update,
+    )
 
 
 def _checkpoint(*, rnd: FederatedRound, agg: Aggregator, claim: _Claim) -> None:
@@ -461,3 +470,4 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
     partial = PartialAggregate.objects.filter(round=rnd).first()
     if partial is not None:
         storage.delete_quietly(name=partial.path)
+    shards_cleanup(rnd=rnd)

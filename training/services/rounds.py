@@ -1,5 +1,6 @@
 """Rounds: opening (selection, the round's global weights), closing, and the periodic tick
-that recovers every training task whose message was lost.
+that recovers the opening and closing of rounds whose message was lost (aggregations lost
+are re-driven by the sweep, :func:`rounds_redrive`).
 
 Round lifecycle: ``pending`` (waiting for enough eligible devices) -> ``collecting``
 (devices fetch the task and upload deltas) -> ``aggregating`` (closed: every selected
@@ -209,21 +210,18 @@ def round_weights_served(*, round_id: int, nbytes: int) -> None:
 def rounds_tick() -> dict[str, int]:
     """Periodic (``training.rounds_tick``): finds the work every training task was sent for.
 
-    Each training task is recovered here when its message is lost (see
-    ``TrainingConfig.ready``):
+    ``round_open`` and ``round_close`` are recovered here when their message is lost (see
+    ``TrainingConfig.ready``); ``round_aggregate`` by the sweep (:func:`rounds_redrive`):
 
     - ``round_close``: a collecting round whose selected devices all answered, or whose
       deadline passed, is closed now;
-    - ``round_aggregate``: a round closed for aggregation is sent again when its lease
-      expired (its worker died) or when no worker claimed it within one lease of closing
-      (the message never arrived);
     - ``round_open``: a running job without a collecting, aggregating or evaluating round
       gets its next round, and a pending round retries its selection.
 
     A message that was only slow makes the task run twice, which the tasks allow.
     """
     now = timezone.now()
-    counts = {"closed": 0, "reclaimed": 0, "resent": 0, "reopened": 0}
+    counts = {"closed": 0, "reopened": 0}
     for rnd in FederatedRound.objects.filter(status=FederatedRound.Status.COLLECTING).only(
         "id", "selected", "deadline"
     ):
@@ -231,19 +229,36 @@ def rounds_tick() -> dict[str, int]:
             closed = round_close(round_id=rnd.pk)
             if closed is not None and closed.status != FederatedRound.Status.COLLECTING:
                 counts["closed"] += 1
-    busy = FederatedRound.objects.filter(status__in=BUSY)
-    expired = busy.filter(AGGREGATION_LEASE.expired(now))
-    grace = now - timedelta(seconds=float(AGGREGATION_LEASE.seconds()))
-    unclaimed = busy.filter(lease_expires_at__isnull=True).filter(
-        Q(closed_at__lt=grace) | Q(closed_at__isnull=True)
-    )
-    for key, rounds in (("reclaimed", expired), ("resent", unclaimed)):
-        for rid in rounds.values_list("id", flat=True):
-            send_now("training.round_aggregate", rid)
-            counts[key] += 1
     running = FederatedJob.objects.filter(status=FederatedJob.Status.RUNNING).values_list("id", flat=True)
     for job_id in running:
         if not FederatedRound.objects.filter(job_id=job_id, status__in=ACTIVE).exists():
             round_open(job_id=job_id)
             counts["reopened"] += 1
     return counts
+
+
+def rounds_redrive(*, now: datetime, grace: timedelta) -> list[int]:
+    """The sweep's re-drive of rounds (``core.sweep``): send ``round_aggregate`` again for
+    every round ``aggregating`` or ``evaluating`` that no live lease holds.
+
+    That is a round whose lease expired (its worker died; a redelivery did not take it
+    over) and a round nobody claimed within ``grace`` of closing (its message was lost).
+    A round under a live lease is never re-sent, and a round is re-sent at most once per
+    ``grace`` (``redriven_at``). A duplicate message is harmless: the
+    lease lets one worker through and the checkpoints keep every update counted once.
+    Returns the ids of the rounds it sent (a refused send is retried by the next sweep).
+    """
+    unclaimed = Q(lease_expires_at__isnull=True) & (Q(closed_at__lt=now - grace) | Q(closed_at__isnull=True))
+    # A round waiting behind a busy worker is sent again at most once per grace, not at
+    # every sweep: the duplicates would only queue up behind it.
+    not_lately = Q(redriven_at__isnull=True) | Q(redriven_at__lt=now - grace)
+    due = FederatedRound.objects.filter(
+        Q(status__in=BUSY) & (AGGREGATION_LEASE.expired(now) | unclaimed) & not_lately
+    )
+    sent = [
+        rid
+        for rid in due.order_by("id").values_list("id", flat=True)
+        if send_now("training.round_aggregate", rid)
+    ]
+    FederatedRound.objects.filter(id__in=sent).update(redriven_at=now)
+    return sent

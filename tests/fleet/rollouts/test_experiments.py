@@ -197,3 +197,24 @@ def test_arms_must_be_of_one_family(fleet: Any, make_regression_version: Any) ->
         )
     assert err.value.code == "mixed_families"
     assert err.value.details == {"families": sorted([f.v1.family.name, other.family.name])}
+
+
+def test_a_stop_sends_devices_back_with_rollback_deployments(fleet: Any) -> None:
+    from fleet.models import Deployment
+    from fleet.services.experiments import experiment_stop
+    from tests.fleet.rollouts.conftest import report
+
+    f = fleet(10)
+    experiment = make_experiment(f)
+    experiment_start(experiment_id=experiment.pk, actor=None)
+    candidates = list(
+        ExperimentAssignment.objects.filter(experiment=experiment, arm=1).select_related("device")
+    )
+    assert candidates
+    assert not Deployment.objects.filter(rollback=True).exists()  # arms are not rollbacks
+    for row in candidates:
+        report(row.device, "active")  # the candidate is running
+    experiment_stop(experiment_id=experiment.pk, actor=None, reason="enough")
+    for row in candidates:
+        back = Deployment.objects.get(device_id=row.device_id, version=f.v1, state="pending")
+        assert back.rollback and back.origin_type == "experiment"

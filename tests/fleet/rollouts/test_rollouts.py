@@ -291,11 +291,13 @@ def test_gate_failure_rolls_back_when_configured(fleet: Any) -> None:
     decision = RolloutDecision.objects.get(rollout=rollout, action="rolled_back")
     assert decision.metrics["rolled_back_devices"] == 3
     assert decision.metrics["gates"][0]["outcome"] == "failed"
+    # Going forward was never a rollback; going back is, so the agents accept the older version.
+    assert not Deployment.objects.filter(version=f.v2, rollback=True).exists()
     for m in members(rollout):
         device = Device.objects.get(pk=m.device_id)
         assert device.desired_version_id == f.v1.pk
         assert Deployment.objects.filter(
-            device=device, version=f.v1, state="pending", origin_type="rollout"
+            device=device, version=f.v1, state="pending", origin_type="rollout", rollback=True
         ).exists()
         report(device, "active")  # the agent installs the previous version again
         assert Device.objects.get(pk=m.device_id).running_version_id == f.v1.pk

@@ -115,6 +115,13 @@ def test_a_ready_version_takes_ort_boards_and_its_task_carries_the_signed_archiv
     from models_registry.signing import signing_public_key_b64, verify_digest
 
     assert verify_digest(artifact.sha256, ref["signature"], signing_public_key_b64())
+    # What boards check: a statement naming the round's base version and the archive.
+    from models_registry.signing import verify_statement
+
+    statement = ref["statement"]
+    assert verify_statement(statement, ref["statement_signature"], signing_public_key_b64())
+    assert statement["kind"] == "ort_training" and statement["sha256"] == artifact.sha256
+    assert statement["version_id"] == task["base_version_id"] == rnd.base_version_id
 
 
 def test_a_federated_version_trains_from_its_ancestors_archive(db: Any, tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""Lost messages: every training task is recovered by ``training.rounds_tick`` from the
-rows alone. A message is "lost" here by not running the on-commit callback that sends it
+"""Lost messages: every training task is recovered from the rows alone, by
+``training.rounds_tick`` (opening and closing rounds) or by the sweep ``core.sweep``
+(aggregations). A message is "lost" here by not running the on-commit callback that sends it
 (or by a broker that refuses it); the tick then finds the work, and what it re-sends is
 delivered by hand to see the work done."""
 
@@ -16,7 +17,12 @@ from tests.training.federated.conftest import Fleet, make_fleet, make_job, uploa
 
 pytestmark = pytest.mark.django_db
 
-TRAINING_TASKS = ("training.round_open", "training.round_close", "training.round_aggregate")
+TRAINING_TASKS = (
+    "training.round_open",
+    "training.round_close",
+    "training.round_aggregate",
+    "training.shard_aggregate",
+)
 
 
 @pytest.fixture
@@ -70,9 +76,16 @@ def test_every_training_task_is_recovered_by_the_tick_on_the_beat(settings: Any)
     declared = recoveries()
     names = {n for n in current_app.tasks if n.startswith("training.")} - {"training.rounds_tick"}
     assert names == set(TRAINING_TASKS)
-    for name in names:
-        assert declared[name].by == "training.rounds_tick" and declared[name].how
-    assert "training.rounds_tick" in {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    by = {name: declared[name].by for name in names}
+    assert by == {
+        "training.round_open": "training.rounds_tick",
+        "training.round_close": "training.rounds_tick",
+        "training.round_aggregate": "core.sweep",
+        "training.shard_aggregate": "core.sweep",
+    }
+    assert all(declared[name].how for name in names)
+    scheduled = {entry["task"] for entry in settings.CELERY_BEAT_SCHEDULE.values()}
+    assert {"training.rounds_tick", "core.sweep"} <= scheduled
 
 
 def test_lost_round_open_is_recovered(django_capture_on_commit_callbacks: Any) -> None:
@@ -138,13 +151,19 @@ def test_round_with_missing_devices_waits_for_its_deadline(django_capture_on_com
     assert FederatedRound.objects.get(pk=rnd.pk).status == "collecting"
 
 
-def test_lost_aggregate_message_is_recovered_after_one_lease(
+def _sweep() -> dict[str, list[Any]]:
+    from core.sweep import sweep
+
+    return sweep()
+
+
+def test_lost_aggregate_message_is_re_driven_by_the_sweep_after_the_grace(
     django_capture_on_commit_callbacks: Any, sent: list[Any], settings: Any
 ) -> None:
     from training import services
     from training.models import FederatedJob, FederatedRound
 
-    settings.ROUND_AGGREGATION_LEASE_S = 30
+    settings.SWEEP_GRACE_S = 30
     fleet = make_fleet(n_devices=3)
     job = _start(fleet, django_capture_on_commit_callbacks, rounds=1)
     rnd = services.round_open(job_id=job.pk)
@@ -152,23 +171,32 @@ def test_lost_aggregate_message_is_recovered_after_one_lease(
     with django_capture_on_commit_callbacks(execute=False):
         assert services.round_close(round_id=rnd.pk).status == "aggregating"  # its message is lost
     # Just closed: the message may still be on its way, so nothing is sent yet.
-    assert services.rounds_tick()["resent"] == 0 and sent == []
+    assert _sweep()["training.rounds"] == [] and sent == []
+    services.rounds_tick()  # the tick leaves aggregations to the sweep
+    assert sent == []
     FederatedRound.objects.filter(pk=rnd.pk).update(closed_at=timezone.now() - timedelta(seconds=31))
-    counts = services.rounds_tick()
-    assert counts["resent"] == 1 and sent == [("training.round_aggregate", (rnd.pk,))]
+    assert _sweep()["training.rounds"] == [rnd.pk]
+    assert sent == [("training.round_aggregate", (rnd.pk,))]
+    # Sent again at most once per grace: a round waiting behind a busy worker does not
+    # pile up a message per sweep.
+    assert _sweep()["training.rounds"] == []
+    FederatedRound.objects.filter(pk=rnd.pk).update(redriven_at=timezone.now() - timedelta(seconds=31))
+    assert _sweep()["training.rounds"] == [rnd.pk]
     _deliver(sent)
     rnd = FederatedRound.objects.get(pk=rnd.pk)
     assert rnd.status == "done" and rnd.version is not None and rnd.lease_expires_at is None
     assert FederatedJob.objects.get(pk=job.pk).best_version == rnd.version
+    assert _sweep()["training.rounds"] == [] and sent == []  # done: nothing more to send
 
 
 def test_dead_worker_is_replaced_once_its_lease_expires(
-    django_capture_on_commit_callbacks: Any, sent: list[Any]
+    django_capture_on_commit_callbacks: Any, sent: list[Any], settings: Any
 ) -> None:
     from training import services
     from training.models import FederatedRound
     from training.services import AGGREGATION_LEASE
 
+    settings.SWEEP_GRACE_S = 0
     fleet = make_fleet(n_devices=3)
     job = _start(fleet, django_capture_on_commit_callbacks)
     rnd = services.round_open(job_id=job.pk)
@@ -178,12 +206,61 @@ def test_dead_worker_is_replaced_once_its_lease_expires(
     # A worker claims the round and dies.
     assert AGGREGATION_LEASE.claim(rnd.pk) is not None
     assert services.round_aggregate(round_id=rnd.pk) is None  # held: a duplicate does nothing
-    counts = services.rounds_tick()
-    assert counts["reclaimed"] == counts["resent"] == 0
+    # A live lease is never re-sent, however long ago the round closed.
+    FederatedRound.objects.filter(pk=rnd.pk).update(closed_at=timezone.now() - timedelta(hours=1))
+    assert _sweep()["training.rounds"] == [] and sent == []
     FederatedRound.objects.filter(pk=rnd.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
-    assert services.rounds_tick()["reclaimed"] == 1
+    assert _sweep()["training.rounds"] == [rnd.pk]
     _deliver(sent)
     assert FederatedRound.objects.get(pk=rnd.pk).status == "done"
+
+
+def test_an_evaluating_round_whose_worker_died_is_re_driven(
+    django_capture_on_commit_callbacks: Any, sent: list[Any]
+) -> None:
+    """Aggregated, then the worker died while it registered and evaluated the version."""
+    from training import services
+    from training.models import FederatedRound
+
+    fleet = make_fleet(n_devices=3)
+    job = _start(fleet, django_capture_on_commit_callbacks, rounds=1)
+    rnd = services.round_open(job_id=job.pk)
+    _upload_all(fleet, rnd, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=False):
+        services.round_close(round_id=rnd.pk)
+    FederatedRound.objects.filter(pk=rnd.pk).update(
+        status="evaluating", lease_expires_at=timezone.now() + timedelta(seconds=60)
+    )
+    assert _sweep()["training.rounds"] == []
+    FederatedRound.objects.filter(pk=rnd.pk).update(lease_expires_at=timezone.now() - timedelta(seconds=1))
+    assert _sweep()["training.rounds"] == [rnd.pk]
+    assert sent == [("training.round_aggregate", (rnd.pk,))]
+
+
+def test_a_refused_re_send_is_tried_again_by_the_next_sweep(
+    django_capture_on_commit_callbacks: Any, monkeypatch: pytest.MonkeyPatch, settings: Any
+) -> None:
+    from celery import current_app
+
+    from training import services
+
+    settings.SWEEP_GRACE_S = 0
+    fleet = make_fleet(n_devices=3)
+    job = _start(fleet, django_capture_on_commit_callbacks, rounds=1)
+    rnd = services.round_open(job_id=job.pk)
+    _upload_all(fleet, rnd, django_capture_on_commit_callbacks)
+    with django_capture_on_commit_callbacks(execute=False):
+        services.round_close(round_id=rnd.pk)
+
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise ConnectionError("broker down")
+
+    monkeypatch.setattr(current_app, "send_task", refuse)
+    assert _sweep()["training.rounds"] == []  # logged, not raised
+    sent: list[Any] = []
+    monkeypatch.setattr(current_app, "send_task", lambda name, args, **_: sent.append((name, args)))
+    assert _sweep()["training.rounds"] == [rnd.pk]
+    assert sent == [("training.round_aggregate", [rnd.pk])]
 
 
 def test_lost_open_of_the_next_round_is_recovered(

@@ -1,0 +1,162 @@
+"""Rate limits: one fixed-window counter for every limit of the product, and the client's address.
+
+A limit is a scope (``device``, ``enroll``, ``login``, ...) with a rate from
+``settings.RATE_LIMITS`` (``"1200/min"``: that many requests per window of ``s``, ``min``,
+``h`` or ``d``), counted per key (a device id, a client address, a user). The counter of
+the current window lives in the default cache (Redis in every deployment): one atomic
+``INCR`` per request, the window's key expiring with it, so every web process shares it.
+When the cache is unreachable the count falls back to this process's memory (a limit per
+process is still a limit), and the request is never refused because of the cache.
+
+Refusals are :class:`RateLimited` (a :class:`core.api.ServiceError`): 429 ``rate_limited``
+in the one error shape, with ``Retry-After`` the seconds left in the window. The device
+API (``fleet.auth``), the login views (``core.logins``) and the operator API's throttle
+(``core.throttles.ApiRateThrottle``) all go through :func:`check`.
+
+:func:`client_address` is the caller's address: the socket peer, unless the peer is one of
+``settings.TRUSTED_PROXIES`` (CIDRs), in which case the right-most ``X-Forwarded-For``
+entry that is not itself a trusted proxy. Entries to its left are whatever the client
+wrote and are never believed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.cache.backends.locmem import LocMemCache
+
+from core.api import ServiceError
+
+__all__ = [
+    "Rate",
+    "RateLimited",
+    "check",
+    "client_address",
+    "parse_rate",
+]
+
+log = logging.getLogger(__name__)
+
+_UNITS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600, "hour": 3600}
+_UNITS |= {"d": 86400, "day": 86400}
+
+# This process's counters when the shared cache cannot be reached.
+_local = LocMemCache("flotilla-ratelimit", {"OPTIONS": {"MAX_ENTRIES": 100_000}})
+
+
+@dataclass(frozen=True)
+class Rate:
+    """``count`` requests per window of ``period_s`` seconds."""
+
+    count: int
+    period_s: int
+
+
+@lru_cache(maxsize=64)
+def parse_rate(text: str) -> Rate | None:
+    """``"20/s"``, ``"1200/min"``, ``"10/5min"``; ``""`` or ``"off"`` is no limit (None)."""
+    text = text.strip().lower()
+    if text in ("", "off", "none", "0"):
+        return None
+    count, _, per = text.partition("/")
+    digits = "".join(c for c in per if c.isdigit())
+    unit = per[len(digits) :]
+    if not count.strip().isdigit() or unit not in _UNITS:
+        raise ValueError(f"a rate looks like 20/s, 1200/min or 10/5min, got {text!r}")
+    return Rate(count=int(count), period_s=int(digits or 1) * _UNITS[unit])
+
+
+class RateLimited(ServiceError):
+    """429 ``rate_limited``: come back after ``retry_after_s`` seconds."""
+
+    def __init__(self, *, scope: str, retry_after_s: int) -> None:
+        super().__init__(
+            f"Too many requests ({scope}); retry after {retry_after_s} s.",
+            code="rate_limited",
+            status_code=429,
+            details={"scope": scope, "retry_after_s": retry_after_s},
+            retry_after_s=retry_after_s,
+        )
+
+
+def _count(key: str, timeout: int) -> int:
+    """Add one to the counter ``key`` (created with ``timeout``) and return it."""
+    for store in (cache, _local):
+        try:
+            try:
+                return int(store.incr(key))
+            except ValueError:  # no counter for this window yet
+                if store.add(key, 1, timeout=timeout):
+                    return 1
+                return int(store.incr(key))
+        except Exception as exc:  # noqa: BLE001 - an unreachable cache must not refuse requests
+            if store is _local:
+                log.warning("rate limit counter unavailable: %s", exc)
+                return 0
+            log.debug("shared rate limit counter unavailable, counting locally: %s", exc)
+    return 0  # pragma: no cover
+
+
+def rate_of(scope: str) -> Rate | None:
+    """The configured rate of ``scope`` (None: unlimited)."""
+    return parse_rate(str(settings.RATE_LIMITS.get(scope, "")))
+
+
+def check(scope: str, key: str, *, now: float | None = None) -> None:
+    """Count one request of ``key`` in ``scope``; :class:`RateLimited` when over the rate."""
+    rate = rate_of(scope)
+    if rate is None or not key:
+        return
+    now = time.time() if now is None else now
+    window = int(now // rate.period_s)
+    hits = _count(f"rl:{scope}:{key}:{window}", rate.period_s + 1)
+    if hits > rate.count:
+        left = (window + 1) * rate.period_s - now
+        raise RateLimited(scope=scope, retry_after_s=max(1, math.ceil(left)))
+
+
+@lru_cache(maxsize=8)
+def _networks(cidrs: tuple[str, ...]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(c.strip(), strict=False) for c in cidrs if c.strip())
+
+
+def _parse_ip(value: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    value = value.strip()
+    if value.startswith("[") and "]" in value:  # [v6]:port
+        value = value[1 : value.index("]")]
+    elif value.count(":") == 1:  # v4:port
+        value = value.split(":", 1)[0]
+    try:
+        address = ipaddress.ip_address(value)
+    except ValueError:
+        return None
+    mapped = getattr(address, "ipv4_mapped", None)
+    return mapped or address
+
+
+def client_address(request: Any) -> str | None:
+    """The caller's address (see the module docstring); None when there is none."""
+    meta = request.META
+    peer = _parse_ip(meta.get("REMOTE_ADDR") or "")
+    if peer is None:
+        return None
+    trusted = _networks(tuple(settings.TRUSTED_PROXIES))
+    if not trusted or not any(peer in net for net in trusted):
+        return str(peer)
+    forwarded = [part for part in meta.get("HTTP_X_FORWARDED_FOR", "").split(",") if part.strip()]
+    for entry in reversed(forwarded):
+        address = _parse_ip(entry)
+        if address is None:
+            break  # garbage from here on was written by the client: stop at the last good hop
+        if not any(address in net for net in trusted):
+            return str(address)
+        peer = address
+    return str(peer)
