@@ -21,6 +21,7 @@ Codes an operation documents itself keep their description and get the error sha
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 ERROR_COMPONENT = "Error"
@@ -69,12 +70,21 @@ def error_response(code: str, description: str | None = None) -> dict[str, Any]:
     }
 
 
+_PARAM = re.compile(r"\{[^}]*\}")
+
+
+def _shape(path: str) -> str:
+    """A path with its parameters unnamed (the schema renames `{pk}` to `{id}`)."""
+    return _PARAM.sub("{}", path)
+
+
 def _throttled(generator: Any) -> set[tuple[str, str]]:
-    """(path, method) of the endpoints whose DRF view is throttled."""
+    """(path shape, method) of the endpoints whose DRF view is throttled."""
     found: set[tuple[str, str]] = set()
-    for path, _regex, method, view in getattr(generator, "endpoints", None) or []:
+    for path, _regex, method, callback in getattr(generator, "endpoints", None) or []:
+        view = getattr(callback, "cls", callback)  # as_view() keeps its class there
         if getattr(view, "throttle_classes", None):
-            found.add((path, method.lower()))
+            found.add((_shape(path), method.lower()))
     return found
 
 
@@ -116,7 +126,9 @@ def add_error_responses(result: dict[str, Any], generator: Any = None, **_: Any)
             if method not in HTTP_METHODS:
                 continue
             responses = operation.setdefault("responses", {})
-            for code in expected_errors(path, method, operation, throttled=(path, method) in throttled):
+            for code in expected_errors(
+                path, method, operation, throttled=(_shape(path), method) in throttled
+            ):
                 responses.setdefault(code, error_response(code))
             for code, response in responses.items():
                 # An error a view documents by its description alone still has the one shape.

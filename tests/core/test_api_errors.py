@@ -138,6 +138,8 @@ def test_every_operation_documents_its_errors_in_the_one_shape(client: Any) -> N
                 assert "404" in codes, (method, path)
             if "requestBody" in op:
                 assert {"400", "413"} <= codes, (method, path)
+            # Rate limits: the operator API's throttle, every device call.
+            assert "429" in codes, (method, path)
             for code, response in op["responses"].items():
                 if code.startswith("4"):
                     assert response["content"]["application/json"]["schema"] == {
