@@ -176,3 +176,24 @@ def test_integer_column_filters_take_whole_numbers_only(operator_client: Any, ad
         )
     assert operator_client.get("/api/v1/known-hosts/?port=22").status_code == 200
     assert admin_client_api.get("/api/v1/audit-events/?target_id=3").status_code == 200
+
+
+def test_long_poll_wait_must_be_a_finite_number_of_seconds(client: Any) -> None:
+    from django.utils import timezone
+
+    from fleet.services.enrollment import enrollment_token_create
+
+    _, token = enrollment_token_create(
+        actor=None, name="w", max_uses=1, expires_at=timezone.now() + timezone.timedelta(hours=1)
+    )
+    enrolled = client.post(
+        "/api/agent/v1/enroll",
+        {"token": token, "name": "b", "hardware": {}},
+        content_type="application/json",
+    ).json()
+    auth = {"HTTP_AUTHORIZATION": f"Device {enrolled['secret']}"}
+    for bad in ("-1", "nan", "inf", "soon"):
+        assert (
+            _error(client.get(f"/api/agent/v1/rounds/?wait={bad}", **auth), 400)["code"] == "validation_error"
+        )
+    assert client.get("/api/agent/v1/rounds/?wait=0", **auth).json() == {"tasks": []}

@@ -112,7 +112,7 @@ def _paths() -> dict[str, dict[str, Any]]:
                         "in": "query",
                         "required": False,
                         "schema": {"type": "number", "minimum": 0},
-                        "description": "Seconds to wait for a task (more than 30 counts as 30).",
+                        "description": "Seconds to wait for a task (more than 30 count as 30).",
                     }
                 ],
             )
