@@ -179,12 +179,14 @@ def test_integer_column_filters_take_whole_numbers_only(operator_client: Any, ad
 
 
 def test_long_poll_wait_must_be_a_finite_number_of_seconds(client: Any) -> None:
+    from datetime import timedelta
+
     from django.utils import timezone
 
     from fleet.services.enrollment import enrollment_token_create
 
     _, token = enrollment_token_create(
-        actor=None, name="w", max_uses=1, expires_at=timezone.now() + timezone.timedelta(hours=1)
+        actor=None, name="w", max_uses=1, expires_at=timezone.now() + timedelta(hours=1)
     )
     enrolled = client.post(
         "/api/agent/v1/enroll",
