@@ -91,6 +91,11 @@ EVENT_TYPES: dict[str, EventType] = {
             "A model version's quality on labelled feedback fell below its evaluation.",
             ("version_id", "reason", "metric", "value", "reference", "samples", "at"),
         ),
+        EventType(
+            "group.release_set",
+            "A device group's release (what boards joining it are given) was set, replaced or cleared.",
+            ("group_id", "group", "version_id", "previous_version_id", "origin_type", "origin_id", "reason"),
+        ),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
         EventType(
             "model_version.created",

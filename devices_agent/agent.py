@@ -488,7 +488,11 @@ class Agent:
         if self._drift_pending is None:
             return False
         try:
-            self.client.send_drift(self._drift_pending)
+            answer = self.client.send_drift(self._drift_pending)
+            if isinstance(answer, dict) and isinstance(answer.get("feature_bins"), dict):
+                # The reference's bins: the next windows count their features over them,
+                # so the server can compare each feature's distribution (its PSI).
+                self.local.set_drift_bins(answer["feature_bins"])
         except ServerError as exc:
             if exc.retryable:
                 log.info("drift sketch not delivered: %s", exc)

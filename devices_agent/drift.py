@@ -1,8 +1,12 @@
 """A compact sketch of what a model sees on a board, for drift detection on the server.
 
 Per input feature, count/mean/M2 by Welford's method (numerically stable, mergeable, and
-constant in memory), plus a histogram of top-1 confidence. The sketch is sent as a small
-JSON dict (`wire.DriftSketch`) and reset after it is sent.
+constant in memory), plus a histogram of top-1 confidence. Once the server has answered
+a sketch with the reference's bins (`wire.DriftFeatureBins`: interior bin edges of up
+to `wire.DRIFT_PSI_MAX_FEATURES` features, cut at the reference's deciles), the sketch
+also counts those features' values in those bins, so the server can compute each one's
+PSI against the reference. The sketch is sent as a small JSON dict (`wire.DriftSketch`)
+and reset after it is sent; the bins stay.
 """
 
 from __future__ import annotations
@@ -18,11 +22,39 @@ CONFIDENCE_BINS = 10
 class DriftSketch:
     """Running per-feature moments of inputs and a histogram of top-1 confidence."""
 
-    def __init__(self, *, num_features: int, bins: int = CONFIDENCE_BINS) -> None:
-        """Start an empty sketch for inputs of `num_features` values."""
+    def __init__(
+        self, *, num_features: int, bins: int = CONFIDENCE_BINS, feature_bins: dict[str, Any] | None = None
+    ) -> None:
+        """Start an empty sketch for inputs of `num_features` values.
+
+        ``feature_bins`` (`wire.DriftFeatureBins`, from the server) adds per-feature
+        histograms over the reference's bins; bins naming features past `num_features`
+        are ignored.
+        """
         self.num_features = num_features
         self.bins = bins
+        self.feature_bins: dict[str, Any] | None = None
+        self._bin_features: list[int] = []
+        self._bin_edges: list[npt.NDArray[np.float64]] = []
         self.reset()
+        if feature_bins is not None:
+            self.set_feature_bins(feature_bins)
+
+    def set_feature_bins(self, feature_bins: dict[str, Any] | None) -> None:
+        """Count values in these reference bins from now on (None stops); starts the histograms afresh."""
+        features = [int(f) for f in (feature_bins or {}).get("features", [])]
+        edges = (feature_bins or {}).get("edges", [])
+        if (
+            feature_bins is None
+            or len(features) != len(edges)
+            or any(not 0 <= f < self.num_features for f in features)
+        ):
+            self.feature_bins, self._bin_features, self._bin_edges = None, [], []
+        else:
+            self.feature_bins = feature_bins
+            self._bin_features = features
+            self._bin_edges = [np.asarray(e, dtype=np.float64) for e in edges]
+        self.feature_hist = [np.zeros(len(e) + 1, dtype=np.int64) for e in self._bin_edges]
 
     def reset(self) -> None:
         """Forget everything observed so far (called once a sketch has been sent)."""
@@ -30,6 +62,7 @@ class DriftSketch:
         self.mean = np.zeros(self.num_features, dtype=np.float64)
         self.m2 = np.zeros(self.num_features, dtype=np.float64)
         self.histogram = np.zeros(self.bins, dtype=np.int64)
+        self.feature_hist = [np.zeros(len(e) + 1, dtype=np.int64) for e in self._bin_edges]
 
     def update(self, *, inputs: npt.ArrayLike, confidence: npt.ArrayLike) -> None:
         """Add a batch of inputs (rows of features) and their top-1 confidences."""
@@ -45,6 +78,8 @@ class DriftSketch:
             self.mean = self.mean + delta * (n / total)
             self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
             self.count = total
+            for i, (feature, edges) in enumerate(zip(self._bin_features, self._bin_edges, strict=True)):
+                self.feature_hist[i] += bin_counts(values=batch[:, feature], edges=edges)
         conf = np.clip(np.asarray(confidence, dtype=np.float64).ravel(), 0.0, 1.0)
         # Confidence 1.0 falls in the last bin rather than past it.
         index = np.minimum((conf * self.bins).astype(np.int64), self.bins - 1)
@@ -58,12 +93,16 @@ class DriftSketch:
 
     def to_dict(self) -> dict[str, Any]:
         """The sketch as a JSON-ready dict (`wire.DriftSketch`), rounded to keep it small."""
-        return {
+        sketch: dict[str, Any] = {
             "count": int(self.count),
             "mean": [round(float(v), 5) for v in self.mean],
             "m2": [round(float(v), 4) for v in self.m2],
             "confidence_hist": [int(v) for v in self.histogram],
         }
+        if self.feature_bins is not None:
+            sketch["feature_hist"] = [[int(v) for v in h] for h in self.feature_hist]
+            sketch["bins_etag"] = str(self.feature_bins.get("etag", ""))
+        return sketch
 
     def take(self) -> dict[str, Any] | None:
         """The sketch as a dict and a reset, or None when nothing was observed."""
@@ -72,6 +111,18 @@ class DriftSketch:
         sketch = self.to_dict()
         self.reset()
         return sketch
+
+
+def bin_counts(*, values: npt.ArrayLike, edges: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    """How many ``values`` fall in each bin cut by the sorted interior ``edges`` (len(edges) + 1 bins).
+
+    Bin i holds edges[i-1] <= v < edges[i]; the first and last bins are open-ended, so
+    values outside the reference's range still count. Board and server bin with this one
+    function.
+    """
+    cut = np.asarray(edges, dtype=np.float64)
+    index = np.searchsorted(cut, np.asarray(values, dtype=np.float64).ravel(), side="right")
+    return np.bincount(index, minlength=len(cut) + 1).astype(np.int64)
 
 
 # The sketch holds a mean and a spread per feature; past this many features an input is

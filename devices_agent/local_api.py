@@ -111,6 +111,8 @@ class LocalService:
         self._open_bytes = 0
         self._lock = threading.Lock()
         self.drift: DriftSketch | None = None
+        # The reference's bins the server answered a sketch with (wire.DriftFeatureBins).
+        self.drift_bins: dict[str, Any] | None = None
         self.drift_lock = threading.Lock()
         self._pending: list[tuple[tuple[int, ...], npt.NDArray[Any], list[float]]] = []
         self._pending_rows = 0
@@ -229,8 +231,16 @@ class LocalService:
         self._pending_rows = 0
         features = drift_features(np.concatenate(rows), shape)
         if self.drift is None or self.drift.num_features != features.shape[1]:
-            self.drift = DriftSketch(num_features=features.shape[1])
+            self.drift = DriftSketch(num_features=features.shape[1], feature_bins=self.drift_bins)
         self.drift.update(inputs=features, confidence=conf)
+
+    def set_drift_bins(self, bins: dict[str, Any] | None) -> None:
+        """Count per-feature values over these reference bins from now on (the server's answer)."""
+        with self.drift_lock:
+            self._fold()
+            self.drift_bins = bins
+            if self.drift is not None:
+                self.drift.set_feature_bins(bins)
 
     def take_drift(self) -> dict[str, Any] | None:
         """The drift sketch of the inputs seen since the last call, and a fresh window."""

@@ -445,6 +445,10 @@ class DriftSketch(TypedDict):
     mean: list[float]  # per-feature mean
     m2: list[float]  # per-feature sum of squared deviations from the mean
     confidence_hist: list[int]  # DRIFT_CONFIDENCE_BINS equal bins over [0, 1]
+    # Per binned feature (in DriftFeatureBins order), counts in its reference bins; sent
+    # with the etag of the bins once the server has answered with them.
+    feature_hist: NotRequired[list[list[int]]]
+    bins_etag: NotRequired[str]
     version_id: NotRequired[int | None]
     window_start: NotRequired[str]
     window_end: NotRequired[str]
@@ -452,3 +456,30 @@ class DriftSketch(TypedDict):
 
 DRIFT_CONFIDENCE_BINS = 10
 DRIFT_MAX_FEATURES = 4096
+# Per-feature PSI follows at most this many features (those the reference spreads most),
+# each over at most DRIFT_FEATURE_BINS bins: a sketch stays a few kilobytes.
+DRIFT_PSI_MAX_FEATURES = 64
+DRIFT_FEATURE_BINS = 10
+
+
+class DriftFeatureBins(TypedDict):
+    """The reference's bins for per-feature PSI: interior edges per followed feature."""
+
+    version_id: int
+    etag: str  # names these bins; a sketch counted over them says so in `bins_etag`
+    features: list[int]  # indices into the sketch's features
+    edges: list[list[float]]  # sorted interior edges of each feature (len + 1 bins)
+
+
+class DriftResponse(TypedDict):
+    """`POST drift` answer: the stored report's verdict and numbers."""
+
+    id: int
+    alert: bool
+    score: float | None
+    z_max: float | None
+    effect_size: float | None  # largest |mean - reference mean| / reference std
+    feature_psi: float | None  # largest per-feature PSI (None without binned counts)
+    psi_band: str | None  # "none", "moderate" or "major"
+    # The reference's bins, when the sketch was not counted over them (first sketch).
+    feature_bins: NotRequired[DriftFeatureBins]

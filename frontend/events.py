@@ -71,6 +71,8 @@ _EVENT_TOPICS: dict[str, tuple[str, str, str]] = {
     "federated_job": (FEDERATED, "job", "job"),
     "federated_round": (FEDERATED, "job", "job"),
     "provisioning_job": (PROVISIONING, "provisioning", "job_id"),
+    # A group's release changed: the group's page and the fleet's lists.
+    "group": (FLEET, "group", "group_id"),
 }
 
 

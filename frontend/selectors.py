@@ -330,3 +330,27 @@ def overview_data() -> dict[str, Any]:
         "decisions": selectors_rollouts.recent_decisions(),
         **overview_drift(),
     }
+
+
+def group_detail(*, group_id: int) -> dict[str, Any] | None:
+    """A group with its release, the release's history, its member count, and the versions
+    its release may be set to (production, and staging for a canary group)."""
+    from fleet.selectors.devices import group_members, group_release_changes
+    from fleet.services.stages import allowed_stages
+
+    group = (
+        DeviceGroup.objects.select_related("policy", "release_version__family").filter(pk=group_id).first()
+    )
+    if group is None:
+        return None
+    choices = (
+        ModelVersion.objects.filter(stage__in=allowed_stages(canary=group.canary))
+        .select_related("family")
+        .order_by("family__name", "-number")[:200]
+    )
+    return {
+        "group": group,
+        "members": group_members(group=group).count(),
+        "changes": list(group_release_changes(group=group)[:50]),
+        "version_choices": [v for v in choices if not (v.metrics or {}).get("rejected")],
+    }

@@ -29,6 +29,8 @@ urlpatterns: list[Any] = [
         name="enrollment-token-revoke",
     ),
     path("enrollment/groups/new", fleet.group_new, name="group-new"),
+    path("groups/<int:group_id>/", fleet.group, name="group"),
+    path("groups/<int:group_id>/release", fleet.group_release, name="group-release"),
     path("audit/", fleet.audit, name="audit"),
     path("models/", models.models, name="models"),
     path("models/<int:family_id>/", models.family, name="family"),

@@ -5,8 +5,11 @@ What the boards' input sketches are compared with. The inputs are the family's n
 agent sketches (:func:`devices_agent.drift.drift_features`, the same function on both
 sides). For classification the reference also holds the histogram of the version's
 top-1 confidence on those inputs, from its ONNX graph; regression has no confidence, so
-its reference has no histogram and scoring leaves PSI out. A family without such data
-has no reference, and its boards' sketches are stored without a score.
+its reference has no histogram and scoring leaves PSI out. The reference also holds the
+bins per-feature PSI is counted over (``feature_bins``: the deciles of the features the
+reference spreads most, and the reference's counts in them), which the server hands to
+the boards. A family without such data has no reference, and its boards' sketches are
+stored without a score.
 
 `reference_sketch` is pure (numpy); `drift_reference_compute` stores the reference in
 `ModelVersion.metrics["drift_reference"]`, computed lazily the first time a device
@@ -15,15 +18,18 @@ reports a sketch for the version.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from devices_agent.drift import DriftSketch, drift_features
+from devices_agent.drift import DriftSketch, bin_counts, drift_features
+from devices_agent.wire import DRIFT_FEATURE_BINS, DRIFT_PSI_MAX_FEATURES
 
-__all__ = ["drift_reference_compute", "reference_sketch"]
+__all__ = ["drift_reference_compute", "reference_feature_bins", "reference_sketch"]
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +57,39 @@ def reference_sketch(
     result = sketch.to_dict()
     if probabilities is None:
         del result["confidence_hist"]
+    result["feature_bins"] = reference_feature_bins(features=features)
     return result
+
+
+def reference_feature_bins(
+    *,
+    features: npt.ArrayLike,
+    max_features: int = DRIFT_PSI_MAX_FEATURES,
+    bins: int = DRIFT_FEATURE_BINS,
+) -> dict[str, Any]:
+    """The bins per-feature PSI is counted over, and the reference's own counts in them.
+
+    The followed features are the ``max_features`` the reference spreads most (a feature
+    that never varies, like a digit's border pixel, has one value and no distribution to
+    compare); each is cut at its reference quantiles into ``bins`` bins of about equal
+    reference mass (repeated edges of a feature with few distinct values merge). The
+    ``etag`` names the bins, so a board's counts are only compared with the bins they were
+    counted over.
+    """
+    x = np.asarray(features, dtype=np.float64)
+    x = x.reshape(len(x), -1)
+    spread = x.std(axis=0) if len(x) else np.zeros(x.shape[1])
+    order = [int(i) for i in np.argsort(-spread, kind="stable") if spread[i] > 0][:max_features]
+    chosen = sorted(order)
+    quantiles = np.linspace(0.0, 1.0, bins + 1)[1:-1]
+    edges: list[list[float]] = []
+    counts: list[list[int]] = []
+    for feature in chosen:
+        cut = np.unique(np.round(np.quantile(x[:, feature], quantiles), 6))
+        edges.append([float(v) for v in cut])
+        counts.append([int(v) for v in bin_counts(values=x[:, feature], edges=cut)])
+    digest = hashlib.sha256(json.dumps([chosen, edges], separators=(",", ":")).encode()).hexdigest()[:16]
+    return {"etag": digest, "features": chosen, "edges": edges, "counts": counts}
 
 
 def _onnx_probabilities(*, version: Any, inputs: npt.NDArray[Any]) -> npt.NDArray[np.float64] | None:

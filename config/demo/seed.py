@@ -263,7 +263,35 @@ def seed_demo(
     for version in (registry_seed_demo(), registry_seed_demo_cnn()):
         say(f"{version.label} is in {version.stage} (id {version.pk})")
     fleet = seed_fleet(devices=devices, actor=admin)
+    release = release_production(family_name=DEMO_FAMILY, group_name=DEMO_GROUP, actor=admin)
+    if release is not None:
+        say(f"{release.label} is the release of {DEMO_GROUP}: boards enrolling there get it")
     return {"api_token": api_token, **fleet}
+
+
+def release_production(*, family_name: str, group_name: str, actor: Any = None) -> ModelVersion | None:
+    """Make the family's newest production version the group's release, as an operator would.
+
+    Boards enrolling into the group then get it as their desired version at enrollment
+    (`fleet.services.releases`); idempotent. None when the family has no production version.
+    """
+    from fleet.models import DeviceGroup
+    from fleet.services.releases import group_release_set
+    from models_registry.models import ModelVersion
+
+    version = (
+        ModelVersion.objects.filter(family__name=family_name, stage="production").order_by("-number").first()
+    )
+    group = DeviceGroup.objects.filter(name=group_name).first()
+    if version is None or group is None:
+        return None
+    group_release_set(
+        actor=actor,
+        group_id=group.pk,
+        version_id=version.pk,
+        reason="the demo's known-good model for its fleet",
+    )
+    return version
 
 
 # --------------------------------------------------------------------------- the demo federated job
@@ -342,8 +370,8 @@ def _assign_model_and_train(
     while time.monotonic() < deadline:
         close_old_connections()
         members = Device.objects.filter(groups__name=group_name).exclude(status="decommissioned")
-        # Every board of the group that has no model yet gets the family's, including
-        # those that enroll late.
+        # Boards enrolling now get the group's release at enrollment; one that enrolled in
+        # an earlier run, before the group had a release, is given the model here.
         for device_id in members.filter(desired_version__isnull=True).values_list("pk", flat=True):
             device_assign_version(actor=None, device_id=device_id, version_id=version.pk)
         ready = members.filter(status="online", state__local_examples__gte=min_examples).count()
@@ -477,6 +505,7 @@ def seed_activity_fleet(*, devices: int, actor: Any) -> dict[str, str]:
         max_uses=max(devices, 1) * 2,
         expires_at=timezone.now() + timedelta(days=1),
     )
+    release_production(family_name=ACTIVITY_FAMILY, group_name=ACTIVITY_GROUP, actor=actor)
     return {"enrollment_token": secret, "group": ACTIVITY_GROUP}
 
 

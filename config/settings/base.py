@@ -330,6 +330,17 @@ NUDGE_BATCH_DEVICES = env.int("NUDGE_BATCH_DEVICES", default=5000)
 # mean shift) and the accuracy drop on labelled feedback that flags a model version.
 DRIFT_PSI_ALERT = env.float("DRIFT_PSI_ALERT", default=0.2)
 DRIFT_Z_ALERT = env.float("DRIFT_Z_ALERT", default=4.0)
+# A significant shift (z) alerts only when it is also large: at least this many reference
+# standard deviations (the effect size), or a per-feature PSI in the major band.
+DRIFT_EFFECT_SIZE_MIN = env.float("DRIFT_EFFECT_SIZE_MIN", default=0.5)
+# PSI bands of a feature's binned inputs against the reference: below MODERATE none,
+# MODERATE..MAJOR moderate, above MAJOR major.
+DRIFT_PSI_MODERATE = env.float("DRIFT_PSI_MODERATE", default=0.1)
+DRIFT_PSI_MAJOR = env.float("DRIFT_PSI_MAJOR", default=0.25)
+# PSI over few inputs is inflated by sampling noise (about 9 / n per feature over 10 bins):
+# a PSI (a feature's or the confidence histogram's) decides an alert only from windows of
+# at least this many inputs.
+DRIFT_PSI_MIN_SAMPLES = env.int("DRIFT_PSI_MIN_SAMPLES", default=500)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
 DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)

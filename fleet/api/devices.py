@@ -24,11 +24,25 @@ from rest_framework.response import Response
 from core.api import AuditedWritesMixin, IdField, PrimaryKeyRelatedField, client_ip, int_param
 from core.roles import ADMIN, has_role
 from fleet.agent_setup import agent_run_command
-from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, EnrollmentToken, UpdatePolicy
-from fleet.selectors.devices import device_list, device_recent_deployments, group_members
+from fleet.models import (
+    Deployment,
+    Device,
+    DeviceCommand,
+    DeviceGroup,
+    EnrollmentToken,
+    GroupReleaseChange,
+    UpdatePolicy,
+)
+from fleet.selectors.devices import (
+    device_list,
+    device_recent_deployments,
+    group_members,
+    group_release_changes,
+)
 from fleet.services.commands import COMMAND_KINDS, device_command_create
 from fleet.services.devices import device_assign_version, device_decommission, device_update, tags_validate
 from fleet.services.enrollment import enrollment_token_create, enrollment_token_revoke
+from fleet.services.releases import group_release_set
 
 # --- serializers -----------------------------------------------------------------------
 
@@ -250,9 +264,22 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
 
 
 class DeviceGroupSerializer(serializers.ModelSerializer):
+    release = serializers.SerializerMethodField()
+
     class Meta:
         model = DeviceGroup
-        fields = ["id", "name", "description", "tag_selector", "policy", "canary", "created_at"]
+        fields = ["id", "name", "description", "tag_selector", "policy", "canary", "release", "created_at"]
+
+    def get_release(self, obj: DeviceGroup) -> dict[str, Any] | None:
+        """The group's release (what boards joining it get) with who set it, when and why."""
+        if obj.release_version_id is None:
+            return None
+        return {
+            "version": _version(obj.release_version),
+            "set_at": obj.release_set_at,
+            "set_by": obj.release_set_by,
+            "reason": obj.release_reason,
+        }
 
     def validate_tag_selector(self, value: Any) -> list[str]:
         return tags_validate(tags=value)
@@ -267,10 +294,39 @@ class DeviceGroupSerializer(serializers.ModelSerializer):
         return value
 
 
-class DeviceGroupViewSet(AuditedWritesMixin, viewsets.ModelViewSet):
-    """Device groups: static members (set on the device) plus a tag selector."""
+class GroupReleaseInputSerializer(serializers.Serializer):
+    version = serializers.IntegerField(min_value=1, allow_null=True, help_text="null clears the release")
+    reason = serializers.CharField(max_length=500, required=False, default="", allow_blank=True)
 
-    queryset = DeviceGroup.objects.all()
+
+class GroupReleaseChangeSerializer(serializers.ModelSerializer):
+    version = serializers.SerializerMethodField()
+    previous_version = serializers.SerializerMethodField()
+
+    class Meta:
+        model = GroupReleaseChange
+        fields = [
+            "id",
+            "version",
+            "previous_version",
+            "origin_type",
+            "origin_id",
+            "actor",
+            "reason",
+            "created_at",
+        ]
+
+    def get_version(self, obj: GroupReleaseChange) -> dict[str, Any] | None:
+        return _version(obj.version)
+
+    def get_previous_version(self, obj: GroupReleaseChange) -> dict[str, Any] | None:
+        return _version(obj.previous_version)
+
+
+class DeviceGroupViewSet(AuditedWritesMixin, viewsets.ModelViewSet):
+    """Device groups: static members (set on the device) plus a tag selector, and a release."""
+
+    queryset = DeviceGroup.objects.select_related("release_version__family")
     serializer_class = DeviceGroupSerializer
     audit_name = "device_group"
     search_fields = ["name"]
@@ -284,6 +340,31 @@ class DeviceGroupViewSet(AuditedWritesMixin, viewsets.ModelViewSet):
         if page is not None:
             return self.get_paginated_response(DeviceSerializer(page, many=True).data)
         return Response(DeviceSerializer(members, many=True).data)
+
+    @extend_schema(request=GroupReleaseInputSerializer, responses=DeviceGroupSerializer)
+    @action(detail=True, methods=["post"])
+    def release(self, request: Request, pk: str | None = None) -> Response:
+        """Set (or, with `version: null`, clear) the version boards joining the group get."""
+        data = GroupReleaseInputSerializer(data=request.data)
+        data.is_valid(raise_exception=True)
+        group = group_release_set(
+            actor=request.user,
+            group_id=self.get_object().pk,
+            version_id=data.validated_data["version"],
+            reason=data.validated_data["reason"],
+            remote_addr=client_ip(request),
+        )
+        return Response(DeviceGroupSerializer(self.get_queryset().get(pk=group.pk)).data)
+
+    @extend_schema(responses=GroupReleaseChangeSerializer(many=True))
+    @action(detail=True, methods=["get"], url_path="release-history")
+    def release_history(self, request: Request, pk: str | None = None) -> Response:
+        """Every change of the group's release, newest first."""
+        changes = group_release_changes(group=self.get_object())
+        page = self.paginate_queryset(changes)
+        if page is not None:
+            return self.get_paginated_response(GroupReleaseChangeSerializer(page, many=True).data)
+        return Response(GroupReleaseChangeSerializer(changes, many=True).data)
 
 
 # --- enrollment tokens -----------------------------------------------------------------

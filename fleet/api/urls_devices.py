@@ -4,7 +4,7 @@ from django.urls import path
 
 from core.api import Router
 from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
-from fleet.api.drift import DriftSummaryView
+from fleet.api.drift import DriftReportsView, DriftSummaryView
 from fleet.api.personalisation import PersonalisationView
 from fleet.api.recommend import FamilyRecommendApi
 
@@ -16,6 +16,7 @@ router.register("update-policies", UpdatePolicyViewSet, basename="update-policy"
 
 urlpatterns = router.urls + [
     path("drift/", DriftSummaryView.as_view(), name="drift-summary"),
+    path("drift/reports/", DriftReportsView.as_view(), name="drift-reports"),
     path("personalisation/", PersonalisationView.as_view(), name="personalisation"),
     # A model family's route, served here because it reads what boards measured.
     path("models/<int:pk>/recommend/", FamilyRecommendApi.as_view(), name="model-family-recommend"),

@@ -7,6 +7,7 @@ from fleet.models.devices import (
     DeviceCommand,
     DeviceGroup,
     EnrollmentToken,
+    GroupReleaseChange,
     MetricBatch,
     MetricSample,
 )
@@ -25,6 +26,7 @@ __all__ = [
     "DeviceCommand",
     "DeviceGroup",
     "EnrollmentToken",
+    "GroupReleaseChange",
     "MetricBatch",
     "MetricSample",
     "UpdatePolicy",

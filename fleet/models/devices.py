@@ -25,6 +25,20 @@ class DeviceGroup(models.Model):
     canary = models.BooleanField(
         default=False, db_default=False, help_text="May run versions in staging, not only production ones."
     )
+    # The group's current release: the version a board joining the group is given without
+    # an operator's action (fleet.services.releases). Set when a rollout aimed at the group
+    # succeeds, or by an operator; who, when and why stay on the row (and in
+    # GroupReleaseChange, one row per change).
+    release_version = models.ForeignKey(
+        "models_registry.ModelVersion",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="released_to_groups",
+    )
+    release_set_at = models.DateTimeField(null=True, blank=True)
+    release_set_by = models.CharField(max_length=150, blank=True)
+    release_reason = models.TextField(blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -32,6 +46,27 @@ class DeviceGroup(models.Model):
 
     def __str__(self) -> str:
         return self.name
+
+
+class GroupReleaseChange(models.Model):
+    """One change of a group's release (set, replaced or cleared), with who, why and from where."""
+
+    group = models.ForeignKey(DeviceGroup, on_delete=models.CASCADE, related_name="release_changes")
+    version = models.ForeignKey(
+        "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    previous_version = models.ForeignKey(
+        "models_registry.ModelVersion", null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    # "operator", or "rollout" with the rollout's id (a succeeded rollout, or its rollback).
+    origin_type = models.CharField(max_length=20, default="operator")
+    origin_id = models.BigIntegerField(null=True, blank=True)
+    actor = models.CharField(max_length=150, default="system")
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
 
 
 class Device(models.Model):

@@ -19,6 +19,14 @@ class DriftReport(models.Model):
     z_max = models.FloatField(null=True, blank=True)
     z_feature = models.IntegerField(null=True, blank=True)
     psi = models.FloatField(null=True, blank=True)
+    # How large the shift is, next to how significant (z): the largest standardized shift
+    # |mean - reference mean| / reference std, and the largest per-feature PSI over the
+    # reference's bins with its band (none, moderate, major; blank without binned counts).
+    effect_size = models.FloatField(null=True, blank=True)
+    effect_feature = models.IntegerField(null=True, blank=True)
+    feature_psi = models.FloatField(null=True, blank=True)
+    feature_psi_feature = models.IntegerField(null=True, blank=True)
+    psi_band = models.CharField(max_length=10, blank=True, default="", db_default="")
     alert = models.BooleanField(default=False)
     created_at = models.DateTimeField(auto_now_add=True)
 

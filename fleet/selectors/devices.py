@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from django.db.models import Q, QuerySet
 
 from devices_agent.wire import TIME_VARYING_POLICY_FIELDS, Policy
-from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
+from fleet.models import Deployment, Device, DeviceGroup, GroupReleaseChange, UpdatePolicy
 
 
 def tag_q(tag: str) -> Q:
@@ -127,6 +127,17 @@ def device_canary_groups(*, device: Device) -> list[str]:
     ]
 
 
+def device_group_ids(*, device: Device) -> set[int]:
+    """The ids of every group a device belongs to: static member, or carrying all selector tags."""
+    ids = set(device_static_group_ids(device_id=device.pk))
+    tags = {str(t).lower() for t in (device.tags or [])}
+    for pk, selector in DeviceGroup.objects.values_list("pk", "tag_selector"):
+        wanted = {str(t).lower() for t in (selector or []) if t}
+        if wanted and wanted <= tags:
+            ids.add(int(pk))
+    return ids
+
+
 def device_effective_policy(*, device: Device) -> UpdatePolicy | None:
     """The policy that applies to the device (its own, else its first group's), or None."""
     policy_id = device_effective_policy_id(device=device)
@@ -214,3 +225,12 @@ def policy_document(
 def device_recent_deployments(*, device: Device, limit: int = 10) -> QuerySet[Deployment]:
     """The device's latest deployments, newest first."""
     return Deployment.objects.filter(device=device).select_related("version__family").order_by("-id")[:limit]
+
+
+def group_release_changes(*, group: DeviceGroup) -> QuerySet[GroupReleaseChange]:
+    """Every change of a group's release, newest first, with its versions joined in."""
+    return (
+        GroupReleaseChange.objects.filter(group=group)
+        .select_related("version__family", "previous_version__family")
+        .order_by("-created_at", "-id")
+    )

@@ -43,3 +43,57 @@ def drift_summary(*, group_id: int | None = None) -> list[dict[str, Any]]:
     for entry in summary.values():
         entry["alert_share"] = entry["alerting"] / entry["reporting"] if entry["reporting"] else 0.0
     return sorted(summary.values(), key=lambda e: (e["group_id"] is None, e["group_id"] or 0))
+
+
+def drift_feature_bins(*, version_id: int) -> dict[str, Any] | None:
+    """The bins a board counts per-feature values over for ``version_id`` (`wire.DriftFeatureBins`).
+
+    None while the version has no reference, or one from before per-feature bins.
+    """
+    from models_registry.models import ModelVersion
+
+    metrics = ModelVersion.objects.filter(pk=version_id).values_list("metrics", flat=True).first() or {}
+    bins = (metrics.get("drift_reference") or {}).get("feature_bins")
+    if not isinstance(bins, dict) or not bins.get("features"):
+        return None
+    return {
+        "version_id": version_id,
+        "etag": str(bins["etag"]),
+        "features": list(bins["features"]),
+        "edges": list(bins["edges"]),
+    }
+
+
+def drift_latest_reports(*, group_id: int | None = None, alert: bool | None = None) -> list[dict[str, Any]]:
+    """Each device's latest drift report with its numbers: significance (z) and size (effect, PSI)."""
+    latest = DriftReport.objects.filter(device=OuterRef("pk")).order_by("-window_end", "-id")
+    devices = Device.objects.exclude(status="decommissioned").annotate(
+        drift_report_id=Subquery(latest.values("pk")[:1])
+    )
+    if group_id is not None:
+        devices = devices.filter(groups__id=group_id)
+    ids = [pk for pk in devices.values_list("drift_report_id", flat=True) if pk is not None]
+    reports = DriftReport.objects.filter(pk__in=ids).select_related("device").order_by("device__name", "id")
+    if alert is not None:
+        reports = reports.filter(alert=alert)
+    return [
+        {
+            "id": r.pk,
+            "device_id": str(r.device_id),
+            "device": r.device.name,
+            "version_id": r.version_id,
+            "window_end": r.window_end,
+            "alert": r.alert,
+            "score": r.score,
+            "z_max": r.z_max,
+            "z_feature": r.z_feature,
+            "effect_size": r.effect_size,
+            "effect_feature": r.effect_feature,
+            "feature_psi": r.feature_psi,
+            "feature_psi_feature": r.feature_psi_feature,
+            "psi_band": r.psi_band or None,
+            "confidence_psi": r.psi,
+            "samples": int((r.sketch or {}).get("count", 0)),
+        }
+        for r in reports
+    ]

@@ -15,8 +15,9 @@ from core.api import NotFoundError, ServiceError
 from core.audit.services import audit_record
 from core.events import emit
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
-from fleet.selectors.devices import device_canary_groups
+from fleet.selectors.devices import device_canary_groups, device_group_ids
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.releases import any_group_released, device_release_apply
 from fleet.services.stages import check_deployable
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
@@ -58,6 +59,9 @@ def device_update(
     """Change a device's name, tags, static groups or (with `set_policy`) its policy; None clears it."""
     with transaction.atomic():
         device = _get(device_id)
+        # Only groups with a release care which groups a device joins.
+        released = (tags is not None or group_ids is not None) and any_group_released()
+        groups_before = device_group_ids(device=device) if released else set()
         fields: list[str] = []
         audit: dict[str, Any] = {}
         if name is not None:
@@ -86,6 +90,11 @@ def device_update(
             device.groups.set(groups)
             audit["groups"] = sorted(group_ids)
         audit_record(actor=actor, action="device.update", target=device, data=audit, remote_addr=remote_addr)
+        if released:
+            # Groups the device just joined (by tags or statically) may give it their release.
+            joined = device_group_ids(device=device) - groups_before
+            if joined:
+                device_release_apply(device=device, trigger="groups_changed", joined_group_ids=joined)
     return device
 
 

@@ -62,6 +62,12 @@ def drift_report_ingest(
 ) -> DriftReport:
     """Store one window's sketch, scored against its version's reference when there is one.
 
+    An alert needs a shift that is both significant (z) and large: an effect size of at
+    least ``DRIFT_EFFECT_SIZE_MIN`` reference standard deviations, or a major per-feature
+    PSI (above ``DRIFT_PSI_MAJOR``, from a window of at least ``DRIFT_PSI_MIN_SAMPLES``
+    inputs) when the sketch carries counts over the reference's bins
+    (`fleet.drift.drift_score`).
+
     A report gets no score (and no alert) when its version is unknown, its family has no
     reference, or the sketch does not follow as many features as the family's inputs give;
     the PSI part of the score is left out when the reference has no confidence histogram
@@ -86,6 +92,10 @@ def drift_report_ingest(
             reference=reference,
             z_alert=float(settings.DRIFT_Z_ALERT),
             psi_alert=float(settings.DRIFT_PSI_ALERT),
+            effect_min=float(settings.DRIFT_EFFECT_SIZE_MIN),
+            psi_moderate=float(settings.DRIFT_PSI_MODERATE),
+            psi_major=float(settings.DRIFT_PSI_MAJOR),
+            psi_min_samples=int(settings.DRIFT_PSI_MIN_SAMPLES),
         )
     with transaction.atomic():
         return DriftReport.objects.create(
@@ -98,6 +108,11 @@ def drift_report_ingest(
             z_max=None if score is None else score.z_max,
             z_feature=None if score is None else score.z_feature,
             psi=None if score is None else score.psi,
+            effect_size=None if score is None else score.effect_size,
+            effect_feature=None if score is None else score.effect_feature,
+            feature_psi=None if score is None else score.feature_psi,
+            feature_psi_feature=None if score is None else score.feature_psi_feature,
+            psi_band="" if score is None or score.psi_band is None else score.psi_band,
             alert=bool(score and score.alert),
         )
 

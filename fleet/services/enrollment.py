@@ -17,6 +17,7 @@ from core.events import emit
 from devices_agent.wire import TRAINING_BACKENDS
 from fleet.auth import hash_secret, new_secret
 from fleet.models import Device, DeviceGroup, EnrollmentToken
+from fleet.services.releases import device_release_apply
 
 TOKEN_PREFIX_LENGTH = 8
 DEFAULT_TOKEN_TTL = timedelta(days=7)
@@ -167,4 +168,7 @@ def device_enroll(
             data={"token_prefix": row.prefix, "name": name},
         )
         emit("device.enrolled", {"device": str(device.pk)})
+        # A board joining groups with a release gets it as its desired version at once, so
+        # its first heartbeat already carries the model (fleet.services.releases).
+        device_release_apply(device=device, trigger="enrollment")
     return device, secret

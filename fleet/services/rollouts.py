@@ -72,6 +72,7 @@ from fleet.selectors.rollouts import (
     target_devices,
 )
 from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.releases import rollout_rolled_back, rollout_succeeded
 from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
@@ -624,6 +625,10 @@ def _next_wave(
         if updated != 1:
             raise _LostRace
         rollout.refresh_from_db()
+        # The version becomes the target group's release: what boards joining it get.
+        group = rollout_succeeded(rollout=rollout)
+        if group is not None and group.release_version_id == rollout.version_id:
+            numbers = {**numbers, "released_to_group": group.pk}
         _decide(rollout, action="succeeded", reason=reason, metrics=numbers, actor=actor)
         _event(rollout, "rollout.succeeded", metrics=numbers)
         return "succeeded"
@@ -930,6 +935,8 @@ def rollout_rollback(
     def step(rollout: Rollout) -> Step:
         _sync(rollout, now)
         rolled = _rollback(rollout, now)
+        # A succeeded rollout had released its version to its group: take that back too.
+        rollout_rolled_back(rollout=rollout, actor=actor)
         rollout.status = Rollout.Status.ROLLED_BACK
         rollout.status_reason = reason or "rolled back by operator"
         rollout.finished_at = now

@@ -20,6 +20,7 @@ from fleet.models import DeviceGroup, EnrollmentToken, UpdatePolicy
 from fleet.selectors.devices import device_list
 from fleet.services.commands import COMMAND_KINDS, device_command_create
 from fleet.services.enrollment import enrollment_token_create, enrollment_token_revoke
+from fleet.services.releases import group_release_set
 from frontend import selectors
 from frontend.events import topic_for
 from frontend.views.base import action, int_or_none, page, remote_addr, render_page
@@ -113,7 +114,7 @@ def enrollment(request: HttpRequest) -> HttpResponse:
         section="enrollment",
         title="Enrollment",
         tokens=EnrollmentToken.objects.select_related("group", "created_by").order_by("-created_at")[:100],
-        groups=DeviceGroup.objects.select_related("policy").order_by("name"),
+        groups=DeviceGroup.objects.select_related("policy", "release_version__family").order_by("name"),
         policies=UpdatePolicy.objects.order_by("name"),
         created=created,
         now=timezone.now(),
@@ -221,3 +222,42 @@ def group_new(request: HttpRequest) -> HttpResponse:
         )
     messages.success(request, f"Group {group.name} created.")
     return redirect("frontend:enrollment")
+
+
+@page()
+def group(request: HttpRequest, group_id: int) -> HttpResponse:
+    """A device group: its members, its release (what boards joining it get) and its history."""
+    found = selectors.group_detail(group_id=group_id)
+    if found is None:
+        raise Http404("No such group.")
+    return render_page(
+        request,
+        "frontend/group.html",
+        section="enrollment",
+        title=f"Group {found['group'].name}",
+        group_topic=topic_for("group", found["group"].pk),
+        **found,
+    )
+
+
+@action(OPERATOR)
+def group_release(request: HttpRequest, group_id: int) -> HttpResponse:
+    """Set or (with "clear") clear the group's release through the service the API uses."""
+    clear = request.POST.get("clear") == "1"
+    version_id = None if clear else int_or_none(request.POST.get("version"))
+    if not clear and version_id is None:
+        messages.error(request, "Choose a version, or clear the release.")
+        return redirect("frontend:group", group_id=group_id)
+    try:
+        group_release_set(
+            actor=request.user,
+            group_id=group_id,
+            version_id=version_id,
+            reason=request.POST.get("reason", "").strip(),
+            remote_addr=remote_addr(request),
+        )
+    except ServiceError as exc:
+        messages.error(request, exc.message)
+    else:
+        messages.success(request, "Release cleared." if clear else "Release set.")
+    return redirect("frontend:group", group_id=group_id)

@@ -199,3 +199,10 @@ def test_long_poll_wait_must_be_a_finite_number_of_seconds(client: Any) -> None:
             _error(client.get(f"/api/agent/v1/rounds/?wait={bad}", **auth), 400)["code"] == "validation_error"
         )
     assert client.get("/api/agent/v1/rounds/?wait=0", **auth).json() == {"tasks": []}
+
+
+def test_drift_reports_refuse_a_group_no_id_can_be(operator_client: Any) -> None:
+    assert _error(operator_client.get(f"/api/v1/drift/reports/?group={HUGE}"), 400)["code"] == (
+        "validation_error"
+    )
+    assert operator_client.get("/api/v1/drift/reports/?group=1").status_code == 200

@@ -95,3 +95,65 @@ def test_agent_sends_the_sketch_every_n_heartbeats_and_retries(tmp_path: Path) -
     finally:
         agent.close()
         server.close()
+
+
+def test_feature_bins_count_values_over_the_reference_edges_and_survive_a_reset() -> None:
+    from devices_agent.drift import bin_counts
+
+    assert bin_counts(values=[-5.0, 0.0, 0.5, 1.0, 1.5, 9.0], edges=[0.0, 1.0]).tolist() == [1, 2, 3]
+    bins = {"etag": "abc", "features": [1], "edges": [[0.0, 1.0]]}
+    sketch = DriftSketch(num_features=2, feature_bins=bins)
+    sketch.update(inputs=[[9.0, -1.0], [9.0, 0.5], [9.0, 2.0], [9.0, 3.0]], confidence=[0.5] * 4)
+    sent = sketch.take()
+    assert sent is not None and sent["feature_hist"] == [[1, 1, 2]] and sent["bins_etag"] == "abc"
+    assert sketch.feature_hist[0].tolist() == [0, 0, 0]  # the counts reset, the bins stay
+    sketch.update(inputs=[[0.0, 0.2]], confidence=[0.5])
+    assert sketch.to_dict()["feature_hist"] == [[0, 1, 0]]
+    # Bins naming a feature the sketch does not have are ignored rather than trusted.
+    odd = DriftSketch(num_features=2, feature_bins={"etag": "x", "features": [7], "edges": [[0.0]]})
+    assert "feature_hist" not in odd.to_dict()
+
+
+def test_agent_counts_over_the_bins_the_server_answered_with(tmp_path: Path) -> None:
+    from devices_agent.family import FamilySpec
+    from devices_agent.inference import load_session
+    from devices_agent.local_api import ActiveModel
+    from tests.devices_agent.agent_helpers import Handler, ScriptedServer, linear_onnx
+    from tests.devices_agent.test_agent import FakeFleet, make_agent
+
+    server = ScriptedServer()
+    fleet = FakeFleet(server)
+    bins = {"version_id": 7, "etag": "bins-1", "features": [0, 3], "edges": [[0.5], [0.25, 0.75]]}
+
+    def drift(h: Handler, body: bytes) -> None:
+        answer: dict[str, object] = {"id": 1, "alert": False, "score": 0.0}
+        if json.loads(body).get("bins_etag") != "bins-1":
+            answer["feature_bins"] = bins
+        h.send_json(200, answer)
+
+    server.routes[("POST", "/api/agent/v1/drift")] = drift
+    agent = make_agent(fleet, tmp_path)
+    try:
+        agent.enroll()
+        active = ActiveModel(
+            version_id=7,
+            spec=FamilySpec(task="classification", input_shape=(64,), num_classes=10),
+            session=load_session(linear_onnx()),
+        )
+        agent.local.model = lambda: active
+        agent.state.current_version_id = lambda: 7  # type: ignore[method-assign]
+        inputs = np.random.default_rng(3).uniform(size=(6, 64)).astype(np.float32)
+        for row in inputs:
+            agent.local.predict(row)
+        assert agent.send_drift() is True
+        assert "feature_hist" not in server.posted("/api/agent/v1/drift")[-1]  # no bins yet
+        for row in inputs:
+            agent.local.predict(row)
+        assert agent.send_drift() is True
+        sent = server.posted("/api/agent/v1/drift")[-1]
+        assert sent["bins_etag"] == "bins-1"
+        assert sent["feature_hist"][0] == [int((inputs[:, 0] < 0.5).sum()), int((inputs[:, 0] >= 0.5).sum())]
+        assert sum(sent["feature_hist"][1]) == 6
+    finally:
+        agent.close()
+        server.close()

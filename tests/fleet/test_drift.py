@@ -12,7 +12,7 @@ from django.utils import timezone
 
 from devices_agent.data import load_digits_split
 from devices_agent.drift import DriftSketch
-from fleet.drift import psi
+from fleet.drift import drift_score, psi, psi_band
 from fleet.models import DeviceGroup, DriftReport, MetricSample
 from fleet.services.drift import drift_check
 
@@ -28,6 +28,91 @@ def _sketch(x: np.ndarray, confidence: np.ndarray | None = None) -> dict[str, An
 def test_pure_psi_is_zero_for_equal_and_large_for_moved_histograms() -> None:
     assert psi(observed=[10, 20, 70], expected=[1, 2, 7]) == pytest.approx(0.0, abs=1e-12)
     assert psi(observed=[70, 20, 10], expected=[10, 20, 70]) > 1.0
+
+
+def test_psi_matches_a_hand_computed_value() -> None:
+    # Shares p = (0.5, 0.3, 0.2) against q = (0.25, 0.25, 0.5):
+    # (0.25 ln 2) + (0.05 ln 1.2) + (-0.3 ln 0.4) = 0.17329 + 0.00912 + 0.27489 = 0.45730.
+    assert psi(observed=[50, 30, 20], expected=[25, 25, 50]) == pytest.approx(0.457298, abs=1e-5)
+    assert psi_band(0.05, moderate=0.1, major=0.25) == "none"
+    assert psi_band(0.1, moderate=0.1, major=0.25) == "moderate"
+    assert psi_band(0.457, moderate=0.1, major=0.25) == "major"
+    assert psi_band(None, moderate=0.1, major=0.25) is None
+
+
+def _moments(x: np.ndarray) -> dict[str, Any]:
+    return {
+        "count": len(x),
+        "mean": x.mean(axis=0).tolist(),
+        "m2": (((x - x.mean(axis=0)) ** 2).sum(axis=0)).tolist(),
+    }
+
+
+SCORE: dict[str, Any] = {
+    "z_alert": 4.0,
+    "psi_alert": 0.2,
+    "effect_min": 0.5,
+    "psi_moderate": 0.1,
+    "psi_major": 0.25,
+    "psi_min_samples": 500,
+}
+
+
+def test_a_large_window_with_a_tiny_shift_is_significant_but_no_alert() -> None:
+    rng = np.random.default_rng(3)
+    reference = {**_moments(rng.normal(size=(20_000, 4))), "confidence_hist": []}
+    window = {**_moments(rng.normal(loc=0.1, size=(50_000, 4))), "confidence_hist": [0] * 10}
+    score = drift_score(sketch=window, reference=reference, **SCORE)
+    assert score.z_max > 10  # a 0.1 standard-deviation shift is certain at this size...
+    assert score.effect_size == pytest.approx(0.1, abs=0.03)  # ...but small
+    assert not score.alert and score.score < 1.0
+    # Judged on z alone (effect_min=0), the same window would alert: what the old rule did.
+    assert drift_score(sketch=window, reference=reference, **{**SCORE, "effect_min": 0.0}).alert
+
+
+def test_a_real_shift_alerts_and_a_short_window_of_it_does_not() -> None:
+    rng = np.random.default_rng(4)
+    reference = {**_moments(rng.normal(size=(20_000, 4))), "confidence_hist": []}
+    moved = rng.normal(loc=0.8, size=(2_000, 4))
+    score = drift_score(sketch={**_moments(moved), "confidence_hist": [0] * 10}, reference=reference, **SCORE)
+    assert score.alert and score.effect_size > 0.5 and score.z_max > 4.0
+    assert score.alert_feature is not None
+    # Five inputs of a large shift are not significant: no alert on size alone.
+    few = drift_score(
+        sketch={**_moments(moved[:3]), "confidence_hist": [0] * 10}, reference=reference, **SCORE
+    )
+    assert few.effect_size > 0.3 and few.z_max < 4.0 and not few.alert
+
+
+def test_a_major_feature_psi_alerts_a_significant_shift_of_shape_without_a_large_mean_shift() -> None:
+    from devices_agent.drift import DriftSketch
+    from models_registry.drift_reference import reference_sketch
+
+    rng = np.random.default_rng(5)
+    ref_x = rng.normal(size=(20_000, 2))
+    reference = reference_sketch(inputs=ref_x)
+    bins = reference["feature_bins"]
+    assert bins["features"] == [0, 1] and len(bins["edges"][0]) == 9
+    # Same mean, the spread squeezed: little mean shift, but the bins fill very differently.
+    squeezed = np.column_stack([rng.normal(loc=0.15, scale=0.3, size=5_000), rng.normal(size=5_000)])
+    sketch = DriftSketch(num_features=2, feature_bins=bins)
+    sketch.update(inputs=squeezed, confidence=np.zeros(0))
+    window = sketch.to_dict()
+    score = drift_score(sketch=window, reference=reference, **SCORE)
+    assert score.effect_size < 0.5 and score.z_max > 4.0
+    assert score.feature_psi is not None and score.feature_psi > 0.25 and score.feature_psi_feature == 0
+    assert score.psi_band == "major" and score.alert
+    # Eighty inputs of a squeeze: the PSI is shown, but too few inputs for it to decide.
+    short = DriftSketch(num_features=2, feature_bins=bins)
+    short_x = np.column_stack([rng.normal(loc=0.25, scale=0.3, size=80), rng.normal(size=80)])
+    short.update(inputs=short_x, confidence=np.zeros(0))
+    few = drift_score(sketch=short.to_dict(), reference=reference, **SCORE)
+    assert few.feature_psi is not None and few.feature_psi > 0.25 and few.z_max > 4.0
+    assert few.effect_size < 0.5 and not few.alert
+    assert drift_score(sketch=short.to_dict(), reference=reference, **{**SCORE, "psi_min_samples": 0}).alert
+    # Counted over other bins (another etag), the counts are not compared.
+    stale = drift_score(sketch={**window, "bins_etag": "other"}, reference=reference, **SCORE)
+    assert stale.feature_psi is None and not stale.alert
 
 
 @pytest.fixture
@@ -118,7 +203,8 @@ def test_sketch_of_another_input_size_is_stored_unscored(
     assert references["calls"] == []  # no reference is computed for a sketch that cannot match it
 
 
-def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any) -> None:
+def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any, settings: Any) -> None:
+    settings.DRIFT_PSI_MIN_SAMPLES = 100  # windows of 100 inputs are long enough here
     agent = enroll()
     version = make_version()
     _, _, x_test, _ = load_digits_split()
@@ -131,6 +217,10 @@ def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any
     body = agent.post("drift", {**unsure, "version_id": version.pk}).json()
     assert body["alert"] is True
     assert DriftReport.objects.get(pk=body["id"]).psi > 0.2
+    # Too short a window for its PSI to decide: stored and shown, no alert on it alone.
+    settings.DRIFT_PSI_MIN_SAMPLES = 500
+    short = agent.post("drift", {**unsure, "version_id": version.pk}).json()
+    assert short["alert"] is False and DriftReport.objects.get(pk=short["id"]).psi > 0.2
 
 
 @pytest.mark.parametrize(
@@ -177,6 +267,65 @@ def test_group_summary_counts_devices_in_alert(enroll: Any, operator_client: Any
     assert entry["devices"] == 3 and entry["reporting"] == 2 and entry["alerting"] == 1
     assert entry["alert_share"] == pytest.approx(0.5)
     assert entry["alert_devices"] == [str(agents[0].device.pk)]
+
+
+def test_the_board_gets_the_reference_bins_and_its_binned_counts_give_feature_psi(
+    enroll: Any, make_regression_version: Any, operator_client: Any
+) -> None:
+    from models_registry.drift_reference import reference_sketch
+
+    agent = enroll()
+    version = make_regression_version()  # 8 features
+    rng = np.random.default_rng(6)
+    version.metrics = {"drift_reference": reference_sketch(inputs=rng.normal(size=(5_000, 8)))}
+    version.save()
+    first = agent.post("drift", {**_sketch(rng.normal(size=(300, 8)), np.zeros(0)), "version_id": version.pk})
+    assert first.status_code == 200, first.content
+    body = first.json()
+    assert body["feature_psi"] is None and body["effect_size"] is not None and body["z_max"] is not None
+    bins = body["feature_bins"]  # the first sketch was not counted over them: here they are
+    assert bins["version_id"] == version.pk and bins["features"] == list(range(8))
+    assert "counts" not in bins
+
+    sketch = DriftSketch(num_features=8, feature_bins=bins)
+    sketch.update(inputs=rng.normal(loc=1.0, size=(300, 8)), confidence=np.zeros(0))
+    moved = agent.post("drift", {**sketch.to_dict(), "version_id": version.pk})
+    assert moved.status_code == 200, moved.content
+    answer = moved.json()
+    assert answer["alert"] is True and answer["effect_size"] > 0.5
+    assert answer["feature_psi"] > 0.25 and answer["psi_band"] == "major"
+    assert "feature_bins" not in answer  # the board already counts over the current bins
+
+    listed = operator_client.get("/api/v1/drift/reports/")
+    assert listed.status_code == 200, listed.content
+    [latest] = listed.json()["reports"]
+    assert latest["id"] == answer["id"] and latest["alert"] is True
+    assert latest["effect_size"] == pytest.approx(answer["effect_size"])
+    assert latest["feature_psi"] == pytest.approx(answer["feature_psi"]) and latest["psi_band"] == "major"
+    assert operator_client.get("/api/v1/drift/reports/?alert=false").json()["reports"] == []
+    for query in ("group=x", "alert=maybe"):
+        bad = operator_client.get(f"/api/v1/drift/reports/?{query}")
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "validation_error"
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"feature_hist": [[1, 2]]},  # no bins_etag
+        {"feature_hist": [[1, 2]], "bins_etag": ""},
+        {"feature_hist": "x", "bins_etag": "e"},
+        {"feature_hist": [[1] * 11], "bins_etag": "e"},
+        {"feature_hist": [[]], "bins_etag": "e"},
+        {"feature_hist": [[-1, 2]], "bins_etag": "e"},
+        {"feature_hist": [[1, 2]] * 65, "bins_etag": "e"},
+        {"feature_hist": [["a"]], "bins_etag": "e"},
+    ],
+)
+def test_malformed_feature_histograms_are_refused(enroll: Any, change: dict[str, Any]) -> None:
+    agent = enroll()
+    response = agent.post("drift", {**_sketch(np.zeros((3, 4))), **change})
+    assert response.status_code == 400, response.content
+    assert response.json()["error"]["code"] == "validation_error"
 
 
 def _boards(n: int) -> list[Any]:

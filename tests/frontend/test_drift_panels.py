@@ -51,7 +51,19 @@ def test_device_page_shows_the_latest_drift_report_and_personal_accuracy(
     device = fleet.devices[0]
     now = timezone.now()
     DriftReport.objects.create(device=device, window_end=now - timedelta(hours=1), alert=False, score=0.1)
-    DriftReport.objects.create(device=device, window_end=now, alert=True, score=2.5, z_max=6.25, psi=0.375)
+    DriftReport.objects.create(
+        device=device,
+        window_end=now,
+        alert=True,
+        score=2.5,
+        z_max=6.25,
+        psi=0.375,
+        effect_size=1.75,
+        effect_feature=3,
+        feature_psi=0.625,
+        feature_psi_feature=5,
+        psi_band="major",
+    )
     MetricSample.objects.create(
         device=device, version=fleet.version, name="global_accuracy", value=0.7, ts=now
     )
@@ -64,6 +76,8 @@ def test_device_page_shows_the_latest_drift_report_and_personal_accuracy(
     assert response.context["personal"]["gain"] == pytest.approx(0.15)
     panel = response.content.decode().split('id="device-drift"')[1].split("</dl>")[0]
     assert "alert" in panel and "2.500" in panel and "6.25" in panel and "0.375" in panel
+    assert "1.75" in panel and "feature 3" in panel  # the effect size, next to z
+    assert "0.625" in panel and "major" in panel and "feature 5" in panel  # the feature PSI and its band
     assert "70.0%" in panel and "85.0%" in panel and "+15.0%" in panel
 
 

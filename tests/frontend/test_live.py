@@ -41,6 +41,7 @@ def test_app_events_map_to_list_and_object_topics() -> None:
     assert topics_for_event("rollout.wave_started", {"rollout_id": 4}) == ["rollouts", "rollout-4", "fleet"]
     assert topics_for_event("federated_round.status", {"job": 2, "round": 3}) == ["federated", "job-2"]
     assert topics_for_event("model_version.created", {"id": 1}) == []
+    assert topics_for_event("group.release_set", {"group_id": 5}) == ["fleet", "group-5"]
 
 
 def test_publish_rejects_bad_topic_names() -> None:

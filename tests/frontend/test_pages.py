@@ -33,6 +33,7 @@ def page_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:provisioning"),
         reverse("frontend:provisioning-job", args=[fleet.provisioning_job.pk]),
         reverse("frontend:enrollment"),
+        reverse("frontend:group", args=[fleet.group.pk]),
     ]
 
 
@@ -41,6 +42,7 @@ def write_urls(fleet: Fleet) -> list[str]:
         reverse("frontend:device-command", args=[fleet.devices[0].pk]),
         reverse("frontend:enrollment-token-new"),
         reverse("frontend:group-new"),
+        reverse("frontend:group-release", args=[fleet.group.pk]),
         reverse("frontend:enrollment-token-revoke", args=[fleet.token.pk]),
         reverse("frontend:version-stage", args=[fleet.candidate.pk]),
         reverse("frontend:version-job", args=[fleet.candidate.pk]),
@@ -103,6 +105,7 @@ def test_every_page_renders_for_an_operator_with_write_buttons(page_client: Any,
         reverse("frontend:job", args=[fleet.job.pk]),
         reverse("frontend:provisioning"),
         reverse("frontend:enrollment"),
+        reverse("frontend:group", args=[fleet.group.pk]),
     }
     for url in page_urls(fleet):
         response = client.get(url)
@@ -366,3 +369,31 @@ def test_only_admins_mark_a_group_canary_from_the_dashboard(page_client: Any, fl
     assert DeviceGroup.objects.get(name="canaries").canary
     listed = operator.get(reverse("frontend:enrollment")).content.decode()
     assert "staging or production" in listed
+
+
+def test_operator_sets_and_clears_a_group_release_from_the_group_page(page_client: Any, fleet: Fleet) -> None:
+    from core.audit.models import AuditEvent
+    from fleet.models import DeviceGroup
+
+    client = page_client("operator")
+    url = reverse("frontend:group-release", args=[fleet.group.pk])
+    response = client.post(url, {"version": fleet.version.pk, "reason": "known good"})
+    assert response.status_code == 302
+    group = DeviceGroup.objects.get(pk=fleet.group.pk)
+    assert group.release_version_id == fleet.version.pk and group.release_reason == "known good"
+    assert group.release_set_by == client.get(reverse("frontend:overview")).context["user"].username
+    page = client.get(reverse("frontend:group", args=[fleet.group.pk])).content.decode()
+    assert f'data-live="group-{fleet.group.pk}"' in page  # refreshed when the release changes
+    release = page.split('id="group-release"')[1].split("</dl>")[0]
+    assert fleet.version.label in release and "known good" in release
+    assert AuditEvent.objects.filter(action="device_group.release_set").count() == 1
+
+    # No version chosen, a version that does not exist, a draft: refused with a message.
+    client.post(url, {})
+    client.post(url, {"version": 999_999})
+    assert DeviceGroup.objects.get(pk=fleet.group.pk).release_version_id == fleet.version.pk
+
+    client.post(url, {"clear": "1"})
+    assert DeviceGroup.objects.get(pk=fleet.group.pk).release_version_id is None
+    history = client.get(reverse("frontend:group", args=[fleet.group.pk])).content.decode()
+    assert "cleared" in history

@@ -299,9 +299,15 @@ def test_drift_references_follow_the_agents_features(db: Any) -> None:
     x = np.random.default_rng(0).random((10, 8, 1024)).astype(np.float32)
     reference = reference_sketch(inputs=x, input_shape=[8, 1024])
     assert MAX_FEATURES < 8 * 1024 and len(reference["mean"]) == 8  # one feature per channel
-    agent = DriftSketch(num_features=8)
+    bins = reference["feature_bins"]
+    agent = DriftSketch(num_features=8, feature_bins=bins)
     agent.update(inputs=drift_features(x, (8, 1024)), confidence=np.zeros(0))
-    assert reference == {k: v for k, v in agent.to_dict().items() if k != "confidence_hist"}
+    sketch = agent.to_dict()
+    moments = {k: v for k, v in reference.items() if k != "feature_bins"}
+    assert moments == {k: sketch[k] for k in ("count", "mean", "m2")}
+    # The agent, counting the reference inputs over the reference's bins, gets its counts.
+    assert bins["features"] == list(range(8)) and sketch["feature_hist"] == bins["counts"]
+    assert sketch["bins_etag"] == bins["etag"]
 
 
 def test_regression_references_have_no_confidence_and_no_data_means_no_reference(

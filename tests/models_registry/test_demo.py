@@ -54,3 +54,17 @@ def test_seed_demo_registers_a_production_model_once(capsys: Any) -> None:
     # Each family's data sets belong to it and fit its contract.
     owners = dict(EvaluationDataset.objects.values_list("name", "family__name"))
     assert owners["digits-cnn-test"] == "digits-cnn" and owners["digits-mlp-train"] == "digits-mlp"
+
+
+def test_seed_demo_makes_the_production_model_the_fleet_group_release() -> None:
+    from config.demo.seed import DEMO_GROUP, seed_demo
+    from fleet.models import DeviceGroup, GroupReleaseChange
+
+    said: list[str] = []
+    seed_demo(admin_username="demo-admin", admin_password="pw-Flotilla-1", devices=2, say=said.append)
+    seed_demo(admin_username="demo-admin", admin_password="pw-Flotilla-1", devices=2, say=said.append)
+    group = DeviceGroup.objects.select_related("release_version__family").get(name=DEMO_GROUP)
+    assert group.release_version is not None and group.release_version.label == "digits-mlp:v1"
+    assert group.release_version.stage == "production" and group.release_set_by == "demo-admin"
+    assert GroupReleaseChange.objects.filter(group=group).count() == 1  # set once, however often seeded
+    assert any("release of demo-fleet" in line for line in said)
