@@ -18,13 +18,18 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ConflictError, FilterSet, NotFoundError, client_ip
+from core.api import (
+    ConflictError,
+    FilterSet,
+    NotFoundError,
+    client_ip,
+)
 from core.audit.services import audit_record
+from core.parsers import FormParser, JSONParser, MultiPartParser
 from core.roles import ADMIN, has_role
 from models_registry import datasets, jobs, selectors, services
 from models_registry.api import serializers as s

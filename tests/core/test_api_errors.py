@@ -206,3 +206,40 @@ def test_drift_reports_refuse_a_group_no_id_can_be(operator_client: Any) -> None
         "validation_error"
     )
     assert operator_client.get("/api/v1/drift/reports/?group=1").status_code == 200
+
+
+def test_nul_characters_are_refused_at_the_door_on_both_apis(operator_client: Any, client: Any) -> None:
+    """PostgreSQL text and jsonb cannot hold U+0000: a 400 here, never a 500 at the database."""
+    import json
+
+    from django.contrib.auth.models import Group
+
+    from fleet.models import DeviceGroup
+
+    # Operator API: a JSON body, in a value, a key, or deep inside a JSON field.
+    for body in (
+        {"name": "line\u00001"},
+        {"name": "line-1", "tag_selector": {"tags\u0000": ["a"]}},
+        {"name": "line-1", "tag_selector": {"tags": ["a\u0000"]}},
+    ):
+        response = operator_client.post(
+            "/api/v1/device-groups/", json.dumps(body), content_type="application/json"
+        )
+        assert _error(response, 400)["code"] in {"parse_error", "validation_error"}
+    assert not DeviceGroup.objects.filter(name__startswith="line").exists()
+    # A multipart form field of an upload view.
+    response = operator_client.post(
+        "/api/v1/datasets/", {"family": "digits\x00", "name": "d"}, format="multipart"
+    )
+    assert _error(response, 400)
+    # A query string or a path.
+    assert _error(operator_client.get("/api/v1/devices/?search=a%00b"), 400)["code"] == "validation_error"
+    assert _error(operator_client.get("/api/v1/device-groups/a%00b/"), 400)
+    # Device API: the JSON body of enrollment.
+    response = client.post(
+        "/api/agent/v1/enroll",
+        json.dumps({"token": "t", "name": "board\u0000", "hardware": {}}),
+        content_type="application/json",
+    )
+    assert _error(response, 400)["code"] == "validation_error"
+    assert Group.objects.exists()  # the database is still usable afterwards
