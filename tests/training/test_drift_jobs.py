@@ -112,6 +112,7 @@ def test_at_most_one_job_per_family_per_interval(django_capture_on_commit_callba
     with django_capture_on_commit_callbacks(execute=True):
         decision = job_start_for_drift(version_id=second.pk, flag={"reason": "accuracy_drop"})
     assert decision is not None and decision.action == "drift_job_started"
+    assert decision.job_id is not None
     assert FederatedJob.objects.get(pk=decision.job_id).base_version == second
 
 
