@@ -220,12 +220,11 @@ def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
     Each row names the metric and has its live ``value`` and evaluated ``reference``
     (flags from before the metric was named are accuracy flags).
     """
-    versions = (
+    versions = list(
         ModelVersion.objects.filter(metrics__has_key="flagged")
         .select_related("family")
         .order_by("-id")[:limit]
     )
-    versions = list(versions)
     rows = []
     outcome = _version_outcomes([v.pk for v in versions])
     for v in versions:
