@@ -341,3 +341,41 @@ def test_api_family_policy(fleet: Any, operator_client: Any, viewer_client: Any,
     assert operator_client.put(url, {"watch_s": -1}, format="json").status_code == 400
     assert operator_client.get("/api/v1/models/999999/policy/").status_code == 404
     assert AuditEvent.objects.filter(action="model_family.policy_set").count() == 1
+
+
+def test_groups_go_back_to_their_previous_release_and_a_new_board_to_it(fleet: Any) -> None:
+    from fleet.services.releases import group_release_set
+
+    f = fleet(2)
+    group_release_set(actor=None, group_id=f.group.pk, version_id=f.v1.pk)
+    _succeed(f)
+    assert DeviceGroup.objects.get(pk=f.group.pk).release_version_id == f.v2.pk
+    # A board that never ran a model joins the group and gets its release, v2.
+    f.group.tag_selector = ["edge"]
+    f.group.save(update_fields=["tag_selector"])
+    newcomer = Device.objects.create(name="newcomer", status=Device.Status.ONLINE)
+    device_update(actor=None, device_id=newcomer.pk, tags=["edge"])
+    report(newcomer, "active")
+    newcomer.refresh_from_db()
+    assert newcomer.running_version_id == f.v2.pk and newcomer.previous_version_id is None
+    decision = version_revert(version_id=f.v2.pk, actor=None)
+    group = DeviceGroup.objects.get(pk=f.group.pk)
+    assert group.release_version_id == f.v1.pk
+    assert group.release_changes.first().origin_type == "revert"
+    assert decision.detail["groups_restored"] == {str(group.pk): f.v1.pk}
+    # Without a previous version of its own, the board goes to its group's previous release.
+    newcomer.refresh_from_db()
+    assert newcomer.desired_version_id == f.v1.pk
+    assert Deployment.objects.filter(
+        device=newcomer, version=f.v1, rollback=True, origin_type="revert"
+    ).exists()
+    assert (decision.devices_reverted, decision.devices_without_previous) == (3, 0)
+
+
+def test_decommissioned_devices_are_left_alone(fleet: Any) -> None:
+    f = fleet(1)
+    gone = _device("gone", f.v2)
+    Device.objects.filter(pk=gone.pk).update(status=Device.Status.DECOMMISSIONED)
+    decision = version_revert(version_id=f.v2.pk, actor=None)
+    assert decision.devices_reverted == decision.devices_without_previous == 0
+    assert not Deployment.objects.filter(device=gone).exists()
