@@ -379,3 +379,21 @@ def test_decommissioned_devices_are_left_alone(fleet: Any) -> None:
     decision = version_revert(version_id=f.v2.pk, actor=None)
     assert decision.devices_reverted == decision.devices_without_previous == 0
     assert not Deployment.objects.filter(device=gone).exists()
+
+
+def test_a_reverted_board_is_told_to_roll_back_in_its_heartbeat(
+    fleet: Any, enroll: Any, operator_client: Any
+) -> None:
+    f = fleet(1)
+    agent = enroll()
+    Device.objects.filter(pk=agent.device.pk).update(
+        running_version=f.v2, desired_version=f.v2, previous_version=f.v1
+    )
+    before = agent.heartbeat(seq=1).json().get("desired") or {}
+    assert not before.get("rollback")
+    r = operator_client.post(f"/api/v1/model-versions/{f.v2.pk}/revert/", {}, format="json")
+    assert r.status_code == 200 and r.json()["devices_reverted"] == 1
+    desired = agent.heartbeat(seq=3).json()["desired"]
+    assert desired["rollback"] is True and desired["version_id"] == f.v1.pk
+    statement = desired["artifact"]["statement"]
+    assert statement["rollback"] is True and statement["device_id"] == str(agent.device.pk)
