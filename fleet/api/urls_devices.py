@@ -1,16 +1,15 @@
 """Operator routes: devices, device groups, enrollment tokens, update policies."""
 
 from django.urls import path
-from rest_framework.routers import DefaultRouter
 
+from core.api import Router
 from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentTokenViewSet, UpdatePolicyViewSet
 from fleet.api.drift import DriftReportsView, DriftSummaryView
 from fleet.api.personalisation import PersonalisationView
 from fleet.api.recommend import FamilyRecommendApi
 from fleet.api.revert import FamilyPolicyApi, VersionDecisionListApi, VersionRevertApi
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+router = Router()
 router.register("devices", DeviceViewSet, basename="device")
 router.register("device-groups", DeviceGroupViewSet, basename="device-group")
 router.register("enrollment-tokens", EnrollmentTokenViewSet, basename="enrollment-token")

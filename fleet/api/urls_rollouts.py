@@ -1,11 +1,9 @@
 """Operator routes: rollouts, experiments, webhooks."""
 
-from rest_framework.routers import DefaultRouter
-
+from core.api import Router
 from fleet.api.rollouts import ExperimentViewSet, RolloutViewSet, WebhookEndpointViewSet
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+router = Router()
 router.register("rollouts", RolloutViewSet, basename="rollout")
 router.register("experiments", ExperimentViewSet, basename="experiment")
 router.register("webhooks", WebhookEndpointViewSet, basename="webhook")

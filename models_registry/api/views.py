@@ -23,7 +23,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ConflictError, NotFoundError, client_ip
+from core.api import ConflictError, FilterSet, NotFoundError, client_ip
 from core.audit.services import audit_record
 from core.roles import ADMIN, has_role
 from models_registry import datasets, jobs, selectors, services
@@ -101,7 +101,7 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class VersionFilter(filters.FilterSet):
+class VersionFilter(FilterSet):
     family_name = filters.CharFilter(field_name="family__name")
 
     class Meta:
@@ -294,7 +294,7 @@ class ModelJobViewSet(viewsets.ReadOnlyModelViewSet[ModelJob]):
         return ModelJob.objects.select_related("version", "version__family").order_by("-created_at", "-id")
 
 
-class DatasetFilter(filters.FilterSet):
+class DatasetFilter(FilterSet):
     family_name = filters.CharFilter(field_name="family__name")
 
     class Meta:
