@@ -9,14 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from drf_spectacular.utils import extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import serializers, status
 from rest_framework.generics import ListAPIView
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import NotFoundError, client_ip
+from core.api import NotFoundError, client_ip, int_param
 from fleet.models import FamilyPolicy, VersionDecision
 from fleet.selectors.revert import family_policy, version_decisions
 from fleet.services.revert import family_policy_set as policy_set
@@ -121,15 +122,17 @@ class VersionDecisionListApi(ListAPIView[VersionDecision]):
     serializer_class = VersionDecisionSerializer
 
     def get_queryset(self) -> Any:
-        def _int(name: str) -> int | None:
-            value = self.request.query_params.get(name)
-            if value is None or value == "":
-                return None
-            try:
-                return int(value)
-            except ValueError:
-                from core.api import ServiceError
+        params = self.request.query_params
+        return version_decisions(
+            version_id=int_param(params, "version"), family_id=int_param(params, "family")
+        )
 
-                raise ServiceError(f"{name} must be an integer.", code="validation_error") from None
-
-        return version_decisions(version_id=_int("version"), family_id=_int("family"))
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("version", OpenApiTypes.INT, required=False),
+            OpenApiParameter("family", OpenApiTypes.INT, required=False),
+        ],
+        tags=["models"],
+    )
+    def get(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().get(request, *args, **kwargs)

@@ -397,3 +397,12 @@ def test_a_reverted_board_is_told_to_roll_back_in_its_heartbeat(
     assert desired["rollback"] is True and desired["version_id"] == f.v1.pk
     statement = desired["artifact"]["statement"]
     assert statement["rollback"] is True and statement["device_id"] == str(agent.device.pk)
+
+
+def test_api_ids_out_of_range_are_404_or_400(fleet: Any, operator_client: Any) -> None:
+    fleet(1)
+    huge = 2**70
+    r = operator_client.post(f"/api/v1/model-versions/{huge}/revert/", {}, format="json")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+    assert operator_client.get(f"/api/v1/models/{huge}/policy/").status_code == 404
+    assert operator_client.get(f"/api/v1/version-decisions/?family={huge}").status_code == 400
