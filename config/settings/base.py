@@ -353,6 +353,16 @@ DRIFT_MIN_SAMPLES_PER_DEVICE = env.int("DRIFT_MIN_SAMPLES_PER_DEVICE", default=2
 DRIFT_MIN_DEVICES = env.int("DRIFT_MIN_DEVICES", default=3)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
+# A version stays watched this long after its rollout succeeded: a flag (model.flagged) on a
+# watched version reverts it everywhere or only alerts, as its family's FamilyPolicy says
+# (fleet.services.revert); a family's policy may set its own period.
+VERSION_WATCH_S = env.int("VERSION_WATCH_S", default=7 * 24 * 3600)
+# A family whose policy lets a flag start a federated job starts at most one per this interval.
+DRIFT_JOB_INTERVAL_S = env.int("DRIFT_JOB_INTERVAL_S", default=6 * 3600)
+# The boards where a flagged version drifted: drift alerts over this window (and the boards
+# whose own feedback fell behind over the last hour).
+DRIFT_JOB_LOOKBACK_S = env.int("DRIFT_JOB_LOOKBACK_S", default=24 * 3600)
+DRIFT_JOB_ROUNDS = env.int("DRIFT_JOB_ROUNDS", default=3)
 
 # A device's metrics (fleet.services.metrics): at most this many samples an hour, and
 # only for versions it runs, was given, ran before or was deployed in this many days.

@@ -7,6 +7,7 @@ from fleet.api.devices import DeviceGroupViewSet, DeviceViewSet, EnrollmentToken
 from fleet.api.drift import DriftReportsView, DriftSummaryView
 from fleet.api.personalisation import PersonalisationView
 from fleet.api.recommend import FamilyRecommendApi
+from fleet.api.revert import FamilyPolicyApi, VersionDecisionListApi, VersionRevertApi
 
 router = Router()
 router.register("devices", DeviceViewSet, basename="device")
@@ -20,4 +21,8 @@ urlpatterns = router.urls + [
     path("personalisation/", PersonalisationView.as_view(), name="personalisation"),
     # A model family's route, served here because it reads what boards measured.
     path("models/<int:pk>/recommend/", FamilyRecommendApi.as_view(), name="model-family-recommend"),
+    # Reverting a version everywhere and a family's policy: fleet work on registry routes.
+    path("model-versions/<int:pk>/revert/", VersionRevertApi.as_view(), name="model-version-revert"),
+    path("models/<int:pk>/policy/", FamilyPolicyApi.as_view(), name="model-family-policy"),
+    path("version-decisions/", VersionDecisionListApi.as_view(), name="version-decisions"),
 ]
