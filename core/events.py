@@ -65,6 +65,7 @@ class Event:
 
 _ROLLOUT = ("rollout_id", "name", "version_id", "status", "wave", "reason")
 _EXPERIMENT = ("experiment_id", "name", "status", "winner_arm")
+_SHADOW = ("shadow_id", "version_id", "status", "devices", "sample_rate", "reason")
 
 EVENT_TYPES: dict[str, EventType] = {
     t.name: t
@@ -96,6 +97,12 @@ EVENT_TYPES: dict[str, EventType] = {
             "A device group's release (what boards joining it are given) was set, replaced or cleared.",
             ("group_id", "group", "version_id", "previous_version_id", "origin_type", "origin_id", "reason"),
         ),
+        EventType(
+            "shadow.started",
+            "Devices run a candidate version in shadow beside their active one.",
+            _SHADOW,
+        ),
+        EventType("shadow.stopped", "A shadow deployment was stopped.", _SHADOW),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
         EventType(
             "model_version.created",

@@ -1,0 +1,70 @@
+"""Reads for shadow deployments: per-device figures of the candidate and the fleet's medians.
+
+Devices are the unit, as in every other decision figure (``device_metric_stats``): each
+device's samples of the shadow version (since the shadow started, until it stopped) are
+averaged per metric, and the fleet figure is the median of those per-device means over
+the devices with at least ``min_samples`` samples of that metric.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+from django.db.models import QuerySet
+from django.utils import timezone
+
+from fleet.models import Shadow, ShadowMember
+from fleet.selectors.rollouts import device_metric_stats
+
+# Metric -> the name of its per-device mean in the report.
+SHADOW_METRICS = {
+    "shadow_agreement": "agreement",
+    "shadow_correct": "accuracy",
+    "shadow_error": "mae",
+    "shadow_latency_ms": "latency_ms",
+}
+
+
+def shadow_list() -> QuerySet[Shadow]:
+    """Shadows, newest first, with their version and group joined."""
+    return Shadow.objects.select_related("version__family", "group").order_by("-id")
+
+
+def shadow_member_count(*, shadow: Shadow) -> int:
+    return ShadowMember.objects.filter(shadow=shadow).count()
+
+
+def shadow_report(*, shadow: Shadow, min_samples: int = 1) -> dict[str, Any]:
+    """Per-device rows (samples and means of agreement, accuracy, mae, latency) and medians."""
+    members = list(
+        ShadowMember.objects.filter(shadow=shadow)
+        .select_related("device")
+        .order_by("device__name")
+        .values_list("device_id", "device__name", "active")
+    )
+    until = shadow.stopped_at or timezone.now()
+    stats = device_metric_stats(
+        version_ids=[shadow.version_id],
+        since=shadow.created_at,
+        until=until,
+        devices=[str(m[0]) for m in members],
+        names=list(SHADOW_METRICS),
+    )
+    rows: list[dict[str, Any]] = []
+    votes: dict[str, list[float]] = {label: [] for label in SHADOW_METRICS.values()}
+    for device_id, name, active in members:
+        mine = stats.get(str(device_id), {})
+        row: dict[str, Any] = {"device": str(device_id), "name": name, "active": active}
+        for metric, label in SHADOW_METRICS.items():
+            summary = mine.get(metric)
+            row[label] = summary.mean if summary is not None and summary.n else None
+            row[f"{label}_samples"] = summary.n if summary is not None else 0
+            if summary is not None and summary.n >= min_samples:
+                votes[label].append(summary.mean)
+        rows.append(row)
+    fleet: dict[str, Any] = {}
+    for label, values in votes.items():
+        fleet[label] = statistics.median(values) if values else None
+        fleet[f"{label}_devices"] = len(values)
+    return {"devices": rows, "fleet": fleet, "members": len(members), "min_samples": min_samples}
