@@ -11,8 +11,8 @@ installs it as the active model. The local API hands each answered prediction to
 - skips it when the budget would be exceeded: the running average shadow latency times
   the prediction rate times the sample rate against ``max_cpu_percent`` of one core, and
   the average latency times the sample rate against ``budget_ms`` per prediction. While
-  over budget one probe per ``probe_every_s`` refreshes the average, so a budget that
-  recovers is noticed;
+  over budget one probe ``probe_every_s`` after the last run refreshes the average, so a
+  candidate that got faster (or a prediction rate that fell) is noticed;
 - runs the candidate on the same input in its own worker thread, after the application
   already has its answer (the active model's, untouched), and records
   ``shadow_agreement`` (same label, or every output within ``tolerance``) and
@@ -111,7 +111,7 @@ class ShadowRunner:
         self._lock = threading.Lock()
         self._avg_ms: float | None = None
         self._arrivals: collections.deque[tuple[float, int]] = collections.deque()
-        self._last_probe = float("-inf")
+        self._last_run = float("-inf")  # when shadow work was last taken (clock)
         self._skipped = 0
         self._remembered: collections.OrderedDict[int, tuple[int, npt.NDArray[np.float64]]] = (
             collections.OrderedDict()
@@ -178,13 +178,13 @@ class ShadowRunner:
             if not chosen:
                 return 0
             if self._over_budget(model, now):
-                if now - self._last_probe < self.probe_every_s:
+                if now - self._last_run < self.probe_every_s:
                     self._skipped += len(chosen)
                     return 0
                 # One probe refreshes the average; the rest of the batch is skipped.
-                self._last_probe = now
                 self._skipped += len(chosen) - 1
                 chosen = chosen[:1]
+            self._last_run = now
         job = _Job(
             model=model,
             ids=[ids[i] for i in chosen],
