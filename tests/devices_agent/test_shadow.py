@@ -271,7 +271,7 @@ def test_the_agent_loads_a_verified_shadow_without_installing_it(agent: Any) -> 
     data = linear_onnx(seed=1)
     ref = SIGNER.ref(data, version_id=8)
     _serve(fleet, data, ref)
-    model = board.sync_shadow(_wanted(ref))  # type: ignore[arg-type]
+    model = board.sync_shadow(_wanted(ref))
     assert model is not None and model.version_id == 8 and model.sample_rate == 0.5
     assert board.shadow.model is model and _downloads(fleet) == 1
     assert (board.state.root / "shadow" / ref["sha256"]).exists()
