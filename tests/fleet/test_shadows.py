@@ -198,3 +198,23 @@ def test_members_report_metrics_for_the_shadow_version_and_the_report_counts_dev
     late = a.post("metrics", {"batch_id": "late", "samples": [_sample("shadow_agreement", 1, v2.pk)]})
     assert late.status_code == 200
     assert MetricSample.objects.filter(version=v2, name="shadow_agreement").count() == 7
+
+
+def test_the_version_page_shows_its_shadows_per_device(
+    operator_client: Any, make_user: Any, setup: Any
+) -> None:
+    from django.test import Client
+    from django.urls import reverse
+
+    v2 = setup["v2"]
+    shadow_id = _start(operator_client, version=v2.pk, group=setup["group"].pk, sample_rate=0.5).json()["id"]
+    a = setup["members"][0]
+    samples = [_sample("shadow_agreement", v, v2.pk) for v in (1, 1, 0, 1)]
+    assert a.post("metrics", {"batch_id": "p", "samples": samples}).status_code == 200
+    browser = Client()
+    browser.force_login(make_user("viewer"))
+    body = browser.get(reverse("frontend:version", args=[v2.pk])).content.decode()
+    assert f'id="shadow-{shadow_id}"' in body and 'id="version-shadows"' in body
+    assert "75.0%" in body and a.device.name in body
+    quiet = browser.get(reverse("frontend:version", args=[setup["v1"].pk])).content.decode()
+    assert "Not shadowed on any board" in quiet
