@@ -18,7 +18,8 @@ installs it as the active model. The local API hands each answered prediction to
   ``shadow_agreement`` (same label, or every output within ``tolerance``) and
   ``shadow_latency_ms``;
 - remembers the candidate's output for the prediction (bounded), so that a feedback for
-  it records ``shadow_correct`` (classification) or ``shadow_error`` (regression).
+  it records ``shadow_correct`` (classification) or ``shadow_error`` (regression); a
+  feedback that arrives before the shadow ran (or for a skipped prediction) records none.
 
 Every metric is tagged with the shadow version's id.
 """

@@ -35,6 +35,22 @@ def shadow_member_count(*, shadow: Shadow) -> int:
     return ShadowMember.objects.filter(shadow=shadow).count()
 
 
+def shadow_artifact(*, device: Any, sha256: str) -> tuple[str, int] | None:
+    """(storage name, size) of the ONNX graph with this digest when it is the candidate of
+    a running shadow the device is in: what the agent may download to shadow it."""
+    from models_registry.models import Artifact
+
+    version_ids = ShadowMember.objects.filter(
+        device=device, active=True, shadow__status=Shadow.Status.RUNNING
+    ).values("shadow__version_id")
+    found = (
+        Artifact.objects.filter(sha256=sha256, kind="onnx", version_id__in=version_ids)
+        .values_list("file", "size")
+        .first()
+    )
+    return (str(found[0]), int(found[1])) if found else None
+
+
 def shadow_report(*, shadow: Shadow, min_samples: int = 1) -> dict[str, Any]:
     """Per-device rows (samples and means of agreement, accuracy, mae, latency) and medians."""
     members = list(

@@ -76,6 +76,23 @@ def test_start_shadow_for_a_group_reaches_its_members_heartbeats_and_stops(
     assert again.status_code == 200 and AuditEvent.objects.filter(action="shadow.stop").count() == 1
 
 
+def test_members_may_download_the_candidates_onnx_graph_only(
+    operator_client: Any, setup: Any, make_version: Any
+) -> None:
+    candidate = make_version(onnx=b"shadow-candidate-graph" * 40, weights=b"shadow-weights" * 10)
+    member, outsider = setup["members"][0], setup["outsider"]
+    shadow_id = _start(operator_client, version=candidate.pk, group=setup["group"].pk, sample_rate=1).json()[
+        "id"
+    ]
+    onnx_url = member.heartbeat(seq=1).json()["shadow"]["artifact"]["url"].removeprefix("/api/agent/v1/")
+    assert member.get(onnx_url).status_code == 200
+    assert outsider.get(onnx_url).status_code == 404
+    weights = candidate.artifacts.get(kind="weights").sha256
+    assert member.get(f"artifacts/{weights}").status_code == 404
+    operator_client.post(f"/api/v1/shadows/{shadow_id}/stop/", {}, format="json")
+    assert member.get(onnx_url).status_code == 404
+
+
 def test_a_newer_shadow_takes_a_device_over(operator_client: Any, setup: Any, make_version: Any) -> None:
     v3 = make_version()
     agent = setup["members"][0]
