@@ -24,6 +24,8 @@ from fleet.services import shadows as shadow_services
 
 class ShadowSerializer(serializers.ModelSerializer[Shadow]):
     version_label = serializers.CharField(source="version.label", read_only=True)
+    # Plain text rather than a choice field: "running" or "stopped" (no new schema enum).
+    status = serializers.CharField(read_only=True, help_text="running or stopped")
     devices = serializers.SerializerMethodField()
 
     class Meta:

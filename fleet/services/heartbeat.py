@@ -262,6 +262,8 @@ def _shadow(device: Device) -> ShadowModel | None:
 
     One cached map of every running shadow's members per process (a couple of seconds),
     so a fleet with no shadow pays one small query per process, not one per heartbeat.
+    Only members get the field (a few hundred bytes, on each of their heartbeats): the
+    agent stops shadowing when an answer has none.
     """
     from fleet.services.shadows import RUNNING_CACHE_KEY
 
