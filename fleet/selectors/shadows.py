@@ -1,6 +1,8 @@
 """Reads for shadow deployments: per-device figures of the candidate and the fleet's medians.
 
-Devices are the unit, as in every other decision figure (``device_metric_stats``): each
+The active versions' ``correct`` and ``abs_error`` on the same devices over the same
+window sit beside the candidate's (``active_accuracy``, ``active_mae``). Devices are the
+unit, as in every other decision figure (``device_metric_stats``): each
 device's samples of the shadow version (since the shadow started, until it stopped) are
 averaged per metric, and the fleet figure is the median of those per-device means over
 the devices with at least ``min_samples`` samples of that metric.
@@ -14,7 +16,7 @@ from typing import Any
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from fleet.models import Shadow, ShadowMember
+from fleet.models import MetricSample, Shadow, ShadowMember
 from fleet.selectors.rollouts import device_metric_stats
 
 # Metric -> the name of its per-device mean in the report.
@@ -24,6 +26,8 @@ SHADOW_METRICS = {
     "shadow_error": "mae",
     "shadow_latency_ms": "latency_ms",
 }
+# The active model's feedback metrics on the same devices, for comparison.
+ACTIVE_METRICS = {"correct": "active_accuracy", "abs_error": "active_mae"}
 
 
 def shadow_list() -> QuerySet[Shadow]:
@@ -52,7 +56,8 @@ def shadow_artifact(*, device: Any, sha256: str) -> tuple[str, int] | None:
 
 
 def shadow_report(*, shadow: Shadow, min_samples: int = 1) -> dict[str, Any]:
-    """Per-device rows (samples and means of agreement, accuracy, mae, latency) and medians."""
+    """Per-device rows (samples and means of agreement, accuracy, mae, latency, and the
+    active versions' accuracy and mae over the same window) and the medians over devices."""
     members = list(
         ShadowMember.objects.filter(shadow=shadow)
         .select_related("device")
@@ -60,19 +65,39 @@ def shadow_report(*, shadow: Shadow, min_samples: int = 1) -> dict[str, Any]:
         .values_list("device_id", "device__name", "active")
     )
     until = shadow.stopped_at or timezone.now()
+    device_ids = [str(m[0]) for m in members]
     stats = device_metric_stats(
         version_ids=[shadow.version_id],
         since=shadow.created_at,
         until=until,
-        devices=[str(m[0]) for m in members],
+        devices=device_ids,
         names=list(SHADOW_METRICS),
     )
+    # The active versions' own figures over the same window on the same devices: a
+    # feedback on a shadowed prediction records both, so the two are compared pairwise.
+    active_ids = (
+        MetricSample.objects.filter(
+            device_id__in=device_ids, name__in=list(ACTIVE_METRICS), ts__gte=shadow.created_at, ts__lt=until
+        )
+        .exclude(version_id=shadow.version_id)
+        .exclude(version_id__isnull=True)
+        .values_list("version_id", flat=True)
+        .distinct()
+    )
+    active = device_metric_stats(
+        version_ids=list(active_ids),
+        since=shadow.created_at,
+        until=until,
+        devices=device_ids,
+        names=list(ACTIVE_METRICS),
+    )
     rows: list[dict[str, Any]] = []
-    votes: dict[str, list[float]] = {label: [] for label in SHADOW_METRICS.values()}
-    for device_id, name, active in members:
-        mine = stats.get(str(device_id), {})
-        row: dict[str, Any] = {"device": str(device_id), "name": name, "active": active}
-        for metric, label in SHADOW_METRICS.items():
+    labels = [*SHADOW_METRICS.values(), *ACTIVE_METRICS.values()]
+    votes: dict[str, list[float]] = {label: [] for label in labels}
+    for device_id, name, is_member in members:
+        mine = {**stats.get(str(device_id), {}), **active.get(str(device_id), {})}
+        row: dict[str, Any] = {"device": str(device_id), "name": name, "active": is_member}
+        for metric, label in (*SHADOW_METRICS.items(), *ACTIVE_METRICS.items()):
             summary = mine.get(metric)
             row[label] = summary.mean if summary is not None and summary.n else None
             row[f"{label}_samples"] = summary.n if summary is not None else 0

@@ -133,6 +133,8 @@ def test_an_agent_shadows_a_candidate_on_live_predictions_and_the_server_shows_a
         assert row["device"] == agent.device_id and row["agreement_samples"] == 30
         assert row["agreement"] == pytest.approx(agree)
         assert row["accuracy"] == pytest.approx(1.0) and row["accuracy_samples"] == 30
+        # The same feedback scored the active model: right exactly where the two agreed.
+        assert row["active_accuracy"] == pytest.approx(agree) and row["active_accuracy_samples"] == 30
         assert row["latency_ms_samples"] == 30 and row["latency_ms"] > 0
         assert body["fleet"]["agreement"] == pytest.approx(agree) and body["fleet"]["agreement_devices"] == 1
 

@@ -192,6 +192,7 @@ def test_members_report_metrics_for_the_shadow_version_and_the_report_counts_dev
     values = [(a, [1, 1, 1, 0]), (b, [1, 0])]
     for i, (agent, agreement) in enumerate(values):
         samples = [_sample("shadow_agreement", v, v2.pk) for v in agreement]
+        samples += [_sample("correct", 1, setup["v1"].pk)]
         samples += [_sample("shadow_latency_ms", 2.0 + i, v2.pk), _sample("shadow_correct", 1 - i, v2.pk)]
         response = agent.post("metrics", {"batch_id": f"s{i}", "samples": samples})
         assert response.status_code == 200, response.content
@@ -210,6 +211,9 @@ def test_members_report_metrics_for_the_shadow_version_and_the_report_counts_dev
     # Devices are the unit: the median of the per-device means, not of the samples.
     assert report["fleet"]["agreement"] == pytest.approx(0.625) and report["fleet"]["agreement_devices"] == 2
     assert report["fleet"]["latency_ms"] == pytest.approx(2.5) and report["fleet"]["mae"] is None
+    # The active version's accuracy on the same devices, beside the candidate's.
+    assert rows[str(a.device.pk)]["active_accuracy"] == 1.0 and rows[str(a.device.pk)]["accuracy"] == 1.0
+    assert report["fleet"]["active_accuracy"] == 1.0 and report["fleet"]["accuracy"] == pytest.approx(0.5)
     # After the shadow stops, an offline board's buffered samples are still its own.
     operator_client.post(f"/api/v1/shadows/{shadow_id}/stop/", {}, format="json")
     late = a.post("metrics", {"batch_id": "late", "samples": [_sample("shadow_agreement", 1, v2.pk)]})
