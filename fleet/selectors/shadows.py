@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from django.db.models import QuerySet
+from django.db.models import Count, QuerySet
 from django.utils import timezone
 
 from fleet.models import MetricSample, Shadow, ShadowMember
@@ -31,12 +31,18 @@ ACTIVE_METRICS = {"correct": "active_accuracy", "abs_error": "active_mae"}
 
 
 def shadow_list() -> QuerySet[Shadow]:
-    """Shadows, newest first, with their version and group joined."""
-    return Shadow.objects.select_related("version__family", "group").order_by("-id")
+    """Shadows, newest first, with their version and group joined and their members counted."""
+    return (
+        Shadow.objects.select_related("version__family", "group")
+        .annotate(member_count=Count("members"))
+        .order_by("-id")
+    )
 
 
 def shadow_member_count(*, shadow: Shadow) -> int:
-    return ShadowMember.objects.filter(shadow=shadow).count()
+    """How many devices the shadow reached (counted by :func:`shadow_list` when it was read)."""
+    counted = getattr(shadow, "member_count", None)
+    return int(counted) if counted is not None else ShadowMember.objects.filter(shadow=shadow).count()
 
 
 def shadow_artifact(*, device: Any, sha256: str) -> tuple[str, int] | None:

@@ -151,7 +151,9 @@ def shadow_start(
         )
         # A device shadows one candidate at a time: a newer shadow takes it over.
         ShadowMember.objects.filter(device__in=devices, active=True).update(active=False)
-        ShadowMember.objects.bulk_create([ShadowMember(shadow=shadow, device=d) for d in devices])
+        ShadowMember.objects.bulk_create(
+            [ShadowMember(shadow=shadow, device=d) for d in devices], batch_size=1000
+        )
         audit_record(
             actor=actor,
             action="shadow.start",

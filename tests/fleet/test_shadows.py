@@ -239,3 +239,21 @@ def test_the_version_page_shows_its_shadows_per_device(
     assert "75.0%" in body and a.device.name in body
     quiet = browser.get(reverse("frontend:version", args=[setup["v1"].pk])).content.decode()
     assert "Not shadowed on any board" in quiet
+
+
+def test_the_list_costs_the_same_queries_whatever_the_number_of_shadows(
+    operator_client: Any, viewer_client: Any, setup: Any
+) -> None:
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    body = {"version": setup["v2"].pk, "group": setup["group"].pk, "sample_rate": 1}
+    _start(operator_client, **body)
+    with CaptureQueriesContext(connection) as one:
+        viewer_client.get("/api/v1/shadows/")
+    for _ in range(4):
+        _start(operator_client, **body)
+    with CaptureQueriesContext(connection) as five:
+        listed = viewer_client.get("/api/v1/shadows/").json()
+    assert len(five.captured_queries) == len(one.captured_queries)
+    assert [s["devices"] for s in listed["results"]] == [2] * 5
