@@ -65,6 +65,7 @@ class Event:
 
 _ROLLOUT = ("rollout_id", "name", "version_id", "status", "wave", "reason")
 _EXPERIMENT = ("experiment_id", "name", "status", "winner_arm")
+_SHADOW = ("shadow_id", "version_id", "status", "devices", "sample_rate", "reason")
 
 EVENT_TYPES: dict[str, EventType] = {
     t.name: t
@@ -119,6 +120,12 @@ EVENT_TYPES: dict[str, EventType] = {
             "A flag started a federated job from the flagged version on the boards where it drifted.",
             ("decision_id", "job", "version_id", "family_id", "devices"),
         ),
+        EventType(
+            "shadow.started",
+            "Devices run a candidate version in shadow beside their active one.",
+            _SHADOW,
+        ),
+        EventType("shadow.stopped", "A shadow deployment was stopped.", _SHADOW),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
         EventType(
             "model_version.created",
