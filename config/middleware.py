@@ -31,3 +31,20 @@ class DeviceApiHeadersMiddleware(MiddlewareMixin):
                 if name in response:
                     del response[name]
         return response
+
+
+class RefuseNulMiddleware(MiddlewareMixin):
+    """Answer 400 to a path or query string holding a NUL character.
+
+    PostgreSQL's text cannot store one, so a lookup with it fails at the database (a 500);
+    bodies are checked by the parsers (``core.parsers``, ``fleet.auth.json_body``).
+    """
+
+    def process_request(self, request: HttpRequest) -> HttpResponseBase | None:
+        query = request.META.get("QUERY_STRING", "")
+        if "\x00" in request.path or "%00" in query or "\x00" in query:
+            from core.api import error_response
+            from core.parsers import NUL_MESSAGE
+
+            return error_response(status_code=400, code="validation_error", message=NUL_MESSAGE)
+        return None

@@ -1,15 +1,14 @@
 from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
-from rest_framework.routers import DefaultRouter
 
 from config import health
+from core.api import Router
 from core.audit.api import AuditEventViewSet
 from core.logins import TokenLoginApi
 
 # Small resources that live outside the apps' own routers (the audit log).
-core_router = DefaultRouter(trailing_slash=True)
-core_router.include_root_view = False
+core_router = Router()
 core_router.register("audit-events", AuditEventViewSet, basename="audit-event")
 
 urlpatterns = [

@@ -4,13 +4,25 @@ from __future__ import annotations
 
 from typing import Any
 
+import django_filters
+from django import forms
 from django.core.exceptions import PermissionDenied as DjangoPermissionDenied
 from django.core.exceptions import RequestDataTooBig
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import models
+from django.db.models import ProtectedError, RestrictedError
 from django.http import Http404, JsonResponse
-from rest_framework import exceptions, pagination, status
+from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework import exceptions, pagination, routers, serializers, status
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+# What an integer column holds on every supported database (PostgreSQL's `integer`), and
+# the widest id (`bigint`): inputs past these are refused with a 400, never sent to the DB.
+DB_INT_MIN, DB_INT_MAX = -(2**31), 2**31 - 1
+DB_ID_MAX = 2**63 - 1
+# Router ids: 1..18 digits always fit a bigint; anything else is not a route (404).
+ID_PATH_REGEX = "[0-9]{1,18}"
 
 
 class ServiceError(Exception):
@@ -55,6 +67,21 @@ def error_response(*, status_code: int, code: str, message: str, details: Any = 
     return JsonResponse(error_body(code=code, message=message, details=details), status=status_code)
 
 
+def _referenced(exc: ProtectedError | RestrictedError) -> Response:
+    """A delete refused because other rows still point at the row: 409 naming them."""
+    objects = list(getattr(exc, "protected_objects", None) or getattr(exc, "restricted_objects", None) or [])
+    names = sorted({f"{obj._meta.verbose_name} {obj.pk}" for obj in objects})
+    shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    return Response(
+        error_body(
+            code="still_referenced",
+            message=f"Cannot delete: still referenced by {shown or 'other records'}.",
+            details={"referenced_by": names},
+        ),
+        status=status.HTTP_409_CONFLICT,
+    )
+
+
 def _first_message(detail: Any) -> str:
     if isinstance(detail, dict):
         for key, value in detail.items():
@@ -74,6 +101,8 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         if exc.retry_after_s is not None:
             refused["Retry-After"] = str(exc.retry_after_s)
         return refused
+    if isinstance(exc, ProtectedError | RestrictedError):
+        return _referenced(exc)
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(
             detail=exc.message_dict if hasattr(exc, "error_dict") else exc.messages
@@ -114,9 +143,114 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
     return response
 
 
+class IntegerField(serializers.IntegerField):
+    """DRF's IntegerField bounded to an integer column's range unless told otherwise."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", DB_INT_MIN)
+        kwargs.setdefault("max_value", DB_INT_MAX)
+        super().__init__(**kwargs)
+
+
+class IdField(serializers.IntegerField):
+    """A row id given as a number: 1..2**63-1."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", DB_ID_MAX)
+        super().__init__(**kwargs)
+
+
+class PrimaryKeyRelatedField(serializers.PrimaryKeyRelatedField):
+    """DRF's PrimaryKeyRelatedField that refuses integer ids no column can hold (as unknown)."""
+
+    def to_internal_value(self, data: Any) -> Any:
+        if isinstance(data, int | str) and not isinstance(data, bool):
+            try:
+                number = int(data)
+            except ValueError:
+                number = None
+            if number is not None and not 0 < number <= DB_ID_MAX:
+                self.fail("does_not_exist", pk_value=data)
+        return super().to_internal_value(data)
+
+
+def int_param(params: Any, name: str, *, minimum: int = 1, maximum: int = DB_ID_MAX) -> int | None:
+    """The integer query parameter ``name`` (None when absent or empty), else a 400."""
+    raw = params.get(name)
+    if raw is None or str(raw).strip() == "":
+        return None
+    text = str(raw).strip()
+    if not text.lstrip("-").isdigit() or len(text) > 20 or not minimum <= int(text) <= maximum:
+        raise ServiceError(
+            f"{name} must be an integer in {minimum}..{maximum}.",
+            code="validation_error",
+            details={name: ["Not a valid integer in range."]},
+        )
+    return int(text)
+
+
+class IntegerFilter(django_filters.NumberFilter):
+    """A filter on an integer column: whole numbers in the column's range only (400 else)."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("min_value", -DB_ID_MAX)
+        kwargs.setdefault("max_value", DB_ID_MAX)
+        super().__init__(*args, **kwargs)
+
+
+class FilterSet(django_filters.FilterSet):
+    """django-filter's FilterSet whose integer columns filter by whole numbers (its
+    default takes decimals such as ``?port=0.5``)."""
+
+    FILTER_DEFAULTS = {
+        **django_filters.FilterSet.FILTER_DEFAULTS,
+        **{
+            field: {"filter_class": IntegerFilter}
+            for field in (
+                models.IntegerField,
+                models.SmallIntegerField,
+                models.BigIntegerField,
+                models.PositiveIntegerField,
+                models.PositiveSmallIntegerField,
+                models.PositiveBigIntegerField,
+                models.AutoField,
+                models.BigAutoField,
+                models.SmallAutoField,
+            )
+        },
+    }
+
+
+class FilterBackend(DjangoFilterBackend):
+    """The API's filter backend: `FilterSet` above for every ``filterset_fields``."""
+
+    filterset_base = FilterSet
+
+
+class Router(routers.DefaultRouter):
+    """The API's router: ids in paths are numbers that fit a bigint unless a viewset says
+    otherwise (``lookup_value_regex``); anything else is no route (404), never a query."""
+
+    include_root_view = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("trailing_slash", True)
+        super().__init__(**kwargs)
+        self._default_value_pattern = ID_PATH_REGEX
+
+
 class Pagination(pagination.PageNumberPagination):
     page_size_query_param = "page_size"
     max_page_size = 500
+
+    def get_page_size(self, request: Any) -> int | None:
+        """``?page_size=`` a positive integer (at most 500 are sent), else a 400 (DRF would
+        quietly use the default)."""
+        size = int_param(request.query_params, self.page_size_query_param)
+        return self.page_size if size is None else min(size, self.max_page_size)
 
 
 def client_ip(request: Any) -> str | None:

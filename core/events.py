@@ -65,6 +65,7 @@ class Event:
 
 _ROLLOUT = ("rollout_id", "name", "version_id", "status", "wave", "reason")
 _EXPERIMENT = ("experiment_id", "name", "status", "winner_arm")
+_SHADOW = ("shadow_id", "version_id", "status", "devices", "sample_rate", "reason")
 
 EVENT_TYPES: dict[str, EventType] = {
     t.name: t
@@ -110,6 +111,35 @@ EVENT_TYPES: dict[str, EventType] = {
             "A device group's release (what boards joining it are given) was set, replaced or cleared.",
             ("group_id", "group", "version_id", "previous_version_id", "origin_type", "origin_id", "reason"),
         ),
+        EventType(
+            "version.reverted",
+            "A version was reverted on every device running or desiring it.",
+            (
+                "decision_id",
+                "version_id",
+                "family_id",
+                "trigger",
+                "reason",
+                "devices_reverted",
+                "devices_without_previous",
+            ),
+        ),
+        EventType(
+            "version.revert_recommended",
+            "A version failed a gate or was flagged while watched; its family's policy only alerts.",
+            ("decision_id", "version_id", "family_id", "trigger", "reason", "devices"),
+        ),
+        EventType(
+            "federated_job.started_by_drift",
+            "A flag started a federated job from the flagged version on the boards where it drifted.",
+            ("decision_id", "job", "version_id", "family_id", "devices"),
+        ),
+        EventType(
+            "shadow.started",
+            "Devices run a candidate version in shadow beside their active one.",
+            _SHADOW,
+        ),
+        EventType("shadow.stopped", "A shadow deployment was stopped.", _SHADOW),
         # Notices inside the product: the dashboard and the agents' nudge hear them.
         EventType(
             "model_version.created",

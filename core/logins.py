@@ -15,7 +15,7 @@ from django.contrib.auth import authenticate
 from django.contrib.auth.views import LoginView
 from django.db import transaction
 from django.http import HttpRequest, HttpResponseBase
-from drf_spectacular.utils import extend_schema, inline_serializer
+from drf_spectacular.utils import OpenApiResponse, extend_schema, inline_serializer
 from rest_framework import serializers
 from rest_framework.authtoken.models import Token
 from rest_framework.permissions import AllowAny
@@ -77,7 +77,10 @@ class TokenLoginApi(APIView):
 
     @extend_schema(
         request=_LoginIn,
-        responses={200: inline_serializer("TokenLoginOut", {"token": serializers.CharField()})},
+        responses={
+            200: inline_serializer("TokenLoginOut", {"token": serializers.CharField()}),
+            401: OpenApiResponse(description="Wrong username or password, or an inactive user."),
+        },
         auth=[],
     )
     def post(self, request: Request) -> Response:

@@ -10,7 +10,8 @@ both the long-running loop (:meth:`Agent.run`) and the fleet simulator call:
 5. hand training tasks to ``task_handlers["train"]`` (the federated trainer over the
    board's own examples, when a training backend is installed and ``train`` is on);
 6. personalise the new model on the board's examples (when ``personalise`` is on);
-7. flush the metrics outbox in batches.
+7. load (or drop) the version the server asks to run in shadow (:mod:`devices_agent.shadow`);
+8. flush the metrics outbox in batches.
 
 Beside the loop, the local API (:mod:`devices_agent.local_api`) serves the application
 that runs on the board: predictions with the model in use (the personal one when it
@@ -56,6 +57,7 @@ from devices_agent.learning import (
 from devices_agent.local_api import LocalApiServer, LocalService
 from devices_agent.outbox import BufferedRecorder, Outbox, utc_now_iso
 from devices_agent.samples import SampleStore
+from devices_agent.shadow import ShadowModel, ShadowRunner
 from devices_agent.state import AgentState, Credentials, InstalledModel
 from devices_agent.updater import Outcome, Updater
 from devices_agent.wire import (
@@ -72,6 +74,7 @@ from devices_agent.wire import (
     Policy,
     TrainingTask,
 )
+from devices_agent.wire import ShadowModel as ShadowWire
 
 __all__ = [
     "Agent",
@@ -216,12 +219,21 @@ class Agent:
             session_provider=self.session_provider,
             extra_delay_ms=self.config.inference_delay_ms,
         )
+        # A candidate run beside the active model on the same inputs (never answering).
+        self.shadow = ShadowRunner(record=self.record, seed=self.rng.randrange(2**31))
+        self._shadow_key: tuple[int, int, str] | None = None
+        self._shadow_refused: set[tuple[int, str]] = set()
         self.local = LocalService(
             model=self.runtime.active,
             store=self.samples,
             record=self.record,
-            status=lambda: {"device_id": self.device_id, "training_backends": self.backends},
+            status=lambda: {
+                "device_id": self.device_id,
+                "training_backends": self.backends,
+                "shadow_version_id": self.shadow.model.version_id if self.shadow.model else None,
+            },
             max_batch=self.config.local_api_max_batch,
+            shadow=self.shadow,
         )
         self.local_server: LocalApiServer | None = None
         if self.backends and "train" not in self.task_handlers:
@@ -285,6 +297,7 @@ class Agent:
         if self.local_server is not None:
             self.local_server.stop()
             self.local_server = None
+        self.shadow.close()
         if self.client is not None:
             self.client.close()
         self.recorder.flush()
@@ -432,6 +445,7 @@ class Agent:
         result.outcome = self.updater.reconcile(desired, self.policy)
         self.run_tasks(answer)
         self.personalise(desired)
+        self.sync_shadow(answer.get("shadow"))
         if (self._beats - 1) % max(1, self.config.state_every) == 0:
             # Resource use is sampled at the state cadence, not every heartbeat: on an
             # idle board a metrics batch every minute would double the daily traffic.
@@ -443,6 +457,9 @@ class Agent:
                     ("ram_mb", resources["ram_mb"], utc_now_iso(), version_id),
                 ]
             )
+        skipped, shadow_version = self.shadow.take_skipped()
+        if skipped:
+            self.record("shadow_skipped", float(skipped), shadow_version)
         result.metrics_sent = self.flush_metrics()
         if self.restart_requested:
             raise RestartRequested()
@@ -581,6 +598,94 @@ class Agent:
             version_id=version_id,
         )
         return path.read_bytes()
+
+    def sync_shadow(self, wanted: ShadowWire | None) -> ShadowModel | None:
+        """Run the shadow version the server names (None: stop shadowing); returns it.
+
+        The candidate's ONNX graph comes through :func:`fetch_artifact`, after its signed
+        statement verified for this version, family, number and kind ``onnx`` (a refused
+        artifact is remembered and not fetched again). It is kept under
+        ``<state_dir>/shadow`` and never installed as the active model.
+        """
+        if wanted is None:
+            if self.shadow.model is not None:
+                log.info("shadow of version %s stopped", self.shadow.model.version_id)
+            self.shadow.set_model(None)
+            self._shadow_key = None
+            return None
+        assert self.client is not None and self.updater is not None
+        ref = wanted["artifact"]
+        version_id = int(wanted["version_id"])
+        key = (int(wanted["shadow_id"]), version_id, str(ref.get("sha256", "")))
+        current = self.shadow.model
+        if current is not None and self._shadow_key == key:
+            # The same candidate: only the policy may have changed.
+            current.sample_rate = float(wanted["sample_rate"])
+            current.max_cpu_percent = wanted.get("max_cpu_percent")
+            current.budget_ms = wanted.get("budget_ms")
+            current.tolerance = float(wanted.get("tolerance") or 0.0)
+            return current
+        if (version_id, key[2]) in self._shadow_refused:
+            return None
+        from devices_agent.family import FamilySpec, SpecError
+        from devices_agent.inference import load_session
+        from devices_agent.updater import VerificationError, verify_statement
+
+        try:
+            if ref.get("kind") != "onnx":
+                raise VerificationError(f"a shadow runs an ONNX graph, not a {ref.get('kind')!r} artifact")
+            verify_statement(
+                ref,
+                public_key=self.updater.public_key,
+                kind="onnx",
+                version_id=version_id,
+                family=wanted.get("family") or None,
+                number=wanted.get("number"),
+                now=time.time(),
+            )
+            path = fetch_artifact(
+                client=self.client,
+                ref=ref,
+                public_key=self.updater.public_key,
+                folder=self.state.root / "shadow",
+                version_id=version_id,
+                keep=2,
+            )
+            raw_spec = wanted.get("spec")
+            spec = FamilySpec.from_dict(dict(raw_spec)) if raw_spec else None
+            if spec is None:
+                active = self.runtime.active()
+                if active is None:
+                    return None
+                spec = active.spec
+            session = load_session(path)
+        except (VerificationError, SpecError) as exc:
+            log.warning("shadow version %s refused: %s", version_id, exc)
+            self._shadow_refused.add((version_id, key[2]))
+            self.shadow.set_model(None)
+            self._shadow_key = None
+            return None
+        except ServerError as exc:
+            log.warning("shadow version %s not fetched yet: %s", version_id, exc)
+            return None
+        except Exception as exc:  # noqa: BLE001 - a candidate that does not load is refused
+            log.warning("shadow version %s does not load: %s", version_id, exc)
+            self._shadow_refused.add((version_id, key[2]))
+            return None
+        model = ShadowModel(
+            shadow_id=key[0],
+            version_id=version_id,
+            spec=spec,
+            session=session,
+            sample_rate=float(wanted["sample_rate"]),
+            max_cpu_percent=wanted.get("max_cpu_percent"),
+            budget_ms=wanted.get("budget_ms"),
+            tolerance=float(wanted.get("tolerance") or 0.0),
+        )
+        self.shadow.set_model(model)
+        self._shadow_key = key
+        log.info("shadowing version %s (sample rate %s)", version_id, model.sample_rate)
+        return model
 
     def personalise(self, desired: DesiredModel | None) -> PersonalResult | None:
         """Fine-tune a personal head once the desired version is active here (when enabled).

@@ -38,6 +38,7 @@ import numpy.typing as npt
 from devices_agent.drift import DriftSketch, drift_features
 from devices_agent.family import FamilySpec, SpecError, feedback_metric, probabilities
 from devices_agent.samples import SampleStore
+from devices_agent.shadow import ShadowRunner
 
 __all__ = ["ActiveModel", "LocalApiError", "LocalApiServer", "LocalService"]
 
@@ -97,8 +98,12 @@ class LocalService:
         max_batch: int = 1024,
         max_open: int = 10_000,
         max_open_bytes: int = 64 * 1024 * 1024,
+        shadow: ShadowRunner | None = None,
     ) -> None:
         self.model = model
+        # A candidate version run beside the active one (devices_agent.shadow); it sees
+        # the same inputs after the answer is built and never changes it.
+        self.shadow = shadow
         self.store = store
         self.record = record
         self.extra_status = status
@@ -172,7 +177,15 @@ class LocalService:
                     }
                 )
         self._sketch(spec, x, confidences)
-        return {"version_id": active.version_id, "model": active.kind, "predictions": predictions}
+        answer = {"version_id": active.version_id, "model": active.kind, "predictions": predictions}
+        if self.shadow is not None:
+            try:
+                self.shadow.offer(
+                    ids=[int(p["prediction_id"]) for p in predictions], x=x, active_outputs=outputs, spec=spec
+                )
+            except Exception:  # noqa: BLE001 - shadow work never costs the application its answer
+                log.exception("shadow offer failed")
+        return answer
 
     def predict_raw(self, body: bytes, *, shape: str, dtype: str, batch: bool) -> dict[str, Any]:
         """:meth:`predict` for inputs sent as raw little-endian bytes of ``shape`` and ``dtype``.
@@ -275,6 +288,8 @@ class LocalService:
             if self._open.pop(prediction_id, None) is not None:
                 self._open_bytes -= entry.x.nbytes + entry.output.nbytes
         self.record(name, value, entry.version_id)
+        if self.shadow is not None:
+            self.shadow.feedback(prediction_id, label)
         return {"recorded": name, "value": value, **self.counts()}
 
     def add_samples(self, x: Any, y: Any) -> dict[str, Any]:

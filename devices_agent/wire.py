@@ -58,6 +58,12 @@ METRIC_NAMES: tuple[str, ...] = (
     "samples_evicted",  # examples the board's full sample store evicted since the last report
     "drift_score",
     "dropped",  # samples the agent's full outbox discarded since the last report
+    # Shadow deployments (devices_agent.shadow), tagged with the shadow version's id:
+    "shadow_agreement",  # 1.0 when the shadow agreed with the active model on a prediction
+    "shadow_correct",  # 1.0 or 0.0: the shadow's answer against a feedback label (classification)
+    "shadow_error",  # the shadow's absolute error against a feedback target (regression)
+    "shadow_latency_ms",  # one shadow inference, wall time in the agent's shadow worker
+    "shadow_skipped",  # sampled predictions the CPU budget skipped since the last report
 )
 
 # What each metric's value may be: (lowest, highest, whole numbers only). The server
@@ -78,6 +84,11 @@ METRIC_RANGES: dict[str, tuple[float, float, bool]] = {
     "samples_evicted": (0.0, 1e9, True),
     "drift_score": (0.0, 1e9, False),
     "dropped": (0.0, 1e9, True),
+    "shadow_agreement": (0.0, 1.0, True),
+    "shadow_correct": (0.0, 1.0, True),
+    "shadow_error": (0.0, 1e9, False),
+    "shadow_latency_ms": (0.0, 600_000.0, False),
+    "shadow_skipped": (0.0, 1e9, True),
 }
 
 
@@ -342,6 +353,31 @@ class Command(TypedDict):
 TIME_VARYING_POLICY_FIELDS = ("in_maintenance_window", "download_allowed")
 
 
+class ShadowModel(TypedDict):
+    """A candidate version the board runs beside its active model, never answering with it.
+
+    ``artifact`` is the candidate's ONNX graph with a statement signed for this version and
+    kind ``onnx``; the agent downloads and verifies it like an update and never installs it
+    as active. ``sample_rate`` is the share of predictions shadowed; a sampled prediction is
+    skipped when the average shadow latency would take more than ``max_cpu_percent`` of
+    one core at the current prediction rate, or more than ``budget_ms`` per application
+    prediction (average latency x sample rate). ``tolerance`` is the largest absolute
+    difference of a regression output that still counts as agreement.
+    """
+
+    shadow_id: int
+    version_id: int
+    label: str
+    family: str
+    number: int
+    artifact: ArtifactRef
+    spec: NotRequired[FamilySpec]
+    sample_rate: float
+    max_cpu_percent: float | None
+    budget_ms: float | None
+    tolerance: float
+
+
 class HeartbeatResponse(TypedDict):
     """The answer to a heartbeat.
 
@@ -366,6 +402,8 @@ class HeartbeatResponse(TypedDict):
     in_window: NotRequired[bool]
     tasks: NotRequired[list[TrainingTask]]
     commands: NotRequired[list[Command]]
+    # A version to run in shadow (absent: none; the agent stops shadowing).
+    shadow: NotRequired[ShadowModel]
 
 
 class MetricSample(TypedDict):

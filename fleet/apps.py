@@ -9,12 +9,14 @@ class FleetConfig(AppConfig):
     def ready(self) -> None:
         from core import dispatch, events
         from fleet import nudge
-        from fleet.services import webhooks
+        from fleet.services import revert, webhooks
 
         # Webhook receivers get the public domain events, whoever emitted them.
         events.subscribe(webhooks.webhook_event_received, public_only=True)
         # Agents heartbeat at once when something concerns them.
         events.subscribe(nudge.nudge_event_received, names=nudge.NUDGE_EVENTS)
+        # A flag on a version still watched after its rollout: revert or alert, by policy.
+        events.subscribe(revert.model_flagged_received, names=["model.flagged"])
 
         dispatch.recoverable(
             "fleet.webhooks_deliver",

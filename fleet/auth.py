@@ -28,6 +28,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from core import ratelimit
 from core.api import ServiceError, error_response
+from core.parsers import NUL_MESSAGE, holds_nul
 from core.ratelimit import client_address
 from devices_agent.wire import AUTH_SCHEME
 from fleet.models import Device
@@ -168,6 +169,9 @@ def json_body(request: HttpRequest) -> dict[str, Any]:
         raise ServiceError(f"Malformed JSON: {exc}", code="malformed_json") from exc
     if not isinstance(body, dict):
         raise ServiceError("The body must be a JSON object.", code="validation_error")
+    # Only an escape can put a NUL into a string of valid JSON: search the bytes first.
+    if b"\\u0000" in raw and holds_nul(body):
+        raise ServiceError(NUL_MESSAGE, code="validation_error")
     return body
 
 

@@ -73,6 +73,8 @@ _EVENT_TOPICS: dict[str, tuple[str, str, str]] = {
     "provisioning_job": (PROVISIONING, "provisioning", "job_id"),
     # A group's release changed: the group's page and the fleet's lists.
     "group": (FLEET, "group", "group_id"),
+    # A shadow started or stopped: its version's page.
+    "shadow": (MODELS, "version", "version_id"),
 }
 
 

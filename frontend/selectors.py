@@ -220,12 +220,13 @@ def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
     Each row names the metric and has its live ``value`` and evaluated ``reference``
     (flags from before the metric was named are accuracy flags).
     """
-    versions = (
+    versions = list(
         ModelVersion.objects.filter(metrics__has_key="flagged")
         .select_related("family")
         .order_by("-id")[:limit]
     )
     rows = []
+    outcome = _version_outcomes([v.pk for v in versions])
     for v in versions:
         flag = v.metrics["flagged"] if isinstance(v.metrics.get("flagged"), dict) else {}
         metric = flag.get("metric") or "accuracy"
@@ -236,9 +237,28 @@ def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
                 "metric": metric,
                 "value": flag.get("value", flag.get(metric)),
                 "reference": flag.get("reference", flag.get(f"reference_{metric}")),
+                "retrain_job": flag.get("retrain_job") or outcome.get(v.pk, {}).get("job"),
+                "outcome": outcome.get(v.pk, {}).get("text", ""),
             }
         )
     return rows
+
+
+def _version_outcomes(version_ids: list[int]) -> dict[int, dict[str, Any]]:
+    """Per version, what the fleet did about it (its newest revert or alert, and a job
+    started by drift): one query."""
+    from fleet.selectors.revert import version_decisions
+
+    found: dict[int, dict[str, Any]] = {}
+    for d in version_decisions().filter(version_id__in=version_ids):
+        row = found.setdefault(int(d.version_id), {})
+        if d.action == "drift_job_started" and "job" not in row:
+            row["job"] = d.job_id
+        elif d.action == "reverted" and "text" not in row:
+            row["text"] = f"reverted on {d.devices_reverted} ({d.devices_without_previous} with none before)"
+        elif d.action == "alerted" and "text" not in row:
+            row["text"] = f"revert recommended ({d.detail.get('devices', 0)} devices)"
+    return found
 
 
 def overview_drift() -> dict[str, Any]:

@@ -179,3 +179,13 @@ def report_view(report: EvaluationReport | None) -> dict[str, Any] | None:
             if isinstance(v, dict)
         ],
     }
+
+
+def version_shadows(version: ModelVersion, *, limit: int = 5) -> list[dict[str, Any]]:
+    """The version's latest shadow deployments, each with its per-device report."""
+    from fleet.selectors.shadows import shadow_list, shadow_report
+
+    return [
+        {"shadow": shadow, "report": shadow_report(shadow=shadow)}
+        for shadow in shadow_list().filter(version=version)[:limit]
+    ]

@@ -53,6 +53,7 @@ class TrainingConfig(AppConfig):
         register_artifact_entitlement(round_artifact_for_device)
         subscribe(subscribers.round_opened, names=["federated_round.opened"])
         subscribe(subscribers.model_flagged, names=["model.flagged"])
+        subscribe(subscribers.model_flagged_start_job, names=["model.flagged"])
         for task, how in RECOVERIES.items():
             recoverable(task, by=RECOVERED_BY.get(task, "training.rounds_tick"), how=how)
         sweep.register("training.rounds", _rounds_redrive)

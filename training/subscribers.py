@@ -11,6 +11,7 @@ from django.conf import settings
 from core.events import Event
 from training import notify
 from training.services import job_retrain_for_flag
+from training.services.drift_jobs import job_start_for_drift
 
 
 def round_opened(event: Event) -> None:
@@ -26,3 +27,9 @@ def model_flagged(event: Event) -> None:
     """
     if getattr(settings, "DRIFT_AUTO_RETRAIN", False):
         job_retrain_for_flag(version_id=int(event.payload["version_id"]))
+
+
+def model_flagged_start_job(event: Event) -> None:
+    """``model.flagged``: when the family's policy says so, a job on the boards where it drifted
+    (rate-limited per family; see :mod:`training.services.drift_jobs`)."""
+    job_start_for_drift(version_id=int(event.payload["version_id"]), flag=dict(event.payload))

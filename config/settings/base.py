@@ -36,6 +36,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "config.middleware.DeviceApiHeadersMiddleware",
+    "config.middleware.RefuseNulMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -175,18 +176,16 @@ REST_FRAMEWORK = {
     "DEFAULT_PAGINATION_CLASS": "core.api.Pagination",
     "PAGE_SIZE": 50,
     "DEFAULT_FILTER_BACKENDS": [
-        "django_filters.rest_framework.DjangoFilterBackend",
+        "core.api.FilterBackend",
         "rest_framework.filters.OrderingFilter",
         "rest_framework.filters.SearchFilter",
     ],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "core.api.exception_handler",
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": [
-        "rest_framework.parsers.JSONParser",
-        "rest_framework.parsers.MultiPartParser",
-        "rest_framework.parsers.FormParser",
-    ],
+    # JSON bodies only: form encoding would read an empty field as "not given" and every
+    # value as a string. The upload views declare their own multipart parsers.
+    "DEFAULT_PARSER_CLASSES": ["core.parsers.JSONParser"],
     "TEST_REQUEST_DEFAULT_FORMAT": "json",
     "DEFAULT_THROTTLE_CLASSES": ["core.throttles.ApiRateThrottle"],
 }
@@ -201,6 +200,14 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "COMPONENT_SPLIT_REQUEST": True,
     "ENUM_NAME_OVERRIDES": {"DeviceStatusEnum": "fleet.models.devices.Device.Status"},
+    # The device API (plain Django views) is written out by its apps; then every
+    # operation gets the error answers it can give (core.openapi).
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "fleet.api.agent_schema.add_device_api",
+        "training.api.agent_schema.add_round_api",
+        "core.openapi.add_error_responses",
+    ],
 }
 
 # --- Celery -----------------------------------------------------------------------------
@@ -346,6 +353,16 @@ DRIFT_MIN_SAMPLES_PER_DEVICE = env.int("DRIFT_MIN_SAMPLES_PER_DEVICE", default=2
 DRIFT_MIN_DEVICES = env.int("DRIFT_MIN_DEVICES", default=3)
 # When a version is flagged, start a federated job from it on the group running it most.
 DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
+# A version stays watched this long after its rollout succeeded: a flag (model.flagged) on a
+# watched version reverts it everywhere or only alerts, as its family's FamilyPolicy says
+# (fleet.services.revert); a family's policy may set its own period.
+VERSION_WATCH_S = env.int("VERSION_WATCH_S", default=7 * 24 * 3600)
+# A family whose policy lets a flag start a federated job starts at most one per this interval.
+DRIFT_JOB_INTERVAL_S = env.int("DRIFT_JOB_INTERVAL_S", default=6 * 3600)
+# The boards where a flagged version drifted: drift alerts over this window (and the boards
+# whose own feedback fell behind over the last hour).
+DRIFT_JOB_LOOKBACK_S = env.int("DRIFT_JOB_LOOKBACK_S", default=24 * 3600)
+DRIFT_JOB_ROUNDS = env.int("DRIFT_JOB_ROUNDS", default=3)
 
 # A device's metrics (fleet.services.metrics): at most this many samples an hour, and
 # only for versions it runs, was given, ran before or was deployed in this many days.

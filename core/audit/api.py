@@ -1,6 +1,7 @@
 from django_filters import rest_framework as filters
 from rest_framework import serializers, viewsets
 
+from core.api import FilterSet
 from core.audit.models import AuditEvent
 from core.audit.selectors import audit_event_list
 
@@ -20,7 +21,7 @@ class AuditEventSerializer(serializers.ModelSerializer[AuditEvent]):
         ]
 
 
-class AuditEventFilter(filters.FilterSet):
+class AuditEventFilter(FilterSet):
     since = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
     until = filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 

@@ -1,3 +1,3 @@
 """Admin registrations, one module per area."""
 
-from fleet.admin import devices, provisioning, rollouts  # noqa: F401
+from fleet.admin import devices, provisioning, rollouts, shadows  # noqa: F401

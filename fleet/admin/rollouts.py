@@ -1,4 +1,5 @@
-"""Admin: rollouts, experiments, webhooks (read-mostly; workflows go through the API)."""
+"""Admin: rollouts, experiments, webhooks, family policies and version decisions (read-mostly;
+workflows go through the API)."""
 
 from django.contrib import admin
 
@@ -6,9 +7,11 @@ from fleet.models import (
     Experiment,
     ExperimentAssignment,
     ExperimentDecision,
+    FamilyPolicy,
     Rollout,
     RolloutDecision,
     RolloutDevice,
+    VersionDecision,
     WebhookDelivery,
     WebhookEndpoint,
 )
@@ -62,3 +65,15 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
 class WebhookDeliveryAdmin(admin.ModelAdmin):
     list_display = ["id", "endpoint", "event_type", "status", "attempts", "response_code", "created_at"]
     list_filter = ["status", "event_type"]
+
+
+@admin.register(FamilyPolicy)
+class FamilyPolicyAdmin(admin.ModelAdmin):
+    list_display = ["family", "on_failure", "watch_s", "drift_job", "drift_job_interval_s", "auto_ship"]
+
+
+@admin.register(VersionDecision)
+class VersionDecisionAdmin(admin.ModelAdmin):
+    list_display = ["id", "version", "action", "trigger", "devices_reverted", "devices_without_previous"]
+    list_filter = ["action", "trigger"]
+    readonly_fields = [f.name for f in VersionDecision._meta.fields]

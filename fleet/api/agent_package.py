@@ -52,6 +52,11 @@ class AgentRequirementsView(APIView):
                 code="validation_error",
                 details={"field": "training"},
             )
-        bare = str(request.query_params.get("bare", "")).lower() in ("1", "true", "yes")
+        raw_bare = str(request.query_params.get("bare", "")).strip().lower()
+        if raw_bare not in ("", "0", "1", "false", "true", "no", "yes"):
+            raise ServiceError(
+                "bare must be true or false.", code="validation_error", details={"field": "bare"}
+            )
+        bare = raw_bare in ("1", "true", "yes")
         text: Any = bare_requirements_file(training) if bare else requirements_file(training)
         return HttpResponse(text, content_type="text/plain; charset=utf-8")

@@ -35,6 +35,7 @@ from devices_agent.wire import (
 )
 from fleet.auth import device_endpoint
 from fleet.models import Device
+from fleet.selectors.shadows import shadow_artifact
 from fleet.services.commands import device_command_record_result
 from fleet.services.deployments import deployment_record_status
 from fleet.services.devices import tags_validate
@@ -303,7 +304,8 @@ def register_artifact_entitlement(provider: ArtifactEntitlement) -> ArtifactEnti
     """Let `provider(device, sha256) -> (storage name, size) | None` grant downloads.
 
     By default a device may fetch the artifacts of its desired, running and previous
-    versions; the training app adds round weights through this hook.
+    versions and the ONNX graph of the version it runs in shadow; the training app adds
+    round weights through this hook.
     """
     if provider not in _entitlements:
         _entitlements.append(provider)
@@ -364,7 +366,7 @@ def artifact(
     request: HttpRequest, device: Device, body: None, sha256: str
 ) -> HttpResponse | StreamingHttpResponse:
     """`GET artifacts/<sha256>`: the file, with ETag, Range (single) and If-None-Match."""
-    found = _version_artifact(device, sha256)
+    found = _version_artifact(device, sha256) or shadow_artifact(device=device, sha256=sha256)
     for provider in _entitlements:
         if found is not None:
             break

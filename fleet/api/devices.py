@@ -21,7 +21,7 @@ from rest_framework.exceptions import PermissionDenied
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core.api import AuditedWritesMixin, client_ip
+from core.api import AuditedWritesMixin, IdField, PrimaryKeyRelatedField, client_ip, int_param
 from core.roles import ADMIN, has_role
 from fleet.agent_setup import agent_run_command
 from fleet.models import (
@@ -136,8 +136,8 @@ class DeviceDetailSerializer(DeviceSerializer):
 class DeviceUpdateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=150, required=False)
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, max_length=50)
-    groups = serializers.ListField(child=serializers.IntegerField(), required=False)
-    policy = serializers.IntegerField(required=False, allow_null=True)
+    groups = serializers.ListField(child=IdField(), required=False, max_length=100)
+    policy = IdField(required=False, allow_null=True)
 
 
 class CommandInputSerializer(serializers.Serializer):
@@ -152,7 +152,7 @@ class CommandSerializer(serializers.ModelSerializer):
 
 
 class AssignVersionSerializer(serializers.Serializer):
-    version = serializers.IntegerField(min_value=1)
+    version = IdField()
     # An explicit rollback: the board may then install a version older than the one it runs.
     rollback = serializers.BooleanField(required=False, default=False)
 
@@ -180,7 +180,12 @@ class DeviceViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.G
     lookup_value_regex = "[0-9a-fA-F-]{32,36}"
 
     def get_queryset(self) -> QuerySet[Device]:
-        return device_list(filters=self.request.query_params)
+        params = self.request.query_params
+        filters: dict[str, Any] = {k: params.get(k) for k in ("status", "group", "tag", "search")}
+        # Version filters are ids: anything else is a 400, not a query.
+        filters["version"] = int_param(params, "version")
+        filters["desired_version"] = int_param(params, "desired_version")
+        return device_list(filters=filters)
 
     def get_serializer_class(self) -> Any:
         return DeviceDetailSerializer if self.action != "list" else DeviceSerializer
@@ -401,9 +406,7 @@ class EnrollmentTokenSerializer(serializers.ModelSerializer):
 
 class EnrollmentTokenCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=150, required=False, default="", allow_blank=True)
-    group = serializers.PrimaryKeyRelatedField(
-        queryset=DeviceGroup.objects.all(), required=False, allow_null=True
-    )
+    group = PrimaryKeyRelatedField(queryset=DeviceGroup.objects.all(), required=False, allow_null=True)
     tags = serializers.ListField(child=serializers.CharField(max_length=64), required=False, default=list)
     device_tags_allowed = serializers.ListField(
         child=serializers.CharField(max_length=64),

@@ -12,7 +12,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ServiceError
+from core.api import ServiceError, int_param
 from devices_agent.wire import (
     DRIFT_CONFIDENCE_BINS,
     DRIFT_FEATURE_BINS,
@@ -75,8 +75,9 @@ def agent_drift(request: HttpRequest, device: Device, body: dict[str, Any]) -> d
     version_id = body.get("version_id")
     version_id = None if version_id is None else _int(version_id, "version_id", minimum=1)
     now = timezone.now()
-    window_end = _timestamp(body["window_end"], "window_end") if body.get("window_end") else now
-    window_start = _timestamp(body["window_start"], "window_start") if body.get("window_start") else None
+    end, start = body.get("window_end"), body.get("window_start")
+    window_end = now if end is None else _timestamp(end, "window_end")
+    window_start = None if start is None else _timestamp(start, "window_start")
     if window_end > now + MAX_FUTURE_SKEW:
         raise _invalid("window_end is in the future.", "window_end")
     if window_start is not None and window_start > window_end:
@@ -110,13 +111,7 @@ class DriftSummaryView(APIView):
     )
     def get(self, request: Request) -> Response:
         """The drift summary, optionally for one group."""
-        raw = request.query_params.get("group")
-        group_id: int | None = None
-        if raw:
-            try:
-                group_id = int(raw)
-            except ValueError as exc:
-                raise ServiceError("group must be an integer.", code="validation_error") from exc
+        group_id = int_param(request.query_params, "group")
         return Response({"groups": drift_summary(group_id=group_id)})
 
 
@@ -132,14 +127,8 @@ class DriftReportsView(APIView):
     )
     def get(self, request: Request) -> Response:
         """Latest report per device: alert, score, z (significance), effect size and PSI (size)."""
-        raw_group = request.query_params.get("group")
         raw_alert = request.query_params.get("alert")
-        group_id: int | None = None
-        if raw_group:
-            try:
-                group_id = int(raw_group)
-            except ValueError as exc:
-                raise ServiceError("group must be an integer.", code="validation_error") from exc
+        group_id = int_param(request.query_params, "group")
         alert: bool | None = None
         if raw_alert is not None:
             if raw_alert.lower() not in ("true", "false", "1", "0"):

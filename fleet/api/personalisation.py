@@ -30,7 +30,7 @@ class PersonalisationView(APIView):
         raw = request.query_params.get("group", "").strip()
         if not raw:
             return Response(personalisation_summary())
-        if raw.isdigit():
+        if raw.isdigit() and len(raw) <= 18:
             return Response(personalisation_summary(group_id=int(raw)))
         return Response(personalisation_summary(group_name=raw))
 

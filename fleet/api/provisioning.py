@@ -32,10 +32,12 @@ class ProvisioningJobSerializer(serializers.ModelSerializer[ProvisioningJob]):
     group: serializers.SlugRelatedField[DeviceGroup] = serializers.SlugRelatedField(
         slug_field="name", read_only=True
     )
-    created_by = serializers.CharField(source="created_by.username", read_only=True, default=None)
+    created_by = serializers.CharField(
+        source="created_by.username", read_only=True, default=None, allow_null=True
+    )
     device = serializers.UUIDField(source="device_id", read_only=True, allow_null=True)
     enrollment_token_prefix = serializers.CharField(
-        source="enrollment_token.prefix", read_only=True, default=None
+        source="enrollment_token.prefix", read_only=True, default=None, allow_null=True
     )
     has_credential = serializers.SerializerMethodField()
 
@@ -208,7 +210,9 @@ class ProvisioningJobViewSet(
 
 
 class KnownHostSerializer(serializers.ModelSerializer[KnownHost]):
-    accepted_by = serializers.CharField(source="accepted_by.username", read_only=True, default=None)
+    accepted_by = serializers.CharField(
+        source="accepted_by.username", read_only=True, default=None, allow_null=True
+    )
 
     class Meta:
         model = KnownHost

@@ -15,7 +15,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core.api import AuditedWritesMixin, client_ip
+from core.api import AuditedWritesMixin, IdField, IntegerField, client_ip
 from core.roles import has_role
 from fleet.models import (
     Experiment,
@@ -87,8 +87,8 @@ class RolloutSerializer(serializers.ModelSerializer[Rollout]):
 
 class RolloutCreateInput(serializers.Serializer[Any]):
     name = serializers.CharField(required=False, allow_blank=True, max_length=150)
-    version = serializers.IntegerField()
-    target_group = serializers.IntegerField(required=False, allow_null=True)
+    version = IdField()
+    target_group = IdField(required=False, allow_null=True)
     target_tags = serializers.ListField(child=serializers.CharField(), required=False)
     target_device_ids = serializers.ListField(child=serializers.UUIDField(), required=False)
     waves = serializers.ListField(
@@ -103,10 +103,10 @@ class RolloutCreateInput(serializers.Serializer[Any]):
     )
     success_threshold = serializers.FloatField(required=False, min_value=0, max_value=1)
     error_threshold_share = serializers.FloatField(required=False, min_value=0, max_value=1)
-    error_threshold_count = serializers.IntegerField(required=False, allow_null=True, min_value=1)
+    error_threshold_count = IntegerField(required=False, allow_null=True, min_value=1)
     on_gate_failure = serializers.ChoiceField(choices=Rollout.OnGateFailure.choices, required=False)
-    max_concurrent_downloads = serializers.IntegerField(required=False, allow_null=True, min_value=1)
-    max_retries = serializers.IntegerField(required=False, min_value=0)
+    max_concurrent_downloads = IntegerField(required=False, allow_null=True, min_value=1)
+    max_retries = IntegerField(required=False, min_value=0)
     retry_backoff_s = serializers.FloatField(required=False, min_value=0)
     in_progress_timeout_s = serializers.FloatField(required=False, min_value=1)
     respect_maintenance_windows = serializers.BooleanField(required=False)
@@ -303,17 +303,17 @@ class ExperimentSerializer(serializers.ModelSerializer[Experiment]):
 
 class ExperimentCreateInput(serializers.Serializer[Any]):
     name = serializers.CharField(max_length=150)
-    target_group = serializers.IntegerField()
+    target_group = IdField()
     arms = serializers.ListField(
         child=serializers.DictField(), help_text='[{"name": "control", "version_id": 3, "share": 0.5}, ...]'
     )
     primary_metric = serializers.ChoiceField(choices=Experiment.PrimaryMetric.choices, required=False)
     guardrails = serializers.ListField(child=serializers.DictField(), required=False)
-    min_samples_per_arm = serializers.IntegerField(required=False, min_value=2)
-    min_samples_per_device = serializers.IntegerField(
+    min_samples_per_arm = IntegerField(required=False, min_value=2)
+    min_samples_per_device = IntegerField(
         required=False, min_value=1, help_text="Samples a device needs before its mean counts (20)."
     )
-    min_devices_per_arm = serializers.IntegerField(
+    min_devices_per_arm = IntegerField(
         required=False, min_value=2, help_text="Counted devices each arm needs before it is compared (5)."
     )
     alpha = serializers.FloatField(required=False)

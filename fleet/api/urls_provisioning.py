@@ -1,13 +1,12 @@
 """Operator API routes: provisioning jobs and known SSH hosts."""
 
 from django.urls import path
-from rest_framework.routers import DefaultRouter
 
+from core.api import Router
 from fleet.api.agent_package import AgentPackageView, AgentRequirementsView
 from fleet.api.provisioning import KnownHostViewSet, ProvisioningJobViewSet
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+router = Router()
 router.register("provisioning-jobs", ProvisioningJobViewSet, basename="provisioning-job")
 router.register("known-hosts", KnownHostViewSet, basename="known-host")
 

@@ -47,7 +47,8 @@ def device_list(*, filters: Mapping[str, Any] | None = None) -> QuerySet[Device]
         qs = qs.filter(name__icontains=search)
     if group_key := filters.get("group"):
         key = str(group_key)
-        group = DeviceGroup.objects.filter(pk=int(key)).first() if key.isdigit() else None
+        # A number that fits an id names the group's id; anything else its name.
+        group = DeviceGroup.objects.filter(pk=int(key)).first() if key.isdigit() and len(key) <= 18 else None
         group = group or DeviceGroup.objects.filter(name=key).first()
         if group is None:
             return qs.none()

@@ -32,7 +32,14 @@ from django.db.models import Q
 from django.utils import timezone
 
 from core.events import emit
-from devices_agent.wire import API_PREFIX, ArtifactRef, DesiredModel, HeartbeatResponse, TrainingTask
+from devices_agent.wire import (
+    API_PREFIX,
+    ArtifactRef,
+    DesiredModel,
+    HeartbeatResponse,
+    ShadowModel,
+    TrainingTask,
+)
 from fleet.models import Deployment, Device, UpdatePolicy
 from fleet.selectors.devices import (
     device_effective_policy_id,
@@ -122,6 +129,11 @@ def hot_cache(*, key: str, load: Callable[[], Any], ttl_s: float = 2.0) -> Any:
     shared by all callers; prefix them with the app name.
     """
     return _shared.get(key, load, ttl_s)
+
+
+def hot_cache_forget(*, key: str) -> None:
+    """Drop one :func:`hot_cache` entry in this process (after a write that changes it)."""
+    _shared.entries.pop(key, None)
 
 
 def heartbeat_caches_clear() -> None:
@@ -229,6 +241,58 @@ def _desired(device: Device) -> DesiredModel | None:
     return desired
 
 
+def _running_shadows() -> dict[str, tuple[Any, ...]]:
+    """Device id -> (shadow id, version id, sample rate, max cpu %, budget ms, tolerance)."""
+    from fleet.models import Shadow, ShadowMember
+
+    rows = ShadowMember.objects.filter(active=True, shadow__status=Shadow.Status.RUNNING).values_list(
+        "device_id",
+        "shadow_id",
+        "shadow__version_id",
+        "shadow__sample_rate",
+        "shadow__max_cpu_percent",
+        "shadow__budget_ms",
+        "shadow__tolerance",
+    )
+    return {str(row[0]): tuple(row[1:]) for row in rows}
+
+
+def _shadow(device: Device) -> ShadowModel | None:
+    """The candidate the device runs in shadow (``fleet.services.shadows``), or None.
+
+    One cached map of every running shadow's members per process (a couple of seconds),
+    so a fleet with no shadow pays one small query per process, not one per heartbeat.
+    Only members get the field (a few hundred bytes, on each of their heartbeats): the
+    agent stops shadowing when an answer has none.
+    """
+    from fleet.services.shadows import RUNNING_CACHE_KEY
+
+    running: dict[str, tuple[Any, ...]] = hot_cache(key=RUNNING_CACHE_KEY, load=_running_shadows)
+    found = running.get(str(device.pk))
+    if found is None:
+        return None
+    shadow_id, version_id, sample_rate, max_cpu, budget_ms, tolerance = found
+    if version_id == device.running_version_id:
+        return None  # the candidate is the active model now: nothing to compare
+    refs: _VersionRefs | None = _version_refs.get(version_id, lambda: _load_version_refs(version_id))
+    if refs is None or refs.onnx is None:
+        return None
+    shadow: ShadowModel = {
+        "shadow_id": int(shadow_id),
+        "version_id": int(version_id),
+        "label": refs.label,
+        "family": refs.family,
+        "number": refs.number,
+        "artifact": refs.onnx,
+        "spec": refs.spec,  # type: ignore[typeddict-item]
+        "sample_rate": float(sample_rate),
+        "max_cpu_percent": max_cpu,
+        "budget_ms": budget_ms,
+        "tolerance": float(tolerance),
+    }
+    return shadow
+
+
 def desired_etag(desired: DesiredModel) -> str:
     """A short digest of a desired model: the agent echoes it, and the model travels only when it changed."""
     canonical = json.dumps(desired, sort_keys=True, separators=(",", ":")).encode()
@@ -309,6 +373,9 @@ def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool
             response["desired"] = desired
     if tasks:
         response["tasks"] = tasks
+    shadow = _shadow(device)
+    if shadow is not None:
+        response["shadow"] = shadow
     commands = device_commands_take(device=device)
     if commands:
         response["commands"] = commands

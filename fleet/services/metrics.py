@@ -2,10 +2,10 @@
 
 A device speaks only for itself: each sample's value is within its metric's range (the
 device API checks ``wire.METRIC_RANGES``), its ``version_id`` is a version the device
-runs, was given, ran before, or was deployed in the last ``METRICS_VERSION_WINDOW_DAYS``
-(what an offline board may still hold in its outbox), and a device stores at most
-``METRICS_MAX_SAMPLES_PER_HOUR`` samples an hour (429 with ``Retry-After`` beyond, which
-the agent answers by keeping the batch for later).
+runs, was given, ran before, or was deployed or given to run in shadow in the last
+``METRICS_VERSION_WINDOW_DAYS`` (what an offline board may still hold in its outbox),
+and a device stores at most ``METRICS_MAX_SAMPLES_PER_HOUR`` samples an hour (429 with
+``Retry-After`` beyond, which the agent answers by keeping the batch for later).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from core.api import ServiceError
-from fleet.models import Deployment, Device, MetricBatch, MetricSample
+from fleet.models import Deployment, Device, MetricBatch, MetricSample, ShadowMember
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,14 @@ def device_reporting_versions(*, device: Device, among: set[int]) -> set[int]:
             Deployment.objects.filter(device=device, version_id__in=rest, created_at__gte=since).values_list(
                 "version_id", flat=True
             )
+        )
+    rest -= allowed
+    if rest:
+        # A candidate the device runs (or ran) in shadow beside its active model.
+        allowed |= set(
+            ShadowMember.objects.filter(
+                device=device, shadow__version_id__in=rest, created_at__gte=since
+            ).values_list("shadow__version_id", flat=True)
         )
     return allowed
 

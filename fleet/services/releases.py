@@ -49,6 +49,7 @@ __all__ = [
     "any_group_released",
     "device_release_apply",
     "group_release_set",
+    "group_releases_revert",
     "rollout_rolled_back",
     "rollout_succeeded",
 ]
@@ -216,6 +217,32 @@ def rollout_rolled_back(*, rollout: Any, actor: Any = None) -> list[DeviceGroup]
             )
         )
     return restored
+
+
+def group_releases_revert(*, version_id: int, actor: Any, reason: str, origin_id: int) -> list[DeviceGroup]:
+    """Every group whose release is ``version_id`` goes back to the release it had before.
+
+    The previous release is the one this version replaced (the group's last change that
+    set it); a group that had none is cleared. Called by ``fleet.services.revert`` inside
+    its transaction; the change's origin is ``revert`` and the decision's id.
+    """
+    changed = []
+    for group in DeviceGroup.objects.select_for_update().filter(release_version_id=version_id).order_by("pk"):
+        change = GroupReleaseChange.objects.filter(group=group, version_id=version_id).order_by("-id").first()
+        previous_id = change.previous_version_id if change is not None else None
+        previous = _version(previous_id) if previous_id and previous_id != version_id else None
+        changed.append(
+            _change(
+                group=group,
+                version=previous,
+                actor=actor,
+                reason=reason,
+                origin_type="revert",
+                origin_id=origin_id,
+                remote_addr=None,
+            )
+        )
+    return changed
 
 
 def any_group_released() -> bool:

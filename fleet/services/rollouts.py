@@ -617,6 +617,12 @@ def _fail_wave(rollout: Rollout, now: datetime, *, why: str, numbers: dict[str, 
     rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
     _decide(rollout, action=action, reason=why, metrics=numbers)
     _event(rollout, event, metrics=numbers)
+    # The version's family policy: alert, or revert it on every device (fleet.services.revert
+    # imports this module, hence the import here).
+    from fleet.services.revert import rollout_gate_failed
+
+    if rollout_gate_failed(rollout=rollout, why=why, numbers=numbers):
+        action = "rolled_back"
     return action
 
 

@@ -1,7 +1,8 @@
 """Stages gate deployment: which model versions a target may be given.
 
 Every path that puts a version on devices (a rollout's create and start, an experiment's
-create and start for every arm, a manual assignment) asks :func:`check_deployable` first:
+create and start for every arm, a manual assignment, a shadow's start) asks
+:func:`check_deployable` first:
 
 - a version in ``production`` may go anywhere;
 - a version in ``staging`` only to a canary group (``DeviceGroup.canary``): a rollout

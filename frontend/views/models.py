@@ -9,6 +9,8 @@ from django.shortcuts import redirect
 from core.api import ServiceError
 from core.roles import ADMIN, OPERATOR, has_role
 from frontend import selectors_models
+from frontend.events import topic_for
+from frontend.selectors_models import version_shadows
 from frontend.views.base import action, page, render_page
 from models_registry.jobs import OPTIMISE_KINDS, job_enqueue
 from models_registry.models import ModelFamily, ModelJob, ModelVersion
@@ -82,6 +84,8 @@ def version(request: HttpRequest, version_id: int) -> HttpResponse:
         # The registry's jobs publish no live events: the table polls while one is in flight.
         jobs_active=any(j.status in (ModelJob.Status.QUEUED, ModelJob.Status.RUNNING) for j in jobs),
         optimise_kinds=OPTIMISE_KINDS,
+        shadows=version_shadows(found),
+        version_topic=topic_for("version", found.pk),
     )
 
 

@@ -8,6 +8,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from core.api import IdField, IntegerField, PrimaryKeyRelatedField
 from models_registry.models import (
     Artifact,
     EvaluationDataset,
@@ -164,7 +165,7 @@ class ModelVersionDetailSerializer(ModelVersionSerializer):
 
 
 class ModelVersionUploadSerializer(serializers.Serializer[Any]):
-    family = serializers.PrimaryKeyRelatedField(queryset=ModelFamily.objects.all())
+    family = PrimaryKeyRelatedField(queryset=ModelFamily.objects.all())
     weights = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
     onnx = serializers.FileField(required=False, allow_empty_file=True, use_url=False)
     program = serializers.FileField(
@@ -184,7 +185,7 @@ class ModelVersionUploadSerializer(serializers.Serializer[Any]):
     )
     # "parent" shadows Field.parent for type checkers only: DRF's metaclass moves declared
     # fields off the class, so at run time there is no clash.
-    parent = serializers.PrimaryKeyRelatedField(  # type: ignore[assignment]
+    parent = PrimaryKeyRelatedField(  # type: ignore[assignment]
         queryset=ModelVersion.objects.all(), required=False, allow_null=True
     )
     notes = serializers.CharField(required=False, allow_blank=True, default="")
@@ -277,7 +278,7 @@ class ModelOptimiseInput(serializers.Serializer[Any]):
     amount = serializers.FloatField(required=False, min_value=0, max_value=0.99)
     finetune_epochs = serializers.IntegerField(required=False, min_value=0, max_value=200)
     quantise = serializers.BooleanField(required=False)
-    student_version = serializers.IntegerField(
+    student_version = IdField(
         required=False, help_text="distil: the version of the same family whose program is trained"
     )
     epochs = serializers.IntegerField(required=False, min_value=1, max_value=500)
@@ -285,7 +286,7 @@ class ModelOptimiseInput(serializers.Serializer[Any]):
     temperature = serializers.FloatField(required=False, min_value=0.01)
     alpha = serializers.FloatField(required=False, min_value=0, max_value=1)
     lr = serializers.FloatField(required=False, min_value=0)
-    seed = serializers.IntegerField(required=False)
+    seed = IntegerField(required=False)
 
 
 class ModelComparisonRowSerializer(serializers.Serializer[Any]):
@@ -333,7 +334,7 @@ class ModelRecommendQuery(serializers.Serializer[Any]):
     max_mae = serializers.FloatField(
         required=False, min_value=0, allow_null=True, default=None, help_text="regression: a ceiling on mae"
     )
-    base = serializers.IntegerField(required=False, allow_null=True, default=None)
+    base = IdField(required=False, allow_null=True, default=None)
     device = serializers.UUIDField(
         required=False,
         allow_null=True,
@@ -346,7 +347,7 @@ class ModelRecommendQuery(serializers.Serializer[Any]):
         default="",
         help_text="Hardware profile arch:cores:accelerator whose on-device latency to use.",
     )
-    min_samples = serializers.IntegerField(required=False, min_value=1, default=50)
+    min_samples = IntegerField(required=False, min_value=1, default=50)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         if attrs.get("device") and attrs.get("profile"):
@@ -363,7 +364,7 @@ class ModelRecommendOutput(serializers.Serializer[Any]):
 
 
 class EvaluationDatasetSerializer(serializers.ModelSerializer[EvaluationDataset]):
-    family_name = serializers.CharField(source="family.name", read_only=True, default=None)
+    family_name = serializers.CharField(source="family.name", read_only=True, default=None, allow_null=True)
 
     class Meta:
         model = EvaluationDataset

@@ -3,12 +3,11 @@
 from typing import Any
 
 from django.urls import include, path
-from rest_framework.routers import DefaultRouter
 
+from core.api import Router
 from models_registry.api import views
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+router = Router()
 router.register("models", views.ModelFamilyViewSet, basename="model-family")
 router.register("model-versions", views.ModelVersionViewSet, basename="model-version")
 router.register("model-jobs", views.ModelJobViewSet, basename="model-job")

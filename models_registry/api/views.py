@@ -18,13 +18,18 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.exceptions import PermissionDenied
-from rest_framework.parsers import FormParser, JSONParser, MultiPartParser
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from core.api import ConflictError, NotFoundError, client_ip
+from core.api import (
+    ConflictError,
+    FilterSet,
+    NotFoundError,
+    client_ip,
+)
 from core.audit.services import audit_record
+from core.parsers import FormParser, JSONParser, MultiPartParser
 from core.roles import ADMIN, has_role
 from models_registry import datasets, jobs, selectors, services
 from models_registry.api import serializers as s
@@ -101,7 +106,7 @@ class ModelFamilyViewSet(viewsets.ModelViewSet[ModelFamily]):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-class VersionFilter(filters.FilterSet):
+class VersionFilter(FilterSet):
     family_name = filters.CharFilter(field_name="family__name")
 
     class Meta:
@@ -294,7 +299,7 @@ class ModelJobViewSet(viewsets.ReadOnlyModelViewSet[ModelJob]):
         return ModelJob.objects.select_related("version", "version__family").order_by("-created_at", "-id")
 
 
-class DatasetFilter(filters.FilterSet):
+class DatasetFilter(FilterSet):
     family_name = filters.CharFilter(field_name="family__name")
 
     class Meta:

@@ -85,3 +85,24 @@ def test_device_page_without_reports(page_client: Any, fleet: Fleet) -> None:
     response = page_client("viewer").get(reverse("frontend:device", args=[fleet.devices[1].pk]))
     panel = response.content.decode().split('id="device-drift"')[1].split("</dl>")[0]
     assert "no report yet" in panel and "not personalised" in panel
+
+
+def test_overview_shows_what_the_fleet_did_about_a_flagged_version(page_client: Any, fleet: Fleet) -> None:
+    from fleet.models import VersionDecision
+
+    fleet.candidate.metrics = {
+        **fleet.candidate.metrics,
+        "flagged": {"reason": "accuracy_drop", "metric": "accuracy", "value": 0.8, "reference": 0.95},
+    }
+    fleet.candidate.save()
+    VersionDecision.objects.create(
+        version=fleet.candidate,
+        family_id=fleet.candidate.family_id,
+        action="reverted",
+        trigger="flag",
+        devices_reverted=7,
+        devices_without_previous=1,
+    )
+    html = page_client("viewer").get(reverse("frontend:overview")).content.decode()
+    drift_panel = html.split('id="drift-panel"')[1].split('id="personalisation-panel"')[0]
+    assert "reverted on 7 (1 with none before)" in drift_panel

@@ -10,6 +10,7 @@ leaves in the one error shape.
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -57,9 +58,14 @@ async def rounds_open(request: HttpRequest) -> HttpResponseBase:
     except ServiceError as exc:
         return auth_error(exc)
     try:
-        wait = min(MAX_WAIT_S, max(0.0, float(request.GET.get("wait", "0") or 0)))
+        wait = float(request.GET.get("wait", "0") or 0)
     except ValueError:
-        return error_response(status_code=400, code="validation_error", message="wait must be a number.")
+        wait = -1.0
+    if not math.isfinite(wait) or wait < 0:
+        return error_response(
+            status_code=400, code="validation_error", message="wait must be a number of seconds >= 0."
+        )
+    wait = min(MAX_WAIT_S, wait)
     tasks_of = sync_to_async(_tasks_with_config)
     if wait <= 0:
         return JsonResponse({"tasks": await tasks_of(device)})

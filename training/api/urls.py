@@ -1,9 +1,7 @@
-from rest_framework.routers import DefaultRouter
-
+from core.api import Router
 from training.api.views import FederatedJobViewSet
 
-router = DefaultRouter(trailing_slash=True)
-router.include_root_view = False
+router = Router()
 router.register("federated-jobs", FederatedJobViewSet, basename="federated-job")
 
 urlpatterns = router.urls

@@ -10,7 +10,7 @@ from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
 
-from core.api import client_ip
+from core.api import PrimaryKeyRelatedField, client_ip
 from fleet.api.rollouts import RolloutSerializer
 from fleet.models import DeviceGroup, Rollout
 from models_registry.models import ModelFamily, ModelVersion
@@ -104,7 +104,7 @@ class UpdateSerializer(serializers.ModelSerializer[ClientUpdate]):
 
 class JobSerializer(serializers.ModelSerializer[FederatedJob]):
     family = serializers.SlugRelatedField(slug_field="name", queryset=ModelFamily.objects.all())
-    base_version = serializers.PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
+    base_version = PrimaryKeyRelatedField(queryset=ModelVersion.objects.all())
     target_group = serializers.SlugRelatedField(slug_field="name", queryset=DeviceGroup.objects.all())
 
     class Meta:
@@ -269,7 +269,7 @@ class FederatedJobViewSet(
         return self.get_paginated_response(data)
 
     @extend_schema(responses=UpdateSerializer(many=True))
-    @action(detail=True, methods=["get"], url_path=r"rounds/(?P<number>[0-9]+)/updates")
+    @action(detail=True, methods=["get"], url_path=r"rounds/(?P<number>[0-9]{1,9})/updates")
     def round_updates(self, request: Request, pk: str, number: str) -> Response:
         """Every device's answer to one round: accepted or rejected (with the reason, also for
         failures the device reported) and the training backend it used."""

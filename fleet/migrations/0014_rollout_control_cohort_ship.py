@@ -6,7 +6,7 @@ from django.db import migrations, models
 class Migration(migrations.Migration):
 
     dependencies = [
-        ('fleet', '0011_group_release_and_drift_effect'),
+        ('fleet', '0013_shadow_deployments'),
     ]
 
     operations = [
