@@ -12,7 +12,8 @@ Stages: a canary group takes staging versions, so a draft is promoted to staging
 operator who ships. Any other group needs production, and promotion to production is for
 admins: an operator shipping there is refused (403 ``production_promotion_required``);
 an admin's call promotes the version itself. The plan names a shadow step, recorded as
-skipped with a note while the server has no shadow mode.
+skipped with a note: a ship call does not wait on a shadow phase (a shadow of the
+candidate is started on its own, `fleet.services.shadows`, before shipping).
 """
 
 from __future__ import annotations
@@ -75,8 +76,9 @@ SHIP_FIELDS = (
     "force",
 )
 SHADOW_NOTE = (
-    "shadow evaluation on the boards is not available on this server; the rollout starts "
-    "with its first wave, judged against the control cohort"
+    "a ship call does not wait on a shadow phase: the rollout starts with its first wave, judged "
+    "against the control cohort. To try the candidate on live inputs first, start a shadow of it "
+    "(POST /api/v1/shadows/) and ship once its report is good"
 )
 
 
