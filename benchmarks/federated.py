@@ -312,7 +312,7 @@ PHASES = (
     ("download_s", "download (program, weights)"),
     ("train_s", "train (incl. encode)"),
     ("upload_s", "upload"),
-    ("last_to_closed_s", "last upload -> closed"),
+    ("last_to_closed_s", "last upload answered -> closed"),
     ("closed_to_aggregated_s", "closed -> aggregation start"),
     ("aggregate_s", "aggregate"),
     ("evaluate_s", "register + evaluate"),

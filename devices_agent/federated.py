@@ -135,12 +135,15 @@ def _failure_code(exc: ValueError) -> str:
     return str(code) if isinstance(code, str) and code else "training_failed"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` in one step; ``durable`` waits for the disk (a file
+    read back only after checking its digest may skip that: a torn copy is fetched again)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -209,7 +212,8 @@ class FederatedTrainer:
             downloaded = len(data)
             if hashlib.sha256(data).hexdigest() != want:
                 raise ServerError("global weights do not match their digest", retryable=True)
-            _atomic_write(path, data)
+            # Checked against its digest before any reuse, so no need to wait for the disk.
+            _atomic_write(path, data, durable=False)
         tensors, _ = decode_tensors(data)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, downloaded
 
