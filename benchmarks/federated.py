@@ -27,7 +27,13 @@ data sets, so every round's version is evaluated centrally on the 20% test split
    weights the server stored: the same backend code (``TorchBackend.train``, one
    thread) with the same seeds (``local_seed`` of the round task's seed and the device
    index), a float64 weighted average, ``TorchBackend.evaluate`` on the test split.
-   Overhead per round = (system wall - reference wall) / rounds.
+   Overhead per round = (system wall - reference wall) / rounds. The phase table says
+   where a round's time goes, as medians over the rounds: on the boards (each
+   ``FederatedTrainer`` outcome carries its timings) the wait from the round's opening to
+   the task reaching the board, the download of the program and weights, training (local
+   evaluation, training and encoding) and the upload, for the median and the slowest
+   board; on the server the close after the last upload, the hop to the aggregating
+   worker, aggregation, registration and evaluation, and the open of the next round.
 3. **codecs**: the reference loop again with each codec applied to the deltas
    (encode on the device side, ``decode_delta`` on the server side, top-k with
    per-device error feedback), run through the plain loop, not the full stack, to keep
@@ -38,7 +44,8 @@ data sets, so every round's version is evaluated centrally on the 20% test split
 
 With ``--json`` the last line is one JSON object with ``final_accuracy``,
 ``reference_accuracy``, ``accuracy_per_round``, ``wall_s``, ``reference_wall_s``,
-``overhead_per_round_s``, ``bytes_per_round``, ``codecs`` and the run's parameters.
+``overhead_per_round_s``, ``bytes_per_round``, ``codecs``, ``phases`` (each with
+``median`` and ``slowest``) and the run's parameters.
 """
 
 from __future__ import annotations
