@@ -325,6 +325,7 @@ PHASES = (
     ("evaluate_s", "register + evaluate"),
     ("done_to_next_s", "version -> next open"),
     ("collect_s", "round open -> closed"),
+    ("closed_to_next_s", "closed -> next open"),
 )
 
 
@@ -362,6 +363,10 @@ def _phases(done: list[Any], outcomes: list[Any]) -> dict[str, dict[str, float]]
         if i + 1 < len(done):
             gap = _seconds(rnd.finished_at, done[i + 1].opened_at)
             rows["done_to_next_s"].append((gap, gap))
+            # Negative "version -> next open": the next round opened while this one's
+            # version was still being evaluated.
+            between = _seconds(rnd.closed_at, done[i + 1].opened_at)
+            rows["closed_to_next_s"].append((between, between))
     return {
         key: {
             "median": float(np.median([m for m, _ in values])) if values else 0.0,

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
@@ -392,6 +392,17 @@ def _open_next_on_commit(*, job_id: int) -> None:
     run_on_commit("training.round_open", job_id, run=lambda: round_open(job_id=job_id))
 
 
+def _open_next_now(*, job_id: int) -> None:
+    """Open the job's next round at once (the version it starts from is committed); when
+    that fails, the finish of this round opens it as usual."""
+    from training.services.rounds import round_open  # rounds imports this module
+
+    try:
+        round_open(job_id=job_id)
+    except DatabaseError:
+        logger.warning("job %s: could not open the next round early", job_id, exc_info=True)
+
+
 def _evaluation_round_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
     """An evaluation round: record what the boards measured on the final version; no training."""
     started = time.monotonic()
@@ -429,6 +440,10 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
     if version is None:
         version = _register(rnd=rnd, job=job, claim=claim, weights_bytes=weights_bytes, onnx_bytes=onnx_bytes)
     dataset = evaluation_dataset(family=job.family)
+    if dataset is not None and rnd.kind == FederatedRound.Kind.TRAIN and rnd.number < job.rounds:
+        # The next round trains from this version whatever its score: open it now, so the
+        # boards train while the server evaluates (round_open lets it past this round).
+        _open_next_now(job_id=job.pk)
     fields: dict[str, Any] = {}
     if dataset is not None:
         headline = _evaluation(version=version, dataset=dataset, onnx_bytes=onnx_bytes).headline
