@@ -14,7 +14,7 @@ data sets, so every round's version is evaluated centrally on the 20% test split
 1. **system**: a fresh SQLite database and embedded Redis-protocol server, the ASGI web
    server (uvicorn, 2 processes, production settings) and one Celery worker as real
    processes; the job is created and started through ``training.services``; each
-   device is a thread in this process running ``devices_agent.federated``'s
+   device is a process of its own (as boards are) running ``devices_agent.federated``'s
    ``FederatedTrainer`` over its share (``FixedData``), with the server's pinned signing
    key (long poll of ``GET rounds/?wait=5``, woken over Redis pub/sub when a round
    opens and carrying the task body; signed program and weights download, training
@@ -27,7 +27,13 @@ data sets, so every round's version is evaluated centrally on the 20% test split
    weights the server stored: the same backend code (``TorchBackend.train``, one
    thread) with the same seeds (``local_seed`` of the round task's seed and the device
    index), a float64 weighted average, ``TorchBackend.evaluate`` on the test split.
-   Overhead per round = (system wall - reference wall) / rounds.
+   Overhead per round = (system wall - reference wall) / rounds. The phase table says
+   where a round's time goes, as medians over the rounds: on the boards (each
+   ``FederatedTrainer`` outcome carries its timings) the wait from the round's opening to
+   the task reaching the board, the download of the program and weights, training (local
+   evaluation, training and encoding) and the upload, for the median and the slowest
+   board; on the server the close after the last upload, the hop to the aggregating
+   worker, aggregation, registration and evaluation, and the open of the next round.
 3. **codecs**: the reference loop again with each codec applied to the deltas
    (encode on the device side, ``decode_delta`` on the server side, top-k with
    per-device error feedback), run through the plain loop, not the full stack, to keep
@@ -38,17 +44,18 @@ data sets, so every round's version is evaluated centrally on the 20% test split
 
 With ``--json`` the last line is one JSON object with ``final_accuracy``,
 ``reference_accuracy``, ``accuracy_per_round``, ``wall_s``, ``reference_wall_s``,
-``overhead_per_round_s``, ``bytes_per_round``, ``codecs`` and the run's parameters.
+``overhead_per_round_s``, ``bytes_per_round``, ``codecs``, ``phases`` (each with
+``median`` and ``slowest``) and the run's parameters.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
+import multiprocessing
 import os
+import queue
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,7 +127,51 @@ def _stored_model(version: Any) -> tuple[bytes, dict[str, np.ndarray]]:
     return program, {k: np.asarray(v, np.float32) for k, v in tensors.items()}
 
 
-def _run_job(services: Any, job_id: int, *, timeout: float, stack: Any) -> str:
+def _board(
+    *,
+    url: str,
+    secret: str,
+    state_dir: str,
+    x: np.ndarray,
+    y: np.ndarray,
+    public_key: bytes,
+    device_seed: int,
+    stop: Any,
+    results: Any,
+) -> None:
+    """One board (a process of its own): long-polls for rounds and trains on its share.
+
+    Every outcome goes to ``results`` with the board's HTTP byte and request counts so far.
+    """
+    import torch
+
+    from devices_agent.client import AgentClient, WireCounter
+    from devices_agent.federated import FederatedTrainer, FixedData, run_rounds
+
+    torch.set_num_threads(1)
+    counter = WireCounter()
+
+    def counted() -> tuple[int, int]:
+        return counter.sent + counter.received, counter.requests
+
+    trainer = FederatedTrainer(
+        client=AgentClient(server_url=url, secret=secret, counter=counter),
+        state_dir=state_dir,
+        data=FixedData(x, y),
+        public_key=public_key,
+        device_seed=device_seed,
+        should_stop=stop.is_set,
+    )
+    run_rounds(
+        trainer,
+        stop=stop,
+        wait_s=5.0,
+        on_outcome=lambda outcome: results.put(("outcome", device_seed, outcome, counted())),
+    )
+    results.put(("final", device_seed, None, counted()))
+
+
+def _run_job(services: Any, job_id: int, *, timeout: float, stack: Any, poll: Any = None) -> str:
     """Start a job and wait for it to end; returns its final status."""
     from training.models import FederatedJob
 
@@ -132,11 +183,13 @@ def _run_job(services: Any, job_id: int, *, timeout: float, stack: Any) -> str:
             return str(status)
         if time.perf_counter() > deadline:
             raise TimeoutError(stack.log("worker")[-3000:])
+        if poll is not None:
+            poll()
         time.sleep(0.02)
 
 
 def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
-    """The full stack: web + worker processes, devices as threads over HTTP."""
+    """The full stack: web + worker processes, devices as processes over HTTP."""
     from config.stack import Stack
 
     work = Path(tempfile.mkdtemp(prefix="flotilla-fedbench-"))
@@ -152,8 +205,6 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     stack.setup_django()
     import base64
 
-    from devices_agent.client import AgentClient, WireCounter
-    from devices_agent.federated import FederatedTrainer, FixedData, run_rounds
     from models_registry.signing import signing_public_key_b64
     from training.models import FederatedRound
 
@@ -185,42 +236,72 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
     # on first use, which a long-running deployment pays once, not per round.
     warmup = make("warm-up", 1)
     job = make("benchmark", rounds)
-    stop = threading.Event()
-    counters = [WireCounter() for _ in range(devices)]
-    threads: list[threading.Thread] = []
+    # Each board is a process of its own, as on a real fleet: 20 trainers in one
+    # interpreter would share its GIL and measure that, not the system.
+    ctx = multiprocessing.get_context("spawn")
+    stop = ctx.Event()
+    results: Any = ctx.Queue()
+    boards = [
+        ctx.Process(
+            target=_board,
+            kwargs={
+                "url": stack.url,
+                "secret": secret,
+                "state_dir": str(work / "agents" / f"dev{i}"),
+                "x": parts[i][0],
+                "y": parts[i][1],
+                "public_key": public_key,
+                "device_seed": i,
+                "stop": stop,
+                "results": results,
+            },
+            daemon=True,
+        )
+        for i, secret in enumerate(secrets)
+    ]
+    outcomes: list[Any] = []
+    wire: dict[int, tuple[int, int]] = {}
+    at_start: dict[int, tuple[int, int]] = {}
+
+    def drain() -> None:
+        while True:
+            try:
+                kind, index, payload, counted = results.get_nowait()
+            except queue.Empty:
+                return
+            wire[index] = counted
+            if kind == "outcome":
+                outcomes.append(payload)
+
     try:
         stack.start_web(workers=2, wait=False)
         stack.start_worker("bench", concurrency=1)
+        for board in boards:
+            board.start()
         stack.wait_web(timeout=60)
-        for i, secret in enumerate(secrets):
-            trainer = FederatedTrainer(
-                client=AgentClient(server_url=stack.url, secret=secret, counter=counters[i]),
-                state_dir=work / "agents" / f"dev{i}",
-                data=FixedData(parts[i][0], parts[i][1]),
-                public_key=public_key,
-                device_seed=i,
-                should_stop=stop.is_set,
-            )
-            thread = threading.Thread(
-                target=run_rounds, args=(trainer,), kwargs={"stop": stop, "wait_s": 5.0}, daemon=True
-            )
-            thread.start()
-            threads.append(thread)
-        _run_job(services, warmup.pk, timeout=300, stack=stack)
-        for counter in counters:
-            counter.sent = counter.received = counter.requests = 0
+        _run_job(services, warmup.pk, timeout=300, stack=stack, poll=drain)
+        drain()
+        at_start = dict(wire)
+        outcomes.clear()
         started = time.perf_counter()
-        status = _run_job(services, job.pk, timeout=60 * rounds + 120, stack=stack)
+        status = _run_job(services, job.pk, timeout=60 * rounds + 120, stack=stack, poll=drain)
         wall = time.perf_counter() - started
     finally:
         stop.set()
-        for thread in threads:
-            thread.join(timeout=30)
+        deadline = time.monotonic() + 30
+        for board in boards:
+            while board.is_alive() and time.monotonic() < deadline:
+                drain()
+                board.join(timeout=0.1)
+            if board.is_alive():
+                board.terminate()
+        drain()
         stack.close()
     if status != "succeeded":
         raise RuntimeError(f"job ended {status}: {stack.log('worker')[-3000:]}")
     done = list(FederatedRound.objects.filter(job_id=job.pk).order_by("number"))
     return {
+        "phases": _phases(done, outcomes),
         "program": program,
         "initial": initial,
         "job_seed": int(job.seed),
@@ -228,15 +309,70 @@ def run_system(*, devices: int, rounds: int) -> dict[str, Any]:
         "accuracy_per_round": [float(r.accuracy or 0.0) for r in done],
         "bytes_in": sum(r.bytes_in for r in done),
         "bytes_out": sum(r.bytes_out for r in done),
-        "wire_bytes": sum(c.sent + c.received for c in counters),
-        "requests": sum(c.requests for c in counters),
-        "aggregate_s": float(np.median([r.durations.get("aggregate_s", 0.0) for r in done])),
-        "collect_s": float(np.median([_seconds(r.opened_at, r.closed_at) for r in done])),
-        "close_to_done_s": float(np.median([_seconds(r.closed_at, r.finished_at) for r in done])),
-        "done_to_next_s": float(
-            np.median([_seconds(a.finished_at, b.opened_at) for a, b in itertools.pairwise(done)] or [0.0])
-        ),
-        "evaluate_s": float(np.median([r.durations.get("evaluate_s", 0.0) for r in done])),
+        "wire_bytes": sum(wire[i][0] - at_start.get(i, (0, 0))[0] for i in wire),
+        "requests": sum(wire[i][1] - at_start.get(i, (0, 0))[1] for i in wire),
+    }
+
+
+PHASES = (
+    ("wait_s", "open -> task received"),
+    ("download_s", "download (program, weights)"),
+    ("train_s", "train (incl. encode)"),
+    ("upload_s", "upload"),
+    ("last_to_closed_s", "last upload answered -> closed"),
+    ("closed_to_aggregated_s", "closed -> aggregation start"),
+    ("aggregate_s", "aggregate"),
+    ("evaluate_s", "register + evaluate"),
+    ("done_to_next_s", "version -> next open"),
+    ("collect_s", "round open -> closed"),
+    ("closed_to_next_s", "closed -> next open"),
+)
+
+
+def _phases(done: list[Any], outcomes: list[Any]) -> dict[str, dict[str, float]]:
+    """Per-round phase costs, as medians over the rounds: for the devices' phases both the
+    median device and the slowest one (a round waits for its last device)."""
+    by_round: dict[int, list[Any]] = {}
+    for outcome in outcomes:
+        if outcome.status == "uploaded" and outcome.timings:
+            by_round.setdefault(outcome.round_id, []).append(outcome.timings)
+    rows: dict[str, list[tuple[float, float]]] = {key: [] for key, _ in PHASES}
+    for i, rnd in enumerate(done):
+        timings = by_round.get(rnd.pk, [])
+        opened = rnd.opened_at.timestamp() if rnd.opened_at else None
+        if timings and opened is not None:
+            waits = [t["received_at"] - opened for t in timings]
+            rows["wait_s"].append((float(np.median(waits)), max(waits)))
+            for key in ("download_s", "train_s", "upload_s"):
+                values = [t.get(key, 0.0) for t in timings]
+                rows[key].append((float(np.median(values)), max(values)))
+            if rnd.closed_at is not None:
+                last = max(t["uploaded_at"] for t in timings)
+                gap = rnd.closed_at.timestamp() - last
+                rows["last_to_closed_s"].append((gap, gap))
+        # The aggregation starts when the worker claims the round; its own clock says how
+        # long it and the evaluation took, so the rest of closed -> finished is the hop.
+        agg = float(rnd.aggregate_s or 0.0)
+        ev = float(rnd.evaluate_s or 0.0)
+        hop = _seconds(rnd.closed_at, rnd.finished_at) - agg - ev
+        rows["closed_to_aggregated_s"].append((hop, hop))
+        rows["aggregate_s"].append((agg, agg))
+        rows["evaluate_s"].append((ev, ev))
+        collect = _seconds(rnd.opened_at, rnd.closed_at)
+        rows["collect_s"].append((collect, collect))
+        if i + 1 < len(done):
+            gap = _seconds(rnd.finished_at, done[i + 1].opened_at)
+            rows["done_to_next_s"].append((gap, gap))
+            # Negative "version -> next open": the next round opened while this one's
+            # version was still being evaluated.
+            between = _seconds(rnd.closed_at, done[i + 1].opened_at)
+            rows["closed_to_next_s"].append((between, between))
+    return {
+        key: {
+            "median": float(np.median([m for m, _ in values])) if values else 0.0,
+            "slowest": float(np.median([s for _, s in values])) if values else 0.0,
+        }
+        for key, values in rows.items()
     }
 
 
@@ -365,14 +501,15 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'weights down per round (KB)':<34}{system['bytes_out'] / rounds / 1024:>12.1f}")
     print(f"{'all HTTP bytes per round (KB)':<34}{system['wire_bytes'] / rounds / 1024:>12.1f}")
     print(f"{'HTTP requests per round':<34}{system['requests'] / rounds:>12.1f}")
-    for key, label in (
-        ("collect_s", "median round open -> closed (s)"),
-        ("close_to_done_s", "median closed -> version (s)"),
-        ("aggregate_s", "  of which aggregation (s)"),
-        ("evaluate_s", "  of which evaluation (s)"),
-        ("done_to_next_s", "median version -> next open (s)"),
-    ):
-        print(f"{label:<34}{system[key]:>12.3f}")
+    print()
+    print("where a round's time goes (s, medians over the rounds; devices: median and slowest device):")
+    header = f"{'phase':<34}{'median':>10}{'slowest':>10}"
+    print(header)
+    print("-" * len(header))
+    for key, label in PHASES:
+        row = system["phases"][key]
+        print(f"{label:<34}{row['median']:>10.3f}{row['slowest']:>10.3f}")
+    print(f"{'plain loop: training 1 round (s)':<34}{reference['wall_s'] / rounds:>10.3f}")
     print(f"goals: |system - plain| <= 1 pt ({abs(final - ref_final) * 100:.2f} pt), overhead < 0.25 s/round")
     print()
 
@@ -422,6 +559,9 @@ def main(argv: list[str] | None = None) -> None:
                     "rounds": rounds,
                     "devices": devices,
                     "load_average_before": round(load_before, 2),
+                    "phases": {
+                        k: {m: round(v, 4) for m, v in row.items()} for k, row in system["phases"].items()
+                    },
                 }
             )
         )

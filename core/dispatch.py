@@ -21,10 +21,11 @@ conditional update (see :mod:`core.leases`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from django.db import transaction
+from django.db import DatabaseError, transaction
 
 __all__ = [
     "Recovery",
@@ -32,6 +33,7 @@ __all__ = [
     "enqueue_on_commit",
     "recoverable",
     "recoveries",
+    "run_on_commit",
     "send_group_now",
     "send_now",
 ]
@@ -102,6 +104,34 @@ def enqueue_on_commit(task_name: str, *args: Any, countdown: float | None = None
     """
     _check(task_name)
     transaction.on_commit(lambda: send_now(task_name, *args, countdown=countdown))
+
+
+def run_on_commit(task_name: str, *args: Any, run: Callable[[], Any]) -> None:
+    """Do task ``task_name``'s work in this process once the current transaction commits.
+
+    For a step that is short and on somebody's critical path (the close of a round in the
+    request that brought its last answer, the open of the next round in the worker that
+    finished the last one): ``run()`` is the task's own service call, so no broker hop
+    and no worker pickup sit in between. When ``run()`` raises a database error, the
+    task is sent instead (:func:`send_now`); the task's declared recovery still covers
+    the work when both are lost (a process killed at the wrong moment).
+    """
+    _check(task_name)
+
+    def go() -> None:
+        try:
+            run()
+        except DatabaseError as exc:
+            logger.warning(
+                "%s%s failed in place (%s: %s); sending it to a worker",
+                task_name,
+                tuple(args),
+                type(exc).__name__,
+                exc,
+            )
+            send_now(task_name, *args)
+
+    transaction.on_commit(go)
 
 
 def send_group_now(task_name: str, arg_lists: list[list[Any]]) -> bool:

@@ -32,6 +32,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,6 +106,10 @@ class RoundOutcome:
     bytes_up: int = 0
     bytes_down: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
+    # Where the board's time went (seconds): ``download_s`` (program and weights),
+    # ``train_s`` (local evaluation, training, encoding), ``upload_s``; and ``received_at``,
+    # the wall-clock time (``time.time()``) at which the task reached the trainer.
+    timings: dict[str, float] = field(default_factory=dict)
 
 
 class _Skip(Exception):  # noqa: N818  (a reason not to take part, not an error)
@@ -130,12 +135,15 @@ def _failure_code(exc: ValueError) -> str:
     return str(code) if isinstance(code, str) and code else "training_failed"
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _atomic_write(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` in one step; ``durable`` waits for the disk (a file
+    read back only after checking its digest may skip that: a torn copy is fetched again)."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     with open(tmp, "wb") as handle:
         handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(tmp, path)
 
 
@@ -174,6 +182,7 @@ class FederatedTrainer:
         self.backoff = backoff or Backoff(base_s=0.2, cap_s=10.0)
         self.should_stop = should_stop
         self._backends: dict[str, Backend] = {}
+        self._timings: dict[str, float] = {}
 
     # ------------------------------------------------------------------ helpers
     def _headers(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -203,7 +212,8 @@ class FederatedTrainer:
             downloaded = len(data)
             if hashlib.sha256(data).hexdigest() != want:
                 raise ServerError("global weights do not match their digest", retryable=True)
-            _atomic_write(path, data)
+            # Checked against its digest before any reuse, so no need to wait for the disk.
+            _atomic_write(path, data, durable=False)
         tensors, _ = decode_tensors(data)
         return {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in tensors.items()}, downloaded
 
@@ -269,8 +279,11 @@ class FederatedTrainer:
         if data is None or len(data[0]) == 0:
             raise _Skip("no_data", "this board holds no labelled examples for the family")
         try:
+            started = time.perf_counter()
             program = self._program(task[backend.artifact], int(task["base_version_id"]))
             weights, downloaded = self._weights(task, folder)
+            self._timings["download_s"] = time.perf_counter() - started
+            started = time.perf_counter()
             metrics: dict[str, float] = {}
             holdout = self.data.holdout_set(spec)
             if holdout is not None and len(holdout[0]):
@@ -319,6 +332,7 @@ class FederatedTrainer:
         meta = {"num_examples": result.num_examples, "metrics": metrics, "backend": backend.name}
         _atomic_write(payload_path, encoded.data)
         _atomic_write(meta_path, json.dumps(meta).encode())
+        self._timings["train_s"] = time.perf_counter() - started
         return encoded.data, meta, downloaded
 
     def _commit(self, folder: Path) -> None:
@@ -333,6 +347,7 @@ class FederatedTrainer:
         """Run one ``train`` task (``{"round_id": ...}``) to the end; never raises for a
         refusal by the server, which is reported in the outcome instead."""
         round_id = int(task["round_id"])
+        self._timings = {"received_at": time.time()}
         folder = self.root / f"round_{round_id}"
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -378,6 +393,7 @@ class FederatedTrainer:
             return response
 
         metrics = {k: float(v) for k, v in meta["metrics"].items()}
+        started = time.perf_counter()
         try:
             self._retry(post)
         except ServerError as exc:
@@ -390,8 +406,17 @@ class FederatedTrainer:
             return RoundOutcome(
                 round_id, "rejected", code=exc.code, message=str(exc), bytes_up=len(data), metrics=metrics
             )
+        self._timings["upload_s"] = time.perf_counter() - started
+        self._timings["uploaded_at"] = time.time()
         self._commit(folder)
-        return RoundOutcome(round_id, "uploaded", bytes_up=len(data), bytes_down=downloaded, metrics=metrics)
+        return RoundOutcome(
+            round_id,
+            "uploaded",
+            bytes_up=len(data),
+            bytes_down=downloaded,
+            metrics=metrics,
+            timings=dict(self._timings),
+        )
 
     def _report_failure(self, task: Mapping[str, Any], folder: Path, failure: _Failed) -> RoundOutcome:
         """Tell the server why this board cannot take part (``POST rounds/<id>/failure``)."""

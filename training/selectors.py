@@ -339,6 +339,37 @@ def round_task(*, round_id: int, device: Device) -> dict[str, Any]:
     rnd = round_for_device(round_id=round_id, device=device)
     if rnd.status != FederatedRound.Status.COLLECTING:
         raise ConflictError(f"Round is {rnd.status}, not collecting.", code="round_closed")
+    return _round_task_body(rnd)
+
+
+def collecting_round_task(*, round_id: int, deadline: str = "") -> dict[str, Any] | None:
+    """The task body of a collecting round, the same for every device it selected; None
+    once the round stopped collecting.
+
+    For callers that already know the device is selected (the long poll of ``GET rounds/``,
+    which lists only collecting rounds that selected it): the body is built once per
+    process per 2 s instead of once per device, since nothing in it changes while the
+    round collects (its base version, weights, deadline and job are fixed when it opens).
+    ``deadline`` (from :func:`collecting_rounds`) is part of the key, so a round opened
+    again under the same id is never answered from an older entry.
+    """
+    from fleet.services.heartbeat import hot_cache
+
+    def load() -> dict[str, Any] | None:
+        rnd = (
+            FederatedRound.objects.select_related("job", "job__family", "base_version")
+            .filter(id=round_id, status=FederatedRound.Status.COLLECTING)
+            .first()
+        )
+        return _round_task_body(rnd) if rnd is not None else None
+
+    body: dict[str, Any] | None = hot_cache(
+        key=f"training:round_task:{int(round_id)}:{deadline}", load=load, ttl_s=2.0
+    )
+    return body
+
+
+def _round_task_body(rnd: FederatedRound) -> dict[str, Any]:
     job = rnd.job
     base = rnd.base_version
     program = artifact_ref(base, Artifact.Kind.PROGRAM)
@@ -385,6 +416,31 @@ _bytes_cache: dict[str, bytes] = {}
 _weights_cache: dict[str, Weights] = {}
 _state_cache: dict[str, dict[str, npt.NDArray[Any]]] = {}
 _CACHE_SIZE = 8
+
+
+def round_for_download(*, round_id: int, device: Device) -> FederatedRound:
+    """:func:`round_for_device` for the weights download, read once per process per 2 s.
+
+    Every selected device downloads the same round's weights at the same moment; what the
+    check reads (the selection, the weights' path and digest) is fixed once the round
+    opened, so only opened rounds are kept.
+    """
+    from fleet.services.heartbeat import hot_cache
+
+    def load() -> FederatedRound | None:
+        rnd = FederatedRound.objects.filter(id=round_id).first()
+        return rnd if rnd is not None and rnd.opened_at is not None else None
+
+    rnd: FederatedRound | None = hot_cache(
+        key=f"training:round_download:{int(round_id)}", load=load, ttl_s=2.0
+    )
+    if rnd is None:
+        return round_for_device(round_id=round_id, device=device)
+    if str(device.pk) not in (rnd.selected or []):
+        raise ServiceError(
+            "This device was not selected for the round.", code="not_selected", status_code=403
+        )
+    return rnd
 
 
 def round_weights_bytes(*, rnd: FederatedRound) -> bytes:

@@ -32,9 +32,9 @@ def _tasks_with_config(device: Device) -> list[dict[str, Any]]:
     every device a ``GET rounds/<id>/task`` per round."""
     out: list[dict[str, Any]] = []
     for task in selectors.training_tasks_for_device(device):
-        try:
-            config = selectors.round_task(round_id=task["round_id"], device=device)
-        except ServiceError:
+        # training_tasks_for_device lists only collecting rounds that selected the device.
+        config = selectors.collecting_round_task(round_id=task["round_id"], deadline=task["deadline"])
+        if config is None:
             continue  # closed between the two reads
         out.append({**task, "config": config})
     return out
@@ -89,7 +89,7 @@ def round_task(request: HttpRequest, device: Device, body: None, round_id: int) 
 @device_endpoint(methods=("GET",), json=False)
 def round_weights(request: HttpRequest, device: Device, body: None, round_id: int) -> HttpResponseBase:
     """``GET rounds/<id>/weights``: the global weights (safetensors), ETag = their SHA-256."""
-    rnd = selectors.round_for_device(round_id=round_id, device=device)
+    rnd = selectors.round_for_download(round_id=round_id, device=device)
     etag = f'"{rnd.weights_sha256}"'
     if request.META.get("HTTP_IF_NONE_MATCH") == etag:
         response = HttpResponse(status=304)

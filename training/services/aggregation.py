@@ -31,12 +31,12 @@ from typing import Any
 
 import numpy as np
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from core.api import ServiceError
-from core.dispatch import enqueue_on_commit
+from core.dispatch import run_on_commit
 from core.events import emit
 from core.leases import Lease, LeaseLost
 from devices_agent.codecs import decode_tensors, encode_tensors
@@ -383,6 +383,26 @@ def _consider_best(*, job: FederatedJob, version: ModelVersion, value: float) ->
         )
 
 
+def _open_next_on_commit(*, job_id: int) -> None:
+    """Open the job's next round in this worker once the finished round commits
+    (``training.round_open``'s work, sent as the task when that fails): the boards wait
+    for it, and a message would add a broker hop and a worker pickup."""
+    from training.services.rounds import round_open  # rounds imports this module
+
+    run_on_commit("training.round_open", job_id, run=lambda: round_open(job_id=job_id))
+
+
+def _open_next_now(*, job_id: int) -> None:
+    """Open the job's next round at once (the version it starts from is committed); when
+    that fails, the finish of this round opens it as usual."""
+    from training.services.rounds import round_open  # rounds imports this module
+
+    try:
+        round_open(job_id=job_id)
+    except DatabaseError:
+        logger.warning("job %s: could not open the next round early", job_id, exc_info=True)
+
+
 def _evaluation_round_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
     """An evaluation round: record what the boards measured on the final version; no training."""
     started = time.monotonic()
@@ -405,7 +425,7 @@ def _evaluation_round_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _
             "federated_round.status",
             {"job": job.pk, "round": rnd.number, "status": FederatedRound.Status.DONE},
         )
-        enqueue_on_commit("training.round_open", job.pk)
+        _open_next_on_commit(job_id=job.pk)
 
 
 def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Claim) -> None:
@@ -420,6 +440,10 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
     if version is None:
         version = _register(rnd=rnd, job=job, claim=claim, weights_bytes=weights_bytes, onnx_bytes=onnx_bytes)
     dataset = evaluation_dataset(family=job.family)
+    if dataset is not None and rnd.kind == FederatedRound.Kind.TRAIN and rnd.number < job.rounds:
+        # The next round trains from this version whatever its score: open it now, so the
+        # boards train while the server evaluates (round_open lets it past this round).
+        _open_next_now(job_id=job.pk)
     fields: dict[str, Any] = {}
     if dataset is not None:
         headline = _evaluation(version=version, dataset=dataset, onnx_bytes=onnx_bytes).headline
@@ -466,7 +490,7 @@ def _evaluate_and_finish(*, rnd: FederatedRound, job: FederatedJob, claim: _Clai
                 **({"metric": fields["metric"]} if "metric" in fields else {}),
             },
         )
-        enqueue_on_commit("training.round_open", job.pk)
+        _open_next_on_commit(job_id=job.pk)
     partial = PartialAggregate.objects.filter(round=rnd).first()
     if partial is not None:
         storage.delete_quietly(name=partial.path)

@@ -63,7 +63,8 @@ def _next_round(*, job: FederatedJob, last: FederatedRound | None) -> FederatedR
     base = job.base_version
     if last is not None:
         latest = (
-            FederatedRound.objects.filter(job=job, status=FederatedRound.Status.DONE)
+            FederatedRound.objects.filter(job=job)
+            .filter(Q(status=FederatedRound.Status.DONE) | _evaluating_behind(job))
             .order_by("-number")
             .select_related("version")
             .first()
@@ -82,6 +83,18 @@ def _next_round(*, job: FederatedJob, last: FederatedRound | None) -> FederatedR
     return rnd
 
 
+def _evaluating_behind(job: FederatedJob) -> Q:
+    """A training round before the job's last whose version is registered and being
+    evaluated: the next round may open from that version while the evaluation runs (the
+    boards train meanwhile; the evaluation only scores the version)."""
+    return Q(
+        status=FederatedRound.Status.EVALUATING,
+        kind=FederatedRound.Kind.TRAIN,
+        version__isnull=False,
+        number__lt=job.rounds,
+    )
+
+
 @transaction.atomic
 def round_open(*, job_id: int) -> FederatedRound | None:
     """Open the job's next round (or finish the job after its last round).
@@ -94,7 +107,7 @@ def round_open(*, job_id: int) -> FederatedRound | None:
     job = FederatedJob.objects.select_for_update().filter(id=job_id).first()
     if job is None or job.status != FederatedJob.Status.RUNNING:
         return None
-    busy = FederatedRound.objects.filter(job=job, status__in=ACTIVE).first()
+    busy = FederatedRound.objects.filter(job=job, status__in=ACTIVE).exclude(_evaluating_behind(job)).first()
     if busy is not None:
         return busy
     last = FederatedRound.objects.filter(job=job).order_by("-number").first()

@@ -2,8 +2,9 @@
 refusal with its reason, and the failures devices report (artifacts they could not verify
 or train with).
 
-The last answer a round waits for sends ``training.round_close``, so a round whose
-devices all answered closes without waiting for its deadline.
+The request that brings the last answer a round waits for closes it after its commit
+(``training.round_close``'s work, sent to a worker when that fails), so a round whose
+devices all answered closes without waiting for its deadline or for a broker hop.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 
 from core.api import ConflictError, NotFoundError, ServiceError
-from core.dispatch import enqueue_on_commit
+from core.dispatch import run_on_commit
 from devices_agent.codecs import WireError, decode_delta, encode_tensors, l2_norm
 from devices_agent.wire import TRAINING_BACKENDS
 from fleet.models import Device
 from training import selectors, storage
 from training.models import ClientUpdate, FederatedRound
+from training.services.rounds import round_close
 
 MAX_METRICS_JSON = 4096
 
@@ -71,9 +73,12 @@ def _reject(
 
 
 def _maybe_close_when_complete(*, rnd: FederatedRound) -> None:
-    """Close as soon as every selected device answered: no waiting for the deadline."""
+    """Close as soon as every selected device answered: no waiting for the deadline, and
+    no broker hop either: the request that brought the last answer closes the round
+    after its commit (which sends the aggregation)."""
     if selectors.round_answered(rnd=rnd) >= len(rnd.selected):
-        enqueue_on_commit("training.round_close", rnd.pk)
+        round_id = rnd.pk
+        run_on_commit("training.round_close", round_id, run=lambda: round_close(round_id=round_id))
 
 
 def _parse_metrics(raw: str | None) -> dict[str, float]:

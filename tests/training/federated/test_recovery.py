@@ -269,7 +269,9 @@ def test_lost_open_of_the_next_round_is_recovered(
     from training import services
     from training.models import FederatedRound
 
-    fleet = make_fleet(n_devices=3)
+    # Without a test set nothing is evaluated centrally, so the next round is opened only
+    # when the round is done, by the on-commit step that is lost here.
+    fleet = make_fleet(n_devices=3, test_set=False)
     job = _start(fleet, django_capture_on_commit_callbacks, rounds=2)
     first = services.round_open(job_id=job.pk)
     _upload_all(fleet, first, django_capture_on_commit_callbacks)
@@ -280,3 +282,103 @@ def test_lost_open_of_the_next_round_is_recovered(
     assert services.rounds_tick()["reopened"] == 1
     second = FederatedRound.objects.get(job=job, number=2)
     assert second.status == "collecting" and second.base_version_id == first.version_id
+
+
+@pytest.fixture
+def broker(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[tuple[str, tuple[Any, ...]]]]:
+    """Every message sent to the broker through ``core.dispatch``, recorded, not sent."""
+    from core import dispatch
+
+    messages: list[tuple[str, tuple[Any, ...]]] = []
+
+    def record(task_name: str, *args: Any, countdown: float | None = None) -> bool:
+        messages.append((task_name, args))
+        return True
+
+    monkeypatch.setattr(dispatch, "send_now", record)
+    yield messages
+
+
+def test_the_last_answer_closes_the_round_and_its_aggregation_opens_the_next_without_a_hop(
+    django_capture_on_commit_callbacks: Any, broker: list[Any]
+) -> None:
+    from training import services
+    from training.models import FederatedRound
+
+    fleet = make_fleet(n_devices=3)
+    job = _start(fleet, django_capture_on_commit_callbacks, rounds=2)
+    first = services.round_open(job_id=job.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        upload_deltas(fleet, first)
+    first.refresh_from_db()
+    # Closed in the request that brought the last update; only the aggregation is sent.
+    assert first.status == "aggregating" and first.closed_at is not None
+    assert broker == [("training.round_aggregate", (first.pk,))]
+    broker.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.round_aggregate(round_id=first.pk)
+    assert first.status == "done"
+    # The worker that finished the round opened the next one itself.
+    second = FederatedRound.objects.get(job=job, number=2)
+    assert second.status == "collecting" and second.base_version_id == first.version_id
+    assert [name for name, _ in broker if name in ("training.round_open", "training.round_close")] == []
+
+
+def test_a_close_that_fails_in_place_is_sent_to_a_worker(
+    monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any, broker: list[Any]
+) -> None:
+    from django.db import OperationalError
+
+    from training import services
+    from training.services import updates
+
+    def locked(*, round_id: int) -> None:
+        raise OperationalError("database is locked")
+
+    monkeypatch.setattr(updates, "round_close", locked)
+    fleet = make_fleet(n_devices=3)
+    job = _start(fleet, django_capture_on_commit_callbacks)
+    rnd = services.round_open(job_id=job.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        upload_deltas(fleet, rnd)
+    rnd.refresh_from_db()
+    assert rnd.status == "collecting"
+    assert broker == [("training.round_close", (rnd.pk,))]
+
+
+def test_the_next_round_trains_while_the_version_is_evaluated(
+    monkeypatch: pytest.MonkeyPatch, django_capture_on_commit_callbacks: Any, broker: list[Any]
+) -> None:
+    from training import services
+    from training.models import FederatedJob, FederatedRound
+    from training.services import aggregation
+
+    evaluate = aggregation._evaluation
+    seen: list[list[tuple[int, str, int | None]]] = []
+
+    def watched(**kwargs: Any) -> Any:
+        # What the job's rounds look like while the central evaluation runs (then it runs).
+        rounds = FederatedRound.objects.order_by("number").values_list("number", "status", "base_version_id")
+        seen.append(list(rounds))
+        return evaluate(**kwargs)
+
+    monkeypatch.setattr(aggregation, "_evaluation", watched)
+    fleet = make_fleet(n_devices=3)
+    job = _start(fleet, django_capture_on_commit_callbacks, rounds=2)
+    first = services.round_open(job_id=job.pk)
+    with django_capture_on_commit_callbacks(execute=True):
+        upload_deltas(fleet, first)
+    with django_capture_on_commit_callbacks(execute=True):
+        first = services.round_aggregate(round_id=first.pk)
+    assert first.status == "done" and first.accuracy is not None
+    base = fleet.version.pk
+    assert seen == [[(1, "evaluating", base), (2, "collecting", first.version_id)]]
+    second = FederatedRound.objects.get(job=job, number=2)
+    with django_capture_on_commit_callbacks(execute=True):
+        upload_deltas(fleet, second)
+    with django_capture_on_commit_callbacks(execute=True):
+        last = services.round_aggregate(round_id=second.pk)
+    # The last round is evaluated before the job ends: nothing opens early after it.
+    assert last is not None and last.status == "done"
+    assert seen[1] == [(1, "done", base), (2, "evaluating", first.version_id)]
+    assert FederatedJob.objects.get(pk=job.pk).status == "succeeded"

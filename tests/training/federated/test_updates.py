@@ -333,3 +333,15 @@ def test_evaluations_only_from_chosen_boards_and_only_for_evaluation_rounds(flee
     training = _open_round(fleet)
     wrong = _evaluate(_client(fleet.secrets[0]), training.pk, good)
     assert wrong.status_code == 409 and wrong.json()["error"]["code"] == "not_an_evaluation"
+
+
+def test_weights_download_checks_the_selection_when_the_round_is_cached(fleet: Fleet) -> None:
+    from fleet.auth import hash_secret, new_secret
+    from fleet.models import Device
+
+    rnd = _open_round(fleet)
+    assert _client(fleet.secrets[0]).get(f"/api/agent/v1/rounds/{rnd.pk}/weights").status_code == 200
+    secret = new_secret()
+    Device.objects.create(name="outsider", secret_hash=hash_secret(secret), status=Device.Status.ONLINE)
+    refused = _client(secret).get(f"/api/agent/v1/rounds/{rnd.pk}/weights")
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "not_selected"
