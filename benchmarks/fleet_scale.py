@@ -174,7 +174,8 @@ async def _connection(
         while True:
             due = start + offsets[k] + round_no * interval
             now = time.perf_counter()
-            if due >= stop_at:
+            # A generator that fell behind stops with the window too, not when it caught up.
+            if due >= stop_at or now >= stop_at:
                 return
             if due > now:
                 await asyncio.sleep(due - now)
