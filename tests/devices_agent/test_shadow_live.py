@@ -121,6 +121,8 @@ def test_an_agent_shadows_a_candidate_on_live_predictions_and_the_server_shows_a
             assert answer["version_id"] == active.pk
             assert answer["outputs"] == [float(v) for v in expected[i]]
             assert answer["label"] == int(expected[i].argmax())
+            # Feedback after the shadow answer exists (feedback that overtakes it goes unscored).
+            assert agent.shadow.drain()
             app.feedback(answer["prediction_id"], int(shadowed[i].argmax()))  # the candidate's label
         assert agent.shadow.drain()
         agent.step()  # flushes the metrics
