@@ -27,12 +27,19 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
-from fleet.rollouts.gates import DEFAULT_MIN_SAMPLES, GATE_METRICS, DeviceStats, device_value
+from fleet.rollouts.gates import (
+    DEFAULT_MIN_SAMPLES,
+    GATE_METRICS,
+    DeviceStats,
+    Outcome,
+    combined_outcome,
+    device_value,
+)
 from fleet.rollouts.stats import msprt
 from fleet.rollouts.waves import rank_key
 
@@ -43,8 +50,6 @@ DEFAULT_ALPHA = 0.05
 # tau (the scale of differences the test is most sensitive to), per metric, in its unit.
 DEFAULT_TAU: dict[str, float] = {"accuracy": 0.05, "error_rate": 0.02, "latency_p95_ms": 2.0, "mae": 0.1}
 MAX_CONTROL_PERCENT = 50.0
-
-Outcome = Literal["passed", "failed", "waiting"]
 
 
 def choose_control(*, rollout_id: int, device_ids: Sequence[str], percent: float) -> list[str]:
@@ -311,12 +316,7 @@ def judge_all(
 ) -> tuple[Outcome, list[ControlResult]]:
     """Every control gate: failed if any failed, else waiting if any waits, else passed."""
     results = [judge_against_control(gate=g, candidate=candidate, control=control) for g in gates]
-    outcomes = {r.outcome for r in results}
-    if "failed" in outcomes:
-        return "failed", results
-    if "waiting" in outcomes:
-        return "waiting", results
-    return "passed", results
+    return combined_outcome(r.outcome for r in results), results
 
 
 def aa_false_positive_rate(

@@ -32,7 +32,7 @@ Relative thresholds need `min_devices` voting devices on both sides.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -302,9 +302,14 @@ def evaluate_gates(
 ) -> tuple[Outcome, list[GateResult]]:
     """All gates: failed if any failed, else waiting if any is waiting, else passed."""
     results = [evaluate_gate(gate=g, candidate=candidate, baseline=baseline) for g in gates]
-    outcomes = {r.outcome for r in results}
-    if "failed" in outcomes:
-        return "failed", results
-    if "waiting" in outcomes:
-        return "waiting", results
-    return "passed", results
+    return combined_outcome(r.outcome for r in results), results
+
+
+def combined_outcome(outcomes: Iterable[Outcome]) -> Outcome:
+    """Failed if any failed, else waiting if any is waiting, else passed."""
+    seen = set(outcomes)
+    if "failed" in seen:
+        return "failed"
+    if "waiting" in seen:
+        return "waiting"
+    return "passed"

@@ -33,6 +33,26 @@ def deployment_state_changed(*, deployment_id: int, device_id: Any, old_state: s
     )
 
 
+def deployments_supersede(*, device: Device, version_id: int | None = None) -> int:
+    """Mark the device's open deployments (of ``version_id`` only, when given) superseded.
+
+    Each change is announced as ``deployment.state_changed``; returns how many there were.
+    """
+    rows = Deployment.objects.filter(device=device, state__in=OPEN_STATES)
+    if version_id is not None:
+        rows = rows.filter(version_id=version_id)
+    superseded = list(rows.values_list("id", "state"))
+    if superseded:
+        Deployment.objects.filter(id__in=[pk for pk, _ in superseded]).update(
+            state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
+        )
+        for pk, old in superseded:
+            deployment_state_changed(
+                deployment_id=pk, device_id=device.pk, old_state=old, new_state=Deployment.State.SUPERSEDED
+            )
+    return len(superseded)
+
+
 def deployment_open(
     *,
     device: Device,
@@ -61,20 +81,7 @@ def deployment_open(
                 Deployment.objects.filter(pk=existing.pk).update(rollback=True)
                 existing.rollback = True
             return existing
-        superseded = list(
-            Deployment.objects.filter(device=device, state__in=OPEN_STATES).values_list("id", "state")
-        )
-        if superseded:
-            Deployment.objects.filter(id__in=[pk for pk, _ in superseded]).update(
-                state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
-            )
-            for pk, old in superseded:
-                deployment_state_changed(
-                    deployment_id=pk,
-                    device_id=device.pk,
-                    old_state=old,
-                    new_state=Deployment.State.SUPERSEDED,
-                )
+        deployments_supersede(device=device)
         deployment = Deployment.objects.create(
             device=device,
             version_id=version_id,

@@ -16,7 +16,10 @@ from core.audit.services import audit_record
 from core.events import emit
 from fleet.models import Deployment, Device, DeviceGroup, UpdatePolicy
 from fleet.selectors.devices import device_canary_groups, device_group_ids
-from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.deployments import (
+    deployment_open,
+    deployments_supersede,
+)
 from fleet.services.releases import any_group_released, device_release_apply
 from fleet.services.stages import check_deployable
 
@@ -164,19 +167,7 @@ def device_decommission(*, actor: Any, device_id: Any, remote_addr: str | None =
             device.status = Device.Status.DECOMMISSIONED
             device.decommissioned_at = timezone.now()
             device.save(update_fields=["secret_hash", "status", "decommissioned_at"])
-            open_ids = list(
-                Deployment.objects.filter(device=device, state__in=OPEN_STATES).values_list("id", "state")
-            )
-            Deployment.objects.filter(id__in=[pk for pk, _ in open_ids]).update(
-                state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
-            )
-            for pk, old in open_ids:
-                deployment_state_changed(
-                    deployment_id=pk,
-                    device_id=device.pk,
-                    old_state=old,
-                    new_state=Deployment.State.SUPERSEDED,
-                )
+            deployments_supersede(device=device)
         audit_record(actor=actor, action="device.decommission", target=device, remote_addr=remote_addr)
     return device
 

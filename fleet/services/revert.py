@@ -45,7 +45,6 @@ from core.api import NotFoundError, ServiceError
 from core.audit.services import actor_label, audit_record
 from core.events import Event, emit
 from fleet.models import (
-    Deployment,
     Device,
     Experiment,
     FamilyPolicy,
@@ -55,7 +54,10 @@ from fleet.models import (
 )
 from fleet.selectors.devices import device_group_ids
 from fleet.selectors.revert import family_policy, watching_rollout
-from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.deployments import (
+    deployment_open,
+    deployments_supersede,
+)
 from fleet.services.experiments import experiment_stop
 from fleet.services.releases import group_releases_revert
 from fleet.services.rollouts import rollout_rollback
@@ -114,22 +116,6 @@ def version_decision_record(
     )
 
 
-def _supersede_open(device: Device, version_id: int) -> None:
-    rows = list(
-        Deployment.objects.filter(device=device, version_id=version_id, state__in=OPEN_STATES).values_list(
-            "id", "state"
-        )
-    )
-    if rows:
-        Deployment.objects.filter(id__in=[pk for pk, _ in rows]).update(
-            state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
-        )
-        for pk, old in rows:
-            deployment_state_changed(
-                deployment_id=pk, device_id=device.pk, old_state=old, new_state=Deployment.State.SUPERSEDED
-            )
-
-
 def _group_previous(device: Device, version_id: int) -> int | None:
     """The release one of the device's groups had before ``version_id`` replaced it."""
     groups = device_group_ids(device=device)
@@ -150,7 +136,7 @@ def _revert_device(device: Device, version_id: int, decision: VersionDecision) -
     if device.running_version_id != version_id:
         # Headed to the version, not yet running it: keep what it runs, stop the download.
         Device.objects.filter(pk=device.pk).update(desired_version_id=device.running_version_id)
-        _supersede_open(device, version_id)
+        deployments_supersede(device=device, version_id=version_id)
         return "stopped"
     target = device.previous_version_id
     if target is None or target == version_id:

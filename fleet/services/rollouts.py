@@ -77,7 +77,10 @@ from fleet.services.control import (
     rollout_configure_control,
     wave_target_ids,
 )
-from fleet.services.deployments import OPEN_STATES, deployment_open, deployment_state_changed
+from fleet.services.deployments import (
+    deployment_open,
+    deployments_supersede,
+)
 from fleet.services.releases import rollout_rolled_back, rollout_succeeded
 from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
@@ -562,22 +565,6 @@ def _rollback(rollout: Rollout, now: datetime) -> int:
     return rolled
 
 
-def _supersede_open(device: Device, version_id: int) -> None:
-    open_rows = list(
-        Deployment.objects.filter(device=device, version_id=version_id, state__in=OPEN_STATES).values_list(
-            "id", "state"
-        )
-    )
-    if open_rows:
-        Deployment.objects.filter(id__in=[pk for pk, _ in open_rows]).update(
-            state=Deployment.State.SUPERSEDED, updated_at=timezone.now()
-        )
-        for pk, old in open_rows:
-            deployment_state_changed(
-                deployment_id=pk, device_id=device.pk, old_state=old, new_state=Deployment.State.SUPERSEDED
-            )
-
-
 def _send_back(device: Device, version_id: int | None, rollout: Rollout, now: datetime) -> None:
     """Make `version_id` the device's desired version again.
 
@@ -589,13 +576,13 @@ def _send_back(device: Device, version_id: int | None, rollout: Rollout, now: da
         Device.objects.filter(pk=fresh.pk, desired_version_id=rollout.version_id).update(
             desired_version_id=None
         )
-        _supersede_open(fresh, rollout.version_id)
+        deployments_supersede(device=fresh, version_id=rollout.version_id)
         return
     Device.objects.filter(pk=fresh.pk).update(desired_version_id=version_id)
     fresh.desired_version_id = version_id
     if fresh.running_version_id == version_id:
         # Never got the new version: just stop the download.
-        _supersede_open(fresh, rollout.version_id)
+        deployments_supersede(device=fresh, version_id=rollout.version_id)
     else:
         # deployment_open supersedes the open deployment to the new version.
         deployment_open(
