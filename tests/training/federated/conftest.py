@@ -100,3 +100,45 @@ def fleet(db: Any) -> Fleet:
 @pytest.fixture
 def fleet_factory(db: Any) -> Callable[..., Fleet]:
     return make_fleet
+
+
+def finished_job(fleet: Fleet, *, status: str = "succeeded", rounds_done: int = 1, **fields: Any) -> Any:
+    """A job whose round ``rounds_done`` produced a version judged centrally at 0.95."""
+    from django.utils import timezone
+
+    from fleet.models import Device
+    from models_registry.models import ModelVersion
+    from tests.bundles import digits_version
+    from training.models import FederatedJob, FederatedRound
+
+    job = make_job(fleet, **fields)
+    Device.objects.filter(pk__in=[d.pk for d in fleet.devices]).update(
+        running_version=fleet.version, desired_version=fleet.version
+    )
+    best = None
+    for number in range(1, rounds_done + 1):
+        version = digits_version(
+            fleet.family, seed=number, parent=fleet.version, source=ModelVersion.Source.FEDERATED
+        )
+        FederatedRound.objects.create(
+            job=job,
+            number=number,
+            status=FederatedRound.Status.DONE,
+            base_version=fleet.version,
+            version=version,
+            metric_name="accuracy",
+            metric=0.9 + 0.05 * number / rounds_done,
+            evaluation="central",
+            finished_at=timezone.now(),
+        )
+        best = version
+    FederatedJob.objects.filter(pk=job.pk).update(
+        status=status,
+        finished_at=timezone.now() if status == FederatedJob.Status.SUCCEEDED else None,
+        current_round=rounds_done,
+        best_version=best,
+        best_metric=0.95 if best else None,
+        best_accuracy=0.95 if best else None,
+    )
+    job.refresh_from_db()
+    return job

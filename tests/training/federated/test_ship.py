@@ -7,48 +7,7 @@ from typing import Any
 
 import pytest
 
-from tests.training.federated.conftest import Fleet, make_fleet, make_job
-
-
-def _finished(fleet: Fleet, *, status: str = "succeeded", rounds_done: int = 1) -> Any:
-    """A job whose round ``rounds_done`` produced a version judged centrally at 0.95."""
-    from django.utils import timezone
-
-    from fleet.models import Device
-    from models_registry.models import ModelVersion
-    from tests.bundles import digits_version
-    from training.models import FederatedJob, FederatedRound
-
-    job = make_job(fleet)
-    Device.objects.filter(pk__in=[d.pk for d in fleet.devices]).update(
-        running_version=fleet.version, desired_version=fleet.version
-    )
-    best = None
-    for number in range(1, rounds_done + 1):
-        version = digits_version(
-            fleet.family, seed=number, parent=fleet.version, source=ModelVersion.Source.FEDERATED
-        )
-        FederatedRound.objects.create(
-            job=job,
-            number=number,
-            status=FederatedRound.Status.DONE,
-            base_version=fleet.version,
-            version=version,
-            metric_name="accuracy",
-            metric=0.9 + 0.05 * number / rounds_done,
-            evaluation="central",
-            finished_at=timezone.now(),
-        )
-        best = version
-    FederatedJob.objects.filter(pk=job.pk).update(
-        status=status,
-        current_round=rounds_done,
-        best_version=best,
-        best_metric=0.95 if best else None,
-        best_accuracy=0.95 if best else None,
-    )
-    job.refresh_from_db()
-    return job
+from tests.training.federated.conftest import Fleet, finished_job, make_fleet
 
 
 @pytest.fixture
@@ -90,7 +49,7 @@ def test_ship_to_a_canary_group_starts_a_rollout_with_control_and_lineage(
     from fleet.models import Device, Rollout, RolloutDevice, Shadow
     from models_registry.models import ModelVersion
 
-    job = _finished(big)
+    job = finished_job(big)
     heard: list[Any] = []
     with (
         subscribed(heard.append, names=["federated_job.shipped"]),
@@ -139,7 +98,7 @@ def test_boards_that_cannot_run_it_are_left_out_with_the_count_and_reason(
 ) -> None:
     from fleet.models import Device, Rollout, RolloutDevice
 
-    job = _finished(big)
+    job = finished_job(big)
     old = big.devices[:3]
     Device.objects.filter(pk__in=[d.pk for d in old]).update(hardware={"onnxruntime": "1.5.0"})
     # A board that says nothing of its runtime, or a newer one, is not left out.
@@ -174,7 +133,7 @@ def test_board_facts_decide_what_can_run() -> None:
 def test_refused_when_no_board_can_run_it(big: Fleet, operator_client: Any) -> None:
     from fleet.models import Device, Rollout
 
-    job = _finished(big)
+    job = finished_job(big)
     Device.objects.filter(pk__in=[d.pk for d in big.devices]).update(hardware={"onnxruntime": "1.4.0"})
     response = _ship(operator_client, job)
     assert response.status_code == 409
@@ -184,7 +143,7 @@ def test_refused_when_no_board_can_run_it(big: Fleet, operator_client: Any) -> N
 
 
 def test_job_without_a_successful_round_is_409(big: Fleet, operator_client: Any) -> None:
-    job = _finished(big, status="failed", rounds_done=0)
+    job = finished_job(big, status="failed", rounds_done=0)
     response = _ship(operator_client, job)
     assert response.status_code == 409
     assert response.json()["error"]["code"] == "no_successful_round"
@@ -193,14 +152,14 @@ def test_job_without_a_successful_round_is_409(big: Fleet, operator_client: Any)
 def test_job_whose_best_is_its_base_is_409(big: Fleet, operator_client: Any) -> None:
     from training.models import FederatedJob
 
-    job = _finished(big)
+    job = finished_job(big)
     FederatedJob.objects.filter(pk=job.pk).update(best_version=big.version)
     response = _ship(operator_client, job)
     assert response.status_code == 409 and response.json()["error"]["code"] == "no_improvement"
 
 
 def test_running_job_is_409_unless_forced(big: Fleet, operator_client: Any) -> None:
-    job = _finished(big, status="running")
+    job = finished_job(big, status="running")
     refused = _ship(operator_client, job)
     assert refused.status_code == 409 and refused.json()["error"]["code"] == "job_not_finished"
     forced = _ship(operator_client, job, force=True)
@@ -212,7 +171,7 @@ def test_control_cohort_too_small_is_400_with_the_minimum(big: Fleet, operator_c
     from fleet.models import Rollout
     from models_registry.models import ModelVersion
 
-    job = _finished(big)
+    job = finished_job(big)
     response = _ship(operator_client, job, control_percent=3)
     assert response.status_code == 400
     error = response.json()["error"]
@@ -224,7 +183,7 @@ def test_control_cohort_too_small_is_400_with_the_minimum(big: Fleet, operator_c
 
 
 def test_unknown_group_is_400_and_viewer_is_403(big: Fleet, operator_client: Any, viewer_client: Any) -> None:
-    job = _finished(big)
+    job = finished_job(big)
     unknown = _ship(operator_client, job, target_group="nowhere")
     assert unknown.status_code == 400 and unknown.json()["error"]["code"] == "validation_error"
     assert unknown.json()["error"]["details"]["target_group"] == "nowhere"
@@ -237,7 +196,7 @@ def test_production_group_needs_an_admin(big: Fleet, operator_client: Any, admin
     from fleet.models import DeviceGroup, Rollout
     from models_registry.models import ModelVersion
 
-    job = _finished(big)
+    job = finished_job(big)
     DeviceGroup.objects.filter(pk=big.group.pk).update(canary=False)
     refused = _ship(operator_client, job)
     assert refused.status_code == 403
@@ -251,7 +210,7 @@ def test_production_group_needs_an_admin(big: Fleet, operator_client: Any, admin
 
 
 def test_recommended_variant_without_variants_ships_as_trained(big: Fleet, operator_client: Any) -> None:
-    job = _finished(big)
+    job = finished_job(big)
     response = _ship(operator_client, job, variant="recommended", latency_budget_us=5000)
     assert response.status_code == 201, response.content
     variant = response.json()["variant"]
@@ -264,7 +223,7 @@ def test_dashboard_ship_button(big: Fleet, make_user: Any) -> None:
 
     from fleet.models import Rollout
 
-    job = _finished(big)
+    job = finished_job(big)
     operator, viewer = Client(), Client()
     operator.force_login(make_user("operator"))
     viewer.force_login(make_user("viewer"))
