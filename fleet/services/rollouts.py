@@ -689,6 +689,12 @@ def rollout_advance(*, rollout_id: int, now: datetime | None = None) -> AdvanceR
                 return AdvanceResult(rollout_id, "busy")
             if rollout.status == Rollout.Status.SHADOW:
                 return _shadow_phase_judge(rollout, now)
+            if rollout.status == Rollout.Status.SUCCEEDED:
+                # The control cohort got the version as the last wave passed: follow its
+                # installs (and retries) to the end, as for any member.
+                settled = _sync(rollout, now)
+                settled["released"] = _release(rollout, now)
+                return AdvanceResult(rollout_id, "settling", rollout.current_wave, settled)
             if rollout.status != Rollout.Status.RUNNING:
                 return AdvanceResult(rollout_id, "not_running", rollout.current_wave)
             return _advance_locked(rollout, now)
@@ -1112,9 +1118,15 @@ def rollout_advance_now(
 
 
 def running_rollout_ids() -> list[int]:
-    """Ids of the rollouts the periodic task advances."""
+    """Ids of the rollouts the periodic task advances: in shadow, running, and succeeded ones
+    whose last members (the control cohort) are still installing."""
+    unsettled = Q(
+        status=Rollout.Status.SUCCEEDED,
+        members__state__in=(RolloutDevice.State.QUEUED, RolloutDevice.State.IN_PROGRESS),
+    )
     return list(
-        Rollout.objects.filter(status__in=(Rollout.Status.SHADOW, Rollout.Status.RUNNING))
+        Rollout.objects.filter(Q(status__in=(Rollout.Status.SHADOW, Rollout.Status.RUNNING)) | unsettled)
+        .distinct()
         .order_by("id")
         .values_list("pk", flat=True)
     )

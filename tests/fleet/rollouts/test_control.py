@@ -20,7 +20,13 @@ from fleet.rollouts.control import (
     validate_control_gates,
 )
 from fleet.services.control import control_ids
-from fleet.services.rollouts import rollout_advance, rollout_create, rollout_rollback, rollout_start
+from fleet.services.rollouts import (
+    rollout_advance,
+    rollout_create,
+    rollout_rollback,
+    rollout_start,
+    running_rollout_ids,
+)
 from tests.fleet.rollouts.conftest import add_metrics, report
 
 WAVES = [{"percent": 25, "soak_s": 60}, {"percent": 100, "soak_s": 0}]
@@ -160,6 +166,13 @@ def test_control_devices_stay_on_the_incumbent_and_a_good_candidate_passes(fleet
         device = Device.objects.get(pk=device_id)
         assert device.desired_version_id == f.v2.pk
         assert Deployment.objects.filter(device=device, version=f.v2, origin_type="rollout").exists()
+    # The tick follows their installs to the end, so none stays in progress for ever.
+    assert rollout.pk in running_rollout_ids()
+    _activate(rollout)
+    settled = rollout_advance(rollout_id=rollout.pk, now=t0 + timedelta(seconds=75))
+    assert settled.action == "settling" and settled.stats["succeeded"] == len(control)
+    assert not RolloutDevice.objects.filter(rollout=rollout, state__in=["queued", "in_progress"]).exists()
+    assert rollout.pk not in running_rollout_ids()
     rollout_rollback(rollout_id=rollout.pk, actor=None)
     assert all(Device.objects.get(pk=d).desired_version_id == f.v1.pk for d in control)
 
