@@ -237,7 +237,7 @@ def flagged_versions(*, limit: int = 8) -> list[dict[str, Any]]:
                 "metric": metric,
                 "value": flag.get("value", flag.get(metric)),
                 "reference": flag.get("reference", flag.get(f"reference_{metric}")),
-                "retrain_job": flag.get("retrain_job") or outcome.get(v.pk, {}).get("job"),
+                "retrain_job": outcome.get(v.pk, {}).get("job"),
                 "outcome": outcome.get(v.pk, {}).get("text", ""),
             }
         )

@@ -58,7 +58,6 @@ class TrainingConfig(AppConfig):
         # (the program it trains), whatever model it runs.
         register_artifact_entitlement(round_artifact_for_device)
         subscribe(subscribers.round_opened, names=["federated_round.opened"])
-        subscribe(subscribers.model_flagged, names=["model.flagged"])
         subscribe(subscribers.model_flagged_start_job, names=["model.flagged"])
         subscribe(subscribers.job_succeeded_ship, names=["federated_job.status"])
         for task, how in RECOVERIES.items():

@@ -351,8 +351,6 @@ DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)
 DRIFT_MIN_SAMPLES = env.int("DRIFT_MIN_SAMPLES", default=200)
 DRIFT_MIN_SAMPLES_PER_DEVICE = env.int("DRIFT_MIN_SAMPLES_PER_DEVICE", default=20)
 DRIFT_MIN_DEVICES = env.int("DRIFT_MIN_DEVICES", default=3)
-# When a version is flagged, start a federated job from it on the group running it most.
-DRIFT_AUTO_RETRAIN = env.bool("DRIFT_AUTO_RETRAIN", default=False)
 # A version stays watched this long after its rollout succeeded: a flag (model.flagged) on a
 # watched version reverts it everywhere or only alerts, as its family's FamilyPolicy says
 # (fleet.services.revert); a family's policy may set its own period.

@@ -202,8 +202,8 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
     (relative: 0.25 is 25 %) above `metrics["mae"]`. Each version is judged on its
     family's feedback metric only. Versions already flagged are left alone, so running
     this again changes nothing. Each flag is announced as the public event
-    ``model.flagged`` (webhooks, the dashboard; with ``DRIFT_AUTO_RETRAIN`` training
-    subscribes and starts a short federated job). Returns the ids flagged by this call.
+    ``model.flagged`` (webhooks, the dashboard, the family policy's watch and drift job).
+    Input drift is checked too (``input_drift_check``). Returns the ids flagged by this call.
     """
     from models_registry.models import ModelVersion
 

@@ -32,9 +32,6 @@ CODECS = ("none", "fp16", "int8", "topk")
 OPTIMIZERS = ("sgd", "adam")
 # Set by the server for every round, never part of a job's configuration.
 RESERVED_STRATEGY_PARAMS = ("privacy", "state")
-# A retrain is a short job: a handful of rounds from the flagged version, enough to adapt
-# to the new inputs without tying the group up for long.
-RETRAIN_ROUNDS = 3
 ACTIVE = (FederatedJob.Status.DRAFT, FederatedJob.Status.RUNNING, FederatedJob.Status.PAUSED)
 
 JOB_FIELDS = (
@@ -346,53 +343,3 @@ def group_running_most(version: ModelVersion) -> tuple[DeviceGroup | None, int]:
         if running > top_running:
             top, top_running = group, running
     return top, top_running
-
-
-def _retrain_start(*, version: ModelVersion) -> int | None:
-    if FederatedJob.objects.filter(family_id=version.family_id, status__in=ACTIVE).exists():
-        return None
-    group, running = group_running_most(version)
-    if group is None:
-        return None
-    # Quorum and minimum clients cannot exceed the devices that can take part.
-    clients = max(1, min(2, running))
-    try:
-        job = job_create(
-            actor=None,
-            family=version.family,
-            base_version=version,
-            target_group=group,
-            name=f"{version.family.name} retrain after drift (v{version.number})",
-            rounds=RETRAIN_ROUNDS,
-            min_clients=clients,
-            quorum=clients,
-        )
-    except ServiceError:
-        return None  # e.g. the version has no weights to start from
-    job_start(job_id=job.pk, actor=None)
-    return int(job.pk)
-
-
-@transaction.atomic
-def job_retrain_for_flag(*, version_id: int) -> int | None:
-    """Start a short federated job from a version flagged for drift (``model.flagged``).
-
-    The job starts from the version, on the group running it most, for
-    ``RETRAIN_ROUNDS`` rounds. Its id (or None: no group runs the version, a job of the
-    family is already draft, running or paused, or the version cannot seed a job) is
-    stored as ``metrics["flagged"]["retrain_job"]``; a flag that has that key was
-    handled already, so one flag starts at most one job.
-    """
-    version = ModelVersion.objects.select_for_update().select_related("family").filter(pk=version_id).first()
-    if version is None:
-        return None
-    flag = (version.metrics or {}).get("flagged")
-    if not isinstance(flag, dict):
-        return None
-    if "retrain_job" in flag:
-        handled: int | None = flag["retrain_job"]
-        return handled
-    job_id = _retrain_start(version=version)
-    version.metrics = {**version.metrics, "flagged": {**flag, "retrain_job": job_id}}
-    version.save(update_fields=["metrics"])
-    return job_id
