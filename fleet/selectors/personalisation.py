@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.db.models import Q, QuerySet
+
 from fleet.models import Device, MetricSample
 
 PERSONAL_METRICS = ("global_accuracy", "personal_accuracy", "global_mae", "personal_mae")
@@ -37,18 +39,30 @@ def _version_metrics(version_ids: set[int]) -> dict[int, str]:
     return {pk: TASK_METRIC.get(str(task), "accuracy") for pk, task in rows}
 
 
-def _latest_pairs(*, device_ids: list[Any]) -> dict[Any, dict[str, Any]]:
+def _personal_samples(*, group_id: int | None, group_name: str | None) -> QuerySet[MetricSample]:
+    """The personal/global samples of live devices (of one group), found through the version index.
+
+    Read by version and name (``metric_version_name_ts``) and joined to their devices, so
+    the cost follows the samples of these four metrics, not the size of the fleet.
+    """
+    from models_registry.models import ModelVersion
+
+    samples = MetricSample.objects.filter(
+        version_id__in=ModelVersion.objects.order_by().values("pk"), name__in=PERSONAL_METRICS
+    ).filter(~Q(device__status="decommissioned"))
+    if group_id is not None:
+        samples = samples.filter(device__groups__id=group_id)
+    if group_name is not None:
+        samples = samples.filter(device__groups__name=group_name)
+    return samples
+
+
+def _latest_pairs(samples: QuerySet[MetricSample]) -> dict[Any, dict[str, Any]]:
     """Per device: the newest version with both numbers of its metric, and their latest values."""
-    samples = (
-        MetricSample.objects.filter(
-            device_id__in=device_ids, name__in=PERSONAL_METRICS, version__isnull=False
-        )
-        .order_by("ts", "id")
-        .values_list("device_id", "version_id", "name", "value", "ts")
-    )
+    rows = samples.order_by("ts", "id").values_list("device_id", "version_id", "name", "value", "ts")
     # Ascending order: a later sample for the same key overwrites an earlier one.
     latest: dict[tuple[Any, int], dict[str, Any]] = {}
-    for device_id, version_id, name, value, ts in samples:
+    for device_id, version_id, name, value, ts in rows:
         entry = latest.setdefault((device_id, version_id), {"version_id": version_id, "ts": ts})
         entry[name] = value
         entry["ts"] = max(entry["ts"], ts)
@@ -73,22 +87,28 @@ def personalisation_summary(*, group_id: int | None = None, group_name: str | No
     A device row carries ``metric`` (``accuracy`` or ``mae``), ``global``, ``personal``
     and ``gain``, and the two numbers under their own names (``global_accuracy``, ...);
     a group row carries its ``metric``, ``devices`` and ``mean_gain``.
+
+    Only devices that report these numbers are read (names and groups included), so the
+    overview's panel costs nothing on the rest of the fleet.
     """
     devices = Device.objects.exclude(status="decommissioned")
     if group_id is not None:
         devices = devices.filter(groups__id=group_id)
     if group_name is not None:
         devices = devices.filter(groups__name=group_name)
+    samples = _personal_samples(group_id=group_id, group_name=group_name)
+    pairs = _latest_pairs(samples)
     memberships: dict[Any, list[tuple[Any, Any]]] = {}
     names: dict[Any, str] = {}
-    for device_id, name, gid, gname in devices.values_list("pk", "name", "groups__id", "groups__name"):
+    reporting = devices.filter(pk__in=samples.order_by().values("device_id"))
+    for device_id, name, gid, gname in reporting.values_list("pk", "name", "groups__id", "groups__name"):
         if group_id is not None and gid != group_id:
             continue
         if group_name is not None and gname != group_name:
             continue
         names[device_id] = name
         memberships.setdefault(device_id, []).append((gid, gname))
-    pairs = _latest_pairs(device_ids=list(names))
+    pairs = {device_id: entry for device_id, entry in pairs.items() if device_id in names}
     rows: list[dict[str, Any]] = []
     groups: dict[tuple[int | None, str], dict[str, Any]] = {}
     for device_id, entry in pairs.items():
