@@ -30,8 +30,9 @@ from functools import lru_cache
 from typing import Any
 
 from django.conf import settings
-from django.core.cache import cache
+from django.core.cache import cache, caches
 from django.core.cache.backends.locmem import LocMemCache
+from django.core.cache.backends.redis import RedisCache
 
 from core.api import ServiceError
 
@@ -87,10 +88,30 @@ class RateLimited(ServiceError):
         )
 
 
+def _redis_count(backend: RedisCache, key: str, timeout: int) -> int:
+    """``INCR`` and ``EXPIRE`` in one round trip, on a client kept with the backend.
+
+    Every device request counts here, so what Django's ``incr`` costs matters: it asks
+    ``EXISTS`` before ``INCRBY`` (two round trips) and builds a new client each call.
+    ``INCR`` creates a missing counter at 1; the expiry, renewed on each hit, only keeps
+    a window's counter a little past its window (the key names the window).
+    """
+    client = getattr(backend, "_flotilla_counter_client", None)
+    if client is None:
+        client = backend._cache.get_client(write=True)  # type: ignore[attr-defined]
+        backend._flotilla_counter_client = client  # type: ignore[attr-defined]
+    name = backend.make_and_validate_key(key)
+    hits, _ = client.pipeline(transaction=False).incr(name).expire(name, timeout).execute()
+    return int(hits)
+
+
 def _count(key: str, timeout: int) -> int:
     """Add one to the counter ``key`` (created with ``timeout``) and return it."""
     for store in (cache, _local):
         try:
+            backend = caches["default"] if store is cache else store
+            if isinstance(backend, RedisCache):
+                return _redis_count(backend, key, timeout)
             try:
                 return int(store.incr(key))
             except ValueError:  # no counter for this window yet

@@ -75,6 +75,20 @@ def test_a_fixed_window_refuses_past_the_rate_with_the_seconds_left() -> None:
             check("login", key, now=615.5)
 
 
+def test_the_shared_counter_is_one_per_window_and_expires_with_it() -> None:
+    from django.core.cache import cache, caches
+
+    key = uuid.uuid4().hex
+    with _limits(login="3/min"):
+        check("login", key, now=600.0)
+        check("login", key, now=601.0)
+    counter = f"rl:login:{key}:10"
+    assert cache.get(counter) == 2  # the same counter Django's cache API reads
+    backend: Any = caches["default"]
+    ttl = backend._cache.get_client().ttl(backend.make_and_validate_key(counter))
+    assert 0 < ttl <= 61
+
+
 def test_without_the_shared_cache_the_count_is_kept_in_this_process() -> None:
     key = uuid.uuid4().hex
     unreachable = {

@@ -328,3 +328,33 @@ def test_a_rollback_deployment_is_flagged_and_signed_for_its_device(
     assert statement["expires_at"] == expires_at
     assert verify_statement(statement, desired["artifact"]["statement_signature"], signing_public_key_b64())
     assert desired["artifact"]["statement_signature"] != plain["artifact"]["statement_signature"]
+
+
+def test_liveness_write_never_revives_a_device_decommissioned_meanwhile(enroll: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=1)
+    device = agent.refresh()  # as authenticated, before an operator decommissions it
+    Device.objects.filter(pk=device.pk).update(status="decommissioned", last_seen=None)
+    device.status = "offline"  # the stale copy: the write would flip it online
+    heartbeat_service.device_heartbeat(device=device, report={"seq": 2}, with_tasks=False)
+    stored = Device.objects.get(pk=device.pk)
+    assert stored.status == "decommissioned" and stored.last_seen is None and stored.last_seq == 1
+
+
+def test_liveness_write_never_overwrites_a_newer_heartbeat_written_meanwhile(enroll: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=1, state={"idle": True})
+    device = agent.refresh()
+    agent.heartbeat(seq=3, state={"idle": False})  # another worker, with a newer report
+    heartbeat_service.device_heartbeat(
+        device=device, report={"seq": 2, "state": {"idle": True}}, with_tasks=False
+    )
+    stored = Device.objects.get(pk=device.pk)
+    assert stored.last_seq == 3 and stored.state == {"idle": False}
+    heartbeat_service.device_heartbeat(
+        device=agent.refresh(),  # as the next request authenticates it
+        report={"seq": 4, "state": {"idle": True}, "agent_version": "2.0.0"},
+        with_tasks=False,
+    )
+    stored = Device.objects.get(pk=device.pk)
+    assert stored.last_seq == 4 and stored.state == {"idle": True} and stored.agent_version == "2.0.0"
