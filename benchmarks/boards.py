@@ -101,7 +101,7 @@ def spawn(
         "state_dir": str(state),
         "enrollment_token": token,
         "name": f"wrist-{index:02d}",
-        "tags": ["benchmark", "activity"],
+        # No tags of its own: the enrollment token's tags decide its groups.
         "heartbeat_interval_s": heartbeat_s,
         "health_check_runs": 3,
         # The device state (example counts) rides on every other heartbeat.
