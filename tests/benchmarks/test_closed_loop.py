@@ -3,6 +3,8 @@ decision lines and the verdict."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from benchmarks.closed_loop import decision_line, permute_output, remount, summary
@@ -53,7 +55,12 @@ def test_decision_line_carries_the_numbers() -> None:
 
 
 def test_summary_closes_the_loop_only_when_every_board_runs_the_promoted_version() -> None:
-    common = {"bad_exposed": {"a", "b"}, "bad_left": 0, "bad_stopped_in": "shadow", "decisions": 7}
+    common: dict[str, Any] = {
+        "bad_exposed": {"a", "b"},
+        "bad_left": 0,
+        "bad_stopped_in": "shadow",
+        "decisions": 7,
+    }
     done = summary(
         injected_at=60.0, promoted_at=420.0, good_promoted=True, every_board_on_good=True, **common
     )
