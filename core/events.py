@@ -77,11 +77,22 @@ EVENT_TYPES: dict[str, EventType] = {
         EventType("rollout.succeeded", "A rollout's last wave passed.", _ROLLOUT),
         EventType("rollout.aborted", "A rollout was stopped for good.", _ROLLOUT),
         EventType("rollout.rolled_back", "A rollout sent its devices back.", _ROLLOUT),
+        EventType(
+            "rollout.shadow_passed", "A rollout's candidate passed in shadow; its first wave opens.", _ROLLOUT
+        ),
+        EventType(
+            "rollout.shadow_failed", "A rollout's candidate failed in shadow; no wave opened.", _ROLLOUT
+        ),
         EventType("experiment.started", "An A/B experiment assigned its arms.", _EXPERIMENT),
         EventType("experiment.stopped", "An experiment stopped (guardrail or operator).", _EXPERIMENT),
         EventType("experiment.completed", "An experiment declared a winner.", _EXPERIMENT),
         EventType("experiment.promoted", "An experiment's winner became a rollout.", _EXPERIMENT),
         EventType("federated_job.status", "A federated job changed status.", ("job", "status")),
+        EventType(
+            "federated_job.auto_ship_skipped",
+            "A succeeded job that drift started was not shipped (the policy said to): why.",
+            ("decision_id", "job", "version_id", "code"),
+        ),
         EventType(
             "federated_job.shipped",
             "A federated job's best version was shipped: a staged rollout with a control cohort started.",
@@ -103,7 +114,8 @@ EVENT_TYPES: dict[str, EventType] = {
         ),
         EventType(
             "model.flagged",
-            "A model version's quality on labelled feedback fell below its evaluation.",
+            "A model version's quality on labelled feedback fell below its evaluation, or its inputs "
+            "drifted on several boards (reason input_drift).",
             ("version_id", "reason", "metric", "value", "reference", "samples", "at"),
         ),
         EventType(

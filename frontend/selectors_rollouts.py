@@ -118,6 +118,36 @@ def _control_rows(*, rollout: Rollout, decisions: list[Any]) -> list[dict[str, A
     return [{"gate": g, "result": results.get(g["metric"])} for g in rollout.control_gates or []]
 
 
+def _shadow_phase(*, rollout: Rollout, decisions: list[Any]) -> dict[str, Any] | None:
+    """The shadow phase's policy and verdict: live while it runs, else the decision taken."""
+    from django.utils import timezone
+
+    from fleet.models import Shadow
+    from fleet.selectors.shadows import shadow_phase_verdict
+
+    if not rollout.shadow_policy:
+        return None
+    shadow = Shadow.objects.filter(pk=rollout.shadow_id).first() if rollout.shadow_id else None
+    taken = next(
+        (d for d in reversed(decisions) if d.action.startswith("shadow_") and d.action != "shadow_started"),
+        None,
+    )
+    if taken is not None:
+        outcome, reason, numbers = taken.action.removeprefix("shadow_"), taken.reason, taken.metrics
+    elif shadow is not None and rollout.status == Rollout.Status.SHADOW:
+        verdict = shadow_phase_verdict(rollout=rollout, shadow=shadow, now=timezone.now())
+        outcome, reason, numbers = verdict.outcome, verdict.reason, verdict.numbers
+    else:
+        outcome, reason, numbers = "", "", {}
+    return {
+        "policy": rollout.shadow_policy,
+        "shadow": shadow,
+        "outcome": outcome,
+        "reason": reason,
+        "numbers": numbers,
+    }
+
+
 def rollout_page(*, rollout: Rollout) -> dict[str, Any]:
     decisions = list(rollout_decisions(rollout=rollout))
     latest_gates: dict[str, Any] = next((d.metrics for d in reversed(decisions) if d.metrics), {})
@@ -126,6 +156,7 @@ def rollout_page(*, rollout: Rollout) -> dict[str, Any]:
         "decisions": decisions[::-1],
         "latest_gates": latest_gates,
         "control_rows": _control_rows(rollout=rollout, decisions=decisions),
+        "shadow_phase": _shadow_phase(rollout=rollout, decisions=decisions),
         "members": list(
             RolloutDevice.objects.filter(rollout=rollout)
             .exclude(state__in=["queued"])

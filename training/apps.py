@@ -24,6 +24,12 @@ RECOVERIES = {
 RECOVERED_BY = {"training.round_aggregate": "core.sweep", "training.shard_aggregate": "core.sweep"}
 
 
+def _auto_ship_redrive(*, now: datetime, grace: timedelta) -> list[int]:
+    from training.services.shipping import auto_ship_redrive
+
+    return auto_ship_redrive(now=now, grace=grace)
+
+
 def _rounds_redrive(*, now: datetime, grace: timedelta) -> list[int]:
     # Imported when the sweep runs, not at start: the services pull the aggregation code.
     from training.services import rounds_redrive
@@ -54,6 +60,8 @@ class TrainingConfig(AppConfig):
         subscribe(subscribers.round_opened, names=["federated_round.opened"])
         subscribe(subscribers.model_flagged, names=["model.flagged"])
         subscribe(subscribers.model_flagged_start_job, names=["model.flagged"])
+        subscribe(subscribers.job_succeeded_ship, names=["federated_job.status"])
         for task, how in RECOVERIES.items():
             recoverable(task, by=RECOVERED_BY.get(task, "training.rounds_tick"), how=how)
         sweep.register("training.rounds", _rounds_redrive)
+        sweep.register("training.auto_ship", _auto_ship_redrive)

@@ -12,6 +12,7 @@ from core.events import Event
 from training import notify
 from training.services import job_retrain_for_flag
 from training.services.drift_jobs import job_start_for_drift
+from training.services.shipping import job_auto_ship
 
 
 def round_opened(event: Event) -> None:
@@ -33,3 +34,11 @@ def model_flagged_start_job(event: Event) -> None:
     """``model.flagged``: when the family's policy says so, a job on the boards where it drifted
     (rate-limited per family; see :mod:`training.services.drift_jobs`)."""
     job_start_for_drift(version_id=int(event.payload["version_id"]), flag=dict(event.payload))
+
+
+def job_succeeded_ship(event: Event) -> None:
+    """``federated_job.status``: a succeeded job that drift started is shipped when its
+    family's policy has ``auto_ship`` (see :func:`training.services.shipping.job_auto_ship`;
+    the sweep ships one whose event was lost)."""
+    if event.payload.get("status") == "succeeded":
+        job_auto_ship(job_id=int(event.payload["job"]))

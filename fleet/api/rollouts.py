@@ -69,6 +69,8 @@ class RolloutSerializer(serializers.ModelSerializer[Rollout]):
             "control_percent",
             "control_gates",
             "held_back",
+            "shadow_policy",
+            "shadow",
             "status",
             "status_reason",
             "current_wave",
@@ -121,6 +123,12 @@ class RolloutCreateInput(serializers.Serializer[Any]):
         required=False,
         help_text='[{"metric": "accuracy", "margin": 0.01, "alpha": 0.05, "min_devices": 5}]: '
         "mSPRT on per-device values, candidate vs control over the same window",
+    )
+    shadow = serializers.JSONField(
+        required=False,
+        help_text='Shadow phase before the first wave: {"sample_rate": 1, "min_devices": 3, '
+        '"min_samples": 10, "max_drop": 0.02, "min_agreement": null, "timeout_s": 3600, '
+        '"on_timeout": "continue"}; omitted or false: none',
     )
 
 

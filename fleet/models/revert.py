@@ -30,7 +30,7 @@ class FamilyPolicy(models.Model):
     drift_job = models.BooleanField(default=False)
     drift_job_interval_s = models.PositiveIntegerField(null=True, blank=True)
     # Whether a drift-started job's result should be shipped without an operator's click.
-    # Stored and shown; nothing acts on it yet.
+    # (`training.services.shipping.job_auto_ship`, on the job's success.)
     auto_ship = models.BooleanField(default=False)
     updated_at = models.DateTimeField(auto_now=True)
     updated_by = models.CharField(max_length=150, default="system")
@@ -50,10 +50,14 @@ class VersionDecision(models.Model):
         ALERTED = "alerted"
         DRIFT_JOB_STARTED = "drift_job_started"
         DRIFT_JOB_SKIPPED = "drift_job_skipped"
+        AUTO_SHIPPED = "auto_shipped"
+        AUTO_SHIP_SKIPPED = "auto_ship_skipped"
 
     class Trigger(models.TextChoices):
         GATE = "gate"  # a rollout's gate or error threshold failed
         FLAG = "flag"  # model.flagged on a watched version (or, for a job, any flag)
+        SHADOW = "shadow"  # a rollout's shadow phase failed
+        JOB = "job"  # a federated job started by drift finished
         OPERATOR = "operator"
 
     version = models.ForeignKey(

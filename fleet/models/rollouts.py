@@ -16,6 +16,9 @@ class Rollout(models.Model):
 
     class Status(models.TextChoices):
         DRAFT = "draft"
+        # The candidate runs in shadow on the target; the first wave opens when it passes
+        # (`fleet.rollouts.shadow_gate`).
+        SHADOW = "shadow"
         RUNNING = "running"
         PAUSED = "paused"
         SUCCEEDED = "succeeded"
@@ -23,7 +26,7 @@ class Rollout(models.Model):
         ROLLED_BACK = "rolled_back"
         FAILED = "failed"
 
-    ACTIVE_STATUSES = (Status.RUNNING, Status.PAUSED)
+    ACTIVE_STATUSES = (Status.SHADOW, Status.RUNNING, Status.PAUSED)
 
     class OnGateFailure(models.TextChoices):
         PAUSE = "pause"
@@ -62,6 +65,12 @@ class Rollout(models.Model):
     control_device_ids = models.JSONField(default=list, blank=True)
     # Target devices left out because they cannot run the version: {device id: reason}.
     held_back = models.JSONField(default=dict, blank=True)
+    # A shadow phase before the first wave (`fleet.rollouts.shadow_gate.ShadowPolicy`; empty:
+    # none) and the shadow it started.
+    shadow_policy = models.JSONField(default=dict, blank=True)
+    shadow = models.ForeignKey(
+        "fleet.Shadow", null=True, blank=True, on_delete=models.SET_NULL, related_name="rollouts"
+    )
 
     status = models.CharField(max_length=20, choices=Status.choices, default=Status.DRAFT, db_index=True)
     current_wave = models.IntegerField(default=-1)

@@ -11,12 +11,14 @@ the devices with at least ``min_samples`` samples of that metric.
 from __future__ import annotations
 
 import statistics
+from datetime import datetime
 from typing import Any
 
 from django.db.models import Count, QuerySet
 from django.utils import timezone
 
-from fleet.models import MetricSample, Shadow, ShadowMember
+from fleet.models import MetricSample, Rollout, Shadow, ShadowMember
+from fleet.rollouts.shadow_gate import ShadowVerdict, judge_shadow
 from fleet.selectors.rollouts import device_metric_stats
 
 # Metric -> the name of its per-device mean in the report.
@@ -115,3 +117,18 @@ def shadow_report(*, shadow: Shadow, min_samples: int = 1) -> dict[str, Any]:
         fleet[label] = statistics.median(values) if values else None
         fleet[f"{label}_devices"] = len(values)
     return {"devices": rows, "fleet": fleet, "members": len(members), "min_samples": min_samples}
+
+
+def shadow_phase_verdict(*, rollout: Rollout, shadow: Shadow, now: datetime) -> ShadowVerdict:
+    """The verdict a rollout's shadow earns now (``fleet.rollouts.shadow_gate``), on its
+    per-device figures since the shadow started."""
+    policy = rollout.shadow_policy
+    report = shadow_report(shadow=shadow, min_samples=int(policy.get("min_samples", 1)))
+    started = rollout.started_at or shadow.created_at
+    verdict = judge_shadow(
+        rows=report["devices"],
+        policy=policy,
+        task=rollout.version.family.task,
+        elapsed_s=(now - started).total_seconds(),
+    )
+    return ShadowVerdict(verdict.outcome, verdict.reason, {"shadow": shadow.pk, **verdict.numbers})

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count
+from django.db.models import Avg, Count, F
 from django.utils import timezone
 
 from core.events import emit
@@ -228,6 +228,72 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
             if flag is None:
                 continue
             version.metrics = {**version.metrics, "flagged": flag}
+            version.save(update_fields=["metrics"])
+            emit("model.flagged", {"version_id": version.pk, **flag})
+            flagged.append(version.pk)
+    flagged.extend(input_drift_check(now=now))
+    return flagged
+
+
+INPUT_DRIFT_KEY = "input_drift_flagged"
+
+
+def input_drift_check(*, now: datetime) -> list[int]:
+    """Flag versions whose inputs drifted on at least ``DRIFT_MIN_DEVICES`` boards running them.
+
+    A board counts when one of its drift reports for the version it runs alerted over the
+    last hour (an alert needs a shift both significant and large: ``drift_report_ingest``),
+    so one board cannot flag a version, and a third of a fleet can. The flag (reason
+    ``input_drift``, with how many boards alerted of how many run the version and the
+    median effect size) is kept apart from the feedback flag (``metrics["flagged"]``): a
+    shift of the inputs is not evidence that the version is worse, so it does not revert
+    a watched version; it is what can start a federated job on those boards (the family
+    policy's ``drift_job``). Announced as ``model.flagged``, once per version.
+    """
+    from models_registry.models import ModelVersion
+
+    rows = (
+        DriftReport.objects.filter(
+            alert=True,
+            window_end__gte=now - timedelta(hours=1),
+            version__isnull=False,
+            device__running_version_id=F("version_id"),
+        )
+        .exclude(device__status=Device.Status.DECOMMISSIONED)
+        .values("version_id")
+        .annotate(devices=Count("device_id", distinct=True))
+        .filter(devices__gte=int(settings.DRIFT_MIN_DEVICES))
+        .order_by("version_id")
+    )
+    flagged: list[int] = []
+    for row in rows:
+        with transaction.atomic():
+            version = ModelVersion.objects.select_for_update().filter(pk=row["version_id"]).first()
+            if version is None or INPUT_DRIFT_KEY in (version.metrics or {}):
+                continue
+            effects = list(
+                DriftReport.objects.filter(
+                    version_id=version.pk, alert=True, window_end__gte=now - timedelta(hours=1)
+                ).values_list("effect_size", flat=True)
+            )
+            running = (
+                Device.objects.filter(running_version_id=version.pk)
+                .exclude(status=Device.Status.DECOMMISSIONED)
+                .count()
+            )
+            sizes = [float(e) for e in effects if e is not None]
+            flag = {
+                "reason": "input_drift",
+                "metric": "drift_alert_devices",
+                "value": int(row["devices"]),
+                "reference": int(settings.DRIFT_MIN_DEVICES),
+                "devices": int(row["devices"]),
+                "running": running,
+                "effect_size": round(float(np.median(sizes)), 4) if sizes else None,
+                "samples": len(effects),
+                "at": now.isoformat(),
+            }
+            version.metrics = {**version.metrics, INPUT_DRIFT_KEY: flag}
             version.save(update_fields=["metrics"])
             emit("model.flagged", {"version_id": version.pk, **flag})
             flagged.append(version.pk)

@@ -77,6 +77,8 @@ ORIGIN = "revert"
 MAX_REASON = 500
 # Device ids kept on a decision row (the counts are always complete).
 MAX_LISTED = 500
+# A failed shadow phase's figures kept on the version's decision.
+SHADOW_NUMBERS = ("metric", "median_difference", "voting_devices", "candidate", "active", "agreement")
 
 
 def _version(version_id: int, *, lock: bool = False) -> Any:
@@ -314,16 +316,14 @@ def version_failed(*, version_id: int, trigger: str, reason: str, metrics: dict[
         return _alert(version=version, trigger=trigger, reason=reason, metrics=metrics)
 
 
-def rollout_gate_failed(*, rollout: Rollout, why: str, numbers: dict[str, Any]) -> bool:
-    """Called by the rollout engine when a wave failed (inside its transaction), after the
-    rollout's own ``on_gate_failure``. True when the rollout was rolled back by the revert."""
-    metrics = {"rollout_id": rollout.pk, "wave": rollout.current_wave}
-    for key in ("gates", "failed", "exposed", "succeeded", "error_threshold"):
+def _rollout_failed(*, rollout: Rollout, trigger: str, why: str, numbers: dict[str, Any]) -> bool:
+    metrics: dict[str, Any] = {"rollout_id": rollout.pk, "wave": rollout.current_wave}
+    for key in ("gates", "failed", "exposed", "succeeded", "error_threshold", "shadow", *SHADOW_NUMBERS):
         if key in numbers:
             metrics[key] = numbers[key]
     version_failed(
         version_id=rollout.version_id,
-        trigger=VersionDecision.Trigger.GATE,
+        trigger=trigger,
         reason=f"rollout {rollout.name or rollout.pk}: {why}"[:MAX_REASON],
         metrics=metrics,
     )
@@ -331,12 +331,28 @@ def rollout_gate_failed(*, rollout: Rollout, why: str, numbers: dict[str, Any]) 
     return bool(status == Rollout.Status.ROLLED_BACK)
 
 
+def rollout_gate_failed(*, rollout: Rollout, why: str, numbers: dict[str, Any]) -> bool:
+    """Called by the rollout engine when a wave failed (inside its transaction), after the
+    rollout's own ``on_gate_failure``. True when the rollout was rolled back by the revert."""
+    return _rollout_failed(rollout=rollout, trigger=VersionDecision.Trigger.GATE, why=why, numbers=numbers)
+
+
+def rollout_shadow_failed(*, rollout: Rollout, why: str, numbers: dict[str, Any]) -> None:
+    """Called by the rollout engine when a rollout's shadow phase failed: no device served the
+    candidate through this rollout, but other ways (an experiment, a hand assignment, a
+    release) may have put it on some; the family's policy decides, as for a failed gate."""
+    _rollout_failed(rollout=rollout, trigger=VersionDecision.Trigger.SHADOW, why=why, numbers=numbers)
+
+
 def model_flagged_received(event: Event) -> None:
     """``model.flagged``: a flag on a watched version is handled by its family's policy.
 
     A version is watched for its family's ``watch_s`` after a rollout of it succeeded; a
-    flag outside the watch changes nothing here (the flag and its event stand).
+    flag outside the watch changes nothing here (the flag and its event stand), nor does an
+    ``input_drift`` flag.
     """
+    if event.payload.get("reason") == "input_drift":
+        return  # inputs that moved do not show the version worse (fleet.services.drift)
     version_id = int(event.payload["version_id"])
     now = timezone.now()
     version = _version(version_id)

@@ -63,6 +63,7 @@ from fleet.rollouts.gates import (
     validate_gates,
 )
 from fleet.rollouts.policy import in_maintenance_window
+from fleet.rollouts.shadow_gate import validate_shadow_policy
 from fleet.rollouts.waves import cumulative_size, ordered_devices, validate_waves
 from fleet.selectors.devices import device_effective_policy
 from fleet.selectors.rollouts import (
@@ -82,6 +83,7 @@ from fleet.services.deployments import (
     deployments_supersede,
 )
 from fleet.services.releases import rollout_rolled_back, rollout_succeeded
+from fleet.services.shadows import shadow_start_for_rollout, shadow_stop
 from fleet.services.stages import check_deployable
 from fleet.services.transitions import Step, transition
 
@@ -244,6 +246,10 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
     except ValueError as exc:
         raise ServiceError(str(exc), code="validation_error", details={"gates": str(exc)}) from exc
     check_gates_fit(gates=gates, task=version.family.task)
+    try:
+        shadow_policy = validate_shadow_policy(data.get("shadow"))
+    except ValueError as exc:
+        raise ServiceError(str(exc), code="validation_error", details={"shadow": str(exc)}) from exc
 
     group = None
     if data.get("target_group") is not None:
@@ -281,6 +287,7 @@ def rollout_create(*, actor: Any, data: dict[str, Any], remote_addr: str | None 
             gates=gates,
             origin=data.get("origin") or {},
             held_back={str(k): str(v) for k, v in (data.get("held_back") or {}).items()},
+            shadow_policy=shadow_policy,
             created_by=actor if getattr(actor, "is_authenticated", False) else None,
             **fields,
         )
@@ -680,6 +687,8 @@ def rollout_advance(*, rollout_id: int, now: datetime | None = None) -> AdvanceR
             rollout = Rollout.objects.select_for_update(skip_locked=True).filter(pk=rollout_id).first()
             if rollout is None:
                 return AdvanceResult(rollout_id, "busy")
+            if rollout.status == Rollout.Status.SHADOW:
+                return _shadow_phase_judge(rollout, now)
             if rollout.status != Rollout.Status.RUNNING:
                 return AdvanceResult(rollout_id, "not_running", rollout.current_wave)
             return _advance_locked(rollout, now)
@@ -783,6 +792,102 @@ def _transition(
     )
 
 
+def _shadow_phase_start(rollout: Rollout, *, target: list[str], actor: Any) -> Step:
+    """Start the candidate in shadow on the target boards that can run it (control included:
+    the shadow never answers their applications)."""
+    held = set(rollout.held_back or {})
+    devices = [d for d in target if d not in held]
+    shadow = shadow_start_for_rollout(
+        rollout=rollout,
+        device_ids=devices,
+        sample_rate=float(rollout.shadow_policy.get("sample_rate", 1.0)),
+        actor=actor,
+    )
+    rollout.shadow = shadow
+    rollout.status = Rollout.Status.SHADOW
+    return Step(
+        decision="shadow_started",
+        event="rollout.started",
+        fields=["status", "started_at", "shadow"],
+        reason=f"the candidate runs in shadow on {len(devices)} devices before the first wave",
+        metrics={"shadow": shadow.pk, "devices": len(devices), "policy": rollout.shadow_policy},
+        event_extra={"metrics": {"shadow": shadow.pk, "devices": len(devices)}},
+    )
+
+
+def _shadow_phase_end(rollout: Rollout, *, reason: str) -> None:
+    if rollout.status == Rollout.Status.SHADOW and rollout.shadow_id is not None:
+        shadow_stop(actor=None, shadow_id=rollout.shadow_id, reason=reason[:500])
+
+
+def _shadow_phase_judge(rollout: Rollout, now: datetime) -> AdvanceResult:
+    """Judge a rollout's shadow (`fleet.rollouts.shadow_gate`); open the first wave when it
+    passes, fail the rollout (and hand the version to its family's policy) when it fails."""
+    from fleet.models import Shadow
+    from fleet.selectors.shadows import shadow_phase_verdict
+
+    policy = rollout.shadow_policy
+    shadow = Shadow.objects.filter(pk=rollout.shadow_id).first() if rollout.shadow_id else None
+    if shadow is None:
+        numbers: dict[str, Any] = {"shadow": rollout.shadow_id}
+        return _shadow_phase_stop(rollout, now, why="its shadow was deleted", numbers=numbers)
+    verdict = shadow_phase_verdict(rollout=rollout, shadow=shadow, now=now)
+    numbers = verdict.numbers
+    if verdict.outcome == "waiting":
+        if shadow.status == Shadow.Status.STOPPED:
+            why = "its shadow was stopped before it had enough evidence"
+            return _shadow_phase_stop(rollout, now, why=why, numbers=numbers)
+        return AdvanceResult(rollout.pk, "waiting_for_shadow", rollout.current_wave, numbers)
+    if verdict.outcome == "failed":
+        why = f"failed in shadow: {verdict.reason}"
+        shadow_stop(actor=None, shadow_id=shadow.pk, reason=why[:500])
+        rollout.status = Rollout.Status.FAILED
+        rollout.status_reason = why
+        rollout.finished_at = now
+        rollout.revision += 1
+        rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
+        _decide(rollout, action="shadow_failed", reason=why, metrics=numbers)
+        _event(rollout, "rollout.shadow_failed", metrics=numbers)
+        from fleet.services.revert import rollout_shadow_failed
+
+        rollout_shadow_failed(rollout=rollout, why=why, numbers=numbers)
+        return AdvanceResult(rollout.pk, "shadow_failed", rollout.current_wave, numbers)
+    if verdict.outcome == "timed_out" and policy.get("on_timeout") == "stop":
+        return _shadow_phase_stop(rollout, now, why=f"no shadow verdict: {verdict.reason}", numbers=numbers)
+    action = "shadow_passed" if verdict.outcome == "passed" else "shadow_inconclusive"
+    reason = (
+        verdict.reason if verdict.outcome == "passed" else f"no shadow verdict, waves open: {verdict.reason}"
+    )
+    shadow_stop(actor=None, shadow_id=shadow.pk, reason=f"{action}: {reason}"[:500])
+    _decide(rollout, action=action, reason=reason, metrics=numbers)
+    rollout.status = Rollout.Status.RUNNING
+    rollout.current_wave = 0
+    rollout.wave_started_at = now
+    rollout.revision += 1
+    rollout.save(update_fields=["status", "current_wave", "wave_started_at", "revision"])
+    opened = _open_wave(rollout, now)
+    released = _release(rollout, now)
+    _decide(rollout, action="wave_started", metrics={**opened, "released": released})
+    _event(rollout, "rollout.shadow_passed", metrics=numbers)
+    _event(rollout, "rollout.wave_started", metrics=opened)
+    return AdvanceResult(rollout.pk, action, rollout.current_wave, numbers)
+
+
+def _shadow_phase_stop(
+    rollout: Rollout, now: datetime, *, why: str, numbers: dict[str, Any]
+) -> AdvanceResult:
+    """No verdict to act on: the rollout stops before any device was touched."""
+    _shadow_phase_end(rollout, reason=why)
+    rollout.status = Rollout.Status.ABORTED
+    rollout.status_reason = why
+    rollout.finished_at = now
+    rollout.revision += 1
+    rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
+    _decide(rollout, action="shadow_inconclusive", reason=why, metrics=numbers)
+    _event(rollout, "rollout.aborted", metrics=numbers)
+    return AdvanceResult(rollout.pk, "aborted", rollout.current_wave, numbers)
+
+
 def rollout_start(
     *, rollout_id: int, actor: Any, remote_addr: str | None = None, now: datetime | None = None
 ) -> Rollout:
@@ -802,10 +907,12 @@ def rollout_start(
             device_ids=list(rollout.target_device_ids or []),
         )
         _check_overlap(device_ids=target, rollout_id=rollout.pk)
+        rollout.started_at = now
+        if rollout.shadow_policy:
+            return _shadow_phase_start(rollout, target=target, actor=actor)
         rollout.status = Rollout.Status.RUNNING
         rollout.current_wave = 0
         rollout.wave_started_at = now
-        rollout.started_at = now
         opened = _open_wave(rollout, now)
         released = _release(rollout, now)
         return Step(
@@ -902,6 +1009,7 @@ def rollout_abort(
     now = now or timezone.now()
 
     def step(rollout: Rollout) -> Step:
+        _shadow_phase_end(rollout, reason=reason or "rollout aborted")
         _sync(rollout, now)
         cancelled = 0
         members = RolloutDevice.objects.filter(
@@ -931,7 +1039,7 @@ def rollout_abort(
         rollout_id=rollout_id,
         actor=actor,
         remote_addr=remote_addr,
-        allowed=(Rollout.Status.DRAFT, Rollout.Status.RUNNING, Rollout.Status.PAUSED),
+        allowed=(Rollout.Status.DRAFT, Rollout.Status.SHADOW, Rollout.Status.RUNNING, Rollout.Status.PAUSED),
         audit_action="rollout.abort",
         audit_data={"reason": reason},
         step=step,
@@ -950,6 +1058,7 @@ def rollout_rollback(
     now = now or timezone.now()
 
     def step(rollout: Rollout) -> Step:
+        _shadow_phase_end(rollout, reason=reason or "rollout rolled back")
         _sync(rollout, now)
         rolled = _rollback(rollout, now)
         # A succeeded rollout had released its version to its group: take that back too.
@@ -969,7 +1078,12 @@ def rollout_rollback(
         rollout_id=rollout_id,
         actor=actor,
         remote_addr=remote_addr,
-        allowed=(Rollout.Status.RUNNING, Rollout.Status.PAUSED, Rollout.Status.SUCCEEDED),
+        allowed=(
+            Rollout.Status.SHADOW,
+            Rollout.Status.RUNNING,
+            Rollout.Status.PAUSED,
+            Rollout.Status.SUCCEEDED,
+        ),
         audit_action="rollout.rollback",
         audit_data={"reason": reason},
         step=step,
@@ -1000,5 +1114,7 @@ def rollout_advance_now(
 def running_rollout_ids() -> list[int]:
     """Ids of the rollouts the periodic task advances."""
     return list(
-        Rollout.objects.filter(status=Rollout.Status.RUNNING).order_by("id").values_list("pk", flat=True)
+        Rollout.objects.filter(status__in=(Rollout.Status.SHADOW, Rollout.Status.RUNNING))
+        .order_by("id")
+        .values_list("pk", flat=True)
     )

@@ -26,7 +26,7 @@ from fleet.selectors.devices import device_canary_groups
 from fleet.selectors.rollouts import target_devices
 from fleet.services.stages import check_deployable
 
-__all__ = ["MAX_DEVICE_IDS", "shadow_start", "shadow_stop"]
+__all__ = ["MAX_DEVICE_IDS", "shadow_start", "shadow_start_for_rollout", "shadow_stop"]
 
 MAX_DEVICE_IDS = 1000
 MAX_REASON = 500
@@ -139,39 +139,97 @@ def shadow_start(
                 code="no_onnx",
                 details={"version": version.pk},
             )
-        shadow = Shadow.objects.create(
+        shadow = _shadow_create(
+            actor=actor,
             version=version,
             group=group,
-            sample_rate=float(sample_rate),
-            max_cpu_percent=None if max_cpu_percent is None else float(max_cpu_percent),
-            budget_ms=None if budget_ms is None else float(budget_ms),
-            tolerance=float(tolerance),
+            devices=devices,
+            sample_rate=sample_rate,
+            max_cpu_percent=max_cpu_percent,
+            budget_ms=budget_ms,
+            tolerance=tolerance,
             reason=reason,
-            created_by=actor if getattr(actor, "is_authenticated", False) else None,
-        )
-        # A device shadows one candidate at a time: a newer shadow takes it over.
-        ShadowMember.objects.filter(device__in=devices, active=True).update(active=False)
-        ShadowMember.objects.bulk_create(
-            [ShadowMember(shadow=shadow, device=d) for d in devices], batch_size=1000
-        )
-        audit_record(
-            actor=actor,
-            action="shadow.start",
-            target=shadow,
-            data={
-                "version": version.pk,
-                "group": group.pk if group else None,
-                "devices": len(devices),
-                "sample_rate": shadow.sample_rate,
-                "max_cpu_percent": shadow.max_cpu_percent,
-                "budget_ms": shadow.budget_ms,
-                "tolerance": shadow.tolerance,
-            },
             remote_addr=remote_addr,
         )
-        emit("shadow.started", _payload(shadow, len(devices)))
-        _forget_cached_members()
     return shadow
+
+
+def _shadow_create(
+    *,
+    actor: Any,
+    version: Any,
+    group: DeviceGroup | None,
+    devices: list[Device],
+    sample_rate: float,
+    max_cpu_percent: float | None,
+    budget_ms: float | None,
+    tolerance: float,
+    reason: str,
+    remote_addr: str | None,
+) -> Shadow:
+    shadow = Shadow.objects.create(
+        version=version,
+        group=group,
+        sample_rate=float(sample_rate),
+        max_cpu_percent=None if max_cpu_percent is None else float(max_cpu_percent),
+        budget_ms=None if budget_ms is None else float(budget_ms),
+        tolerance=float(tolerance),
+        reason=reason,
+        created_by=actor if getattr(actor, "is_authenticated", False) else None,
+    )
+    # A device shadows one candidate at a time: a newer shadow takes it over.
+    ShadowMember.objects.filter(device__in=devices, active=True).update(active=False)
+    ShadowMember.objects.bulk_create(
+        [ShadowMember(shadow=shadow, device=d) for d in devices], batch_size=1000
+    )
+    audit_record(
+        actor=actor,
+        action="shadow.start",
+        target=shadow,
+        data={
+            "version": version.pk,
+            "group": group.pk if group else None,
+            "devices": len(devices),
+            "sample_rate": shadow.sample_rate,
+            "max_cpu_percent": shadow.max_cpu_percent,
+            "budget_ms": shadow.budget_ms,
+            "tolerance": shadow.tolerance,
+        },
+        remote_addr=remote_addr,
+    )
+    emit("shadow.started", _payload(shadow, len(devices)))
+    _forget_cached_members()
+    return shadow
+
+
+def shadow_start_for_rollout(
+    *, rollout: Any, device_ids: list[str], sample_rate: float, actor: Any
+) -> Shadow:
+    """The shadow phase of a rollout (``fleet.rollouts.shadow_gate``): its candidate on the
+    target devices that can run it, whose version and stage the rollout already checked."""
+    from models_registry.models import Artifact
+
+    if not Artifact.objects.filter(version_id=rollout.version_id, kind="onnx").exists():
+        raise ConflictError(
+            f"{rollout.version.label} has no ONNX graph yet, which is what a board runs in shadow.",
+            code="no_onnx",
+            details={"version": rollout.version_id},
+        )
+    devices = list(Device.objects.filter(pk__in=device_ids).exclude(status=Device.Status.DECOMMISSIONED))
+    if not devices:
+        raise ServiceError("The target has no devices to shadow the candidate on.", code="empty_target")
+    return _shadow_create(
+        actor=actor,
+        version=rollout.version,
+        group=rollout.target_group,
+        devices=devices,
+        sample_rate=sample_rate,
+        max_cpu_percent=None,
+        budget_ms=None,
+        tolerance=0.0,
+        reason=f"shadow phase of rollout {rollout.name or rollout.pk}"[:MAX_REASON],
+        remote_addr=None,
+    )
 
 
 def shadow_stop(*, actor: Any, shadow_id: int, reason: str = "", remote_addr: str | None = None) -> Shadow:

@@ -124,6 +124,7 @@ def job_ship(request: HttpRequest, job_id: int) -> HttpResponse:
     data: dict[str, Any] = {
         "variant": post.get("variant") or "as_trained",
         "force": post.get("force") == "on",
+        "shadow": post.get("shadow", "on") != "off",
     }
     if post.get("target_group"):
         data["target_group"] = post["target_group"]
@@ -142,8 +143,9 @@ def job_ship(request: HttpRequest, job_id: int) -> HttpResponse:
     held = plan["boards"]["held_back_count"]
     messages.success(
         request,
-        f"Shipping {plan['version']['label']} to {plan['target_group']['name']}: rollout started with "
-        f"{plan['control']['devices']} control devices"
+        f"Shipping {plan['version']['label']} to {plan['target_group']['name']}: rollout started"
+        + (" in shadow" if result.rollout.shadow_id else "")
+        + f" with {plan['control']['devices']} control devices"
         + (f"; {held} board(s) left out that cannot run it" if held else "")
         + ".",
     )

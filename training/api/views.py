@@ -164,6 +164,12 @@ class ShipInput(serializers.Serializer[Any]):
     force = serializers.BooleanField(
         required=False, default=False, help_text="Ship from a job still running."
     )
+    shadow = serializers.JSONField(
+        required=False,
+        help_text="Shadow phase before the first wave (default on, with its defaults): "
+        '{"sample_rate", "min_devices", "min_samples", "max_drop", "min_agreement", "timeout_s", '
+        '"on_timeout"}, or false for none.',
+    )
     name = serializers.CharField(required=False, max_length=150)
     waves = serializers.ListField(child=serializers.DictField(), required=False)
     gates = serializers.ListField(child=serializers.DictField(), required=False)
@@ -190,7 +196,7 @@ class ShipOutput(serializers.Serializer[Any]):
     boards = serializers.JSONField(help_text="boards, can_run, held_back_count, reasons with counts")
     held_back = serializers.JSONField(help_text="[{device, reason}] (first 100)")
     control = serializers.JSONField(help_text="percent, devices, treated_devices, minimum, gates")
-    steps = serializers.JSONField(help_text="shadow (skipped with a note), staged_rollout, promotion")
+    steps = serializers.JSONField(help_text="shadow (running or skipped), staged_rollout, promotion")
     rollout = RolloutSerializer()
 
 

@@ -331,7 +331,7 @@ def job_round_failed(*, job: FederatedJob, rnd: FederatedRound, reason: str) -> 
 # --------------------------------------------------------------------------- drift
 
 
-def _group_running_most(version: ModelVersion) -> tuple[DeviceGroup | None, int]:
+def group_running_most(version: ModelVersion) -> tuple[DeviceGroup | None, int]:
     # Members are static devices plus those matching the group's tag selector (as a job
     # selects them); groups are few and this runs once per flag, so one count per group.
     top: DeviceGroup | None = None
@@ -351,7 +351,7 @@ def _group_running_most(version: ModelVersion) -> tuple[DeviceGroup | None, int]
 def _retrain_start(*, version: ModelVersion) -> int | None:
     if FederatedJob.objects.filter(family_id=version.family_id, status__in=ACTIVE).exists():
         return None
-    group, running = _group_running_most(version)
+    group, running = group_running_most(version)
     if group is None:
         return None
     # Quorum and minimum clients cannot exceed the devices that can take part.

@@ -5,15 +5,24 @@
 family's test set when it has one, otherwise federated on the boards' holdouts; the answer
 says which), optionally the variant the registry recommends for the target group's most
 common hardware, promotes it as the stages require, leaves out the boards that cannot run
-it, and creates and starts a staged rollout with a control cohort whose origin records the
-job and the round. One transaction: a refusal anywhere changes nothing.
+it, and creates and starts a staged rollout with a shadow phase and a control cohort whose
+origin records the job and the round. One transaction: a refusal anywhere changes nothing.
+
+The rollout starts in shadow (``fleet.rollouts.shadow_gate``; ``shadow: false`` skips it):
+the candidate runs beside the active version on the boards' live inputs, and the first
+wave opens only once it is no worse there; waves are then judged against the control
+cohort, and the last one passing makes the version the group's release.
 
 Stages: a canary group takes staging versions, so a draft is promoted to staging by the
 operator who ships. Any other group needs production, and promotion to production is for
 admins: an operator shipping there is refused (403 ``production_promotion_required``);
-an admin's call promotes the version itself. The plan names a shadow step, recorded as
-skipped with a note: a ship call does not wait on a shadow phase (a shadow of the
-candidate is started on its own, `fleet.services.shadows`, before shipping).
+an admin's call, or the system's (``job_auto_ship``), promotes the version itself.
+
+``job_auto_ship`` ships a job that a drift flag started (``training.services.drift_jobs``)
+when it succeeds and its family's policy has ``auto_ship``: to the group whose release is
+the flagged version, else the group running it most, with the defaults above. Either way
+the outcome is a ``VersionDecision`` (``auto_shipped`` with the plan, or
+``auto_ship_skipped`` with the refusal).
 """
 
 from __future__ import annotations
@@ -40,6 +49,7 @@ from models_registry import selectors as registry
 from models_registry.models import ModelVersion
 from models_registry.services import version_promote
 from training.models import FederatedJob, FederatedRound
+from training.services.jobs import group_running_most
 
 Stage = ModelVersion.Stage
 VARIANTS = ("as_trained", "recommended")
@@ -74,11 +84,7 @@ SHIP_FIELDS = (
     "max_accuracy_drop",
     "control_percent",
     "force",
-)
-SHADOW_NOTE = (
-    "a ship call does not wait on a shadow phase: the rollout starts with its first wave, judged "
-    "against the control cohort. To try the candidate on live inputs first, start a shadow of it "
-    "(POST /api/v1/shadows/) and ship once its report is good"
+    "shadow",
 )
 
 
@@ -228,7 +234,9 @@ def federated_job_ship(
 ) -> ShipResult:
     """Ship a job's best version to a group through a staged rollout with a control cohort.
 
-    ``data``: ``target_group`` (id or name; default the job's group), ``variant``
+    ``data``: ``target_group`` (id or name; default the job's group), ``shadow`` (a
+    shadow policy, ``fleet.rollouts.shadow_gate``; default one with its defaults; false
+    for none), ``variant``
     (``as_trained`` or ``recommended`` with ``latency_budget_us``), ``control_percent``
     (default 20; 0 for none), ``force`` (ship from a job still running), and rollout
     fields (:data:`POLICY_FIELDS`). Refusals: 404 unknown job; 409 ``job_not_finished``,
@@ -255,18 +263,7 @@ def federated_job_ship(
         if data.get("target_group") is not None
         else job.target_group
     )
-    unknown = sorted(
-        set(data)
-        - {
-            *POLICY_FIELDS,
-            "target_group",
-            "variant",
-            "latency_budget_us",
-            "max_accuracy_drop",
-            "control_percent",
-            "force",
-        }
-    )
+    unknown = sorted(set(data) - {*POLICY_FIELDS, *SHIP_FIELDS})
     if unknown:
         raise ServiceError(
             f"Unknown field(s): {', '.join(unknown)}.", code="validation_error", details={"unknown": unknown}
@@ -301,6 +298,8 @@ def federated_job_ship(
             **{k: data[k] for k in POLICY_FIELDS if data.get(k) is not None},
             "held_back": boards["held_back"],
             "origin": origin,
+            # Absent: a shadow phase with the default policy; false: none.
+            "shadow": data.get("shadow", True),
         }
         if control_percent:
             rollout_data["control_percent"] = control_percent
@@ -331,8 +330,17 @@ def federated_job_ship(
                 "gates": rollout.control_gates,
             },
             "steps": [
-                {"step": "shadow", "status": "skipped", "note": SHADOW_NOTE},
-                {"step": "staged_rollout", "status": rollout.status, "rollout": rollout.pk},
+                {
+                    "step": "shadow",
+                    "status": "running" if rollout.shadow_id else "skipped",
+                    "shadow": rollout.shadow_id,
+                    "policy": rollout.shadow_policy,
+                },
+                {
+                    "step": "staged_rollout",
+                    "status": "after the shadow passes" if rollout.shadow_id else rollout.status,
+                    "rollout": rollout.pk,
+                },
                 {"step": "promotion", "status": "when the last wave passes, with the control cohort"},
             ],
         }
@@ -357,3 +365,95 @@ def federated_job_ship(
             },
         )
     return ShipResult(plan=plan, rollout=rollout)
+
+
+def job_auto_ship(*, job_id: int) -> Any:
+    """Ship a succeeded job that a drift flag started, when its family's policy says so.
+
+    Returns the ``VersionDecision`` recorded (``auto_shipped`` or ``auto_ship_skipped``), or
+    None when there is nothing to decide: the job was not started by drift, did not
+    succeed, was already decided on, or the policy has no ``auto_ship``.
+    """
+    from fleet.models import DeviceGroup, VersionDecision
+    from fleet.selectors.revert import family_policy
+    from fleet.services.revert import version_decision_record
+
+    job = FederatedJob.objects.select_related("family", "base_version").filter(pk=job_id).first()
+    if job is None or job.status != FederatedJob.Status.SUCCEEDED or job.base_version is None:
+        return None
+    started = VersionDecision.objects.filter(
+        job_id=job.pk, action=VersionDecision.Action.DRIFT_JOB_STARTED
+    ).first()
+    if started is None or not family_policy(family_id=job.family_id).auto_ship:
+        return None
+    decided = (VersionDecision.Action.AUTO_SHIPPED, VersionDecision.Action.AUTO_SHIP_SKIPPED)
+    if VersionDecision.objects.filter(job_id=job.pk, action__in=decided).exists():
+        return None  # one decision per job, whatever delivers the event twice
+    base = job.base_version
+    group = DeviceGroup.objects.filter(release_version=base).order_by("pk").first()
+    if group is None:
+        group, _ = group_running_most(base)
+    try:
+        if group is None:
+            raise ServiceError(
+                f"No group runs {base.label} any more, so there is nowhere to ship to.", code="empty_target"
+            )
+        with transaction.atomic():
+            shipped = federated_job_ship(job_id=job.pk, actor=None, data={"target_group": group.pk})
+            return version_decision_record(
+                version=shipped.rollout.version,
+                action=VersionDecision.Action.AUTO_SHIPPED,
+                trigger=VersionDecision.Trigger.JOB,
+                reason=(
+                    f"job {job.pk}, started by drift on {base.label}, succeeded: shipped to {group.name} "
+                    f"(rollout {shipped.rollout.pk})"
+                ),
+                metrics={"evaluation": shipped.plan["evaluation"], "control": shipped.plan["control"]},
+                detail={"plan": shipped.plan, "drift_decision": started.pk, "rollout": shipped.rollout.pk},
+                job_id=job.pk,
+            )
+    except ServiceError as exc:
+        with transaction.atomic():
+            decision = version_decision_record(
+                version=base,
+                action=VersionDecision.Action.AUTO_SHIP_SKIPPED,
+                trigger=VersionDecision.Trigger.JOB,
+                reason=f"job {job.pk} was not shipped: {exc}"[:500],
+                metrics={},
+                detail={"code": exc.code, "details": exc.details, "drift_decision": started.pk},
+                job_id=job.pk,
+            )
+            audit_record(
+                actor=None,
+                action="federated_job.auto_ship_skipped",
+                target=job,
+                data={"decision": decision.pk, "code": exc.code},
+            )
+            emit(
+                "federated_job.auto_ship_skipped",
+                {"decision_id": decision.pk, "job": job.pk, "version_id": base.pk, "code": exc.code},
+            )
+        return decision
+
+
+def auto_ship_redrive(*, now: Any, grace: Any) -> list[int]:
+    """Drift-started jobs that succeeded more than ``grace`` ago with no shipping decision
+    (their event was lost with a worker): decided now. The ids of the jobs decided."""
+    from fleet.models import VersionDecision
+
+    started = VersionDecision.objects.filter(
+        action=VersionDecision.Action.DRIFT_JOB_STARTED, job_id__isnull=False
+    ).values_list("job_id", flat=True)
+    decided = VersionDecision.objects.filter(
+        action__in=(VersionDecision.Action.AUTO_SHIPPED, VersionDecision.Action.AUTO_SHIP_SKIPPED),
+        job_id__isnull=False,
+    ).values_list("job_id", flat=True)
+    due = (
+        FederatedJob.objects.filter(
+            pk__in=list(started), status=FederatedJob.Status.SUCCEEDED, finished_at__lte=now - grace
+        )
+        .exclude(pk__in=list(decided))
+        .order_by("pk")
+        .values_list("pk", flat=True)[:50]
+    )
+    return [job_id for job_id in due if job_auto_ship(job_id=job_id) is not None]

@@ -61,6 +61,23 @@ def big(db: Any) -> Fleet:
     return f
 
 
+def _pass_shadow(fleet: Fleet, rollout: Any, version: Any) -> None:
+    """Feedback from the boards showing the candidate as good as the incumbent in shadow."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from fleet.services.rollouts import rollout_advance
+    from tests.fleet.rollouts.conftest import add_metrics
+
+    now = timezone.now()
+    for device in fleet.devices[:5]:
+        add_metrics(device, version, "shadow_correct", [1.0] * 20, ts=now)
+        add_metrics(device, fleet.version, "correct", [1.0] * 19 + [0.0], ts=now)
+    result = rollout_advance(rollout_id=rollout.pk, now=now + timedelta(seconds=5))
+    assert result.action == "shadow_passed", result
+
+
 def _ship(client: Any, job: Any, **body: Any) -> Any:
     return client.post(f"/api/v1/federated-jobs/{job.pk}/ship/", body, format="json")
 
@@ -70,7 +87,7 @@ def test_ship_to_a_canary_group_starts_a_rollout_with_control_and_lineage(
 ) -> None:
     from core.audit.models import AuditEvent
     from core.events import subscribed
-    from fleet.models import Device, Rollout, RolloutDevice
+    from fleet.models import Device, Rollout, RolloutDevice, Shadow
     from models_registry.models import ModelVersion
 
     job = _finished(big)
@@ -92,10 +109,15 @@ def test_ship_to_a_canary_group_starts_a_rollout_with_control_and_lineage(
     assert body["round"] == 1 and body["job"] == job.pk
     version = ModelVersion.objects.get(pk=job.best_version_id)
     assert version.stage == "staging" and body["version"]["promoted"] == ["staging"]
-    assert body["steps"][0] == {"step": "shadow", "status": "skipped", "note": body["steps"][0]["note"]}
-    assert "shadow" in body["steps"][0]["note"] and "/api/v1/shadows/" in body["steps"][0]["note"]
     rollout = Rollout.objects.get(pk=body["rollout"]["id"])
-    assert rollout.status == "running" and rollout.version_id == version.pk
+    # The rollout starts in shadow on every board that can run it; the waves come after.
+    assert body["steps"][0]["status"] == "running" and body["steps"][0]["shadow"] == rollout.shadow_id
+    assert rollout.status == "shadow" and rollout.version_id == version.pk
+    assert Shadow.objects.get(pk=rollout.shadow_id).members.count() == 30
+    assert not RolloutDevice.objects.filter(rollout=rollout).exists()
+    _pass_shadow(big, rollout, version)
+    rollout.refresh_from_db()
+    assert rollout.status == "running"
     assert rollout.origin["federated_job"] == job.pk and rollout.origin["round"] == 1
     assert rollout.control_percent == 20 and body["control"]["devices"] >= 5
     assert body["control"]["devices"] + body["control"]["treated_devices"] == 30
@@ -122,9 +144,10 @@ def test_boards_that_cannot_run_it_are_left_out_with_the_count_and_reason(
     Device.objects.filter(pk__in=[d.pk for d in old]).update(hardware={"onnxruntime": "1.5.0"})
     # A board that says nothing of its runtime, or a newer one, is not left out.
     Device.objects.filter(pk=big.devices[3].pk).update(hardware={"onnxruntime": "1.19.2"})
-    response = _ship(operator_client, job, control_percent=0, waves=[{"percent": 100}])
+    response = _ship(operator_client, job, control_percent=0, waves=[{"percent": 100}], shadow=False)
     assert response.status_code == 201, response.content
     body = response.json()
+    assert body["steps"][0]["status"] == "skipped"
     assert body["boards"]["held_back_count"] == 3 and body["boards"]["can_run"] == 27
     assert body["boards"]["reasons"]["onnxruntime_too_old"]["count"] == 3
     held = {row["device"]: row["reason"] for row in body["held_back"]}
@@ -224,7 +247,7 @@ def test_production_group_needs_an_admin(big: Fleet, operator_client: Any, admin
     shipped = _ship(admin_client_api, job)
     assert shipped.status_code == 201, shipped.content
     assert shipped.json()["version"]["promoted"] == ["staging", "production"]
-    assert Rollout.objects.get(pk=shipped.json()["rollout"]["id"]).status == "running"
+    assert Rollout.objects.get(pk=shipped.json()["rollout"]["id"]).status == "shadow"
 
 
 def test_recommended_variant_without_variants_ships_as_trained(big: Fleet, operator_client: Any) -> None:
@@ -252,13 +275,15 @@ def test_dashboard_ship_button(big: Fleet, make_user: Any) -> None:
     response = operator.post(f"/federated/{job.pk}/ship", {"control_percent": "20", "variant": "as_trained"})
     rollout = Rollout.objects.get(origin__federated_job=job.pk)
     assert response.status_code == 302 and response["Location"] == f"/rollouts/{rollout.pk}/"
-    assert rollout.status == "running" and len(rollout.control_device_ids) == 6
+    assert rollout.status == "shadow" and len(rollout.control_device_ids) == 6
     # 10 % of the 24 other boards would be 2, too few to judge: the first wave is 5.
     assert rollout.waves[0] == {"count": 5, "soak_s": 600.0}
+    _pass_shadow(big, rollout, rollout.version)
     assert rollout.members.count() == 5
     # The rollout page shows the control cohort and where the rollout came from.
     rollout_page = operator.get(f"/rollouts/{rollout.pk}/").content.decode()
-    assert "Against the control cohort" in rollout_page
+    assert "Against the control cohort" in rollout_page and "shadow_passed" in rollout_page
+    assert 'id="shadow-phase"' in rollout_page and 'id="shadow-outcome">passed<' in rollout_page
     assert f"federated job {job.pk}</a>, round 1" in rollout_page
     # The job page lists what it shipped; a refusal comes back as a message on the job page.
     assert rollout.name in operator.get(f"/federated/{job.pk}/").content.decode()
