@@ -68,7 +68,7 @@ REMOUNT = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 REMOUNT_GAIN = 1.25
 REMOUNT_OFFSET = np.array([0.6, -0.4, 0.3])
 LOOP_TIMEOUT_S = 17 * 60
-BAD_TIMEOUT_S = 6 * 60
+BAD_TIMEOUT_S = 4 * 60
 SHADOW = {
     "sample_rate": 1.0,
     "min_devices": 3,
@@ -290,7 +290,9 @@ def _accuracy(version_id: int, device_ids: list[Any], since: Any) -> tuple[float
 # --------------------------------------------------------------------------- the run
 
 
-def run(*, boards: int, drifted: int, quick: bool, quiet: bool) -> dict[str, Any]:
+def run(
+    *, boards: int, drifted: int, quick: bool, quiet: bool, loop_timeout_s: float = LOOP_TIMEOUT_S
+) -> dict[str, Any]:
     from config.stack import Stack
 
     log = Timeline(quiet=quiet)
@@ -400,7 +402,20 @@ def run(*, boards: int, drifted: int, quick: bool, quiet: bool) -> dict[str, Any
             f"drift injected: {drifted} boards remounted "
             f"(axes turned, x{REMOUNT_GAIN}, offset {REMOUNT_OFFSET} g)"
         )
-        result.update(_loop(log, decisions, api, group, v1_id, device_ids, drifted_ids, injected_at, feeder))
+        result.update(
+            _loop(
+                log,
+                decisions,
+                api,
+                group,
+                v1_id,
+                device_ids,
+                drifted_ids,
+                injected_at,
+                feeder,
+                loop_timeout_s,
+            )
+        )
         promoted = result.get("promoted_at")
         after = _accuracy(v1_id, drifted_ids, injected_at)
         result["v1_accuracy"] = {"before": before, "drifted_after": after}
@@ -452,6 +467,7 @@ def _loop(
     drifted_ids: list[Any],
     injected_at: Any,
     feeder: Feeder,
+    timeout_s: float,
 ) -> dict[str, Any]:
     """Injection -> alert -> flag -> job -> auto ship -> shadow -> waves -> promotion."""
     from django.db import close_old_connections
@@ -460,7 +476,7 @@ def _loop(
     from training.models import FederatedJob
 
     out: dict[str, Any] = {}
-    deadline = time.monotonic() + LOOP_TIMEOUT_S
+    deadline = time.monotonic() + timeout_s
     marks: dict[str, float] = {}
 
     def mark(name: str, message: str) -> None:
@@ -534,7 +550,7 @@ def _loop(
             key = f"rollout-{rollout.status}"
             if key not in marks:
                 mark(key, f"rollout {rollout.pk}: {rollout.status} (wave {rollout.current_wave + 1})")
-            if rollout.status in ("failed", "rolled_back", "aborted", "paused"):
+            if rollout.status in ("failed", "rolled_back", "aborted", "paused", "cancelled"):
                 out["rollout_status"] = rollout.status
                 break
             if rollout.status == "succeeded":
@@ -673,7 +689,7 @@ def _bad(
             Device.objects.filter(desired_version_id=bad_id).exists()
         )
 
-    clean = _until(cleared, timeout=180, tick=lambda: None, every=2.0)
+    clean = _until(cleared, timeout=120, tick=lambda: None, every=2.0)
     exposed |= {
         str(d)
         for d in MetricSample.objects.filter(version_id=bad_id, name="correct")
@@ -744,12 +760,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object on the last line")
     parser.add_argument("--boards", type=int, default=None)
     parser.add_argument("--drifted", type=int, default=None)
+    parser.add_argument(
+        "--loop-timeout", type=float, default=LOOP_TIMEOUT_S, help="seconds the loop may take after the drift"
+    )
     args = parser.parse_args(argv)
     boards = args.boards or (QUICK_BOARDS if args.quick else BOARDS)
     drifted = args.drifted or (QUICK_DRIFTED if args.quick else DRIFTED)
     if not 3 <= drifted < boards:
         parser.error("--drifted must be at least 3 (a flag needs 3 boards) and below --boards")
-    r = run(boards=boards, drifted=drifted, quick=args.quick, quiet=False)
+    r = run(boards=boards, drifted=drifted, quick=args.quick, quiet=False, loop_timeout_s=args.loop_timeout)
     print()
     print(table(r))
     if args.json:
