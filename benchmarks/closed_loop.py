@@ -330,7 +330,7 @@ def run(
         from config.demo.seed import seed_activity_family, seed_activity_fleet, seed_admin
         from devices_agent.data import activity_windows
         from devices_agent.simulate import GeneratedApp
-        from fleet.models import Device, DeviceGroup
+        from fleet.models import Device, DeviceGroup, UpdatePolicy
 
         admin, token = seed_admin(username="loop-admin", password=secrets.token_urlsafe(16))
         api = httpx.Client(base_url=stack.url, headers={"Authorization": f"Token {token}"}, timeout=120)
@@ -338,6 +338,10 @@ def run(
         family_id = int(api.get(f"/api/v1/model-versions/{v1_id}/").json()["family"])
         seeded = seed_activity_fleet(devices=boards, actor=admin)
         group = DeviceGroup.objects.get(name=seeded["group"])
+        # The boards' health check times inference on 2 cores shared with 30 boards, the
+        # server and the workers: a roomy latency budget keeps the drill about the model's answers.
+        group.policy = UpdatePolicy.objects.create(name="closed-loop", health_latency_budget_ms=500.0)
+        group.save(update_fields=["policy"])
         answer = api.put(
             f"/api/v1/models/{family_id}/policy/",
             json={"on_failure": "revert", "drift_job": True, "auto_ship": True, "drift_job_interval_s": 600},
