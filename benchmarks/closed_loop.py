@@ -661,7 +661,14 @@ def _bad(
     )
     if created.status_code >= 400:
         log(f"rollout with a shadow phase refused: {created.status_code} {created.text[:300]}")
-        return {"bad_version": bad_id, "bad_rollout_refused": created.text[:500]}
+        served_by = samples.values_list("device_id", flat=True).distinct()
+        left = Device.objects.filter(running_version_id=bad_id).count()
+        return {
+            "bad_version": bad_id,
+            "bad_rollout_refused": created.text[:500],
+            "bad_exposed_devices": sorted(str(d) for d in served_by),
+            "bad_left": left + Device.objects.filter(desired_version_id=bad_id).count(),
+        }
     rollout_id = int(created.json()["id"])
     api.post(f"/api/v1/rollouts/{rollout_id}/start/").raise_for_status()
     rollout = Rollout.objects.get(pk=rollout_id)
