@@ -661,6 +661,7 @@ def _bad(
     )
     if created.status_code >= 400:
         log(f"rollout with a shadow phase refused: {created.status_code} {created.text[:300]}")
+        samples = MetricSample.objects.filter(version_id=bad_id, name="correct")
         served_by = samples.values_list("device_id", flat=True).distinct()
         left = Device.objects.filter(running_version_id=bad_id).count()
         return {
