@@ -75,14 +75,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from benchmarks import boards as harness
 
 BOARDS = 12
 QUICK_BOARDS = 4
@@ -92,168 +91,12 @@ EPOCHS = 3
 BATCH = 32
 LR = 0.05
 JOB_SEED = 0
-HOLDOUT_PERCENT = 20
-HEARTBEAT_S = 3.0
 ROUND_DEADLINE_S = 600
 PREDICT_OVERHEAD_GOAL_MS = 0.3
 
 
 def _progress(message: str) -> None:
     print(f"[board_learning] {message}", file=sys.stderr, flush=True)
-
-
-def _wait(check: Callable[[], bool], *, timeout: float, what: str, logs: Callable[[], str] = str) -> float:
-    """Seconds until ``check()`` held; raises with the boards' log tails after ``timeout``."""
-    started = time.monotonic()
-    while not check():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"timed out waiting for {what}\n{logs()[-4000:]}")
-        time.sleep(0.25)
-    return time.monotonic() - started
-
-
-def _rss_mb(pid: int) -> float:
-    import psutil
-
-    return float(psutil.Process(pid).memory_info().rss / 1e6)
-
-
-def _peak_rss_mb(pid: int) -> float:
-    """The kernel's high-water mark of the process's RSS (``VmHWM``), over its whole life."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024 / 1e6
-    return 0.0
-
-
-def _cpu_s(pids: list[int]) -> float:
-    """CPU seconds (user + system) the processes used so far."""
-    import psutil
-
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += times.user + times.system
-    return total
-
-
-def _torch_mapped(pid: int) -> bool:
-    """Whether libtorch is mapped into process ``pid`` (it is once torch was imported)."""
-    import psutil
-
-    return any("libtorch" in os.path.basename(m.path) for m in psutil.Process(pid).memory_maps())
-
-
-@dataclass
-class Board:
-    """One ``flotilla-agent run`` process and where it keeps its state."""
-
-    index: int
-    name: str
-    state_dir: Path
-    socket: Path
-    log: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def pid(self) -> int:
-        return int(self.process.pid)
-
-
-def _spawn(root: Path, index: int, *, url: str, token: str) -> Board:
-    state = root / f"board-{index:02d}"
-    state.mkdir(parents=True)
-    socket = state / "agent.sock"
-    config = {
-        "server_url": url,
-        "allow_insecure_http": url.startswith("http://"),
-        "state_dir": str(state),
-        "enrollment_token": token,
-        "name": f"wrist-{index:02d}",
-        "tags": ["benchmark", "activity"],
-        "heartbeat_interval_s": HEARTBEAT_S,
-        "health_check_runs": 3,
-        # The device state (example counts) rides on every other heartbeat.
-        "state_every": 2,
-        "personalise": False,
-        "device_seed": index,
-        "holdout_percent": HOLDOUT_PERCENT,
-        "local_api_socket": str(socket),
-    }
-    path = root / f"board-{index:02d}.json"
-    path.write_text(json.dumps(config))
-    log = root / f"board-{index:02d}.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "devices_agent", "run", "--config", str(path)],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
-    return Board(
-        index=index, name=f"wrist-{index:02d}", state_dir=state, socket=socket, log=log, process=process
-    )
-
-
-def _logs(boards: list[Board]) -> str:
-    parts = []
-    for board in boards:
-        text = board.log.read_text(errors="replace") if board.log.exists() else ""
-        parts.append(f"--- {board.name} (exit {board.process.poll()})\n{text[-1500:]}")
-    return "\n".join(parts)
-
-
-def _alive(boards: list[Board]) -> None:
-    dead = [b for b in boards if b.process.poll() is not None]
-    if dead:
-        raise RuntimeError(f"{len(dead)} board process(es) exited\n{_logs(dead)}")
-
-
-def _status(board: Board) -> dict[str, Any] | None:
-    from devices_agent.local_client import AgentClient, LocalApiError
-
-    try:
-        with AgentClient(str(board.socket), timeout=5) as client:
-            return client.status()
-    except (OSError, LocalApiError):
-        return None
-
-
-class RssSampler:
-    """Samples the RSS of a set of processes in a thread; keeps each one's peak."""
-
-    def __init__(self, pids: list[int], *, every_s: float = 0.2) -> None:
-        self.pids = pids
-        self.every_s = every_s
-        self.peak = dict.fromkeys(pids, 0.0)
-        self.samples = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
-
-    def _run(self) -> None:
-        import psutil
-
-        processes = {pid: psutil.Process(pid) for pid in self.pids}
-        while not self._stop.is_set():
-            for pid, process in processes.items():
-                try:
-                    self.peak[pid] = max(self.peak[pid], process.memory_info().rss / 1e6)
-                except psutil.NoSuchProcess:
-                    continue
-            self.samples += 1
-            self._stop.wait(self.every_s)
-
-    def __enter__(self) -> RssSampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- baselines
@@ -288,7 +131,7 @@ def _baseline_child(kind: str, folder: Path) -> None:
             config=TrainConfig(epochs=EPOCHS, batch_size=BATCH, lr=LR, seed=0),
         )
     # VmHWM, not ru_maxrss: the latter keeps the parent's peak across fork and exec.
-    peak = _peak_rss_mb(os.getpid())
+    peak = harness.peak_rss_mb(os.getpid())
     print(json.dumps({"rss_mb": psutil.Process().memory_info().rss / 1e6, "peak_mb": peak}))
 
 
@@ -306,7 +149,7 @@ def _baseline(kind: str, folder: Path) -> dict[str, float]:
 # --------------------------------------------------------------------------- phases
 
 
-def _feed(boards: list[Board], apps: list[Any], *, per_cycle: int = 8) -> dict[str, int]:
+def _feed(boards: list[harness.Board], apps: list[Any], *, per_cycle: int = 8) -> dict[str, int]:
     """Play every board's application round-robin until each board holds all its windows."""
     from devices_agent.local_client import AgentClient
 
@@ -321,7 +164,7 @@ def _feed(boards: list[Board], apps: list[Any], *, per_cycle: int = 8) -> dict[s
                 held[i] = int(clients[i].status()["examples"])
                 if held[i] >= len(app.y):
                     pending.discard(i)
-            _alive(boards)
+            harness.alive(boards)
         counts = [clients[i].status() for i in range(len(boards))]
     finally:
         for client in clients:
@@ -335,7 +178,9 @@ def _feed(boards: list[Board], apps: list[Any], *, per_cycle: int = 8) -> dict[s
     }
 
 
-def _latency(board: Board, onnx: bytes, x: np.ndarray, *, blocks: int, per_block: int) -> dict[str, Any]:
+def _latency(
+    board: harness.Board, onnx: bytes, x: np.ndarray, *, blocks: int, per_block: int
+) -> dict[str, Any]:
     """p50 of a prediction through the local API vs bare ``session.run``, interleaved in blocks."""
     from devices_agent.inference import load_session
     from devices_agent.local_client import AgentClient
@@ -414,7 +259,7 @@ def _run_job(
             answered = latest.updates.count()
             now = (latest.number, latest.kind, latest.status, answered)
             if latest.number not in cpu_at:
-                cpu_at[latest.number] = _cpu_s(pids)
+                cpu_at[latest.number] = harness.cpu_s(pids)
             if now != seen:
                 seen = now
                 _progress(
@@ -427,7 +272,7 @@ def _run_job(
             raise TimeoutError("the federated job did not end")
         time.sleep(0.5)
     wall = time.monotonic() - started
-    end = _cpu_s(pids)
+    end = harness.cpu_s(pids)
     job.refresh_from_db()
     if job.status != "succeeded":
         raise RuntimeError(f"the job ended {job.status}")
@@ -467,14 +312,14 @@ def _rounds(job: Any, names: dict[str, int]) -> list[dict[str, Any]]:
     return out
 
 
-def _board_data(board: Board, spec: Any) -> dict[str, Any]:
+def _board_data(board: harness.Board, spec: Any) -> dict[str, Any]:
     """A stopped board's own examples, read as its trainer read them."""
     from devices_agent.learning import LocalData
     from devices_agent.samples import SampleStore
 
-    store = SampleStore(board.state_dir / "samples.sqlite3", holdout_percent=HOLDOUT_PERCENT)
+    store = SampleStore(board.state_dir / "samples.sqlite3", holdout_percent=harness.HOLDOUT_PERCENT)
     try:
-        data = LocalData(store, holdout_percent=HOLDOUT_PERCENT)
+        data = LocalData(store, holdout_percent=harness.HOLDOUT_PERCENT)
         train, holdout = data.training_set(spec), data.holdout_set(spec)
     finally:
         store.close()
@@ -561,7 +406,7 @@ def run(*, boards: int, rounds: int, codec: str, quick: bool) -> dict[str, Any]:
     started = time.monotonic()
     root = Path(tempfile.mkdtemp(prefix="flotilla-board-learning-"))
     with Stack.scratch(
-        "flotilla-board-learning-stack-", production=True, heartbeat_interval_s=int(HEARTBEAT_S)
+        "flotilla-board-learning-stack-", production=True, heartbeat_interval_s=int(harness.HEARTBEAT_S)
     ) as stack:
         stack.migrate()
         stack.setup_django()
@@ -594,31 +439,32 @@ def run(*, boards: int, rounds: int, codec: str, quick: bool) -> dict[str, Any]:
         _progress(f"starting {boards} flotilla-agent run processes")
         mark = time.monotonic()
         fleet_boards = [
-            _spawn(root, i, url=stack.url, token=fleet["enrollment_token"]) for i in range(boards)
+            harness.spawn(root, i, url=stack.url, token=fleet["enrollment_token"]) for i in range(boards)
         ]
-        logs = lambda: _logs(fleet_boards)  # noqa: E731
+        logs = lambda: harness.logs(fleet_boards)  # noqa: E731
         try:
             members = Device.objects.filter(groups=group)
 
             def enrolled() -> bool:
-                _alive(fleet_boards)
+                harness.alive(fleet_boards)
                 return bool(members.count() == boards)
 
-            _wait(enrolled, timeout=60 + 10 * boards, what="every board to enroll", logs=logs)
+            harness.wait_for(enrolled, timeout=60 + 10 * boards, what="every board to enroll", logs=logs)
             phases["boards enrolled"] = time.monotonic() - mark
-            enrolled_rss = [_rss_mb(b.pid) for b in fleet_boards]
+            enrolled_rss = [harness.rss_mb(b.pid) for b in fleet_boards]
             _progress(f"{boards} boards enrolled; assigning {version.label}")
             mark = time.monotonic()
             for device_id in members.values_list("pk", flat=True):
                 device_assign_version(actor=None, device_id=device_id, version_id=version.pk)
 
             def installed() -> bool:
-                _alive(fleet_boards)
+                harness.alive(fleet_boards)
                 return all(
-                    (s := _status(b)) is not None and s["version_id"] == version.pk for b in fleet_boards
+                    (s := harness.status(b)) is not None and s["version_id"] == version.pk
+                    for b in fleet_boards
                 )
 
-            _wait(installed, timeout=60 + 10 * boards, what="the model on every board", logs=logs)
+            harness.wait_for(installed, timeout=60 + 10 * boards, what="the model on every board", logs=logs)
             phases["model installed everywhere"] = time.monotonic() - mark
 
             _progress("the applications feed their boards over the local API")
@@ -628,21 +474,25 @@ def run(*, boards: int, rounds: int, codec: str, quick: bool) -> dict[str, Any]:
                 x, y = board_data(dataset="activity", index=i, boards=boards, seed=0, alpha=0.5)
                 apps.append(GeneratedApp(x=x, y=y, rng=random.Random(i)))
             fed = _feed(fleet_boards, apps)
-            training_counts = {b.name: int((_status(b) or {})["training_examples"]) for b in fleet_boards}
+            training_counts = {
+                b.name: int((harness.status(b) or {})["training_examples"]) for b in fleet_boards
+            }
 
             def reported() -> bool:
-                _alive(fleet_boards)
+                harness.alive(fleet_boards)
                 states = dict(members.values_list("name", "state"))
                 return all(
                     (states.get(n) or {}).get("local_examples") == c for n, c in training_counts.items()
                 )
 
-            _wait(reported, timeout=120, what="every board to report its example counts", logs=logs)
+            harness.wait_for(
+                reported, timeout=120, what="every board to report its example counts", logs=logs
+            )
             phases["applications fed every board"] = time.monotonic() - mark
 
             pids = [b.pid for b in fleet_boards]
-            idle_rss = [_rss_mb(pid) for pid in pids]
-            torch_idle = sum(_torch_mapped(pid) for pid in pids)
+            idle_rss = [harness.rss_mb(pid) for pid in pids]
+            torch_idle = sum(harness.torch_mapped(pid) for pid in pids)
             _progress("timing predictions: local API vs bare onnxruntime")
             latency = _latency(
                 fleet_boards[0],
@@ -663,13 +513,13 @@ def run(*, boards: int, rounds: int, codec: str, quick: bool) -> dict[str, Any]:
 
             _progress(f"federated job: {rounds} rounds on {boards} boards")
             names = {b.name: b.index for b in fleet_boards}
-            hwm_before = [_peak_rss_mb(pid) for pid in pids]
-            with RssSampler(pids) as sampler:
+            hwm_before = [harness.peak_rss_mb(pid) for pid in pids]
+            with harness.RssSampler(pids) as sampler:
                 job, job_wall, job_cpu = _run_job(group, version, pids=pids, rounds=rounds, codec=codec)
             phases[f"federated job ({rounds} rounds + evaluation)"] = job_wall
-            after_rss = [_rss_mb(pid) for pid in pids]
-            hwm_after = [_peak_rss_mb(pid) for pid in pids]
-            torch_after = sum(_torch_mapped(pid) for pid in pids)
+            after_rss = [harness.rss_mb(pid) for pid in pids]
+            hwm_after = [harness.peak_rss_mb(pid) for pid in pids]
+            torch_after = sum(harness.torch_mapped(pid) for pid in pids)
             peak_rss = [sampler.peak[pid] for pid in pids]
             system_rounds = _rounds(job, names)
             last = [r for r in system_rounds if r["kind"] == "train"][-1]
@@ -679,14 +529,7 @@ def run(*, boards: int, rounds: int, codec: str, quick: bool) -> dict[str, Any]:
             version.refresh_from_db()
             initial_metric = (version.metrics or {}).get(spec.primary_metric)
         finally:
-            for board in fleet_boards:
-                if board.process.poll() is None:
-                    board.process.terminate()
-            for board in fleet_boards:
-                try:
-                    board.process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    board.process.kill()
+            harness.stop(fleet_boards)
         bare_train = _baseline("train", folder)
         database = stack.database
 

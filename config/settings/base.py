@@ -301,7 +301,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     },
     "fleet-drift-check": {
         "task": "fleet.drift_check",
-        "schedule": timedelta(seconds=60),
+        "schedule": timedelta(seconds=env.float("DRIFT_CHECK_S", default=60.0)),
     },
     "fleet-metrics-rollup": {
         "task": "fleet.metrics_rollup",
