@@ -361,6 +361,8 @@ DRIFT_JOB_INTERVAL_S = env.int("DRIFT_JOB_INTERVAL_S", default=6 * 3600)
 # whose own feedback fell behind over the last hour).
 DRIFT_JOB_LOOKBACK_S = env.int("DRIFT_JOB_LOOKBACK_S", default=24 * 3600)
 DRIFT_JOB_ROUNDS = env.int("DRIFT_JOB_ROUNDS", default=3)
+# The soak of each but the last of a shipped rollout's default waves (10 % / 50 % / 100 %).
+SHIP_SOAK_S = env.float("SHIP_SOAK_S", default=600.0)
 
 # A device's metrics (fleet.services.metrics): at most this many samples an hour, and
 # only for versions it runs, was given, ran before or was deployed in this many days.

@@ -31,6 +31,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
 from django.db import transaction
 
 from core.api import ConflictError, NotFoundError, ServiceError
@@ -53,11 +54,8 @@ from training.services.jobs import group_running_most
 
 Stage = ModelVersion.Stage
 VARIANTS = ("as_trained", "recommended")
-DEFAULT_WAVES = [
-    {"percent": 10, "soak_s": 600},
-    {"percent": 50, "soak_s": 600},
-    {"percent": 100, "soak_s": 0},
-]
+# 10 % / 50 % / 100 %, each but the last soaked for SHIP_SOAK_S (600 s by default).
+DEFAULT_PERCENTS = (10, 50, 100)
 # A first wave smaller than this many devices could never be judged against control.
 DEFAULT_MIN_FIRST_WAVE = 5
 DEFAULT_CONTROL_PERCENT = 20.0
@@ -220,13 +218,15 @@ def _promote(*, version: ModelVersion, canary: bool, group: str, actor: Any) -> 
 
 def _default_waves(*, boards: int, control_percent: float) -> list[dict[str, Any]]:
     """10 % / 50 % / 100 %, the first wave at least big enough for the control gates."""
+    soak = float(settings.SHIP_SOAK_S)
+    waves: list[dict[str, Any]] = [{"percent": p, "soak_s": soak if p < 100 else 0} for p in DEFAULT_PERCENTS]
     if control_percent <= 0:
-        return DEFAULT_WAVES
+        return waves
     treated = boards - math.ceil(round(control_percent * boards / 100.0, 9))
     first = math.ceil(round(0.1 * treated, 9))
     if first >= DEFAULT_MIN_FIRST_WAVE:
-        return DEFAULT_WAVES
-    return [{"count": DEFAULT_MIN_FIRST_WAVE, "soak_s": 600}, *DEFAULT_WAVES[1:]]
+        return waves
+    return [{"count": DEFAULT_MIN_FIRST_WAVE, "soak_s": soak}, *waves[1:]]
 
 
 def federated_job_ship(
