@@ -310,6 +310,8 @@ def run(
             "OFFLINE_AFTER_MISSED": "20",
             "DRIFT_JOB_LOOKBACK_S": "120",
             "DRIFT_JOB_ROUNDS": "2",
+            # Shipped waves soak a minute, not the production ten, so the drill ends in minutes.
+            "SHIP_SOAK_S": "60",
         },
     )
     result: dict[str, Any] = {"boards": boards, "drifted": drifted, "quick": quick}
