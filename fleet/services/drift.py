@@ -252,15 +252,15 @@ def input_drift_check(*, now: datetime) -> list[int]:
     """
     from models_registry.models import ModelVersion
 
+    # Alerting reports over the hour from boards still running the version they report for.
+    alerting = DriftReport.objects.filter(
+        alert=True,
+        window_end__gte=now - timedelta(hours=1),
+        version__isnull=False,
+        device__running_version_id=F("version_id"),
+    ).exclude(device__status=Device.Status.DECOMMISSIONED)
     rows = (
-        DriftReport.objects.filter(
-            alert=True,
-            window_end__gte=now - timedelta(hours=1),
-            version__isnull=False,
-            device__running_version_id=F("version_id"),
-        )
-        .exclude(device__status=Device.Status.DECOMMISSIONED)
-        .values("version_id")
+        alerting.values("version_id")
         .annotate(devices=Count("device_id", distinct=True))
         .filter(devices__gte=int(settings.DRIFT_MIN_DEVICES))
         .order_by("version_id")
@@ -271,11 +271,7 @@ def input_drift_check(*, now: datetime) -> list[int]:
             version = ModelVersion.objects.select_for_update().filter(pk=row["version_id"]).first()
             if version is None or INPUT_DRIFT_KEY in (version.metrics or {}):
                 continue
-            effects = list(
-                DriftReport.objects.filter(
-                    version_id=version.pk, alert=True, window_end__gte=now - timedelta(hours=1)
-                ).values_list("effect_size", flat=True)
-            )
+            effects = list(alerting.filter(version_id=version.pk).values_list("effect_size", flat=True))
             running = (
                 Device.objects.filter(running_version_id=version.pk)
                 .exclude(status=Device.Status.DECOMMISSIONED)

@@ -847,11 +847,7 @@ def _shadow_phase_judge(rollout: Rollout, now: datetime) -> AdvanceResult:
     if verdict.outcome == "failed":
         why = f"failed in shadow: {verdict.reason}"
         shadow_stop(actor=None, shadow_id=shadow.pk, reason=why[:500])
-        rollout.status = Rollout.Status.FAILED
-        rollout.status_reason = why
-        rollout.finished_at = now
-        rollout.revision += 1
-        rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
+        _shadow_phase_finish(rollout, now, status=Rollout.Status.FAILED, why=why)
         _decide(rollout, action="shadow_failed", reason=why, metrics=numbers)
         _event(rollout, "rollout.shadow_failed", metrics=numbers)
         from fleet.services.revert import rollout_shadow_failed
@@ -879,16 +875,21 @@ def _shadow_phase_judge(rollout: Rollout, now: datetime) -> AdvanceResult:
     return AdvanceResult(rollout.pk, action, rollout.current_wave, numbers)
 
 
+def _shadow_phase_finish(rollout: Rollout, now: datetime, *, status: str, why: str) -> None:
+    """End a rollout in its shadow phase: no wave ever opened, so nothing to send back."""
+    rollout.status = status
+    rollout.status_reason = why
+    rollout.finished_at = now
+    rollout.revision += 1
+    rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
+
+
 def _shadow_phase_stop(
     rollout: Rollout, now: datetime, *, why: str, numbers: dict[str, Any]
 ) -> AdvanceResult:
     """No verdict to act on: the rollout stops before any device was touched."""
     _shadow_phase_end(rollout, reason=why)
-    rollout.status = Rollout.Status.ABORTED
-    rollout.status_reason = why
-    rollout.finished_at = now
-    rollout.revision += 1
-    rollout.save(update_fields=["status", "status_reason", "finished_at", "revision"])
+    _shadow_phase_finish(rollout, now, status=Rollout.Status.ABORTED, why=why)
     _decide(rollout, action="shadow_inconclusive", reason=why, metrics=numbers)
     _event(rollout, "rollout.aborted", metrics=numbers)
     return AdvanceResult(rollout.pk, "aborted", rollout.current_wave, numbers)

@@ -88,7 +88,7 @@ def shadow_start(
     version its target may not take (a draft never), 409 ``no_onnx`` for a version with
     no ONNX graph yet.
     """
-    from models_registry.models import Artifact, ModelVersion
+    from models_registry.models import ModelVersion
 
     _check_policy(
         sample_rate=sample_rate, max_cpu_percent=max_cpu_percent, budget_ms=budget_ms, tolerance=tolerance
@@ -133,12 +133,6 @@ def shadow_start(
                 )
         if not devices:
             raise _invalid("The target has no devices.", "group")
-        if not Artifact.objects.filter(version=version, kind="onnx").exists():
-            raise ConflictError(
-                f"{version.label} has no ONNX graph yet, which is what a board runs in shadow.",
-                code="no_onnx",
-                details={"version": version.pk},
-            )
         shadow = _shadow_create(
             actor=actor,
             version=version,
@@ -167,6 +161,14 @@ def _shadow_create(
     reason: str,
     remote_addr: str | None,
 ) -> Shadow:
+    from models_registry.models import Artifact
+
+    if not Artifact.objects.filter(version=version, kind="onnx").exists():
+        raise ConflictError(
+            f"{version.label} has no ONNX graph yet, which is what a board runs in shadow.",
+            code="no_onnx",
+            details={"version": version.pk},
+        )
     shadow = Shadow.objects.create(
         version=version,
         group=group,
@@ -207,14 +209,6 @@ def shadow_start_for_rollout(
 ) -> Shadow:
     """The shadow phase of a rollout (``fleet.rollouts.shadow_gate``): its candidate on the
     target devices that can run it, whose version and stage the rollout already checked."""
-    from models_registry.models import Artifact
-
-    if not Artifact.objects.filter(version_id=rollout.version_id, kind="onnx").exists():
-        raise ConflictError(
-            f"{rollout.version.label} has no ONNX graph yet, which is what a board runs in shadow.",
-            code="no_onnx",
-            details={"version": rollout.version_id},
-        )
     devices = list(Device.objects.filter(pk__in=device_ids).exclude(status=Device.Status.DECOMMISSIONED))
     if not devices:
         raise ServiceError("The target has no devices to shadow the candidate on.", code="empty_target")

@@ -38,7 +38,7 @@ from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import audit_record
 from core.events import emit
 from core.roles import ADMIN, has_role
-from fleet.models import Rollout
+from fleet.models import Rollout, VersionDecision
 from fleet.services.rollouts import rollout_create, rollout_start
 from fleet.services.shipping import (
     group_boards_check,
@@ -75,6 +75,8 @@ POLICY_FIELDS = (
     "in_progress_timeout_s",
     "respect_maintenance_windows",
 )
+# The decisions that settle whether a drift-started job is shipped (one per job).
+AUTO_SHIP_DECISIONS = (VersionDecision.Action.AUTO_SHIPPED, VersionDecision.Action.AUTO_SHIP_SKIPPED)
 SHIP_FIELDS = (
     "target_group",
     "variant",
@@ -374,7 +376,7 @@ def job_auto_ship(*, job_id: int) -> Any:
     None when there is nothing to decide: the job was not started by drift, did not
     succeed, was already decided on, or the policy has no ``auto_ship``.
     """
-    from fleet.models import DeviceGroup, VersionDecision
+    from fleet.models import DeviceGroup
     from fleet.selectors.revert import family_policy
     from fleet.services.revert import version_decision_record
 
@@ -386,8 +388,7 @@ def job_auto_ship(*, job_id: int) -> Any:
     ).first()
     if started is None or not family_policy(family_id=job.family_id).auto_ship:
         return None
-    decided = (VersionDecision.Action.AUTO_SHIPPED, VersionDecision.Action.AUTO_SHIP_SKIPPED)
-    if VersionDecision.objects.filter(job_id=job.pk, action__in=decided).exists():
+    if VersionDecision.objects.filter(job_id=job.pk, action__in=AUTO_SHIP_DECISIONS).exists():
         return None  # one decision per job, whatever delivers the event twice
     base = job.base_version
     group = DeviceGroup.objects.filter(release_version=base).order_by("pk").first()
@@ -439,20 +440,17 @@ def job_auto_ship(*, job_id: int) -> Any:
 def auto_ship_redrive(*, now: Any, grace: Any) -> list[int]:
     """Drift-started jobs that succeeded more than ``grace`` ago with no shipping decision
     (their event was lost with a worker): decided now. The ids of the jobs decided."""
-    from fleet.models import VersionDecision
-
     started = VersionDecision.objects.filter(
         action=VersionDecision.Action.DRIFT_JOB_STARTED, job_id__isnull=False
-    ).values_list("job_id", flat=True)
-    decided = VersionDecision.objects.filter(
-        action__in=(VersionDecision.Action.AUTO_SHIPPED, VersionDecision.Action.AUTO_SHIP_SKIPPED),
-        job_id__isnull=False,
-    ).values_list("job_id", flat=True)
+    ).values("job_id")
+    decided = VersionDecision.objects.filter(action__in=AUTO_SHIP_DECISIONS, job_id__isnull=False).values(
+        "job_id"
+    )
     due = (
         FederatedJob.objects.filter(
-            pk__in=list(started), status=FederatedJob.Status.SUCCEEDED, finished_at__lte=now - grace
+            pk__in=started, status=FederatedJob.Status.SUCCEEDED, finished_at__lte=now - grace
         )
-        .exclude(pk__in=list(decided))
+        .exclude(pk__in=decided)
         .order_by("pk")
         .values_list("pk", flat=True)[:50]
     )
