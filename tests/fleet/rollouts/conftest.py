@@ -81,3 +81,14 @@ def add_metrics(device: Any, version: Any, name: str, values: Any, *, ts: dateti
             for i, v in enumerate(values)
         ]
     )
+
+
+def wait_past(ts: datetime, samples: int) -> None:
+    """Wait until the last of ``samples`` samples that ``add_metrics`` put after ``ts`` lies in
+    the past, for readers (the shadow's report) that count samples up to the present."""
+    import time
+
+    from django.utils import timezone
+
+    while timezone.now() <= ts + timedelta(milliseconds=samples):
+        time.sleep(0.005)

@@ -15,7 +15,7 @@ from fleet.models import Device, FamilyPolicy, Rollout, RolloutDevice, Shadow, V
 from fleet.rollouts.shadow_gate import judge_shadow, validate_shadow_policy
 from fleet.services.devices import device_assign_version
 from fleet.services.rollouts import rollout_abort, rollout_advance, rollout_create, rollout_start
-from tests.fleet.rollouts.conftest import add_metrics
+from tests.fleet.rollouts.conftest import add_metrics, wait_past
 
 ONE_WAVE = [{"percent": 100, "soak_s": 0}]
 POLICY = {"min_devices": 3, "min_samples": 10, "max_drop": 0.02}
@@ -153,6 +153,7 @@ def _shadow_scores(f: Any, devices: list[Any], *, candidate: float, active: floa
             ts=now,
         )
         add_metrics(device, f.v1, "correct", [1.0] * int(active * n) + [0.0] * (n - int(active * n)), ts=now)
+    wait_past(now, n)
 
 
 def test_a_shadow_rollout_runs_the_candidate_in_shadow_then_opens_its_first_wave(

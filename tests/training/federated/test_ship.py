@@ -27,12 +27,13 @@ def _pass_shadow(fleet: Fleet, rollout: Any, version: Any) -> None:
     from django.utils import timezone
 
     from fleet.services.rollouts import rollout_advance
-    from tests.fleet.rollouts.conftest import add_metrics
+    from tests.fleet.rollouts.conftest import add_metrics, wait_past
 
     now = timezone.now()
     for device in fleet.devices[:5]:
         add_metrics(device, version, "shadow_correct", [1.0] * 20, ts=now)
         add_metrics(device, fleet.version, "correct", [1.0] * 19 + [0.0], ts=now)
+    wait_past(now, 20)
     result = rollout_advance(rollout_id=rollout.pk, now=now + timedelta(seconds=5))
     assert result.action == "shadow_passed", result
 
