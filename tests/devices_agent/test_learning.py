@@ -151,7 +151,9 @@ def test_a_head_that_does_not_help_is_kept_but_not_served(tmp_path: Path, traine
     bundle, state = trained
     store = _store(tmp_path)
     x, y, _, _ = load_digits_split(seed=0)
-    store.add(x[:60], y[:60])  # the board's data looks like everyone's
+    # The board's data looks like everyone's. Enough of it that the store's random split
+    # always leaves a holdout (with 60 examples, 1 store in 30,000 held out fewer than 2).
+    store.add(x[:300], y[:300])
     personaliser = Personaliser(state_dir=tmp_path, data=LocalData(store), epochs=1, lr=1e-6)
     result = personaliser.personalise(
         version_id=1, spec=DIGITS, program=bundle.program, global_state=state, head=bundle.head
