@@ -519,5 +519,10 @@ class DriftResponse(TypedDict):
     effect_size: float | None  # largest |mean - reference mean| / reference std
     feature_psi: float | None  # largest per-feature PSI (None without binned counts)
     psi_band: str | None  # "none", "moderate" or "major"
+    # The same against the board's own baseline for the version (its first windows);
+    # None while this window is part of the baseline. An alert needs both.
+    baseline_score: float | None
+    baseline_effect_size: float | None
+    baseline_feature_psi: float | None
     # The reference's bins, when the sketch was not counted over them (first sketch).
     feature_bins: NotRequired[DriftFeatureBins]

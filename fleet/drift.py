@@ -186,3 +186,77 @@ def drift_score(
         psi_band=psi_band(None if top_psi is None else top_psi[1], moderate=psi_moderate, major=psi_major),
         alert_feature=alert_feature if shift_score >= 1.0 else None,
     )
+
+
+def sketch_merge(total: dict[str, Any] | None, window: dict[str, Any]) -> dict[str, Any]:
+    """Two sketches of the same features as one (Chan's parallel update of mean and M2).
+
+    Histograms add up; per-feature counts only over the same bins (``bins_etag``): a
+    window counted over other bins adds nothing to them, and the first window counted
+    over bins gives the total its bins.
+    """
+    n_b = int(window["count"])
+    if total is None or int(total["count"]) == 0:
+        merged = {
+            "count": n_b,
+            "mean": [float(v) for v in window["mean"]],
+            "m2": [float(v) for v in window["m2"]],
+            "confidence_hist": [int(v) for v in window.get("confidence_hist") or []],
+        }
+        if window.get("feature_hist") and window.get("bins_etag"):
+            merged["feature_hist"] = [[int(v) for v in row] for row in window["feature_hist"]]
+            merged["bins_etag"] = window["bins_etag"]
+        return merged
+    if n_b == 0:
+        return total
+    n_a = int(total["count"])
+    n = n_a + n_b
+    mean_a, mean_b = np.asarray(total["mean"], dtype=np.float64), np.asarray(window["mean"], dtype=np.float64)
+    delta = mean_b - mean_a
+    mean = mean_a + delta * (n_b / n)
+    m2 = (
+        np.asarray(total["m2"], dtype=np.float64)
+        + np.asarray(window["m2"], dtype=np.float64)
+        + delta**2 * (n_a * n_b / n)
+    )
+    hist_a, hist_b = total.get("confidence_hist") or [], window.get("confidence_hist") or []
+    if len(hist_a) == len(hist_b):
+        hist = [int(a) + int(b) for a, b in zip(hist_a, hist_b, strict=True)]
+    else:
+        hist = [int(v) for v in (hist_a or hist_b)]
+    merged = {"count": n, "mean": mean.tolist(), "m2": m2.tolist(), "confidence_hist": hist}
+    rows_a, rows_b = total.get("feature_hist"), window.get("feature_hist")
+    etag = total.get("bins_etag")
+    if rows_a and etag:
+        if rows_b and window.get("bins_etag") == etag and _same_shape(rows_a, rows_b):
+            rows_a = [
+                [int(a) + int(b) for a, b in zip(ra, rb, strict=True)]
+                for ra, rb in zip(rows_a, rows_b, strict=True)
+            ]
+        merged["feature_hist"], merged["bins_etag"] = rows_a, etag
+    elif rows_b and window.get("bins_etag"):
+        merged["feature_hist"] = [[int(v) for v in row] for row in rows_b]
+        merged["bins_etag"] = window["bins_etag"]
+    return merged
+
+
+def _same_shape(a: list[list[int]], b: list[list[int]]) -> bool:
+    return len(a) == len(b) and all(len(x) == len(y) for x, y in zip(a, b, strict=True))
+
+
+def baseline_reference(*, baseline: dict[str, Any], reference: dict[str, Any]) -> dict[str, Any]:
+    """A board's baseline sketch in the shape of a reference, to score its windows with.
+
+    Its per-feature bins are the reference's, with the baseline's own counts over them
+    when it has counts over the current bins (otherwise no feature PSI against it).
+    """
+    out: dict[str, Any] = {
+        "count": int(baseline["count"]),
+        "mean": baseline["mean"],
+        "m2": baseline["m2"],
+        "confidence_hist": baseline.get("confidence_hist") or [],
+    }
+    bins = reference.get("feature_bins") or {}
+    if bins and baseline.get("feature_hist") and baseline.get("bins_etag") == bins.get("etag"):
+        out["feature_bins"] = {**bins, "counts": baseline["feature_hist"]}
+    return out

@@ -342,6 +342,9 @@ DRIFT_PSI_MAJOR = env.float("DRIFT_PSI_MAJOR", default=0.25)
 # a PSI (a feature's or the confidence histogram's) decides an alert only from windows of
 # at least this many inputs.
 DRIFT_PSI_MIN_SAMPLES = env.int("DRIFT_PSI_MIN_SAMPLES", default=500)
+# A board's first windows for a version, up to this many inputs, are its own baseline; its
+# later windows alert only when they stray from both the reference and that baseline.
+DRIFT_BASELINE_SAMPLES = env.int("DRIFT_BASELINE_SAMPLES", default=200)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
 DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)

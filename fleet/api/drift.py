@@ -93,6 +93,9 @@ def agent_drift(request: HttpRequest, device: Device, body: dict[str, Any]) -> d
         "effect_size": report.effect_size,
         "feature_psi": report.feature_psi,
         "psi_band": report.psi_band or None,
+        "baseline_score": report.baseline_score,
+        "baseline_effect_size": report.baseline_effect_size,
+        "baseline_feature_psi": report.baseline_feature_psi,
     }
     # The board counts per-feature values over the reference's bins once it has them:
     # they travel when its sketch was not counted over the current ones.

@@ -11,7 +11,7 @@ from fleet.models.devices import (
     MetricBatch,
     MetricSample,
 )
-from fleet.models.drift import DriftReport  # noqa: F401
+from fleet.models.drift import DriftBaseline, DriftReport  # noqa: F401
 from fleet.models.experiments import Experiment, ExperimentAssignment, ExperimentDecision  # noqa: F401
 from fleet.models.metrics import MetricRollup, MetricRollupState  # noqa: F401
 from fleet.models.policies import UpdatePolicy

@@ -109,6 +109,9 @@ def drift_latest_reports(*, group_id: int | None = None, alert: bool | None = No
             "feature_psi_feature": r.feature_psi_feature,
             "psi_band": r.psi_band or None,
             "confidence_psi": r.psi,
+            "baseline_score": r.baseline_score,
+            "baseline_effect_size": r.baseline_effect_size,
+            "baseline_feature_psi": r.baseline_feature_psi,
             "samples": int((r.sketch or {}).get("count", 0)),
         }
         for r in reports

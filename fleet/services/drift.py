@@ -12,13 +12,13 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count, F
+from django.db.models import Avg, Count, F, OuterRef, Subquery
 from django.utils import timezone
 
 from core.events import emit
 from devices_agent.drift import drift_features
-from fleet.drift import drift_score
-from fleet.models import Device, DriftReport, MetricSample
+from fleet.drift import DriftScore, baseline_reference, drift_score, sketch_merge
+from fleet.models import Device, DriftBaseline, DriftReport, MetricSample
 
 # The feedback metric of each task, and the task it belongs to.
 FEEDBACK_METRICS = {"correct": "classification", "abs_error": "regression"}
@@ -60,13 +60,19 @@ def drift_report_ingest(
     window_start: datetime | None,
     window_end: datetime,
 ) -> DriftReport:
-    """Store one window's sketch, scored against its version's reference when there is one.
+    """Store one window's sketch, scored against its version's reference and the board's baseline.
 
     An alert needs a shift that is both significant (z) and large: an effect size of at
-    least ``DRIFT_EFFECT_SIZE_MIN`` reference standard deviations, or a major per-feature
-    PSI (above ``DRIFT_PSI_MAJOR``, from a window of at least ``DRIFT_PSI_MIN_SAMPLES``
-    inputs) when the sketch carries counts over the reference's bins
-    (`fleet.drift.drift_score`).
+    least ``DRIFT_EFFECT_SIZE_MIN`` standard deviations, or a major per-feature PSI (above
+    ``DRIFT_PSI_MAJOR``, from a window of at least ``DRIFT_PSI_MIN_SAMPLES`` inputs) when
+    the sketch carries counts over the reference's bins (`fleet.drift.drift_score`); and it
+    needs that twice: against the version's reference (the data it was trained on) and
+    against the board's own baseline for the version (`DriftBaseline`: its first windows,
+    up to ``DRIFT_BASELINE_SAMPLES`` inputs). A board whose data differs from the reference
+    for good is not IID, not drifting: it alerts only once its inputs move from what they
+    were when it started running the version. Windows that make up the baseline are scored
+    against the reference and shown, and do not alert; ``DRIFT_BASELINE_SAMPLES = 0`` judges
+    against the reference alone.
 
     A report gets no score (and no alert) when its version is unknown, its family has no
     reference, or the sketch does not follow as many features as the family's inputs give;
@@ -87,17 +93,13 @@ def drift_report_ingest(
         reference = _reference_for(version=version)
     score = None
     if reference is not None and len(reference.get("mean") or []) == len(sketch["mean"]):
-        score = drift_score(
-            sketch=sketch,
-            reference=reference,
-            z_alert=float(settings.DRIFT_Z_ALERT),
-            psi_alert=float(settings.DRIFT_PSI_ALERT),
-            effect_min=float(settings.DRIFT_EFFECT_SIZE_MIN),
-            psi_moderate=float(settings.DRIFT_PSI_MODERATE),
-            psi_major=float(settings.DRIFT_PSI_MAJOR),
-            psi_min_samples=int(settings.DRIFT_PSI_MIN_SAMPLES),
-        )
+        score = drift_score(sketch=sketch, reference=reference, **_thresholds())
     with transaction.atomic():
+        own = None
+        judged_alone = int(settings.DRIFT_BASELINE_SAMPLES) <= 0
+        if score is not None and version is not None and reference is not None and not judged_alone:
+            own = _against_baseline(device=device, version=version, sketch=sketch, reference=reference)
+        alert = bool(score and score.alert and (judged_alone or (own is not None and own.alert)))
         return DriftReport.objects.create(
             device=device,
             version_id=version.pk if version is not None else None,
@@ -113,8 +115,39 @@ def drift_report_ingest(
             feature_psi=None if score is None else score.feature_psi,
             feature_psi_feature=None if score is None else score.feature_psi_feature,
             psi_band="" if score is None or score.psi_band is None else score.psi_band,
-            alert=bool(score and score.alert),
+            baseline_score=None if own is None else own.score,
+            baseline_effect_size=None if own is None else own.effect_size,
+            baseline_feature_psi=None if own is None else own.feature_psi,
+            alert=alert,
         )
+
+
+def _thresholds() -> dict[str, Any]:
+    return {
+        "z_alert": float(settings.DRIFT_Z_ALERT),
+        "psi_alert": float(settings.DRIFT_PSI_ALERT),
+        "effect_min": float(settings.DRIFT_EFFECT_SIZE_MIN),
+        "psi_moderate": float(settings.DRIFT_PSI_MODERATE),
+        "psi_major": float(settings.DRIFT_PSI_MAJOR),
+        "psi_min_samples": int(settings.DRIFT_PSI_MIN_SAMPLES),
+    }
+
+
+def _against_baseline(
+    *, device: Device, version: Any, sketch: dict[str, Any], reference: dict[str, Any]
+) -> DriftScore | None:
+    """The window scored against the board's baseline for the version; None while the
+    baseline is still being made (the window becomes part of it)."""
+    baseline, _ = DriftBaseline.objects.select_for_update().get_or_create(device=device, version=version)
+    if baseline.complete:
+        own = baseline_reference(baseline=baseline.sketch, reference=reference)
+        return drift_score(sketch=sketch, reference=own, **_thresholds())
+    if int(sketch["count"]) > 0:
+        baseline.sketch = sketch_merge(baseline.sketch or None, sketch)
+        baseline.windows += 1
+        baseline.complete = int(baseline.sketch["count"]) >= int(settings.DRIFT_BASELINE_SAMPLES)
+        baseline.save(update_fields=["sketch", "windows", "complete", "updated_at"])
+    return None
 
 
 def _flag_for(
@@ -241,8 +274,9 @@ INPUT_DRIFT_KEY = "input_drift_flagged"
 def input_drift_check(*, now: datetime) -> list[int]:
     """Flag versions whose inputs drifted on at least ``DRIFT_MIN_DEVICES`` boards running them.
 
-    A board counts when one of its drift reports for the version it runs alerted over the
-    last hour (an alert needs a shift both significant and large: ``drift_report_ingest``),
+    A board counts while it is in alert: its latest drift report, from the last hour, is for
+    the version it runs and alerted (an alert needs a shift both significant and large, from
+    the reference and from the board's own baseline: ``drift_report_ingest``),
     so one board cannot flag a version, and a third of a fleet can. The flag (reason
     ``input_drift``, with how many boards alerted of how many run the version and the
     median effect size) is kept apart from the feedback flag (``metrics["flagged"]``): a
@@ -252,12 +286,15 @@ def input_drift_check(*, now: datetime) -> list[int]:
     """
     from models_registry.models import ModelVersion
 
-    # Alerting reports over the hour from boards still running the version they report for.
+    # Boards in alert now: their latest report alerted, within the hour, for the version they
+    # still run. One window's alert that the next does not repeat is noise, not drift.
+    latest = DriftReport.objects.filter(device_id=OuterRef("device_id")).order_by("-window_end", "-id")
     alerting = DriftReport.objects.filter(
         alert=True,
         window_end__gte=now - timedelta(hours=1),
         version__isnull=False,
         device__running_version_id=F("version_id"),
+        pk=Subquery(latest.values("pk")[:1]),
     ).exclude(device__status=Device.Status.DECOMMISSIONED)
     rows = (
         alerting.values("version_id")

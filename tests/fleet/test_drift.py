@@ -205,6 +205,7 @@ def test_sketch_of_another_input_size_is_stored_unscored(
 
 def test_confidence_histogram_shift_alerts_by_psi(enroll: Any, make_version: Any, settings: Any) -> None:
     settings.DRIFT_PSI_MIN_SAMPLES = 100  # windows of 100 inputs are long enough here
+    settings.DRIFT_BASELINE_SAMPLES = 100  # and the first one is the board's baseline
     agent = enroll()
     version = make_version()
     _, _, x_test, _ = load_digits_split()

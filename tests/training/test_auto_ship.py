@@ -62,6 +62,21 @@ def test_inputs_drifting_on_enough_boards_flag_the_version_and_start_a_job_there
     assert drift_check() == []
 
 
+def test_a_board_whose_latest_report_no_longer_alerts_does_not_count() -> None:
+    from fleet.models import DriftReport
+    from fleet.services.drift import drift_check
+
+    fleet = make_fleet(n_devices=6)
+    _alerts(fleet, fleet.devices[:3])
+    # One of the three sent a window after its alert that is back to normal: two in alert.
+    DriftReport.objects.create(
+        device=fleet.devices[0], version=fleet.version, window_end=timezone.now(), alert=False
+    )
+    assert drift_check() == []
+    _alerts(fleet, fleet.devices[3:4])
+    assert drift_check() == [fleet.version.pk]
+
+
 def test_a_board_no_longer_running_the_version_does_not_count(
     django_capture_on_commit_callbacks: Any,
 ) -> None:
