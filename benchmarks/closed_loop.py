@@ -62,7 +62,7 @@ HEARTBEAT_S = 3.0
 WINDOWS_PER_BOARD = 240
 # Predictions per second each application makes once its history is in.
 PACE_PER_BOARD = 1.0
-WARMUP_S = 60.0
+WARMUP_S = 120.0
 # A remounted accelerometer: the axes turned (x <- -z, y <- x, z <- -y), a gain and an offset (g).
 REMOUNT = np.array([[0.0, 0.0, -1.0], [1.0, 0.0, 0.0], [0.0, -1.0, 0.0]])
 REMOUNT_GAIN = 1.25
@@ -312,9 +312,9 @@ def run(
             "DRIFT_JOB_ROUNDS": "2",
             # Shipped waves soak a minute, not the production ten, so the drill ends in minutes.
             "SHIP_SOAK_S": "60",
-            # A board's first 30 inputs on a version are its drift baseline (the warm-up
-            # gives each about 60), not the production 200, for the same reason.
-            "DRIFT_BASELINE_SAMPLES": "30",
+            # A board's first 90 inputs on a version are its drift baseline (the warm-up
+            # gives each about 100), not the production 200, for the same reason.
+            "DRIFT_BASELINE_SAMPLES": "90",
         },
     )
     result: dict[str, Any] = {"boards": boards, "drifted": drifted, "quick": quick}

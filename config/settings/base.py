@@ -345,6 +345,9 @@ DRIFT_PSI_MIN_SAMPLES = env.int("DRIFT_PSI_MIN_SAMPLES", default=500)
 # A board's first windows for a version, up to this many inputs, are its own baseline; its
 # later windows alert only when they stray from both the reference and that baseline.
 DRIFT_BASELINE_SAMPLES = env.int("DRIFT_BASELINE_SAMPLES", default=200)
+# A board's window is judged once it holds this many inputs (shorter ones are merged with
+# its next): a mean over a handful of inputs strays by chance, the largest of many features more.
+DRIFT_WINDOW_MIN_SAMPLES = env.int("DRIFT_WINDOW_MIN_SAMPLES", default=30)
 DRIFT_ACCURACY_DROP = env.float("DRIFT_ACCURACY_DROP", default=0.05)
 # A regression version is flagged when its live mae rises this much above its evaluated mae (relative).
 DRIFT_MAE_RISE = env.float("DRIFT_MAE_RISE", default=0.25)

@@ -28,8 +28,9 @@ class DriftReport(models.Model):
     feature_psi = models.FloatField(null=True, blank=True)
     feature_psi_feature = models.IntegerField(null=True, blank=True)
     psi_band = models.CharField(max_length=10, blank=True, default="", db_default="")
-    # The same shift against the board's own baseline for the version (DriftBaseline);
-    # null while the window is part of that baseline. An alert needs both.
+    # The shift of the window judged against the board's own baseline for the version
+    # (DriftBaseline); null when this report was not judged (part of the baseline, or too
+    # short and waiting for the board's next windows). An alert needs both.
     baseline_score = models.FloatField(null=True, blank=True)
     baseline_effect_size = models.FloatField(null=True, blank=True)
     baseline_feature_psi = models.FloatField(null=True, blank=True)
@@ -58,6 +59,8 @@ class DriftBaseline(models.Model):
     sketch = models.JSONField(default=dict)
     windows = models.PositiveIntegerField(default=0)
     complete = models.BooleanField(default=False)
+    # After the baseline: the board's windows too short to judge yet, merged.
+    pending = models.JSONField(default=dict)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

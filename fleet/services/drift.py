@@ -70,8 +70,11 @@ def drift_report_ingest(
     against the board's own baseline for the version (`DriftBaseline`: its first windows,
     up to ``DRIFT_BASELINE_SAMPLES`` inputs). A board whose data differs from the reference
     for good is not IID, not drifting: it alerts only once its inputs move from what they
-    were when it started running the version. Windows that make up the baseline are scored
-    against the reference and shown, and do not alert; ``DRIFT_BASELINE_SAMPLES = 0`` judges
+    were when it started running the version. Windows are judged once they hold
+    ``DRIFT_WINDOW_MIN_SAMPLES`` inputs, short ones merged with the board's next (`_judge`).
+    Every report is scored against the reference on its own and shown; the baseline numbers
+    are those of the window judged, None when the report was not judged (part of the
+    baseline, or waiting for more inputs). ``DRIFT_BASELINE_SAMPLES = 0`` judges each window
     against the reference alone.
 
     A report gets no score (and no alert) when its version is unknown, its family has no
@@ -97,9 +100,9 @@ def drift_report_ingest(
     with transaction.atomic():
         own = None
         judged_alone = int(settings.DRIFT_BASELINE_SAMPLES) <= 0
+        alert = bool(score and score.alert and judged_alone)
         if score is not None and version is not None and reference is not None and not judged_alone:
-            own = _against_baseline(device=device, version=version, sketch=sketch, reference=reference)
-        alert = bool(score and score.alert and (judged_alone or (own is not None and own.alert)))
+            alert, own = _judge(device=device, version=version, sketch=sketch, reference=reference)
         return DriftReport.objects.create(
             device=device,
             version_id=version.pk if version is not None else None,
@@ -133,21 +136,39 @@ def _thresholds() -> dict[str, Any]:
     }
 
 
-def _against_baseline(
+def _judge(
     *, device: Device, version: Any, sketch: dict[str, Any], reference: dict[str, Any]
-) -> DriftScore | None:
-    """The window scored against the board's baseline for the version; None while the
-    baseline is still being made (the window becomes part of it)."""
+) -> tuple[bool, DriftScore | None]:
+    """The verdict on the board's window (alert, and its score against the baseline).
+
+    While the board's baseline for the version is being made, the window becomes part of
+    it (no verdict). After, a window of fewer than ``DRIFT_WINDOW_MIN_SAMPLES`` inputs waits
+    for the board's next ones: a mean over a handful of inputs strays by chance, and the
+    largest of a hundred features' strays more. The window that brings them to that many
+    is judged, merged with them, against the reference and against the baseline.
+    """
     baseline, _ = DriftBaseline.objects.select_for_update().get_or_create(device=device, version=version)
-    if baseline.complete:
-        own = baseline_reference(baseline=baseline.sketch, reference=reference)
-        return drift_score(sketch=sketch, reference=own, **_thresholds())
-    if int(sketch["count"]) > 0:
+    if int(sketch["count"]) == 0:
+        return False, None
+    if not baseline.complete:
         baseline.sketch = sketch_merge(baseline.sketch or None, sketch)
         baseline.windows += 1
         baseline.complete = int(baseline.sketch["count"]) >= int(settings.DRIFT_BASELINE_SAMPLES)
         baseline.save(update_fields=["sketch", "windows", "complete", "updated_at"])
-    return None
+        return False, None
+    window = sketch_merge(baseline.pending or None, sketch)
+    if int(window["count"]) < int(settings.DRIFT_WINDOW_MIN_SAMPLES):
+        baseline.pending = window
+        baseline.save(update_fields=["pending", "updated_at"])
+        return False, None
+    if baseline.pending:
+        baseline.pending = {}
+        baseline.save(update_fields=["pending", "updated_at"])
+    thresholds = _thresholds()
+    against_reference = drift_score(sketch=window, reference=reference, **thresholds)
+    own = baseline_reference(baseline=baseline.sketch, reference=reference)
+    against_baseline = drift_score(sketch=window, reference=own, **thresholds)
+    return against_reference.alert and against_baseline.alert, against_baseline
 
 
 def _flag_for(

@@ -22,7 +22,9 @@ experiment, is left alone (the rollout or experiment brings it where it should b
 device in several groups with releases gets the release set most recently. A release its
 group may no longer take (the version was archived or rejected since) is skipped, never
 forced: ``fleet.services.stages`` gates a release like any other assignment, when it is
-set and again when it is applied.
+set and again when it is applied. A board that cannot run the version's ONNX graph
+(`fleet.rollouts.compat`: its ONNX Runtime or RAM, as it reported them) keeps what it
+runs, as a rollout would hold it back (audited ``device.release_held`` with the reason).
 
 When a succeeded rollout is rolled back, the groups it released fall back to the release
 they had before it (``rollout_rolled_back``).
@@ -40,6 +42,7 @@ from core.api import ConflictError, NotFoundError, ServiceError
 from core.audit.services import actor_label, audit_record
 from core.events import emit
 from fleet.models import Deployment, Device, DeviceGroup, GroupReleaseChange
+from fleet.rollouts.compat import cannot_run, explain
 from fleet.selectors.devices import device_group_ids
 from fleet.services.deployments import deployment_open
 from fleet.services.stages import check_deployable
@@ -160,6 +163,18 @@ def group_release_set(
 
 def _target(group: DeviceGroup) -> str:
     return f"group {group.name}" + (" (a canary group)" if group.canary else " (not a canary group)")
+
+
+def _cannot_run(*, device: Device, version: Any) -> str:
+    """Why the board cannot run the version's ONNX graph, in words ("" when it can)."""
+    from models_registry.models import Artifact
+
+    onnx = Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).values("opset", "size").first()
+    if onnx is None:
+        return "the version has no ONNX artifact, which is what devices install"
+    facts = {"status": device.status, "ram_mb": device.ram_mb, "hardware": device.hardware}
+    code = cannot_run(facts=facts, opset=onnx["opset"], onnx_bytes=int(onnx["size"] or 0))
+    return explain(code, opset=onnx["opset"], onnx_bytes=int(onnx["size"] or 0)) if code else ""
 
 
 def rollout_succeeded(*, rollout: Any) -> DeviceGroup | None:
@@ -307,6 +322,17 @@ def device_release_apply(
             check_deployable(version=version, canary=group.canary, target=_target(group))
         except ConflictError as exc:
             log.warning("release of %s not applied to device %s: %s", group, device.pk, exc)
+            return None
+        reason = _cannot_run(device=device, version=version)
+        if reason:
+            # The board stays on what it runs, as a rollout would hold it back.
+            log.warning("release of %s not applied to device %s: %s", group, device.pk, reason)
+            audit_record(
+                actor=None,
+                action="device.release_held",
+                target=device,
+                data={"group": group.pk, "version": version.pk, "trigger": trigger, "reason": reason},
+            )
             return None
     with transaction.atomic():
         Device.objects.filter(pk=device.pk).update(desired_version_id=version.pk)

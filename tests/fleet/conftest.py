@@ -73,7 +73,9 @@ def enroll(make_token: Any, client: Any) -> Any:
 
     counter = {"n": 0}
 
-    def do(*, tags: list[str] | None = None, **token_kwargs: Any) -> Agent:
+    def do(
+        *, tags: list[str] | None = None, hardware: dict[str, Any] | None = None, **token_kwargs: Any
+    ) -> Agent:
         counter["n"] += 1
         _, token = make_token(**token_kwargs)
         response = client.post(
@@ -82,7 +84,7 @@ def enroll(make_token: Any, client: Any) -> Any:
                 {
                     "token": token,
                     "name": f"board-{counter['n']}",
-                    "hardware": {"arch": "aarch64", "cores": 4},
+                    "hardware": {"arch": "aarch64", "cores": 4, **(hardware or {})},
                     "tags": tags or [],
                 }
             ),

@@ -125,3 +125,22 @@ def test_merged_sketches_equal_the_sketch_of_all_their_inputs() -> None:
     expected = np.asarray(_sketch(a, bins)["feature_hist"]) + np.asarray(_sketch(b, bins)["feature_hist"])
     assert merged["bins_etag"] == "e1" and np.array_equal(merged["feature_hist"], expected)
     assert sketch_merge(merged, {**_sketch(a[:0])}) is merged  # an empty window changes nothing
+
+
+def test_short_windows_wait_for_the_boards_next_and_are_judged_together(
+    enroll: Any, version: Any, settings: Any
+) -> None:
+    settings.DRIFT_BASELINE_SAMPLES = 200
+    settings.DRIFT_WINDOW_MIN_SAMPLES = 100
+    agent = enroll()
+    rng = np.random.default_rng(5)
+    _post(agent, version, rng.normal(size=(200, FEATURES)))  # the baseline
+    moved = lambda: rng.normal(loc=1.5, size=(40, FEATURES))  # noqa: E731
+    first, second = _post(agent, version, moved()), _post(agent, version, moved())
+    for answer in (first, second):  # scored on their own against the reference, not judged
+        assert answer["effect_size"] > 1.0 and answer["baseline_score"] is None and not answer["alert"]
+    pending = DriftBaseline.objects.get(device=agent.device, version=version).pending
+    assert pending["count"] == 80
+    third = _post(agent, version, moved())  # 120 inputs: judged, the three together
+    assert third["alert"] is True and third["baseline_effect_size"] > 1.0
+    assert DriftBaseline.objects.get(device=agent.device, version=version).pending == {}

@@ -103,6 +103,24 @@ def test_token_tags_that_select_a_group_give_its_release(
     assert [r["version"]["id"] for r in rows] == [version.pk]
 
 
+def test_a_board_that_cannot_run_the_release_keeps_what_it_runs(make_version: Any, enroll: Any) -> None:
+    from models_registry.models import Artifact
+
+    version = make_version()
+    onnx = Artifact.objects.get(version=version, kind=Artifact.Kind.ONNX)
+    group = DeviceGroup.objects.create(name="field")
+    group_release_set(actor=None, group_id=group.pk, version_id=version.pk)
+    # Its ONNX Runtime predates the graph's opset: it is held back, and the audit says why.
+    assert onnx.opset is not None and onnx.opset > 11
+    old = enroll(group=group, hardware={"extra": {"onnxruntime": "1.5.0"}})
+    assert _desired_in_first_heartbeat(old) is None
+    held = AuditEvent.objects.get(action="device.release_held", target_id=str(old.device.pk))
+    assert held.data["version"] == version.pk and f"opset {onnx.opset}" in held.data["reason"]
+    # Its peer with a current ONNX Runtime gets the release.
+    peer = enroll(group=group, hardware={"extra": {"onnxruntime": "1.20.1"}})
+    assert _desired_in_first_heartbeat(peer)["version_id"] == version.pk
+
+
 def test_operator_clears_the_release(operator_client: Any, make_version: Any, enroll: Any) -> None:
     version = make_version()
     group = DeviceGroup.objects.create(name="lab")
