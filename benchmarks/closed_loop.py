@@ -739,6 +739,13 @@ def _shadow_failed(rollout_id: int) -> bool:
     return RolloutDecision.objects.filter(rollout_id=rollout_id, action="shadow_failed").exists()
 
 
+def _share(value: Any) -> str:
+    """An (accuracy, samples) pair as "0.991 (n=1165)"; "-" when there is none."""
+    if not value or value[0] is None:
+        return "-"
+    return f"{float(value[0]):.3f} (n={int(value[1])})"
+
+
 def table(r: dict[str, Any]) -> str:
     """The run's table (markdown, as the README shows it)."""
     rows = [
@@ -748,6 +755,27 @@ def table(r: dict[str, Any]) -> str:
             f"{r.get('alerted_drifted')} / {r.get('alerted_elsewhere')}",
         ),
         ("loop closed (promoted, every board on it)", str(r.get("loop_closed"))),
+        (
+            "accuracy on remounted boards: v1 before / v1 after / promoted",
+            " / ".join(
+                _share(v)
+                for v in (
+                    (r.get("v1_accuracy") or {}).get("before", {}).get("drifted"),
+                    (r.get("v1_accuracy") or {}).get("drifted_after"),
+                    r.get("good_accuracy_drifted"),
+                )
+            ),
+        ),
+        (
+            "accuracy on the other boards: v1 before / promoted",
+            " / ".join(
+                _share(v)
+                for v in (
+                    (r.get("v1_accuracy") or {}).get("before", {}).get("steady"),
+                    r.get("good_accuracy_steady"),
+                )
+            ),
+        ),
         ("loop minutes (injection -> promotion)", str(r.get("loop_minutes"))),
         ("good promoted", str(r.get("good_promoted"))),
         ("bad stopped in", str(r.get("bad_stopped_in"))),
