@@ -208,7 +208,15 @@ class Deployment(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["origin_type", "origin_id", "state"], name="deployment_origin")]
+        indexes = [
+            models.Index(fields=["origin_type", "origin_id", "state"], name="deployment_origin"),
+            # The overview's alerts: the latest failures, read newest first without a sort.
+            models.Index(
+                fields=["-updated_at", "-id"],
+                name="deployment_failed_recent",
+                condition=models.Q(state__in=["failed", "rolled_back"]),
+            ),
+        ]
 
 
 class DeploymentEvent(models.Model):
