@@ -33,7 +33,8 @@ def create(apps: Any, schema_editor: Any) -> None:
     except DatabaseError:
         return
     schema_editor.execute(
-        f"CREATE INDEX IF NOT EXISTS {NAME_INDEX} ON fleet_device USING gin ((upper(name::text)) gin_trgm_ops)"
+        f"CREATE INDEX IF NOT EXISTS {NAME_INDEX} ON fleet_device "
+        "USING gin ((upper(name::text)) gin_trgm_ops)"
     )
 
 
