@@ -107,12 +107,14 @@ class Device(models.Model):
         "fleet.EnrollmentToken", null=True, blank=True, on_delete=models.SET_NULL, related_name="devices"
     )
 
+    # Indexed first in `device_tally`, which serves the foreign key's lookups too.
     running_version = models.ForeignKey(
         "models_registry.ModelVersion",
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
         related_name="running_on",
+        db_index=False,
     )
     desired_version = models.ForeignKey(
         "models_registry.ModelVersion",
@@ -135,7 +137,12 @@ class Device(models.Model):
 
     class Meta:
         ordering = ["name", "id"]
-        indexes = [models.Index(fields=["status", "name"], name="device_status_name")]
+        indexes = [
+            models.Index(fields=["status", "name"], name="device_status_name"),
+            # Covers the overview's one grouped count of the fleet (frontend.selectors.device_tally),
+            # which then reads this index alone instead of every device row.
+            models.Index(fields=["running_version", "deployment_state", "status"], name="device_tally"),
+        ]
 
     def __str__(self) -> str:
         return self.name
@@ -208,7 +215,15 @@ class Deployment(models.Model):
 
     class Meta:
         ordering = ["-created_at", "-id"]
-        indexes = [models.Index(fields=["origin_type", "origin_id", "state"], name="deployment_origin")]
+        indexes = [
+            models.Index(fields=["origin_type", "origin_id", "state"], name="deployment_origin"),
+            # The overview's alerts: the latest failures, read newest first without a sort.
+            models.Index(
+                fields=["-updated_at", "-id"],
+                name="deployment_failed_recent",
+                condition=models.Q(state__in=["failed", "rolled_back"]),
+            ),
+        ]
 
 
 class DeploymentEvent(models.Model):

@@ -9,20 +9,46 @@ from datetime import datetime, time
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from django.db.models import Q, QuerySet
+from django.db import connection
+from django.db.models import Exists, JSONField, OuterRef, Q, QuerySet, TextField, Value
+from django.db.models.fields.json import DataContains
+from django.db.models.functions import Cast, Lower
 
 from devices_agent.wire import TIME_VARYING_POLICY_FIELDS, Policy
 from fleet.models import Deployment, Device, DeviceGroup, GroupReleaseChange, UpdatePolicy
 
+# Tags match case-insensitively. On PostgreSQL a device's tags are compared lower-cased, as
+# JSON (`@>`, containment of one element), on an expression with a GIN index of its own
+# (migration 0016): lower-casing JSON text keeps it valid JSON, since JSON's own words and
+# escapes are lower case or hexadecimal. The expression here must stay the index's.
+FOLDED_TAGS = Cast(Lower(Cast("tags", TextField())), JSONField())
+
 
 def tag_q(tag: str) -> Q:
-    """Devices carrying `tag`.
+    """Devices carrying `tag`, in any case.
 
-    JSON containment (`tags__contains`) does not exist on SQLite, so this matches the
-    quoted tag inside the JSON text; tags are restricted to `[A-Za-z0-9_.:=/-]` when
-    written, so a quoted tag can only match a whole element (case-insensitively).
+    PostgreSQL: JSON containment on the lower-cased tags (the GIN index's expression).
+    Elsewhere (SQLite has no JSON containment) the quoted tag is matched inside the JSON
+    text; tags are restricted to `[A-Za-z0-9_.:=/-]` when written, so a quoted tag can
+    only match a whole element.
     """
+    if connection.vendor == "postgresql":
+        return Q(DataContains(FOLDED_TAGS, Value([tag.lower()], output_field=JSONField())))
     return Q(tags__icontains=json.dumps(tag))
+
+
+def group_q(group: DeviceGroup) -> Q:
+    """Devices in `group`: static members (one index probe per device, no join that could
+    repeat a device) and every device carrying all of the group's selector tags."""
+    through = Device.groups.through
+    condition = Q(Exists(through.objects.filter(device_id=OuterRef("pk"), devicegroup_id=group.pk)))
+    selector = [str(t) for t in (group.tag_selector or []) if t]
+    if selector:
+        tagged = Q()
+        for tag in selector:
+            tagged &= tag_q(tag)
+        condition |= tagged
+    return condition
 
 
 def device_list(*, filters: Mapping[str, Any] | None = None) -> QuerySet[Device]:
@@ -52,20 +78,13 @@ def device_list(*, filters: Mapping[str, Any] | None = None) -> QuerySet[Device]
         group = group or DeviceGroup.objects.filter(name=key).first()
         if group is None:
             return qs.none()
-        qs = qs.filter(pk__in=group_members(group=group).values("pk"))
+        qs = qs.filter(group_q(group))
     return qs
 
 
 def group_members(*, group: DeviceGroup) -> QuerySet[Device]:
     """Static members plus every device carrying all of the group's selector tags."""
-    condition = Q(groups=group)
-    selector = [str(t) for t in (group.tag_selector or []) if t]
-    if selector:
-        tagged = Q()
-        for tag in selector:
-            tagged &= tag_q(tag)
-        condition |= tagged
-    return Device.objects.filter(pk__in=Device.objects.filter(condition).values("pk"))
+    return Device.objects.filter(group_q(group))
 
 
 GroupPolicyTable = list[tuple[int, frozenset[str], int]]

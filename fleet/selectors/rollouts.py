@@ -12,7 +12,7 @@ from django.db.models import Aggregate, Count, FloatField, Q, QuerySet, Sum
 
 from fleet.models import Device, DeviceGroup, MetricSample, Rollout, RolloutDecision, RolloutDevice
 from fleet.rollouts.gates import RAW_METRICS, DeviceSummary
-from fleet.selectors.devices import group_members, tag_q
+from fleet.selectors.devices import group_q, tag_q
 
 
 def target_devices(
@@ -22,7 +22,7 @@ def target_devices(
     all `tags`, and explicit ids; decommissioned devices are never targeted."""
     condition = Q(pk__in=[])
     if group is not None:
-        condition |= Q(pk__in=group_members(group=group).values("pk"))
+        condition |= group_q(group)
     tag_list = [str(t) for t in tags if t]
     if tag_list:
         tagged = Q()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import wraps
+from functools import cached_property, wraps
 from typing import Any, TypeVar
 
 from django.contrib.auth.decorators import login_required
+from django.core.paginator import Page, Paginator
+from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseForbidden
 from django.shortcuts import render
 from django.urls import reverse
@@ -97,3 +99,39 @@ def int_or_none(value: Any) -> int | None:
         return int(value)
     except (TypeError, ValueError):
         return None
+
+
+class CappedPaginator(Paginator):
+    """Counts at most `lookahead` rows past the start of the page asked for.
+
+    A count of every matching row costs a scan of them all on a large fleet; this one reads
+    no more rows than the page's own offset does, plus the lookahead. ``exact`` is False
+    when more rows were left uncounted (the page shows "N+"); pages past the counted ones
+    are reached by asking for them, each counting its own lookahead.
+    """
+
+    def __init__(self, object_list: QuerySet[Any], per_page: int, *, number: int, lookahead: int) -> None:
+        super().__init__(object_list, per_page)
+        self.queryset = object_list
+        self.limit = (number - 1) * per_page + lookahead
+
+    @cached_property
+    def counted(self) -> int:
+        """Matching rows, counted up to one past the limit."""
+        return int(self.queryset.order_by().values("pk")[: self.limit + 1].count())
+
+    @cached_property
+    def count(self) -> int:
+        return min(self.counted, self.limit)
+
+    @property
+    def exact(self) -> bool:
+        return self.counted <= self.limit
+
+
+def capped_page(queryset: QuerySet[Any], *, per_page: int, number: Any, lookahead: int) -> Page:
+    """The page `number` (any input: not a positive number means the first page) of
+    `queryset`, counted by a CappedPaginator; past the last page, the last page."""
+    wanted = int_or_none(number)
+    wanted = wanted if wanted is not None and 0 < wanted <= 1_000_000 else 1
+    return CappedPaginator(queryset, per_page, number=wanted, lookahead=lookahead).get_page(wanted)

@@ -23,9 +23,11 @@ from fleet.services.enrollment import enrollment_token_create, enrollment_token_
 from fleet.services.releases import group_release_set
 from frontend import selectors
 from frontend.events import topic_for
-from frontend.views.base import action, int_or_none, page, remote_addr, render_page
+from frontend.views.base import action, capped_page, int_or_none, page, remote_addr, render_page
 
 DEVICES_PER_PAGE = 50
+# How many devices past a page's start the list counts: twenty pages ahead.
+DEVICE_COUNT_LOOKAHEAD = 1000
 DEVICE_FILTERS = ("status", "group", "tag", "version", "search")
 
 
@@ -46,8 +48,9 @@ def devices(request: HttpRequest) -> HttpResponse:
     if filters["version"] and int_or_none(filters["version"]) is None:
         filters["version"] = ""
     queryset = device_list(filters={k: v for k, v in filters.items() if v})
-    paginator = Paginator(queryset, DEVICES_PER_PAGE)
-    page_obj = paginator.get_page(request.GET.get("page"))
+    page_obj = capped_page(
+        queryset, per_page=DEVICES_PER_PAGE, number=request.GET.get("page"), lookahead=DEVICE_COUNT_LOOKAHEAD
+    )
     query = request.GET.copy()
     query.pop("page", None)
     return render_page(
