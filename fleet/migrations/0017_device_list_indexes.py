@@ -50,7 +50,7 @@ def drop(apps: Any, schema_editor: Any) -> None:
 
 class Migration(migrations.Migration):
     dependencies = [
-        ("fleet", "0015_rollout_shadow_phase"),
+        ("fleet", "0016_drift_baseline"),
     ]
 
     operations = [
