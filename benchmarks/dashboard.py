@@ -13,7 +13,7 @@ What it does, in one process:
 3. grows the fleet to ``--devices`` devices (bulk_create in batches, each board with its
    example counts and training backends) with ``--samples`` metric samples (most
    devices ~100 samples, the device the detail page shows a full day: 5,000 per
-   metric), deployments, commands, and a federated job of 50 rounds judged by accuracy
+   metric), a drift report per device (one in five in alert), deployments, commands, and a federated job of 50 rounds judged by accuracy
    with 20 client updates each (backend and holdout numbers) and a final evaluation
    round on the boards;
 4. measures each page through Django's test client in this process (the whole
@@ -91,7 +91,7 @@ def _seed_base() -> dict[str, Any]:
 def _add_devices(base: dict[str, Any], *, start: int, count: int) -> list[Any]:
     from django.utils import timezone
 
-    from fleet.models import Deployment, Device
+    from fleet.models import Deployment, Device, DriftReport
 
     now = timezone.now()
     rng = random.Random(start)
@@ -116,12 +116,22 @@ def _add_devices(base: dict[str, Any], *, start: int, count: int) -> list[Any]:
                     "training_backends": rng.choice([["torch"], ["torch", "ort"], ["ort"], []]),
                 },
                 hardware={"python": "3.11.2"},
+                # Every board reports drift; one in five is in alert (what ingest keeps here).
+                drift_alert=(start + i) % 5 == 0,
+                drift_window_end=now,
             )
             for i in range(offset, min(offset + BATCH, count))
         ]
         Device.objects.bulk_create(rows, batch_size=BATCH)
         through.objects.bulk_create(
             [through(device_id=d.pk, devicegroup_id=base["groups"][i % 10].pk) for i, d in enumerate(rows)],
+            batch_size=BATCH,
+        )
+        DriftReport.objects.bulk_create(
+            [
+                DriftReport(device=d, version=d.running_version, window_end=now, alert=bool(d.drift_alert))
+                for d in rows
+            ],
             batch_size=BATCH,
         )
         Deployment.objects.bulk_create(

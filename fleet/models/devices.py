@@ -98,6 +98,10 @@ class Device(models.Model):
     tags = models.JSONField(default=list, blank=True)
     # What the agent last said about itself (battery, charging, idle, local examples...).
     state = models.JSONField(default=dict, blank=True)
+    # The verdict of the device's latest drift report (None: no report yet) and its window's
+    # end, kept here so that counts of devices in alert read the device table alone.
+    drift_alert = models.BooleanField(null=True, blank=True, db_index=True)
+    drift_window_end = models.DateTimeField(null=True, blank=True)
 
     groups = models.ManyToManyField(DeviceGroup, blank=True, related_name="static_devices")
     policy = models.ForeignKey(

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Avg, Count, F, OuterRef, Subquery
+from django.db.models import Avg, Count, F, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from core.events import emit
@@ -103,7 +103,7 @@ def drift_report_ingest(
         alert = bool(score and score.alert and judged_alone)
         if score is not None and version is not None and reference is not None and not judged_alone:
             alert, own = _judge(device=device, version=version, sketch=sketch, reference=reference)
-        return DriftReport.objects.create(
+        report = DriftReport.objects.create(
             device=device,
             version_id=version.pk if version is not None else None,
             window_start=window_start,
@@ -123,6 +123,16 @@ def drift_report_ingest(
             baseline_feature_psi=None if own is None else own.feature_psi,
             alert=alert,
         )
+        device_drift_latest(device_id=device.pk, alert=alert, window_end=window_end)
+        return report
+
+
+def device_drift_latest(*, device_id: Any, alert: bool, window_end: datetime) -> None:
+    """Keep the device's latest verdict on its row, unless a later window already gave one
+    (a window re-sent late does not overwrite a newer verdict)."""
+    Device.objects.filter(pk=device_id).filter(
+        Q(drift_window_end__isnull=True) | Q(drift_window_end__lte=window_end)
+    ).update(drift_alert=alert, drift_window_end=window_end)
 
 
 def _thresholds() -> dict[str, Any]:

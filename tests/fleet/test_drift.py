@@ -14,7 +14,8 @@ from devices_agent.data import load_digits_split
 from devices_agent.drift import DriftSketch
 from fleet.drift import drift_score, psi, psi_band
 from fleet.models import DeviceGroup, DriftReport, MetricSample
-from fleet.services.drift import drift_check
+from fleet.selectors.drift import drift_reporting_groups
+from fleet.services.drift import device_drift_latest, drift_check
 
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
 
@@ -259,15 +260,34 @@ def test_group_summary_counts_devices_in_alert(enroll: Any, operator_client: Any
     for agent in agents:
         agent.device.groups.add(group)
     now = timezone.now()
-    DriftReport.objects.create(device=agents[0].device, window_end=now - timedelta(minutes=5), alert=False)
-    DriftReport.objects.create(device=agents[0].device, window_end=now, alert=True)
-    DriftReport.objects.create(device=agents[1].device, window_end=now, alert=False)
+    # Reports in the order they arrive; the first device's older window comes last.
+    for device, end, alert in (
+        (agents[0].device, now, True),
+        (agents[1].device, now, False),
+        (agents[0].device, now - timedelta(minutes=5), False),
+    ):
+        DriftReport.objects.create(device=device, window_end=end, alert=alert)
+        device_drift_latest(device_id=device.pk, alert=alert, window_end=end)
     response = operator_client.get(f"/api/v1/drift/?group={group.pk}")
     assert response.status_code == 200, response.content
     [entry] = response.json()["groups"]
     assert entry["devices"] == 3 and entry["reporting"] == 2 and entry["alerting"] == 1
     assert entry["alert_share"] == pytest.approx(0.5)
     assert entry["alert_devices"] == [str(agents[0].device.pk)]
+    # The overview's counts, from the same rows in SQL.
+    [counted] = [g for g in drift_reporting_groups() if g["group_id"] == group.pk]
+    assert (counted["reporting"], counted["alerting"]) == (2, 1)
+
+
+def test_ingest_keeps_the_latest_verdict_on_the_device(enroll: Any, make_version: Any) -> None:
+    agent = enroll()
+    now = timezone.now()
+    empty = {"count": 0, "mean": [0.0] * 64, "m2": [0.0] * 64, "confidence_hist": [0] * 10}
+    for end in (now, now - timedelta(minutes=10)):  # the second is an older window, re-sent late
+        response = agent.post("drift", {**empty, "window_end": end.isoformat()})
+        assert response.status_code == 200, response.content
+    device = agent.refresh()
+    assert device.drift_alert is False and device.drift_window_end == now
 
 
 def test_the_board_gets_the_reference_bins_and_its_binned_counts_give_feature_psi(

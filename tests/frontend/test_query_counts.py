@@ -48,11 +48,14 @@ def seed_drift(devices: list[Any], version: Any) -> None:
     from django.utils import timezone
 
     from fleet.models import DriftReport, MetricSample
+    from fleet.services.drift import device_drift_latest
 
     now = timezone.now()
     DriftReport.objects.bulk_create(
         [DriftReport(device=d, window_end=now, alert=i % 2 == 0, score=0.5) for i, d in enumerate(devices)]
     )
+    for i, d in enumerate(devices):  # what ingest keeps on the device row
+        device_drift_latest(device_id=d.pk, alert=i % 2 == 0, window_end=now)
     MetricSample.objects.bulk_create(
         [
             MetricSample(device=d, version=version, name=name, value=value, ts=now)
