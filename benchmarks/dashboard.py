@@ -13,9 +13,9 @@ What it does, in one process:
 3. grows the fleet to ``--devices`` devices (bulk_create in batches, each board with its
    example counts and training backends) with ``--samples`` metric samples (most
    devices ~100 samples, the device the detail page shows a full day: 5,000 per
-   metric), a drift report per device (one in five in alert), deployments, commands, and a federated job of 50 rounds judged by accuracy
-   with 20 client updates each (backend and holdout numbers) and a final evaluation
-   round on the boards;
+   metric), a drift report per device (one in five in alert), deployments, commands,
+   and a federated job of 50 rounds judged by accuracy with 20 client updates each
+   (backend and holdout numbers) and a final evaluation round on the boards;
 4. measures each page through Django's test client in this process (the whole
    middleware stack, session authentication, template rendering; no network): warm-up
    requests, then ``--repeats`` timed requests; p50 and p95 of the wall time, and the
