@@ -12,6 +12,7 @@ from typing import Any
 from django.db import connection
 from django.db.models import Avg, Count, Exists, IntegerField, OuterRef, QuerySet
 from django.db.models.expressions import RawSQL
+from django.utils.dateparse import parse_datetime
 
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, MetricSample
 from frontend.charts import downsample, line_spec
@@ -289,12 +290,13 @@ def _version_outcomes(version_ids: list[int]) -> dict[int, dict[str, Any]]:
 
 def overview_drift() -> dict[str, Any]:
     """The overview's drift and personalisation panels: per group, a constant number of queries."""
-    from fleet.selectors.drift import drift_reporting_groups
+    from fleet.selectors.drift import drift_groups_counted
     from fleet.selectors.personalisation import personalisation_summary
 
-    groups = drift_reporting_groups()
+    counted = drift_groups_counted()
     return {
-        "drift_groups": groups,
+        "drift_groups": counted["groups"],
+        "drift_counted_at": parse_datetime(counted["at"]) if counted["at"] else None,
         "flagged": flagged_versions(),
         "personal_groups": personalisation_summary()["groups"],
     }

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 from collections.abc import Iterator
@@ -8,6 +9,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_drift_counts() -> Iterator[None]:
+    """Beat's drift counts live in the shared cache; one test's are not another's."""
+    yield
+    from django.core.cache import cache
+
+    from fleet.selectors.drift import DRIFT_GROUPS_CACHE_KEY
+
+    # A test that stopped the cache has nothing cached.
+    with contextlib.suppress(Exception):
+        cache.delete(DRIFT_GROUPS_CACHE_KEY)
 
 
 @pytest.fixture

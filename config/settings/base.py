@@ -270,6 +270,8 @@ TASK_QUEUES: dict[str, tuple[str, ...]] = {
 }
 CELERY_TASK_ROUTES = {task: {"queue": queue} for queue, tasks in TASK_QUEUES.items() for task in tasks}
 CELERY_IMPORTS = ("core.tasks",)
+# How often beat checks drift: flags, and the per-group counts pages read.
+DRIFT_CHECK_S = env.float("DRIFT_CHECK_S", default=60.0)
 CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "fleet-mark-offline": {
         "task": "fleet.devices_mark_offline",
@@ -301,7 +303,7 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     },
     "fleet-drift-check": {
         "task": "fleet.drift_check",
-        "schedule": timedelta(seconds=env.float("DRIFT_CHECK_S", default=60.0)),
+        "schedule": timedelta(seconds=DRIFT_CHECK_S),
     },
     "fleet-metrics-rollup": {
         "task": "fleet.metrics_rollup",

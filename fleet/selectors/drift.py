@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.core.cache import cache
 from django.db.models import Count, OuterRef, Q, Subquery
 
 from fleet.models import Device, DriftReport
@@ -51,6 +52,26 @@ def drift_reporting_groups() -> list[dict[str, Any]]:
         entry.update(devices=row["reporting"], reporting=row["reporting"], alerting=row["alerting"])
         summary[row["groups__id"]] = entry
     return _shares(summary)
+
+
+# Where beat's drift check leaves the counts of `drift_reporting_groups` for pages to read.
+DRIFT_GROUPS_CACHE_KEY = "drift:reporting-groups"
+
+
+def drift_groups_counted() -> dict[str, Any]:
+    """The counts of :func:`drift_reporting_groups` as beat's drift check last left them.
+
+    ``{"groups": [...], "at": ISO time or None}``. A count over every reporting board costs
+    a join of the whole fleet (a fifth of a second at 100,000 boards), so pages read the
+    one beat makes every ``DRIFT_CHECK_S``; with none there yet (or no cache) they count now.
+    """
+    try:
+        counted = cache.get(DRIFT_GROUPS_CACHE_KEY)
+    except Exception:  # noqa: BLE001 - a cache that is down costs a count, not the page
+        counted = None
+    if isinstance(counted, dict) and isinstance(counted.get("groups"), list):
+        return counted
+    return {"groups": drift_reporting_groups(), "at": None}
 
 
 def _entry(group_id: int | None, name: str | None) -> dict[str, Any]:

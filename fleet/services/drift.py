@@ -5,6 +5,7 @@ the median of the devices' own means."""
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +20,8 @@ from core.events import emit
 from devices_agent.drift import drift_features
 from fleet.drift import DriftScore, baseline_reference, drift_score, sketch_merge
 from fleet.models import Device, DriftBaseline, DriftReport, MetricSample
+
+log = logging.getLogger(__name__)
 
 # The feedback metric of each task, and the task it belongs to.
 FEEDBACK_METRICS = {"correct": "classification", "abs_error": "regression"}
@@ -296,7 +299,22 @@ def drift_check(*, now: datetime | None = None) -> list[int]:
             emit("model.flagged", {"version_id": version.pk, **flag})
             flagged.append(version.pk)
     flagged.extend(input_drift_check(now=now))
+    drift_groups_count(now=now)
     return flagged
+
+
+def drift_groups_count(*, now: datetime) -> None:
+    """Count the devices reporting and in alert per group, for pages to read
+    (`fleet.selectors.drift.drift_groups_counted`); kept for three checks' time."""
+    from django.core.cache import cache
+
+    from fleet.selectors.drift import DRIFT_GROUPS_CACHE_KEY, drift_reporting_groups
+
+    counted = {"groups": drift_reporting_groups(), "at": now.isoformat()}
+    try:
+        cache.set(DRIFT_GROUPS_CACHE_KEY, counted, timeout=3 * float(settings.DRIFT_CHECK_S))
+    except Exception:  # noqa: BLE001 - without a cache, pages count for themselves
+        log.warning("drift counts not cached", exc_info=True)
 
 
 INPUT_DRIFT_KEY = "input_drift_flagged"

@@ -479,3 +479,23 @@ def test_device_minimums_are_settings(make_version: Any, settings: Any) -> None:
     assert drift_check() == []
     settings.DRIFT_MIN_SAMPLES_PER_DEVICE = 100
     assert drift_check() == [version.pk]
+
+
+def test_pages_read_the_counts_beat_made_and_count_themselves_without_them(enroll: Any) -> None:
+    from django.core.cache import cache
+
+    from fleet.selectors.drift import DRIFT_GROUPS_CACHE_KEY, drift_groups_counted
+
+    group = DeviceGroup.objects.create(name="yard")
+    agent = enroll()
+    agent.device.groups.add(group)
+    now = timezone.now()
+    device_drift_latest(device_id=agent.device.pk, alert=True, window_end=now)
+    fresh = drift_groups_counted()  # nothing counted by beat yet: counted now
+    assert fresh["at"] is None and [(g["group"], g["alerting"]) for g in fresh["groups"]] == [("yard", 1)]
+    drift_check(now=now)
+    device_drift_latest(device_id=agent.device.pk, alert=False, window_end=now + timedelta(minutes=1))
+    counted = drift_groups_counted()  # beat's counts, until its next check
+    assert counted["at"] == now.isoformat() and counted["groups"][0]["alerting"] == 1
+    cache.delete(DRIFT_GROUPS_CACHE_KEY)
+    assert drift_groups_counted()["groups"][0]["alerting"] == 0
