@@ -14,7 +14,8 @@ entry of a pending, offline or decommissioned board (a refused request of one: t
 added before the body is read) changes nothing. A chunk the database refused goes back into
 the set. Beat runs it
 every ``LIVENESS_FLUSH_S``, and ``devices_mark_offline`` runs it first, so the offline
-marking and the status counts built on it see every heartbeat the buffer holds.
+marking and the status counts built on it see every heartbeat the buffer holds; the
+`last_seen` the device list shows lags by at most that period.
 
 When Redis cannot be reached the heartbeat writes `last_seen` itself, as it did before the
 buffer (at most every ``HEARTBEAT_LAST_SEEN_WRITE_S``); when the flush cannot reach it,
@@ -34,7 +35,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from core.ratelimit import redis_client, redis_key
 from fleet.models import Device
 
-__all__ = ["LivenessUnavailable", "liveness_flush", "liveness_pending", "liveness_queue"]
+__all__ = ["LivenessUnavailable", "liveness_flush", "liveness_queue"]
 
 log = logging.getLogger(__name__)
 
@@ -113,19 +114,3 @@ def liveness_flush(*, chunk: int = FLUSH_CHUNK) -> int:
             client.zadd(key, dict(entries), gt=True)
             raise
     return written
-
-
-def liveness_pending(device_ids: list[Any]) -> dict[str, datetime]:
-    """The buffered, not yet written `last_seen` of these devices (by id string); {} without Redis."""
-    client = redis_client()
-    if client is None or not device_ids:
-        return {}
-    members = [str(d) for d in device_ids]
-    try:
-        scores = client.zmscore(redis_key(SEEN_KEY), members)
-    except Exception as exc:  # noqa: BLE001 - a display falls back to the rows
-        log.debug("liveness buffer unavailable: %s", exc)
-        return {}
-    return {
-        m: datetime.fromtimestamp(s, tz=UTC) for m, s in zip(members, scores, strict=True) if s is not None
-    }

@@ -481,3 +481,13 @@ def test_a_flush_the_database_refuses_keeps_the_buffer(enroll: Any, monkeypatch:
     monkeypatch.undo()
     assert liveness_flush() >= 1
     assert agent.refresh().last_seen > old
+
+
+def test_the_device_api_builds_no_session_user_or_messages(enroll: Any, client: Any) -> None:
+    response = enroll().heartbeat(seq=1)
+    assert response.status_code == 200 and not response.cookies
+    request = response.wsgi_request
+    assert not any(hasattr(request, name) for name in ("session", "user", "_messages"))
+    # The dashboard keeps all three.
+    page = client.get("/login/")
+    assert all(hasattr(page.wsgi_request, name) for name in ("session", "user", "_messages"))
