@@ -11,7 +11,9 @@ What it does, all in one run on this machine:
 2. ``--devices`` devices in service: each with a real secret (the server stores its keyed
    hash, exactly as enrollment does), online, seen a moment ago, in one group;
 3. the web tier as production runs it: gunicorn, 2 workers x 4 threads, the production
-   settings (``config.runner.wsgi_command``);
+   settings (``config.runner.wsgi_command``); and Celery beat with one worker on the
+   ``control`` queue, which writes the heartbeats' buffered ``last_seen`` to the rows
+   (``fleet.liveness_flush``) and marks silent devices offline, as in production;
 4. a light heartbeat generator in this process (not full agents): ``--connections``
    keep-alive HTTP/1.1 connections over raw sockets, each owning a slice of the fleet,
    sending every device's ``POST /api/agent/v1/heartbeat`` once per ``--interval`` seconds
@@ -19,15 +21,15 @@ What it does, all in one run on this machine:
 5. measured after a warm-up of one interval, for ``--minutes``: heartbeats per second,
    latency p50/p99 (write to last byte), errors by status, how far the generator fell
    behind its schedule (if it did, the rate is the server's limit, not the fleet's),
-   database writes per second (PostgreSQL's own row counters; not available on SQLite)
-   and the web processes' RSS.
+   database writes per second (PostgreSQL's own row counters; not available on SQLite),
+   the web processes' RSS, and how many of the (all live) devices are offline at the end.
 
 The target rate is devices / interval (1,667/s for 100,000 at 60 s). The generator shares the
 machine's two cores with the server, so on this machine the server gets about one core.
 
 With ``--json`` the last line is one JSON object with ``devices``, ``heartbeats_per_s``,
-``target_per_s``, ``p50_ms``, ``p99_ms``, ``errors``, ``db_writes_per_s``, ``web_rss_mb`` and
-``lag_p99_s``.
+``target_per_s``, ``p50_ms``, ``p99_ms``, ``errors``, ``db_writes_per_s``, ``web_rss_mb``,
+``lag_p99_s`` and ``offline_at_end``.
 """
 
 from __future__ import annotations
@@ -129,6 +131,13 @@ def _db_rows_written() -> int | None:
             "WHERE datname = current_database()"
         )
         return int(cursor.fetchone()[0])
+
+
+def _offline() -> int:
+    """Devices marked offline (every device of the run heartbeats, so 0 unless one was wrongly)."""
+    from fleet.models import Device
+
+    return Device.objects.filter(status=Device.Status.OFFLINE).count()
 
 
 def _request(secret: str, seq: int) -> bytes:
@@ -256,6 +265,8 @@ def run(*, devices: int, interval: float, seconds: float, connections: int) -> d
         setup_s = time.perf_counter() - t0
         web = stack.start_web(server="gunicorn", workers=2, threads=4)
         assert web.process is not None
+        stack.start_worker("worker", concurrency=1, queues="control")
+        stack.start_beat()
         warmup = min(interval, 60.0)
         written_before = _db_rows_written()
         t_before = time.perf_counter()
@@ -272,6 +283,7 @@ def run(*, devices: int, interval: float, seconds: float, connections: int) -> d
         written_after = _db_rows_written()
         db_s = time.perf_counter() - t_before
         rss = _rss_mb(web.process.pid)
+        offline_at_end = _offline()
     finally:
         stack.close()
         if scratch is not None:
@@ -299,6 +311,7 @@ def run(*, devices: int, interval: float, seconds: float, connections: int) -> d
         "lag_max_s": round(max(window.lags, default=0.0), 3),
         "db_writes_per_s": db_writes,
         "web_rss_mb": round(rss, 1),
+        "offline_at_end": offline_at_end,
         "setup_s": round(setup_s, 1),
         "database": stack.database,
     }
@@ -328,8 +341,9 @@ def main(argv: list[str] | None = None) -> None:
         ("p50 / p99 (ms)", f"{r['p50_ms']} / {r['p99_ms']}", "goal p99 <= 100"),
         ("errors", f"{r['errors']}", f"statuses {r['statuses']}"),
         ("generator behind schedule p99 / max (s)", f"{r['lag_p99_s']} / {r['lag_max_s']}", "0 = kept up"),
-        ("database rows written/s", f"{r['db_writes_per_s']}", "PostgreSQL's counters"),
+        ("database rows written/s", f"{r['db_writes_per_s']}", "PostgreSQL's counters (web and beat)"),
         ("web processes RSS (MB)", f"{r['web_rss_mb']}", "gunicorn master + 2 workers"),
+        ("devices offline at the end", f"{r['offline_at_end']:,}", "all are live: 0"),
     ]
     width = max(len(name) for name, _, _ in rows)
     print(f"| {'measure'.ljust(width)} | value | note |")

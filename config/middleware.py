@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+from django.contrib.auth.middleware import AuthenticationMiddleware as _AuthenticationMiddleware
+from django.contrib.messages.middleware import MessageMiddleware as _MessageMiddleware
+from django.contrib.sessions.middleware import SessionMiddleware as _SessionMiddleware
 from django.http import HttpRequest, HttpResponseBase
 from django.utils.deprecation import MiddlewareMixin
 
@@ -48,3 +53,31 @@ class RefuseNulMiddleware(MiddlewareMixin):
 
             return error_response(status_code=400, code="validation_error", message=NUL_MESSAGE)
         return None
+
+
+class _SkippedOnDeviceApi(MiddlewareMixin):
+    """Pass device API requests (`/api/agent/`) straight on to the next layer.
+
+    Sessions, the user and flash messages exist for the dashboard and the operator API; a
+    board authenticates with its own header (``fleet.auth``) and uses none of them, yet
+    building the three (a session store, a lazy user, a message storage with its cookie
+    signer) was a tenth of a heartbeat's server time. Returning the next layer's result
+    unchanged keeps this usable in sync and async chains alike.
+    """
+
+    def __call__(self, request: HttpRequest) -> Any:
+        if request.path.startswith(DEVICE_API_PREFIX):
+            return self.get_response(request)
+        return super().__call__(request)
+
+
+class SessionMiddleware(_SkippedOnDeviceApi, _SessionMiddleware):
+    """Django's, skipped on the device API."""
+
+
+class AuthenticationMiddleware(_SkippedOnDeviceApi, _AuthenticationMiddleware):
+    """Django's, skipped on the device API (which has no session to read a user from)."""
+
+
+class MessageMiddleware(_SkippedOnDeviceApi, _MessageMiddleware):
+    """Django's, skipped on the device API."""

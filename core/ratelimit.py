@@ -25,6 +25,7 @@ import ipaddress
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -42,6 +43,8 @@ __all__ = [
     "check",
     "client_address",
     "parse_rate",
+    "redis_client",
+    "redis_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -88,42 +91,83 @@ class RateLimited(ServiceError):
         )
 
 
-def _redis_count(backend: RedisCache, key: str, timeout: int) -> int:
-    """``INCR`` and ``EXPIRE`` in one round trip, on a client kept with the backend.
+def _counter_client(backend: RedisCache) -> Any:
+    """The Redis client kept with the backend for counters (Django's builds one per call)."""
+    client = getattr(backend, "_flotilla_counter_client", None)
+    if client is None:
+        client = backend._cache.get_client(write=True)  # type: ignore[attr-defined]
+        backend._flotilla_counter_client = client  # type: ignore[attr-defined]
+    return client
+
+
+def redis_client() -> Any | None:
+    """The default cache's Redis client, kept across calls; None when the cache is not Redis.
+
+    For other per-request writes that ride along with the counter (see :func:`check`'s
+    ``also``) and the tasks that read them back.
+    """
+    backend = caches["default"]
+    return _counter_client(backend) if isinstance(backend, RedisCache) else None
+
+
+def redis_key(name: str) -> str:
+    """``name`` with the default cache's prefix and version, as the counters' keys have."""
+    return str(caches["default"].make_and_validate_key(name))
+
+
+Queue = Callable[[Any], Any]
+
+
+def _redis_count(backend: RedisCache, key: str, timeout: int, also: Queue | None) -> int:
+    """``INCR`` and ``EXPIRE`` (and whatever ``also`` queues) in one round trip.
 
     Every device request counts here, so what Django's ``incr`` costs matters: it asks
     ``EXISTS`` before ``INCRBY`` (two round trips) and builds a new client each call.
     ``INCR`` creates a missing counter at 1; the expiry, renewed on each hit, only keeps
     a window's counter a little past its window (the key names the window).
     """
-    client = getattr(backend, "_flotilla_counter_client", None)
-    if client is None:
-        client = backend._cache.get_client(write=True)  # type: ignore[attr-defined]
-        backend._flotilla_counter_client = client  # type: ignore[attr-defined]
     name = backend.make_and_validate_key(key)
-    hits, _ = client.pipeline(transaction=False).incr(name).expire(name, timeout).execute()
-    return int(hits)
+    pipe = _counter_client(backend).pipeline(transaction=False).incr(name).expire(name, timeout)
+    if also is not None:
+        also(pipe)
+    return int(pipe.execute()[0])
 
 
-def _count(key: str, timeout: int) -> int:
-    """Add one to the counter ``key`` (created with ``timeout``) and return it."""
+def _count(key: str, timeout: int, also: Queue | None = None) -> tuple[int, bool]:
+    """Add one to the counter ``key`` (created with ``timeout``): its count, and whether
+    ``also``'s commands went to Redis with it."""
     for store in (cache, _local):
         try:
             backend = caches["default"] if store is cache else store
             if isinstance(backend, RedisCache):
-                return _redis_count(backend, key, timeout)
+                return _redis_count(backend, key, timeout, also), also is not None
             try:
-                return int(store.incr(key))
+                return int(store.incr(key)), False
             except ValueError:  # no counter for this window yet
                 if store.add(key, 1, timeout=timeout):
-                    return 1
-                return int(store.incr(key))
+                    return 1, False
+                return int(store.incr(key)), False
         except Exception as exc:  # noqa: BLE001 - an unreachable cache must not refuse requests
             if store is _local:
                 log.warning("rate limit counter unavailable: %s", exc)
-                return 0
+                return 0, False
             log.debug("shared rate limit counter unavailable, counting locally: %s", exc)
-    return 0  # pragma: no cover
+    return 0, False  # pragma: no cover
+
+
+def _send(also: Queue) -> bool:
+    """``also``'s commands alone, in one round trip; False when Redis is not there."""
+    client = redis_client()
+    if client is None:
+        return False
+    try:
+        pipe = client.pipeline(transaction=False)
+        also(pipe)
+        pipe.execute()
+    except Exception as exc:  # noqa: BLE001 - the caller falls back to its own write
+        log.debug("shared cache unavailable: %s", exc)
+        return False
+    return True
 
 
 def rate_of(scope: str) -> Rate | None:
@@ -131,17 +175,24 @@ def rate_of(scope: str) -> Rate | None:
     return parse_rate(str(settings.RATE_LIMITS.get(scope, "")))
 
 
-def check(scope: str, key: str, *, now: float | None = None) -> None:
-    """Count one request of ``key`` in ``scope``; :class:`RateLimited` when over the rate."""
+def check(scope: str, key: str, *, now: float | None = None, also: Queue | None = None) -> bool:
+    """Count one request of ``key`` in ``scope``; :class:`RateLimited` when over the rate.
+
+    ``also(pipeline)`` may queue more Redis commands, sent in the same round trip as the
+    counter (before the count is judged, so they are sent for a refused request too).
+    Returns whether they reached Redis: False when the cache is not Redis or cannot be
+    reached, and the caller does their work another way.
+    """
     rate = rate_of(scope)
     if rate is None or not key:
-        return
+        return _send(also) if also is not None else False
     now = time.time() if now is None else now
     window = int(now // rate.period_s)
-    hits = _count(f"rl:{scope}:{key}:{window}", rate.period_s + 1)
+    hits, sent = _count(f"rl:{scope}:{key}:{window}", rate.period_s + 1, also)
     if hits > rate.count:
         left = (window + 1) * rate.period_s - now
         raise RateLimited(scope=scope, retry_after_s=max(1, math.ceil(left)))
+    return sent
 
 
 @lru_cache(maxsize=8)

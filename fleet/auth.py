@@ -32,6 +32,7 @@ from core.parsers import NUL_MESSAGE, holds_nul
 from core.ratelimit import client_address
 from devices_agent.wire import AUTH_SCHEME
 from fleet.models import Device
+from fleet.services.liveness import liveness_queue
 
 __all__ = [
     "AgentView",
@@ -44,6 +45,7 @@ __all__ = [
     "hash_secret",
     "new_secret",
     "requires_device",
+    "seen_buffered",
 ]
 
 DEVICE_API_PATH = "/api/agent/"
@@ -54,6 +56,7 @@ AgentView = Callable[..., dict[str, Any] | HttpResponseBase]
 # Where DeviceAuthBeforeBody leaves the device it authenticated in the ASGI scope (a key a
 # client cannot set: the scope is built by the server).
 _SCOPE_DEVICE = "flotilla.device"
+_SEEN_BUFFERED = "flotilla_seen_buffered"
 
 
 def new_secret() -> str:
@@ -134,17 +137,30 @@ def authenticate(request: HttpRequest) -> Device:
     return device
 
 
-def authenticate_limited(request: HttpRequest) -> Device:
+def authenticate_limited(request: HttpRequest, *, liveness: bool = False) -> Device:
     """:func:`authenticate` under the rate limits: failed credentials count per client address
     (``device_auth_failure``: guessing secrets, or a fleet of revoked boards retrying), and a
-    device's requests count per device (``device``). 429 ``rate_limited`` past either."""
+    device's requests count per device (``device``). 429 ``rate_limited`` past either.
+
+    ``liveness``: the device's "seen now" goes into the liveness buffer in the counter's
+    own round trip (``fleet.services.liveness``); :func:`seen_buffered` then says whether
+    it got there.
+    """
     try:
         device = authenticate(request)
     except ServiceError:
         ratelimit.check("device_auth_failure", client_address(request) or "")
         raise
-    ratelimit.check("device", str(device.pk))
+    also = liveness_queue(device.pk) if liveness else None
+    buffered = ratelimit.check("device", str(device.pk), also=also)
+    if liveness:
+        setattr(request, _SEEN_BUFFERED, buffered)
     return device
+
+
+def seen_buffered(request: HttpRequest) -> bool:
+    """Whether this request's "seen now" is in the liveness buffer (else the view writes it)."""
+    return getattr(request, _SEEN_BUFFERED, False) is True
 
 
 def _reject_constant(value: str) -> Any:
@@ -193,6 +209,7 @@ def device_endpoint(
     auth: bool = True,
     json: bool = True,
     limit_scope: str = "enroll",
+    liveness: bool = False,
 ) -> Callable[[AgentView], Any]:
     """Wrap a device API view: method check, authentication, JSON body, errors.
 
@@ -200,7 +217,9 @@ def device_endpoint(
     when ``auth=False`` (enrollment), ``body`` is the parsed JSON object of a POST when
     ``json=True`` and None otherwise (the view reads a raw body itself). It returns a dict
     (sent as compact JSON) or a response. Rate limits apply before the body is read: per
-    device, or with ``auth=False`` per client address under ``limit_scope``.
+    device, or with ``auth=False`` per client address under ``limit_scope``. ``liveness``
+    (the heartbeat): the device's "seen now" is buffered with the rate limit's count (see
+    :func:`authenticate_limited`).
     """
 
     def decorate(view: AgentView) -> Any:
@@ -215,7 +234,7 @@ def device_endpoint(
                 return response
             try:
                 if auth:
-                    device: Device | None = authenticate_limited(request)
+                    device: Device | None = authenticate_limited(request, liveness=liveness)
                 else:
                     # Before credentials (enrollment): per client address, before the body.
                     ratelimit.check(limit_scope, client_address(request) or "")

@@ -39,11 +39,12 @@ MIDDLEWARE = [
     "config.middleware.RefuseNulMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
-    "django.contrib.sessions.middleware.SessionMiddleware",
+    # Django's session, user and message middleware, skipped on the device API.
+    "config.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
-    "django.contrib.auth.middleware.AuthenticationMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
+    "config.middleware.AuthenticationMiddleware",
+    "config.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
 
@@ -233,6 +234,10 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # work nobody claimed within SWEEP_GRACE_S of becoming due (its message was lost).
 SWEEP_INTERVAL_S = env.float("SWEEP_INTERVAL_S", default=30.0)
 SWEEP_GRACE_S = env.float("SWEEP_GRACE_S", default=120.0)
+# How often beat writes the heartbeats' buffered last_seen to the device rows
+# (fleet.services.liveness; the offline marking flushes first as well). The device
+# list's last_seen lags by at most this much.
+LIVENESS_FLUSH_S = env.float("LIVENESS_FLUSH_S", default=15.0)
 # Three queues, so that no kind of work waits behind another: `control` (ticks, rollouts,
 # experiments, opening and closing rounds, the sweep: short database work that must run on
 # time), `ml` (aggregation, evaluation, export, optimisation, ORT training artifact builds:
@@ -245,6 +250,7 @@ TASK_QUEUES: dict[str, tuple[str, ...]] = {
         "fleet.devices_mark_offline",
         "fleet.drift_check",
         "fleet.experiments_evaluate",
+        "fleet.liveness_flush",
         "fleet.metrics_rollup",
         "fleet.provisioning_resume",
         "fleet.prune",
@@ -276,6 +282,10 @@ CELERY_BEAT_SCHEDULE: dict[str, dict[str, Any]] = {
     "fleet-mark-offline": {
         "task": "fleet.devices_mark_offline",
         "schedule": timedelta(seconds=30),
+    },
+    "fleet-liveness-flush": {
+        "task": "fleet.liveness_flush",
+        "schedule": timedelta(seconds=LIVENESS_FLUSH_S),
     },
     "fleet-provisioning-resume": {
         "task": "fleet.provisioning_resume",
@@ -384,8 +394,9 @@ WEBHOOK_TIMEOUT_S = env.float("WEBHOOK_TIMEOUT_S", default=10.0)
 WEBHOOK_MAX_RESPONSE_BYTES = env.int("WEBHOOK_MAX_RESPONSE_BYTES", default=65536)
 # A device is offline once it missed this many heartbeats.
 OFFLINE_AFTER_MISSED = env.int("OFFLINE_AFTER_MISSED", default=3)
-# The heartbeat writes last_seen at most this often per device (it must stay well below
-# the offline threshold), and caches policies and artifact references this long.
+# Without Redis (no liveness buffer) the heartbeat writes last_seen at most this often per
+# device (it must stay well below the offline threshold); it caches policies and artifact
+# references this long.
 HEARTBEAT_LAST_SEEN_WRITE_S = env.float("HEARTBEAT_LAST_SEEN_WRITE_S", default=10.0)
 HEARTBEAT_CACHE_TTL_S = env.float("HEARTBEAT_CACHE_TTL_S", default=10.0)
 # Adds /api/agent/v1/bench/bare, the baseline of benchmarks/heartbeat.py. Never in production.

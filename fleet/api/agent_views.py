@@ -33,7 +33,7 @@ from devices_agent.wire import (
     METRIC_RANGES,
     TRAINING_BACKENDS,
 )
-from fleet.auth import device_endpoint
+from fleet.auth import device_endpoint, seen_buffered
 from fleet.models import Device
 from fleet.selectors.shadows import shadow_artifact
 from fleet.services.commands import device_command_record_result
@@ -181,10 +181,11 @@ def enroll(request: HttpRequest, device: None, body: dict[str, Any]) -> dict[str
     }
 
 
-@device_endpoint()
+@device_endpoint(liveness=True)
 def heartbeat(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """`POST heartbeat`: HeartbeatRequest -> HeartbeatResponse."""
-    return dict(device_heartbeat(device=device, report=_heartbeat_report(body)))
+    report = _heartbeat_report(body)
+    return dict(device_heartbeat(device=device, report=report, seen_buffered=seen_buffered(request)))
 
 
 def _heartbeat_report(body: dict[str, Any]) -> dict[str, Any]:
@@ -411,7 +412,10 @@ def bench_bare(request: HttpRequest) -> JsonResponse:
 bench_bare = csrf_exempt(bench_bare)
 
 
-@device_endpoint()
+@device_endpoint(liveness=True)
 def bench_heartbeat_core(request: HttpRequest, device: Device, body: dict[str, Any]) -> dict[str, Any]:
     """The heartbeat without other apps' task providers: what the fleet core alone costs."""
-    return dict(device_heartbeat(device=device, report=_heartbeat_report(body), with_tasks=False))
+    report = _heartbeat_report(body)
+    return dict(
+        device_heartbeat(device=device, report=report, with_tasks=False, seen_buffered=seen_buffered(request))
+    )

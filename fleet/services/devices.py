@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from datetime import timedelta
 from typing import Any
@@ -20,8 +21,11 @@ from fleet.services.deployments import (
     deployment_open,
     deployments_supersede,
 )
+from fleet.services.liveness import LivenessUnavailable, liveness_flush
 from fleet.services.releases import any_group_released, device_release_apply
 from fleet.services.stages import check_deployable
+
+log = logging.getLogger(__name__)
 
 TAG_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=/-]{0,63}$")
 
@@ -175,9 +179,17 @@ def device_decommission(*, actor: Any, device_id: Any, remote_addr: str | None =
 def devices_mark_offline(*, now: Any = None) -> int:
     """Mark offline every online device that missed `OFFLINE_AFTER_MISSED` heartbeats.
 
-    One UPDATE; the interval is the device's own policy's, else the default. Running it
-    twice is harmless: the second run finds no online device past its deadline.
+    The liveness buffer is flushed first (``fleet.services.liveness``), so a board whose
+    latest heartbeats are still in Redis counts as seen; when the buffer cannot be read,
+    no device is marked this time. Then one UPDATE; the interval is the device's own
+    policy's, else the default. Running it twice is harmless: the second run finds no
+    online device past its deadline.
     """
+    try:
+        liveness_flush()
+    except LivenessUnavailable as exc:
+        log.warning("offline marking skipped: the liveness buffer is unavailable (%s)", exc)
+        return 0
     now = now or timezone.now()
     missed = settings.OFFLINE_AFTER_MISSED
     default_cutoff = now - timedelta(seconds=settings.HEARTBEAT_INTERVAL_S * missed)

@@ -1,12 +1,16 @@
 """The heartbeat: the device says how it is, the server answers with its desired state.
 
 This is the hot path (every device, every interval), so it is built to cost one indexed
-SELECT (authentication) in the common case:
+SELECT (authentication) and one Redis round trip (the rate limit) in the common case:
 
-- `last_seen` is written at most every `HEARTBEAT_LAST_SEEN_WRITE_S` seconds per device
-  (default 10 s; never more than half the offline threshold, interval x missed
-  heartbeats), and at once whenever anything else changed (status, agent version,
-  reported state);
+- a heartbeat that changes nothing but `last_seen` writes no row: the device API put
+  "seen now" into the liveness buffer in the rate limit's own pipeline
+  (``fleet.services.liveness``), and beat flushes it in bulk. Anything else that changed
+  (status, agent version, reported state) is written at once, with `last_seen` and
+  `last_seq`; `last_seq` is therefore the `seq` of the last report written. Without Redis
+  the heartbeat writes `last_seen` itself, at most every `HEARTBEAT_LAST_SEEN_WRITE_S`
+  seconds per device (default 10 s; never more than half the offline threshold,
+  interval x missed heartbeats);
 - the policy, the artifact references of a version and a device's group policy are read
   through small per-process caches with a short time-to-live
   (`HEARTBEAT_CACHE_TTL_S`, default 10 s): an operator's edit reaches devices within
@@ -329,7 +333,7 @@ def _liveness_update(device: Device, changes: dict[str, Any], newer_than_seq: in
         return int(cursor.rowcount)
 
 
-def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) -> None:
+def _record_liveness(device: Device, report: dict[str, Any], interval_s: int, seen_buffered: bool) -> None:
     now = timezone.now()
     seq = report.get("seq")
     reordered = seq is not None and device.last_seq is not None and seq <= device.last_seq
@@ -343,6 +347,8 @@ def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) ->
         state = report.get("state")
         if state is not None and state != device.state:
             changes["state"] = state
+    if not changes and device.last_seen is not None and seen_buffered:
+        return  # only liveness: already buffered (fleet.services.liveness)
     if changes or device.last_seen is None or now - device.last_seen >= _last_seen_write_interval(interval_s):
         changes["last_seen"] = now
         newer_than: int | None = None
@@ -357,14 +363,18 @@ def _record_liveness(device: Device, report: dict[str, Any], interval_s: int) ->
                 emit("device.changed", {"device": str(device.pk), "change": "status"})
 
 
-def device_heartbeat(*, device: Device, report: dict[str, Any], with_tasks: bool = True) -> HeartbeatResponse:
+def device_heartbeat(
+    *, device: Device, report: dict[str, Any], with_tasks: bool = True, seen_buffered: bool = False
+) -> HeartbeatResponse:
     """Record a validated heartbeat report and answer with the device's desired state.
 
+    `seen_buffered`: this request's "seen now" is already in the liveness buffer
+    (``fleet.auth.seen_buffered``), so a heartbeat that changes nothing else writes no row.
     `with_tasks=False` skips the task providers (the benchmark's measure of this module alone).
     """
     policy = _policy(device)
     interval = (policy.heartbeat_interval_s if policy else None) or settings.HEARTBEAT_INTERVAL_S
-    _record_liveness(device, report, interval)
+    _record_liveness(device, report, interval, seen_buffered)
     deployment = report.get("deployment")
     if deployment and deployment["state"] != device.deployment_state:
         # Heartbeats repeat the current state; the status endpoint is where errors are

@@ -15,10 +15,20 @@ from django.utils import timezone
 from fleet.models import Deployment, Device, DeviceCommand, DeviceGroup, UpdatePolicy
 from fleet.selectors.devices import in_maintenance_window, policy_etag
 from fleet.services import heartbeat as heartbeat_service
+from fleet.services.devices import devices_mark_offline
+from fleet.services.liveness import liveness_flush, liveness_queue
 from models_registry.signing import signing_public_key_b64, verify, verify_statement
 
 # Only the fleet routes: these tests do not depend on the state of other apps' URL modules.
 pytestmark = [pytest.mark.django_db, pytest.mark.urls("tests.fleet.urls")]
+
+UNREACHABLE_CACHE = {
+    "default": {
+        "BACKEND": "django.core.cache.backends.redis.RedisCache",
+        "LOCATION": "redis://127.0.0.1:1/0",
+        "OPTIONS": {"socket_connect_timeout": 0.2},
+    }
+}
 
 
 def test_heartbeat_marks_online_and_stores_state(enroll: Any) -> None:
@@ -277,6 +287,8 @@ def test_benchmark_views_are_not_mounted_by_default(enroll: Any) -> None:
 
 
 def test_last_seen_throttle_never_exceeds_half_the_offline_threshold(enroll: Any, settings: Any) -> None:
+    # Without Redis (no liveness buffer) the heartbeat writes last_seen itself, throttled.
+    settings.CACHES = UNREACHABLE_CACHE
     settings.OFFLINE_AFTER_MISSED = 1
     agent = enroll()
     policy = UpdatePolicy.objects.create(name="fast", heartbeat_interval_s=5)
@@ -358,3 +370,124 @@ def test_liveness_write_never_overwrites_a_newer_heartbeat_written_meanwhile(enr
     )
     stored = Device.objects.get(pk=device.pk)
     assert stored.last_seq == 4 and stored.state == {"idle": True} and stored.agent_version == "2.0.0"
+
+
+def _seen_long_ago(agent: Any, minutes: int = 10) -> datetime:
+    """Put the device's stored last_seen in the past (it stays online); returns that time.
+
+    What earlier heartbeats left in the liveness buffer is flushed first, so that only
+    heartbeats after this call can bring the row forward.
+    """
+    liveness_flush()
+    old = timezone.now() - timedelta(minutes=minutes)
+    Device.objects.filter(pk=agent.device.pk).update(last_seen=old)
+    return old
+
+
+def test_a_liveness_only_heartbeat_writes_no_row_and_the_flush_writes_it(
+    enroll: Any, monkeypatch: Any
+) -> None:
+    monkeypatch.setattr(heartbeat_service, "_task_providers", [])
+    agent = enroll()
+    agent.heartbeat(seq=1, state={"idle": True})
+    old = _seen_long_ago(agent)
+    before = timezone.now()
+    with CaptureQueriesContext(connection) as queries:
+        assert agent.heartbeat(seq=2, state={"idle": True}).status_code == 200
+    assert [q["sql"].split()[0] for q in queries.captured_queries] == ["SELECT"]
+    assert agent.refresh().last_seen == old
+    assert liveness_flush() >= 1
+    device = agent.refresh()
+    assert before <= device.last_seen <= timezone.now()
+    assert device.status == "online" and device.last_seq == 1  # the seq of the last report written
+
+
+def test_changes_besides_liveness_are_written_at_once(enroll: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=1, agent_version="1.0.0", state={"idle": True})
+    old = _seen_long_ago(agent)
+    agent.heartbeat(seq=2, agent_version="1.0.0", state={"idle": False})
+    device = agent.refresh()
+    assert device.state == {"idle": False} and device.last_seq == 2 and device.last_seen > old
+    old = _seen_long_ago(agent)
+    agent.heartbeat(seq=3, agent_version="1.1.0")
+    device = agent.refresh()
+    assert device.agent_version == "1.1.0" and device.last_seq == 3 and device.last_seen > old
+    Device.objects.filter(pk=agent.device.pk).update(status="offline", last_seen=old)
+    agent.heartbeat(seq=4, agent_version="1.1.0")
+    device = agent.refresh()
+    assert device.status == "online" and device.last_seen > old
+
+
+def test_a_board_seen_only_in_the_buffer_is_not_marked_offline(enroll: Any) -> None:
+    live, silent = enroll(), enroll()
+    for agent in (live, silent):
+        agent.heartbeat(seq=1)
+        _seen_long_ago(agent)
+    live.heartbeat(seq=2)  # buffered only: the row still says ten minutes ago
+    assert devices_mark_offline() == 1
+    assert live.refresh().status == "online" and silent.refresh().status == "offline"
+    assert live.device.last_seen > timezone.now() - timedelta(minutes=1)
+
+
+def test_without_redis_the_heartbeat_writes_last_seen_itself(enroll: Any, settings: Any) -> None:
+    agent = enroll()
+    agent.heartbeat(seq=1)
+    old = _seen_long_ago(agent)
+    settings.CACHES = UNREACHABLE_CACHE
+    assert agent.heartbeat(seq=2).status_code == 200
+    assert agent.refresh().last_seen > old
+    # And the offline marking, unable to read the buffer, marks nobody rather than a live board.
+    Device.objects.filter(pk=agent.device.pk).update(last_seen=old)
+    assert devices_mark_offline() == 0
+    assert agent.refresh().status == "online"
+
+
+def test_the_flush_only_moves_an_online_row_forward(enroll: Any) -> None:
+    from core.ratelimit import redis_client
+
+    ahead, offline, pending = enroll(), enroll(), enroll()
+    ahead.heartbeat(seq=1)
+    offline.heartbeat(seq=1)
+    later = timezone.now() + timedelta(minutes=5)
+    Device.objects.filter(pk=ahead.device.pk).update(last_seen=later)
+    gone = _seen_long_ago(offline)
+    Device.objects.filter(pk=offline.device.pk).update(status="offline")
+    pipe = redis_client().pipeline(transaction=False)
+    for agent in (ahead, offline, pending):
+        liveness_queue(agent.device.pk)(pipe)
+    pipe.execute()
+    assert liveness_flush() == 0
+    assert ahead.refresh().last_seen == later
+    assert offline.refresh().last_seen == gone and offline.device.status == "offline"
+    assert pending.refresh().last_seen is None and pending.device.status == "pending"
+
+
+def test_a_flush_the_database_refuses_keeps_the_buffer(enroll: Any, monkeypatch: Any) -> None:
+    from fleet.services import liveness
+
+    agent = enroll()
+    agent.heartbeat(seq=1)
+    old = _seen_long_ago(agent)
+    agent.heartbeat(seq=2)
+
+    def refuse(entries: Any) -> int:
+        raise RuntimeError("database away")
+
+    monkeypatch.setattr(liveness, "_write", refuse)
+    with pytest.raises(RuntimeError):
+        liveness_flush()
+    assert agent.refresh().last_seen == old
+    monkeypatch.undo()
+    assert liveness_flush() >= 1
+    assert agent.refresh().last_seen > old
+
+
+def test_the_device_api_builds_no_session_user_or_messages(enroll: Any, client: Any) -> None:
+    response = enroll().heartbeat(seq=1)
+    assert response.status_code == 200 and not response.cookies
+    request = response.wsgi_request
+    assert not any(hasattr(request, name) for name in ("session", "user", "_messages"))
+    # The dashboard keeps all three.
+    page = client.get("/login/")
+    assert all(hasattr(page.wsgi_request, name) for name in ("session", "user", "_messages"))
