@@ -193,32 +193,21 @@ def sketch_merge(total: dict[str, Any] | None, window: dict[str, Any]) -> dict[s
 
     Histograms add up; per-feature counts only over the same bins (``bins_etag``): a
     window counted over other bins adds nothing to them, and the first window counted
-    over bins gives the total its bins.
+    over bins gives the total its bins. ``total=None`` is the empty sketch.
     """
     n_b = int(window["count"])
-    if total is None or int(total["count"]) == 0:
-        merged = {
-            "count": n_b,
-            "mean": [float(v) for v in window["mean"]],
-            "m2": [float(v) for v in window["m2"]],
-            "confidence_hist": [int(v) for v in window.get("confidence_hist") or []],
-        }
-        if window.get("feature_hist") and window.get("bins_etag"):
-            merged["feature_hist"] = [[int(v) for v in row] for row in window["feature_hist"]]
-            merged["bins_etag"] = window["bins_etag"]
-        return merged
-    if n_b == 0:
+    if total is not None and n_b == 0:
         return total
-    n_a = int(total["count"])
+    mean_b, m2_b = np.asarray(window["mean"], dtype=np.float64), np.asarray(window["m2"], dtype=np.float64)
+    if total is None or int(total["count"]) == 0:
+        total, n_a, mean_a, m2_a = {}, 0, np.zeros_like(mean_b), np.zeros_like(m2_b)
+    else:
+        n_a = int(total["count"])
+        mean_a, m2_a = np.asarray(total["mean"], dtype=np.float64), np.asarray(total["m2"], dtype=np.float64)
     n = n_a + n_b
-    mean_a, mean_b = np.asarray(total["mean"], dtype=np.float64), np.asarray(window["mean"], dtype=np.float64)
     delta = mean_b - mean_a
-    mean = mean_a + delta * (n_b / n)
-    m2 = (
-        np.asarray(total["m2"], dtype=np.float64)
-        + np.asarray(window["m2"], dtype=np.float64)
-        + delta**2 * (n_a * n_b / n)
-    )
+    mean = mean_a + delta * (n_b / n) if n else mean_b
+    m2 = m2_a + m2_b + delta**2 * (n_a * n_b / n) if n else m2_b
     hist_a, hist_b = total.get("confidence_hist") or [], window.get("confidence_hist") or []
     if len(hist_a) == len(hist_b):
         hist = [int(a) + int(b) for a, b in zip(hist_a, hist_b, strict=True)]

@@ -105,7 +105,9 @@ def drift_report_ingest(
         judged_alone = int(settings.DRIFT_BASELINE_SAMPLES) <= 0
         alert = bool(score and score.alert and judged_alone)
         if score is not None and version is not None and reference is not None and not judged_alone:
-            alert, own = _judge(device=device, version=version, sketch=sketch, reference=reference)
+            alert, own = _judge(
+                device=device, version=version, sketch=sketch, reference=reference, score=score
+            )
         report = DriftReport.objects.create(
             device=device,
             version_id=version.pk if version is not None else None,
@@ -150,7 +152,7 @@ def _thresholds() -> dict[str, Any]:
 
 
 def _judge(
-    *, device: Device, version: Any, sketch: dict[str, Any], reference: dict[str, Any]
+    *, device: Device, version: Any, sketch: dict[str, Any], reference: dict[str, Any], score: DriftScore
 ) -> tuple[bool, DriftScore | None]:
     """The verdict on the board's window (alert, and its score against the baseline).
 
@@ -159,6 +161,7 @@ def _judge(
     for the board's next ones: a mean over a handful of inputs strays by chance, and the
     largest of a hundred features' strays more. The window that brings them to that many
     is judged, merged with them, against the reference and against the baseline.
+    ``score``: the window alone against the reference (what a window judged alone gets).
     """
     baseline, _ = DriftBaseline.objects.select_for_update().get_or_create(device=device, version=version)
     if int(sketch["count"]) == 0:
@@ -174,11 +177,12 @@ def _judge(
         baseline.pending = window
         baseline.save(update_fields=["pending", "updated_at"])
         return False, None
+    thresholds = _thresholds()
+    against_reference = score
     if baseline.pending:
+        against_reference = drift_score(sketch=window, reference=reference, **thresholds)
         baseline.pending = {}
         baseline.save(update_fields=["pending", "updated_at"])
-    thresholds = _thresholds()
-    against_reference = drift_score(sketch=window, reference=reference, **thresholds)
     own = baseline_reference(baseline=baseline.sketch, reference=reference)
     against_baseline = drift_score(sketch=window, reference=own, **thresholds)
     return against_reference.alert and against_baseline.alert, against_baseline

@@ -45,6 +45,7 @@ from fleet.models import Deployment, Device, DeviceGroup, GroupReleaseChange
 from fleet.rollouts.compat import cannot_run, explain
 from fleet.selectors.devices import device_group_ids
 from fleet.services.deployments import deployment_open
+from fleet.services.shipping import onnx_facts
 from fleet.services.stages import check_deployable
 
 __all__ = [
@@ -167,14 +168,13 @@ def _target(group: DeviceGroup) -> str:
 
 def _cannot_run(*, device: Device, version: Any) -> str:
     """Why the board cannot run the version's ONNX graph, in words ("" when it can)."""
-    from models_registry.models import Artifact
-
-    onnx = Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).values("opset", "size").first()
-    if onnx is None:
-        return "the version has no ONNX artifact, which is what devices install"
+    try:
+        opset, size = onnx_facts(version)
+    except ServiceError as exc:
+        return exc.message
     facts = {"status": device.status, "ram_mb": device.ram_mb, "hardware": device.hardware}
-    code = cannot_run(facts=facts, opset=onnx["opset"], onnx_bytes=int(onnx["size"] or 0))
-    return explain(code, opset=onnx["opset"], onnx_bytes=int(onnx["size"] or 0)) if code else ""
+    code = cannot_run(facts=facts, opset=opset, onnx_bytes=size)
+    return explain(code, opset=opset, onnx_bytes=size) if code else ""
 
 
 def rollout_succeeded(*, rollout: Any) -> DeviceGroup | None:

@@ -32,7 +32,8 @@ def group_resolve(*, value: Any) -> DeviceGroup:
     return group
 
 
-def _onnx_facts(version: Any) -> tuple[int | None, int]:
+def onnx_facts(version: Any) -> tuple[int | None, int]:
+    """The opset and size of the version's ONNX graph; 400 ``no_compatible_artifact`` without one."""
     from models_registry.models import Artifact
 
     row = Artifact.objects.filter(version=version, kind=Artifact.Kind.ONNX).values("opset", "size").first()
@@ -52,7 +53,7 @@ def group_boards_check(*, group: DeviceGroup, version: Any) -> dict[str, Any]:
     -> reason code), the count per reason in words, and the group's most common hardware
     profile. Refuses with 409 ``no_compatible_devices`` when none of the boards can.
     """
-    opset, size = _onnx_facts(version)
+    opset, size = onnx_facts(version)
     boards = list(
         target_devices(group=group).values(
             "pk", "status", "ram_mb", "hardware", "arch", "cores", "accelerator"
